@@ -1,0 +1,274 @@
+"""The `deeprecipe` command: one verb per job. Errors a user can fix print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from deeprecipe.util import UserError
+
+# modules that add verbs of their own: each defines add_parsers(subparsers)
+VERB_MODULES: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------ run loading
+
+
+def load_run(run: str, device: str = "auto", precision: str = "auto"):
+    """(cfg, spec, model with inference weights, runtime, task) of a finished or running run folder."""
+    import torch
+
+    from deeprecipe import config
+    from deeprecipe.data.core import DataSpec
+    from deeprecipe.engine import checkpoint
+    from deeprecipe.engine.device import setup
+    from deeprecipe.tasks import get_task
+
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run}: not a run folder (no config.yaml); list runs with 'deeprecipe runs'")
+    raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
+    cfg = config.resolve(raw, raw.get("recipe", ""))
+    spec_path = run_dir / "spec.json"
+    if not spec_path.is_file():
+        raise UserError(f"{run}: spec.json is missing; the run did not get as far as building its model")
+    spec = DataSpec(**json.loads(spec_path.read_text()))
+    spec.image_size = tuple(spec.image_size)
+    rt = setup(device, precision)
+    task = get_task(cfg.task)
+    model = (task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec))
+    weights = checkpoint.inference_weights(run_dir)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{run}: checkpoint does not match the model of config.yaml "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model.to(rt.device).eval()
+    torch.set_grad_enabled(False)
+    return cfg, spec, model, rt, task
+
+
+# ------------------------------------------------------------------------------------------ verbs
+
+
+def cmd_recipes(args) -> None:
+    from deeprecipe.config import list_recipes
+
+    recipes = list_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, desc in recipes.items():
+        print(f"{name:<{width}}  {desc}")
+
+
+def cmd_train(args) -> None:
+    from deeprecipe import config
+    from deeprecipe.engine.loop import train
+    from deeprecipe.engine.run import new_run_dir
+
+    overrides = list(args.set or [])
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml)")
+        raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
+        cfg = config.resolve(config.apply_overrides(raw, overrides), raw.get("recipe", ""))
+    else:
+        if not args.recipe:
+            raise UserError("train needs a recipe (see 'deeprecipe recipes') or --resume RUN")
+        cfg = config.load(args.recipe, overrides)
+        run_dir = new_run_dir(args.recipe, args.out)
+        if (run_dir / "config.yaml").exists():
+            raise UserError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
+    init = None
+    if args.init_from:
+        from deeprecipe.engine.finetune import make_init
+
+        init = make_init(args.init_from, args)
+    existed = run_dir.exists()
+    try:
+        final = train(cfg, run_dir, resume=bool(args.resume), init=init)
+    except BaseException:
+        # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
+        if not existed and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    shown = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+    print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+
+
+def cmd_eval(args) -> None:
+    from deeprecipe.engine.loop import evaluate
+    from deeprecipe.engine.plots import confusion
+
+    cfg, spec, model, rt, task = load_run(args.run, args.device)
+    data = cfg.data.build()
+    for name in ("train", "val", "test"):
+        s = getattr(data, name)
+        if s is not None:
+            s.to(rt.device)
+    split = args.split or ("test" if data.test is not None else "val")
+    out = evaluate(task, model, data, cfg, rt, split)
+    if args.json:
+        print(json.dumps(out))
+        return
+    for k, v in out.items():
+        if isinstance(v, (int, float)):
+            print(f"{split}_{k}: {v:.4f}")
+    if "precision" in out:
+        names = spec.class_names
+        w = max(len(n) for n in names)
+        print(f"{'class':<{w}}  precision  recall")
+        for n, p, r in zip(names, out["precision"], out["recall"]):
+            print(f"{n:<{w}}  {p:9.3f}  {r:6.3f}")
+    if "confusion" in out:
+        path = Path(args.run) / "plots" / f"confusion_{split}.png"
+        confusion(out["confusion"], spec.class_names, path, f"{split} confusion matrix")
+        print(f"confusion matrix: {path}")
+
+
+def cmd_predict(args) -> None:
+    cfg, spec, model, rt, task = load_run(args.run, args.device)
+    if not hasattr(task, "predict"):
+        raise UserError(f"task '{cfg.task}' has no predict; see its own verbs")
+    results = task.predict(model, spec, cfg, rt, args.files, args)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            print(r.get("text") or json.dumps(r))
+
+
+def cmd_runs(args) -> None:
+    from deeprecipe.engine.run import read_status
+
+    root = Path(args.dir)
+    found = sorted(p.parent for p in root.glob("*/config.yaml"))
+    if not found:
+        print(f"no runs under {root}/")
+        return
+    for p in found:
+        s = read_status(p)
+        best = s.get("best") or {}
+        best_s = " ".join(f"{k}={v:.4f}" for k, v in best.items() if isinstance(v, (int, float)))
+        print(f"{str(p):<48} {s.get('status', '?'):<8} step {s.get('step', '?'):<7} {best_s}")
+
+
+def cmd_data(args) -> None:
+    import torch
+
+    from deeprecipe import config
+    from deeprecipe.engine import plots
+
+    cfg = config.load(args.recipe, args.set or [])
+    data = cfg.data.build()
+    spec = data.spec
+    print(f"data set: {cfg.data.name}")
+    for name in ("train", "val", "test"):
+        s = getattr(data, name)
+        print(f"  {name}: {len(s) if s is not None else 0} examples")
+    if spec.num_classes and hasattr(data.train, "tensors"):
+        y = data.train.tensors[-1]
+        if y.ndim == 1:
+            counts = torch.bincount(y, minlength=spec.num_classes).tolist()
+            print("  class balance (train): " + ", ".join(f"{n}={c}" for n, c in zip(spec.class_names, counts)))
+    if spec.image_size != (0, 0):
+        print(f"  images: {spec.in_channels} x {spec.image_size[0]} x {spec.image_size[1]}")
+        idx = torch.arange(min(32, len(data.train)))
+        x, y = data.train.take(idx)[:2]
+        names = spec.class_names
+        caps = [names[int(v)] if names and y.ndim == 1 else "" for v in y] if y.ndim == 1 else None
+        out = Path(args.out or f"data-{cfg.data.name}.png")
+        imgs = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if imgs.ndim == 5:  # video (N, C, T, H, W): show the first frame
+            imgs = imgs[:, :, 0]
+        plots.image_grid(imgs.cpu(), caps, out, f"{cfg.data.name}: first training examples")
+        print(f"  grid: {out}")
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deeprecipe", description="Train, check, evaluate, export and serve "
+                                "the classic deep-learning systems.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("recipes", help="list the built-in recipes")
+    s.set_defaults(func=cmd_recipes)
+
+    s = sub.add_parser("train", help="train a recipe (name or YAML path); --resume RUN continues a run exactly")
+    s.add_argument("recipe", nargs="?")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=1e-3")
+    s.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
+    s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    s.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    s.add_argument("--init-from", metavar="RUN_OR_FILE", help="start from these weights (fine-tuning)")
+    s.add_argument("--freeze", default="", help="fine-tuning: 'backbone', or a layer name to freeze up to")
+    s.add_argument("--head-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the new head")
+    s.add_argument("--backbone-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the rest")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a run on its test split")
+    s.add_argument("run")
+    s.add_argument("--split", choices=["train", "val", "test"])
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="run a trained model on files")
+    s.add_argument("run")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--top", type=int, default=3)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--out", help="folder for output files (segmentation masks, ...)")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("runs", help="list runs with their status and best metric")
+    s.add_argument("--dir", default="runs")
+    s.set_defaults(func=cmd_runs)
+
+    s = sub.add_parser("data", help="a data set's sizes, class balance and a grid of examples")
+    s.add_argument("recipe", nargs="?", default="digits-cnn")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--out", help="PNG path of the example grid")
+    s.set_defaults(func=cmd_data)
+
+    for mod in VERB_MODULES:
+        importlib.import_module(mod).add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+        return 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,236 @@
+"""Typed configuration: dataclasses with documented defaults, YAML recipes, dotted overrides.
+
+A run's config has four fixed sections (optim, train, plus the task name and a description) and two
+sections whose type depends on a name: ``data`` (chosen by ``data.name`` from the dataset registry)
+and ``model`` (chosen by ``model.name`` from the model registry). Every key is checked: an unknown key
+or a value of the wrong type fails with the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deeprecipe.util import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(UserError):
+    """A config problem a user can fix; the CLI prints it as one line."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 5e-4  # decoupled (AdamW); never applied to norms, biases or embeddings' positions
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "cosine"  # cosine (linear warmup, cosine decay) | onecycle | constant
+    warmup: float = 0.05  # warmup length as a fraction of train.steps (or steps when >= 1)
+    min_lr: float = 0.0  # floor of the decay, as a fraction of lr
+    clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    label_smoothing: float = 0.0  # for classification-like losses
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # global batch (summed over accumulation and processes)
+    accum: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
+    eval_every: int = 250  # evaluate on the full val split every N steps (0: only at the end)
+    eval_batch_size: int = 512
+    ckpt_every: int = 250  # checkpoint every N steps (and always at the end)
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp16 on old GPUs, else fp32) | bf16 | fp16 | fp32
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True  # memory format for conv nets on 4D inputs
+    ema: float = 0.0  # EMA decay of weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights
+    early_stop: int = 0  # stop after N evaluations without improvement of the main metric; 0 disables
+    nonfinite: str = "stop"  # what a NaN/inf loss does: stop (keep last good checkpoint) | skip (drop the batch)
+    workers: int = 2  # DataLoader workers for data streamed from disk
+    limit_eval: int = 0  # evaluate on at most N examples (0: the full split)
+
+
+@dataclass
+class Config:
+    task: str = "classify"  # the task family: classify | lm | translate | gan | segment | video ...
+    description: str = ""  # one line shown by `deeprecipe recipes`
+    data: Any = None  # a dataset config dataclass, chosen by data.name
+    model: Any = None  # a model config dataclass, chosen by model.name
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = ""  # the recipe this config came from (set by the loader)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where it is safe (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    return value
+
+
+def from_dict(cls: type, raw: dict | None, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, failing on unknown keys and wrong types."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}.{key}': {_nearest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def list_recipes() -> dict[str, str]:
+    """Built-in recipe name -> its one-line description."""
+    out = {}
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        out[p.stem] = (yaml.safe_load(p.read_text()) or {}).get("description", "")
+    return out
+
+
+def read_recipe(recipe: str) -> tuple[dict, str]:
+    """Raw mapping of a built-in recipe name or a YAML path, and the recipe's name."""
+    path = Path(recipe)
+    if recipe.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} not found: give a YAML path or a built-in name (deeprecipe recipes)")
+        name = path.stem
+    else:
+        path = RECIPES_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown recipe '{recipe}': {_nearest(recipe, list(list_recipes()))}")
+        name = recipe
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (data, model, optim, train)")
+    return raw, name
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (values parsed as YAML) onto a raw mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr=3e-4")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def resolve(raw: dict, name: str = "") -> Config:
+    """Typed Config from a raw mapping: the registries pick the data and model config classes."""
+    from deeprecipe.data import data_config_class
+    from deeprecipe.models import model_config_class
+
+    raw = dict(raw)
+    data_raw, model_raw = dict(raw.pop("data", None) or {}), dict(raw.pop("model", None) or {})
+    raw.setdefault("recipe", name)
+    cfg = from_dict(Config, raw, "config")
+    cfg.data = from_dict(data_config_class(data_raw.get("name", "digits")), data_raw, "data")
+    cfg.model = from_dict(model_config_class(model_raw.get("name", "cnn")), model_raw, "model")
+    if cfg.train.batch_size % cfg.train.accum:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.accum={cfg.train.accum}")
+    return cfg
+
+
+def load(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    raw, name = read_recipe(recipe)
+    return resolve(apply_overrides(raw, list(overrides)), name)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,48 @@
+"""Data set registry: a plain dict from name to the data set's config dataclass (which has `build()`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from deeprecipe.config import ConfigError
+from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
+from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
+from deeprecipe.util import call_with, load_object
+
+DATASETS: dict[str, type] = {
+    "digits": DigitsData,
+    "fashion-mnist": FashionMNISTData,
+    "mnist": MNISTData,
+    "imagefolder": ImageFolderData,
+    "csv": CSVData,
+}
+
+
+@dataclass
+class UserData:
+    """`data.name: path/to/file.py:Name`: Name(**args) returns a Data, or a config object with build()."""
+
+    name: str = ""
+    args: dict = field(default_factory=dict)
+
+    def build(self) -> Data:
+        obj = call_with(load_object(self.name), self.args, {})
+        data = obj.build() if hasattr(obj, "build") else obj
+        if not isinstance(data, Data):
+            raise DataError(f"{self.name} must return a deeprecipe.data.Data, got {type(data).__name__}")
+        return data
+
+
+def data_config_class(name: str) -> type:
+    if ":" in name:
+        return UserData
+    if name not in DATASETS:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(DATASETS), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(DATASETS)}"
+        raise ConfigError(f"unknown data set 'data.name={name}': {hint}")
+    return DATASETS[name]
+
+
+__all__ = ["DATASETS", "Data", "DataError", "DataSpec", "StreamSplit", "TensorSplit", "data_config_class"]

@@ -1,0 +1,139 @@
+"""What every data set hands the engine: a spec for the model, and splits that give batches by index.
+
+The batch of training step s is a pure function of (seed, s): the stream of examples is the concatenation
+of per-epoch permutations, each seeded by (seed, epoch), and step s takes the slice [s*B, (s+1)*B). So a
+resumed run only needs the step number to see exactly the data an uninterrupted run would have seen, and
+N processes that each take every N-th index of the global batch see together what one process sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deeprecipe.util import UserError
+
+
+class DataError(UserError):
+    """A data problem a user can fix; the CLI prints it as one line."""
+
+
+@dataclass
+class DataSpec:
+    """What a model builder needs to know about the data."""
+
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    in_channels: int = 0
+    image_size: tuple[int, int] = (0, 0)  # (H, W)
+    mean: tuple[float, ...] = ()  # per-channel mean of the train split, in [0, 1] units
+    std: tuple[float, ...] = ()
+    vocab_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific facts (tokenizer, frames, ...)
+
+
+class TensorSplit:
+    """A split held as tensors: the first dimension indexes examples. Moved to the device once."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        n = {len(t) for t in tensors}
+        if len(n) != 1:
+            raise DataError(f"split tensors disagree on the number of examples: {sorted(n)}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        self.tensors = tuple(t.to(device) for t in self.tensors)
+        return self
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        idx = idx.to(self.tensors[0].device)
+        return tuple(t[idx] for t in self.tensors)
+
+
+class StreamSplit:
+    """A split read from disk example by example (a torch Dataset returning tuples of tensors)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def to(self, device: torch.device | str) -> StreamSplit:
+        return self
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        items = [self.dataset[int(i)] for i in idx]
+        return tuple(torch.stack(col) for col in zip(*items))
+
+
+Split = TensorSplit | StreamSplit
+
+
+@dataclass
+class Data:
+    spec: DataSpec
+    train: Split
+    val: Split | None = None
+    test: Split | None = None
+
+    def split(self, name: str) -> Split:
+        s = getattr(self, name)
+        if s is None or len(s) == 0:
+            raise DataError(f"this data set has no '{name}' split")
+        return s
+
+
+def step_indices(n: int, seed: int, step: int, batch: int) -> torch.Tensor:
+    """Indices of the examples of global training step `step` (see the module docstring)."""
+    start, out = step * batch, []
+    while batch > 0:
+        epoch, offset = divmod(start, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        take = min(batch, n - offset)
+        out.append(torch.randperm(n, generator=g)[offset : offset + take])
+        start, batch = start + take, batch - take
+    return torch.cat(out)
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    def __init__(self, n: int, seed: int, steps: range, batch: int, rank: int, world: int):
+        self.n, self.seed, self.steps, self.batch, self.rank, self.world = n, seed, steps, batch, rank, world
+
+    def __iter__(self):
+        for s in self.steps:
+            yield step_indices(self.n, self.seed, s, self.batch)[self.rank :: self.world].tolist()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def train_batches(split: Split, seed: int, steps: range, batch: int, device: torch.device, rank: int = 0,
+                  world: int = 1, workers: int = 2):
+    """Yield the (per-process) batch of each step in `steps`, already on `device`."""
+    if isinstance(split, TensorSplit):
+        for s in steps:
+            yield split.take(step_indices(len(split), seed, s, batch)[rank::world])
+        return
+    loader = DataLoader(split.dataset, batch_sampler=_StepBatches(len(split), seed, steps, batch, rank, world),
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    for b in loader:
+        yield tuple(t.to(device, non_blocking=True) for t in b)
+
+
+def eval_batches(split: Split, batch: int, device: torch.device, limit: int = 0, workers: int = 2):
+    """Yield the whole split (or its first `limit` examples) in order, on `device`."""
+    n = min(len(split), limit) if limit else len(split)
+    if isinstance(split, TensorSplit):
+        for i in range(0, n, batch):
+            yield split.take(torch.arange(i, min(i + batch, n)))
+        return
+    sub = torch.utils.data.Subset(split.dataset, range(n))
+    for b in DataLoader(sub, batch_size=batch, num_workers=workers):
+        yield tuple(t.to(device, non_blocking=True) for t in b)

@@ -1,0 +1,311 @@
+"""Image classification data: digits, Fashion-MNIST, MNIST files, class-per-folder images, CSV lists.
+
+Images are kept as uint8 (N, C, H, W) tensors; normalization and augmentation run per batch on the device
+(see tasks/classify.py). A folder set that fits in `in_memory_mb` is decoded once into a tensor; a larger
+one streams through a DataLoader with workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+@dataclass
+class ImageData:
+    """Options shared by the image data sets (each data set below sets its own defaults)."""
+
+    name: str = ""
+    path: str = ""  # where the files are (file, folder or CSV, depending on the data set)
+    val_fraction: float = 0.1  # of train, held out for validation when the set has no val split
+    test_fraction: float = 0.0  # of train, held out for test when the set has no test split
+    split_seed: int = 0  # the train/val/test split is fixed by this seed, not the training seed
+    image_size: int = 0  # resize to this square size (0: keep; folders need it when sizes differ)
+    channels: int = 0  # 1 (gray) or 3 (RGB); 0: as the files are
+    crop_pad: int = 0  # augmentation: random crop after zero padding by this many pixels (0: off)
+    flip: bool = False  # augmentation: random horizontal flip (off for digits and text-like images)
+    limit: int = 0  # use at most N training examples (0: all); for quick runs and few-label studies
+    in_memory_mb: int = 2048  # folder sets smaller than this are decoded once into memory
+
+    def build(self) -> Data:
+        raise NotImplementedError
+
+    # shared finishing: val/test carve-out, limit, spec with mean/std
+    def finish(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], val=None, test=None) -> Data:
+        if len(x) == 0:
+            raise DataError(f"data set '{self.name}' {self.path}: no training examples found")
+        if y.min() < 0 or y.max() >= len(classes):
+            bad = int(y[(y < 0) | (y >= len(classes))][0])
+            raise DataError(f"data set '{self.name}': label {bad} is outside 0..{len(classes) - 1}")
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+        cut = 0
+        if test is None and self.test_fraction > 0:
+            k = max(1, int(len(x) * self.test_fraction))
+            test, cut = (x[perm[:k]], y[perm[:k]]), k
+        if val is None and self.val_fraction > 0:
+            k = max(1, int(len(x) * self.val_fraction))
+            val, cut = (x[perm[cut : cut + k]], y[perm[cut : cut + k]]), cut + k
+        keep = perm[cut:].sort().values if cut else torch.arange(len(x))
+        if self.limit:
+            keep = keep[:self.limit]
+        x, y = x[keep], y[keep]
+        xf = x.float() / 255
+        spec = DataSpec(num_classes=len(classes), class_names=classes, in_channels=x.shape[1],
+                        image_size=(x.shape[2], x.shape[3]), mean=tuple(xf.mean((0, 2, 3)).tolist()),
+                        std=tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()),
+                        extra={"crop_pad": self.crop_pad, "flip": self.flip})
+        return Data(spec, TensorSplit(x, y), TensorSplit(*val) if val else None, TensorSplit(*test) if test else None)
+
+
+@dataclass
+class DigitsData(ImageData):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images): needs nothing but scikit-learn."""
+
+    name: str = "digits"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+
+    def build(self) -> Data:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8))[:, None]  # (N, 1, 8, 8), 0..16 -> 0..255
+        y = torch.from_numpy(d.target).long()
+        return self.finish(_resize(x, self.image_size), y, [str(i) for i in range(10)])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    path = Path(path)
+    try:
+        raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims}, found {body.size} bytes of data")
+    return body.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: missing {stem}[.gz]")
+
+
+@dataclass
+class MNISTData(ImageData):
+    """MNIST-format IDX files in `path` (train-images-idx3-ubyte[.gz], t10k-..., labels likewise)."""
+
+    name: str = "mnist"
+    val_fraction: float = 1 / 12  # 5,000 of 60,000
+
+    def build(self) -> Data:
+        folder = Path(self.path)
+        if not self.path or not folder.is_dir():
+            raise DataError(f"data.path={self.path!r} is not a folder: point it at the MNIST IDX files")
+        x = torch.from_numpy(read_idx(_find_idx(folder, "train-images-idx3-ubyte")).copy())[:, None]
+        y = torch.from_numpy(read_idx(_find_idx(folder, "train-labels-idx1-ubyte")).astype(np.int64))
+        tx = torch.from_numpy(read_idx(_find_idx(folder, "t10k-images-idx3-ubyte")).copy())[:, None]
+        ty = torch.from_numpy(read_idx(_find_idx(folder, "t10k-labels-idx1-ubyte")).astype(np.int64))
+        if len(x) != len(y) or len(tx) != len(ty):
+            raise DataError(f"{folder}: image and label counts differ ({len(x)} vs {len(y)}, {len(tx)} vs {len(ty)})")
+        return self.finish(_resize(x, self.image_size), y, self.classes(),
+                           test=(_resize(tx, self.image_size), ty))
+
+    def classes(self) -> list[str]:
+        return [str(i) for i in range(10)]
+
+
+@dataclass
+class FashionMNISTData(MNISTData):
+    """Fashion-MNIST (60k/10k, 28x28 gray) from the Debian package dataset-fashion-mnist."""
+
+    name: str = "fashion-mnist"
+    path: str = FASHION_DIR
+
+    def build(self) -> Data:
+        if not Path(self.path).is_dir():
+            raise DataError(f"Fashion-MNIST not found at {self.path}: install it with "
+                            "'sudo apt-get install dataset-fashion-mnist' or set data.path to its IDX files")
+        return super().build()
+
+    def classes(self) -> list[str]:
+        return list(FASHION_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------ files on disk
+
+
+def decode(path: str | Path, channels: int, size: int) -> torch.Tensor:
+    """One image file -> uint8 (C, H, W); a file that is not a readable image is named in the error."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = {0: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        img = decode_image(data, mode=mode)
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                        "(remove or replace the file)") from None
+    if img.shape[0] == 4 and channels == 0:
+        img = img[:3]
+    return _resize(img[None], size)[0]
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if not size or (x.shape[-2] == size and x.shape[-1] == size):
+        return x
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+class FileImages(Dataset):
+    """(path, label) pairs decoded on access: the streaming path for large folders."""
+
+    def __init__(self, items: list[tuple[str, int]], channels: int, size: int):
+        self.items, self.channels, self.size = items, channels, size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return decode(path, self.channels, self.size), torch.tensor(label)
+
+
+def _scan_classes(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items = [(str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
+             if f.suffix.lower() in IMAGE_EXTS]
+    return items, classes
+
+
+class _FileSet:
+    """Turns a list of files into a split: decoded into memory when small, streamed otherwise."""
+
+    def __init__(self, cfg: ImageData):
+        self.cfg = cfg
+
+    def probe(self, items: list[tuple[str, int]]) -> tuple[int, int]:
+        first = decode(items[0][0], self.cfg.channels, self.cfg.image_size)
+        return first.shape[0], first.numel()
+
+    def load(self, items: list[tuple[str, int]], channels: int):
+        size = self.cfg.image_size
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            imgs = list(pool.map(lambda it: decode(it[0], channels, size), items))
+        shapes = {tuple(i.shape) for i in imgs}
+        if len(shapes) > 1:
+            raise DataError(f"images in {self.cfg.path} have different sizes {sorted(shapes)[:3]}...: "
+                            "set data.image_size to resize them")
+        return torch.stack(imgs), torch.tensor([lab for _, lab in items])
+
+
+def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], classes: list[str]) -> Data:
+    train = splits.get("train", [])
+    if not train:
+        raise DataError(f"data set '{cfg.name}' at {cfg.path}: no image files found")
+    fs = _FileSet(cfg)
+    channels, numel = fs.probe(train)
+    channels = cfg.channels or channels
+    total_mb = numel * sum(len(v) for v in splits.values()) / 2**20
+    if total_mb <= cfg.in_memory_mb:
+        x, y = fs.load(train, channels)
+        val = fs.load(splits["val"], channels) if splits.get("val") else None
+        test = fs.load(splits["test"], channels) if splits.get("test") else None
+        return cfg.finish(x, y, classes, val=val, test=test)
+    # streamed: carve val/test out of the file list by the split seed, no pixel statistics pass
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
+    k = int(len(train) * cfg.val_fraction) if not splits.get("val") else 0
+    val = splits.get("val") or [train[i] for i in perm[:k]]
+    train = [train[i] for i in sorted(perm[k:])][: cfg.limit or None]
+    first = decode(train[0][0], channels, cfg.image_size)
+    spec = DataSpec(num_classes=len(classes), class_names=classes, in_channels=channels,
+                    image_size=tuple(first.shape[1:]), mean=(0.5,) * channels, std=(0.25,) * channels,
+                    extra={"crop_pad": cfg.crop_pad, "flip": cfg.flip})
+    s = cfg.image_size
+
+    def mk(items):
+        return StreamSplit(FileImages(items, channels, s)) if items else None
+
+    return Data(spec, mk(train), mk(val), mk(splits.get("test", [])))
+
+
+@dataclass
+class ImageFolderData(ImageData):
+    """One folder per class under `path`; or `path`/train, `path`/val, `path`/test each laid out that way."""
+
+    name: str = "imagefolder"
+    image_size: int = 32
+
+    def build(self) -> Data:
+        root = Path(self.path)
+        if not self.path or not root.is_dir():
+            raise DataError(f"data.path={self.path!r} is not a folder of class folders")
+        if (root / "train").is_dir():
+            splits, classes = {}, None
+            for name in ("train", "val", "test"):
+                if (root / name).is_dir():
+                    items, cls = _scan_classes(root / name)
+                    if classes is not None and cls != classes:
+                        raise DataError(f"{root / name}: class folders {cls} differ from train's {classes}")
+                    classes, splits[name] = classes or cls, items
+        else:
+            items, classes = _scan_classes(root)
+            splits = {"train": items}
+        if not classes:
+            raise DataError(f"{root}: no class folders found (expected {root}/<class>/<image files>)")
+        return _folder_data(self, splits, classes)
+
+
+@dataclass
+class CSVData(ImageData):
+    """A CSV with columns path,label (a header row is optional); paths are relative to the CSV's folder."""
+
+    name: str = "csv"
+    image_size: int = 32
+    test_fraction: float = 0.1
+
+    def build(self) -> Data:
+        p = Path(self.path)
+        if not p.is_file():
+            raise DataError(f"data.path={self.path!r} is not a CSV file of path,label rows")
+        rows = []
+        with open(p, newline="", encoding="utf-8") as f:
+            for lineno, row in enumerate(csv.reader(f), 1):
+                if not row or (lineno == 1 and row[0].strip().lower() in ("path", "file", "filename")):
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{p}:{lineno}: expected 'path,label', got {row}")
+                rows.append((row[0].strip(), row[1].strip(), lineno))
+        labels = sorted({lab for _, lab, _ in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s))
+        index = {lab: i for i, lab in enumerate(labels)}
+        items = []
+        for path, lab, lineno in rows:
+            full = (p.parent / path) if not os.path.isabs(path) else Path(path)
+            if not full.is_file():
+                raise DataError(f"{p}:{lineno}: image {full} not found")
+            items.append((str(full), index[lab]))
+        return _folder_data(self, {"train": items}, labels)

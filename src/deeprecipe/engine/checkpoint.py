@@ -1,0 +1,128 @@
+"""Checkpoints: weights as safetensors, the rest of the training state in a weights-only torch file.
+
+Layout of runs/NAME/checkpoints/:
+    step-000500/model.safetensors   weights (and `ema.`-prefixed EMA weights)
+    step-000500/state.pt            optimizer, RNG states, step, early-stopping state (torch.load weights_only)
+    latest                          the name of the newest complete checkpoint folder
+    best.safetensors                weights of the evaluated model at the best validation metric
+
+Every file is written to a temporary name, fsynced and renamed; `latest` is switched only after the folder
+is complete, so a crash (or a full disk) at any moment leaves the previous checkpoint intact and named.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from deeprecipe.util import UserError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict of contiguous CPU tensors with shared storage broken (safetensors needs both)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read weights {path}: {e} (the file is damaged or not safetensors)") from None
+
+
+def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` completely, then point `latest` at it and prune older ones."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:07d}"
+    work = ckpt_dir / f".step-{step:07d}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        save_weights(work / "model.safetensors", weights)
+        atomic_write(work / "state.pt", lambda p: torch.save(state, p))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work, final)
+        _fsync_dir(ckpt_dir)
+        atomic_text(ckpt_dir / "latest", final.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    olds = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != final)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    pointer = ckpt_dir / "latest"
+    if not pointer.is_file():
+        return None
+    folder = ckpt_dir / pointer.read_text().strip()
+    return folder if (folder / "model.safetensors").is_file() and (folder / "state.pt").is_file() else None
+
+
+def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    weights = load_weights(folder / "model.safetensors")
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read training state {folder / 'state.pt'}: {e}") from None
+    return weights, state
+
+
+def split_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def inference_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights to evaluate, predict, export or serve: best if recorded, else the latest (EMA when kept)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    if (ckpt / "best.safetensors").is_file():
+        return load_weights(ckpt / "best.safetensors")
+    folder = latest(ckpt)
+    if folder is None:
+        raise UserError(f"{run_dir}: no checkpoint found (is it a run folder? has it trained a step?)")
+    w = load_weights(folder / "model.safetensors")
+    ema_w = split_prefix(w, "ema.")
+    return ema_w or split_prefix(w, "model.")

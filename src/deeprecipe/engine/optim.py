@@ -1,0 +1,68 @@
+"""AdamW with decoupled weight decay on weights only, LR schedules, and an EMA of the weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from deeprecipe.config import ConfigError, OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices and conv kernels; never biases, norm scales or other 1-D parameters.
+
+    `lr_scale` maps a parameter-name prefix to a learning-rate multiplier (discriminative fine-tuning)."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "norm" not in name and "pos_emb" not in name
+        scale = 1.0
+        for prefix, s in (lr_scale or {}).items():
+            if name.startswith(prefix):
+                scale = s
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s}
+            for (d, s), ps in groups.items()]
+
+
+def adamw(model: nn.Module, cfg: OptimConfig, lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay, lr_scale)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters (everything is frozen)")
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+    return opt
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
+    warm = int(cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total)
+    if cfg.schedule == "constant":
+        return min(1.0, (step + 1) / warm) if warm else 1.0
+    if cfg.schedule == "cosine":
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "onecycle":  # linear up to the peak over `warmup` (default 30%), then linear to ~0
+        warm = warm or int(0.3 * total)
+        if step < warm:
+            return 0.1 + 0.9 * step / warm
+        return max(cfg.min_lr, 1 - (step - warm) / max(1, total - warm))
+    raise ConfigError(f"optim.schedule={cfg.schedule}: use cosine, onecycle or constant")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """EMA of parameters and buffers (BatchNorm statistics too), updated after every optimizer step."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

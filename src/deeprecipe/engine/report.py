@@ -1,0 +1,53 @@
+"""report.html: one page a person opens to see a run at a glance (config, metrics, plots, the command)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from deeprecipe.engine import plots
+from deeprecipe.engine.checkpoint import atomic_text
+from deeprecipe.engine.run import read_metrics, read_status
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v[:20]) + (" ..." if len(v) > 20 else "")
+    return html.escape(str(v))
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if rows:
+        plots.curves(rows, run_dir / "plots" / "curves.png")
+    status = read_status(run_dir)
+    final = status.get("final", {})
+    cmds = (run_dir / "commands.txt").read_text().splitlines() if (run_dir / "commands.txt").exists() else []
+    cfg = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+    imgs = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.name != "curves.png", p.name))
+    samples = sorted((run_dir / "plots").glob("*.txt"))
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>deeprecipe run " + html.escape(run_dir.name) + "</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+        "img{max-width:100%;border:1px solid #eee;margin:6px 0}pre{background:#f6f6f6;padding:8px;overflow:auto}</style>",
+        f"<h1>{html.escape(run_dir.name)}</h1>",
+        f"<p>status: <b>{html.escape(str(status.get('status', '?')))}</b> · step {status.get('step', '?')} · "
+        f"recipe {html.escape(str(status.get('recipe', '')))} · task {html.escape(str(status.get('task', '')))}</p>",
+        "<h2>Command</h2><pre>" + html.escape("\n".join(cmds)) + "</pre>",
+        "<h2>Final metrics</h2><table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
+                                                 for k, v in final.items()) + "</table>",
+    ]
+    if status.get("best"):
+        parts.append("<p>best validation: " + html.escape(json.dumps(status["best"])) + "</p>")
+    parts.append("<h2>Plots</h2>" + "".join(f"<h3>{html.escape(p.stem)}</h3><img src='plots/{p.name}'>" for p in imgs))
+    for s in samples:
+        parts.append(f"<h3>{html.escape(s.stem)}</h3><pre>{html.escape(s.read_text()[:5000])}</pre>")
+    parts.append("<h2>Config</h2><pre>" + html.escape(cfg) + "</pre>")
+    out = run_dir / "report.html"
+    atomic_text(out, "\n".join(parts))
+    return out

@@ -1,0 +1,49 @@
+"""Model registry: a plain dict from name to the model's config dataclass (which has `build(spec)`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from deeprecipe.config import ConfigError
+from deeprecipe.data.core import DataSpec
+from deeprecipe.models.cnn import CNNConfig, MLPConfig
+from deeprecipe.models.resnet import ResNetConfig
+from deeprecipe.util import UserError, call_with, load_object
+
+MODELS: dict[str, type] = {
+    "mlp": MLPConfig,
+    "cnn": CNNConfig,
+    "resnet": ResNetConfig,
+}
+
+
+@dataclass
+class UserModel:
+    """`model.name: path/to/file.py:Name`: Name(**args) builds an nn.Module (num_classes, in_channels,
+    image_size and vocab_size are passed when its signature names them and args does not)."""
+
+    name: str = ""
+    args: dict = field(default_factory=dict)
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        available = {"num_classes": spec.num_classes, "in_channels": spec.in_channels,
+                     "image_size": spec.image_size, "vocab_size": spec.vocab_size}
+        obj = call_with(load_object(self.name), self.args, available)
+        model = obj.build(spec) if hasattr(obj, "build") and not isinstance(obj, nn.Module) else obj
+        if not isinstance(model, nn.Module):
+            raise UserError(f"{self.name} must build a torch.nn.Module, got {type(model).__name__}")
+        return model
+
+
+def model_config_class(name: str) -> type:
+    if ":" in name:
+        return UserModel
+    if name not in MODELS:
+        import difflib
+
+        near = difflib.get_close_matches(name, list(MODELS), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(MODELS)}"
+        raise ConfigError(f"unknown model 'model.name={name}': {hint}")
+    return MODELS[name]

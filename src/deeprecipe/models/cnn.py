@@ -1,0 +1,82 @@
+"""The classic classifiers: an MLP and the conv-pool-dense CNN.
+
+CNN layout (the default is the well-known Fashion-MNIST net conv32-pool-conv64-pool-conv128-dense64):
+    [conv3x3 -> BN -> ReLU -> maxpool2] for all but the last width, conv3x3 -> BN -> ReLU for the last,
+    then flatten -> dense layers -> head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from deeprecipe.data.core import DataSpec
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)  # widths of the hidden layers
+    dropout: float = 0.1
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        h, w = spec.image_size
+        return MLP(spec.in_channels * h * w, list(self.hidden), spec.num_classes, self.dropout)
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            in_features = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        return self.head(self.body(x))
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    channels: tuple[int, ...] = (32, 64, 128)  # conv widths; a 2x2 max-pool follows every conv but the last
+    dense: tuple[int, ...] = (64,)  # widths of the dense layers before the head
+    batchnorm: bool = True
+    dropout: float = 0.2  # before each dense layer and the head
+    global_pool: bool = False  # average-pool the last feature map instead of flattening it
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        return CNN(spec.in_channels, spec.num_classes, spec.image_size, self)
+
+
+class CNN(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], cfg: CNNConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        h, w = image_size
+        for i, width in enumerate(cfg.channels):
+            layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=not cfg.batchnorm)]
+            layers += [nn.BatchNorm2d(width)] if cfg.batchnorm else []
+            layers += [nn.ReLU(inplace=True)]
+            if i < len(cfg.channels) - 1:
+                layers += [nn.MaxPool2d(2)]
+                h, w = h // 2, w // 2
+            in_channels = width
+        if cfg.global_pool:
+            layers += [nn.AdaptiveAvgPool2d(1)]
+            h = w = 1
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        dense: list[nn.Module] = []
+        in_features = in_channels * h * w
+        for width in cfg.dense:
+            dense += [nn.Dropout(cfg.dropout), nn.Linear(in_features, width), nn.ReLU(inplace=True)]
+            in_features = width
+        self.dense = nn.Sequential(*dense, nn.Dropout(cfg.dropout))
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        return self.head(self.dense(self.features(x)))

@@ -1,0 +1,148 @@
+"""Image classification: what a batch is, the loss, the metrics, and the plots of a finished run.
+
+A batch is (images uint8 (B, C, H, W), labels (B,)). `prepare` turns it, on the device, into what the net
+sees: floats normalized by the train split's mean/std, randomly cropped and flipped when training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.data.core import Data, DataSpec, eval_batches
+
+METRIC = ("acc", "max")
+
+
+def normalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def denormalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """Inverse of normalize, to [0, 1]: for looking at the batch exactly as the net saw it."""
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-example random crop of a zero-padded batch, as two gathers (no Python loop over examples)."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=x.device)
+    rows = (dy + torch.arange(H, device=x.device)).view(B, 1, H, 1).expand(B, C, H, W + 2 * pad)
+    cols = (dx + torch.arange(W, device=x.device)).view(B, 1, 1, W).expand(B, C, H, W)
+    return xp.gather(2, rows).gather(3, cols)  # (B, C, H, W)
+
+
+def augment(x: torch.Tensor, spec: DataSpec, gen: torch.Generator) -> torch.Tensor:
+    pad, flip = spec.extra.get("crop_pad", 0), spec.extra.get("flip", False)
+    if pad:
+        x = random_crop(x, pad, gen)
+    if flip:
+        mask = torch.rand(len(x), generator=gen, device=x.device) < 0.5
+        x = torch.where(mask.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+    return x
+
+
+def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+    x, y = batch
+    x = normalize(x, spec)
+    if gen is not None:
+        x = augment(x, spec, gen)
+    if x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def loss(model: nn.Module, batch, cfg: Config):
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing), {}
+
+
+def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, classes) in fp32 on the CPU, and labels (N,), over a whole split."""
+    logits, labels = [], []
+    for batch in eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval):
+        x, y = prepare(batch, data.spec)
+        logits.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    out = {"loss": F.cross_entropy(logits, labels).item(),
+           "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item()}
+    if num_classes > 5:
+        out["top5"] = multiclass_accuracy(logits, labels, num_classes, top_k=5, average="micro").item()
+    out["precision"] = multiclass_precision(logits, labels, num_classes, average=None).tolist()
+    out["recall"] = multiclass_recall(logits, labels, num_classes, average=None).tolist()
+    out["confusion"] = multiclass_confusion_matrix(logits, labels, num_classes).tolist()
+    return out
+
+
+def evaluate(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> dict:
+    logits, labels = predict_split(model, data, split, cfg, rt)
+    return metrics(logits, labels, data.spec.num_classes)
+
+
+def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict:
+    """Test metrics, confusion matrix and the worst mistakes of the finished run."""
+    from deeprecipe.engine import plots
+
+    split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        logits, labels = predict_split(model, data, split, cfg, rt)
+    m = metrics(logits, labels, data.spec.num_classes)
+    names = data.spec.class_names
+    plots.confusion(m["confusion"], names, Path(run_dir) / "plots" / "confusion.png", f"{split} confusion matrix")
+    probs = logits.softmax(-1)
+    wrong = (probs.argmax(-1) != labels).nonzero().flatten()
+    order = wrong[probs[wrong, labels[wrong]].argsort()][:36]  # most confident mistakes first
+    if len(order):
+        n = min(len(data.split(split)), cfg.train.limit_eval or len(data.split(split)))
+        imgs = data.split(split).take(order[order < n].to(torch.long))[0]
+        captions = [f"{names[int(probs[i].argmax())]} ({probs[i].max():.2f})\ntrue: {names[int(labels[i])]}"
+                    for i in order.tolist()]
+        plots.image_grid(imgs.float().cpu() / 255, captions, Path(run_dir) / "plots" / "worst_mistakes.png",
+                         f"worst {split} mistakes: predicted (confidence) / true")
+    return {f"{split}_{k}": v for k, v in m.items() if k in ("acc", "top5", "loss")} | {
+        f"{split}_precision": m["precision"], f"{split}_recall": m["recall"]}
+
+
+def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
+    """Image files -> top-k labels with probabilities."""
+    from deeprecipe.data.images import decode
+
+    size = spec.image_size[0] if spec.image_size[0] == spec.image_size[1] else 0
+    out = []
+    for f in files:
+        img = decode(f, spec.in_channels, size)
+        if tuple(img.shape[1:]) != tuple(spec.image_size):
+            from deeprecipe.data.images import _resize
+
+            img = _resize(img[None], spec.image_size[0])[0]
+        x, _ = prepare((img[None].to(rt.device), None), spec)
+        with rt.autocast():
+            probs = model(x).float().softmax(-1)[0].cpu()
+        top = probs.topk(min(getattr(args, "top", 3), len(probs)))
+        labels = [{"label": spec.class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
+        out.append({"file": f, "label": labels[0]["label"], "prob": labels[0]["prob"], "top": labels,
+                    "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})"})
+    return out
