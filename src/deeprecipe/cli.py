@@ -144,6 +144,14 @@ def cmd_predict(args) -> None:
             print(r.get("text") or json.dumps(r))
 
 
+def cmd_sample(args) -> None:
+    """Generate from a trained run: text from a language model, images from a GAN (task.sample)."""
+    cfg, spec, model, rt, task = load_run(args.run, args.device)
+    if not hasattr(task, "sample"):
+        raise UserError(f"task '{cfg.task}' does not generate samples (sample works for language models and GANs)")
+    task.sample(model, spec, cfg, rt, Path(args.run), args)
+
+
 def cmd_runs(args) -> None:
     from deeprecipe.engine.run import read_status
 
@@ -230,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="folder for output files (segmentation masks, ...)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("sample", help="generate from a run: text (language models) or images (GANs)")
+    s.add_argument("run")
+    s.add_argument("--prompt", default="", help="text to continue (language models)")
+    s.add_argument("--max-tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--n", type=int, default=64, help="how many images (GANs)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="output folder or file (GAN grids and images)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("runs", help="list runs with their status and best metric")
     s.add_argument("--dir", default="runs")
