@@ -20,8 +20,17 @@ torch.set_num_threads(1)
 SRC = str(Path(list(deeprecipe.__path__)[0]).resolve().parent)  # the deeprecipe under test, for subprocesses
 
 # a run that takes a second: fp32 on the CPU, few steps, small batches, nothing streamed through workers
-TINY = ["train.device=cpu", "train.precision=fp32", "train.steps=4", "train.batch_size=16", "train.eval_every=0",
-        "train.ckpt_every=2", "train.log_every=1", "train.eval_batch_size=256", "train.workers=0"]
+TINY = [
+    "train.device=cpu",
+    "train.precision=fp32",
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.eval_every=0",
+    "train.ckpt_every=2",
+    "train.log_every=1",
+    "train.eval_batch_size=256",
+    "train.workers=0",
+]
 
 
 def sets(*overrides: str) -> list[str]:

@@ -45,8 +45,17 @@ def test_yaml_path_recipe(tmp_path):
 
 
 def test_set_overrides_any_field():
-    cfg = config.load("digits-cnn", ["optim.lr=1e-4", "train.steps=5", "model.channels=[4, 8]", "data.flip=true",
-                                     "train.device=cpu", "optim.betas=[0.8, 0.9]"])
+    cfg = config.load(
+        "digits-cnn",
+        [
+            "optim.lr=1e-4",
+            "train.steps=5",
+            "model.channels=[4, 8]",
+            "data.flip=true",
+            "train.device=cpu",
+            "optim.betas=[0.8, 0.9]",
+        ],
+    )
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 5
     assert cfg.model.channels == (4, 8)
@@ -60,43 +69,52 @@ def test_set_switches_model_and_data_class():
     assert config.load("digits-cnn", ["model.name=cnn"]).model.dense == (64,)  # same name: the recipe's keys stay
 
 
-@pytest.mark.parametrize("override,expect", [
-    ("optim.lrr=1", "did you mean 'lr'"),
-    ("train.step=3", "did you mean 'steps'"),
-    ("model.chanels=[4]", "did you mean 'channels'"),
-    ("data.crop_padd=2", "did you mean 'crop_pad'"),
-    ("optimm.lr=1", "did you mean 'optim'"),
-])
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("optim.lrr=1", "did you mean 'lr'"),
+        ("train.step=3", "did you mean 'steps'"),
+        ("model.chanels=[4]", "did you mean 'channels'"),
+        ("data.crop_padd=2", "did you mean 'crop_pad'"),
+        ("optimm.lr=1", "did you mean 'optim'"),
+    ],
+)
 def test_unknown_key_suggests_nearest(override, expect):
     with pytest.raises(ConfigError, match=expect):
         config.load("digits-cnn", [override])
 
 
-@pytest.mark.parametrize("override,field", [
-    ("train.steps=abc", "train.steps"),
-    ("train.steps=1.5", "train.steps"),
-    ("optim.lr=fast", "optim.lr"),
-    ("data.flip=maybe", "data.flip"),
-    ("model.channels=7", "model.channels"),
-    ("model.channels=[a]", "model.channels[0]"),
-    ("optim.betas=[0.9]", "optim.betas"),
-    ("train.compile=1", "train.compile"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.steps=abc", "train.steps"),
+        ("train.steps=1.5", "train.steps"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.flip=maybe", "data.flip"),
+        ("model.channels=7", "model.channels"),
+        ("model.channels=[a]", "model.channels[0]"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("train.compile=1", "train.compile"),
+    ],
+)
 def test_wrong_type_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         config.load("digits-cnn", [override])
     assert field in str(e.value)
 
 
-@pytest.mark.parametrize("override,expect", [
-    ("model.name=resnett", "did you mean 'resnet'"),
-    ("model.name=mpl", "did you mean 'mlp'"),
-    ("data.name=fashion-mnst", "did you mean 'fashion-mnist'"),
-    ("data.name=digit", "did you mean 'digits'"),
-    ("data.name=5", "data.name"),
-    ("data=5", "'data' must be a mapping"),
-    ("model=[1]", "'model' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("model.name=resnett", "did you mean 'resnet'"),
+        ("model.name=mpl", "did you mean 'mlp'"),
+        ("data.name=fashion-mnst", "did you mean 'fashion-mnist'"),
+        ("data.name=digit", "did you mean 'digits'"),
+        ("data.name=5", "data.name"),
+        ("data=5", "'data' must be a mapping"),
+        ("model=[1]", "'model' must be a mapping"),
+    ],
+)
 def test_unknown_names_suggest_nearest(override, expect):
     with pytest.raises(ConfigError, match=expect):
         config.load("digits-cnn", [override])
@@ -107,9 +125,20 @@ def test_unknown_recipe_suggests_nearest():
         config.load("digits-cnnn")
 
 
-@pytest.mark.parametrize("override", ["train.accum=0", "train.batch_size=0", "train.steps=0", "train.accum=3",
-                                      "train.ckpt_every=0", "train.log_every=0", "train.nonfinite=ignore",
-                                      "train.ema=1.5", "train.eval_every=-1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.accum=0",
+        "train.batch_size=0",
+        "train.steps=0",
+        "train.accum=3",
+        "train.ckpt_every=0",
+        "train.log_every=0",
+        "train.nonfinite=ignore",
+        "train.ema=1.5",
+        "train.eval_every=-1",
+    ],
+)
 def test_train_values_out_of_range_fail_early(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         config.load("digits-cnn", [override])

@@ -30,8 +30,14 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
 
 
-def write_mnist(folder: Path, n: int = 40, n_test: int = 12, size: int = 6, bad_label: int | None = None,
-                bad_test_label: int | None = None) -> Path:
+def write_mnist(
+    folder: Path,
+    n: int = 40,
+    n_test: int = 12,
+    size: int = 6,
+    bad_label: int | None = None,
+    bad_test_label: int | None = None,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     y, ty = np.arange(n) % 10, np.arange(n_test) % 10
@@ -46,8 +52,9 @@ def write_mnist(folder: Path, n: int = 40, n_test: int = 12, size: int = 6, bad_
     return folder
 
 
-def write_pngs(folder: Path, classes=("cat", "dog", "fox"), per_class: int = 6, size: int = 10,
-               channels: int = 3) -> list[Path]:
+def write_pngs(
+    folder: Path, classes=("cat", "dog", "fox"), per_class: int = 6, size: int = 10, channels: int = 3
+) -> list[Path]:
     from torchvision.io import write_png
 
     g = torch.Generator().manual_seed(0)
@@ -79,8 +86,10 @@ TINY = {
     "digits": (lambda tmp: DATASETS["digits"](), 10),
     "fashion-mnist": (fashion, 10),
     "mnist": (lambda tmp: DATASETS["mnist"](path=str(write_mnist(tmp / "mnist"))), 10),
-    "imagefolder": (lambda tmp: DATASETS["imagefolder"](path=str(tmp / "imgs"), image_size=8)
-                    if write_pngs(tmp / "imgs") else None, 3),
+    "imagefolder": (
+        lambda tmp: DATASETS["imagefolder"](path=str(tmp / "imgs"), image_size=8) if write_pngs(tmp / "imgs") else None,
+        3,
+    ),
     "csv": (lambda tmp: DATASETS["csv"](path=str(write_csv(tmp / "csv")), image_size=8), 2),
 }
 
@@ -124,7 +133,8 @@ def test_mnist_reads_the_files_exactly(tmp_path):
     data = DATASETS["mnist"](path=str(folder), val_fraction=0.0).build()
     raw = read_idx(folder / "train-images-idx3-ubyte.gz")
     assert torch.equal(data.train.tensors[0][:, 0], torch.from_numpy(raw.copy()))
-    assert torch.equal(data.test.tensors[1], torch.from_numpy(read_idx(folder / "t10k-labels-idx1-ubyte").copy()).long())
+    labels = torch.from_numpy(read_idx(folder / "t10k-labels-idx1-ubyte").copy()).long()
+    assert torch.equal(data.test.tensors[1], labels)
 
 
 def test_val_and_test_carved_disjointly(tmp_path):
@@ -153,8 +163,9 @@ def test_streamed_folder_matches_in_memory(tmp_path):
     """A folder too big for memory streams through a DataLoader; its batches equal the in-memory ones."""
     write_pngs(tmp_path / "imgs", per_class=5, size=8)
     mem = DATASETS["imagefolder"](path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2).build()
-    streamed = DATASETS["imagefolder"](path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2,
-                                       in_memory_mb=0).build()
+    streamed = DATASETS["imagefolder"](
+        path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2, in_memory_mb=0
+    ).build()
     assert isinstance(streamed.train, StreamSplit) and isinstance(mem.train, TensorSplit)
     assert len(streamed.train) == len(mem.train)
     cpu = torch.device("cpu")
@@ -166,12 +177,14 @@ def test_streamed_folder_matches_in_memory(tmp_path):
 
 def test_user_dataset_file(tmp_path):
     f = tmp_path / "mine.py"
-    f.write_text("import torch\nfrom deeprecipe.data import Data, DataSpec, TensorSplit\n"
-                 "def Make(n=6):\n"
-                 "    x, y = torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n) % 2\n"
-                 "    spec = DataSpec(num_classes=2, class_names=['a', 'b'], in_channels=1, image_size=(4, 4),"
-                 " mean=(0.0,), std=(1.0,))\n"
-                 "    return Data(spec, TensorSplit(x, y), TensorSplit(x, y))\n")
+    f.write_text(
+        "import torch\nfrom deeprecipe.data import Data, DataSpec, TensorSplit\n"
+        "def Make(n=6):\n"
+        "    x, y = torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n) % 2\n"
+        "    spec = DataSpec(num_classes=2, class_names=['a', 'b'], in_channels=1, image_size=(4, 4),"
+        " mean=(0.0,), std=(1.0,))\n"
+        "    return Data(spec, TensorSplit(x, y), TensorSplit(x, y))\n"
+    )
     cfg = data_config_class(f"{f}:Make")(name=f"{f}:Make", args={"n": 8})
     assert len(cfg.build().train) == 8
     bad = tmp_path / "bad.py"
@@ -208,8 +221,10 @@ def test_rank_slices_partition_the_batch(world):
     cpu = torch.device("cpu")
     for step in range(4):
         full = step_indices(n, 0, step, batch)
-        parts = [next(train_batches(split, 0, range(step, step + 1), batch, cpu, rank=r, world=world))[0]
-                 for r in range(world)]
+        parts = [
+            next(train_batches(split, 0, range(step, step + 1), batch, cpu, rank=r, world=world))[0]
+            for r in range(world)
+        ]
         assert sum(len(p) for p in parts) == batch
         assert sorted(torch.cat(parts).tolist()) == sorted(full.tolist())
 
@@ -245,8 +260,12 @@ def test_random_crop_is_a_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (pad,) * 4)
     offsets = set()
     for i in range(len(x)):
-        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                if torch.equal(padded[i, :, dy : dy + 6, dx : dx + 6], got[i])]
+        hits = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(padded[i, :, dy : dy + 6, dx : dx + 6], got[i])
+        ]
         assert len(hits) == 1
         offsets.add(hits[0])
     assert len(offsets) > 10  # of 25 possible

@@ -18,8 +18,14 @@ from deeprecipe.models import MODELS, model_config_class
 
 def image_case(cfg, classes: int = 3, channels: int = 1, size: int = 8):
     """A classifier on (B, C, H, W) images -> logits (B, classes)."""
-    spec = DataSpec(num_classes=classes, class_names=[str(i) for i in range(classes)], in_channels=channels,
-                    image_size=(size, size), mean=(0.5,) * channels, std=(0.25,) * channels)
+    spec = DataSpec(
+        num_classes=classes,
+        class_names=[str(i) for i in range(classes)],
+        in_channels=channels,
+        image_size=(size, size),
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
     return cfg, spec, (torch.randn(4, channels, size, size),), (4, classes)
 
 
@@ -92,11 +98,13 @@ def test_resnet_rejects_unknown_layout():
 def test_user_model_file(tmp_path):
     """model.name: path/to/file.py:Name builds the user's module, given the spec's fields it asks for."""
     f = tmp_path / "mine.py"
-    f.write_text("import torch.nn as nn\n"
-                 "def Net(num_classes, in_channels, image_size, width=5):\n"
-                 "    h, w = image_size\n"
-                 "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * h * w, width),"
-                 " nn.Linear(width, num_classes))\n")
+    f.write_text(
+        "import torch.nn as nn\n"
+        "def Net(num_classes, in_channels, image_size, width=5):\n"
+        "    h, w = image_size\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * h * w, width),"
+        " nn.Linear(width, num_classes))\n"
+    )
     cls = model_config_class(f"{f}:Net")
     cfg = cls(name=f"{f}:Net", args={"width": 7})
     _, spec, inputs, shape = image_case(None)

@@ -108,7 +108,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
     net = torch.compile(model) if T.compile else model
     if rt.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     metric, mode = task.METRIC
     batches = train_batches(data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device,
                             rt.rank, rt.world, T.workers)
@@ -137,8 +138,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
                 scaler.update()
             if T.nonfinite != "skip" and (scaler is None or not torch.isfinite(logged)):
                 run.status("failed", step=step + 1, error="non-finite loss")
-                raise NonFiniteLoss(f"loss became {float(loss):.4g} at step {step + 1}; the last good checkpoint is "
-                                    "kept in checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)")
+                raise NonFiniteLoss(f"loss became {float(loss.detach()):.4g} at step {step + 1}; the last good "
+                                    "checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
+                                    "train.nonfinite=skip)")
             run.log(step + 1, skipped_batch=1)
             logged.zero_()
             nlog = 0  # the step still counts: evaluation and checkpoints below happen on schedule
