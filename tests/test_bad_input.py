@@ -7,6 +7,7 @@ import gzip
 
 import numpy as np
 import pytest
+
 from conftest import TINY, sets
 from test_data import write_csv, write_idx, write_mnist, write_pngs
 
@@ -34,8 +35,14 @@ def test_corrupt_image_is_named(cli, tmp_path):
     write_pngs(tmp_path / "imgs", per_class=3)
     bad = tmp_path / "imgs" / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    train_fails(cli, tmp_path, "data.name=imagefolder", f"data.path={tmp_path / 'imgs'}", "data.image_size=8",
-                needles=("cannot read image", str(bad)))
+    train_fails(
+        cli,
+        tmp_path,
+        "data.name=imagefolder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.image_size=8",
+        needles=("cannot read image", str(bad)),
+    )
 
 
 def test_corrupt_image_while_streaming_is_named(cli, tmp_path):
@@ -44,9 +51,18 @@ def test_corrupt_image_while_streaming_is_named(cli, tmp_path):
     write_pngs(tmp_path / "imgs", per_class=4, size=8)
     bad = tmp_path / "imgs" / "fox" / "zz.png"
     bad.write_bytes(b"garbage")
-    train_fails(cli, tmp_path, "data.name=imagefolder", f"data.path={tmp_path / 'imgs'}", "data.image_size=8",
-                "data.in_memory_mb=0", "data.val_fraction=0", "train.workers=1", "train.batch_size=12",
-                needles=("cannot read image", str(bad)))
+    train_fails(
+        cli,
+        tmp_path,
+        "data.name=imagefolder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.image_size=8",
+        "data.in_memory_mb=0",
+        "data.val_fraction=0",
+        "train.workers=1",
+        "train.batch_size=12",
+        needles=("cannot read image", str(bad)),
+    )
 
 
 def test_unreadable_image_file(cli, tmp_path):
@@ -55,8 +71,14 @@ def test_unreadable_image_file(cli, tmp_path):
     bad = tmp_path / "imgs" / "cat" / "1.png"
     bad.unlink()
     bad.symlink_to(tmp_path / "gone.png")
-    train_fails(cli, tmp_path, "data.name=imagefolder", f"data.path={tmp_path / 'imgs'}", "data.image_size=8",
-                needles=("cannot read image", str(bad)))
+    train_fails(
+        cli,
+        tmp_path,
+        "data.name=imagefolder",
+        f"data.path={tmp_path / 'imgs'}",
+        "data.image_size=8",
+        needles=("cannot read image", str(bad)),
+    )
 
 
 def test_label_out_of_range(cli, tmp_path):
@@ -79,8 +101,12 @@ def test_empty_data_sets(cli, tmp_path):
     train_fails(cli, tmp_path, "data.name=csv", f"data.path={tmp_path / 'header.csv'}", needles=("no image files",))
     m = tmp_path / "m0"
     m.mkdir()
-    for stem, shape in (("train-images-idx3-ubyte", (0, 4, 4)), ("train-labels-idx1-ubyte", (0,)),
-                        ("t10k-images-idx3-ubyte", (0, 4, 4)), ("t10k-labels-idx1-ubyte", (0,))):
+    for stem, shape in (
+        ("train-images-idx3-ubyte", (0, 4, 4)),
+        ("train-labels-idx1-ubyte", (0,)),
+        ("t10k-images-idx3-ubyte", (0, 4, 4)),
+        ("t10k-labels-idx1-ubyte", (0,)),
+    ):
         write_idx(m / stem, np.zeros(shape))
     train_fails(cli, tmp_path, "data.name=mnist", f"data.path={m}", needles=("no training examples",))
 
@@ -90,8 +116,13 @@ def test_missing_data_files(cli, tmp_path):
     folder = write_mnist(tmp_path / "m")
     (folder / "t10k-labels-idx1-ubyte").unlink()
     train_fails(cli, tmp_path, "data.name=mnist", f"data.path={folder}", needles=("t10k-labels-idx1-ubyte",))
-    train_fails(cli, tmp_path, "data.name=fashion-mnist", f"data.path={tmp_path / 'fm'}",
-                needles=("apt-get install dataset-fashion-mnist",))
+    train_fails(
+        cli,
+        tmp_path,
+        "data.name=fashion-mnist",
+        f"data.path={tmp_path / 'fm'}",
+        needles=("apt-get install dataset-fashion-mnist",),
+    )
     train_fails(cli, tmp_path, "data.name=imagefolder", f"data.path={tmp_path / 'nope'}", needles=("nope",))
     train_fails(cli, tmp_path, "data.name=csv", f"data.path={tmp_path / 'nope.csv'}", needles=("nope.csv",))
     csv = write_csv(tmp_path / "c")
@@ -118,17 +149,20 @@ def test_user_model_file_errors(cli, tmp_path):
 # ------------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("override,needles", [
-    ("optim.lrr=0.1", ("optim.lrr", "did you mean 'lr'")),
-    ("train.steps=many", ("train.steps", "integer")),
-    ("model.name=cnnn", ("did you mean 'cnn'",)),
-    ("data.name=digit", ("did you mean 'digits'",)),
-    ("train.accum=0", ("train.accum",)),
-    ("train.device=tpu", ("tpu",)),
-    ("train.precision=fp8", ("fp8",)),
-    ("optim.schedule=linear", ("optim.schedule",)),
-    ("model.layout=resnet7", ("resnet7",)),
-])
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("optim.lrr=0.1", ("optim.lrr", "did you mean 'lr'")),
+        ("train.steps=many", ("train.steps", "integer")),
+        ("model.name=cnnn", ("did you mean 'cnn'",)),
+        ("data.name=digit", ("did you mean 'digits'",)),
+        ("train.accum=0", ("train.accum",)),
+        ("train.device=tpu", ("tpu",)),
+        ("train.precision=fp8", ("fp8",)),
+        ("optim.schedule=linear", ("optim.schedule",)),
+        ("model.layout=resnet7", ("resnet7",)),
+    ],
+)
 def test_config_typos_and_wrong_types(cli, tmp_path, override, needles):
     extra = ["model.name=resnet"] if override.startswith("model.layout") else []
     train_fails(cli, tmp_path, *extra, override, needles=needles)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def cmd_train(args) -> None:
         init = make_init(args.init_from, args)
     existed = run_dir.exists()
     try:
-        final = train(cfg, run_dir, resume=bool(args.resume), init=init)
+        command = shlex.join(["deeprecipe", *getattr(args, "argv", sys.argv[1:])])
+        final = train(cfg, run_dir, resume=bool(args.resume), command=command, init=init)
     except BaseException:
         # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
         if not existed and not (run_dir / "checkpoints").exists():
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in argv]  # the exact command, for commands.txt and the report
     grad = sys.modules["torch"].is_grad_enabled() if "torch" in sys.modules else True
     try:
         args.func(args)

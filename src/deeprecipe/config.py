@@ -242,6 +242,8 @@ def resolve(raw: dict, name: str = "") -> Config:
     cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
     cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
     check_train(cfg.train)
+    if cfg.optim.schedule not in ("cosine", "onecycle", "constant"):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule}: use cosine, onecycle or constant")
     return cfg
 
 
