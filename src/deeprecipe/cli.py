@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def cmd_train(args) -> None:
         init = make_init(args.init_from, args)
     existed = run_dir.exists()
     try:
-        final = train(cfg, run_dir, resume=bool(args.resume), init=init)
+        command = shlex.join(["deeprecipe", *getattr(args, "argv", sys.argv[1:])])
+        final = train(cfg, run_dir, resume=bool(args.resume), command=command, init=init)
     except BaseException:
         # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
         if not existed and not (run_dir / "checkpoints").exists():
@@ -271,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in argv]  # the exact command, for commands.txt and the report
+    grad = sys.modules["torch"].is_grad_enabled() if "torch" in sys.modules else True
     try:
         args.func(args)
         return 0
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -285,9 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:  # load_run turns gradients off; give an in-process caller (tests, notebooks) its default back
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_grad_enabled(grad)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of `e` on one line. A DataLoader worker's error arrives wrapped with the worker's traceback
+    ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): keep only its last line."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if "Traceback" in str(e):
+        return lines[-1].split(": ", 1)[-1].strip()
+    return lines[0]
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
-    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp16 on old GPUs, else fp32) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 where supported, else fp16 on old GPUs, else fp32) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
     channels_last: bool = True  # memory format for conv nets on 4D inputs
     ema: float = 0.0  # EMA decay of weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights
@@ -118,6 +118,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -175,7 +180,8 @@ def read_recipe(recipe: str) -> tuple[dict, str]:
     path = Path(recipe)
     if recipe.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
-            raise ConfigError(f"recipe file {recipe} not found: give a YAML path or a built-in name (deeprecipe recipes)")
+            raise ConfigError(f"recipe file {recipe} not found: give a YAML path or a built-in name "
+                              "(deeprecipe recipes)")
         name = path.stem
     else:
         path = RECIPES_DIR / f"{recipe}.yaml"
@@ -192,7 +198,10 @@ def read_recipe(recipe: str) -> tuple[dict, str]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` strings (values parsed as YAML) onto a raw mapping."""
+    """Apply `a.b=value` strings (values parsed as YAML) onto a raw mapping.
+
+    Changing `data.name` or `model.name` drops the recipe's other keys of that section (they belong to the
+    old data set or model), so `--set model.name=resnet` works on any recipe; later overrides still apply."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr=3e-4")
@@ -201,6 +210,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
+        section = raw.get(key.strip().split(".")[0])
+        if key.strip() in ("data.name", "model.name") and isinstance(section, dict) and section.get("name") != value:
+            section.clear()
         node = raw
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -217,14 +229,38 @@ def resolve(raw: dict, name: str = "") -> Config:
     from deeprecipe.models import model_config_class
 
     raw = dict(raw)
-    data_raw, model_raw = dict(raw.pop("data", None) or {}), dict(raw.pop("model", None) or {})
+    sections = {}
+    for key, default in (("data", "digits"), ("model", "cnn")):
+        sec = raw.pop(key, None) or {}
+        if not isinstance(sec, dict):
+            raise ConfigError(f"'{key}' must be a mapping with a name (e.g. {key}.name={default}), got {sec!r}")
+        if not isinstance(sec.get("name", default), str):
+            raise ConfigError(f"{key}.name: expected a string, got {sec['name']!r}")
+        sections[key] = dict(sec)
     raw.setdefault("recipe", name)
     cfg = from_dict(Config, raw, "config")
-    cfg.data = from_dict(data_config_class(data_raw.get("name", "digits")), data_raw, "data")
-    cfg.model = from_dict(model_config_class(model_raw.get("name", "cnn")), model_raw, "model")
-    if cfg.train.batch_size % cfg.train.accum:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.accum={cfg.train.accum}")
+    cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
+    cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
+    check_train(cfg.train)
+    if cfg.optim.schedule not in ("cosine", "onecycle", "constant"):
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule}: use cosine, onecycle or constant")
     return cfg
+
+
+def check_train(t: TrainConfig) -> None:
+    """Values that would otherwise fail deep inside the loop (a division by zero, an empty batch)."""
+    for key in ("steps", "batch_size", "accum", "log_every", "ckpt_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+    for key in ("eval_every", "early_stop", "workers", "limit_eval"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be 0 or more")
+    if t.batch_size % t.accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}")
+    if t.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={t.nonfinite}: use stop or skip")
+    if not 0 <= t.ema < 1:
+        raise ConfigError(f"train.ema={t.ema}: an EMA decay is in [0, 1) (e.g. 0.999; 0 disables)")
 
 
 def load(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -50,9 +50,11 @@ class ImageData:
     def finish(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], val=None, test=None) -> Data:
         if len(x) == 0:
             raise DataError(f"data set '{self.name}' {self.path}: no training examples found")
-        if y.min() < 0 or y.max() >= len(classes):
-            bad = int(y[(y < 0) | (y >= len(classes))][0])
-            raise DataError(f"data set '{self.name}': label {bad} is outside 0..{len(classes) - 1}")
+        for split, labels in (("train", y), ("val", val and val[1]), ("test", test and test[1])):
+            if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+                bad = int(labels[(labels < 0) | (labels >= len(classes))][0])
+                raise DataError(f"data set '{self.name}' {self.path}: {split} label {bad} is outside "
+                                f"0..{len(classes) - 1} (fix the labels or the class list)")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         cut = 0
         if test is None and self.test_fraction > 0:

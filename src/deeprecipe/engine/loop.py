@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
     if hasattr(task, "train"):
         return task.train(cfg, run_dir, resume=resume, command=command, init=init)
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
+    micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
+    if micro % rt.world:
+        raise ConfigError(f"train.batch_size={T.batch_size} / train.accum={T.accum} = {micro} examples per micro-batch "
+                          f"do not split evenly over {rt.world} processes")
     data, model = build(cfg, rt)
     lr_scale = init(model) if init else None  # fine-tuning: load weights, freeze, per-group lr scales
     opt = optim.adamw(model, cfg.optim, lr_scale)
@@ -84,11 +89,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
     scaler = rt.scaler()
     ckpt_dir = run_dir / "checkpoints"
     start, best, bad_evals = 0, None, 0
+    folder = checkpoint.latest(ckpt_dir) if resume else None
     if resume:
         check_resume(run_dir, cfg)
-        folder = checkpoint.latest(ckpt_dir)
-        if folder is None:
-            raise UserError(f"{run_dir}: no complete checkpoint to resume from (start a new run instead)")
+        if folder is None:  # killed before its first checkpoint: the run starts again from step 0
+            print(f"{run_dir}: no checkpoint yet, training from step 0", file=sys.stderr)
+    if folder is not None:
         weights, state = checkpoint.load(folder)
         model.load_state_dict(checkpoint.split_prefix(weights, "model."))
         opt.load_state_dict(state["optimizer"])
@@ -102,9 +108,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
     net = torch.compile(model) if T.compile else model
     if rt.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     metric, mode = task.METRIC
-    micro = T.batch_size // T.accum
     batches = train_batches(data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device,
                             rt.rank, rt.world, T.workers)
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
@@ -125,28 +131,29 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
         if scaler:
             scaler.unscale_(opt)
         norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip if cfg.optim.clip > 0 else float("inf"))
-        if not torch.isfinite(norm):  # a NaN/inf loss or gradient: never let it reach the weights
+        skipped = not torch.isfinite(norm)
+        if skipped:  # a NaN/inf loss or gradient: never let it reach the weights
             opt.zero_grad(set_to_none=True)
-            if scaler:
+            if scaler:  # an fp16 overflow with a finite loss is routine: the scaler lowers its scale
                 scaler.update()
-            if T.nonfinite == "skip":
-                run.log(step + 1, skipped_batch=1)
-                logged.zero_()
-                nlog = 0
-                continue
-            run.status("failed", step=step + 1, error="non-finite loss")
-            raise NonFiniteLoss(f"loss became {float(loss):.4g} at step {step + 1}; the last good checkpoint is kept "
-                                "in checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)")
-        if scaler:
+            if T.nonfinite != "skip" and (scaler is None or not torch.isfinite(logged)):
+                run.status("failed", step=step + 1, error="non-finite loss")
+                raise NonFiniteLoss(f"loss became {float(loss.detach()):.4g} at step {step + 1}; the last good "
+                                    "checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
+                                    "train.nonfinite=skip)")
+            run.log(step + 1, skipped_batch=1)
+            logged.zero_()
+            nlog = 0  # the step still counts: evaluation and checkpoints below happen on schedule
+        elif scaler:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None and not skipped:
             ema.update_parameters(model)
         done = step + 1
-        if done % T.log_every == 0 or done == T.steps:
+        if not skipped and (done % T.log_every == 0 or done == T.steps):
             dt, loss_v = time.perf_counter() - t0, float(logged) / max(nlog, 1)
             run.log(done, loss=loss_v, lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
                     examples_per_s=seen / dt)

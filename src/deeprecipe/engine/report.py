@@ -34,7 +34,8 @@ def write_report(run_dir: Path) -> Path:
         "<!doctype html><meta charset='utf-8'><title>deeprecipe run " + html.escape(run_dir.name) + "</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
-        "img{max-width:100%;border:1px solid #eee;margin:6px 0}pre{background:#f6f6f6;padding:8px;overflow:auto}</style>",
+        "img{max-width:100%;border:1px solid #eee;margin:6px 0}"
+        "pre{background:#f6f6f6;padding:8px;overflow:auto}</style>",
         f"<h1>{html.escape(run_dir.name)}</h1>",
         f"<p>status: <b>{html.escape(str(status.get('status', '?')))}</b> · step {status.get('step', '?')} · "
         f"recipe {html.escape(str(status.get('recipe', '')))} · task {html.escape(str(status.get('task', '')))}</p>",

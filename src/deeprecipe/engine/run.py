@@ -38,9 +38,8 @@ class Run:
         # on resume, forget what was logged after the checkpoint: those steps are being redone
         self.metrics_path = self.path / "metrics.jsonl"
         if self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            atomic_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            atomic_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -74,7 +73,13 @@ def read_metrics(path: Path) -> list[dict]:
     p = Path(path) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    rows = []
+    for ln in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            pass
+    return rows
 
 
 def read_status(path: Path) -> dict:

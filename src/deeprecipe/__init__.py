@@ -1,0 +1,1 @@
+"""deeprecipe: train, check, evaluate, export and serve the classic deep-learning systems."""

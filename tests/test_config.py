@@ -1,0 +1,151 @@
+"""Config: every built-in recipe resolves; typos and wrong types fail naming the field and the nearest name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from deeprecipe import config
+from deeprecipe.config import ConfigError
+from deeprecipe.data import DATASETS
+from deeprecipe.models import MODELS
+
+
+@pytest.mark.parametrize("recipe", sorted(config.list_recipes()))
+def test_builtin_recipe_resolves(recipe):
+    desc = config.list_recipes()[recipe]
+    assert desc and "\n" not in desc, f"recipe {recipe} needs a one-line description"
+    cfg = config.load(recipe)
+    assert cfg.recipe == recipe
+    assert dataclasses.is_dataclass(cfg.data) and dataclasses.is_dataclass(cfg.model)
+    # the saved form resolves back to the same config (what resume and eval rely on)
+    again = config.resolve(yaml.safe_load(config.dump(cfg)))
+    assert config.to_dict(again) == config.to_dict(cfg)
+
+
+def test_default_recipe_names_exist():
+    assert {"digits-cnn", "fashion-mnist-cnn", "fashion-mnist-resnet"} <= set(config.list_recipes())
+
+
+@pytest.mark.parametrize("registry,section", [(DATASETS, "data"), (MODELS, "model")])
+def test_registry_defaults_pass_their_own_type_checks(registry, section):
+    for name, cls in registry.items():
+        obj = cls()
+        assert obj.name == name, f"{cls.__name__}.name default should be the registry key '{name}'"
+        assert config.from_dict(cls, config.to_dict(obj), section) == obj
+
+
+def test_yaml_path_recipe(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("description: mine\ndata: {name: digits}\nmodel: {name: mlp, hidden: [8]}\ntrain: {steps: 7}\n")
+    cfg = config.load(str(p))
+    assert (cfg.recipe, cfg.model.hidden, cfg.train.steps) == ("mine", (8,), 7)
+
+
+def test_set_overrides_any_field():
+    cfg = config.load(
+        "digits-cnn",
+        [
+            "optim.lr=1e-4",
+            "train.steps=5",
+            "model.channels=[4, 8]",
+            "data.flip=true",
+            "train.device=cpu",
+            "optim.betas=[0.8, 0.9]",
+        ],
+    )
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 5
+    assert cfg.model.channels == (4, 8)
+    assert cfg.data.flip is True
+    assert cfg.optim.betas == (0.8, 0.9)
+
+
+def test_set_switches_model_and_data_class():
+    cfg = config.load("digits-cnn", ["model.name=resnet", "model.layout=resnet8"])
+    assert type(cfg.model) is MODELS["resnet"] and cfg.model.layout == "resnet8"
+    assert config.load("digits-cnn", ["model.name=cnn"]).model.dense == (64,)  # same name: the recipe's keys stay
+
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("optim.lrr=1", "did you mean 'lr'"),
+        ("train.step=3", "did you mean 'steps'"),
+        ("model.chanels=[4]", "did you mean 'channels'"),
+        ("data.crop_padd=2", "did you mean 'crop_pad'"),
+        ("optimm.lr=1", "did you mean 'optim'"),
+    ],
+)
+def test_unknown_key_suggests_nearest(override, expect):
+    with pytest.raises(ConfigError, match=expect):
+        config.load("digits-cnn", [override])
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.steps=abc", "train.steps"),
+        ("train.steps=1.5", "train.steps"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.flip=maybe", "data.flip"),
+        ("model.channels=7", "model.channels"),
+        ("model.channels=[a]", "model.channels[0]"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("train.compile=1", "train.compile"),
+    ],
+)
+def test_wrong_type_names_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        config.load("digits-cnn", [override])
+    assert field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("model.name=resnett", "did you mean 'resnet'"),
+        ("model.name=mpl", "did you mean 'mlp'"),
+        ("data.name=fashion-mnst", "did you mean 'fashion-mnist'"),
+        ("data.name=digit", "did you mean 'digits'"),
+        ("data.name=5", "data.name"),
+        ("data=5", "'data' must be a mapping"),
+        ("model=[1]", "'model' must be a mapping"),
+    ],
+)
+def test_unknown_names_suggest_nearest(override, expect):
+    with pytest.raises(ConfigError, match=expect):
+        config.load("digits-cnn", [override])
+
+
+def test_unknown_recipe_suggests_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'digits-cnn'"):
+        config.load("digits-cnnn")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.accum=0",
+        "train.batch_size=0",
+        "train.steps=0",
+        "train.accum=3",
+        "train.ckpt_every=0",
+        "train.log_every=0",
+        "train.nonfinite=ignore",
+        "train.ema=1.5",
+        "train.eval_every=-1",
+    ],
+)
+def test_train_values_out_of_range_fail_early(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        config.load("digits-cnn", [override])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load("digits-cnn", ["optim.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        config.load("digits-cnn", ["optim.lr.x=1"])

@@ -1,0 +1,292 @@
+"""Every registered data set builds from tiny files the test writes itself; batching and augmentation properties.
+
+A family that registers a data set adds a tiny case to TINY below (a function of a temporary folder that
+returns the data set's config); test_every_dataset_has_a_tiny_case fails until it does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deeprecipe.data import DATASETS, Data, DataError, TensorSplit, data_config_class
+from deeprecipe.data.core import StreamSplit, step_indices, train_batches
+from deeprecipe.data.images import FASHION_DIR, read_idx
+from deeprecipe.engine.loop import _micro_steps
+from deeprecipe.tasks import classify
+
+# ------------------------------------------------------------------------------------------ tiny files
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes (the MNIST format), gzipped when the name ends in .gz."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def write_mnist(
+    folder: Path,
+    n: int = 40,
+    n_test: int = 12,
+    size: int = 6,
+    bad_label: int | None = None,
+    bad_test_label: int | None = None,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y, ty = np.arange(n) % 10, np.arange(n_test) % 10
+    if bad_label is not None:
+        y[n // 2] = bad_label
+    if bad_test_label is not None:
+        ty[0] = bad_test_label
+    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n, size, size)))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", y)
+    write_idx(folder / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, size, size)))  # not gzipped
+    write_idx(folder / "t10k-labels-idx1-ubyte", ty)
+    return folder
+
+
+def write_pngs(
+    folder: Path, classes=("cat", "dog", "fox"), per_class: int = 6, size: int = 10, channels: int = 3
+) -> list[Path]:
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    files = []
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = torch.randint(0, 256, (channels, size, size), generator=g, dtype=torch.uint8)
+            write_png(img, str(folder / c / f"{i}.png"))
+            files.append(folder / c / f"{i}.png")
+    return files
+
+
+def write_csv(folder: Path) -> Path:
+    files = write_pngs(folder / "img", classes=("a", "b"), per_class=5)
+    rows = ["path,label"] + [f"{f.relative_to(folder)},{f.parent.name}" for f in files]
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    return folder / "list.csv"
+
+
+def fashion(tmp: Path):
+    if not Path(FASHION_DIR).is_dir():
+        pytest.skip(f"{FASHION_DIR} is absent (apt-get install dataset-fashion-mnist)")
+    return DATASETS["fashion-mnist"](limit=64)
+
+
+# data set name -> (tmp folder) -> its config; the expected number of classes
+TINY = {
+    "digits": (lambda tmp: DATASETS["digits"](), 10),
+    "fashion-mnist": (fashion, 10),
+    "mnist": (lambda tmp: DATASETS["mnist"](path=str(write_mnist(tmp / "mnist"))), 10),
+    "imagefolder": (
+        lambda tmp: DATASETS["imagefolder"](path=str(tmp / "imgs"), image_size=8) if write_pngs(tmp / "imgs") else None,
+        3,
+    ),
+    "csv": (lambda tmp: DATASETS["csv"](path=str(write_csv(tmp / "csv")), image_size=8), 2),
+}
+
+
+def test_every_dataset_has_a_tiny_case():
+    missing = sorted(set(DATASETS) - set(TINY))
+    assert not missing, f"add a tiny case to TINY in tests/test_data.py for: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_builds(name, tmp_path):
+    if name not in TINY:
+        pytest.fail(f"data set '{name}' has no tiny case in TINY")
+    make, classes = TINY[name]
+    cfg = make(tmp_path)
+    assert data_config_class(name) is type(cfg) and cfg.name == name
+    data = cfg.build()
+    assert isinstance(data, Data)
+    spec = data.spec
+    assert spec.num_classes == classes == len(spec.class_names)
+    import json
+
+    json.dumps(spec.extra)  # saved as spec.json: must stay JSON-serializable
+    for split in (data.train, data.val, data.test):
+        if split is None:
+            continue
+        x, y = split.take(torch.arange(min(5, len(split))))
+        assert x.dtype == torch.uint8 and x.ndim == 4
+        assert x.shape[1] == spec.in_channels and tuple(x.shape[2:]) == tuple(spec.image_size)
+        assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) < classes
+    assert len(data.train) > 0 and data.val is not None and len(data.val) > 0
+    assert len(spec.mean) == len(spec.std) == spec.in_channels
+    # the split is fixed by split_seed: a second build gives the same examples
+    again = type(cfg)(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}).build()
+    idx = torch.arange(min(5, len(data.train)))
+    assert torch.equal(data.train.take(idx)[0], again.train.take(idx)[0])
+
+
+def test_mnist_reads_the_files_exactly(tmp_path):
+    folder = write_mnist(tmp_path / "m", n=30)
+    data = DATASETS["mnist"](path=str(folder), val_fraction=0.0).build()
+    raw = read_idx(folder / "train-images-idx3-ubyte.gz")
+    assert torch.equal(data.train.tensors[0][:, 0], torch.from_numpy(raw.copy()))
+    labels = torch.from_numpy(read_idx(folder / "t10k-labels-idx1-ubyte").copy()).long()
+    assert torch.equal(data.test.tensors[1], labels)
+
+
+def test_val_and_test_carved_disjointly(tmp_path):
+    """digits: train/val/test are disjoint and together are the whole set (each image once)."""
+    from sklearn.datasets import load_digits
+
+    data = DATASETS["digits"]().build()
+    n = len(load_digits().target)
+    assert len(data.train) + len(data.val) + len(data.test) == n
+
+    def keys(split):
+        return {bytes(x.flatten().tolist()) + bytes([int(y)]) for x, y in zip(*split.tensors)}
+
+    tr, va, te = keys(data.train), keys(data.val), keys(data.test)
+    assert not (tr & va) and not (tr & te) and not (va & te)
+
+
+def test_imagefolder_train_val_test_folders(tmp_path):
+    for split, per in (("train", 4), ("val", 2), ("test", 3)):
+        write_pngs(tmp_path / "set" / split, per_class=per)
+    data = DATASETS["imagefolder"](path=str(tmp_path / "set"), image_size=8).build()
+    assert (len(data.train), len(data.val), len(data.test)) == (12, 6, 9)
+
+
+def test_streamed_folder_matches_in_memory(tmp_path):
+    """A folder too big for memory streams through a DataLoader; its batches equal the in-memory ones."""
+    write_pngs(tmp_path / "imgs", per_class=5, size=8)
+    mem = DATASETS["imagefolder"](path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2).build()
+    streamed = DATASETS["imagefolder"](
+        path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2, in_memory_mb=0
+    ).build()
+    assert isinstance(streamed.train, StreamSplit) and isinstance(mem.train, TensorSplit)
+    assert len(streamed.train) == len(mem.train)
+    cpu = torch.device("cpu")
+    a = list(train_batches(mem.train, 3, range(4), 5, cpu))
+    b = list(train_batches(streamed.train, 3, range(4), 5, cpu, workers=0))
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_user_dataset_file(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text(
+        "import torch\nfrom deeprecipe.data import Data, DataSpec, TensorSplit\n"
+        "def Make(n=6):\n"
+        "    x, y = torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n) % 2\n"
+        "    spec = DataSpec(num_classes=2, class_names=['a', 'b'], in_channels=1, image_size=(4, 4),"
+        " mean=(0.0,), std=(1.0,))\n"
+        "    return Data(spec, TensorSplit(x, y), TensorSplit(x, y))\n"
+    )
+    cfg = data_config_class(f"{f}:Make")(name=f"{f}:Make", args={"n": 8})
+    assert len(cfg.build().train) == 8
+    bad = tmp_path / "bad.py"
+    bad.write_text("def Make():\n    return 5\n")
+    with pytest.raises(DataError, match="must return a deeprecipe.data.Data"):
+        data_config_class(f"{bad}:Make")(name=f"{bad}:Make").build()
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+def test_each_epoch_is_a_permutation():
+    n, batch, epochs = 10, 3, 4  # batches straddle epoch boundaries
+    stream = torch.cat([step_indices(n, 7, s, batch) for s in range(n * epochs // batch)])
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n : (e + 1) * n].tolist()) == list(range(n))
+    assert not torch.equal(stream[:n], stream[n : 2 * n])  # a new order each epoch
+    assert not torch.equal(step_indices(n, 7, 0, n), step_indices(n, 8, 0, n))  # and per seed
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_micro_batches_concatenate_to_the_big_batch(accum):
+    n, batch = 13, 8
+    for step in range(5):
+        big = step_indices(n, 1, step, batch)
+        micro = [step_indices(n, 1, m, batch // accum) for m in _micro_steps(step, step + 1, accum)]
+        assert torch.equal(torch.cat(micro), big)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_slices_partition_the_batch(world):
+    n, batch = 50, 12
+    split = TensorSplit(torch.arange(n), torch.arange(n))
+    cpu = torch.device("cpu")
+    for step in range(4):
+        full = step_indices(n, 0, step, batch)
+        parts = [
+            next(train_batches(split, 0, range(step, step + 1), batch, cpu, rank=r, world=world))[0]
+            for r in range(world)
+        ]
+        assert sum(len(p) for p in parts) == batch
+        assert sorted(torch.cat(parts).tolist()) == sorted(full.tolist())
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def crop_reference(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """One example at a time: zero-pad, then slice a window at the offsets classify.random_crop draws."""
+    B, C, H, W = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen)
+    out = torch.empty_like(x)
+    for i in range(B):
+        padded = torch.zeros(C, H + 2 * pad, W + 2 * pad, dtype=x.dtype)
+        padded[:, pad : pad + H, pad : pad + W] = x[i]
+        out[i] = padded[:, dy[i, 0] : dy[i, 0] + H, dx[i, 0] : dx[i, 0] + W]
+    return out
+
+
+@pytest.mark.parametrize("pad,shape", [(1, (16, 1, 8, 8)), (2, (16, 3, 7, 9)), (4, (8, 2, 5, 5))])
+def test_random_crop_matches_per_example_reference(pad, shape):
+    x = torch.randn(shape)
+    got = classify.random_crop(x, pad, torch.Generator().manual_seed(3))
+    want = crop_reference(x, pad, torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    """Independent of how offsets are drawn: every output is some window of the padded input, and offsets vary."""
+    pad, x = 2, torch.rand(64, 1, 6, 6) + 1  # > 0 everywhere, so the zero padding is recognisable
+    got = classify.random_crop(x, pad, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (pad,) * 4)
+    offsets = set()
+    for i in range(len(x)):
+        hits = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(padded[i, :, dy : dy + 6, dx : dx + 6], got[i])
+        ]
+        assert len(hits) == 1
+        offsets.add(hits[0])
+    assert len(offsets) > 10  # of 25 possible
+
+
+def test_flip_gives_the_image_or_its_mirror():
+    spec = classify.DataSpec(extra={"flip": True, "crop_pad": 0})
+    x = torch.randn(64, 1, 4, 5)
+    got = classify.augment(x, spec, torch.Generator().manual_seed(0))
+    same = [torch.equal(got[i], x[i]) for i in range(64)]
+    mirrored = [torch.equal(got[i], x[i].flip(-1)) for i in range(64)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 10 < sum(mirrored) < 54
+
+
+def test_prepare_normalizes_and_eval_does_not_augment():
+    spec = classify.DataSpec(mean=(0.5,), std=(0.25,), extra={"crop_pad": 2, "flip": True})
+    x = torch.randint(0, 256, (8, 1, 6, 6), dtype=torch.uint8)
+    y = torch.arange(8)
+    xe, ye = classify.prepare((x, y), spec, None)
+    assert torch.allclose(xe, (x.float() / 255 - 0.5) / 0.25)
+    assert torch.equal(ye, y)
+    xt, _ = classify.prepare((x, y), spec, torch.Generator().manual_seed(0))
+    assert not torch.equal(xt, xe)
