@@ -232,3 +232,119 @@ def test_shakespeare_data():
     data = cfg.data.build()
     assert data.spec.vocab_size == 65
     assert data.spec.extra["tokens"]["train"] + data.spec.extra["tokens"]["val"] == 1_115_394
+
+
+# ---------------------------------------------------------------------------------------------- translation
+
+WORDS = {
+    "a": "ein",
+    "man": "mann",
+    "woman": "frau",
+    "dog": "hund",
+    "runs": "läuft",
+    "sits": "sitzt",
+    "big": "großer",
+    "small": "kleiner",
+    "red": "roter",
+    "the": "der",
+    "park": "park",
+    "in": "im",
+}
+
+
+@pytest.fixture
+def parallel(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    keys = list(WORDS)
+    for split, n in (("train", 300), ("val", 20), ("test", 20)):
+        src = [
+            " ".join(
+                keys[i]
+                for i in torch.randint(0, len(keys), (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+            )
+            for _ in range(n)
+        ]
+        (tmp_path / f"{split}.en").write_text("\n".join(src) + "\n")
+        (tmp_path / f"{split}.de").write_text("\n".join(" ".join(WORDS[w] for w in s.split()) for s in src) + "\n")
+    return tmp_path
+
+
+def tiny_seq2seq(vocab: int = 40):
+    from deeprecipe.models.seq2seq import Seq2Seq
+
+    torch.manual_seed(0)
+    return Seq2Seq(vocab, vocab, d=32, n_head=2, enc_layers=1, dec_layers=1, ff=64, dropout=0.0).eval()
+
+
+def test_beam_one_equals_greedy():
+    model = tiny_seq2seq()
+    src = torch.randint(3, 40, (6, 9))
+    src[3:, 5:] = 0  # padded sentences
+    greedy = model.greedy(src, max_len=12)
+    for alpha in (0.0, 0.6, 1.0):
+        assert model.beam_search(src, beam=1, alpha=alpha, max_len=12) == greedy
+    beams = model.beam_search(src, beam=4, alpha=0.6, max_len=12)
+    assert len(beams) == 6 and all(2 not in b for b in beams)  # no </s> inside a hypothesis
+
+
+def test_source_padding_is_masked():
+    """A sentence's decoder output does not change when it is batched with a longer, padded-against one."""
+    model = tiny_seq2seq()
+    short, long_ = torch.randint(3, 40, (1, 5)), torch.randint(3, 40, (1, 11))
+    tgt = torch.randint(3, 40, (1, 7))
+    alone = model(short, tgt)
+    batch = torch.cat([torch.cat([short, torch.zeros(1, 6, dtype=torch.long)], 1), long_])
+    together = model(batch, tgt.repeat(2, 1))[:1]
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
+
+
+def test_bleu_equals_sacrebleu(tmp_path):
+    import sacrebleu
+
+    from deeprecipe.tasks.translate import score_files
+
+    refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch im Park."]
+    hyps = ["Ein Mann fährt ein Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest im Park."]
+    (tmp_path / "hyp.txt").write_text("\n".join(hyps) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n")
+    got = score_files(tmp_path / "hyp.txt", tmp_path / "ref.txt")
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
+    assert score_files(tmp_path / "ref.txt", tmp_path / "ref.txt")["bleu"] == pytest.approx(100.0)
+
+
+def test_parallel_bad_input(parallel):
+    from deeprecipe.data.pairs import PairsData
+
+    (parallel / "val.de").write_text("eins\nzwei\n")
+    with pytest.raises(UserError, match="has 20 lines.*has 2"):
+        PairsData(path=str(parallel), vocab_size=100).build()
+    (parallel / "val.de").write_bytes(b"\xff\xfe bad\n" * 20)
+    with pytest.raises(UserError, match="not UTF-8"):
+        PairsData(path=str(parallel), vocab_size=100).build()
+
+
+def test_tsv_pairs(parallel):
+    from deeprecipe.data.pairs import PairsData
+
+    en, de = (parallel / "train.en").read_text().splitlines(), (parallel / "train.de").read_text().splitlines()
+    (parallel / "all.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in zip(en, de)))
+    data = PairsData(path=str(parallel), train="all.tsv", val="", vocab_size=100).build()
+    assert len(data.train) == 300 and data.train.refs == de
+    src, tgt = data.train.step_batch(0, 3, 16)
+    assert src.shape[0] == 16 and (tgt[:, 0] == 1).all()
+
+
+def test_translate_recipe_tiny_run(parallel, tmp_path):
+    raw, name = config.read_recipe("multi30k-en-de")
+    raw["data"].update(path=str(parallel), test="test", vocab_size=120)
+    raw["model"].update(d_model=64, n_head=2, enc_layers=1, dec_layers=1, beam=2, dropout=0.0)
+    raw["train"].update(steps=150, batch_size=32, eval_every=0, ckpt_every=150, device="cpu", log_every=50)
+    raw["optim"].update(lr=0.003, warmup=10)
+    final = train(config.resolve(raw, name), tmp_path / "run")
+    assert final["val_chrf"] > 30 and "test_bleu_beam2" in final  # chance is about 15
+    assert (tmp_path / "run" / "plots" / "translations.txt").read_text().startswith("test: BLEU")
+    from deeprecipe.cli import main
+
+    with torch.enable_grad():
+        assert main(["translate", str(tmp_path / "run"), "a big dog", "the man sits", "--device", "cpu"]) == 0

@@ -12,7 +12,9 @@ from pathlib import Path
 from deeprecipe.util import UserError
 
 # modules that add verbs of their own: each defines add_parsers(subparsers)
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = [
+    "deeprecipe.translate_verb",
+]
 
 
 # ------------------------------------------------------------------------------------------ run loading

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
+from deeprecipe.data.pairs import PairsData
 from deeprecipe.data.text import TextData
 from deeprecipe.util import call_with, load_object
 
@@ -17,6 +18,7 @@ DATASETS: dict[str, type] = {
     "imagefolder": ImageFolderData,
     "csv": CSVData,
     "text": TextData,
+    "pairs": PairsData,
 }
 
 

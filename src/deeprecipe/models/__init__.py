@@ -12,6 +12,7 @@ from deeprecipe.models.cnn import CNNConfig, MLPConfig
 from deeprecipe.models.gpt import GPTConfig
 from deeprecipe.models.lstm import LSTMConfig
 from deeprecipe.models.resnet import ResNetConfig
+from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.util import UserError, call_with, load_object
 
 MODELS: dict[str, type] = {
@@ -20,6 +21,7 @@ MODELS: dict[str, type] = {
     "resnet": ResNetConfig,
     "gpt": GPTConfig,
     "lstm": LSTMConfig,
+    "seq2seq": Seq2SeqConfig,
 }
 
 
