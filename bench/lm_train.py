@@ -47,6 +47,14 @@ def step_time(cfg: config.Config, n: int = 4) -> float:
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
+def cpu_name() -> str:
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="shakespeare-char-gpt")
@@ -63,7 +71,7 @@ def main() -> None:
     cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.limit_eval = 0, cfg.train.steps, 0
     out = Path(a.out or f"runs/bench-{a.recipe}-{int(time.time())}")
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}"
     )
     print(f"command: python {shlex.join(sys.argv)}")

@@ -348,3 +348,24 @@ def test_translate_recipe_tiny_run(parallel, tmp_path):
 
     with torch.enable_grad():
         assert main(["translate", str(tmp_path / "run"), "a big dog", "the man sits", "--device", "cpu"]) == 0
+
+
+def test_checkpoint_tokenizer_mismatch(corpus, tmp_path, capsys):
+    """A run whose spec.json vocabulary no longer matches its weights: one-line errors, not a kernel crash."""
+    import json
+
+    from deeprecipe.cli import main
+
+    train(lm_config("shakespeare-char-gpt", corpus, tmp_path, 2), tmp_path / "run")
+    spec_path = tmp_path / "run" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["extra"]["tokenizer"]["chars"] += "#"  # a tokenizer of another vocabulary
+    spec_path.write_text(json.dumps(spec))
+    args = ["sample", str(tmp_path / "run"), "--max-tokens", "5", "--device", "cpu"]
+    with torch.enable_grad():
+        assert main(args) == 2  # the tokenizer disagrees with the model's vocabulary
+        assert "do not belong together" in capsys.readouterr().err
+        spec["vocab_size"] += 1
+        spec_path.write_text(json.dumps(spec))
+        assert main(args) == 2  # the model rebuilt from spec.json disagrees with the checkpoint
+        assert "checkpoint does not match" in capsys.readouterr().err
