@@ -369,3 +369,11 @@ def test_checkpoint_tokenizer_mismatch(corpus, tmp_path, capsys):
         spec_path.write_text(json.dumps(spec))
         assert main(args) == 2  # the model rebuilt from spec.json disagrees with the checkpoint
         assert "checkpoint does not match" in capsys.readouterr().err
+
+
+@needs_data
+def test_multi30k_data():
+    cfg = config.load("multi30k-en-de", ["data.vocab_size=2000"])
+    data = cfg.data.build()
+    assert (len(data.train), len(data.val), len(data.test)) == (29000, 1014, 1000)
+    assert data.test.refs[0] == data.test.refs[0].strip() and data.spec.extra["src_vocab"] == data.spec.vocab_size
