@@ -377,3 +377,13 @@ def test_multi30k_data():
     data = cfg.data.build()
     assert (len(data.train), len(data.val), len(data.test)) == (29000, 1014, 1000)
     assert data.test.refs[0] == data.test.refs[0].strip() and data.spec.extra["src_vocab"] == data.spec.vocab_size
+
+
+def test_gpt2_124m_layout():
+    """The gpt2-124M size with biases and GPT-2's vocabulary and context has GPT-2 small's parameter count."""
+    from deeprecipe.models.gpt import GPTConfig
+
+    spec = DataSpec(vocab_size=50257, extra={"block_size": 1024})
+    with torch.device("meta"):
+        model = GPTConfig(size="gpt2-124M", bias=True).build(spec)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
