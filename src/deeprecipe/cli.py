@@ -13,7 +13,9 @@ from pathlib import Path
 from deeprecipe.util import UserError
 
 # modules that add verbs of their own: each defines add_parsers(subparsers)
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = [
+    "deeprecipe.translate_verb",
+]
 
 
 # ------------------------------------------------------------------------------------------ run loading
@@ -43,7 +45,11 @@ def load_run(run: str, device: str = "auto", precision: str = "auto"):
     task = get_task(cfg.task)
     model = (task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec))
     weights = checkpoint.inference_weights(run_dir)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ: e.g. a tokenizer (vocabulary) that is not the checkpoint's
+        raise UserError(f"{run}: checkpoint does not match the model of config.yaml and spec.json "
+                        f"({str(e).splitlines()[-1].strip()[:200]})") from None
     if missing or unexpected:
         raise UserError(f"{run}: checkpoint does not match the model of config.yaml "
                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

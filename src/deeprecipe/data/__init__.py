@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
+from deeprecipe.data.pairs import PairsData
+from deeprecipe.data.text import TextData
 from deeprecipe.util import call_with, load_object
 
 DATASETS: dict[str, type] = {
@@ -15,6 +17,8 @@ DATASETS: dict[str, type] = {
     "mnist": MNISTData,
     "imagefolder": ImageFolderData,
     "csv": CSVData,
+    "text": TextData,
+    "pairs": PairsData,
 }
 
 

@@ -117,6 +117,10 @@ class _StepBatches(torch.utils.data.Sampler):
 def train_batches(split: Split, seed: int, steps: range, batch: int, device: torch.device, rank: int = 0,
                   world: int = 1, workers: int = 2):
     """Yield the (per-process) batch of each step in `steps`, already on `device`."""
+    if hasattr(split, "step_batch"):  # a split that draws its own batch of step s from (seed, s): text windows
+        for s in steps:
+            yield tuple(t[rank::world] for t in split.step_batch(seed, s, batch))
+        return
     if isinstance(split, TensorSplit):
         for s in steps:
             yield split.take(step_indices(len(split), seed, s, batch)[rank::world])
@@ -130,7 +134,7 @@ def train_batches(split: Split, seed: int, steps: range, batch: int, device: tor
 def eval_batches(split: Split, batch: int, device: torch.device, limit: int = 0, workers: int = 2):
     """Yield the whole split (or its first `limit` examples) in order, on `device`."""
     n = min(len(split), limit) if limit else len(split)
-    if isinstance(split, TensorSplit):
+    if not isinstance(split, StreamSplit):  # TensorSplit, or any split with take(indices)
         for i in range(0, n, batch):
             yield split.take(torch.arange(i, min(i + batch, n)))
         return

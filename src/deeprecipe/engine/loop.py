@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from deeprecipe.config import Config, ConfigError, dump, to_dict
-from deeprecipe.data.core import Data, TensorSplit, train_batches
+from deeprecipe.data.core import Data, train_batches
 from deeprecipe.engine import checkpoint, optim
 from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
@@ -37,7 +37,7 @@ def build(cfg: Config, rt: Runtime) -> tuple[Data, nn.Module]:
     data = cfg.data.build()
     for name in ("train", "val", "test"):
         split = getattr(data, name)
-        if isinstance(split, TensorSplit):
+        if split is not None:
             split.to(rt.device)
     model = cfg.model.build(data.spec).to(rt.device)
     if cfg.train.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):

@@ -9,13 +9,19 @@ import torch.nn as nn
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
+from deeprecipe.models.gpt import GPTConfig
+from deeprecipe.models.lstm import LSTMConfig
 from deeprecipe.models.resnet import ResNetConfig
+from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.util import UserError, call_with, load_object
 
 MODELS: dict[str, type] = {
     "mlp": MLPConfig,
     "cnn": CNNConfig,
     "resnet": ResNetConfig,
+    "gpt": GPTConfig,
+    "lstm": LSTMConfig,
+    "seq2seq": Seq2SeqConfig,
 }
 
 

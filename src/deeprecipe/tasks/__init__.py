@@ -9,6 +9,8 @@ from deeprecipe.config import ConfigError
 
 TASKS: dict[str, str] = {
     "classify": "deeprecipe.tasks.classify",
+    "lm": "deeprecipe.tasks.lm",
+    "translate": "deeprecipe.tasks.translate",
 }
 
 

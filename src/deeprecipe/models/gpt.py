@@ -1,0 +1,220 @@
+"""GPT: a decoder-only Transformer language model (pre-LayerNorm, causal self-attention, tied embeddings).
+
+    tokens (B, T) -> token + position embeddings -> dropout
+                  -> n_layer x [x + attn(LN(x)); x + mlp(LN(x))] -> LN -> linear head tied to the embedding
+                  -> logits (B, T, vocab)
+
+Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels where the device has
+them). Generation keeps a KV cache: the prompt is run once, then each new token attends to the cached keys and
+values of the tokens before it. When the context is full it slides: the cache is rebuilt from the last
+block_size tokens (positions are absolute, so a cache cannot simply be cropped).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import ConfigError
+from deeprecipe.data.core import DataSpec
+
+# name -> (n_layer, n_head, n_embd); gpt2-124M is GPT-2 small's layout (with its 50257-token vocabulary)
+SIZES = {
+    "tiny": (2, 2, 64),
+    "mini": (4, 4, 128),
+    "small": (6, 6, 384),
+    "medium": (8, 8, 512),
+    "gpt2-124M": (12, 12, 768),
+}
+
+
+@dataclass
+class GPTConfig:
+    name: str = "gpt"
+    size: str = ""  # a named size (tiny, mini, small, medium, gpt2-124M) sets n_layer, n_head, n_embd
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 0  # context length; 0: the data's block_size
+    dropout: float = 0.1  # on embeddings, attention weights, and each residual branch
+    bias: bool = False  # biases in Linear and LayerNorm layers (off: a little faster, as good)
+    tie_weights: bool = True  # the output head shares the token embedding matrix
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        n_layer, n_head, n_embd = self.n_layer, self.n_head, self.n_embd
+        if self.size:
+            if self.size not in SIZES:
+                raise ConfigError(f"model.size={self.size}: known sizes are {', '.join(SIZES)}")
+            n_layer, n_head, n_embd = SIZES[self.size]
+        if n_embd % n_head:
+            raise ConfigError(f"model.n_embd={n_embd} is not divisible by model.n_head={n_head}")
+        block = self.block_size or int(spec.extra.get("block_size", 0))
+        if block <= 0 or spec.vocab_size <= 0:
+            raise ConfigError("gpt needs a text data set (vocab_size and block_size), or set model.block_size")
+        return GPT(spec.vocab_size, block, n_layer, n_head, n_embd, self.dropout, self.bias, self.tie_weights)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair of (B, h, S, hd) per layer."""
+
+    def __init__(self, n_layer: int):
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    def __len__(self) -> int:
+        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old = self.kv[layer]
+        if old is not None:
+            k, v = torch.cat([old[0], k], 2), torch.cat([old[1], v], 2)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+        super().__init__()
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.n_head, self.dropout = n_head, dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, h, S, hd) with S = past + T
+        S = k.shape[2]
+        # no past: the usual causal mask; a past: query i (at position S - T + i) sees keys 0 .. S - T + i
+        mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=S == T and T > 1, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, h, T, hd)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.norm2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd, bias=bias),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd, bias=bias),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.1,
+        bias: bool = False,
+        tie_weights: bool = True,
+    ):
+        super().__init__()
+        self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(n_embd, bias=bias)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        if tie_weights:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled down by depth
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        B, T = idx.shape
+        past = len(cache) if cache is not None else 0
+        if past + T > self.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.block_size})")
+        pos = torch.arange(past, past + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        logits = self.head(self.norm(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ):
+        """Yield the next token (B,) for `max_new_tokens` steps after the prompt `idx` (B, T)."""
+        idx = idx[:, -self.block_size :]
+        cache = KVCache(self.n_layer) if use_cache else None
+        logits, _ = self(idx, cache=cache)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+            yield nxt
+            if i == max_new_tokens - 1:
+                break
+            idx = torch.cat([idx, nxt[:, None]], 1)
+            if use_cache and idx.shape[1] <= self.block_size:
+                logits, _ = self(nxt[:, None], cache=cache)
+            else:  # no cache, or the context is full: run the last block_size tokens afresh
+                idx = idx[:, -self.block_size :]
+                cache = KVCache(self.n_layer) if use_cache else None
+                logits, _ = self(idx, cache=cache)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kw) -> torch.Tensor:
+        """The prompt (B, T) followed by `max_new_tokens` sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.stream(idx, max_new_tokens, **kw))
+        return torch.cat([idx, torch.stack(new, 1)], 1) if new else idx
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from last-position logits (B, V): temperature 0 is greedy; top-k and top-p cut-offs."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus (the first always stays)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,134 @@
+"""Translation: label-smoothed cross-entropy, BLEU and chrF through sacreBLEU on detokenized text.
+
+A batch is (src (B, S), tgt (B, T)) with tgt = <s> target </s>; the net reads tgt[:, :-1] and predicts
+tgt[:, 1:]. Evaluation decodes greedily (fast, for model selection by val BLEU); the finished run is scored on
+the test split with beam search (model.beam, model.length_penalty). Hypotheses are decoded back to plain text
+by the byte-level tokenizer, and scored against the untouched reference lines, as sacreBLEU expects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.data.text import tokenizer_from_extra
+from deeprecipe.util import UserError
+
+METRIC = ("bleu", "max")
+
+
+def tokenizers(spec: DataSpec):
+    """(source tokenizer, target tokenizer) saved with the run; checked against the model's vocabularies."""
+    e = spec.extra
+    src = tokenizer_from_extra(e.get("src_tokenizer"), e.get("src_vocab", 0))
+    tgt = src if e.get("shared_vocab") else tokenizer_from_extra(e.get("tgt_tokenizer"), spec.vocab_size)
+    if tgt.vocab_size != spec.vocab_size:
+        raise UserError(
+            f"the target tokenizer has {tgt.vocab_size} tokens but the model has {spec.vocab_size}: "
+            "the tokenizer and the checkpoint do not belong together"
+        )
+    return src, tgt
+
+
+def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+    src, tgt = batch
+    return src, tgt[:, :-1], tgt[:, 1:]
+
+
+def loss(model: nn.Module, batch, cfg: Config):
+    src, tgt_in, tgt_out = batch
+    logits = model(src, tgt_in)
+    pad = _model(model).pad
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad, label_smoothing=cfg.optim.label_smoothing
+    ), {}
+
+
+def _model(model: nn.Module) -> nn.Module:
+    """The plain model under DDP / torch.compile wrappers (for its decoding methods and token ids)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def decode(model: nn.Module, src: torch.Tensor, beam: int = 1, alpha: float = 0.6) -> list[list[int]]:
+    m = _model(model)
+    max_len = min(len(m.pos) - 1, int(src.shape[1] * 1.5) + 10)
+    return m.greedy(src, max_len) if beam <= 1 else m.beam_search(src, beam, alpha, max_len)
+
+
+def scores(hyps: list[str], refs: list[str]) -> dict:
+    """Corpus BLEU and chrF of detokenized hypotheses against one reference each (sacreBLEU defaults)."""
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score}
+
+
+def score_files(hyp_file: str | Path, ref_file: str | Path) -> dict:
+    from deeprecipe.data.pairs import read_lines
+
+    hyps, refs = read_lines(Path(hyp_file)), read_lines(Path(ref_file))
+    if len(hyps) != len(refs):
+        raise UserError(f"{hyp_file} has {len(hyps)} lines but {ref_file} has {len(refs)}")
+    return scores(hyps, refs)
+
+
+def translate_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, beam: int, alpha: float):
+    """(hypotheses, references, summed token loss, token count) over a split (or its first limit_eval pairs)."""
+    _, tgt_tok = tokenizers(data.spec)
+    sp = data.split(split)
+    hyps, nll, count = [], 0.0, 0
+    for batch in eval_batches(sp, min(cfg.train.eval_batch_size, 256), rt.device, cfg.train.limit_eval):
+        src, tgt_in, tgt_out = prepare(batch, data.spec)
+        logits = model(src, tgt_in)
+        nll += F.cross_entropy(
+            logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=data.spec.extra["pad"], reduction="sum"
+        ).item()
+        count += int((tgt_out != data.spec.extra["pad"]).sum())
+        hyps += [tgt_tok.decode(ids) for ids in decode(model, src, beam, alpha)]
+    return hyps, sp.refs[: len(hyps)], nll, count
+
+
+def evaluate(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> dict:
+    hyps, refs, nll, count = translate_split(model, data, split, cfg, rt, beam=1, alpha=0.0)
+    return {"loss": nll / max(count, 1), **scores(hyps, refs)}
+
+
+def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict:
+    """Beam-search BLEU and chrF on the test split (or val), and some translations for the report."""
+    split = "test" if data.test is not None else "val"
+    beam, alpha = getattr(cfg.model, "beam", 4), getattr(cfg.model, "length_penalty", 0.6)
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        hyps, refs, _, _ = translate_split(model, data, split, cfg, rt, beam, alpha)
+    s = scores(hyps, refs)
+    srcs = data.split(split).sources
+    lines = [f"src: {a}\nref: {r}\nhyp: {h}\n" for a, r, h in list(zip(srcs, refs, hyps))[:30]]
+    head = f"{split}: BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f} (sacreBLEU, beam {beam}, length penalty {alpha})\n\n"
+    (Path(run_dir) / "plots" / "translations.txt").write_text(head + "\n".join(lines))
+    return {f"{split}_bleu_beam{beam}": s["bleu"], f"{split}_chrf_beam{beam}": s["chrf"]}
+
+
+def translate_lines(
+    model: nn.Module, spec: DataSpec, lines: list[str], rt, beam: int = 4, alpha: float = 0.6, batch: int = 64
+) -> list[str]:
+    """Plain sentences in, plain translations out (batches sorted by length, output in input order)."""
+    from deeprecipe.data.pairs import EOS, pad
+
+    src_tok, tgt_tok = tokenizers(spec)
+    max_src = len(_model(model).pos) - 1
+    ids = [(src_tok.encode(s.strip()) or [EOS])[:max_src] for s in lines]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for k in range(0, len(order), batch):
+        chunk = order[k : k + batch]
+        with torch.no_grad(), rt.autocast():
+            hyp = decode(model, pad([ids[i] for i in chunk], rt.device), beam, alpha)
+        for i, h in zip(chunk, hyp):
+            out[i] = tgt_tok.decode(h)
+    return out
