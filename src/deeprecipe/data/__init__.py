@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
+from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
 from deeprecipe.util import call_with, load_object
 
 DATASETS: dict[str, type] = {
@@ -15,6 +16,9 @@ DATASETS: dict[str, type] = {
     "mnist": MNISTData,
     "imagefolder": ImageFolderData,
     "csv": CSVData,
+    "scenes": ScenesData,
+    "cityscapes": CityscapesData,
+    "maskfolder": MaskFolderData,
 }
 
 
