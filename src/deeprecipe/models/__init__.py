@@ -9,13 +9,17 @@ import torch.nn as nn
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
+from deeprecipe.models.fcn import FCNConfig
 from deeprecipe.models.resnet import ResNetConfig
+from deeprecipe.models.unet import UNetConfig
 from deeprecipe.util import UserError, call_with, load_object
 
 MODELS: dict[str, type] = {
     "mlp": MLPConfig,
     "cnn": CNNConfig,
     "resnet": ResNetConfig,
+    "unet": UNetConfig,
+    "fcn": FCNConfig,
 }
 
 
