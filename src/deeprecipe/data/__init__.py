@@ -8,6 +8,7 @@ from deeprecipe.config import ConfigError
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
+from deeprecipe.data.video import MovingDigitsData, VideoFolderData
 from deeprecipe.util import call_with, load_object
 
 DATASETS: dict[str, type] = {
@@ -19,6 +20,8 @@ DATASETS: dict[str, type] = {
     "scenes": ScenesData,
     "cityscapes": CityscapesData,
     "maskfolder": MaskFolderData,
+    "moving-digits": MovingDigitsData,
+    "videofolder": VideoFolderData,
 }
 
 

@@ -12,6 +12,7 @@ from deeprecipe.models.cnn import CNNConfig, MLPConfig
 from deeprecipe.models.fcn import FCNConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.unet import UNetConfig
+from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
 from deeprecipe.util import UserError, call_with, load_object
 
 MODELS: dict[str, type] = {
@@ -20,6 +21,8 @@ MODELS: dict[str, type] = {
     "resnet": ResNetConfig,
     "unet": UNetConfig,
     "fcn": FCNConfig,
+    "c3d": C3DConfig,
+    "r2plus1d": R2Plus1DConfig,
 }
 
 

@@ -10,6 +10,7 @@ from deeprecipe.config import ConfigError
 TASKS: dict[str, str] = {
     "classify": "deeprecipe.tasks.classify",
     "segment": "deeprecipe.tasks.segment",
+    "video": "deeprecipe.tasks.video",
 }
 
 
