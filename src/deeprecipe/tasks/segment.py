@@ -63,7 +63,7 @@ def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
     scale = tuple(ex.get("scale", (1.0, 1.0)))
     if gen is not None and (ex.get("flip") or scale != (1.0, 1.0) or ex.get("crop")):
         x, y = joint_augment(x, y, gen, ex.get("flip", False), scale, ex.get("crop", 0))
-    return x.contiguous(memory_format=torch.channels_last), y
+    return x, y  # the memory format follows the model (train.channels_last)
 
 
 def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
