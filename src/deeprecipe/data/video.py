@@ -370,8 +370,11 @@ class VideoFolderData:
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
             results = list(pool.map(one, items))
         bad = [e for _, e in results if e is not None]
-        if bad and (self.strict or (self.short == "error" and any("shorter than a clip" in str(e) for e in bad))):
+        short = [e for e in bad if "shorter than a clip" in str(e)]
+        if self.strict and bad:
             raise bad[0]
+        if self.short == "error" and short:
+            raise short[0]
         if bad:
             print(f"warning: skipped {len(bad)} of {len(items)} videos; first: {bad[0]}", file=sys.stderr)
         ok = [r for r, _ in results if r is not None]
