@@ -196,7 +196,7 @@ def test_training_step_on_cpu_has_finite_gradients_under_bf16_autocast():
     """Regression: bf16 Conv3d (3, 1, 1) weight gradients on 2-frame inputs are NaN on the CPU; the task runs
     the 3D nets in fp32 there, so a (2+1)D net whose last stage sees 2 frames trains."""
     spec = DataSpec(num_classes=10, in_channels=1, image_size=(32, 32), mean=(0.5,), std=(0.25,))
-    model = MODELS["r2plus1d"](width=16).build(spec)
+    model = MODELS["r2plus1d"]().build(spec)
     cfg = config.load("moving-digits-r2plus1d")
     x, y = torch.randn(8, 1, 8, 16, 16), torch.randint(0, 10, (8,))
     for _ in range(3):  # the NaN showed up in about 5 of 6 steps without the fix
