@@ -9,6 +9,8 @@ from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorS
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
 from deeprecipe.data.pairs import PairsData
 from deeprecipe.data.text import TextData
+from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
+from deeprecipe.data.video import MovingDigitsData, VideoFolderData
 from deeprecipe.util import call_with, load_object
 
 DATASETS: dict[str, type] = {
@@ -19,6 +21,11 @@ DATASETS: dict[str, type] = {
     "csv": CSVData,
     "text": TextData,
     "pairs": PairsData,
+    "scenes": ScenesData,
+    "cityscapes": CityscapesData,
+    "maskfolder": MaskFolderData,
+    "moving-digits": MovingDigitsData,
+    "videofolder": VideoFolderData,
 }
 
 

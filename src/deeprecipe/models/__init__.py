@@ -13,6 +13,9 @@ from deeprecipe.models.gpt import GPTConfig
 from deeprecipe.models.lstm import LSTMConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
+from deeprecipe.models.fcn import FCNConfig
+from deeprecipe.models.unet import UNetConfig
+from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
 from deeprecipe.util import UserError, call_with, load_object
 
 MODELS: dict[str, type] = {
@@ -22,6 +25,10 @@ MODELS: dict[str, type] = {
     "gpt": GPTConfig,
     "lstm": LSTMConfig,
     "seq2seq": Seq2SeqConfig,
+    "unet": UNetConfig,
+    "fcn": FCNConfig,
+    "c3d": C3DConfig,
+    "r2plus1d": R2Plus1DConfig,
 }
 
 

@@ -11,6 +11,8 @@ TASKS: dict[str, str] = {
     "classify": "deeprecipe.tasks.classify",
     "lm": "deeprecipe.tasks.lm",
     "translate": "deeprecipe.tasks.translate",
+    "segment": "deeprecipe.tasks.segment",
+    "video": "deeprecipe.tasks.video",
 }
 
 

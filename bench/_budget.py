@@ -1,0 +1,67 @@
+"""Shared by the bench scripts: fit a recipe's step count to a wall-clock budget, train it, report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deeprecipe import config
+from deeprecipe.engine.device import setup
+from deeprecipe.engine.loop import build, train
+from deeprecipe.tasks import get_task
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def step_time(cfg, probes: int = 4) -> tuple[float, float]:
+    """(seconds to build the data, seconds per training step) measured on the recipe's own model and batch."""
+    rt = setup(cfg.train.device, cfg.train.precision)
+    t0 = time.perf_counter()
+    data, model = build(cfg, rt)
+    t_data = time.perf_counter() - t0
+    task = get_task(cfg.task)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    times = []
+    for s in range(probes + 1):
+        idx = torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
+        batch = task.prepare(data.train.take(idx), data.spec, torch.Generator().manual_seed(s))
+        t = time.perf_counter()
+        with rt.autocast():
+            loss, _ = task.loss(model, batch, cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return t_data, sorted(times[1:])[len(times[1:]) // 2]
+
+
+def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.12) -> dict:
+    cfg = config.load(recipe, overrides)
+    t_data, t_step = step_time(cfg)
+    # what is left after building the data (twice: probe and run), evaluations and the final test pass
+    usable = (budget - 2 * t_data) * (1 - eval_share)
+    steps = max(20, int(usable / t_step))
+    steps = min(steps, cfg.train.steps) if "--no-cap" not in sys.argv else steps
+    every = max(1, steps // 3)
+    overrides = [*overrides, f"train.steps={steps}", f"train.eval_every={every}", f"train.ckpt_every={steps}"]
+    print(f"machine: {machine()}")
+    print(f"recipe {recipe} {' '.join(overrides)}")
+    print(f"data build {t_data:.1f}s, step {t_step:.3f}s -> {steps} steps for a {budget:.0f}s budget", flush=True)
+    cfg = config.load(recipe, overrides)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        final = train(cfg, Path(d) / "run")
+    wall = time.perf_counter() - t0
+    print(
+        f"wall {wall:.0f}s (budget {budget:.0f}s) "
+        + " ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float))
+    )
+    return {"wall": wall, **final}

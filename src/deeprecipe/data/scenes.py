@@ -1,0 +1,533 @@
+"""Driving-scene segmentation data: generated street scenes, Cityscapes, and image + mask folders.
+
+A split is a TensorSplit of (images uint8 (N, 3, H, W), masks uint8 (N, H, W)); mask value 255 means
+"ignore" (not counted by the loss or the metrics). Augmentation (flip, scale, crop) runs per batch on the
+device in tasks/segment.py, from the options each config puts in `spec.extra`.
+
+`scenes` draws a street seen from a car: sky, a skyline of buildings and trees, a road in perspective with
+lane markings, sidewalks, cars, pedestrians and traffic signs, under random light, fog, rain and sensor
+noise. Image i of a split is a pure function of its number (train 0.., val 10M.., test 20M.., shifted by
+`seed`), so the splits never share an image and any number of images can be made. Randomness is a
+counter-based integer hash of (image number, key, ...), so a whole batch of scenes is drawn with tensor ops
+and no Python loop over images: thousands of 96 px scenes take a few seconds on one CPU core.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
+from deeprecipe.data.images import IMAGE_EXTS, decode
+
+IGNORE = 255
+SCENE_CLASSES = ["road", "sidewalk", "building", "vegetation", "sky", "person", "car", "traffic sign"]
+# Cityscapes colours for the classes above, so overlays look like the real thing
+SCENE_PALETTE = [
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (107, 142, 35),
+    (70, 130, 180),
+    (220, 20, 60),
+    (0, 0, 142),
+    (220, 220, 0),
+]
+CITYSCAPES_CLASSES = [
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+]
+CITYSCAPES_PALETTE = [
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+]
+# gtFine labelIds -> the 19 train ids (everything else, e.g. ego vehicle or license plate, is ignored)
+CITYSCAPES_TRAIN_ID = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
+SPLIT_BASE = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+
+
+@dataclass
+class SegData:
+    """Options shared by the segmentation data sets (augmentation is applied on the device per batch)."""
+
+    name: str = ""
+    flip: bool = True  # random horizontal flip of image and mask together
+    scale: tuple[float, float] = (0.75, 1.25)  # random zoom range; (1, 1) turns it off
+    crop: int = 0  # train on random square crops of this size (0: the full image, randomly shifted)
+
+    def build(self) -> Data:
+        raise NotImplementedError
+
+    def finish(self, classes: list[str], palette, train, val=None, test=None) -> Data:
+        x = train[0]
+        if len(x) == 0:
+            raise DataError(f"data set '{self.name}': no training images")
+        xf = x[:512].float() / 255
+        spec = DataSpec(
+            num_classes=len(classes),
+            class_names=list(classes),
+            in_channels=x.shape[1],
+            image_size=(x.shape[2], x.shape[3]),
+            mean=tuple(xf.mean((0, 2, 3)).tolist()),
+            std=tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()),
+            extra={
+                "palette": [list(map(int, c)) for c in palette],
+                "ignore_index": IGNORE,
+                "flip": self.flip,
+                "scale": list(self.scale),
+                "crop": self.crop,
+            },
+        )
+        return Data(spec, TensorSplit(*train), TensorSplit(*val) if val else None, TensorSplit(*test) if test else None)
+
+
+# ------------------------------------------------------------------------------------ generated scenes
+
+
+def _hash(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors: equal inputs, equal outputs, anywhere."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _u(key: torch.Tensor, k: int, *idx: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) from the hash of (image key, stream k, integer coordinates...), broadcast together."""
+    h = _hash(key + k * 0x9E3779B9)
+    for i in idx:
+        h = _hash(h ^ (i.long() * 0x85EBCA6B))
+    return h.float() / 2**32
+
+
+def _field(key: torch.Tensor, k: int, cells: int, H: int, W: int) -> torch.Tensor:
+    """Smooth noise in [0, 1): a random cells x cells grid per image, upsampled. (N, H, W)"""
+    gy = torch.arange(cells, device=key.device).view(1, cells, 1)
+    gx = torch.arange(cells, device=key.device).view(1, 1, cells)
+    grid = _u(key.view(-1, 1, 1), k, gy * 131 + gx)  # (N, cells, cells)
+    return F.interpolate(grid[:, None], size=(H, W), mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
+
+
+def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scene numbers (N,) int64 -> images uint8 (N, 3, H, W) and labels uint8 (N, H, W)."""
+    N, (H, W), dev = len(numbers), size, numbers.device
+    key = _hash(numbers.long()).view(N, 1, 1)
+    road, side, bld, veg, sky, person, car, sign = range(8)
+
+    def r(k, lo=0.0, hi=1.0):  # one number per image, (N, 1, 1)
+        return lo + (hi - lo) * _u(key, k)
+
+    def rgb(k, lo, hi):  # one colour per image, (N, 3, 1, 1)
+        c = torch.stack([r(k * 8 + 1000 + c, lo[c], hi[c]) for c in range(3)], 1)
+        return c
+
+    y = ((torch.arange(H, device=dev) + 0.5) / H).view(1, H, 1)
+    x = ((torch.arange(W, device=dev) + 0.5) / W).view(1, 1, W)
+    asp = W / H  # converts a width in W units into H units
+    label = torch.full((N, H, W), sky, dtype=torch.uint8, device=dev)
+    img = torch.zeros(N, 3, H, W, device=dev)
+
+    def paint(mask, cls, colour):
+        label.masked_fill_(mask, cls)
+        img.copy_(torch.where(mask[:, None], colour, img))
+
+    tex = _field(key.view(N), 1, 8, H, W)[:, None]  # low-frequency texture shared by the surfaces
+    grain, noise, streaks = _banks(H, W, str(dev))
+    pick = (key.view(N) % len(grain)).long()
+    grain, noise, streaks = grain[pick][:, None], noise[_hash(key.view(N) + 1) % len(noise)], streaks[pick]
+
+    # sky: a vertical gradient with clouds
+    top, bottom = rgb(1, (0.25, 0.45, 0.7), (0.5, 0.65, 0.95)), rgb(2, (0.7, 0.75, 0.8), (0.9, 0.92, 0.97))
+    clouds = (_field(key.view(N), 3, 5, H, W)[:, None] - 0.55).clamp_min(0) * 2
+    img.copy_(top + (bottom - top) * y[:, None] + clouds)
+
+    # perspective: horizon h, vanishing point vx, depth d = 0 at the horizon, 1 at the bottom row
+    h, vx, bend = r(3, 0.32, 0.5), r(4, 0.38, 0.62), r(5, -0.12, 0.12)
+    d = ((y - h) / (1 - h)).clamp_min(0)
+    c = vx + bend * (1 - d) ** 2  # road centre line (bends towards the horizon)
+    rw, sw = r(6, 0.28, 0.5), r(7, 0.12, 0.25)  # road half width, sidewalk width at the bottom row
+    dx = (x - c).abs()
+    ground = y > h
+
+    # skyline: 10 blocks across, each a building (with windows) or trees, taller far from the vanishing point
+    block = (x * 10 + r(8)).floor().long()
+    height = 0.05 + _u(key, 9, block) * (0.1 + 0.9 * (x - vx).abs())
+    is_tree = _u(key, 10, block) < 0.3
+    roof = h - height - is_tree * 0.03 * torch.sin(x * 90 + r(11) * 6)
+    wall = (y > roof) & ~ground | ground & (dx >= (rw + sw) * d)
+    bcol = 0.25 + 0.5 * _u(key.unsqueeze(1), 12, block.unsqueeze(1), torch.arange(3, device=dev).view(1, 3, 1, 1))
+    windows = ((x * 60 + r(13) * 3).frac() < 0.45) & ((y * 40 + r(14) * 3).frac() < 0.5) & (y > roof + 0.02)
+    bcol = bcol * (1 - 0.45 * windows[:, None]) * (0.85 + 0.3 * tex)
+    gcol = torch.tensor([0.2, 0.42, 0.12], device=dev).view(1, 3, 1, 1) * (0.6 + 0.8 * tex)
+    paint(wall & ~is_tree, bld, bcol)
+    paint(wall & is_tree, veg, gcol)
+
+    # road and sidewalks, then lane markings (labelled road, as in Cityscapes)
+    grey = r(15, 0.25, 0.5).unsqueeze(1)
+    paint(ground & (dx < rw * d), road, grey * (0.85 + 0.3 * tex) + 0.05 * grain)
+    scol = rgb(3, (0.55, 0.5, 0.5), (0.8, 0.75, 0.75)) * (0.9 + 0.2 * (((d * 30).frac() < 0.9).float()[:, None]))
+    paint(ground & (dx >= rw * d) & (dx < (rw + sw) * d), side, scol * (0.85 + 0.3 * tex))
+    lw = 0.004 + 0.012 * d
+    dash = ((2.5 / (d + 0.08) + r(16) * 2).frac() < 0.5) & (r(17) < 0.8)
+    edge = (dx < rw * d) & (dx > rw * d - lw) & (r(18) < 0.6)
+    lane = ground & ((dx < lw) & dash | edge)
+    lcol = torch.where(
+        r(19).unsqueeze(1) < 0.7,
+        torch.ones(1, 3, 1, 1, device=dev),
+        torch.tensor([0.95, 0.8, 0.2], device=dev).view(1, 3, 1, 1),
+    )
+    paint(lane, road, lcol * 0.9)
+
+    # trees and traffic signs stand on the outer sidewalk edge; far ones first
+    for k in range(2):
+        dt, side_ = r(20 + k, 0.15, 0.9), torch.where(r(22 + k) < 0.5, -1.0, 1.0)
+        foot = h + dt * (1 - h)
+        tx = c.new_zeros(N, 1, 1) + vx + bend * (1 - dt) ** 2 + side_ * (rw + sw * 0.8) * dt
+        crown = 0.18 * dt * (1 - h)
+        there = r(24 + k) < 0.6
+        trunk = ((x - tx).abs() < 0.01 * dt / asp + 0.004) & (y < foot) & (y > foot - 2.2 * crown)
+        leaves = ((x - tx) * asp) ** 2 + (y - foot + 2.6 * crown) ** 2 < crown**2
+        paint((trunk | leaves) & there, veg, gcol * 0.9)
+    for k in range(2):
+        ds, side_ = r(26 + k, 0.3, 0.95), torch.where(r(28 + k) < 0.5, -1.0, 1.0)
+        foot = h + ds * (1 - h)
+        sx = vx + bend * (1 - ds) ** 2 + side_ * (rw + sw * 0.6) * ds
+        plate = 0.11 * ds * (1 - h) + 0.015
+        py = foot - 0.45 * ds * (1 - h) - plate
+        pole = ((x - sx).abs() < 0.006 * ds + 0.004) & (y < foot) & (y > py)
+        shape = r(30 + k)
+        px, pyy = (x - sx) * asp, y - py
+        disk = px**2 + pyy**2 < plate**2
+        tri = (pyy < plate * 0.8) & (pyy > -plate) & (px.abs() < (pyy + plate) * 0.6)
+        square = (px.abs() < plate * 0.8) & (pyy.abs() < plate * 0.8)
+        plate_mask = torch.where(shape < 0.4, disk, torch.where(shape < 0.7, tri, square))
+        pcol = torch.where(
+            shape.unsqueeze(1) < 0.4,
+            torch.tensor([0.85, 0.1, 0.1], device=dev).view(1, 3, 1, 1),
+            torch.where(
+                shape.unsqueeze(1) < 0.7,
+                torch.tensor([0.95, 0.85, 0.1], device=dev).view(1, 3, 1, 1),
+                torch.tensor([0.1, 0.3, 0.8], device=dev).view(1, 3, 1, 1),
+            ),
+        )
+        there = r(32 + k) < 0.7
+        paint(pole & there, sign, pcol * 0 + 0.55)
+        paint(plate_mask & there, sign, pcol)
+
+    # cars (on the road) and pedestrians (on the sidewalks), painted far to near
+    K = 5
+    depth = torch.stack([_u(key, 40 + k) for k in range(K)], 0) * 0.8 + 0.15  # (K, N, 1, 1)
+    order = depth.argsort(0)
+    for j in range(K):
+        k = order[j]  # (N, 1, 1): which object slot is the j-th farthest in each image
+        dk = depth.gather(0, k[None])[0]
+        u = lambda s, k=k: _u(key, 60 + 7 * s, k)  # noqa: E731  per-object random numbers
+        is_car, there = u(0) < 0.6, u(1) < 0.75
+        foot = h + dk * (1 - h)
+        ck = vx + bend * (1 - dk) ** 2
+        # a car: body + cabin + wheels
+        cw = (0.55 + 0.3 * u(2)) * rw * dk  # half width, W units
+        cx = ck + (u(3) * 1.2 - 0.6) * rw * dk
+        ch = cw * asp  # H units
+        body = ((x - cx).abs() < cw) & (y < foot - 0.12 * ch) & (y > foot - 0.75 * ch)
+        cabin = ((x - cx).abs() < cw * 0.7) & (y <= foot - 0.7 * ch) & (y > foot - 1.15 * ch)
+        wheels = (((x - cx).abs() - cw * 0.65).abs() < cw * 0.2) & (y <= foot) & (y >= foot - 0.2 * ch)
+        ccol = torch.stack([u(4 + i) for i in range(3)], 1) * 0.8 + 0.1
+        glass = cabin & ((x - cx).abs() < cw * 0.6) & (y > foot - 1.05 * ch)
+        car_col = torch.where(glass[:, None], torch.full_like(ccol, 0.15), ccol)
+        car_col = torch.where(wheels[:, None], torch.full_like(ccol, 0.05), car_col)
+        paint((body | cabin | wheels) & is_car & there, car, car_col)
+        # a pedestrian: legs, torso, head
+        px = ck + torch.where(u(2) < 0.5, -1.0, 1.0) * (rw + sw * (0.3 + 0.4 * u(3))) * dk
+        ph = 0.6 * dk * (1 - h) + 0.04
+        pw = ph * 0.18 / asp
+        legs = (((x - px).abs() - pw * 0.5).abs() < pw * 0.4) & (y <= foot) & (y > foot - 0.45 * ph)
+        torso = ((x - px).abs() < pw) & (y <= foot - 0.45 * ph) & (y > foot - 0.85 * ph)
+        head = ((x - px) * asp) ** 2 + (y - foot + 0.92 * ph) ** 2 < (0.1 * ph) ** 2
+        pcol = torch.where(legs[:, None], ccol * 0.4, ccol)
+        pcol = torch.where(head[:, None], torch.tensor([0.85, 0.65, 0.5], device=dev).view(1, 3, 1, 1), pcol)
+        paint((legs | torso | head) & ~is_car & there, person, pcol)
+
+    # light, weather and the sensor: brightness and tint, fog towards the horizon, rain streaks, noise
+    img.mul_(r(50, 0.5, 1.25).unsqueeze(1) * rgb(4, (0.9, 0.9, 0.9), (1.1, 1.1, 1.1)))
+    fog = (r(51) < 0.3) * r(52, 0.3, 0.7) * (1 - ((y - h).abs() * 2.5).clamp(0, 1))
+    img.lerp_(torch.full_like(img, 0.7), fog.unsqueeze(1).expand_as(img))
+    img.add_((0.25 * (r(54) < 0.25)).unsqueeze(1) * streaks[:, None])
+    img.add_(r(55, 0.0, 0.05).unsqueeze(1) * noise)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
+
+
+@functools.lru_cache(maxsize=4)
+def _banks(H: int, W: int, device: str, n: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed banks of per-pixel randomness (grain, unit-variance noise, rain streaks) that scenes pick from:
+    far cheaper than hashing every pixel of every image, and just as deterministic."""
+    g = torch.Generator().manual_seed(1234)
+    grain = torch.rand(n, H, W, generator=g)
+    noise = torch.randn(n, 3, H, W, generator=g)
+    y, x = torch.arange(H).view(H, 1), torch.arange(W).view(1, W)
+    col, row = (x + y * 0.35).floor().long(), y // 5  # streaks slanted by 0.35 px per row, 5 rows long
+    streaks = torch.stack([(_u(torch.tensor(i), 53, col * 4099 + row) > 0.96).float() for i in range(n)])
+    return grain.to(device), noise.to(device), streaks.to(device)
+
+
+@dataclass
+class ScenesData(SegData):
+    """Generated driving scenes with per-pixel labels; see the module docstring."""
+
+    name: str = "scenes"
+    size: tuple[int, int] = (96, 96)  # (H, W) of every image, 96 to 256 pixels makes sense
+    train_size: int = 4000  # number of images per split; each split is a disjoint range of scene numbers
+    val_size: int = 400
+    test_size: int = 400
+    seed: int = 0  # shifts every split's range of scene numbers (a different but equally hard data set)
+    chunk: int = 64  # images drawn per tensor batch (64 keeps the tensors in cache: fastest on CPU)
+
+    def build(self) -> Data:
+        H, W = self.size
+        if min(H, W) < 32:
+            raise DataError(f"data.size={list(self.size)}: scenes need at least 32 pixels per side")
+        splits = {}
+        for name, n in (("train", self.train_size), ("val", self.val_size), ("test", self.test_size)):
+            if n >= 10_000_000:
+                raise DataError(f"data.{name}_size={n}: at most 9,999,999 images per split")
+            first = SPLIT_BASE[name] + self.seed * 30_000_000
+            splits[name] = self.render(torch.arange(first, first + n)) if n else None
+        return self.finish(SCENE_CLASSES, SCENE_PALETTE, splits["train"], splits["val"], splits["test"])
+
+    def render(self, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [
+            render_scenes(numbers[i : i + self.chunk], tuple(self.size)) for i in range(0, len(numbers), self.chunk)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ------------------------------------------------------------------------------------------ files on disk
+
+
+def read_mask(path: str | Path) -> torch.Tensor:
+    """A label PNG -> uint8 (H, W) (gray), or (3, H, W) when the file is RGB (palette masks)."""
+    m = decode(path, 0, 0)
+    return m[0] if m.shape[0] == 1 else m[:3]
+
+
+def _resize_pair(img: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image with antialiased bilinear, mask with nearest: label ids are never blended."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img, mask
+    img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0]
+    return img.round().clamp(0, 255).to(torch.uint8), mask.to(torch.uint8)
+
+
+def load_pairs(pairs: list[tuple[str, str]], size: tuple[int, int], to_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (image, mask) files, check them, map mask values to class ids, resize: uint8 tensors."""
+
+    def one(pair):
+        ip, mp = pair
+        img, raw = decode(ip, 3, 0), read_mask(mp)
+        if tuple(img.shape[-2:]) != tuple(raw.shape[-2:]):
+            raise DataError(
+                f"mask {mp} is {raw.shape[-1]}x{raw.shape[-2]} but its image {ip} is "
+                f"{img.shape[-1]}x{img.shape[-2]}: masks must have their image's size"
+            )
+        return _resize_pair(img, to_ids(raw, mp), size)
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        items = list(pool.map(one, pairs))
+    return torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
+
+
+@dataclass
+class CityscapesData(SegData):
+    """Cityscapes: `path`/leftImg8bit/{train,val}/CITY/*_leftImg8bit.png and gtFine/.../*_gtFine_labelIds.png.
+
+    labelIds are mapped to the 19 train ids; everything else becomes 255 (ignored). The official val split
+    is used as test, and `val_fraction` of train is held out for validation."""
+
+    name: str = "cityscapes"
+    path: str = ""
+    size: tuple[int, int] = (128, 256)  # (H, W) images are resized to (the originals are 1024 x 2048)
+    val_fraction: float = 0.1
+    limit: int = 0  # use at most N training images (0: all)
+
+    def build(self) -> Data:
+        root = Path(self.path)
+        if not (root / "leftImg8bit").is_dir() or not (root / "gtFine").is_dir():
+            raise DataError(f"data.path={self.path!r}: expected the Cityscapes folders leftImg8bit/ and gtFine/ there")
+        lut = torch.full((256,), IGNORE, dtype=torch.uint8)
+        for k, v in CITYSCAPES_TRAIN_ID.items():
+            lut[k] = v
+
+        def to_ids(raw, mp):
+            if raw.ndim != 2:
+                raise DataError(f"{mp}: expected a one-channel labelIds PNG")
+            return lut[raw.long()]
+
+        def pairs(split):
+            out = []
+            for img in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
+                stem = img.name[: -len("_leftImg8bit.png")]
+                mask = root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelIds.png"
+                if not mask.is_file():
+                    raise DataError(f"image {img} has no mask {mask}")
+                out.append((str(img), str(mask)))
+            return out
+
+        train, test = pairs("train"), pairs("val")
+        if not train:
+            raise DataError(f"{root}/leftImg8bit/train: no *_leftImg8bit.png files found")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+        k = int(len(train) * self.val_fraction)
+        val = [train[i] for i in perm[:k]]
+        train = [train[i] for i in sorted(perm[k:])][: self.limit or None]
+        size = tuple(self.size)
+        return self.finish(
+            CITYSCAPES_CLASSES,
+            CITYSCAPES_PALETTE,
+            load_pairs(train, size, to_ids),
+            load_pairs(val, size, to_ids) if val else None,
+            load_pairs(test, size, to_ids) if test else None,
+        )
+
+
+@dataclass
+class MaskFolderData(SegData):
+    """Images and masks with the same file stem: `path`/images + `path`/masks, or `path`/{train,val,test}/
+    {images,masks}. Masks hold class ids (0..len(classes)-1, 255 ignored) or, with `palette`, RGB colours."""
+
+    name: str = "maskfolder"
+    path: str = ""
+    classes: list[str] = field(default_factory=list)  # class names in id order (required)
+    palette: list[list[int]] = field(default_factory=list)  # RGB colour per class: masks are colour images
+    size: tuple[int, int] = (128, 128)  # (H, W) every pair is resized to
+    val_fraction: float = 0.1  # of train, when there is no val folder
+
+    def build(self) -> Data:
+        root = Path(self.path)
+        if not root.is_dir():
+            raise DataError(f"data.path={self.path!r} is not a folder of images/ and masks/")
+        if not self.classes:
+            raise DataError("data.classes is empty: list the class names in mask-id order")
+        if self.palette and len(self.palette) != len(self.classes):
+            raise DataError(f"data.palette has {len(self.palette)} colours for {len(self.classes)} classes")
+        n = len(self.classes)
+        colours = torch.tensor(self.palette, dtype=torch.long) if self.palette else None
+
+        def to_ids(raw, mp):
+            if colours is not None:
+                if raw.ndim != 3:
+                    raise DataError(f"{mp}: data.palette is set, so masks must be RGB images")
+                code = (raw.long() * torch.tensor([65536, 256, 1]).view(3, 1, 1)).sum(0)
+                ids = torch.full(code.shape, IGNORE, dtype=torch.uint8)
+                for i, c in enumerate((colours * torch.tensor([65536, 256, 1])).sum(1).tolist()):
+                    ids[code == c] = i
+                if (ids == IGNORE).any():
+                    bad = raw[:, (ids == IGNORE)][:, 0].tolist()
+                    raise DataError(f"{mp}: colour {bad} is not in data.palette")
+                return ids
+            if raw.ndim != 2:
+                raise DataError(f"{mp}: masks must be one-channel images of class ids (or set data.palette)")
+            bad = (raw >= n) & (raw != IGNORE)
+            if bad.any():
+                raise DataError(
+                    f"{mp}: label id {int(raw[bad][0])} is outside the {n} classes of data.classes "
+                    f"(0..{n - 1}, 255 = ignore)"
+                )
+            return raw
+
+        def pairs(folder: Path):
+            if not (folder / "images").is_dir():
+                return []
+            masks = {p.stem: p for p in (folder / "masks").glob("*") if p.suffix.lower() in IMAGE_EXTS}
+            out = []
+            for img in sorted(p for p in (folder / "images").glob("*") if p.suffix.lower() in IMAGE_EXTS):
+                if img.stem not in masks:
+                    raise DataError(f"image {img} has no mask {folder / 'masks' / img.stem}.png")
+                out.append((str(img), str(masks[img.stem])))
+            return out
+
+        split_root = root if (root / "images").is_dir() else root / "train"
+        train, val, test = pairs(split_root), pairs(root / "val"), pairs(root / "test")
+        if not train:
+            raise DataError(f"{root}: no images found (expected {root}/images and {root}/masks)")
+        if not val and self.val_fraction > 0:
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+            k = max(1, int(len(train) * self.val_fraction)) if len(train) > 1 else 0
+            val, train = [train[i] for i in perm[:k]], [train[i] for i in sorted(perm[k:])]
+        size = tuple(self.size)
+        palette = self.palette or [SCENE_PALETTE[i % 8] if i < 8 else _colour(i) for i in range(n)]
+        return self.finish(
+            self.classes,
+            palette,
+            load_pairs(train, size, to_ids),
+            load_pairs(val, size, to_ids) if val else None,
+            load_pairs(test, size, to_ids) if test else None,
+        )
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    h = int(_hash(torch.tensor(i + 7)))
+    return (h & 255, (h >> 8) & 255, (h >> 16) & 255)

@@ -1,0 +1,217 @@
+"""Semantic segmentation: a batch is (images uint8 (B, 3, H, W), masks uint8 (B, H, W)), 255 = ignore.
+
+`prepare` normalizes and, when training, flips, zooms and crops image and mask together with one affine
+grid per example on the device: the image is sampled bilinearly, the mask with nearest (label ids are
+copied, never blended), and pixels that fall outside the source image become 255 in the mask.
+Metrics: pixel accuracy, per-class IoU and their mean (mIoU) through torchmetrics, over the whole split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.tasks.classify import denormalize, normalize
+
+METRIC = ("miou", "max")
+IGNORE = 255
+
+
+def joint_augment(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    flip: bool = True,
+    scale: tuple[float, float] = (1.0, 1.0),
+    crop: int = 0,
+    image_mode: str = "bilinear",
+):
+    """Random flip, zoom and shift of images (B, C, H, W) and masks (B, H, W), the same for both.
+
+    Zoom s > 1 magnifies; the output is crop x crop (or H x W) taken at a random position, so a zoom
+    below 1 leaves a border that the mask marks 255."""
+    B, C, H, W = x.shape
+    oh, ow = (crop, crop) if crop else (H, W)
+    dev = x.device
+    lo, hi = scale
+    s = lo + (hi - lo) * torch.rand(B, generator=gen, device=dev)
+    sy, sx = oh / s / H, ow / s / W  # half-extent of the sampled window in normalized input coordinates
+    ty = (torch.rand(B, generator=gen, device=dev) * 2 - 1) * (1 - sy).abs()
+    tx = (torch.rand(B, generator=gen, device=dev) * 2 - 1) * (1 - sx).abs()
+    sign = torch.ones(B, device=dev)
+    if flip:
+        sign = torch.where(torch.rand(B, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(B, device=dev)
+    theta = torch.stack([torch.stack([sx * sign, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [B, C, oh, ow], align_corners=False)
+    x = F.grid_sample(x.float(), grid, mode=image_mode, padding_mode="zeros", align_corners=False)
+    # shift ids by one so that the zero padding (outside the image) can be told apart, then mark it 255
+    m = F.grid_sample(y[:, None].float() + 1, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    m = m[:, 0].long() - 1
+    return x, torch.where(m < 0, IGNORE, m)
+
+
+def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+    x, y = batch
+    x, y = normalize(x, spec), y.long()
+    ex = spec.extra
+    scale = tuple(ex.get("scale", (1.0, 1.0)))
+    if gen is not None and (ex.get("flip") or scale != (1.0, 1.0) or ex.get("crop")):
+        x, y = joint_augment(x, y, gen, ex.get("flip", False), scale, ex.get("crop", 0))
+    return x, y  # the memory format follows the model (train.channels_last)
+
+
+def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over classes; ignored pixels count for nothing."""
+    K = logits.shape[1]
+    valid = (y != IGNORE)[:, None].float()  # (B, 1, H, W)
+    p = logits.float().softmax(1) * valid
+    t = F.one_hot(y.clamp(max=K - 1), K).permute(0, 3, 1, 2).float() * valid
+    inter, total = (p * t).sum((0, 2, 3)), (p + t).sum((0, 2, 3))
+    return 1 - ((2 * inter + 1) / (total + 1)).mean()
+
+
+def loss(model: nn.Module, batch, cfg: Config):
+    x, y = batch
+    logits = model(x)  # (B, classes, H, W)
+    ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE, label_smoothing=cfg.optim.label_smoothing)
+    w = getattr(cfg.model, "dice", 0.0)
+    if not w:
+        return ce, {}
+    d = dice_loss(logits, y)
+    return ce + w * d, {"ce": ce.detach(), "dice": d.detach()}
+
+
+class SegMetrics:
+    """Pixel accuracy, per-class IoU and mIoU accumulated over batches (torchmetrics does the counting)."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+        kw = {"num_classes": num_classes, "ignore_index": IGNORE}
+        self.acc = MulticlassAccuracy(average="micro", **kw).to(device)
+        self.iou = MulticlassJaccardIndex(average=None, **kw).to(device)
+        self.miou = MulticlassJaccardIndex(average="macro", **kw).to(device)  # classes never seen do not count
+        self.present = torch.zeros(num_classes, dtype=torch.bool, device=device)
+
+    def update(self, pred: torch.Tensor, y: torch.Tensor) -> None:
+        for m in (self.acc, self.iou, self.miou):
+            m.update(pred, y)
+        k = len(self.present)
+        self.present |= torch.bincount(pred.flatten(), minlength=k)[:k] > 0
+        self.present |= torch.bincount(y[y != IGNORE], minlength=k)[:k] > 0
+
+    def compute(self) -> dict:
+        iou = self.iou.compute().tolist()
+        return {
+            "pixel_acc": self.acc.compute().item(),
+            "miou": self.miou.compute().item(),
+            "iou": [v if p else None for v, p in zip(iou, self.present.tolist())],
+        }
+
+
+def run_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0):
+    """Metrics over a split, and the first `keep` (image, mask, prediction) triples for overlays."""
+    spec = data.spec
+    m = SegMetrics(spec.num_classes, rt.device)
+    total, pixels, kept = 0.0, 0, []
+    for batch in eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval):
+        x, y = prepare(batch, spec)
+        logits = model(x).float()
+        total += F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").item()
+        pixels += int((y != IGNORE).sum())
+        pred = logits.argmax(1)
+        m.update(pred, y)
+        if len(kept) < keep:
+            kept += [(batch[0][i].cpu(), y[i].cpu(), pred[i].cpu()) for i in range(min(keep - len(kept), len(y)))]
+    return {"loss": total / max(pixels, 1), **m.compute()}, kept
+
+
+def evaluate(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> dict:
+    return run_split(model, data, split, cfg, rt)[0]
+
+
+def colorize(mask: torch.Tensor, palette: list) -> torch.Tensor:
+    """Class ids (H, W) -> RGB floats (3, H, W) in [0, 1]; ignored pixels are black."""
+    pal = torch.cat([torch.tensor(palette, dtype=torch.float) / 255, torch.zeros(1, 3)])
+    return pal[mask.long().clamp(max=len(palette)).where(mask != IGNORE, len(palette))].permute(2, 0, 1)
+
+
+def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict:
+    """Test metrics, a table of per-class IoU, and overlays: image, truth, prediction side by side."""
+    from deeprecipe.engine import plots
+
+    split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        m, kept = run_split(model, data, split, cfg, rt, keep=8)
+    spec, pal = data.spec, data.spec.extra["palette"]
+    tiles, caps = [], []
+    for img, y, p in kept:
+        acc = float((p == y)[y != IGNORE].float().mean()) if (y != IGNORE).any() else float("nan")
+        tiles += [
+            img.float() / 255 if img.shape[0] == 3 else (img.float() / 255).expand(3, -1, -1),
+            colorize(y, pal),
+            colorize(p, pal),
+        ]
+        caps += ["image", "truth", f"prediction ({acc:.0%} px)"]
+    plots_dir = Path(run_dir) / "plots"
+    plots.image_grid(
+        torch.stack(tiles),
+        caps,
+        plots_dir / "segmentation.png",
+        f"{split}: image / truth / prediction (mIoU {m['miou']:.3f})",
+        cols=6,
+    )
+    lines = [f"{split} per-class IoU (mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_acc']:.4f})"]
+    lines += [f"{n:<16} {'-' if v is None else f'{v:.4f}'}" for n, v in zip(spec.class_names, m["iou"])]
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    (plots_dir / "iou.txt").write_text("\n".join(lines) + "\n")
+    return {f"{split}_{k}": v for k, v in m.items()}
+
+
+def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
+    """Each image -> OUT/<stem>_labels.png (class ids, at the image's own size) and OUT/<stem>_overlay.png."""
+    from torchvision.io import write_png
+
+    from deeprecipe.data.images import decode
+
+    out_dir = Path(getattr(args, "out", None) or "predictions")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for f in files:
+        img = decode(f, spec.in_channels, 0)  # (C, h, w)
+        h, w = img.shape[-2:]
+        x = F.interpolate(
+            img[None].float(), size=tuple(spec.image_size), mode="bilinear", antialias=True, align_corners=False
+        )
+        x, _ = prepare((x.to(rt.device), torch.zeros(1, 1, 1, device=rt.device)), spec)
+        with rt.autocast():
+            logits = model(x).float()
+        pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+        labels, overlay = out_dir / f"{Path(f).stem}_labels.png", out_dir / f"{Path(f).stem}_overlay.png"
+        write_png(pred.to(torch.uint8)[None], str(labels))
+        rgb = img.float() / 255 if img.shape[0] == 3 else (img.float() / 255).expand(3, -1, -1)
+        blend = 0.5 * rgb + 0.5 * colorize(pred, spec.extra["palette"])
+        write_png((blend * 255).round().to(torch.uint8), str(overlay))
+        frac = torch.bincount(pred.flatten(), minlength=spec.num_classes).float() / pred.numel()
+        top = frac.topk(min(3, spec.num_classes))
+        share = ", ".join(f"{spec.class_names[i]} {v:.0%}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+        results.append(
+            {
+                "file": f,
+                "labels": str(labels),
+                "overlay": str(overlay),
+                "fractions": dict(zip(spec.class_names, frac.tolist())),
+                "text": f"{f}: {share} -> {labels}, {overlay}",
+            }
+        )
+    return results
+
+
+__all__ = ["METRIC", "prepare", "loss", "evaluate", "finish", "predict", "joint_augment", "denormalize"]

@@ -1,0 +1,124 @@
+"""Video classification: a batch is (clips uint8 (B, C, T, H, W), labels (B,)); at evaluation a real video
+set gives K clips per video (B, K, C, T, H, W) and the video's prediction is the mean of their softmaxes.
+
+Augmentation (random shift, horizontal flip) is the image classifier's, applied with the same draw to every
+frame of a clip by folding time into channels. Metrics are the classifier's too: top-1, top-5, per-class
+precision/recall and the confusion matrix, computed from the clip-averaged probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.tasks import classify
+
+METRIC = ("top1", "max")
+
+
+def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+    x, y = batch
+    shape = x.shape  # (B, C, T, H, W) or (B, K, C, T, H, W)
+    C, T, H, W = shape[-4:]
+    x = classify.normalize(x.reshape(-1, C, T * H, W), spec)  # per-channel, time folded into height
+    if gen is not None:
+        x = classify.augment(x.view(-1, C * T, H, W), spec, gen)  # one crop and flip per clip
+    return x.reshape(shape), y
+
+
+def fp32_on_cpu(x: torch.Tensor):
+    """3D convolutions run in fp32 on the CPU: in torch 2.14 the bf16 weight gradient of a (3, 1, 1) Conv3d on
+    clips of 2 frames comes out NaN most of the time (a CPU kernel bug; tests/test_video.py checks this path)."""
+    return torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext()
+
+
+def loss(model: nn.Module, batch, cfg: Config):
+    x, y = batch
+    with fp32_on_cpu(x):
+        logits = model(x)
+    return F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing), {}
+
+
+def clip_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Log of the mean softmax over the K clips of each video: (B, K, C, T, H, W) -> (B, classes)."""
+    with fp32_on_cpu(x):
+        if x.ndim == 5:
+            return model(x).float().log_softmax(-1)
+        B, K = x.shape[:2]
+        probs = model(x.flatten(0, 1)).float().softmax(-1).view(B, K, -1).mean(1)
+    return probs.clamp_min(1e-12).log()
+
+
+def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt):
+    logits, labels = [], []
+    for batch in eval_batches(
+        data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval, cfg.train.workers
+    ):
+        x, y = prepare(batch, data.spec)
+        logits.append(clip_average(model, x).cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def metrics(logp: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    m = classify.metrics(logp, labels, num_classes)
+    m["top1"] = m["acc"]
+    if "top5" not in m:
+        m["top5"] = 1.0  # five or fewer classes: the right one is always among the top five
+    return m
+
+
+def evaluate(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> dict:
+    return metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
+
+
+def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict:
+    """Test top-1/top-5 and the confusion matrix."""
+    from deeprecipe.engine import plots
+
+    split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        m = metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
+    plots.confusion(
+        m["confusion"],
+        data.spec.class_names,
+        Path(run_dir) / "plots" / "confusion.png",
+        f"{split} confusion matrix (top-1 {m['top1']:.3f})",
+    )
+    return {f"{split}_{k}": m[k] for k in ("top1", "top5", "loss")}
+
+
+def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
+    """Video files (or frame folders) -> top-k classes, averaging `eval_clips` clips spread over each video."""
+    from deeprecipe.data.video import clip_indices, eval_starts, probe, read_frames
+
+    T, stride, K = spec.extra.get("frames", 16), spec.extra.get("stride", 1), max(1, spec.extra.get("eval_clips", 1))
+    size, out = spec.image_size[0], []
+    for f in files:
+        n = probe(f)
+        starts = eval_starts(n, (T - 1) * stride + 1, K)
+        idx = [j for s in starts for j in clip_indices(s, T, stride, max(n, 1))]
+        x = read_frames(f, idx, spec.in_channels, size)  # (C, K*T, S, S)
+        x = x.view(spec.in_channels, K, T, size, size).transpose(0, 1)[None].to(rt.device)  # (1, K, C, T, S, S)
+        x, _ = prepare((x, None), spec)
+        with rt.autocast():
+            probs = clip_average(model, x)[0].exp().cpu()
+        top = probs.topk(min(getattr(args, "top", 3), len(probs)))
+        labels = [{"label": spec.class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
+        out.append(
+            {
+                "file": f,
+                "label": labels[0]["label"],
+                "prob": labels[0]["prob"],
+                "top": labels,
+                "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})",
+            }
+        )
+    return out
