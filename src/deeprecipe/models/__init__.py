@@ -9,6 +9,7 @@ import torch.nn as nn
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
+from deeprecipe.models.gan import DCGANConfig, GANConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.util import UserError, call_with, load_object
 
@@ -16,6 +17,8 @@ MODELS: dict[str, type] = {
     "mlp": MLPConfig,
     "cnn": CNNConfig,
     "resnet": ResNetConfig,
+    "gan": GANConfig,
+    "dcgan": DCGANConfig,
 }
 
 

@@ -9,6 +9,7 @@ from deeprecipe.config import ConfigError
 
 TASKS: dict[str, str] = {
     "classify": "deeprecipe.tasks.classify",
+    "gan": "deeprecipe.tasks.gan",
 }
 
 
