@@ -23,9 +23,10 @@ def curves(rows: list[dict], path: Path) -> None:
     """Training loss and every val_* metric against the step."""
     keys = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and isinstance(v, (int, float))})
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3), squeeze=False)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if train:
-        axes[0, 0].plot(*zip(*train), label="train loss")
+    for key in ("loss", "d_loss", "g_loss"):  # a GAN logs the losses of its two nets
+        train = [(r["step"], r[key]) for r in rows if key in r]
+        if train:
+            axes[0, 0].plot(*zip(*train), label=f"train {key}")
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if val:
         axes[0, 0].plot(*zip(*val), "o-", label="val loss")
@@ -45,8 +46,15 @@ def confusion(matrix: list[list[int]], names: list[str], path: Path, title: str 
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if m[i, j] > 0.5 * m[i].sum() else "black",
+                )
         ax.set_xticks(range(n), names, rotation=90, fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
@@ -62,8 +70,9 @@ def image_grid(images: torch.Tensor, captions: list[str] | None, path: Path, tit
         ax.axis("off")
         if i < n:
             img = images[i].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                      vmin=0, vmax=1)
+            ax.imshow(
+                img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1
+            )
             if captions:
                 ax.set_title(captions[i], fontsize=6)
     if title:

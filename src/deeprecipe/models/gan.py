@@ -64,8 +64,9 @@ def dcgan_init(m: nn.Module) -> None:
 class GAN(nn.Module):
     """Both nets; forward(z, y) = generator(z, y)."""
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, latent: int, num_classes: int,
-                 shape: tuple[int, int, int]):
+    def __init__(
+        self, generator: nn.Module, discriminator: nn.Module, latent: int, num_classes: int, shape: tuple[int, int, int]
+    ):
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
         self.latent, self.num_classes, self.shape = latent, num_classes, shape  # num_classes 0: unconditional
@@ -73,7 +74,9 @@ class GAN(nn.Module):
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.generator(z, y)
 
-    def noise(self, n: int, gen: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def noise(
+        self, n: int, gen: torch.Generator | None = None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(z (n, latent), y (n,) or None): labels cycle over the classes so a grid shows every class."""
         z = torch.randn(n, self.latent, generator=gen, device=device)
         y = torch.arange(n, device=device) % self.num_classes if self.num_classes else None
@@ -150,10 +153,17 @@ class ConvGenerator(nn.Module):
         s0, n = _layout(size)
         self.embed = nn.Embedding(num_classes, latent) if num_classes else None
         w = width * 2 ** (n - 1)
-        layers = [nn.ConvTranspose2d(latent * (2 if num_classes else 1), w, s0, 1, 0, bias=False),
-                  nn.BatchNorm2d(w), nn.ReLU(inplace=True)]  # (B, w, s0, s0)
+        layers = [
+            nn.ConvTranspose2d(latent * (2 if num_classes else 1), w, s0, 1, 0, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+        ]  # (B, w, s0, s0)
         for _ in range(n - 1):  # each doubles the map and halves the width
-            layers += [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w // 2),
+                nn.ReLU(inplace=True),
+            ]
             w //= 2
         layers += [nn.ConvTranspose2d(w, channels, 4, 2, 1), nn.Tanh()]  # (B, C, size, size)
         self.net = nn.Sequential(*layers)
@@ -196,8 +206,10 @@ class DCGANConfig(GANTraining):
     def build(self, spec: DataSpec) -> GAN:
         size = self.image_size or spec.image_size[0]
         if size not in (28, 32, 64):
-            raise ConfigError(f"model.image_size={size}: dcgan draws 28, 32 or 64 pixel images "
-                              "(set model.image_size to one of them; the data is resized on the fly)")
+            raise ConfigError(
+                f"model.image_size={size}: dcgan draws 28, 32 or 64 pixel images "
+                "(set model.image_size to one of them; the data is resized on the fly)"
+            )
         k = _classes(self, spec)
         g = ConvGenerator(self.latent, self.g_width, size, spec.in_channels, k)
         d = ConvDiscriminator(self.d_width, size, spec.in_channels, k, self.spectral_norm)
