@@ -40,14 +40,12 @@ def load_run(run: str, device: str = "auto", precision: str = "auto"):
     spec.image_size = tuple(spec.image_size)
     rt = setup(device, precision)
     task = get_task(cfg.task)
-    model = task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec)
+    model = (task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec))
     weights = checkpoint.inference_weights(run_dir)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise UserError(
-            f"{run}: checkpoint does not match the model of config.yaml "
-            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-        )
+        raise UserError(f"{run}: checkpoint does not match the model of config.yaml "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     model.to(rt.device).eval()
     torch.set_grad_enabled(False)
     return cfg, spec, model, rt, task
@@ -205,9 +203,8 @@ def cmd_data(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="deeprecipe", description="Train, check, evaluate, export and serve the classic deep-learning systems."
-    )
+    p = argparse.ArgumentParser(prog="deeprecipe", description="Train, check, evaluate, export and serve "
+                                "the classic deep-learning systems.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -295,3 +292,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -50,9 +50,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
-    precision: str = (
-        "auto"  # auto (bf16 where the hardware has it, else fp16 on old GPUs, else fp32) | bf16 | fp16 | fp32
-    )
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp16 on old GPUs, else fp32) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
     channels_last: bool = True  # memory format for conv nets on 4D inputs
     ema: float = 0.0  # EMA decay of weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights
@@ -177,9 +175,7 @@ def read_recipe(recipe: str) -> tuple[dict, str]:
     path = Path(recipe)
     if recipe.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
-            raise ConfigError(
-                f"recipe file {recipe} not found: give a YAML path or a built-in name (deeprecipe recipes)"
-            )
+            raise ConfigError(f"recipe file {recipe} not found: give a YAML path or a built-in name (deeprecipe recipes)")
         name = path.stem
     else:
         path = RECIPES_DIR / f"{recipe}.yaml"

@@ -112,7 +112,7 @@ def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def split_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def inference_weights(run_dir: Path) -> dict[str, torch.Tensor]:

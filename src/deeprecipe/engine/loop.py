@@ -61,17 +61,16 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
         elif _norm(old) != _norm(values):
             diffs.append(f"{section}: {old!r} -> {values!r}")
     if diffs:
-        raise ConfigError(
-            f"cannot resume {run_dir} with a changed config ({'; '.join(diffs[:3])}): "
-            "drop those --set options, or start a new run with --init-from"
-        )
+        raise ConfigError(f"cannot resume {run_dir} with a changed config ({'; '.join(diffs[:3])}): "
+                          "drop those --set options, or start a new run with --init-from")
 
 
 def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", init=None) -> dict[str, float]:
+def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
+          init=None) -> dict[str, float]:
     from deeprecipe.tasks import get_task
 
     task = get_task(cfg.task)
@@ -103,14 +102,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
     net = torch.compile(model) if T.compile else model
     if rt.world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
-        )
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     metric, mode = task.METRIC
     micro = T.batch_size // T.accum
-    batches = train_batches(
-        data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
-    )
+    batches = train_batches(data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device,
+                            rt.rank, rt.world, T.workers)
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
     logged, t0, seen, nlog, results = torch.zeros((), device=rt.device), time.perf_counter(), 0, 0, {}
     model.train()
@@ -139,10 +135,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
                 nlog = 0
                 continue
             run.status("failed", step=step + 1, error="non-finite loss")
-            raise NonFiniteLoss(
-                f"loss became {float(loss):.4g} at step {step + 1}; the last good checkpoint is kept "
-                "in checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)"
-            )
+            raise NonFiniteLoss(f"loss became {float(loss):.4g} at step {step + 1}; the last good checkpoint is kept "
+                                "in checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)")
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -154,7 +148,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
         done = step + 1
         if done % T.log_every == 0 or done == T.steps:
             dt, loss_v = time.perf_counter() - t0, float(logged) / max(nlog, 1)
-            run.log(done, loss=loss_v, lr=opt.param_groups[0]["lr"], grad_norm=float(norm), examples_per_s=seen / dt)
+            run.log(done, loss=loss_v, lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
+                    examples_per_s=seen / dt)
             bar.set_postfix(loss=f"{loss_v:.4f}", ex_s=f"{seen / dt:,.0f}")
             logged.zero_()
             t0, seen, nlog = time.perf_counter(), 0, 0
@@ -167,11 +162,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
             if value is not None and (best is None or (value > best if mode == "max" else value < best)):
                 best, bad_evals = value, 0
                 if rt.main:
-                    checkpoint.save_weights(
-                        ckpt_dir / "best.safetensors",
-                        checkpoint.plain_state(ema.module if ema else model),
-                        {"step": str(done)},
-                    )
+                    checkpoint.save_weights(ckpt_dir / "best.safetensors",
+                                            checkpoint.plain_state(ema.module if ema else model), {"step": str(done)})
             else:
                 bad_evals += 1
                 stop = bool(T.early_stop) and bad_evals >= T.early_stop
@@ -181,14 +173,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
             weights = {f"model.{k}": v for k, v in checkpoint.plain_state(model).items()}
             if ema is not None:
                 weights.update({f"ema.{k}": v for k, v in checkpoint.plain_state(ema.module).items()})
-            state = {
-                "step": done,
-                "optimizer": opt.state_dict(),
-                "rng": rng_state(),
-                "best": best,
-                "bad_evals": bad_evals,
-                "ema_n": int(ema.n_averaged) if ema is not None else 0,
-            }
+            state = {"step": done, "optimizer": opt.state_dict(), "rng": rng_state(), "best": best,
+                     "bad_evals": bad_evals, "ema_n": int(ema.n_averaged) if ema is not None else 0}
             checkpoint.save(ckpt_dir, done, weights, state)
         if stop:
             bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")

@@ -25,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
             if name.startswith(prefix):
                 scale = s
         groups.setdefault((decay, scale), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s} for (d, s), ps in groups.items()]
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s}
+            for (d, s), ps in groups.items()]
 
 
 def adamw(model: nn.Module, cfg: OptimConfig, lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:

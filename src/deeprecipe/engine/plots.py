@@ -46,15 +46,8 @@ def confusion(matrix: list[list[int]], names: list[str], path: Path, title: str 
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    int(m[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if m[i, j] > 0.5 * m[i].sum() else "black",
-                )
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
         ax.set_xticks(range(n), names, rotation=90, fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
@@ -70,9 +63,8 @@ def image_grid(images: torch.Tensor, captions: list[str] | None, path: Path, tit
         ax.axis("off")
         if i < n:
             img = images[i].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax.imshow(
-                img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1
-            )
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=1)
             if captions:
                 ax.set_title(captions[i], fontsize=6)
     if title:

@@ -38,11 +38,8 @@ class Run:
         # on resume, forget what was logged after the checkpoint: those steps are being redone
         self.metrics_path = self.path / "metrics.jsonl"
         if self.metrics_path.exists():
-            keep = [
-                ln
-                for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
+            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
             atomic_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -31,12 +31,8 @@ class UserModel:
     args: dict = field(default_factory=dict)
 
     def build(self, spec: DataSpec) -> nn.Module:
-        available = {
-            "num_classes": spec.num_classes,
-            "in_channels": spec.in_channels,
-            "image_size": spec.image_size,
-            "vocab_size": spec.vocab_size,
-        }
+        available = {"num_classes": spec.num_classes, "in_channels": spec.in_channels,
+                     "image_size": spec.image_size, "vocab_size": spec.vocab_size}
         obj = call_with(load_object(self.name), self.args, available)
         model = obj.build(spec) if hasattr(obj, "build") and not isinstance(obj, nn.Module) else obj
         if not isinstance(model, nn.Module):

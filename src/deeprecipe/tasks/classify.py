@@ -86,10 +86,8 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dic
         multiclass_recall,
     )
 
-    out = {
-        "loss": F.cross_entropy(logits, labels).item(),
-        "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
-    }
+    out = {"loss": F.cross_entropy(logits, labels).item(),
+           "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item()}
     if num_classes > 5:
         out["top5"] = multiclass_accuracy(logits, labels, num_classes, top_k=5, average="micro").item()
     out["precision"] = multiclass_precision(logits, labels, num_classes, average=None).tolist()
@@ -120,20 +118,12 @@ def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict
     if len(order):
         n = min(len(data.split(split)), cfg.train.limit_eval or len(data.split(split)))
         imgs = data.split(split).take(order[order < n].to(torch.long))[0]
-        captions = [
-            f"{names[int(probs[i].argmax())]} ({probs[i].max():.2f})\ntrue: {names[int(labels[i])]}"
-            for i in order.tolist()
-        ]
-        plots.image_grid(
-            imgs.float().cpu() / 255,
-            captions,
-            Path(run_dir) / "plots" / "worst_mistakes.png",
-            f"worst {split} mistakes: predicted (confidence) / true",
-        )
+        captions = [f"{names[int(probs[i].argmax())]} ({probs[i].max():.2f})\ntrue: {names[int(labels[i])]}"
+                    for i in order.tolist()]
+        plots.image_grid(imgs.float().cpu() / 255, captions, Path(run_dir) / "plots" / "worst_mistakes.png",
+                         f"worst {split} mistakes: predicted (confidence) / true")
     return {f"{split}_{k}": v for k, v in m.items() if k in ("acc", "top5", "loss")} | {
-        f"{split}_precision": m["precision"],
-        f"{split}_recall": m["recall"],
-    }
+        f"{split}_precision": m["precision"], f"{split}_recall": m["recall"]}
 
 
 def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
@@ -153,13 +143,6 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
             probs = model(x).float().softmax(-1)[0].cpu()
         top = probs.topk(min(getattr(args, "top", 3), len(probs)))
         labels = [{"label": spec.class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
-        out.append(
-            {
-                "file": f,
-                "label": labels[0]["label"],
-                "prob": labels[0]["prob"],
-                "top": labels,
-                "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})",
-            }
-        )
+        out.append({"file": f, "label": labels[0]["label"], "prob": labels[0]["prob"], "top": labels,
+                    "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})"})
     return out
