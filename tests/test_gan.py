@@ -61,29 +61,75 @@ def test_losses_match_their_formulas():
 
 def test_cli_train_eval_sample(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "digits-gan", "--out", str(run), "--set", "train.steps=6", "--set", "train.log_every=2",
-                 "--set", "train.eval_every=6", "--set", "model.eval_samples=200", "--set", "model.feature_steps=5",
-                 "--set", "model.hidden=[16,32]", "--set", "train.batch_size=16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "digits-gan",
+                "--out",
+                str(run),
+                "--set",
+                "train.steps=6",
+                "--set",
+                "train.log_every=2",
+                "--set",
+                "train.eval_every=6",
+                "--set",
+                "model.eval_samples=200",
+                "--set",
+                "model.feature_steps=5",
+                "--set",
+                "model.hidden=[16,32]",
+                "--set",
+                "train.batch_size=16",
+            ]
+        )
+        == 0
+    )
     plots = run / "plots"
     for name in ("progress.png", "progress.gif", "interpolation.png", "class_histogram.png", "health.txt"):
         assert (plots / name).is_file(), name
     assert (run / "report.html").read_text().count("class_histogram") >= 1
     assert main(["sample", str(run), "--n", "5", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png",
-                                                                 "0004.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "0000.png",
+        "0001.png",
+        "0002.png",
+        "0003.png",
+        "0004.png",
+        "grid.png",
+    ]
 
 
-@pytest.mark.parametrize("recipe,extra", [
-    ("digits-gan", ["model.hidden=[16,32]"]),  # dropout in D: the global RNG state must be restored
-    ("digits-gan", ["model.name=dcgan", "model.image_size=28", "model.g_width=8", "model.d_width=8",
-                    "model.conditional=true"]),  # resized on the device, BatchNorm statistics, EMA
-])
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("digits-gan", ["model.hidden=[16,32]"]),  # dropout in D: the global RNG state must be restored
+        (
+            "digits-gan",
+            [
+                "model.name=dcgan",
+                "model.hidden=null",
+                "model.image_size=28",
+                "model.g_width=8",
+                "model.d_width=8",
+                "model.conditional=true",
+            ],
+        ),  # resized on the device, BatchNorm statistics, EMA
+    ],
+)
 def test_resume_is_exact(tmp_path, recipe, extra):
     sets = [*FAST, *extra, "train.batch_size=16", "train.ckpt_every=2", "train.ema=0.9", "model.sample_every=2"]
-    cfg = config.load(recipe, [*sets, "train.steps=4"])
-    gan.train(cfg, tmp_path / "a")
-    gan.train(config.load(recipe, [*sets, "train.steps=2"]), tmp_path / "b")
-    gan.train(config.load(recipe, [*sets, "train.steps=4"]), tmp_path / "b", resume=True)
+
+    def load(steps):
+        raw, name = config.read_recipe(recipe)
+        raw = config.apply_overrides(raw, [*sets, f"train.steps={steps}"])
+        raw["model"] = {k: v for k, v in raw["model"].items() if v is not None}
+        return config.resolve(raw, name)
+
+    gan.train(load(4), tmp_path / "a")
+    gan.train(load(2), tmp_path / "b")
+    gan.train(load(4), tmp_path / "b", resume=True)
     wa, _ = checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))
     wb, _ = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
     assert wa.keys() == wb.keys()
@@ -141,7 +187,7 @@ def test_fid_rises_with_corruption(digits, kind):
             return (x + level * eps).clamp(-1, 1)
         if level == 0:
             return x
-        k = torch.exp(-torch.arange(-2, 3.0) ** 2 / (2 * level**2))
+        k = torch.exp(-(torch.arange(-2, 3.0) ** 2) / (2 * level**2))
         k = (k[:, None] * k[None]) / k.sum() ** 2
         return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k[None, None])
 
@@ -152,8 +198,8 @@ def test_fid_rises_with_corruption(digits, kind):
 
 def test_inception_score_of_uniform_and_constant_predictions():
     ev = gan_metrics._metrics(torch.nn.Identity(), True)
-    ev.update(torch.eye(10).repeat(50, 1) * 100)  # confident and balanced: IS = number of classes
-    assert ev.compute()[0] == pytest.approx(10, rel=1e-3)
+    ev.update(torch.eye(10).repeat(5000, 1) * 100)  # confident and balanced: IS = number of classes
+    assert ev.compute()[0] == pytest.approx(10, rel=0.01)  # (torchmetrics shuffles into 10 splits)
     ev = gan_metrics._metrics(torch.nn.Identity(), True)
     ev.update(torch.zeros(500, 10))  # uninformative: IS = 1
     assert ev.compute()[0] == pytest.approx(1, rel=1e-4)
@@ -167,7 +213,8 @@ def test_collapse_detected_for_a_constant_generator(digits):
     constant = x[:1].expand(len(x), -1, -1, -1)  # G that outputs one image whatever z is
     found = gan_metrics.collapse(_score(feats, x, constant), [str(i) for i in range(10)])
     assert any("diverse" in f for f in found) and any("classified" in f for f in found)
-    assert gan_metrics.collapse(_score(feats, x, x), [str(i) for i in range(10)]) == []
+    real = {k: v for k, v in _score(feats, x, x).items() if k != "class_hist"}  # a random net's classes mean nothing
+    assert gan_metrics.collapse(real, [str(i) for i in range(10)]) == []
 
 
 def test_class_dominance_and_dropping():

@@ -177,7 +177,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
         _step(opt_g, lg, scaler_g, G, cfg.optim.clip)
         D.requires_grad_(True)
         if not (torch.isfinite(ld) and torch.isfinite(lg)):
-            msg = gm.nonfinite(step + 1, float(ld), float(lg))
+            msg = gm.nonfinite(step + 1, float(ld.detach()), float(lg.detach()))
             _health(run_dir, health + [msg], rt)
             run.status("failed", step=step + 1, error=msg)
             raise NonFiniteLoss(msg)
