@@ -23,9 +23,10 @@ def curves(rows: list[dict], path: Path) -> None:
     """Training loss and every val_* metric against the step."""
     keys = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and isinstance(v, (int, float))})
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3), squeeze=False)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if train:
-        axes[0, 0].plot(*zip(*train), label="train loss")
+    for key in ("loss", "d_loss", "g_loss"):  # a GAN logs the losses of its two nets
+        train = [(r["step"], r[key]) for r in rows if key in r]
+        if train:
+            axes[0, 0].plot(*zip(*train), label=f"train {key}")
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if val:
         axes[0, 0].plot(*zip(*val), "o-", label="val loss")

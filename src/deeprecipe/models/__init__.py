@@ -11,6 +11,7 @@ from deeprecipe.data.core import DataSpec
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
 from deeprecipe.models.gpt import GPTConfig
 from deeprecipe.models.lstm import LSTMConfig
+from deeprecipe.models.gan import DCGANConfig, GANConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.models.fcn import FCNConfig
@@ -29,6 +30,8 @@ MODELS: dict[str, type] = {
     "fcn": FCNConfig,
     "c3d": C3DConfig,
     "r2plus1d": R2Plus1DConfig,
+    "gan": GANConfig,
+    "dcgan": DCGANConfig,
 }
 
 

@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {
     "translate": "deeprecipe.tasks.translate",
     "segment": "deeprecipe.tasks.segment",
     "video": "deeprecipe.tasks.video",
+    "gan": "deeprecipe.tasks.gan",
 }
 
 

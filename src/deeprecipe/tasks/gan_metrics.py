@@ -1,0 +1,286 @@
+"""Offline evaluation of image generators, and the health checks of a GAN run.
+
+Inception weights cannot be downloaded here, so FID and IS use a *domain* feature network: a classifier
+that deeprecipe trains on the same data set (a built-in classify recipe), saved once in a cache folder
+named by a hash of its config, and reused. FID compares the Gaussian statistics of its penultimate features
+(the input of its `head`) on real and generated images; IS is exp(E KL(p(y|x) || p(y))) of its class
+probabilities, so its ceiling is the number of classes. Both go through torchmetrics with that net as the
+custom feature extractor. When the user names Inception-v3 weights on disk, the standard FID is computed too.
+Domain FID values are comparable only between runs that share the feature net (same cache folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.util import UserError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEEPRECIPE_CACHE", Path.home() / ".cache" / "deeprecipe")) / "features"
+
+
+class DomainFeatures(nn.Module):
+    """A trained classifier as a feature extractor: images in [-1, 1] (B, C, H, W) of any size ->
+    penultimate features (B, F) (`logits=False`) or class logits (B, classes) (`logits=True`)."""
+
+    def __init__(self, classifier: nn.Module, mean, std, size: tuple[int, int], logits: bool = False):
+        super().__init__()
+        self.net, self.size, self.logits = classifier.eval(), tuple(size), logits
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self._feat = None
+        classifier.head.register_forward_pre_hook(lambda m, args: setattr(self, "_feat", args[0]))
+        self.num_features = classifier.head.out_features if logits else classifier.head.in_features
+
+    def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, F), logits (B, classes)) in fp32, from one pass."""
+        x = x.float()
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        logits = self.net(x).float()
+        return self._feat.flatten(1).float(), logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats, logits = self.both(x)
+        return logits if self.logits else feats
+
+
+def feature_config(cfg):
+    """The classify Config of the domain feature net of GAN config `cfg` (its data, a classify recipe)."""
+    from deeprecipe import config
+
+    M = cfg.model
+    name = M.feature_recipe
+    if name == "auto":
+        name = f"{cfg.data.name}-cnn" if f"{cfg.data.name}-cnn" in config.list_recipes() else "fashion-mnist-cnn"
+    raw, rname = config.read_recipe(name)
+    if raw.get("task", "classify") != "classify":
+        raise UserError(f"model.feature_recipe={name}: the domain feature net must be a classify recipe")
+    aug = {k: v for k, v in (raw.get("data") or {}).items() if k in ("crop_pad", "flip")}
+    raw["data"] = {**config.to_dict(cfg.data), "limit": 0, **aug}
+    raw.setdefault("optim", {})["label_smoothing"] = 0.0  # calibrated probabilities: IS reads them
+    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0)
+    if M.feature_steps:
+        raw["train"].update(steps=M.feature_steps, eval_every=M.feature_steps, ckpt_every=M.feature_steps)
+    return config.resolve(raw, rname)
+
+
+def feature_net(cfg, device: torch.device, log=print) -> DomainFeatures:
+    """Load the domain feature net of `cfg` from the cache, training it there first if needed."""
+    import json
+
+    from deeprecipe import config
+    from deeprecipe.data.core import DataSpec
+    from deeprecipe.engine import checkpoint
+    from deeprecipe.engine.loop import train
+
+    fcfg = feature_config(cfg)
+    key = hashlib.sha1(config.dump(fcfg).encode()).hexdigest()[:10]
+    folder = cache_dir() / f"{cfg.data.name}-{fcfg.recipe}-{key}"
+    if not (folder / "checkpoints" / "best.safetensors").is_file():
+        log(
+            f"training the domain feature net ({fcfg.recipe}, {fcfg.train.steps} steps) into {folder}; "
+            "it is reused by every later run on this data"
+        )
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        with torch.enable_grad():  # `deeprecipe eval` runs with gradients off
+            train(fcfg, folder, command="(domain feature net for FID/IS)")
+    spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
+    clf = fcfg.model.build(spec)
+    clf.load_state_dict(checkpoint.inference_weights(folder))
+    net = DomainFeatures(clf, spec.mean, spec.std, tuple(spec.image_size)).to(device)
+    net.accuracy = _best_acc(folder)
+    return net
+
+
+def _best_acc(folder: Path) -> float:
+    from deeprecipe.engine.run import read_status
+
+    return float((read_status(folder).get("best") or {}).get("acc") or float("nan"))
+
+
+def inception_features(path: str) -> nn.Module:
+    """torchvision's Inception-v3 with weights from a local file (safetensors or a state-dict .pth, read
+    weights-only): images in [-1, 1] -> 2048 pool features. Never downloads anything."""
+    from torchvision.models import inception_v3
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model.inception_weights={path}: file not found (give a local Inception-v3 state dict)")
+    if p.suffix == ".safetensors":
+        from deeprecipe.engine.checkpoint import load_weights
+
+        state = load_weights(p)
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    missing, _ = net.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.startswith("AuxLogits")]:
+        raise UserError(f"{path}: not torchvision Inception-v3 weights (missing {missing[:3]})")
+    net.fc = nn.Identity()
+
+    class Inception(nn.Module):
+        num_features = 2048
+
+        def __init__(self):
+            super().__init__()
+            self.net = net.eval()
+            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+        def forward(self, x):  # (B, C, H, W) in [-1, 1] -> (B, 2048)
+            x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            return self.net(((x + 1) / 2 - self.mean) / self.std)
+
+    return Inception()
+
+
+# ------------------------------------------------------------------------------------------ FID and IS
+
+
+def _metrics(features: nn.Module, logits: bool):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if logits:
+            return InceptionScore(feature=features, splits=10)
+        return FrechetInceptionDistance(feature=features, reset_real_features=False)
+
+
+class Evaluator:
+    """FID (domain, and Inception when given), IS and the class histogram of generated images.
+
+    Real statistics are computed once (`add_real`); `score(images)` scores one batch stream of fakes."""
+
+    def __init__(self, feats: DomainFeatures | None, inception: nn.Module | None = None, device="cpu"):
+        self.feats, self.device = feats, torch.device(device)
+        self.fid = _metrics(feats, False).to(self.device) if feats is not None else None
+        self.inception = _metrics(inception, False).to(self.device) if inception is not None else None
+        self.real_spread = None
+
+    @torch.no_grad()
+    def add_real(self, batches) -> None:
+        """batches: images in [-1, 1] (B, C, H, W)."""
+        spreads = []
+        for x in batches:
+            x = x.to(self.device)
+            if self.fid is not None:
+                self.fid.update(x, real=True)
+                spreads.append(spread(self.feats(x)))
+            if self.inception is not None:
+                self.inception.update(x, real=True)
+        self.real_spread = float(torch.tensor(spreads).mean()) if spreads else None
+
+    @torch.no_grad()
+    def score(self, batches) -> dict:
+        """FID, IS, the class histogram and the feature spread of generated images (batches in [-1, 1])."""
+        out, logits, spreads = {}, [], []
+        if self.fid is not None:
+            self.fid.reset()
+            is_metric = _metrics(nn.Identity(), True).to(self.device)  # fed with the logits computed below
+        if self.inception is not None:
+            self.inception.reset()
+        for x in batches:
+            x = x.to(self.device)
+            if self.fid is not None:
+                self.fid.update(x, real=False)
+                f, lg = self.feats.both(x)
+                logits.append(lg)
+                spreads.append(spread(f))
+                is_metric.update(lg)
+            if self.inception is not None:
+                self.inception.update(x, real=False)
+        if self.fid is not None:
+            out["fid"] = float(self.fid.compute())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                is_mean, is_std = is_metric.compute()
+            out["is"], out["is_std"] = float(is_mean), float(is_std)
+            k = logits[0].shape[1]
+            out["class_hist"] = torch.bincount(torch.cat(logits).argmax(1), minlength=k).tolist()
+            out["spread"] = float(torch.tensor(spreads).mean())
+            if self.real_spread:
+                out["spread_ratio"] = out["spread"] / self.real_spread
+        if self.inception is not None:
+            out["fid_inception"] = float(self.inception.compute())
+        return out
+
+
+def spread(f: torch.Tensor) -> float:
+    """Mean pairwise L2 distance inside a batch of vectors (B, F): the diversity of a batch."""
+    f = f.flatten(1).float()
+    n = len(f)
+    return float(torch.cdist(f, f).sum() / max(1, n * (n - 1)))
+
+
+# ------------------------------------------------------------------------------------------ health
+
+
+def collapse(result: dict, class_names: list[str]) -> list[str]:
+    """Mode-collapse findings from a score() result, one line each with advice ([] when healthy)."""
+    out = []
+    ratio = result.get("spread_ratio")
+    if ratio is not None and ratio < 0.5:
+        out.append(
+            f"mode collapse: generated samples are {ratio:.2f}x as diverse as real ones (feature spread); "
+            "G maps many z to few images - try model.loss=hinge, model.spectral_norm=true, a lower optim.lr "
+            "or a larger batch"
+        )
+    hist = result.get("class_hist")
+    if hist and len(hist) >= 3 and sum(hist):
+        share = max(hist) / sum(hist)
+        top = class_names[hist.index(max(hist))] if class_names else str(hist.index(max(hist)))
+        if share > max(0.3, 3 / len(hist)):
+            out.append(
+                f"mode collapse: {share:.0%} of samples are classified '{top}' (uniform would be "
+                f"{1 / len(hist):.0%}) - G covers few modes; try model.conditional=true, spectral norm or "
+                "more steps"
+            )
+        missing = [
+            class_names[i] if class_names else str(i) for i, c in enumerate(hist) if c < 0.1 * sum(hist) / len(hist)
+        ]
+        if missing and share <= max(0.3, 3 / len(hist)):
+            out.append(
+                f"mode dropping: almost no samples look like {', '.join(missing[:5])} - train longer or "
+                "try model.conditional=true"
+            )
+    return out
+
+
+class DiscriminatorWatch:
+    """Flags a discriminator that wins outright: D loss below `low` at `patience` logged steps in a row."""
+
+    def __init__(self, low: float = 0.05, patience: int = 20):
+        self.low, self.patience, self.run, self.fired = low, patience, 0, False
+
+    def update(self, d_loss: float, step: int) -> str | None:
+        self.run = self.run + 1 if d_loss < self.low else 0
+        if self.run >= self.patience and not self.fired:
+            self.fired = True
+            return (
+                f"discriminator wins outright: D loss < {self.low} for {self.run} logged steps up to step {step}, "
+                "so G gets no useful gradient - lower D's lr (model.d_lr_scale=0.5), use real_label=0.9, "
+                "spectral_norm=true or a smaller d_width"
+            )
+        return None
+
+
+def nonfinite(step: int, d_loss: float, g_loss: float) -> str:
+    return (
+        f"NaN: losses became D={d_loss:.4g} G={g_loss:.4g} at step {step}; training stopped with the last good "
+        "checkpoint kept - lower optim.lr, use train.precision=fp32, or model.spectral_norm=true"
+    )
