@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from deeprecipe.checks import data as _d
 from deeprecipe.checks import training as _t
@@ -31,8 +31,12 @@ CHECKS: dict[str, Callable[[Ctx], Verdict]] = {
 DATA_FREE = {"files"}  # checks that run even when the data set does not build
 
 
-def run_checks(ctx: Ctx, only: list[str] | None = None, skip: list[str] | None = None,
-               progress: Callable[[Verdict], None] | None = None) -> list[Verdict]:
+def run_checks(
+    ctx: Ctx,
+    only: list[str] | None = None,
+    skip: list[str] | None = None,
+    progress: Callable[[Verdict], None] | None = None,
+) -> list[Verdict]:
     """Run the checks (the task's EXTRA_CHECKS after the built-in ones); a check that raises is a failure."""
     checks = {**CHECKS, **getattr(ctx.task, "EXTRA_CHECKS", {})}
     for name in list(only or []) + list(skip or []):
@@ -64,8 +68,13 @@ def run_checks(ctx: Ctx, only: list[str] | None = None, skip: list[str] | None =
                 v = fn(ctx)
             except Exception as e:  # a model that cannot run is itself a finding
                 msg = str(e).splitlines()[0] if str(e) else ""
-                v = Verdict(name, "fail", f"raised {type(e).__name__}: {msg}"[:300], "runs",
-                            "the check could not run this model/data (rerun with --debug for the traceback)")
+                v = Verdict(
+                    name,
+                    "fail",
+                    f"raised {type(e).__name__}: {msg}"[:300],
+                    "runs",
+                    "the check could not run this model/data (rerun with --debug for the traceback)",
+                )
                 if getattr(ctx, "debug", False):
                     raise
         v.seconds = time.perf_counter() - t0

@@ -19,12 +19,14 @@ Optional task hooks (module attributes of a task in deeprecipe/tasks/; each has 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -51,8 +53,17 @@ class Verdict:
     seconds: float = 0.0
 
 
-def graded(name: str, value: float, warn_above: float, fail_above: float, measured: str, expected: str,
-           advice_warn: str, advice_fail: str, advice_pass: str = "") -> Verdict:
+def graded(
+    name: str,
+    value: float,
+    warn_above: float,
+    fail_above: float,
+    measured: str,
+    expected: str,
+    advice_warn: str,
+    advice_fail: str,
+    advice_pass: str = "",
+) -> Verdict:
     """The common shape: a number that should be small; pass, warn and fail by two thresholds."""
     if not math.isfinite(value) or value > fail_above:
         return Verdict(name, "fail", measured, expected, advice_fail, value)
@@ -64,10 +75,22 @@ def graded(name: str, value: float, warn_above: float, fail_above: float, measur
 class Ctx:
     """Everything a check needs. Tests build one from parts to plant a bug (make_model, data, task)."""
 
-    def __init__(self, cfg: Config, out: Path, *, rt: Runtime | None = None, data: Data | None = None,
-                 make_model: Callable[[DataSpec], nn.Module] | None = None, task: Any = None,
-                 steps: int = 50, batch_size: int = 32, overfit_examples: int = 8, overfit_steps: int = 200,
-                 heldout: int = 256, max_files: int = 2000):
+    def __init__(
+        self,
+        cfg: Config,
+        out: Path,
+        *,
+        rt: Runtime | None = None,
+        data: Data | None = None,
+        make_model: Callable[[DataSpec], nn.Module] | None = None,
+        task: Any = None,
+        steps: int = 50,
+        batch_size: int = 32,
+        overfit_examples: int = 8,
+        overfit_steps: int = 200,
+        heldout: int = 256,
+        max_files: int = 2000,
+    ):
         from deeprecipe.tasks import get_task
 
         self.cfg = copy.deepcopy(cfg)
@@ -169,16 +192,21 @@ def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -1
     """Cross-entropy per example: (B, C) vs (B,) -> (B,); (B, T, V) vs (B, T) -> (B, T);
     (B, C, H, W) vs (B, H, W) -> (B,) (mean over pixels)."""
     if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-        raise UserError("the checks' fallback loss needs integer targets in batch[-1]: define "
-                        "per_example_loss(model, batch, cfg) in the task module")
+        raise UserError(
+            "the checks' fallback loss needs integer targets in batch[-1]: define "
+            "per_example_loss(model, batch, cfg) in the task module"
+        )
     y = y.long()
     if logits.shape[:-1] == y.shape:  # class dim last
-        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none",
-                               ignore_index=ignore_index).view(y.shape)
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none", ignore_index=ignore_index).view(
+            y.shape
+        )
     if logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:  # class dim 1 (dense prediction)
         return F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index).flatten(1).mean(1)
-    raise UserError(f"the checks cannot match model output {tuple(logits.shape)} with targets {tuple(y.shape)}: "
-                    "define per_example_loss(model, batch, cfg) in the task module")
+    raise UserError(
+        f"the checks cannot match model output {tuple(logits.shape)} with targets {tuple(y.shape)}: "
+        "define per_example_loss(model, batch, cfg) in the task module"
+    )
 
 
 def labels_of(split) -> torch.Tensor | None:
@@ -230,11 +258,32 @@ class Fit:
     frozen: list[str]  # parameters with requires_grad=False
 
 
-def fit(ctx: Ctx, model: nn.Module, steps: int, batch: Callable[[int], Any], *, lr: float | None = None,
-        transform: Callable | None = None, watch: Callable[[int, nn.Module], None] | None = None,
-        watch_every: int = 5, weight_decay: float | None = None) -> Fit:
+def fit(
+    ctx: Ctx,
+    model: nn.Module,
+    steps: int,
+    batch: Callable[[int], Any],
+    *,
+    lr: float | None = None,
+    transform: Callable | None = None,
+    watch: Callable[[int, nn.Module], None] | None = None,
+    watch_every: int = 5,
+    weight_decay: float | None = None,
+    until: float = -1.0,
+) -> Fit:
     """A short training run as the loop does it (AdamW, clipping) at the recipe's peak lr, held constant after
-    the recipe's warmup (as a fraction of these steps). `watch(step, model)` sees the model every few steps."""
+    the recipe's warmup (as a fraction of these steps). `watch(step, model)` sees the model every few steps;
+    the run stops early once the loss is below `until`."""
+    # zeroed inputs and vanishing gradients make denormal floats, many times slower on CPUs: flush them
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _fit(ctx, model, steps, batch, lr, transform, watch, watch_every, weight_decay, until)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _fit(ctx, model, steps, batch, lr, transform, watch, watch_every, weight_decay, until) -> Fit:
     o = copy.deepcopy(ctx.cfg.optim)
     if weight_decay is not None:
         o.weight_decay = weight_decay
@@ -263,7 +312,7 @@ def fit(ctx: Ctx, model: nn.Module, steps: int, batch: Callable[[int], Any], *, 
             nn.utils.clip_grad_norm_(model.parameters(), o.clip)
         opt.step()
         losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
+        if not math.isfinite(losses[-1]) or losses[-1] < until:
             break
     if watch is not None:
         watch(steps, model)
@@ -274,12 +323,11 @@ def real_run(ctx: Ctx) -> tuple[Fit, dict]:
     """The shared short run on real inputs (used by baseline, loss_down, dynamics, grad_flow), with the
     per-example losses of a fixed held-out batch recorded along the way (prediction dynamics)."""
     if "real" not in ctx.memo:
-        fixed = ctx.heldout_batch(16)
+        fixed = ctx.heldout_batch(32)
         dyn: dict[int, list[float]] = {}
 
         def watch(step, model):
-            model.eval()
-            with torch.no_grad():
+            with batch_stats_eval(model):
                 per = ctx.per_example_loss(model, fixed)
             dyn[step] = (per.flatten(1).mean(1) if per.ndim > 1 else per).cpu().tolist()
 
@@ -290,7 +338,26 @@ def real_run(ctx: Ctx) -> tuple[Fit, dict]:
     return f, dyn
 
 
-def eval_loss(ctx: Ctx, model: nn.Module, batch) -> float:
+@contextlib.contextmanager
+def batch_stats_eval(model: nn.Module):
+    """Evaluation (dropout off) with norms on the batch's statistics, their running statistics left as they
+    are: after a few dozen steps the running statistics of BatchNorm lag far behind the weights, and an
+    eval-mode measurement would judge the lag, not the net."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
     model.eval()
-    with torch.no_grad():
+    for m in norms:
+        m.train()
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.train()
+
+
+def eval_loss(ctx: Ctx, model: nn.Module, batch) -> float:
+    with batch_stats_eval(model):
         return float(ctx.loss(model, batch))

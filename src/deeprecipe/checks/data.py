@@ -66,8 +66,14 @@ def files(ctx: Ctx) -> Verdict:
             bad.append(f"{p} ({str(e).split(':')[0] if str(e) else type(e).__name__})")
     scanned = f"{len(sample)} of {len(paths)} files" if step > 1 else f"{len(paths)} files"
     if bad:
-        return Verdict("files", "fail", f"{len(bad)} unreadable in {scanned}: {', '.join(bad[:3])}", "0",
-                       "remove or replace these files", len(bad))
+        return Verdict(
+            "files",
+            "fail",
+            f"{len(bad)} unreadable in {scanned}: {', '.join(bad[:3])}",
+            "0",
+            "remove or replace these files",
+            len(bad),
+        )
     return Verdict("files", "pass", f"0 unreadable in {scanned}", "0", "", 0)
 
 
@@ -95,8 +101,14 @@ def labels(ctx: Ctx) -> Verdict:
     if not found:
         return Verdict("labels", "skip", advice="the splits hold no integer labels the scan can read")
     if problems:
-        return Verdict("labels", "fail", "; ".join(problems), f"0..{C - 1}",
-                       "label ids out of range: fix the label mapping (or the number of classes)", len(problems))
+        return Verdict(
+            "labels",
+            "fail",
+            "; ".join(problems),
+            f"0..{C - 1}",
+            "label ids out of range: fix the label mapping (or the number of classes)",
+            len(problems),
+        )
     return Verdict("labels", "pass", "all in range", f"0..{C - 1}", "", 0)
 
 
@@ -121,8 +133,13 @@ def balance(ctx: Ctx) -> Verdict:
         v.measured = f"{len(missing)} classes never seen in train ({', '.join(missing[:5])})"
         v.advice = "a class the net never sees cannot be learned: check the label mapping and the split"
     elif ratio > 3:
-        v.status, v.advice = "warn", ("imbalanced: set the head bias from the priors (init_prior), weight the loss "
-                                      "or resample, and watch per-class recall")
+        v.status, v.advice = (
+            "warn",
+            (
+                "imbalanced: set the head bias from the priors (init_prior), weight the loss "
+                "or resample, and watch per-class recall"
+            ),
+        )
     return v
 
 
@@ -200,11 +217,24 @@ def duplicates(ctx: Ctx) -> Verdict:
     frac = dups / max(1, len(keys))
     measured = f"{dups} exact ({frac:.1%}), {conflicts} with conflicting labels{near_txt}"
     if frac >= 0.1 or conflicts > 0.01 * len(keys):
-        return Verdict("duplicates", "fail", measured, "0", "many copies or contradictory labels: deduplicate "
-                       "the training set (a file listed twice, an export run twice)", frac)
+        return Verdict(
+            "duplicates",
+            "fail",
+            measured,
+            "0",
+            "many copies or contradictory labels: deduplicate "
+            "the training set (a file listed twice, an export run twice)",
+            frac,
+        )
     if dups or conflicts or near_frac > 0.02:
-        return Verdict("duplicates", "warn", measured, "0", "duplicates weigh some examples more and inflate "
-                       "validation when they cross splits: consider removing them", frac)
+        return Verdict(
+            "duplicates",
+            "warn",
+            measured,
+            "0",
+            "duplicates weigh some examples more and inflate validation when they cross splits: consider removing them",
+            frac,
+        )
     return Verdict("duplicates", "pass", measured, "0", "", frac)
 
 
@@ -235,8 +265,15 @@ def leakage(ctx: Ctx) -> Verdict:
         return Verdict("leakage", "skip", advice="no val/test split to compare with train")
     measured = "; ".join(parts) + " also in train"
     if worst > 0.01:
-        return Verdict("leakage", "fail", measured, "0", "evaluation examples are in the training set: split "
-                       "by source (person, video, file), deduplicate across splits", worst)
+        return Verdict(
+            "leakage",
+            "fail",
+            measured,
+            "0",
+            "evaluation examples are in the training set: split "
+            "by source (person, video, file), deduplicate across splits",
+            worst,
+        )
     if worst > 0:
         return Verdict("leakage", "warn", measured, "0", "a few evaluation examples also appear in train", worst)
     return Verdict("leakage", "pass", measured, "0", "", worst)
@@ -253,8 +290,10 @@ def batch(ctx: Ctx) -> Verdict:
     b = ctx.train_batch(0)
     shown = []
     if hasattr(ctx.task, "show_batch"):
-        for name, bb, title in (("examples", ctx.train_batch(0, augment=False), "training examples (no augmentation)"),
-                                ("batch", b, "step-0 batch as it enters the net (de-normalized)")):
+        for name, bb, title in (
+            ("examples", ctx.train_batch(0, augment=False), "training examples (no augmentation)"),
+            ("batch", b, "step-0 batch as it enters the net (de-normalized)"),
+        ):
             view = ctx.task.show_batch(tuple(t[:32] if torch.is_tensor(t) else t for t in bb), ctx.spec)
             if isinstance(view, str):
                 path = ctx.plot_path(f"{name}.txt")
@@ -268,16 +307,38 @@ def batch(ctx: Ctx) -> Verdict:
             shown.append(str(path.relative_to(ctx.out)))
     x = ctx.get_input(b)
     if not x.is_floating_point():
-        return Verdict("batch", "pass" if shown else "skip", "integer input (ids)", "", "look at the pictures"
-                       if shown else "no picture for this task (show_batch)", None, shown)
+        return Verdict(
+            "batch",
+            "pass" if shown else "skip",
+            "integer input (ids)",
+            "",
+            "look at the pictures" if shown else "no picture for this task (show_batch)",
+            None,
+            shown,
+        )
     x = x.float()
     mean, std = float(x.mean()), float(x.std())
     measured, expected = f"input mean {mean:.2f}, std {std:.2f}", "mean ~0, std ~1"
     if abs(mean) > 5 or not 0.05 <= std <= 20:
-        return Verdict("batch", "fail", measured, expected, "the input is not normalized (or normalized twice): "
-                       "check prepare/normalize", std, shown)
+        return Verdict(
+            "batch",
+            "fail",
+            measured,
+            expected,
+            "the input is not normalized (or normalized twice): check prepare/normalize",
+            std,
+            shown,
+        )
     if abs(mean) > 1 or not 0.3 <= std <= 3:
-        return Verdict("batch", "warn", measured, expected, "the input is far from zero mean, unit variance: "
-                       "check the normalization statistics", std, shown)
-    return Verdict("batch", "pass", measured, expected, "look at the pictures: labels must match what you see",
-                   std, shown)
+        return Verdict(
+            "batch",
+            "warn",
+            measured,
+            expected,
+            "the input is far from zero mean, unit variance: check the normalization statistics",
+            std,
+            shown,
+        )
+    return Verdict(
+        "batch", "pass", measured, expected, "look at the pictures: labels must match what you see", std, shown
+    )

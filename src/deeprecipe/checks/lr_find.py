@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,23 +27,23 @@ class LRFind:
     diverged: bool
 
 
-def copy_optimizer(opt: torch.optim.Optimizer, model: nn.Module, copy_model: nn.Module) -> torch.optim.Optimizer:
-    """The same optimizer (class, groups, hyperparameters, state) over copy_model's parameters."""
-    to_copy = {id(p): q for p, q in zip(model.parameters(), copy_model.parameters())}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [to_copy[id(p)] for p in g["params"]]}
-              for g in opt.param_groups]
-    new = type(opt)(groups, **opt.defaults)
-    new.load_state_dict(copy.deepcopy(opt.state_dict()))  # deep: load_state_dict may share the state tensors
-    return new
-
-
-def lr_range_test(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable[[int], Any],
-                  loss_fn: Callable[[nn.Module, Any], torch.Tensor], start: float = 1e-6, end: float = 1.0,
-                  steps: int = 100, clip: float = 0.0, beta: float = 0.9, diverge: float = 4.0) -> LRFind:
+def lr_range_test(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Callable[[int], Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    start: float = 1e-6,
+    end: float = 1.0,
+    steps: int = 100,
+    clip: float = 0.0,
+    beta: float = 0.9,
+    diverge: float = 4.0,
+) -> LRFind:
     devices = [p.device for p in model.parameters() if p.is_cuda][:1]
     with torch.random.fork_rng(devices=devices):
-        m = copy.deepcopy(model).train()
-        o = copy_optimizer(opt, model, m)
+        # one deepcopy of both: the copied optimizer holds the copied parameters (and its own state)
+        m, o = copy.deepcopy((model, opt))
+        m.train()
         lrs, smooth, avg, best = [], [], 0.0, math.inf
         for k in range(steps):
             lr = start * (end / start) ** (k / max(1, steps - 1))
@@ -54,7 +55,7 @@ def lr_range_test(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable[
             if clip > 0:
                 nn.utils.clip_grad_norm_(m.parameters(), clip)
             o.step()
-            v = float(loss)
+            v = float(loss.detach())
             avg = beta * avg + (1 - beta) * v
             s = avg / (1 - beta ** (k + 1))
             if not math.isfinite(s) or (k > 5 and s > diverge * best):

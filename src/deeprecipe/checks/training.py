@@ -25,10 +25,23 @@ def seed(ctx: Ctx) -> Verdict:
     if diff <= 1e-6:
         return Verdict("seed", "pass", measured, "0", "", diff)
     if diff <= 1e-3 and ctx.rt.device.type != "cpu":
-        return Verdict("seed", "warn", measured, "0", "GPU kernels are not bitwise deterministic; for exact "
-                       "repeats use torch.use_deterministic_algorithms(True)", diff)
-    return Verdict("seed", "fail", measured, "0", "randomness not drawn from the seeded generators (time, "
-                   "os.urandom, Python random, an unseeded Generator) in the model init, data or forward", diff)
+        return Verdict(
+            "seed",
+            "warn",
+            measured,
+            "0",
+            "GPU kernels are not bitwise deterministic; for exact repeats use torch.use_deterministic_algorithms(True)",
+            diff,
+        )
+    return Verdict(
+        "seed",
+        "fail",
+        measured,
+        "0",
+        "randomness not drawn from the seeded generators (time, "
+        "os.urandom, Python random, an unseeded Generator) in the model init, data or forward",
+        diff,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -60,10 +73,17 @@ def init_loss(ctx: Ctx) -> Verdict:
     p = _priors(ctx)
     targets = [expected] + ([float(-(p * p.clamp_min(1e-12).log()).sum())] if p is not None else [])
     rel = min(abs(measured - t) / max(t, 1e-6) for t in targets)
-    return Verdict("init_loss", "pass" if rel <= 0.1 else "warn" if rel <= 0.5 else "fail",
-                   f"{measured:.3f}", f"{expected:.3f} ({why})",
-                   "" if rel <= 0.1 else "the untrained net is confident: look at the final layer's init scale and "
-                   "for a softmax/log applied before the loss", rel)
+    return Verdict(
+        "init_loss",
+        "pass" if rel <= 0.1 else "warn" if rel <= 0.5 else "fail",
+        f"{measured:.3f}",
+        f"{expected:.3f} ({why})",
+        ""
+        if rel <= 0.1
+        else "the untrained net is confident: look at the final layer's init scale and "
+        "for a softmax/log applied before the loss",
+        rel,
+    )
 
 
 def init_prior(ctx: Ctx) -> Verdict:
@@ -93,10 +113,23 @@ def init_prior(ctx: Ctx) -> Verdict:
         fixed = ctx.model()
         ok = init_head_from_priors(fixed, p.float())
         after = f"; with head bias = log(priors) it is {_kl(p, mean_pred(fixed)):.3f}" if ok else ""
-        return Verdict("init_prior", "warn", measured + after, "<= 0.05", "imbalanced labels: set the head bias "
-                       "to log(priors) (deeprecipe.checks.init_head_from_priors)", kl)
-    return Verdict("init_prior", "fail", measured, "<= 0.05", "the untrained net prefers some classes for no "
-                   "reason: look at the head's bias/weight init (zero it, or set the bias to log priors)", kl)
+        return Verdict(
+            "init_prior",
+            "warn",
+            measured + after,
+            "<= 0.05",
+            "imbalanced labels: set the head bias to log(priors) (deeprecipe.checks.init_head_from_priors)",
+            kl,
+        )
+    return Verdict(
+        "init_prior",
+        "fail",
+        measured,
+        "<= 0.05",
+        "the untrained net prefers some classes for no "
+        "reason: look at the head's bias/weight init (zero it, or set the bias to log priors)",
+        kl,
+    )
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -122,11 +155,24 @@ def baseline(ctx: Ctx) -> Verdict:
     ratio = real_loss / max(zero_loss, 1e-8)
     measured = f"held-out loss {real_loss:.3f} (real) vs {zero_loss:.3f} (zeroed inputs)"
     if not math.isfinite(ratio) or ratio >= 0.95:
-        return Verdict("baseline", "fail", measured, "real < 0.8 x zeroed", "the net does no better than one that "
-                       "never sees its input: labels not matching inputs, or an input that never reaches the net", ratio)
+        return Verdict(
+            "baseline",
+            "fail",
+            measured,
+            "real < 0.8 x zeroed",
+            "the net does no better than one "
+            "that never sees its input: labels not matching inputs, or an input that never reaches it",
+            ratio,
+        )
     if ratio >= 0.8:
-        return Verdict("baseline", "warn", measured, "real < 0.8 x zeroed", "real inputs help only a little after "
-                       f"{ctx.steps} steps: check the pairing of inputs and labels", ratio)
+        return Verdict(
+            "baseline",
+            "warn",
+            measured,
+            "real < 0.8 x zeroed",
+            f"real inputs help only a little after {ctx.steps} steps: check the pairing of inputs and labels",
+            ratio,
+        )
     return Verdict("baseline", "pass", measured, "real < 0.8 x zeroed", "", ratio)
 
 
@@ -138,21 +184,31 @@ def overfit(ctx: Ctx) -> Verdict:
     for m in model.modules():  # dropout off, BatchNorm still on batch statistics
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = 0.0
-    losses: list[float] = []
-    for _ in range(0, ctx.overfit_steps, 25):  # stop early once memorized
-        losses += fit(ctx, model, 25, lambda s: b, weight_decay=0.0).losses
-        if not losses or losses[-1] < 0.01 or not math.isfinite(losses[-1]):
-            break
+    losses = fit(ctx, model, ctx.overfit_steps, lambda s: b, weight_decay=0.0, until=0.005).losses
     model.train()
     with torch.no_grad():
         final = float(ctx.loss(model, b))
     measured = f"{final:.4f} after {len(losses)} steps on {len(b[0])} examples"
     if not math.isfinite(final) or final > 0.25:
-        return Verdict("overfit", "fail", measured, "~0 (< 0.05)", "the net cannot memorize a few examples: look "
-                       "for a softmax/log before the loss, frozen or detached layers, mismatched labels", final)
+        return Verdict(
+            "overfit",
+            "fail",
+            measured,
+            "~0 (< 0.05)",
+            "the net cannot memorize a few examples: look "
+            "for a softmax/log before the loss, frozen or detached layers, mismatched labels",
+            final,
+        )
     if final > 0.05:
-        return Verdict("overfit", "warn", measured, "~0 (< 0.05)", "nearly memorized: more steps or a higher lr "
-                       "would finish it; a plateau here points at a capacity or output bug", final)
+        return Verdict(
+            "overfit",
+            "warn",
+            measured,
+            "~0 (< 0.05)",
+            "nearly memorized: more steps or a higher lr "
+            "would finish it; a plateau here points at a capacity or output bug",
+            final,
+        )
     return Verdict("overfit", "pass", measured, "~0 (< 0.05)", "", final)
 
 
@@ -160,16 +216,28 @@ def loss_down(ctx: Ctx) -> Verdict:
     """The training loss goes down over the first steps at the recipe's learning rate."""
     f, _ = real_run(ctx)
     k = max(1, min(5, len(f.losses) // 4))
-    first, last = sum(f.losses[:k]) / k, sum(f.losses[-k:]) / k
+    first, last = f.losses[0], sum(f.losses[-k:]) / k  # from the loss at init to the mean of the last steps
     ratio = last / max(first, 1e-8)
     measured = f"{first:.3f} -> {last:.3f} over {len(f.losses)} steps at lr {ctx.cfg.optim.lr:g}"
     if not math.isfinite(ratio) or ratio > 0.97:
-        return Verdict("loss_down", "fail", measured, "last < 0.85 x first", "the loss does not go down: lr too "
-                       "high (it grows) or too low, or layers that do not train (see grad_flow)", ratio)
+        return Verdict(
+            "loss_down",
+            "fail",
+            measured,
+            "last < 0.85 x init",
+            "the loss does not go down: lr too high (it grows) or too low, or layers that do not train (see grad_flow)",
+            ratio,
+        )
     if ratio > 0.85:
-        return Verdict("loss_down", "warn", measured, "last < 0.85 x first", "the loss goes down slowly: try "
-                       "`deeprecipe lr-find` for the learning rate", ratio)
-    return Verdict("loss_down", "pass", measured, "last < 0.85 x first", "", ratio)
+        return Verdict(
+            "loss_down",
+            "warn",
+            measured,
+            "last < 0.85 x init",
+            "the loss goes down slowly: try `deeprecipe lr-find` for the learning rate",
+            ratio,
+        )
+    return Verdict("loss_down", "pass", measured, "last < 0.85 x init", "", ratio)
 
 
 def dynamics(ctx: Ctx) -> Verdict:
@@ -184,11 +252,23 @@ def dynamics(ctx: Ctx) -> Verdict:
     start, end = (sum(dyn[s]) / len(dyn[s]) for s in (steps[0], steps[-1]))
     moved = max(abs(a - b) for a, b in zip(dyn[steps[0]], dyn[steps[-1]]))
     ratio = end / max(start, 1e-8)
-    v = Verdict("dynamics", "pass", f"fixed-batch loss {start:.3f} -> {end:.3f}", "falls (< 0.9 x start)", "",
-                ratio, [str(path.relative_to(ctx.out))])
-    if moved < 1e-4 or not math.isfinite(ratio) or ratio >= 1.0:
-        v.status, v.advice = "fail", ("predictions on held-out examples do not improve: labels shuffled apart from "
-                                      "inputs, or the evaluated model is not the trained one")
+    v = Verdict(
+        "dynamics",
+        "pass",
+        f"fixed-batch loss {start:.3f} -> {end:.3f}",
+        "falls (< 0.9 x start)",
+        "",
+        ratio,
+        [str(path.relative_to(ctx.out))],
+    )
+    if moved < 1e-4 or not math.isfinite(ratio) or ratio >= 0.95:
+        v.status, v.advice = (
+            "fail",
+            (
+                "predictions on held-out examples do not improve: labels shuffled apart from "
+                "inputs, or the evaluated model is not the trained one"
+            ),
+        )
     elif ratio >= 0.9:
         v.status, v.advice = "warn", "held-out predictions barely improve in the short run"
     return v
@@ -202,8 +282,14 @@ def grad_flow(ctx: Ctx) -> Verdict:
     total = len(f.got_grad) + len(f.frozen)
     measured = f"{len(f.frozen)} frozen, {len(dead)} without gradient, of {total} tensors"
     if bad:
-        return Verdict("grad_flow", "fail", measured + f" ({', '.join(bad[:4])})", "0", "layers that never learn: "
-                       "requires_grad=False, a .detach()/no_grad in forward, or an unused layer", len(bad))
+        return Verdict(
+            "grad_flow",
+            "fail",
+            measured + f" ({', '.join(bad[:4])})",
+            "0",
+            "layers that never learn: requires_grad=False, a .detach()/no_grad in forward, or an unused layer",
+            len(bad),
+        )
     return Verdict("grad_flow", "pass", measured, "0", "", 0)
 
 
@@ -216,8 +302,9 @@ def dependency(ctx: Ctx) -> Verdict:
     With CAUSAL, the loss at position t must not depend on inputs after t either."""
     model = ctx.model().eval()
     b = ctx.train_batch(0, size=4, augment=False)
-    return dependency_verdict(lambda bb: ctx.per_example_loss(model, bb), b, ctx.get_input, ctx.put_input,
-                              model, ctx.causal)
+    return dependency_verdict(
+        lambda bb: ctx.per_example_loss(model, bb), b, ctx.get_input, ctx.put_input, model, ctx.causal
+    )
 
 
 def input_grads(loss_fn, b, get_input, put_input, model: nn.Module, pick) -> torch.Tensor:
@@ -229,11 +316,13 @@ def input_grads(loss_fn, b, get_input, put_input, model: nn.Module, pick) -> tor
         x = x.detach().clone().requires_grad_(True)
         b = put_input(b, x)
     else:
+
         def grab(module, args, out):
             if not leaf and out.shape[: x.ndim] == x.shape:
                 out = out.detach().requires_grad_(True)
                 leaf.append(out)
                 return out
+
         handles = [m.register_forward_hook(grab) for m in model.modules() if isinstance(m, nn.Embedding)]
     try:
         per = loss_fn(b)
@@ -254,12 +343,11 @@ def dependency_verdict(loss_fn, b, get_input, put_input, model: nn.Module, causa
         if causal:
             T = get_input(b).shape[1]
             t = T // 2
-            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per: per[i, t]).abs()
+            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per, i=i, t=t: per[i, t]).abs()
             future = max(future, float(g[i, t + 1 :].max()) if t + 1 < T else 0.0)
             own = max(own, float(g[i, : t + 1].max()))
         else:
-            g = input_grads(loss_fn, b, get_input, put_input, model,
-                            lambda per: per[i].sum()).abs()
+            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per, i=i: per[i].sum()).abs()
             own = max(own, float(g[i].max()))
         others = torch.cat([g[:i], g[i + 1 :]])
         leak = max(leak, float(others.max()) if len(others) else 0.0)
@@ -268,16 +356,35 @@ def dependency_verdict(loss_fn, b, get_input, put_input, model: nn.Module, causa
     measured = f"|d loss_i / d x_j| = {leak:.2g} (own {own:.2g})" + (f", future {future:.2g}" if causal else "")
     expected = "0 across examples" + (" and from the future" if causal else "")
     if own == 0:
-        return Verdict("dependency", "fail", measured, expected, "the loss of an example does not depend on its "
-                       "own input: the net ignores its input (or the input is detached)", float("inf"))
+        return Verdict(
+            "dependency",
+            "fail",
+            measured,
+            expected,
+            "the loss of an example does not depend on its "
+            "own input: the net ignores its input (or the input is detached)",
+            float("inf"),
+        )
     if rel > 1e-6:
-        return Verdict("dependency", "fail", measured, expected, "examples mix in the batch: a view/reshape across "
-                       "the batch dim, or a norm using batch statistics at eval time", rel)
+        return Verdict(
+            "dependency",
+            "fail",
+            measured,
+            expected,
+            "examples mix in the batch: a view/reshape across "
+            "the batch dim, or a norm using batch statistics at eval time",
+            rel,
+        )
     if rel_future > 1e-6:
-        return Verdict("dependency", "fail", measured, expected, "position t sees inputs after t: the causal mask "
-                       "is missing or shifted", rel_future)
+        return Verdict(
+            "dependency",
+            "fail",
+            measured,
+            expected,
+            "position t sees inputs after t: the causal mask is missing or shifted",
+            rel_future,
+        )
     return Verdict("dependency", "pass", measured, expected, "", rel)
 
 
-__all__ = ["seed", "init_loss", "init_prior", "baseline", "overfit", "loss_down", "dynamics", "grad_flow",
-           "dependency"]
+__all__ = ["seed", "init_loss", "init_prior", "baseline", "overfit", "loss_down", "dynamics", "grad_flow", "dependency"]

@@ -40,18 +40,28 @@ def write_page(run_dir: Path, title: str, verdicts: list, cfg_text: str) -> Path
     rows = "".join(
         f"<tr><td>{html.escape(v.name)}</td><td style='color:{COLORS.get(v.status, '#000')};font-weight:bold'>"
         f"{v.status}</td><td>{html.escape(v.measured)}</td><td>{html.escape(v.expected)}</td>"
-        f"<td>{html.escape(v.advice)}</td><td>{v.seconds:.1f}s</td></tr>" for v in verdicts)
-    figs = "".join(f"<h3>{html.escape(v.name)}: {html.escape(p)}</h3>" +
-                   (f"<img src='{html.escape(p)}'>" if p.endswith(".png")
-                    else f"<pre>{html.escape((run_dir / p).read_text()[:5000])}</pre>")
-                   for v in verdicts for p in v.plots)
-    page = ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
-            "vertical-align:top}img{max-width:100%;border:1px solid #eee}pre{background:#f6f6f6;padding:8px}</style>"
-            f"<h1>{html.escape(title)}</h1><table><tr><th>check</th><th>verdict</th><th>measured</th>"
-            f"<th>expected</th><th>advice</th><th>time</th></tr>{rows}</table><h2>Plots</h2>{figs}"
-            f"<h2>Config</h2><pre>{html.escape(cfg_text)}</pre>")
+        f"<td>{html.escape(v.advice)}</td><td>{v.seconds:.1f}s</td></tr>"
+        for v in verdicts
+    )
+    figs = "".join(
+        f"<h3>{html.escape(v.name)}: {html.escape(p)}</h3>"
+        + (
+            f"<img src='{html.escape(p)}'>"
+            if p.endswith(".png")
+            else f"<pre>{html.escape((run_dir / p).read_text()[:5000])}</pre>"
+        )
+        for v in verdicts
+        for p in v.plots
+    )
+    page = (
+        "<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+        "vertical-align:top}img{max-width:100%;border:1px solid #eee}pre{background:#f6f6f6;padding:8px}</style>"
+        f"<h1>{html.escape(title)}</h1><table><tr><th>check</th><th>verdict</th><th>measured</th>"
+        f"<th>expected</th><th>advice</th><th>time</th></tr>{rows}</table><h2>Plots</h2>{figs}"
+        f"<h2>Config</h2><pre>{html.escape(cfg_text)}</pre>"
+    )
     atomic_text(run_dir / "report.html", page)
     return run_dir / "report.html"
 
@@ -67,25 +77,43 @@ def cmd_check(args) -> None:
     run_dir = _run_dir("check", args.recipe, args.out)
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     atomic_text(run_dir / "config.yaml", dump(cfg))
-    ctx = Ctx(cfg, run_dir, steps=args.steps, batch_size=args.batch, overfit_steps=args.overfit_steps,
-              max_files=args.max_files)
+    ctx = Ctx(
+        cfg,
+        run_dir,
+        steps=args.steps,
+        batch_size=args.batch,
+        overfit_steps=args.overfit_steps,
+        max_files=args.max_files,
+    )
     ctx.debug = args.debug
     width = 11
 
     def show(v):
         if v.advice == "not selected":
             return
-        print(f"{v.name:<{width}} {v.status.upper():<5} {v.measured}" + (f"  [expected {v.expected}]"
-              if v.expected and v.status in ("warn", "fail") else "") + (f"\n{'':<{width + 7}}-> {v.advice}"
-              if v.advice and v.status in ("warn", "fail") else ""), flush=True)
+        print(
+            f"{v.name:<{width}} {v.status.upper():<5} {v.seconds:5.1f}s  {v.measured}"
+            + (f"  [expected {v.expected}]" if v.expected and v.status in ("warn", "fail") else "")
+            + (f"\n{'':<{width + 15}}-> {v.advice}" if v.advice and v.status in ("warn", "fail") else ""),
+            flush=True,
+        )
 
     print(f"checking {args.recipe} ({cfg.data.name}, {cfg.model.name}, task {cfg.task}) on {ctx.rt.device}")
     verdicts = run_checks(ctx, _names(args.only), _names(args.skip), progress=show)
     counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "warn", "fail", "skip")}
     failed = counts["fail"] > 0 or (args.strict and counts["warn"] > 0)
     atomic_text(run_dir / "checks.json", json.dumps([asdict(v) for v in verdicts], indent=1))
-    atomic_text(run_dir / "status.json", json.dumps({"status": "check failed" if failed else "check passed",
-                                                     "recipe": cfg.recipe, "task": cfg.task, "counts": counts}))
+    atomic_text(
+        run_dir / "status.json",
+        json.dumps(
+            {
+                "status": "check failed" if failed else "check passed",
+                "recipe": cfg.recipe,
+                "task": cfg.task,
+                "counts": counts,
+            }
+        ),
+    )
     page = write_page(run_dir, f"deeprecipe check {cfg.recipe}", verdicts, dump(cfg))
     print(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"\nreport: {page}")
     if failed:
@@ -111,10 +139,21 @@ def cmd_lr_find(args) -> None:
         raise UserError(f"the loss was not finite even at lr {args.start:g}: run 'deeprecipe check' first")
     path = run_dir / "plots" / "lr_find.png"
     lr_curve(r.lrs, r.losses, r.suggestion, path)
-    (run_dir / "lr_find.json").write_text(json.dumps({"lrs": r.lrs, "losses": r.losses, "suggestion": r.suggestion,
-                                                      "best_lr": r.best_lr, "steepest_lr": r.steepest_lr}))
-    print(f"loss lowest at lr {r.best_lr:.3g}, steepest fall at lr {r.steepest_lr:.3g}"
-          + ("" if r.diverged else f" (no blow-up up to {args.end:g}: try a larger --end)"))
+    (run_dir / "lr_find.json").write_text(
+        json.dumps(
+            {
+                "lrs": r.lrs,
+                "losses": r.losses,
+                "suggestion": r.suggestion,
+                "best_lr": r.best_lr,
+                "steepest_lr": r.steepest_lr,
+            }
+        )
+    )
+    print(
+        f"loss lowest at lr {r.best_lr:.3g}, steepest fall at lr {r.steepest_lr:.3g}"
+        + ("" if r.diverged else f" (no blow-up up to {args.end:g}: try a larger --end)")
+    )
     print(f"suggested: --set optim.lr={r.suggestion:.2g}   (recipe has {cfg.optim.lr:g})\nplot: {path}")
 
 
