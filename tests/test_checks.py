@@ -6,6 +6,7 @@ Tiny setups (8x8 digits, an MLP or a one-layer attention net) keep the file to s
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -388,6 +389,10 @@ def test_checks_run_on_user_model_and_data_files(tmp_path, capsys):
     assert main(base + ["--set", f"model.name={tmp_path / 'mymodel.py'}:Small", "--out", str(tmp_path / "ok")]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and (tmp_path / "ok" / "report.html").is_file()
+    saved = json.loads((tmp_path / "ok" / "checks.json").read_text())
+    assert [v["name"] for v in saved] == list(CHECKS) and "check passed" in (
+        tmp_path / "ok" / "status.json"
+    ).read_text()
     for model, data_args, failing in (
         ("Mixer", [], "dependency"),
         ("Small", ["--set", "data.args={leak: 50}"], "leakage"),

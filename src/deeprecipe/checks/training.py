@@ -104,12 +104,12 @@ def init_prior(ctx: Ctx) -> Verdict:
         return out.softmax(dim).movedim(dim, -1).reshape(-1, len(p)).mean(0).double().cpu()
 
     q = mean_pred(model)
-    kl = float((p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum())
+    kl = _kl(p, q)
     to_uniform = float((q.clamp_min(1e-12).log().neg() - math.log(len(p))).mean())  # KL(uniform || q)
     measured = f"KL(priors || mean prediction) = {kl:.3f}"
-    if kl <= 0.05:
-        return Verdict("init_prior", "pass", measured, "<= 0.05", "", kl)
-    if to_uniform <= 0.05:
+    if kl <= 0.1:
+        return Verdict("init_prior", "pass", measured, "<= 0.1", "", kl)
+    if to_uniform <= 0.1:
         fixed = ctx.model()
         ok = init_head_from_priors(fixed, p.float())
         after = f"; with head bias = log(priors) it is {_kl(p, mean_pred(fixed)):.3f}" if ok else ""
@@ -117,7 +117,7 @@ def init_prior(ctx: Ctx) -> Verdict:
             "init_prior",
             "warn",
             measured + after,
-            "<= 0.05",
+            "<= 0.1",
             "imbalanced labels: set the head bias to log(priors) (deeprecipe.checks.init_head_from_priors)",
             kl,
         )
@@ -125,7 +125,7 @@ def init_prior(ctx: Ctx) -> Verdict:
         "init_prior",
         "fail",
         measured,
-        "<= 0.05",
+        "<= 0.1",
         "the untrained net prefers some classes for no "
         "reason: look at the head's bias/weight init (zero it, or set the bias to log priors)",
         kl,

@@ -152,7 +152,7 @@ def cmd_lr_find(args) -> None:
     )
     print(
         f"loss lowest at lr {r.best_lr:.3g}, steepest fall at lr {r.steepest_lr:.3g}"
-        + ("" if r.diverged else f" (no blow-up up to {args.end:g}: try a larger --end)")
+        + (f" (still falling at {args.end:g}: try a larger --end)" if r.best_lr >= r.lrs[-1] else "")
     )
     print(f"suggested: --set optim.lr={r.suggestion:.2g}   (recipe has {cfg.optim.lr:g})\nplot: {path}")
 
