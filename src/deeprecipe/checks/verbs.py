@@ -69,11 +69,17 @@ def write_page(run_dir: Path, title: str, verdicts: list, cfg_text: str) -> Path
 def cmd_check(args) -> None:
     from dataclasses import asdict
 
-    from deeprecipe.checks import Ctx, run_checks
+    from deeprecipe.checks import CHECKS, Ctx, run_checks
     from deeprecipe.config import dump
     from deeprecipe.engine.checkpoint import atomic_text
+    from deeprecipe.tasks import get_task
+    from deeprecipe.util import UserError
 
     cfg = _load(args)
+    known = [*CHECKS, *getattr(get_task(cfg.task), "EXTRA_CHECKS", {})]
+    for name in _names(args.only) + _names(args.skip):
+        if name not in known:
+            raise UserError(f"unknown check '{name}': the checks are {', '.join(known)}")
     run_dir = _run_dir("check", args.recipe, args.out)
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     atomic_text(run_dir / "config.yaml", dump(cfg))
