@@ -15,6 +15,7 @@ from deeprecipe.util import UserError
 # modules that add verbs of their own: each defines add_parsers(subparsers)
 VERB_MODULES: list[str] = [
     "deeprecipe.translate_verb",
+    "deeprecipe.checks.verbs",
 ]
 
 

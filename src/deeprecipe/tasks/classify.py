@@ -62,6 +62,13 @@ def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
     return x, y
 
 
+def show_batch(batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
+    """A prepared batch for the eye (deeprecipe check): images de-normalized to [0, 1], captioned by label."""
+    x, y = batch
+    names = spec.class_names
+    return denormalize(x, spec), [names[int(v)] if 0 <= int(v) < len(names) else f"?{int(v)}" for v in y]
+
+
 def loss(model: nn.Module, batch, cfg: Config):
     x, y = batch
     logits = model(x)

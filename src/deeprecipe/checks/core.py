@@ -1,0 +1,363 @@
+"""What every check is handed (`Ctx`), what it returns (`Verdict`), and the task hooks with their fallbacks.
+
+A check is a plain function `check(ctx) -> Verdict`. The context builds the data once, builds fresh models
+from the recipe (seeded, so two builds are equal), and gives batches exactly as the training loop would
+(`task.prepare` with the loop's per-step generator). Checks run in fp32 so that exact properties hold
+(two seeded runs agree bitwise on CPU; the gradient across examples is exactly zero).
+
+Optional task hooks (module attributes of a task in deeprecipe/tasks/; each has a fallback here):
+    CHECKS_SKIP = {"init_prior", ...}     checks that do not apply to the task (shown as skip, with the reason)
+    EXTRA_CHECKS = {"name": fn(ctx)}      checks of the family's own, run after the built-in ones
+    CAUSAL = True                          the dependency check also proves that position t ignores inputs after t
+    IGNORE_INDEX = 255                     a label value that means "no label" (segmentation)
+    expected_init_loss(spec, cfg)          closed-form loss at init (fallback: ln C, else ln vocab, else skipped)
+    per_example_loss(model, batch, cfg)    (B,) or, for sequences, (B, T) losses (fallback: cross-entropy of
+                                           model(input) against batch[-1], class dim last or dim 1)
+    batch_input(batch) / replace_input(batch, x)   the net's input in a prepared batch (fallback: batch[0])
+    show_batch(batch, spec)                (images in [0, 1] (N, C, H, W), captions) or a text; None: no picture
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.data.core import Data, DataSpec, StreamSplit, TensorSplit, step_indices
+from deeprecipe.engine import optim
+from deeprecipe.engine.device import Runtime, setup, step_generator
+from deeprecipe.util import UserError
+
+STATUSES = ("pass", "warn", "fail", "skip")
+
+
+@dataclass
+class Verdict:
+    name: str
+    status: str  # pass | warn | fail | skip
+    measured: str = ""
+    expected: str = ""
+    advice: str = ""  # one line: what it means and what to do
+    value: float | None = None  # the measured number (checks.json, tests)
+    plots: list[str] = field(default_factory=list)  # paths relative to the run folder
+    seconds: float = 0.0
+
+
+def graded(
+    name: str,
+    value: float,
+    warn_above: float,
+    fail_above: float,
+    measured: str,
+    expected: str,
+    advice_warn: str,
+    advice_fail: str,
+    advice_pass: str = "",
+) -> Verdict:
+    """The common shape: a number that should be small; pass, warn and fail by two thresholds."""
+    if not math.isfinite(value) or value > fail_above:
+        return Verdict(name, "fail", measured, expected, advice_fail, value)
+    if value > warn_above:
+        return Verdict(name, "warn", measured, expected, advice_warn, value)
+    return Verdict(name, "pass", measured, expected, advice_pass, value)
+
+
+class Ctx:
+    """Everything a check needs. Tests build one from parts to plant a bug (make_model, data, task)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        out: Path,
+        *,
+        rt: Runtime | None = None,
+        data: Data | None = None,
+        make_model: Callable[[DataSpec], nn.Module] | None = None,
+        task: Any = None,
+        steps: int = 50,
+        batch_size: int = 32,
+        overfit_examples: int = 8,
+        overfit_steps: int = 200,
+        heldout: int = 256,
+        max_files: int = 2000,
+    ):
+        from deeprecipe.tasks import get_task
+
+        self.cfg = copy.deepcopy(cfg)
+        self.cfg.optim.label_smoothing = 0.0  # the closed-form values assume plain cross-entropy
+        self.task: ModuleType = task or get_task(cfg.task)
+        self.rt = rt or setup(cfg.train.device, "fp32")
+        self.out = Path(out)
+        self._data, self._make_model = data, make_model
+        self.steps, self.batch_size, self.heldout = steps, min(batch_size, cfg.train.batch_size), heldout
+        self.overfit_examples, self.overfit_steps, self.max_files = overfit_examples, overfit_steps, max_files
+        self.memo: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data and models
+    @property
+    def data(self) -> Data:
+        if self._data is None:
+            self._data = self.cfg.data.build()
+        if not self.memo.get("moved"):
+            for name in ("train", "val", "test"):
+                s = getattr(self._data, name)
+                if isinstance(s, TensorSplit):
+                    s.to(self.rt.device)
+            self.memo["moved"] = True
+        return self._data
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.data.spec
+
+    def model(self) -> nn.Module:
+        """A fresh model, seeded by train.seed: two calls give the same weights (unless the model is buggy)."""
+        torch.manual_seed(self.cfg.train.seed)
+        if self._make_model is not None:
+            m = self._make_model(self.spec)
+        elif hasattr(self.task, "build_model"):
+            m = self.task.build_model(self.cfg, self.spec)
+        else:
+            m = self.cfg.model.build(self.spec)
+        m = m.to(self.rt.device)
+        if self.cfg.train.channels_last and any(isinstance(x, nn.Conv2d) for x in m.modules()):
+            m = m.to(memory_format=torch.channels_last)
+        return m
+
+    def raw(self, split, idx: torch.Tensor) -> tuple:
+        return tuple(t.to(self.rt.device) for t in split.take(idx))
+
+    def train_batch(self, step: int, size: int | None = None, augment: bool = True):
+        """The prepared batch of training step `step`, as the loop makes it (same indices, same augmentation)."""
+        split, n, seed = self.data.train, size or self.batch_size, self.cfg.train.seed
+        raw = self.raw(split, step_indices(len(split), seed, step, min(n, len(split))))
+        gen = step_generator(self.rt.device, seed, step, 0, 0) if augment else None
+        return self.task.prepare(raw, self.spec, gen)
+
+    def heldout_batch(self, n: int | None = None):
+        """The first n examples of val (else test, else train), prepared for evaluation."""
+        d = self.data
+        split = d.val if d.val is not None and len(d.val) else d.test if d.test is not None and len(d.test) else d.train
+        n = min(n or self.heldout, len(split))
+        return self.task.prepare(self.raw(split, torch.arange(n)), self.spec, None)
+
+    # ------------------------------------------------------------------ task hooks with fallbacks
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return self.task.loss(model, batch, self.cfg)[0]
+
+    def get_input(self, batch) -> torch.Tensor:
+        return self.task.batch_input(batch) if hasattr(self.task, "batch_input") else batch[0]
+
+    def put_input(self, batch, x: torch.Tensor):
+        return self.task.replace_input(batch, x) if hasattr(self.task, "replace_input") else (x, *batch[1:])
+
+    def per_example_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        if hasattr(self.task, "per_example_loss"):
+            return self.task.per_example_loss(model, batch, self.cfg)
+        out = model(self.get_input(batch))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return per_example_ce(out.float(), batch[-1], getattr(self.task, "IGNORE_INDEX", -100))
+
+    def expected_init_loss(self) -> tuple[float, str] | None:
+        if hasattr(self.task, "expected_init_loss"):
+            v = self.task.expected_init_loss(self.spec, self.cfg)
+            return None if v is None else (float(v), "task's expected_init_loss")
+        if self.spec.num_classes:
+            return math.log(self.spec.num_classes), f"ln {self.spec.num_classes} classes"
+        if self.spec.vocab_size:
+            return math.log(self.spec.vocab_size), f"ln {self.spec.vocab_size} vocab"
+        return None
+
+    @property
+    def causal(self) -> bool:
+        return bool(getattr(self.task, "CAUSAL", False))
+
+    def plot_path(self, name: str) -> Path:
+        p = self.out / "plots" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy per example: (B, C) vs (B,) -> (B,); (B, T, V) vs (B, T) -> (B, T);
+    (B, C, H, W) vs (B, H, W) -> (B,) (mean over pixels)."""
+    if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise UserError(
+            "the checks' fallback loss needs integer targets in batch[-1]: define "
+            "per_example_loss(model, batch, cfg) in the task module"
+        )
+    y = y.long()
+    if logits.shape[:-1] == y.shape:  # class dim last
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none", ignore_index=ignore_index).view(
+            y.shape
+        )
+    if logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:  # class dim 1 (dense prediction)
+        return F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index).flatten(1).mean(1)
+    raise UserError(
+        f"the checks cannot match model output {tuple(logits.shape)} with targets {tuple(y.shape)}: "
+        "define per_example_loss(model, batch, cfg) in the task module"
+    )
+
+
+def labels_of(split) -> torch.Tensor | None:
+    """All labels of a split without decoding images: the last tensor of a TensorSplit when it is integer,
+    or the labels of a file list (StreamSplit over FileImages). None when the split has no such labels."""
+    if split is None:
+        return None
+    if isinstance(split, TensorSplit):
+        y = split.tensors[-1]
+        if len(split.tensors) > 1 and not y.is_floating_point():
+            return y.cpu().long()
+        return None
+    if isinstance(split, StreamSplit) and hasattr(split.dataset, "items"):
+        return torch.tensor([int(lab) for _, lab in split.dataset.items])
+    return None
+
+
+def output_layer(model: nn.Module, num_classes: int) -> nn.Module | None:
+    """The layer that makes the logits: model.head, else the last Linear/1x1 Conv with num_classes outputs."""
+    head = getattr(model, "head", None)
+    if isinstance(head, (nn.Linear, nn.Conv2d)) and head.bias is not None and head.bias.shape == (num_classes,):
+        return head
+    found = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)) and m.bias is not None and m.bias.shape == (num_classes,):
+            found = m
+    return found
+
+
+def init_head_from_priors(model: nn.Module, priors: torch.Tensor) -> bool:
+    """The fix the init_prior check offers: set the logits' bias to log(priors), so the net predicts the
+    label frequencies at step 0 instead of spending its first steps learning them. False: no head found."""
+    head = output_layer(model, len(priors))
+    if head is None:
+        return False
+    with torch.no_grad():
+        logp = priors.clamp_min(1e-8).log().to(head.bias)
+        head.bias.copy_(logp - logp.mean())
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- short runs
+
+
+@dataclass
+class Fit:
+    losses: list[float]
+    got_grad: dict[str, bool]  # parameter name -> received a nonzero gradient at some step
+    frozen: list[str]  # parameters with requires_grad=False
+
+
+def fit(
+    ctx: Ctx,
+    model: nn.Module,
+    steps: int,
+    batch: Callable[[int], Any],
+    *,
+    lr: float | None = None,
+    transform: Callable | None = None,
+    watch: Callable[[int, nn.Module], None] | None = None,
+    watch_every: int = 5,
+    weight_decay: float | None = None,
+    until: float = -1.0,
+) -> Fit:
+    """A short training run as the loop does it (AdamW, clipping) at the recipe's peak lr, held constant after
+    the recipe's warmup (as a fraction of these steps). `watch(step, model)` sees the model every few steps;
+    the run stops early once the loss is below `until`."""
+    # zeroed inputs and vanishing gradients make denormal floats, many times slower on CPUs: flush them
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _fit(ctx, model, steps, batch, lr, transform, watch, watch_every, weight_decay, until)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _fit(ctx, model, steps, batch, lr, transform, watch, watch_every, weight_decay, until) -> Fit:
+    o = copy.deepcopy(ctx.cfg.optim)
+    if weight_decay is not None:
+        o.weight_decay = weight_decay
+    opt = optim.adamw(model, o)
+    lr = o.lr if lr is None else lr
+    warm = int(o.warmup * steps) if o.warmup < 1 else min(int(o.warmup), steps // 4)
+    named = [(n, p) for n, p in model.named_parameters()]
+    got = {n: False for n, p in named if p.requires_grad}
+    losses: list[float] = []
+    model.train()
+    for s in range(steps):
+        optim.set_lr(opt, lr * min(1.0, (s + 1) / warm) if warm else lr)
+        b = batch(s)
+        if transform is not None:
+            b = transform(b)
+        if watch is not None and s % watch_every == 0:
+            watch(s, model)
+            model.train()
+        loss = ctx.loss(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, p in named:
+            if n in got and not got[n] and p.grad is not None and bool(p.grad.ne(0).any()):
+                got[n] = True
+        if o.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), o.clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]) or losses[-1] < until:
+            break
+    if watch is not None:
+        watch(steps, model)
+    return Fit(losses, got, [n for n, p in named if not p.requires_grad])
+
+
+def real_run(ctx: Ctx) -> tuple[Fit, dict]:
+    """The shared short run on real inputs (used by baseline, loss_down, dynamics, grad_flow), with the
+    per-example losses of a fixed held-out batch recorded along the way (prediction dynamics)."""
+    if "real" not in ctx.memo:
+        fixed = ctx.heldout_batch(32)
+        dyn: dict[int, list[float]] = {}
+
+        def watch(step, model):
+            with batch_stats_eval(model):
+                per = ctx.per_example_loss(model, fixed)
+            dyn[step] = (per.flatten(1).mean(1) if per.ndim > 1 else per).cpu().tolist()
+
+        model = ctx.model()
+        f = fit(ctx, model, ctx.steps, ctx.train_batch, watch=watch, watch_every=max(1, ctx.steps // 10))
+        ctx.memo["real"] = (f, dyn, model)
+    f, dyn, _ = ctx.memo["real"]
+    return f, dyn
+
+
+@contextlib.contextmanager
+def batch_stats_eval(model: nn.Module):
+    """Evaluation (dropout off) with norms on the batch's statistics, their running statistics left as they
+    are: after a few dozen steps the running statistics of BatchNorm lag far behind the weights, and an
+    eval-mode measurement would judge the lag, not the net."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.train()
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.train()
+
+
+def eval_loss(ctx: Ctx, model: nn.Module, batch) -> float:
+    with batch_stats_eval(model):
+        return float(ctx.loss(model, batch))
