@@ -12,7 +12,7 @@ from pathlib import Path
 from deeprecipe.util import UserError
 
 # modules that add verbs of their own: each defines add_parsers(subparsers)
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = ["deeprecipe.serve.cli"]
 
 
 # ------------------------------------------------------------------------------------------ run loading

@@ -47,8 +47,10 @@ def read_source(src: str) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"--init-from {src}: not a weights-only PyTorch state dict ({str(e).splitlines()[0]}); "
-                            "save it with torch.save(model.state_dict(), path) or as .safetensors") from None
+            raise UserError(
+                f"--init-from {src}: not a weights-only PyTorch state dict ({str(e).splitlines()[0]}); "
+                "save it with torch.save(model.state_dict(), path) or as .safetensors"
+            ) from None
         for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a state dict
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -58,7 +60,7 @@ def read_source(src: str) -> dict[str, torch.Tensor]:
     # a training checkpoint's model.safetensors holds model.* and ema.*: prefer the EMA weights
     for half in ("ema.", "model."):
         if any(k.startswith(half) for k in weights):
-            weights = {k[len(half):]: v for k, v in weights.items() if k.startswith(half)}
+            weights = {k[len(half) :]: v for k, v in weights.items() if k.startswith(half)}
             break
     out = {}
     for k, v in weights.items():
@@ -106,16 +108,20 @@ def format_report(src: str, report: dict[str, list]) -> str:
     def shapes(items):
         return ", ".join(f"{n} {list(a)}->{list(b)}" for n, a, b in items[:6]) + (" ..." if len(items) > 6 else "")
 
-    lines = [f"init from {src}: loaded {len(report['loaded'])} tensors, adapted {len(report['adapted'])}, "
-             f"skipped {len(report['skipped'])} (shape mismatch), newly initialized "
-             f"{len(report['new']) + len(report['skipped'])}, unused from the source {len(report['unused'])}"]
+    lines = [
+        f"init from {src}: loaded {len(report['loaded'])} tensors, adapted {len(report['adapted'])}, "
+        f"skipped {len(report['skipped'])} (shape mismatch), newly initialized "
+        f"{len(report['new']) + len(report['skipped'])}, unused from the source {len(report['unused'])}"
+    ]
     if report["adapted"]:
         lines.append(f"  adapted (input channels): {shapes(report['adapted'])}")
     if report["skipped"]:
         lines.append(f"  skipped, kept fresh init: {shapes(report['skipped'])}")
     if report["new"]:
-        lines.append(f"  not in the source, fresh init: {', '.join(report['new'][:8])}"
-                     + (" ..." if len(report["new"]) > 8 else ""))
+        lines.append(
+            f"  not in the source, fresh init: {', '.join(report['new'][:8])}"
+            + (" ..." if len(report["new"]) > 8 else "")
+        )
     return "\n".join(lines)
 
 
@@ -133,8 +139,9 @@ def head_name(model: nn.Module) -> str:
     return top_level(model)[-1]
 
 
-def plan(model: nn.Module, fresh: list[str], freeze: str, head_lr: float, backbone_lr: float,
-         unfreeze_after: int) -> dict[str, float | tuple[float, int]]:
+def plan(
+    model: nn.Module, fresh: list[str], freeze: str, head_lr: float, backbone_lr: float, unfreeze_after: int
+) -> dict[str, float | tuple[float, int]]:
     """Set requires_grad for frozen layers and return lr multipliers by prefix ("layer1." -> scale or
     (scale, start step)). The head and any layer left with fresh weights train at head_lr and are never
     frozen (a frozen random layer would stay random)."""
@@ -145,8 +152,9 @@ def plan(model: nn.Module, fresh: list[str], freeze: str, head_lr: float, backbo
         frozen = [n for n in layers if n not in new]
     elif freeze:
         if freeze not in layers:
-            raise UserError(f"--freeze {freeze}: not a top-level layer of this model; use 'backbone' or one of "
-                            f"{', '.join(layers)}")
+            raise UserError(
+                f"--freeze {freeze}: not a top-level layer of this model; use 'backbone' or one of {', '.join(layers)}"
+            )
         if layers.index(freeze) >= layers.index(head):
             raise UserError(f"--freeze {freeze} would freeze the head '{head}': name an earlier layer")
         frozen = [n for n in layers[: layers.index(freeze) + 1] if n not in new]
@@ -173,16 +181,20 @@ def make_init(init_from: str, args) -> Callable[[nn.Module], dict | None]:
     def init(model: nn.Module) -> dict | None:
         report = load_matching(model, weights)
         if not report["loaded"] and not report["adapted"]:
-            raise UserError(f"--init-from {init_from}: no tensor matches this model by name and shape "
-                            f"(source names look like {list(weights)[:3]}, the model's like "
-                            f"{list(model.state_dict())[:3]})")
+            raise UserError(
+                f"--init-from {init_from}: no tensor matches this model by name and shape "
+                f"(source names look like {list(weights)[:3]}, the model's like "
+                f"{list(model.state_dict())[:3]})"
+            )
         fresh = report["new"] + [n for n, _, _ in report["skipped"]]
         lr_scale = plan(model, fresh, freeze, head_lr, backbone_lr, unfreeze_after)
         print(format_report(init_from, report))
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        desc = ", ".join(f"{k.rstrip('.')}: x{v[0]:g} from step {v[1]}" if isinstance(v, tuple)
-                         else f"{k.rstrip('.')}: x{v:g}" for k, v in lr_scale.items())
+        desc = ", ".join(
+            f"{k.rstrip('.')}: x{v[0]:g} from step {v[1]}" if isinstance(v, tuple) else f"{k.rstrip('.')}: x{v:g}"
+            for k, v in lr_scale.items()
+        )
         print(f"  frozen {frozen:,} of {total:,} parameters; lr multipliers {desc}")
         init.report = report  # type: ignore[attr-defined]
         return lr_scale
