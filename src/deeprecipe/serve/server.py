@@ -378,11 +378,14 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: 
 
 def png_base64(img: torch.Tensor) -> str:
     """(C, H, W) uint8, or float in [0, 1] -> a PNG as base64 text (for overlays and samples in JSON)."""
-    from torchvision.io import encode_png
+    from PIL import Image
 
     if img.dtype != torch.uint8:
         img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return base64.b64encode(encode_png(img.cpu()).numpy().tobytes()).decode()
+    arr = img.cpu().permute(1, 2, 0).numpy()  # (H, W, C)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 async def stream_in_thread(make: Callable[[], Iterator[str]], lock: threading.Lock):
