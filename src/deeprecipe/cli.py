@@ -16,6 +16,7 @@ from deeprecipe.util import UserError
 VERB_MODULES: list[str] = [
     "deeprecipe.translate_verb",
     "deeprecipe.checks.verbs",
+    "deeprecipe.serve.cli",
 ]
 
 
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--freeze", default="", help="fine-tuning: 'backbone', or a layer name to freeze up to")
     s.add_argument("--head-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the new head")
     s.add_argument("--backbone-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the rest")
+    s.add_argument("--unfreeze-after", type=int, default=0, metavar="N",
+                   help="fine-tuning: unfreeze the frozen layers one every N steps, from the head down")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run on its test split")

@@ -41,6 +41,7 @@ class ImageData:
     crop_pad: int = 0  # augmentation: random crop after zero padding by this many pixels (0: off)
     flip: bool = False  # augmentation: random horizontal flip (off for digits and text-like images)
     limit: int = 0  # use at most N training examples (0: all); for quick runs and few-label studies
+    per_class: int = 0  # keep only N training examples of each class, drawn by split_seed (0: all); few-label studies
     in_memory_mb: int = 2048  # folder sets smaller than this are decoded once into memory
 
     def build(self) -> Data:
@@ -64,6 +65,9 @@ class ImageData:
             k = max(1, int(len(x) * self.val_fraction))
             val, cut = (x[perm[cut : cut + k]], y[perm[cut : cut + k]]), cut + k
         keep = perm[cut:].sort().values if cut else torch.arange(len(x))
+        if self.per_class:  # the first N of each class in split-seed order: a random, balanced few-label set
+            rest = perm[cut:]
+            keep = torch.cat([rest[y[rest] == c][: self.per_class] for c in range(len(classes))]).sort().values
         if self.limit:
             keep = keep[:self.limit]
         x, y = x[keep], y[keep]

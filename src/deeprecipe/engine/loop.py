@@ -118,7 +118,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
     model.train()
     step = start
     for step in range(start, T.steps):
-        optim.set_lr(opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps))
+        optim.set_lr(opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps), step)
         for k in range(T.accum):
             batch = task.prepare(next(batches), data.spec, step_generator(rt.device, T.seed, step, k, rt.rank))
             sync = k == T.accum - 1 or rt.world == 1

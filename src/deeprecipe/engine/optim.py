@@ -11,22 +11,23 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from deeprecipe.config import ConfigError, OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = None) -> list[dict]:
     """Decay matrices and conv kernels; never biases, norm scales or other 1-D parameters.
 
-    `lr_scale` maps a parameter-name prefix to a learning-rate multiplier (discriminative fine-tuning)."""
-    groups: dict[tuple[bool, float], list] = {}
+    `lr_scale` maps a parameter-name prefix to a learning-rate multiplier (discriminative fine-tuning), or to
+    (multiplier, start step): lr 0 before that step (gradual unfreezing, see engine/finetune.py)."""
+    groups: dict[tuple[bool, float, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "norm" not in name and "pos_emb" not in name
-        scale = 1.0
+        scale, start = 1.0, 0
         for prefix, s in (lr_scale or {}).items():
             if name.startswith(prefix):
-                scale = s
-        groups.setdefault((decay, scale), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s}
-            for (d, s), ps in groups.items()]
+                scale, start = s if isinstance(s, tuple) else (s, 0)
+        groups.setdefault((decay, scale, start), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s, "start_step": t}
+            for (d, s, t), ps in groups.items()]
 
 
 def adamw(model: nn.Module, cfg: OptimConfig, lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
@@ -56,9 +57,9 @@ def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
     raise ConfigError(f"optim.schedule={cfg.schedule}: use cosine, onecycle or constant")
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: torch.optim.Optimizer, lr: float, step: int = 0) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = lr * g.get("lr_scale", 1.0) if step >= g.get("start_step", 0) else 0.0
 
 
 def ema(model: nn.Module, decay: float) -> AveragedModel | None:

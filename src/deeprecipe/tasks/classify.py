@@ -4,8 +4,6 @@ A batch is (images uint8 (B, C, H, W), labels (B,)). `prepare` turns it, on the 
 sees: floats normalized by the train split's mean/std, randomly cropped and flipped when training.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch
@@ -93,8 +91,10 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dic
         multiclass_recall,
     )
 
-    out = {"loss": F.cross_entropy(logits, labels).item(),
-           "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item()}
+    out = {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
+    }
     if num_classes > 5:
         out["top5"] = multiclass_accuracy(logits, labels, num_classes, top_k=5, average="micro").item()
     out["precision"] = multiclass_precision(logits, labels, num_classes, average=None).tolist()
@@ -125,12 +125,20 @@ def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict
     if len(order):
         n = min(len(data.split(split)), cfg.train.limit_eval or len(data.split(split)))
         imgs = data.split(split).take(order[order < n].to(torch.long))[0]
-        captions = [f"{names[int(probs[i].argmax())]} ({probs[i].max():.2f})\ntrue: {names[int(labels[i])]}"
-                    for i in order.tolist()]
-        plots.image_grid(imgs.float().cpu() / 255, captions, Path(run_dir) / "plots" / "worst_mistakes.png",
-                         f"worst {split} mistakes: predicted (confidence) / true")
+        captions = [
+            f"{names[int(probs[i].argmax())]} ({probs[i].max():.2f})\ntrue: {names[int(labels[i])]}"
+            for i in order.tolist()
+        ]
+        plots.image_grid(
+            imgs.float().cpu() / 255,
+            captions,
+            Path(run_dir) / "plots" / "worst_mistakes.png",
+            f"worst {split} mistakes: predicted (confidence) / true",
+        )
     return {f"{split}_{k}": v for k, v in m.items() if k in ("acc", "top5", "loss")} | {
-        f"{split}_precision": m["precision"], f"{split}_recall": m["recall"]}
+        f"{split}_precision": m["precision"],
+        f"{split}_recall": m["recall"],
+    }
 
 
 def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
@@ -150,6 +158,49 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
             probs = model(x).float().softmax(-1)[0].cpu()
         top = probs.topk(min(getattr(args, "top", 3), len(probs)))
         labels = [{"label": spec.class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
-        out.append({"file": f, "label": labels[0]["label"], "prob": labels[0]["prob"], "top": labels,
-                    "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})"})
+        out.append(
+            {
+                "file": f,
+                "label": labels[0]["label"],
+                "prob": labels[0]["prob"],
+                "top": labels,
+                "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})",
+            }
+        )
     return out
+
+
+# ------------------------------------------------------------------------------------------ export and serve
+
+
+def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
+    """What `deeprecipe export` feeds the net: a normalized image batch (B, C, H, W), batch axis dynamic."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randint(0, 256, (batch, spec.in_channels, *spec.image_size), dtype=torch.uint8, generator=g)
+    return {"inputs": {"image": prepare((x, None), spec)[0].contiguous()}, "outputs": ["logits"]}
+
+
+def serve(ctx) -> None:
+    """POST /classify: an image file -> its top labels; concurrent requests run as one batch."""
+    from fastapi import File, Query, UploadFile
+
+    spec = ctx.spec
+
+    def run(images: list[torch.Tensor]) -> list[torch.Tensor]:  # uint8 (C, H, W) each -> probabilities
+        x, _ = prepare((torch.stack(images).to(ctx.rt.device), None), spec)  # (B, C, H, W)
+        with ctx.rt.autocast():
+            return list(ctx.model(x).float().softmax(-1).cpu())
+
+    batch = ctx.batcher("classify", run)
+
+    @ctx.router.post("/classify", summary="Classify an image (PNG, JPEG, ...)")
+    async def classify(
+        image: UploadFile = File(..., description="the image file"),
+        top: int = Query(3, ge=1, le=max(1, spec.num_classes), description="labels to return"),
+    ):
+        probs = await batch(await ctx.read_image(image))
+        p, i = probs.topk(top)
+        labels = [{"label": spec.class_names[int(k)], "prob": round(float(v), 5)} for v, k in zip(p, i)]
+        return {"label": labels[0]["label"], "prob": labels[0]["prob"], "top": labels}
+
+    ctx.widget("/classify", "image", "Classify an image")

@@ -1,0 +1,202 @@
+"""Fine-tuning: start a model from other weights, freeze part of it, and give its parts their own learning rates.
+
+`deeprecipe train RECIPE --init-from RUN_OR_FILE [--freeze backbone|LAYER] [--head-lr X] [--backbone-lr Y]
+[--unfreeze-after N]` builds the recipe's model, then `make_init(...)(model)`:
+
+1. reads the source weights without unpickling: a run folder (its inference weights), a .safetensors file,
+   or a PyTorch state dict file such as a torchvision ResNet's (`torch.load(weights_only=True)`);
+2. copies every tensor whose name and shape match; a first conv whose input channels differ is adapted
+   (RGB -> gray sums the kernel over its input channels, which is the RGB net fed the gray image three times);
+   everything else keeps its fresh initialization: a new head when the class count changes;
+3. freezes the backbone (everything but the head and the newly initialized tensors) or every top-level
+   layer up to and including a named one;
+4. returns the lr multipliers by name prefix (engine/optim.py param_groups). With --unfreeze-after N the
+   frozen layers are not frozen for good: they get learning rate 0 until their start step, one top-level
+   layer every N steps from the head down to the stem (gradual unfreezing). Being a function of the step,
+   it resumes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from deeprecipe.util import UserError
+
+# prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_source(src: str) -> dict[str, torch.Tensor]:
+    """Name -> tensor of a run folder, a .safetensors file, or a state-dict file (read weights-only)."""
+    from deeprecipe.engine import checkpoint
+
+    p = Path(src)
+    if p.is_dir():
+        if not (p / "checkpoints").is_dir():
+            raise UserError(f"--init-from {src}: a folder must be a run folder (with checkpoints/)")
+        weights = checkpoint.inference_weights(p)
+    elif not p.is_file():
+        raise UserError(f"--init-from {src}: no such run folder or weights file")
+    elif p.suffix == ".safetensors":
+        weights = checkpoint.load_weights(p)
+    else:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(
+                f"--init-from {src}: not a weights-only PyTorch state dict ({str(e).splitlines()[0]}); "
+                "save it with torch.save(model.state_dict(), path) or as .safetensors"
+            ) from None
+        for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a state dict
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise UserError(f"--init-from {src}: expected a mapping of parameter names to tensors")
+        weights = obj
+    # a training checkpoint's model.safetensors holds model.* and ema.*: prefer the EMA weights
+    for half in ("ema.", "model."):
+        if any(k.startswith(half) for k in weights):
+            weights = {k[len(half) :]: v for k, v in weights.items() if k.startswith(half)}
+            break
+    out = {}
+    for k, v in weights.items():
+        for pre in WRAPPER_PREFIXES:
+            k = k.removeprefix(pre)
+        out[k] = v
+    return out
+
+
+def adapt_channels(src: torch.Tensor, dst_shape: torch.Size) -> torch.Tensor | None:
+    """A conv kernel (out, c_in, kh, kw) for another number of input channels, or None if it cannot be."""
+    if src.ndim != 4 or len(dst_shape) != 4 or src.shape[0] != dst_shape[0] or src.shape[2:] != dst_shape[2:]:
+        return None
+    cin, want = src.shape[1], dst_shape[1]
+    if want == 1:  # gray from RGB: the sum gives the same output as the gray image copied into 3 channels
+        return src.sum(1, keepdim=True)
+    if cin == 1:  # RGB from gray: split the kernel evenly over the channels
+        return src.repeat(1, want, 1, 1) / want
+    return None
+
+
+def load_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Copy matching tensors into `model` in place; returns what was loaded, adapted, skipped, new and unused."""
+    state = model.state_dict()
+    report: dict[str, list] = {"loaded": [], "adapted": [], "skipped": [], "new": [], "unused": []}
+    new_state = {}
+    for name, cur in state.items():
+        src = weights.get(name)
+        if src is None:
+            report["new"].append(name)
+        elif src.shape == cur.shape:
+            new_state[name] = src
+            report["loaded"].append(name)
+        elif (ad := adapt_channels(src, cur.shape)) is not None:
+            new_state[name] = ad
+            report["adapted"].append((name, tuple(src.shape), tuple(cur.shape)))
+        else:
+            report["skipped"].append((name, tuple(src.shape), tuple(cur.shape)))
+    report["unused"] = [k for k in weights if k not in state]
+    model.load_state_dict(new_state, strict=False)
+    return report
+
+
+def format_report(src: str, report: dict[str, list]) -> str:
+    def shapes(items):
+        return ", ".join(f"{n} {list(a)}->{list(b)}" for n, a, b in items[:6]) + (" ..." if len(items) > 6 else "")
+
+    lines = [
+        f"init from {src}: loaded {len(report['loaded'])} tensors, adapted {len(report['adapted'])}, "
+        f"skipped {len(report['skipped'])} (shape mismatch), newly initialized "
+        f"{len(report['new']) + len(report['skipped'])}, unused from the source {len(report['unused'])}"
+    ]
+    if report["adapted"]:
+        lines.append(f"  adapted (input channels): {shapes(report['adapted'])}")
+    if report["skipped"]:
+        lines.append(f"  skipped, kept fresh init: {shapes(report['skipped'])}")
+    if report["new"]:
+        lines.append(
+            f"  not in the source, fresh init: {', '.join(report['new'][:8])}"
+            + (" ..." if len(report["new"]) > 8 else "")
+        )
+    return "\n".join(lines)
+
+
+def top_level(model: nn.Module) -> list[str]:
+    """Names of the model's top-level children that hold parameters, in registration (forward) order."""
+    return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+
+
+def head_name(model: nn.Module) -> str:
+    """The top-level layer that is the head: `model.head` when the model exposes it, else its last layer."""
+    head = getattr(model, "head", None)
+    for n, m in model.named_children():
+        if m is head:
+            return n
+    return top_level(model)[-1]
+
+
+def plan(
+    model: nn.Module, fresh: list[str], freeze: str, head_lr: float, backbone_lr: float, unfreeze_after: int
+) -> dict[str, float | tuple[float, int]]:
+    """Set requires_grad for frozen layers and return lr multipliers by prefix ("layer1." -> scale or
+    (scale, start step)). The head and any layer left with fresh weights train at head_lr and are never
+    frozen (a frozen random layer would stay random)."""
+    layers = top_level(model)
+    head = head_name(model)
+    new = {head} | {n.split(".")[0] for n in fresh}
+    if freeze == "backbone":
+        frozen = [n for n in layers if n not in new]
+    elif freeze:
+        if freeze not in layers:
+            raise UserError(
+                f"--freeze {freeze}: not a top-level layer of this model; use 'backbone' or one of {', '.join(layers)}"
+            )
+        if layers.index(freeze) >= layers.index(head):
+            raise UserError(f"--freeze {freeze} would freeze the head '{head}': name an earlier layer")
+        frozen = [n for n in layers[: layers.index(freeze) + 1] if n not in new]
+    else:
+        frozen = []
+    lr_scale: dict[str, float | tuple[float, int]] = {n + ".": head_lr if n in new else backbone_lr for n in layers}
+    if unfreeze_after > 0:  # the frozen layer nearest the head starts first, the stem last
+        for k, n in enumerate(reversed(frozen), 1):
+            lr_scale[n + "."] = (backbone_lr, k * unfreeze_after)
+    else:
+        for n in frozen:
+            for p in getattr(model, n).parameters():
+                p.requires_grad_(False)
+    return lr_scale
+
+
+def make_init(init_from: str, args) -> Callable[[nn.Module], dict | None]:
+    """The `init(model) -> lr_scale` function the training loop calls after building the model."""
+    weights = read_source(init_from)
+    freeze = getattr(args, "freeze", "") or ""
+    head_lr, backbone_lr = getattr(args, "head_lr", 1.0), getattr(args, "backbone_lr", 1.0)
+    unfreeze_after = int(getattr(args, "unfreeze_after", 0) or 0)
+
+    def init(model: nn.Module) -> dict | None:
+        report = load_matching(model, weights)
+        if not report["loaded"] and not report["adapted"]:
+            raise UserError(
+                f"--init-from {init_from}: no tensor matches this model by name and shape "
+                f"(source names look like {list(weights)[:3]}, the model's like "
+                f"{list(model.state_dict())[:3]})"
+            )
+        fresh = report["new"] + [n for n, _, _ in report["skipped"]]
+        lr_scale = plan(model, fresh, freeze, head_lr, backbone_lr, unfreeze_after)
+        print(format_report(init_from, report))
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        desc = ", ".join(
+            f"{k.rstrip('.')}: x{v[0]:g} from step {v[1]}" if isinstance(v, tuple) else f"{k.rstrip('.')}: x{v:g}"
+            for k, v in lr_scale.items()
+        )
+        print(f"  frozen {frozen:,} of {total:,} parameters; lr multipliers {desc}")
+        init.report = report  # type: ignore[attr-defined]
+        return lr_scale
+
+    return init

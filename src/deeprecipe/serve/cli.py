@@ -1,0 +1,71 @@
+"""The `export` and `serve` verbs."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from deeprecipe.util import UserError
+
+
+def cmd_export(args) -> None:
+    from deeprecipe.serve.export import export_run
+
+    s = export_run(args.run, args.format, args.out, args.atol, args.rtol)
+    shapes = ", ".join(f"{n} {v['shape']} ({v['dtype']})" for n, v in s["inputs"].items())
+    print(f"exported {s['file']} ({args.format}); inputs {shapes}; dynamic axes {s['dynamic']}")
+    print(f"parity with PyTorch: max |diff| {s['max_abs_diff']:.2e} within atol {s['atol']:g} + rtol {s['rtol']:g}")
+
+
+def cmd_serve(args) -> None:
+    import logging
+
+    import uvicorn
+
+    from deeprecipe.serve.server import ServeOptions, build_app
+
+    token = args.token or os.environ.get("DEEPRECIPE_TOKEN") or None
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and token is None and not args.insecure:
+        raise UserError(
+            f"--host {args.host} exposes the model beyond this machine: set --token (or "
+            "DEEPRECIPE_TOKEN), or pass --insecure to serve without one"
+        )
+    if args.max_batch < 1 or args.wait_ms < 0 or args.max_mb <= 0:
+        raise UserError("--max-batch must be >= 1, --wait-ms >= 0 and --max-mb > 0")
+    opts = ServeOptions(max_batch=args.max_batch, wait_ms=args.wait_ms, max_bytes=int(args.max_mb * 2**20), token=token)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = build_app(args.run, opts, args.device, args.precision)
+    print(
+        f"serving {args.run} on http://{args.host}:{args.port}/ (API docs at /docs; "
+        f"token {'required' if token else 'not required'})",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info")
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("export", help="export a run to ONNX or TorchScript and check it against PyTorch")
+    s.add_argument("run")
+    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    s.add_argument("--out", help="output file (default RUN/export/model.onnx or model.pt)")
+    s.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: absolute")
+    s.add_argument("--rtol", type=float, default=1e-3, help="parity tolerance: relative")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="serve a run over HTTP: JSON endpoints, a web page, metrics")
+    s.add_argument("run")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--token", help="bearer token required on every endpoint but /health (or DEEPRECIPE_TOKEN)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
+    s.add_argument("--max-batch", type=int, default=32, help="most requests per model call")
+    s.add_argument("--wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    s.add_argument("--max-mb", type=float, default=8.0, help="largest request body in MiB")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32")
+    s.add_argument("--access-log", action="store_true", help="log every request (the summary is logged anyway)")
+    s.set_defaults(func=cmd_serve)

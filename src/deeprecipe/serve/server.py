@@ -1,0 +1,530 @@
+"""The HTTP server of a trained run: FastAPI endpoints from the task, batching, limits, token, metrics, a page.
+
+`build_app(run)` loads the run (safetensors weights, never unpickled), makes a `ServeContext` and calls the
+task's `serve(ctx)` hook, which adds the family's endpoints in a few lines with the helpers below:
+    ctx.batcher(name, fn)        requests arriving together run as one batch: fn(list of items) -> list of results
+    ctx.router                   a FastAPI APIRouter whose routes require the token (when one is set)
+    await ctx.read_image(file)   an uploaded image, validated, as uint8 (C, H, W) with the spec's channels/size
+    ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | text | stream | sample)
+    ctx.text_generation / ctx.translation / ctx.image_sampler   whole endpoints for the generative families
+Always there: GET /health (public), / (the page, static), /docs and /openapi.json (the API description),
+GET /info and /metrics (Prometheus text: request counts, latency quantiles, batch sizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import HTTPException
+from fastapi.security import HTTPAuthorizationCredentials
+
+from deeprecipe.serve.schemas import GenerateRequest, SampleRequest, TextRequest
+from deeprecipe.util import UserError
+
+log = logging.getLogger("deeprecipe.serve")
+PUBLIC = {"/health", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # static or liveness only
+IMAGE_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/bmp",
+    "image/webp",
+    "image/tiff",
+    "application/octet-stream",
+}  # the decoder decides; octet-stream is what many clients send
+
+
+@dataclass
+class ServeOptions:
+    max_batch: int = 32  # most requests run together in one forward pass
+    wait_ms: float = 5.0  # how long the first request of a batch waits for others to join it
+    max_bytes: int = 8 * 2**20  # largest request body
+    max_pixels: int = 4096 * 4096  # largest decoded image (a small PNG can claim a huge size)
+    token: str | None = None  # bearer token required on every endpoint but the public ones
+    log_every: float = 10.0  # seconds between summary lines in the log
+
+
+# ------------------------------------------------------------------------------------------ monitoring
+
+
+class Metrics:
+    """Request counts by route and status, latency quantiles over a recent window, batch-size histograms."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+    def __init__(self, window: int = 10_000):
+        self.lock = threading.Lock()
+        self.requests: Counter = Counter()
+        self.latency: dict[str, deque] = {}
+        self.lat_sum: Counter = Counter()
+        self.batches: dict[str, list[int]] = {}  # name -> sizes of recent batches
+        self.batch_count: Counter = Counter()
+        self.batch_items: Counter = Counter()
+        self.window = window
+        self.last_logged = 0
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(route, status)] += 1
+            self.latency.setdefault(route, deque(maxlen=self.window)).append(seconds)
+            self.lat_sum[route] += seconds
+
+    def batch(self, name: str, size: int) -> None:
+        with self.lock:
+            hist = self.batches.setdefault(name, [0] * (len(self.BUCKETS) + 1))
+            hist[next((i for i, b in enumerate(self.BUCKETS) if size <= b), len(self.BUCKETS))] += 1
+            self.batch_count[name] += 1
+            self.batch_items[name] += size
+
+    @staticmethod
+    def quantile(values: list[float], q: float) -> float:
+        if not values:
+            return 0.0
+        s = sorted(values)
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+    def prometheus(self) -> str:
+        with self.lock:
+            out = [
+                "# HELP deeprecipe_requests_total HTTP requests by route and status code.",
+                "# TYPE deeprecipe_requests_total counter",
+            ]
+            for (route, status), n in sorted(self.requests.items()):
+                out.append(f'deeprecipe_requests_total{{route="{route}",status="{status}"}} {n}')
+            out += [
+                "# HELP deeprecipe_request_seconds Latency (quantiles over the last requests of each route).",
+                "# TYPE deeprecipe_request_seconds summary",
+            ]
+            for route, lat in sorted(self.latency.items()):
+                values = list(lat)
+                for q in (0.5, 0.9, 0.99):
+                    out.append(
+                        f'deeprecipe_request_seconds{{route="{route}",quantile="{q}"}} {self.quantile(values, q):.6f}'
+                    )
+                total = sum(n for (r, _), n in self.requests.items() if r == route)
+                out.append(f'deeprecipe_request_seconds_sum{{route="{route}"}} {self.lat_sum[route]:.6f}')
+                out.append(f'deeprecipe_request_seconds_count{{route="{route}"}} {total}')
+            out += [
+                "# HELP deeprecipe_batch_size Requests per model call, by batched endpoint.",
+                "# TYPE deeprecipe_batch_size histogram",
+            ]
+            for name, hist in sorted(self.batches.items()):
+                cum = 0
+                for b, n in zip((*self.BUCKETS, "+Inf"), hist):
+                    cum += n
+                    out.append(f'deeprecipe_batch_size_bucket{{endpoint="{name}",le="{b}"}} {cum}')
+                out.append(f'deeprecipe_batch_size_sum{{endpoint="{name}"}} {self.batch_items[name]}')
+                out.append(f'deeprecipe_batch_size_count{{endpoint="{name}"}} {self.batch_count[name]}')
+            return "\n".join(out) + "\n"
+
+    def summary(self) -> str | None:
+        """One log line since the last one, or None when nothing happened."""
+        with self.lock:
+            total = sum(self.requests.values())
+            if total == self.last_logged:
+                return None
+            new, self.last_logged = total - self.last_logged, total
+            errors = sum(n for (_, s), n in self.requests.items() if s >= 400)
+            parts = [f"requests +{new} (total {total}, 4xx/5xx {errors})"]
+            for route, lat in sorted(self.latency.items()):
+                v = list(lat)
+                parts.append(
+                    f"{route} p50 {1000 * self.quantile(v, 0.5):.1f} ms p99 {1000 * self.quantile(v, 0.99):.1f} ms"
+                )
+            for name in sorted(self.batch_count):
+                parts.append(f"{name} mean batch {self.batch_items[name] / self.batch_count[name]:.1f}")
+            return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+class Batcher:
+    """An asyncio queue and one worker: it takes what is waiting (up to max_batch), waits up to wait_ms for
+    more when the batch is not full, and runs fn on the whole batch in a thread so the server keeps accepting.
+    Under load, requests pile up while the model runs, so batches grow with the load by themselves."""
+
+    def __init__(self, name: str, fn: Callable[[list], list], max_batch: int, wait_ms: float, metrics: Metrics):
+        self.name, self.fn, self.max_batch, self.wait = name, fn, max(1, max_batch), wait_ms / 1000
+        self.metrics = metrics
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _start(self) -> None:  # one queue and worker per event loop (test clients may make several)
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            self.loop, self.queue = loop, asyncio.Queue()
+            self.worker = loop.create_task(self._work())
+
+    async def __call__(self, item: Any) -> Any:
+        self._start()
+        fut = self.loop.create_future()  # type: ignore[union-attr]
+        await self.queue.put((item, fut))
+        return await fut
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            batch = [(item, fut) for item, fut in batch if not fut.done()]  # drop requests whose client left
+            if not batch:
+                continue
+            self.metrics.batch(self.name, len(batch))
+            try:
+                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                for (_, fut), r in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(r)
+            except Exception as e:  # the batch fails, the server does not
+                log.exception("batch of %s failed", self.name)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+
+# ------------------------------------------------------------------------------------------ limits and timing
+
+
+class Guard:
+    """ASGI middleware: rejects bodies over max_bytes with 413 (by Content-Length, or while reading a chunked
+    body), and times every request for the metrics."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, state = time.perf_counter(), {"status": 500, "sent": False, "seen": 0, "rejected": False}
+
+        async def reject():
+            state["rejected"] = True
+            body = json.dumps({"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            state["status"], state["sent"] = 413, True
+
+        async def limited_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                state["seen"] += len(msg.get("body", b""))
+                if state["seen"] > self.max_bytes:
+                    if not state["sent"]:
+                        await reject()
+                    return {"type": "http.disconnect"}  # the app stops reading; its reply is dropped below
+            return msg
+
+        async def guarded_send(msg):
+            if state["rejected"]:
+                return
+            if msg["type"] == "http.response.start":
+                state["status"], state["sent"] = msg["status"], True
+            await send(msg)
+
+        length = dict(scope["headers"]).get(b"content-length")
+        try:
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                await reject()
+            else:
+                await self.app(scope, limited_receive, guarded_send)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.request(name, state["status"], time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ the context
+
+
+@dataclass
+class ServeContext:
+    """What a task's serve(ctx) hook gets: the model and its spec, and helpers to add endpoints."""
+
+    model: torch.nn.Module
+    spec: Any
+    cfg: Any
+    rt: Any
+    options: ServeOptions
+    router: Any  # fastapi.APIRouter: routes on it require the token
+    metrics: Metrics
+    widgets: list[dict] = field(default_factory=list)
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one model call at a time
+
+    def batcher(self, name: str, fn: Callable[[list], list], max_batch: int | None = None) -> Batcher:
+        def locked(items):
+            with self.lock, torch.no_grad():
+                return fn(items)
+
+        b = Batcher(name, locked, max_batch or self.options.max_batch, self.options.wait_ms, self.metrics)
+        self.batchers[name] = b
+        return b
+
+    def widget(self, path: str, kind: str, title: str, **params: Any) -> None:
+        self.widgets.append({"path": path, "kind": kind, "title": title, **params})
+
+    async def read_upload(self, upload, types: set[str], what: str) -> bytes:
+        ctype = (upload.content_type or "").split(";")[0].strip().lower()
+        if ctype not in types:
+            raise HTTPException(
+                415, f"{what}: content type '{ctype or 'none'}' is not accepted; send one of {', '.join(sorted(types))}"
+            )
+        data = await upload.read()
+        if not data:
+            raise HTTPException(400, f"{what}: the uploaded file is empty")
+        return data
+
+    async def read_image(
+        self, upload, channels: int | None = None, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Uploaded image -> uint8 (C, H, W) with the spec's channels, resized to the spec's size (or `size`)."""
+        data = await self.read_upload(upload, IMAGE_TYPES, "image")
+        return decode_image(
+            data, channels or self.spec.in_channels, size or tuple(self.spec.image_size), self.options.max_pixels
+        )
+
+    # ---- whole endpoints for the generative families: their serve(ctx) hooks are one call each
+
+    def text_generation(self, path: str, generate: Callable[..., Iterator[str]], title: str = "Generate text"):
+        """POST {prompt, max_tokens, temperature, top_k, top_p, seed} -> the text streamed as it is generated.
+        `generate(prompt, max_tokens, temperature, top_k, top_p, seed)` yields pieces of text."""
+        from fastapi.responses import StreamingResponse
+
+        async def endpoint(req: GenerateRequest):
+            return StreamingResponse(
+                stream_in_thread(lambda: generate(**req.model_dump()), self.lock),
+                media_type="text/plain; charset=utf-8",
+            )
+
+        self.router.add_api_route(path, endpoint, methods=["POST"], summary=title, response_class=StreamingResponse)
+        self.widget(path, "stream", title)
+
+    def translation(self, path: str, translate: Callable[[list[str]], list[str]], title: str = "Translate"):
+        """POST {text} -> {translation}; concurrent requests are translated as one batch."""
+        batch = self.batcher(path.strip("/"), translate)
+
+        async def endpoint(req: TextRequest):
+            return {"text": req.text, "translation": await batch(req.text)}
+
+        self.router.add_api_route(path, endpoint, methods=["POST"], summary=title)
+        self.widget(path, "text", title)
+
+    def image_sampler(self, path: str, sample: Callable[[int, int], torch.Tensor], title: str = "Sample images"):
+        """POST {n, seed} -> {images: [PNG as base64]}; `sample(n, seed)` gives uint8 or [0, 1] (N, C, H, W)."""
+
+        def run(n: int, seed: int) -> list[str]:
+            with self.lock, torch.no_grad():
+                return [png_base64(img) for img in sample(n, seed)]
+
+        async def endpoint(req: SampleRequest):
+            return {"images": await asyncio.to_thread(run, req.n, req.seed)}
+
+        self.router.add_api_route(path, endpoint, methods=["POST"], summary=title)
+        self.widget(path, "sample", title)
+
+
+def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: int) -> torch.Tensor:
+    """Bytes of an image file -> uint8 (C, H, W); 400 with the reason when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only: check the size before decoding
+            w, h = im.size
+            if w * h > max_pixels:
+                raise HTTPException(413, f"image is {w}x{h} pixels; the limit is {max_pixels} pixels")
+            im = im.convert("L" if channels == 1 else "RGB")
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise HTTPException(400, f"image: the file could not be decoded as an image ({type(e).__name__})") from None
+    if size and size[0] and tuple(x.shape[1:]) != tuple(size):
+        x = (
+            torch.nn.functional.interpolate(
+                x[None].float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
+    return x.contiguous()
+
+
+def png_base64(img: torch.Tensor) -> str:
+    """(C, H, W) uint8, or float in [0, 1] -> a PNG as base64 text (for overlays and samples in JSON)."""
+    from PIL import Image
+
+    if img.dtype != torch.uint8:
+        img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = img.cpu().permute(1, 2, 0).numpy()  # (H, W, C)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def stream_in_thread(make: Callable[[], Iterator[str]], lock: threading.Lock):
+    """Run a (blocking) generator of text pieces in a thread and yield its pieces as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    done = object()
+
+    def pump():
+        try:
+            with lock, torch.no_grad():
+                for piece in make():
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+        except Exception as e:
+            log.exception("text generation failed")
+            loop.call_soon_threadsafe(queue.put_nowait, f"\n[error: {type(e).__name__}]")
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while (piece := await queue.get()) is not done:
+        yield piece
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+def create_app(model, spec, cfg, rt, task, options: ServeOptions | None = None, info: dict | None = None):
+    """The FastAPI app for a loaded model and its task module (build_app loads them from a run folder)."""
+    import hmac
+
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from fastapi.security import HTTPBearer
+
+    options = options or ServeOptions()
+    metrics = Metrics()
+    bearer = HTTPBearer(auto_error=False)
+
+    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if options.token is None:
+            return
+        if cred is None or not hmac.compare_digest(cred.credentials.encode(), options.token.encode()):
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    from fastapi import APIRouter
+
+    router = APIRouter(dependencies=[Depends(require_token)])
+    ctx = ServeContext(model, spec, cfg, rt, options, router, metrics)
+    if hasattr(task, "serve"):
+        task.serve(ctx)
+
+    async def summary_logger():
+        while True:
+            await asyncio.sleep(options.log_every)
+            line = metrics.summary()
+            if line:
+                log.info(line)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        t = asyncio.create_task(summary_logger())
+        yield
+        t.cancel()
+        line = metrics.summary()
+        if line:
+            log.info(line)
+
+    title = f"deeprecipe: {cfg.task} ({getattr(cfg.model, 'name', '?')})"
+    app = FastAPI(
+        title=title,
+        lifespan=lifespan,
+        description="Endpoints of a trained deeprecipe run. "
+        "Send 'Authorization: Bearer <token>' when the server was started with --token.",
+    )
+    about = {
+        "task": cfg.task,
+        "model": getattr(cfg.model, "name", ""),
+        "recipe": cfg.recipe,
+        "classes": spec.class_names,
+        "in_channels": spec.in_channels,
+        "image_size": list(spec.image_size),
+        "endpoints": ctx.widgets,
+        "max_batch": options.max_batch,
+        "wait_ms": options.wait_ms,
+        "max_bytes": options.max_bytes,
+        "token_required": options.token is not None,
+        **(info or {}),
+    }
+
+    @router.get("/info", summary="What this server runs: task, model, classes, endpoints, limits")
+    async def get_info():
+        return about
+
+    @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/health", summary="Liveness (no token needed)")
+    async def health():
+        return {"status": "ok"}
+
+    page = (Path(__file__).parent / "page.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return page
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_params(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        msg = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p not in ('body', 'query'))}: {e['msg']}" for e in errs[:3]
+        )
+        return JSONResponse(
+            status_code=422,
+            content={"detail": f"bad request: {msg}", "errors": json.loads(json.dumps(errs, default=str))},
+        )
+
+    app.include_router(router)
+    app.add_middleware(Guard, max_bytes=options.max_bytes, metrics=metrics)
+    app.state.ctx = ctx
+    return app
+
+
+def build_app(run: str, options: ServeOptions | None = None, device: str = "cpu", precision: str = "fp32"):
+    """Load run folder `run` (weights from safetensors) and make its app."""
+    from deeprecipe.cli import load_run
+
+    cfg, spec, model, rt, task = load_run(run, device, precision)
+    if not hasattr(task, "serve"):
+        raise UserError(f"task '{cfg.task}' has no serve(ctx) hook yet (see docs/architecture.md)")
+    status = Path(run) / "status.json"
+    step = json.loads(status.read_text()).get("step") if status.is_file() else None
+    return create_app(model, spec, cfg, rt, task, options, info={"run": Path(run).name, "step": step})

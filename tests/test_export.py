@@ -1,0 +1,97 @@
+"""Export: ONNX and TorchScript files compute what PyTorch computes, with a dynamic batch axis."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from deeprecipe.cli import main
+from deeprecipe.data.core import DataSpec
+from deeprecipe.models import MODELS
+from deeprecipe.serve import export
+from deeprecipe.tasks import classify
+from deeprecipe.util import UserError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    args = [
+        "train",
+        "digits-cnn",
+        "--out",
+        str(out),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "model.channels=[8,16]",
+        "--set",
+        "train.eval_every=0",
+    ]
+    assert main(args) == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_run_matches_pytorch_on_another_batch_size(run_dir, fmt, tmp_path):
+    out = tmp_path / f"m.{fmt}"
+    s = export.export_run(str(run_dir), fmt, str(out))
+    assert out.is_file() and s["max_abs_diff"] <= 1e-4
+    assert json.loads(out.with_suffix(".json").read_text())["class_names"] == [str(i) for i in range(10)]
+    # the oracle, independently of export_run: run the file on a batch of 5 against the PyTorch model
+    from deeprecipe.cli import load_run
+
+    cfg, spec, model, rt, task = load_run(str(run_dir), "cpu", "fp32")
+    x = classify.export_example(model, spec, 5)["inputs"]["image"]
+    got = (export.run_onnx if fmt == "onnx" else export.run_torchscript)(out, {"image": x})[0]
+    torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_export_fails_when_the_file_differs(run_dir, tmp_path, monkeypatch):
+    real = export.run_torchscript
+    monkeypatch.setattr(export, "run_torchscript", lambda p, inputs: [t + 1e-2 for t in real(p, inputs)])
+    with pytest.raises(UserError, match="differs from PyTorch"):
+        export.export_run(str(run_dir), "torchscript", str(tmp_path / "m.pt"))
+
+
+def test_cli_export_exit_codes(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    assert "parity with PyTorch" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "not-a-run"), "--format", "torchscript"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_image_model_traces_with_a_dynamic_batch(name, tmp_path):
+    spec = DataSpec(num_classes=4, in_channels=1, image_size=(8, 8), mean=(0.5,), std=(0.25,))
+    model = MODELS[name](name=name).build(spec).eval()
+    ex = export.example(classify, model, spec, 2)
+    module = export.TensorsOnly(ex["module"]).eval()
+    export.export_torchscript(module, ex, tmp_path / "m.pt")
+    x = export.example(classify, model, spec, 3)["inputs"]
+    torch.testing.assert_close(export.run_torchscript(tmp_path / "m.pt", x)[0], model(*x.values()))
+
+
+class TinyLM(nn.Module):
+    """The language-model contract: forward(idx) -> (logits, loss)."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, 8), nn.Linear(8, vocab)
+
+    def forward(self, idx, targets=None):
+        return self.out(torch.cumsum(self.emb(idx), 1)), None  # (B, T, vocab)
+
+
+def test_default_example_exports_a_language_model_forward_with_dynamic_batch_and_time(tmp_path):
+    spec = DataSpec(vocab_size=11)
+    model = TinyLM().eval()
+    ex = export.example(object(), model, spec, 2)  # a task without export_example
+    assert ex["dynamic"] == {"tokens": {0: "batch", 1: "time"}}
+    module = export.TensorsOnly(model).eval()
+    export.export_onnx(module, ex, tmp_path / "lm.onnx")
+    ids = torch.randint(0, 11, (3, 5))  # another batch size and length
+    got = export.run_onnx(tmp_path / "lm.onnx", {"tokens": ids})[0]
+    torch.testing.assert_close(got, model(ids)[0], atol=1e-4, rtol=1e-3)

@@ -1,0 +1,289 @@
+"""The HTTP server: answers against the model as oracle, every bad request, the token, batching, metrics,
+the generic endpoints of the generative families, and the web page in headless Chromium."""
+
+import asyncio
+import io
+import socket
+import threading
+import time
+import types
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from deeprecipe.config import Config
+from deeprecipe.data.core import DataSpec
+from deeprecipe.engine.device import Runtime
+from deeprecipe.models.cnn import CNNConfig
+from deeprecipe.serve.server import Batcher, Metrics, ServeOptions, create_app
+from deeprecipe.tasks import classify
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SPEC = DataSpec(
+    num_classes=4, class_names=["ant", "bee", "cat", "dog"], in_channels=1, image_size=(8, 8), mean=(0.5,), std=(0.25,)
+)
+
+
+def make_app(**opts):
+    torch.manual_seed(0)
+    model = CNNConfig(channels=(4, 8), dense=(8,)).build(SPEC).eval()
+    cfg = Config(task="classify", model=CNNConfig())
+    return create_app(model, SPEC, cfg, Runtime(torch.device("cpu"), None), classify, ServeOptions(**opts)), model
+
+
+def png(h=8, w=8, c=1, seed=0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (h, w, c), dtype=torch.uint8, generator=g).squeeze(-1).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def flat_png(h, w) -> bytes:  # compresses to a few bytes whatever its size: the decompression-bomb shape
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def upload(data: bytes, ctype="image/png"):
+    return {"image": ("x.png", data, ctype)}
+
+
+@pytest.fixture(scope="module")
+def client():
+    app, model = make_app(token=TOKEN, max_bytes=4000, max_pixels=64 * 64)
+    with TestClient(app) as c:
+        c.model = model
+        yield c
+
+
+def test_classify_answers_what_the_model_says(client):
+    for seed in range(3):
+        r = client.post("/classify?top=4", files=upload(png(seed=seed)), headers=AUTH)
+        assert r.status_code == 200, r.text
+        img = torch.from_numpy(np.array(Image.open(io.BytesIO(png(seed=seed)))))[None, None]  # (1, 1, 8, 8)
+        with torch.no_grad():
+            want = client.model(classify.prepare((img, None), SPEC)[0]).softmax(-1)[0]
+        got = {t["label"]: t["prob"] for t in r.json()["top"]}
+        assert r.json()["label"] == SPEC.class_names[int(want.argmax())]
+        for i, name in enumerate(SPEC.class_names):
+            assert got[name] == pytest.approx(float(want[i]), abs=1e-4)
+
+
+def test_rgb_and_other_sizes_are_converted(client):
+    r = client.post("/classify", files=upload(png(20, 13, 3)), headers=AUTH)
+    assert r.status_code == 200 and len(r.json()["top"]) == 3
+
+
+@pytest.mark.parametrize(
+    "case, status, words",
+    [
+        ("wrong type", 415, "content type"),
+        ("undecodable", 400, "could not be decoded"),
+        ("empty", 400, "empty"),
+        ("oversized body", 413, "larger than the limit"),
+        ("oversized chunked body", 413, "larger than the limit"),
+        ("too many pixels", 413, "pixels"),
+        ("top too large", 422, "top"),
+        ("top not a number", 422, "top"),
+        ("missing file", 422, "image"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_clear_message(client, case, status, words):
+    post = lambda **kw: client.post("/classify", headers=AUTH, **kw)
+    r = {
+        "wrong type": lambda: post(files=upload(b"hello", "text/plain")),
+        "undecodable": lambda: post(files=upload(b"\x89PNG not really")),
+        "empty": lambda: post(files=upload(b"")),
+        "oversized body": lambda: post(files=upload(b"\0" * 5000)),
+        "oversized chunked body": lambda: client.post(
+            "/classify",
+            content=iter([b"\0" * 1000] * 5),
+            headers={**AUTH, "content-type": "multipart/form-data; boundary=x"},
+        ),
+        "too many pixels": lambda: post(files=upload(flat_png(65, 65))),
+        "top too large": lambda: client.post("/classify?top=5", files=upload(png()), headers=AUTH),
+        "top not a number": lambda: client.post("/classify?top=abc", files=upload(png()), headers=AUTH),
+        "missing file": lambda: post(),
+    }[case]()
+    assert r.status_code == status, (case, r.status_code, r.text)
+    assert words in r.json()["detail"]
+
+
+def test_token_is_required_everywhere_but_health_and_static_pages(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/").status_code == 200 and "<script>" in client.get("/").text
+    assert client.get("/openapi.json").status_code == 200
+    for method, path in [("get", "/info"), ("get", "/metrics"), ("post", "/classify")]:
+        kw = {"files": upload(png())} if method == "post" else {}
+        assert getattr(client, method)(path, **kw).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert getattr(client, method)(path, headers=bad, **kw).status_code == 401
+        assert getattr(client, method)(path, headers=AUTH, **kw).status_code == 200
+    info = client.get("/info", headers=AUTH).json()
+    assert info["classes"] == SPEC.class_names and info["endpoints"][0]["path"] == "/classify"
+
+
+def test_no_endpoint_takes_a_server_path(client):
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            for p in op.get("parameters", []):
+                assert p["name"] not in ("path", "file", "filename", "run"), (path, p)
+
+
+def test_metrics_count_requests_latency_and_batches(client):
+    client.post("/classify", files=upload(png()), headers=AUTH)
+    text = client.get("/metrics", headers=AUTH).text
+    assert 'deeprecipe_requests_total{route="/classify",status="200"}' in text
+    assert 'deeprecipe_request_seconds{route="/classify",quantile="0.99"}' in text
+    assert 'deeprecipe_batch_size_bucket{endpoint="classify",le="+Inf"}' in text
+    assert 'status="401"' in text and 'status="413"' in text
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly():
+    app, _ = make_app(max_batch=8, wait_ms=200)
+    images = [png(seed=s) for s in range(12)]
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            together = await asyncio.gather(*[c.post("/classify", files=upload(b)) for b in images])
+            alone = [await c.post("/classify", files=upload(b)) for b in images[:3]]
+            return together, alone
+
+    together, alone = asyncio.run(go())
+    assert [r.status_code for r in together] == [200] * 12
+    for r, a in zip(together, alone):  # a request gets its own answer, batched or not
+        assert r.json() == a.json()
+    m = app.state.ctx.metrics
+    assert max(i for i, n in enumerate(m.batches["classify"]) if n) >= 2  # some batch held >= 3 requests
+    assert m.batch_items["classify"] == 15 and m.batch_count["classify"] < 15
+
+
+def test_batcher_keeps_order_and_max_batch():
+    sizes = []
+
+    def double(xs):
+        sizes.append(len(xs))
+        return [2 * x for x in xs]
+
+    b = Batcher("t", double, max_batch=4, wait_ms=50, metrics=Metrics())
+
+    async def go():
+        return await asyncio.gather(*[b(i) for i in range(10)])
+
+    assert asyncio.run(go()) == [2 * i for i in range(10)]
+    assert max(sizes) <= 4 and sum(sizes) == 10
+
+
+def generative_task():
+    """A stand-in for the language, translation and GAN families, using the documented helpers."""
+
+    def serve(ctx):
+        ctx.text_generation("/generate", lambda prompt, max_tokens, **kw: iter(prompt[::-1][:max_tokens]))
+        ctx.translation("/translate", lambda texts: [t.upper() for t in texts])
+        ctx.image_sampler(
+            "/sample", lambda n, seed: torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+        )
+
+    return types.SimpleNamespace(serve=serve)
+
+
+def test_generic_generation_translation_and_sampling_endpoints():
+    model = torch.nn.Linear(1, 1)
+    app = create_app(
+        model,
+        DataSpec(vocab_size=5),
+        Config(task="lm", model=CNNConfig()),
+        Runtime(torch.device("cpu"), None),
+        generative_task(),
+        ServeOptions(token=TOKEN),
+    )
+    with TestClient(app) as c:
+        with c.stream("POST", "/generate", json={"prompt": "abcdef", "max_tokens": 4}, headers=AUTH) as r:
+            assert r.status_code == 200 and "".join(r.iter_text()) == "fedc"
+        assert c.post("/translate", json={"text": "ein haus"}, headers=AUTH).json()["translation"] == "EIN HAUS"
+        imgs = c.post("/sample", json={"n": 3, "seed": 1}, headers=AUTH).json()["images"]
+        assert len(imgs) == 3 and all(i.startswith("iVBOR") for i in imgs)  # base64 of the PNG signature
+        for path, body in [
+            ("/generate", {"temperature": 0}),
+            ("/generate", {"top_p": 2}),
+            ("/generate", {"prompt": "x", "oops": 1}),
+            ("/translate", {"text": ""}),
+            ("/sample", {"n": 1000}),
+        ]:
+            r = c.post(path, json=body, headers=AUTH)
+            assert r.status_code == 422 and r.json()["detail"].startswith("bad request"), (path, body, r.text)
+        assert c.post("/translate", json={"text": "x"}).status_code == 401
+        kinds = {w["path"]: w["kind"] for w in c.get("/info", headers=AUTH).json()["endpoints"]}
+        assert kinds == {"/generate": "stream", "/translate": "text", "/sample": "sample"}
+
+
+# ------------------------------------------------------------------------------------------ the web page
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and DRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
+def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, _ = make_app(token=TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(seed=3))
+    want = TestClient(app).post("/classify", files=upload(png(seed=3)), headers=AUTH).json()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for a in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]:
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "token" in d.find_element(By.ID, "about").text, "no token prompt")  # /info refused
+        box = driver.find_element(By.ID, "token")
+        box.send_keys(TOKEN + "\t")  # leaving the box commits it (a change event), as a person would
+        wait.until(lambda d: d.find_elements(By.ID, "file-0"), "no upload widget")
+        driver.find_element(By.ID, "file-0").send_keys(str(image))
+        driver.find_element(By.ID, "go-0").click()
+        wait.until(lambda d: "%" in d.find_element(By.ID, "result-0").text, "no label shown")
+        shown = driver.find_element(By.ID, "result-0").text
+        assert shown.startswith(want["label"] + " ("), (shown, want)
+    finally:
+        driver.quit()
+        server.should_exit = True
+        thread.join(10)
