@@ -60,9 +60,18 @@ def run_deeprecipe(steps: int, batch: int) -> dict:
     from deeprecipe.engine.loop import train
     from deeprecipe.engine.run import read_metrics
 
-    cfg = config.load("fashion-mnist-cnn", [f"train.steps={steps}", f"train.batch_size={batch}", "train.eval_every=0",
-                                            f"train.ckpt_every={steps}", "train.log_every=10", "data.val_fraction=0",
-                                            "train.device=cpu"])
+    cfg = config.load(
+        "fashion-mnist-cnn",
+        [
+            f"train.steps={steps}",
+            f"train.batch_size={batch}",
+            "train.eval_every=0",
+            f"train.ckpt_every={steps}",
+            "train.log_every=10",
+            "data.val_fraction=0",
+            "train.device=cpu",
+        ],
+    )
     with tempfile.TemporaryDirectory() as d:
         final = train(cfg, __import__("pathlib").Path(d) / "run")
         rows = [r for r in read_metrics(__import__("pathlib").Path(d) / "run") if "examples_per_s" in r]
@@ -143,8 +152,15 @@ def run_lightning(steps: int, batch: int) -> dict:
 
     m = Module()
     loader = DataLoader(TensorDataset(plain_tensors(spec, x), y), batch_size=batch, shuffle=True, drop_last=True)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(m, loader)
     ips = (steps - WARM) * batch / (time.perf_counter() - m.t0)
     return {"images_per_s": ips, "test_acc": evaluate_torch(m.net, plain_tensors(spec, tx), ty)}
@@ -164,12 +180,27 @@ def run_keras(steps: int, batch: int) -> dict:
     def conv(c):
         return [layers.Conv2D(c, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU()]
 
-    model = keras.Sequential([keras.Input((28, 28, 1)), *conv(32), layers.MaxPooling2D(), *conv(64),
-                              layers.MaxPooling2D(), *conv(128), layers.Flatten(), layers.Dropout(0.3),
-                              layers.Dense(64, activation="relu"), layers.Dropout(0.3), layers.Dense(10)])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            *conv(32),
+            layers.MaxPooling2D(),
+            *conv(64),
+            layers.MaxPooling2D(),
+            *conv(128),
+            layers.Flatten(),
+            layers.Dropout(0.3),
+            layers.Dense(64, activation="relu"),
+            layers.Dropout(0.3),
+            layers.Dense(10),
+        ]
+    )
     sched = keras.optimizers.schedules.CosineDecay(3e-4, steps, warmup_target=3e-3, warmup_steps=steps // 4)
-    model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=5e-4),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.AdamW(sched, weight_decay=5e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
 
     class Clock(keras.callbacks.Callback):
         t0 = None
@@ -181,8 +212,16 @@ def run_keras(steps: int, batch: int) -> dict:
     clock = Clock()
     per_epoch = len(xs) // batch
     epochs = -(-steps // per_epoch)
-    model.fit(xs, y.numpy(), batch_size=batch, epochs=epochs, steps_per_epoch=min(per_epoch, steps), verbose=0,
-              callbacks=[clock], shuffle=True)
+    model.fit(
+        xs,
+        y.numpy(),
+        batch_size=batch,
+        epochs=epochs,
+        steps_per_epoch=min(per_epoch, steps),
+        verbose=0,
+        callbacks=[clock],
+        shuffle=True,
+    )
     done = min(per_epoch, steps) * epochs
     ips = (done - WARM) * batch / (time.perf_counter() - clock.t0)
     acc = float(np.mean(model.predict(txs, batch_size=1000, verbose=0).argmax(-1) == ty.numpy()))
@@ -207,8 +246,12 @@ def main() -> None:
     results = {}
     for name in a.contenders.split(","):
         try:
-            out = subprocess.run([sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--batch",
-                                  str(a.batch)], capture_output=True, text=True, timeout=3600)
+            out = subprocess.run(
+                [sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--batch", str(a.batch)],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
                 print(f"{name}: failed\n{out.stderr[-2000:]}")

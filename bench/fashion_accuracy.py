@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from classify_speed import machine
-
 from deeprecipe import config
 from deeprecipe.engine.loop import train
 from deeprecipe.engine.run import read_metrics
@@ -39,8 +38,10 @@ def main() -> None:
     for r in rows:
         if "val_acc" in r:
             print(f"  step {r['step']:6d}  val acc {r['val_acc']:.4f}")
-    print(f"{a.recipe}: test acc {final['test_acc']:.4f}  train time {span:.0f} s  total {total:.0f} s  "
-          f"{ips:.0f} images/s  ({cfg.train.steps} steps of {cfg.train.batch_size})")
+    print(
+        f"{a.recipe}: test acc {final['test_acc']:.4f}  train time {span:.0f} s  total {total:.0f} s  "
+        f"{ips:.0f} images/s  ({cfg.train.steps} steps of {cfg.train.batch_size})"
+    )
 
 
 if __name__ == "__main__":

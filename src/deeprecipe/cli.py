@@ -25,7 +25,6 @@ VERB_MODULES: list[str] = [
 
 def load_run(run: str, device: str = "auto", precision: str = "auto"):
     """(cfg, spec, model with inference weights, runtime, task) of a finished or running run folder."""
-    import torch
 
     from deeprecipe import config
     from deeprecipe.data.core import DataSpec
@@ -45,18 +44,21 @@ def load_run(run: str, device: str = "auto", precision: str = "auto"):
     spec.image_size = tuple(spec.image_size)
     rt = setup(device, precision)
     task = get_task(cfg.task)
-    model = (task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec))
+    model = task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec)
     weights = checkpoint.inference_weights(run_dir)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shapes differ: e.g. a tokenizer (vocabulary) that is not the checkpoint's
-        raise UserError(f"{run}: checkpoint does not match the model of config.yaml and spec.json "
-                        f"({str(e).splitlines()[-1].strip()[:200]})") from None
+        raise UserError(
+            f"{run}: checkpoint does not match the model of config.yaml and spec.json "
+            f"({str(e).splitlines()[-1].strip()[:200]})"
+        ) from None
     if missing or unexpected:
-        raise UserError(f"{run}: checkpoint does not match the model of config.yaml "
-                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        raise UserError(
+            f"{run}: checkpoint does not match the model of config.yaml "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
     model.to(rt.device).eval()
-    torch.set_grad_enabled(False)
     return cfg, spec, model, rt, task
 
 
@@ -143,10 +145,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    import torch
+
     cfg, spec, model, rt, task = load_run(args.run, args.device)
     if not hasattr(task, "predict"):
         raise UserError(f"task '{cfg.task}' has no predict; see its own verbs")
-    results = task.predict(model, spec, cfg, rt, args.files, args)
+    with torch.no_grad():
+        results = task.predict(model, spec, cfg, rt, args.files, args)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -156,10 +161,13 @@ def cmd_predict(args) -> None:
 
 def cmd_sample(args) -> None:
     """Generate from a trained run: text from a language model, images from a GAN (task.sample)."""
+    import torch
+
     cfg, spec, model, rt, task = load_run(args.run, args.device)
     if not hasattr(task, "sample"):
         raise UserError(f"task '{cfg.task}' does not generate samples (sample works for language models and GANs)")
-    task.sample(model, spec, cfg, rt, Path(args.run), args)
+    with torch.no_grad():
+        task.sample(model, spec, cfg, rt, Path(args.run), args)
 
 
 def cmd_runs(args) -> None:
@@ -213,8 +221,9 @@ def cmd_data(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deeprecipe", description="Train, check, evaluate, export and serve "
-                                "the classic deep-learning systems.")
+    p = argparse.ArgumentParser(
+        prog="deeprecipe", description="Train, check, evaluate, export and serve the classic deep-learning systems."
+    )
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -231,8 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--freeze", default="", help="fine-tuning: 'backbone', or a layer name to freeze up to")
     s.add_argument("--head-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the new head")
     s.add_argument("--backbone-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the rest")
-    s.add_argument("--unfreeze-after", type=int, default=0, metavar="N",
-                   help="fine-tuning: unfreeze the frozen layers one every N steps, from the head down")
+    s.add_argument(
+        "--unfreeze-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fine-tuning: unfreeze the frozen layers one every N steps, from the head down",
+    )
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run on its test split")
@@ -284,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = [str(a) for a in argv]  # the exact command, for commands.txt and the report
-    grad = sys.modules["torch"].is_grad_enabled() if "torch" in sys.modules else True
     try:
         args.func(args)
         return 0
@@ -301,9 +314,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-    finally:  # load_run turns gradients off; give an in-process caller (tests, notebooks) its default back
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_grad_enabled(grad)
 
 
 def _one_line(e: BaseException) -> str:
@@ -319,4 +329,3 @@ def _one_line(e: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -180,8 +180,9 @@ def read_recipe(recipe: str) -> tuple[dict, str]:
     path = Path(recipe)
     if recipe.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
-            raise ConfigError(f"recipe file {recipe} not found: give a YAML path or a built-in name "
-                              "(deeprecipe recipes)")
+            raise ConfigError(
+                f"recipe file {recipe} not found: give a YAML path or a built-in name (deeprecipe recipes)"
+            )
         name = path.stem
     else:
         path = RECIPES_DIR / f"{recipe}.yaml"

@@ -8,8 +8,8 @@ from deeprecipe.config import ConfigError
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
 from deeprecipe.data.pairs import PairsData
-from deeprecipe.data.text import TextData
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
+from deeprecipe.data.text import TextData
 from deeprecipe.data.video import MovingDigitsData, VideoFolderData
 from deeprecipe.util import call_with, load_object
 

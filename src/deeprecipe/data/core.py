@@ -114,8 +114,16 @@ class _StepBatches(torch.utils.data.Sampler):
         return len(self.steps)
 
 
-def train_batches(split: Split, seed: int, steps: range, batch: int, device: torch.device, rank: int = 0,
-                  world: int = 1, workers: int = 2):
+def train_batches(
+    split: Split,
+    seed: int,
+    steps: range,
+    batch: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+):
     """Yield the (per-process) batch of each step in `steps`, already on `device`."""
     if hasattr(split, "step_batch"):  # a split that draws its own batch of step s from (seed, s): text windows
         for s in steps:
@@ -125,8 +133,13 @@ def train_batches(split: Split, seed: int, steps: range, batch: int, device: tor
         for s in steps:
             yield split.take(step_indices(len(split), seed, s, batch)[rank::world])
         return
-    loader = DataLoader(split.dataset, batch_sampler=_StepBatches(len(split), seed, steps, batch, rank, world),
-                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        split.dataset,
+        batch_sampler=_StepBatches(len(split), seed, steps, batch, rank, world),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     for b in loader:
         yield tuple(t.to(device, non_blocking=True) for t in b)
 

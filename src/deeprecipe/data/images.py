@@ -23,8 +23,18 @@ from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorS
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @dataclass
@@ -54,8 +64,10 @@ class ImageData:
         for split, labels in (("train", y), ("val", val and val[1]), ("test", test and test[1])):
             if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
                 bad = int(labels[(labels < 0) | (labels >= len(classes))][0])
-                raise DataError(f"data set '{self.name}' {self.path}: {split} label {bad} is outside "
-                                f"0..{len(classes) - 1} (fix the labels or the class list)")
+                raise DataError(
+                    f"data set '{self.name}' {self.path}: {split} label {bad} is outside "
+                    f"0..{len(classes) - 1} (fix the labels or the class list)"
+                )
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         cut = 0
         if test is None and self.test_fraction > 0:
@@ -69,13 +81,18 @@ class ImageData:
             rest = perm[cut:]
             keep = torch.cat([rest[y[rest] == c][: self.per_class] for c in range(len(classes))]).sort().values
         if self.limit:
-            keep = keep[:self.limit]
+            keep = keep[: self.limit]
         x, y = x[keep], y[keep]
         xf = x.float() / 255
-        spec = DataSpec(num_classes=len(classes), class_names=classes, in_channels=x.shape[1],
-                        image_size=(x.shape[2], x.shape[3]), mean=tuple(xf.mean((0, 2, 3)).tolist()),
-                        std=tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()),
-                        extra={"crop_pad": self.crop_pad, "flip": self.flip})
+        spec = DataSpec(
+            num_classes=len(classes),
+            class_names=classes,
+            in_channels=x.shape[1],
+            image_size=(x.shape[2], x.shape[3]),
+            mean=tuple(xf.mean((0, 2, 3)).tolist()),
+            std=tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()),
+            extra={"crop_pad": self.crop_pad, "flip": self.flip},
+        )
         return Data(spec, TensorSplit(x, y), TensorSplit(*val) if val else None, TensorSplit(*test) if test else None)
 
 
@@ -137,8 +154,7 @@ class MNISTData(ImageData):
         ty = torch.from_numpy(read_idx(_find_idx(folder, "t10k-labels-idx1-ubyte")).astype(np.int64))
         if len(x) != len(y) or len(tx) != len(ty):
             raise DataError(f"{folder}: image and label counts differ ({len(x)} vs {len(y)}, {len(tx)} vs {len(ty)})")
-        return self.finish(_resize(x, self.image_size), y, self.classes(),
-                           test=(_resize(tx, self.image_size), ty))
+        return self.finish(_resize(x, self.image_size), y, self.classes(), test=(_resize(tx, self.image_size), ty))
 
     def classes(self) -> list[str]:
         return [str(i) for i in range(10)]
@@ -153,8 +169,10 @@ class FashionMNISTData(MNISTData):
 
     def build(self) -> Data:
         if not Path(self.path).is_dir():
-            raise DataError(f"Fashion-MNIST not found at {self.path}: install it with "
-                            "'sudo apt-get install dataset-fashion-mnist' or set data.path to its IDX files")
+            raise DataError(
+                f"Fashion-MNIST not found at {self.path}: install it with "
+                "'sudo apt-get install dataset-fashion-mnist' or set data.path to its IDX files"
+            )
         return super().build()
 
     def classes(self) -> list[str]:
@@ -173,8 +191,10 @@ def decode(path: str | Path, channels: int, size: int) -> torch.Tensor:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
         img = decode_image(data, mode=mode)
     except Exception as e:
-        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-                        "(remove or replace the file)") from None
+        raise DataError(
+            f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+            "(remove or replace the file)"
+        ) from None
     if img.shape[0] == 4 and channels == 0:
         img = img[:3]
     return _resize(img[None], size)[0]
@@ -203,8 +223,12 @@ class FileImages(Dataset):
 
 def _scan_classes(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items = [(str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMAGE_EXTS]
+    items = [
+        (str(f), i)
+        for i, c in enumerate(classes)
+        for f in sorted((root / c).rglob("*"))
+        if f.suffix.lower() in IMAGE_EXTS
+    ]
     return items, classes
 
 
@@ -224,8 +248,10 @@ class _FileSet:
             imgs = list(pool.map(lambda it: decode(it[0], channels, size), items))
         shapes = {tuple(i.shape) for i in imgs}
         if len(shapes) > 1:
-            raise DataError(f"images in {self.cfg.path} have different sizes {sorted(shapes)[:3]}...: "
-                            "set data.image_size to resize them")
+            raise DataError(
+                f"images in {self.cfg.path} have different sizes {sorted(shapes)[:3]}...: "
+                "set data.image_size to resize them"
+            )
         return torch.stack(imgs), torch.tensor([lab for _, lab in items])
 
 
@@ -248,9 +274,15 @@ def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], class
     val = splits.get("val") or [train[i] for i in perm[:k]]
     train = [train[i] for i in sorted(perm[k:])][: cfg.limit or None]
     first = decode(train[0][0], channels, cfg.image_size)
-    spec = DataSpec(num_classes=len(classes), class_names=classes, in_channels=channels,
-                    image_size=tuple(first.shape[1:]), mean=(0.5,) * channels, std=(0.25,) * channels,
-                    extra={"crop_pad": cfg.crop_pad, "flip": cfg.flip})
+    spec = DataSpec(
+        num_classes=len(classes),
+        class_names=classes,
+        in_channels=channels,
+        image_size=tuple(first.shape[1:]),
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        extra={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
+    )
     s = cfg.image_size
 
     def mk(items):

@@ -88,9 +88,11 @@ def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dic
         atomic_text(ckpt_dir / "latest", final.name)
     except OSError as e:  # a full disk, a lost mount: the previous checkpoint is still complete and named
         kept = latest(ckpt_dir)
-        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e}; "
-                        f"{f'the previous checkpoint {kept} is intact' if kept else 'no earlier checkpoint'} "
-                        "(free space, then resume with --resume)") from e
+        raise UserError(
+            f"cannot write checkpoint {final}: {e.strerror or e}; "
+            f"{f'the previous checkpoint {kept} is intact' if kept else 'no earlier checkpoint'} "
+            "(free space, then resume with --resume)"
+        ) from e
     finally:
         shutil.rmtree(work, ignore_errors=True)
     olds = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != final)
@@ -117,7 +119,7 @@ def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def split_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def inference_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -62,16 +62,17 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
         elif _norm(old) != _norm(values):
             diffs.append(f"{section}: {old!r} -> {values!r}")
     if diffs:
-        raise ConfigError(f"cannot resume {run_dir} with a changed config ({'; '.join(diffs[:3])}): "
-                          "drop those --set options, or start a new run with --init-from")
+        raise ConfigError(
+            f"cannot resume {run_dir} with a changed config ({'; '.join(diffs[:3])}): "
+            "drop those --set options, or start a new run with --init-from"
+        )
 
 
 def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
-          init=None) -> dict[str, float]:
+def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", init=None) -> dict[str, float]:
     from deeprecipe.tasks import get_task
 
     task = get_task(cfg.task)
@@ -80,8 +81,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
     if micro % rt.world:
-        raise ConfigError(f"train.batch_size={T.batch_size} / train.accum={T.accum} = {micro} examples per micro-batch "
-                          f"do not split evenly over {rt.world} processes")
+        raise ConfigError(
+            f"train.batch_size={T.batch_size} / train.accum={T.accum} = {micro} examples per micro-batch "
+            f"do not split evenly over {rt.world} processes"
+        )
     data, model = build(cfg, rt)
     lr_scale = init(model) if init else None  # fine-tuning: load weights, freeze, per-group lr scales
     opt = optim.adamw(model, cfg.optim, lr_scale)
@@ -111,8 +114,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     metric, mode = task.METRIC
-    batches = train_batches(data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device,
-                            rt.rank, rt.world, T.workers)
+    batches = train_batches(
+        data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
+    )
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
     logged, t0, seen, nlog, results = torch.zeros((), device=rt.device), time.perf_counter(), 0, 0, {}
     model.train()
@@ -138,9 +142,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
                 scaler.update()
             if T.nonfinite != "skip" and (scaler is None or not torch.isfinite(logged)):
                 run.status("failed", step=step + 1, error="non-finite loss")
-                raise NonFiniteLoss(f"loss became {float(loss.detach()):.4g} at step {step + 1}; the last good "
-                                    "checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
-                                    "train.nonfinite=skip)")
+                raise NonFiniteLoss(
+                    f"loss became {float(loss.detach()):.4g} at step {step + 1}; the last good "
+                    "checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
+                    "train.nonfinite=skip)"
+                )
             run.log(step + 1, skipped_batch=1)
             logged.zero_()
             nlog = 0  # the step still counts: evaluation and checkpoints below happen on schedule
@@ -155,8 +161,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
         done = step + 1
         if not skipped and (done % T.log_every == 0 or done == T.steps):
             dt, loss_v = time.perf_counter() - t0, float(logged) / max(nlog, 1)
-            run.log(done, loss=loss_v, lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
-                    examples_per_s=seen / dt)
+            run.log(done, loss=loss_v, lr=opt.param_groups[0]["lr"], grad_norm=float(norm), examples_per_s=seen / dt)
             bar.set_postfix(loss=f"{loss_v:.4f}", ex_s=f"{seen / dt:,.0f}")
             logged.zero_()
             t0, seen, nlog = time.perf_counter(), 0, 0
@@ -169,8 +174,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
             if value is not None and (best is None or (value > best if mode == "max" else value < best)):
                 best, bad_evals = value, 0
                 if rt.main:
-                    checkpoint.save_weights(ckpt_dir / "best.safetensors",
-                                            checkpoint.plain_state(ema.module if ema else model), {"step": str(done)})
+                    checkpoint.save_weights(
+                        ckpt_dir / "best.safetensors",
+                        checkpoint.plain_state(ema.module if ema else model),
+                        {"step": str(done)},
+                    )
             else:
                 bad_evals += 1
                 stop = bool(T.early_stop) and bad_evals >= T.early_stop
@@ -180,8 +188,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "",
             weights = {f"model.{k}": v for k, v in checkpoint.plain_state(model).items()}
             if ema is not None:
                 weights.update({f"ema.{k}": v for k, v in checkpoint.plain_state(ema.module).items()})
-            state = {"step": done, "optimizer": opt.state_dict(), "rng": rng_state(), "best": best,
-                     "bad_evals": bad_evals, "ema_n": int(ema.n_averaged) if ema is not None else 0}
+            state = {
+                "step": done,
+                "optimizer": opt.state_dict(),
+                "rng": rng_state(),
+                "best": best,
+                "bad_evals": bad_evals,
+                "ema_n": int(ema.n_averaged) if ema is not None else 0,
+            }
             checkpoint.save(ckpt_dir, done, weights, state)
         if stop:
             bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")

@@ -26,8 +26,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = 
             if name.startswith(prefix):
                 scale, start = s if isinstance(s, tuple) else (s, 0)
         groups.setdefault((decay, scale, start), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s, "start_step": t}
-            for (d, s, t), ps in groups.items()]
+    return [
+        {"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s, "start_step": t}
+        for (d, s, t), ps in groups.items()
+    ]
 
 
 def adamw(model: nn.Module, cfg: OptimConfig, lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:

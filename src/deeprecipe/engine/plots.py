@@ -46,8 +46,15 @@ def confusion(matrix: list[list[int]], names: list[str], path: Path, title: str 
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if m[i, j] > 0.5 * m[i].sum() else "black",
+                )
         ax.set_xticks(range(n), names, rotation=90, fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
@@ -68,7 +75,8 @@ def image_grid(images: torch.Tensor, captions: list[str] | None, path: Path, tit
         r, c = divmod(i, cols)
         img = images[i].float().clamp(0, 1).permute(1, 2, 0)
         canvas[r * (H + gap_h) : r * (H + gap_h) + H, c * (W + gap_w) : c * (W + gap_w) + W] = (
-            img.expand(H, W, 3) if C == 1 else img[..., :3])
+            img.expand(H, W, 3) if C == 1 else img[..., :3]
+        )
     fig = plt.figure(figsize=(canvas.shape[1] * scale, canvas.shape[0] * scale + (0.3 if title else 0)))
     ax = fig.add_axes((0, 0, 1, canvas.shape[0] * scale / fig.get_figheight()))
     ax.imshow(canvas.numpy(), interpolation="nearest" if W <= 96 else "antialiased", aspect="equal")

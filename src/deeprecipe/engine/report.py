@@ -40,8 +40,9 @@ def write_report(run_dir: Path) -> Path:
         f"<p>status: <b>{html.escape(str(status.get('status', '?')))}</b> · step {status.get('step', '?')} · "
         f"recipe {html.escape(str(status.get('recipe', '')))} · task {html.escape(str(status.get('task', '')))}</p>",
         "<h2>Command</h2><pre>" + html.escape("\n".join(cmds)) + "</pre>",
-        "<h2>Final metrics</h2><table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
-                                                 for k, v in final.items()) + "</table>",
+        "<h2>Final metrics</h2><table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in final.items())
+        + "</table>",
     ]
     if status.get("best"):
         parts.append("<p>best validation: " + html.escape(json.dumps(status["best"])) + "</p>")

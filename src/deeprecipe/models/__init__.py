@@ -9,12 +9,12 @@ import torch.nn as nn
 from deeprecipe.config import ConfigError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
+from deeprecipe.models.fcn import FCNConfig
+from deeprecipe.models.gan import DCGANConfig, GANConfig
 from deeprecipe.models.gpt import GPTConfig
 from deeprecipe.models.lstm import LSTMConfig
-from deeprecipe.models.gan import DCGANConfig, GANConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
-from deeprecipe.models.fcn import FCNConfig
 from deeprecipe.models.unet import UNetConfig
 from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
 from deeprecipe.util import UserError, call_with, load_object
@@ -44,8 +44,12 @@ class UserModel:
     args: dict = field(default_factory=dict)
 
     def build(self, spec: DataSpec) -> nn.Module:
-        available = {"num_classes": spec.num_classes, "in_channels": spec.in_channels,
-                     "image_size": spec.image_size, "vocab_size": spec.vocab_size}
+        available = {
+            "num_classes": spec.num_classes,
+            "in_channels": spec.in_channels,
+            "image_size": spec.image_size,
+            "vocab_size": spec.vocab_size,
+        }
         obj = call_with(load_object(self.name), self.args, available)
         model = obj.build(spec) if hasattr(obj, "build") and not isinstance(obj, nn.Module) else obj
         if not isinstance(model, nn.Module):
