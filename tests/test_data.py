@@ -81,7 +81,68 @@ def fashion(tmp: Path):
     return DATASETS["fashion-mnist"](limit=64)
 
 
-# data set name -> (tmp folder) -> its config; the expected number of classes
+def write_text(tmp: Path):
+    """A small UTF-8 file: enough characters for windows of 16 in both splits."""
+    (tmp / "corpus.txt").write_text(
+        "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind.\n" * 6
+    )
+    return DATASETS["text"](path=str(tmp / "corpus.txt"), block_size=16, val_fraction=0.2)
+
+
+def write_pairs(tmp: Path):
+    """Line-aligned train files (the target gzipped) and a TSV val file."""
+    en = ["a small dog runs", "two men talk", "the cat sleeps", "a girl reads a book"] * 3
+    de = ["ein kleiner hund rennt", "zwei männer reden", "die katze schläft", "ein mädchen liest ein buch"] * 3
+    folder = tmp / "pairs"
+    folder.mkdir()
+    (folder / "train.en").write_text("\n".join(en) + "\n")
+    (folder / "train.de.gz").write_bytes(gzip.compress(("\n".join(de) + "\n").encode()))
+    (folder / "val").write_text("".join(f"{a}\t{b}\n" for a, b in zip(en[:3], de[:3])))
+    return DATASETS["pairs"](path=str(folder), vocab_size=300)
+
+
+def write_cityscapes(tmp: Path):
+    """Two train images (one becomes val) and one official val image (the test split), gtFine labelIds."""
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    root = tmp / "cityscapes"
+    for split, name in (("train", "aachen_000000_000019"), ("train", "aachen_000001_000019"), ("val", "lindau_0_1")):
+        city = name.split("_")[0]
+        for kind in ("leftImg8bit", "gtFine"):
+            (root / kind / split / city).mkdir(parents=True, exist_ok=True)
+        img = torch.randint(0, 256, (3, 8, 16), generator=g, dtype=torch.uint8)
+        ids = torch.tensor([0, 7, 26, 33], dtype=torch.uint8)[torch.randint(0, 4, (1, 8, 16), generator=g)]
+        write_png(img, str(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png"))
+        write_png(ids, str(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png"))
+    return DATASETS["cityscapes"](path=str(root), size=(8, 12), val_fraction=0.5)
+
+
+def write_maskfolder(tmp: Path):
+    from test_segmentation import _mask_folder
+
+    _mask_folder(tmp / "seg", n=4, size=(20, 24), classes=3)
+    return DATASETS["maskfolder"](path=str(tmp / "seg"), classes=["a", "b", "c"], size=(16, 16))
+
+
+def write_frame_folders(tmp: Path):
+    """Videos as folders of frame images (no codec needed): 2 classes x 3 videos of 6 frames."""
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(0)
+    root = tmp / "videos"
+    for cls in ("jump", "walk"):
+        for v in range(3):
+            (root / cls / f"v{v}").mkdir(parents=True)
+            for t in range(6):
+                frame = torch.randint(0, 256, (3, 10, 12), generator=g, dtype=torch.uint8)
+                write_png(frame, str(root / cls / f"v{v}" / f"{t:03d}.png"))
+    return DATASETS["videofolder"](
+        path=str(root), frames=3, stride=1, size=8, eval_clips=2, val_fraction=0.34, workers=1
+    )
+
+
+# data set name -> (tmp folder) -> its config; the expected number of classes (0: token data)
 TINY = {
     "digits": (lambda tmp: DATASETS["digits"](), 10),
     "fashion-mnist": (fashion, 10),
@@ -91,12 +152,44 @@ TINY = {
         3,
     ),
     "csv": (lambda tmp: DATASETS["csv"](path=str(write_csv(tmp / "csv")), image_size=8), 2),
+    "text": (write_text, 0),
+    "pairs": (write_pairs, 0),
+    "scenes": (lambda tmp: DATASETS["scenes"](size=(32, 40), train_size=4, val_size=2, test_size=2), 8),
+    "cityscapes": (write_cityscapes, 19),
+    "maskfolder": (write_maskfolder, 3),
+    "moving-digits": (
+        lambda tmp: DATASETS["moving-digits"](frames=4, size=16, sprite=8, train_size=6, val_size=3, test_size=3),
+        10,
+    ),
+    "videofolder": (write_frame_folders, 2),
 }
 
 
 def test_every_dataset_has_a_tiny_case():
     missing = sorted(set(DATASETS) - set(TINY))
     assert not missing, f"add a tiny case to TINY in tests/test_data.py for: {missing}"
+
+
+def check_examples(batch: tuple[torch.Tensor, ...], spec, classes: int) -> None:
+    """A batch from a split has the layout its spec announces."""
+    if spec.vocab_size:  # token ids (N, L): (input, next tokens) or (source, target) of their vocabularies
+        for t, vocab in zip(batch, (spec.extra.get("src_vocab", spec.vocab_size), spec.vocab_size)):
+            assert t.dtype == torch.long and t.ndim == 2
+            assert 0 <= int(t.min()) and int(t.max()) < vocab
+        return
+    x, y = batch
+    assert x.dtype == torch.uint8 and tuple(x.shape[-2:]) == tuple(spec.image_size)
+    if "frames" in spec.extra:  # clips (N, C, T, H, W), or K clips per video (N, K, C, T, H, W) to average
+        assert x.ndim in (5, 6) and x.shape[-3] == spec.extra["frames"] and x.shape[-4] == spec.in_channels
+    else:  # images (N, C, H, W)
+        assert x.ndim == 4 and x.shape[1] == spec.in_channels
+    if y.ndim == 1:  # a class per example
+        assert y.dtype == torch.long
+        assert 0 <= int(y.min()) and int(y.max()) < classes
+    else:  # a class per pixel (N, H, W); ignore_index marks pixels without one
+        assert tuple(y.shape[1:]) == tuple(spec.image_size) and not y.is_floating_point()
+        labelled = y[y != spec.extra["ignore_index"]].long()
+        assert len(labelled) and int(labelled.max()) < classes
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
@@ -110,22 +203,20 @@ def test_dataset_builds(name, tmp_path):
     assert isinstance(data, Data)
     spec = data.spec
     assert spec.num_classes == classes == len(spec.class_names)
+    assert bool(spec.vocab_size) == (classes == 0)  # labels or tokens
     import json
 
     json.dumps(spec.extra)  # saved as spec.json: must stay JSON-serializable
     for split in (data.train, data.val, data.test):
-        if split is None:
-            continue
-        x, y = split.take(torch.arange(min(5, len(split))))
-        assert x.dtype == torch.uint8 and x.ndim == 4
-        assert x.shape[1] == spec.in_channels and tuple(x.shape[2:]) == tuple(spec.image_size)
-        assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) < classes
+        if split is not None:
+            check_examples(split.take(torch.arange(min(5, len(split)))), spec, classes)
     assert len(data.train) > 0 and data.val is not None and len(data.val) > 0
     assert len(spec.mean) == len(spec.std) == spec.in_channels
     # the split is fixed by split_seed: a second build gives the same examples
     again = type(cfg)(**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}).build()
     idx = torch.arange(min(5, len(data.train)))
-    assert torch.equal(data.train.take(idx)[0], again.train.take(idx)[0])
+    for a, b in zip(data.train.take(idx), again.train.take(idx)):
+        assert torch.equal(a, b)
 
 
 def test_mnist_reads_the_files_exactly(tmp_path):

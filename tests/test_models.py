@@ -7,6 +7,8 @@ does, so no model enters the registry untested.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -16,7 +18,15 @@ from deeprecipe.data.core import DataSpec
 from deeprecipe.models import MODELS, model_config_class
 
 
-def image_case(cfg, classes: int = 3, channels: int = 1, size: int = 8):
+class Case(NamedTuple):
+    cfg: object  # the model's config
+    spec: DataSpec  # what the data tells the builder
+    inputs: tuple  # the arguments of one call
+    shape: tuple  # expected shape of the first output
+    run: Callable | None = None  # (model, *inputs) -> output; None: model(*inputs)
+
+
+def image_case(cfg, classes: int = 3, channels: int = 1, size: int = 8) -> Case:
     """A classifier on (B, C, H, W) images -> logits (B, classes)."""
     spec = DataSpec(
         num_classes=classes,
@@ -26,19 +36,98 @@ def image_case(cfg, classes: int = 3, channels: int = 1, size: int = 8):
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
     )
-    return cfg, spec, (torch.randn(4, channels, size, size),), (4, classes)
+    return Case(cfg, spec, (torch.randn(4, channels, size, size),), (4, classes))
 
 
-# model name -> () -> (model config, spec, inputs, expected shape of the first output)
+def segment_case(cfg, classes: int = 5, channels: int = 3, size: tuple[int, int] = (10, 14)) -> Case:
+    """Per-pixel classes: (B, C, H, W) -> logits (B, classes, H, W); sides that are not powers of two."""
+    spec = DataSpec(
+        num_classes=classes,
+        class_names=[str(i) for i in range(classes)],
+        in_channels=channels,
+        image_size=size,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
+    return Case(cfg, spec, (torch.randn(4, channels, *size),), (4, classes, *size))
+
+
+def video_case(cfg, classes: int = 5, channels: int = 3, frames: int = 4, size: int = 8) -> Case:
+    """A clip classifier: (B, C, T, H, W) -> logits (B, classes)."""
+    spec = DataSpec(
+        num_classes=classes,
+        class_names=[str(i) for i in range(classes)],
+        in_channels=channels,
+        image_size=(size, size),
+        mean=(0.45,) * channels,
+        std=(0.225,) * channels,
+        extra={"frames": frames},
+    )
+    return Case(cfg, spec, (torch.randn(4, channels, frames, size, size),), (4, classes))
+
+
+def lm_case(cfg, vocab: int = 31, block: int = 12) -> Case:
+    """A language model: token ids (B, T) -> (logits (B, T, vocab), loss)."""
+    spec = DataSpec(vocab_size=vocab, extra={"block_size": block})
+    return Case(cfg, spec, (torch.randint(0, vocab, (4, block)),), (4, block, vocab))
+
+
+def seq2seq_case(cfg, src_vocab: int = 37, vocab: int = 29) -> Case:
+    """Translation: (source ids (B, S), target ids (B, T)) -> logits (B, T, vocab); separate vocabularies of
+    different sizes (a source id fed to the target embedding would be out of range), padded ends."""
+    spec = DataSpec(
+        vocab_size=vocab, extra={"src_vocab": src_vocab, "shared_vocab": False, "pad": 0, "bos": 1, "eos": 2}
+    )
+    src = torch.randint(3, src_vocab, (4, 7))
+    src[0, 5:] = 0
+    tgt = torch.randint(3, vocab, (4, 6))
+    tgt[:, 0] = 1
+    tgt[1, 4:] = 0
+    return Case(cfg, spec, (src, tgt), (4, 6, vocab))
+
+
+def gan_step(model, n: int) -> torch.Tensor:
+    """A GAN trains both of its nets: the discriminator's logits on generated images, D(G(z, y), y) -> (n,)."""
+    z, y = model.noise(n)
+    return model.discriminator(model(z, y), y)
+
+
+def gan_case(cfg, classes: int = 3, channels: int = 1, size: int = 6) -> Case:
+    spec = DataSpec(
+        num_classes=classes,
+        class_names=[str(i) for i in range(classes)],
+        in_channels=channels,
+        image_size=(size, size),
+        mean=(0.5,) * channels,
+        std=(0.5,) * channels,
+    )
+    return Case(cfg, spec, (4,), (4,), gan_step)
+
+
+# model name -> () -> its Case
 TINY = {
     "mlp": lambda: image_case(MODELS["mlp"](hidden=(16, 8))),
     "cnn": lambda: image_case(MODELS["cnn"](channels=(4, 8), dense=(8,)), channels=3),
     "resnet": lambda: image_case(MODELS["resnet"](layout="resnet8", width=4), channels=3, size=12),
+    "gpt": lambda: lm_case(MODELS["gpt"](n_layer=2, n_head=2, n_embd=16)),
+    "lstm": lambda: lm_case(MODELS["lstm"](n_layer=2, hidden=16, emb=8)),
+    "seq2seq": lambda: seq2seq_case(MODELS["seq2seq"](d_model=16, n_head=2, enc_layers=1, dec_layers=2)),
+    "unet": lambda: segment_case(MODELS["unet"](width=4, depth=2)),
+    "fcn": lambda: segment_case(MODELS["fcn"](width=4, stages=3, skips=2)),
+    "c3d": lambda: video_case(MODELS["c3d"](channels=(4, 8), convs=1)),
+    "r2plus1d": lambda: video_case(MODELS["r2plus1d"](width=4, blocks=(1, 1), stem_stride=1)),
+    "gan": lambda: gan_case(MODELS["gan"](latent=8, hidden=(16, 32), conditional=True, spectral_norm=True)),
+    "dcgan": lambda: gan_case(MODELS["dcgan"](latent=8, g_width=4, d_width=4, conditional=True), size=28),
 }
 
 
 def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def call(case: Case, model: nn.Module, inputs: tuple | None = None) -> torch.Tensor:
+    inputs = case.inputs if inputs is None else inputs
+    return first(case.run(model, *inputs) if case.run else model(*inputs))
 
 
 def test_every_model_has_a_tiny_case():
@@ -51,13 +140,13 @@ def test_forward_backward_shape(name):
     if name not in TINY:
         pytest.fail(f"model '{name}' has no tiny case in TINY")
     torch.manual_seed(0)
-    cfg, spec, inputs, shape = TINY[name]()
-    assert model_config_class(name) is type(cfg)
-    model = cfg.build(spec)
+    case = TINY[name]()
+    assert model_config_class(name) is type(case.cfg)
+    model = case.cfg.build(case.spec)
     assert isinstance(model, nn.Module)
     model.train()
-    out = first(model(*inputs))
-    assert tuple(out.shape) == shape
+    out = call(case, model)
+    assert tuple(out.shape) == case.shape
     assert torch.isfinite(out).all()
     out.float().square().mean().backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -67,32 +156,52 @@ def test_forward_backward_shape(name):
     assert all(torch.isfinite(p.grad).all() for _, p in trainable)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in TINY if TINY[n]()[1].num_classes))
-def test_classifier_loss_at_init_near_log_classes(name):
-    """A classifier whose head is initialised sanely starts near ln(C) (style.md: loss at init)."""
+def logit_classes(case: Case) -> int:
+    """The number of classes when the first output is logits over classes (axis 1: per image, pixel or clip)
+    or over a vocabulary (last axis: per token); 0 for other outputs (a GAN's discriminator logit)."""
+    shape, spec = case.shape, case.spec
+    if spec.num_classes and len(shape) >= 2 and shape[1] == spec.num_classes:
+        return spec.num_classes
+    if spec.vocab_size and len(shape) >= 2 and shape[-1] == spec.vocab_size:
+        return spec.vocab_size
+    return 0
+
+
+@pytest.mark.parametrize("name", sorted(n for n in TINY if logit_classes(TINY[n]())))
+def test_loss_at_init_near_log_classes(name):
+    """A classifier or language model whose head is initialised sanely starts near ln(C) (style.md: loss at
+    init), whether C counts classes of images, pixels, clips or tokens."""
     torch.manual_seed(0)
-    cfg, spec, inputs, shape = TINY[name]()
-    model = cfg.build(spec).eval()
-    x = torch.randn(64, *inputs[0].shape[1:])
+    case = TINY[name]()
+    classes = logit_classes(case)
+    model = case.cfg.build(case.spec).eval()
+    inputs = case.inputs
+    if inputs[0].is_floating_point():  # images or clips: a bigger batch for a steadier mean
+        inputs = (torch.randn(64, *inputs[0].shape[1:]),)
     with torch.no_grad():
-        loss = nn.functional.cross_entropy(first(model(x)), torch.randint(0, spec.num_classes, (64,)))
-    assert abs(loss.item() - math.log(spec.num_classes)) < 0.5 * math.log(spec.num_classes)
+        logits = call(case, model, inputs).float()
+    if logits.shape[1] != classes:  # tokens: (B, T, vocab) -> (B, vocab, T)
+        logits = logits.movedim(-1, 1)
+    target = torch.randint(0, classes, (logits.shape[0], *logits.shape[2:]))
+    loss = nn.functional.cross_entropy(logits, target)
+    assert abs(loss.item() - math.log(classes)) < 0.5 * math.log(classes)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_default_config_builds_for_its_case(name):
     """The documented defaults (what a recipe gets when it names only the model) build too."""
-    _, spec, inputs, shape = TINY[name]()
-    model = MODELS[name]().build(spec).eval()
+    torch.manual_seed(0)
+    case = TINY[name]()
+    model = MODELS[name]().build(case.spec).eval()
     with torch.no_grad():
-        assert tuple(first(model(*inputs)).shape) == shape
+        assert tuple(call(case, model).shape) == case.shape
 
 
 def test_resnet_rejects_unknown_layout():
     from deeprecipe.config import ConfigError
 
     with pytest.raises(ConfigError, match="resnet20"):
-        MODELS["resnet"](layout="resnet7").build(image_case(None)[1])
+        MODELS["resnet"](layout="resnet7").build(image_case(None).spec)
 
 
 def test_user_model_file(tmp_path):
@@ -107,7 +216,7 @@ def test_user_model_file(tmp_path):
     )
     cls = model_config_class(f"{f}:Net")
     cfg = cls(name=f"{f}:Net", args={"width": 7})
-    _, spec, inputs, shape = image_case(None)
-    model = cfg.build(spec)
+    case = image_case(None)
+    model = cfg.build(case.spec)
     assert model[1].out_features == 7
-    assert tuple(model(*inputs).shape) == shape
+    assert tuple(model(*case.inputs).shape) == case.shape

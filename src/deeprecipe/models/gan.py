@@ -100,7 +100,7 @@ class MLPGenerator(nn.Module):
     def forward(self, z, y=None):  # (B, latent) -> (B, C, H, W)
         if self.embed is not None:
             z = torch.cat([z, self.embed(y)], 1)
-        return self.net(z).view(len(z), *self.shape)
+        return self.net(z).view(-1, *self.shape)
 
 
 class MLPDiscriminator(nn.Module):

@@ -92,7 +92,7 @@ class CausalSelfAttention(nn.Module):
         # no past: the usual causal mask; a past: query i (at position S - T + i) sees keys 0 .. S - T + i
         mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=S == T and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=bool(S == T and T > 1), dropout_p=self.dropout if self.training else 0.0
         )  # (B, h, T, hd)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 

@@ -121,6 +121,7 @@ class Seq2Seq(nn.Module):
             self.embed(self.tgt_emb, tgt),
             memory,
             tgt_mask=causal,
+            tgt_is_causal=True,
             tgt_key_padding_mask=tgt == self.pad,
             memory_key_padding_mask=src_pad,
         )

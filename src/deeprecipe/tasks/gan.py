@@ -305,3 +305,10 @@ def sample(model: GAN, spec: DataSpec, cfg: Config, rt, run_dir: Path, args) -> 
     for i, img in enumerate(images):
         save_image((img.cpu() + 1) / 2, out / f"{i:04d}.png")
     print(f"{len(images)} images: {out}/0000.png ... ; grid: {out / 'grid.png'}")
+
+
+def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
+    """The generator is what ships: noise (and class labels when conditional) in, images in [-1, 1] out."""
+    z, y = model.noise(batch, torch.Generator().manual_seed(batch))
+    inputs = {"noise": z} if y is None else {"noise": z, "labels": y}
+    return {"inputs": inputs, "outputs": ["images"]}

@@ -49,6 +49,56 @@ def loss(model: nn.Module, batch, cfg: Config):
     ), {}
 
 
+# deeprecipe check (checks/core.py): the loss at init is ln(target vocab) (the fallback); the hooks below give
+# the per-position loss, the source as the net's input, a blank source for the baseline, and a dependency
+# check on both sides (the source across the batch; the decoder input across the batch and causally)
+
+
+def per_example_loss(model: nn.Module, batch, cfg: Config) -> torch.Tensor:
+    """Cross-entropy per target position (B, T), 0 at padding."""
+    src, tgt_in, tgt_out = batch
+    logits = model(src, tgt_in).float()  # (B, T, vocab)
+    return F.cross_entropy(logits.transpose(1, 2), tgt_out, ignore_index=_model(model).pad, reduction="none")
+
+
+def blank_input(batch):
+    """Every source reduced to one </s>: what a translator that ignores its source can do (the baseline)."""
+    from deeprecipe.data.pairs import EOS
+
+    src, tgt_in, tgt_out = batch
+    return torch.full_like(src[:, :1], EOS), tgt_in, tgt_out
+
+
+def show_batch(batch, spec: DataSpec) -> str:
+    """The first pairs of a prepared batch as text: the source and the target the decoder must predict."""
+    src_tok, tgt_tok = tokenizers(spec)
+    pad, rows = spec.extra.get("pad", 0), []
+    for i in range(min(6, len(batch[0]))):
+        src, tgt = (b[i][b[i] != pad].tolist() for b in (batch[0], batch[2]))
+        rows.append(f"src: {src_tok.decode(src)}\ntgt: {tgt_tok.decode(tgt)} ({len(src)} -> {len(tgt)} tokens)\n")
+    return "\n".join(rows)
+
+
+def check_dependency(ctx):
+    from deeprecipe.checks.training import combined, dependency_verdict
+
+    model = ctx.model().eval()
+    b = ctx.train_batch(0, size=4, augment=False)
+
+    def per(bb):
+        return per_example_loss(model, bb, ctx.cfg)
+
+    lengths = (b[2] != _model(model).pad).sum(1).tolist()
+    src = dependency_verdict(per, b, lambda bb: bb[0], lambda bb, x: (x, *bb[1:]), model, what="source: ")
+    tgt = dependency_verdict(
+        per, b, lambda bb: bb[1], lambda bb, x: (bb[0], x, bb[2]), model, True, lengths, what="target: "
+    )
+    return combined([src, tgt])
+
+
+EXTRA_CHECKS = {"dependency": check_dependency}
+
+
 def _model(model: nn.Module) -> nn.Module:
     """The plain model under DDP / torch.compile wrappers (for its decoding methods and token ids)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -132,3 +182,12 @@ def translate_lines(
         for i, h in zip(chunk, hyp):
             out[i] = tgt_tok.decode(h)
     return out
+
+
+def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
+    """One teacher-forced decoder pass: source ids (B, S) and target-so-far ids (B, T) in, logits (B, T, V) out."""
+    g = torch.Generator().manual_seed(batch)
+    src = torch.randint(3, model.src_emb.num_embeddings, (batch, 7), generator=g)
+    tgt = torch.randint(3, model.vocab_size, (batch, 5), generator=g)
+    dynamic = {"src": {0: "batch", 1: "src_len"}, "tgt": {0: "batch", 1: "tgt_len"}}
+    return {"inputs": {"src": src, "tgt": tgt}, "outputs": ["logits"], "dynamic": dynamic}

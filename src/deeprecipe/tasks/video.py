@@ -122,3 +122,10 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
             }
         )
     return out
+
+
+def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
+    """Normalized clips (B, C, T, H, W) in, class logits out."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, spec.in_channels, int(spec.extra["frames"]), *spec.image_size, generator=g)
+    return {"inputs": {"clip": x}, "outputs": ["logits"]}
