@@ -440,7 +440,7 @@ class CityscapesData(SegData):
         if not train:
             raise DataError(f"{root}/leftImg8bit/train: no *_leftImg8bit.png files found")
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-        k = int(len(train) * self.val_fraction)
+        k = max(1, int(len(train) * self.val_fraction)) if len(train) > 1 and self.val_fraction > 0 else 0
         val = [train[i] for i in perm[:k]]
         train = [train[i] for i in sorted(perm[k:])][: self.limit or None]
         size = tuple(self.size)

@@ -302,7 +302,7 @@ class VideoFolderData:
             raise DataError(f"{root}: no videos found (expected {root}/<class>/<video files or frame folders>)")
         train, test = self.check(train), self.check(test)
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-        k = int(len(train) * self.val_fraction)
+        k = max(1, int(len(train) * self.val_fraction)) if len(train) > 1 and self.val_fraction > 0 else 0
         val, train = [train[i] for i in perm[:k]], [train[i] for i in sorted(perm[k:])]
         args = (self.frames, self.stride, self.size, self.channels)
         spec = DataSpec(
