@@ -1,6 +1,7 @@
 """Each check is proven on a planted bug: it fails on the buggy model/data/task and passes on the correct one.
 
-Tiny setups (8x8 digits, an MLP or a one-layer attention net) keep the file to seconds on a CPU.
+Tiny setups (8x8 digits, an MLP, a one-layer attention net, tiny registry models of every family on synthetic
+data) keep the file to seconds on a CPU; the registry test runs every built-in recipe with tiny settings.
 """
 
 from __future__ import annotations
@@ -153,6 +154,17 @@ def test_planted_model_bug_fails_and_correct_model_passes(cfg, digits, tmp_path,
     assert buggy.status == "fail", buggy
     good = CHECKS[check](ctx_for(cfg, tmp_path, digits, Net))
     assert good.status == "pass", good
+
+
+def test_dependency_does_not_blame_a_zero_initialized_head(cfg, digits, tmp_path):
+    """A head zeroed at init (the usual fix for init_prior) makes every input gradient exactly 0 at step 0."""
+
+    def zero_head(spec):
+        m = Net(spec)
+        nn.init.zeros_(m.head.weight)
+        return m
+
+    assert tchecks.dependency(ctx_for(cfg, tmp_path, digits, zero_head)).status == "pass"
 
 
 def test_loss_down_fails_at_a_learning_rate_that_diverges(cfg, digits, tmp_path):
@@ -339,6 +351,179 @@ def test_causal_dependency_catches_attention_without_its_mask(cfg, tmp_path, mas
     assert tchecks.init_loss(ctx).status == "pass"  # ln(vocab) through the generic fallback
 
 
+def test_gpt_without_its_causal_mask_fails_dependency(cfg, tmp_path):
+    """The registry's GPT through the lm task's hooks: with the mask, pass; attention over every position, fail."""
+    from deeprecipe.models.gpt import GPTConfig
+    from deeprecipe.tasks import lm
+
+    seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
+    data = Data(DataSpec(vocab_size=11, extra={"block_size": 8}), TensorSplit(seq[:, :-1], seq[:, 1:]))
+
+    def gpt(spec, masked=True):
+        m = GPTConfig(n_layer=1, n_head=2, n_embd=16).build(spec)
+        if not masked:
+            for blk in m.blocks:
+                a = blk.attn
+
+                def forward(x, cache=None, layer=0, a=a):  # the bug: no is_causal, no mask
+                    B, T, C = x.shape
+                    q, k, v = a.qkv(x).view(B, T, 3, a.n_head, C // a.n_head).permute(2, 0, 3, 1, 4)
+                    return a.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+                a.forward = forward
+        return m
+
+    good = tchecks.dependency(ctx_for(cfg, tmp_path, data, gpt, lm))
+    assert good.status == "pass" and "future 0" in good.measured, good
+    bad = tchecks.dependency(ctx_for(cfg, tmp_path, data, lambda spec: gpt(spec, masked=False), lm))
+    assert bad.status == "fail" and "causal" in bad.advice, bad
+
+
+def pairs_data(n: int = 48, vocab: int = 13) -> Data:
+    """Copy task on token ids: target = <s> source </s>, lengths 3..6, PAD 0 (the translate task's layout)."""
+    from deeprecipe.data.pairs import BOS, EOS, PairSplit
+
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randint(3, vocab, (3 + i % 4,), generator=g).tolist() for i in range(n)]
+    tgt = [[BOS, *s, EOS] for s in src]
+    spec = DataSpec(vocab_size=vocab, extra={"pad": 0, "shared_vocab": True, "src_vocab": vocab})
+    return Data(spec, PairSplit(src, tgt, [""] * n, [""] * n))
+
+
+@pytest.mark.parametrize("bug", [None, "no causal mask", "mixed sources"])
+def test_translator_dependency_on_source_and_target_side(cfg, tmp_path, bug):
+    from deeprecipe.models.seq2seq import Seq2Seq
+    from deeprecipe.tasks import translate
+
+    class Buggy(Seq2Seq):
+        def decode(self, tgt, memory, src_pad):
+            if bug == "no causal mask":  # the decoder sees the target tokens it must predict
+                return self.head(self.decoder(self.embed(self.tgt_emb, tgt), memory, memory_key_padding_mask=src_pad))
+            return super().decode(tgt, memory, src_pad)
+
+        def encode(self, src):
+            memory, src_pad = super().encode(src)
+            if bug == "mixed sources":  # a sentence reads its neighbour's source
+                memory = memory + 0.5 * memory.roll(1, 0)
+            return memory, src_pad
+
+    def model(spec):
+        return Buggy(spec.vocab_size, spec.vocab_size, d=16, n_head=2, enc_layers=1, dec_layers=1, ff=32)
+
+    v = translate.check_dependency(ctx_for(cfg, tmp_path, pairs_data(), model, translate))
+    assert v.status == ("pass" if bug is None else "fail"), v
+    if bug == "no causal mask":
+        assert "causal" in v.advice
+    if bug == "mixed sources":
+        assert "mix" in v.advice
+
+
+class TinySeg(nn.Module):
+    """Two convs to per-pixel logits (B, C, H, W); `mix` plants a bug that mixes examples of the batch."""
+
+    def __init__(self, spec, mix: bool = False):
+        super().__init__()
+        self.mix = mix
+        self.net = nn.Sequential(
+            nn.Conv2d(spec.in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, spec.num_classes, 1)
+        )
+
+    def forward(self, x):
+        h = self.net[:2](x)
+        if self.mix:  # e.g. a norm over the batch and the pixels at eval time
+            h = h - h.mean((0, 2, 3), keepdim=True)
+        return self.net[2](h)
+
+
+def seg_data(n: int = 24, C: int = 3) -> Data:
+    """Pixels of class k are bright in channel k; a 255 border (ignored)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, C, (n, 1, 4, 4), generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)[:, 0]
+    x = F.one_hot(y.long(), C).permute(0, 3, 1, 2) * 150 + torch.randint(0, 60, (n, C, 8, 8), generator=g)
+    y[:, 0] = 255
+    spec = DataSpec(
+        num_classes=C,
+        class_names=list("abc"[:C]),
+        in_channels=C,
+        image_size=(8, 8),
+        mean=(0.3,) * C,
+        std=(0.3,) * C,
+        extra={"palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255]]},
+    )
+    return Data(
+        spec,
+        TensorSplit(x.to(torch.uint8), y.to(torch.uint8)),
+        TensorSplit(x[:8].to(torch.uint8), y[:8].to(torch.uint8)),
+    )
+
+
+def test_segmentation_counts_per_pixel_and_catches_mixing(cfg, tmp_path):
+    from deeprecipe.tasks import segment
+
+    data = seg_data()
+    ctx = ctx_for(cfg, tmp_path, data, TinySeg, segment)
+    assert dchecks.labels(ctx).status == "pass"  # 255 is "no label", not out of range
+    v = tchecks.init_loss(ctx)
+    assert v.status == "pass" and "ln 3" in v.expected, v  # per pixel
+    assert tchecks.dependency(ctx).status == "pass"
+    assert (
+        tchecks.dependency(ctx_for(cfg, tmp_path, data, lambda spec: TinySeg(spec, mix=True), segment)).status == "fail"
+    )
+    x, y = data.train.tensors
+    bad = clone(data, train=TensorSplit(x, torch.where(y == 2, 3, y)))  # a class id = C
+    assert dchecks.labels(ctx_for(cfg, tmp_path, bad, TinySeg, segment)).status == "fail"
+
+
+def test_video_dependency_catches_a_reshape_across_clips(cfg, tmp_path):
+    from deeprecipe.models.video3d import C3D
+    from deeprecipe.tasks import video
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 255, (32, 1, 4, 8, 8), generator=g, dtype=torch.uint8), torch.arange(32) % 4
+    spec = DataSpec(num_classes=4, class_names=list("abcd"), in_channels=1, image_size=(8, 8), mean=(0.5,), std=(0.3,))
+    data = Data(spec, TensorSplit(x, y))
+
+    class TimeMixer(C3D):  # (B, C, T, H, W) read as (T, B, ...) and back: frames of different clips swap
+        def forward(self, x):
+            B, C, T, H, W = x.shape
+            return super().forward(x.transpose(0, 2).reshape(B, C, T, H, W))
+
+    for net, status in ((C3D, "pass"), (TimeMixer, "fail")):
+        ctx = ctx_for(cfg, tmp_path, data, lambda spec, net=net: net(1, 4, [4, 8]), video)
+        assert tchecks.dependency(ctx).status == status
+
+
+def test_gan_checks_catch_mixed_noise_and_a_frozen_generator(tmp_path):
+    from deeprecipe.checks import gan as gchecks
+    from deeprecipe.models.gan import GANConfig
+
+    gcfg = config.load("digits-gan", ["train.device=cpu", "model.hidden=[16,32]"])
+    data = gcfg.data.build()
+
+    def mixed(spec):  # each image is drawn from the whole batch's noise
+        m = GANConfig(hidden=(16, 32), latent=64).build(spec)
+        forward = m.generator.forward
+        m.generator.forward = lambda z, y=None: forward(z + z.mean(0, keepdim=True), y)
+        return m
+
+    def frozen(spec):
+        m = GANConfig(hidden=(16, 32), latent=64).build(spec)
+        m.generator.net[0].requires_grad_(False)
+        return m
+
+    ok = Ctx(gcfg, tmp_path, data=data, steps=3, batch_size=16)
+    assert {gchecks.seed(ok).status, gchecks.dependency(ok).status, gchecks.grad_flow(ok).status} == {"pass"}
+    v = gchecks.dependency(Ctx(gcfg, tmp_path, data=data, make_model=mixed))
+    g_part, d_part = v.measured.split("; ")
+    assert v.status == "fail" and "mix" in v.advice and "x_j| = 0 (" not in g_part and "x_j| = 0 (" in d_part, v
+    v = gchecks.grad_flow(Ctx(gcfg, tmp_path, data=data, make_model=frozen, batch_size=16))
+    assert v.status == "fail" and "generator.net.0" in v.measured, v
+    verdicts = run_checks(Ctx(gcfg, tmp_path, data=data, batch_size=16), only=["init_loss", "seed"])
+    assert [x.name for x in verdicts] == list(CHECKS)  # the GAN's seed replaces the built-in one in place
+    status = {x.name: x.status for x in verdicts}
+    assert status["seed"] == "pass" and status["init_loss"] == "skip"
+
+
 # ---------------------------------------------------------------------------------------------- user code
 
 
@@ -473,18 +658,51 @@ def test_lr_find_verb_writes_plot_and_suggestion(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- registry
 
+# tiny settings of the registry test, by data set and by model: a new entry must add its line here (KeyError)
+TINY_DATA = {
+    "digits": [],
+    "fashion-mnist": ["data.image_size=14", "data.limit=4000"],
+    "text": ["data.block_size=32", "data.vocab_size=320"],  # (BPE only: a vocabulary that learns context fast)
+    "pairs": ["data.vocab_size=1000", "data.max_len=24"],
+    "scenes": ["data.size=[32,32]", "data.train_size=256", "data.val_size=32", "data.test_size=32", "data.crop=0"],
+    "moving-digits": ["data.frames=4", "data.size=16", "data.train_size=400", "data.val_size=64", "data.test_size=64"],
+    "imagefolder": [],
+    "cityscapes": [],
+    "videofolder": [],
+}
+TINY_MODEL = {
+    "mlp": [],
+    "cnn": [],
+    "resnet": [],
+    "gpt": ["model.n_layer=2", "model.n_embd=64", "model.n_head=2"],
+    "lstm": ["model.n_layer=1", "model.hidden=128"],
+    "seq2seq": ["model.d_model=64", "model.n_head=2", "model.enc_layers=1", "model.dec_layers=1"],
+    "unet": ["model.width=8", "model.depth=2"],
+    "fcn": ["model.width=8", "model.stages=3", "model.max_width=32"],
+    "c3d": ["model.channels=[8,16]"],
+    "r2plus1d": ["model.width=8", "model.blocks=[1,1]", "model.stem_stride=1"],
+    "gan": ["model.hidden=[32,64]"],
+    "dcgan": ["model.image_size=28", "model.g_width=8", "model.d_width=8"],  # 14 px data, resized on the fly
+}
+# true findings the checks report on a built-in recipe, asserted exactly until the model is fixed (then remove);
+# none today (the last one, C3D's head preferring some classes at step 0, was fixed by zero-initializing it)
+KNOWN_FINDINGS: dict[str, set[str]] = {}
+# the short runs, by task (sequences: fewer, longer examples and more steps, as their CHECK_DEFAULTS say)
+TINY_WORK = {"lm": dict(steps=200, batch_size=8, overfit_steps=150)}
+
 
 @pytest.mark.parametrize("recipe", sorted(config.list_recipes()))
 def test_every_builtin_recipe_passes_check(recipe, tmp_path):
     cfg = config.load(recipe, ["train.device=cpu"])
+    small = ["train.device=cpu"] + TINY_DATA[cfg.data.name] + TINY_MODEL[cfg.model.name]
     try:
-        cfg.data.build()
+        cfg = config.load(recipe, small)
+        data = cfg.data.build()
     except DataError as e:
         pytest.skip(f"data of {recipe} is not on this machine: {e}")
-    # tiny settings: fewer, smaller steps; images of the bigger sets at half size
-    small = {} if cfg.data.name == "digits" else {"data.image_size": 14, "data.limit": 4000}
-    cfg = config.load(recipe, ["train.device=cpu"] + [f"{k}={v}" for k, v in small.items()])
-    verdicts = run_checks(Ctx(cfg, tmp_path, steps=30, batch_size=16, overfit_steps=100))
+    work = TINY_WORK.get(cfg.task, dict(steps=30, batch_size=16, overfit_steps=100))
+    verdicts = run_checks(Ctx(cfg, tmp_path, data=data, **work))
     failed = [v for v in verdicts if v.status == "fail"]
-    assert not failed, failed
-    assert {v.name for v in verdicts if v.status == "pass"} >= {"seed", "init_loss", "overfit", "dependency"}
+    assert {v.name for v in failed} == KNOWN_FINDINGS.get(recipe, set()), failed
+    applies = {"seed", "dependency"} | ({"grad_flow"} if cfg.task == "gan" else {"init_loss"})
+    assert {v.name for v in verdicts if v.status == "pass"} >= applies

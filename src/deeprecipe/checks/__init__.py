@@ -42,14 +42,15 @@ def run_checks(
     for name in list(only or []) + list(skip or []):
         if name not in checks:
             raise UserError(f"unknown check '{name}': the checks are {', '.join(checks)}")
-    not_for_task = set(getattr(ctx.task, "CHECKS_SKIP", ()))
+    not_for_task = getattr(ctx.task, "CHECKS_SKIP", ())  # a set, or a dict name -> why it does not apply
     out, data_error = [], None
     for name, fn in checks.items():
         t0 = time.perf_counter()
         if (only and name not in only) or name in (skip or []):
             v = Verdict(name, "skip", advice="not selected")
         elif name in not_for_task:
-            v = Verdict(name, "skip", advice=f"does not apply to task '{ctx.cfg.task}'")
+            why = not_for_task.get(name) if isinstance(not_for_task, dict) else None
+            v = Verdict(name, "skip", advice=why or f"does not apply to task '{ctx.cfg.task}'")
         elif data_error is not None and name not in DATA_FREE:
             v = Verdict(name, "skip", advice="the data set did not build")
         else:

@@ -6,14 +6,16 @@ from the recipe (seeded, so two builds are equal), and gives batches exactly as 
 (two seeded runs agree bitwise on CPU; the gradient across examples is exactly zero).
 
 Optional task hooks (module attributes of a task in deeprecipe/tasks/; each has a fallback here):
-    CHECKS_SKIP = {"init_prior", ...}     checks that do not apply to the task (shown as skip, with the reason)
-    EXTRA_CHECKS = {"name": fn(ctx)}      checks of the family's own, run after the built-in ones
+    CHECKS_SKIP = {"init_prior": "why"}   checks that do not apply to the task (a set, or a dict with reasons)
+    EXTRA_CHECKS = {"name": fn(ctx)}      checks of the family's own, run after the built-in ones; one named
+                                           like a built-in check replaces it (a GAN's seed runs both nets)
     CAUSAL = True                          the dependency check also proves that position t ignores inputs after t
     IGNORE_INDEX = 255                     a label value that means "no label" (segmentation)
     expected_init_loss(spec, cfg)          closed-form loss at init (fallback: ln C, else ln vocab, else skipped)
     per_example_loss(model, batch, cfg)    (B,) or, for sequences, (B, T) losses (fallback: cross-entropy of
                                            model(input) against batch[-1], class dim last or dim 1)
     batch_input(batch) / replace_input(batch, x)   the net's input in a prepared batch (fallback: batch[0])
+    CHECK_DEFAULTS = {"batch_size": 8}     the short runs' work when the command does not say (fallback DEFAULTS)
     show_batch(batch, spec)                (images in [0, 1] (N, C, H, W), captions) or a text; None: no picture
 """
 
@@ -39,6 +41,9 @@ from deeprecipe.engine.device import Runtime, setup, step_generator
 from deeprecipe.util import UserError
 
 STATUSES = ("pass", "warn", "fail", "skip")
+# the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
+# a task's CHECK_DEFAULTS overrides some, the caller's arguments (--steps, --batch, ...) override both
+DEFAULTS = {"steps": 50, "batch_size": 32, "overfit_examples": 8, "overfit_steps": 200}
 
 
 @dataclass
@@ -84,10 +89,10 @@ class Ctx:
         data: Data | None = None,
         make_model: Callable[[DataSpec], nn.Module] | None = None,
         task: Any = None,
-        steps: int = 50,
-        batch_size: int = 32,
-        overfit_examples: int = 8,
-        overfit_steps: int = 200,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        overfit_examples: int | None = None,
+        overfit_steps: int | None = None,
         heldout: int = 256,
         max_files: int = 2000,
     ):
@@ -99,8 +104,13 @@ class Ctx:
         self.rt = rt or setup(cfg.train.device, "fp32")
         self.out = Path(out)
         self._data, self._make_model = data, make_model
-        self.steps, self.batch_size, self.heldout = steps, min(batch_size, cfg.train.batch_size), heldout
-        self.overfit_examples, self.overfit_steps, self.max_files = overfit_examples, overfit_steps, max_files
+        # the amount of work: given > the task's CHECK_DEFAULTS (a sequence costs more per example) > DEFAULTS
+        asked = dict(steps=steps, batch_size=batch_size, overfit_examples=overfit_examples, overfit_steps=overfit_steps)
+        work = {**DEFAULTS, **getattr(self.task, "CHECK_DEFAULTS", {})}
+        work.update({k: v for k, v in asked.items() if v is not None})
+        self.steps, self.batch_size = work["steps"], min(work["batch_size"], cfg.train.batch_size)
+        self.overfit_examples, self.overfit_steps = work["overfit_examples"], work["overfit_steps"]
+        self.heldout, self.max_files = heldout, max_files
         self.memo: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data and models
@@ -140,7 +150,10 @@ class Ctx:
     def train_batch(self, step: int, size: int | None = None, augment: bool = True):
         """The prepared batch of training step `step`, as the loop makes it (same indices, same augmentation)."""
         split, n, seed = self.data.train, size or self.batch_size, self.cfg.train.seed
-        raw = self.raw(split, step_indices(len(split), seed, step, min(n, len(split))))
+        if hasattr(split, "step_batch"):  # a split that draws its own batches (text windows, sentence pairs)
+            raw = tuple(t.to(self.rt.device) for t in split.step_batch(seed, step, min(n, len(split))))
+        else:
+            raw = self.raw(split, step_indices(len(split), seed, step, min(n, len(split))))
         gen = step_generator(self.rt.device, seed, step, 0, 0) if augment else None
         return self.task.prepare(raw, self.spec, gen)
 
@@ -160,6 +173,10 @@ class Ctx:
 
     def put_input(self, batch, x: torch.Tensor):
         return self.task.replace_input(batch, x) if hasattr(self.task, "replace_input") else (x, *batch[1:])
+
+    def blank(self, batch):
+        """The batch with its input zeroed (the baseline; integer ids become token 0 everywhere)."""
+        return self.put_input(batch, torch.zeros_like(self.get_input(batch)))
 
     def per_example_loss(self, model: nn.Module, batch) -> torch.Tensor:
         if hasattr(self.task, "per_example_loss"):
@@ -190,7 +207,7 @@ class Ctx:
 
 def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Cross-entropy per example: (B, C) vs (B,) -> (B,); (B, T, V) vs (B, T) -> (B, T);
-    (B, C, H, W) vs (B, H, W) -> (B,) (mean over pixels)."""
+    (B, C, H, W) vs (B, H, W) -> (B,) (mean over the pixels that are not ignore_index)."""
     if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
         raise UserError(
             "the checks' fallback loss needs integer targets in batch[-1]: define "
@@ -202,7 +219,8 @@ def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -1
             y.shape
         )
     if logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:  # class dim 1 (dense prediction)
-        return F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index).flatten(1).mean(1)
+        per = F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index).flatten(1)
+        return per.sum(1) / (y != ignore_index).flatten(1).sum(1).clamp_min(1)  # mean over labelled pixels
     raise UserError(
         f"the checks cannot match model output {tuple(logits.shape)} with targets {tuple(y.shape)}: "
         "define per_example_loss(model, batch, cfg) in the task module"

@@ -20,7 +20,12 @@ def seed(ctx: Ctx) -> Verdict:
     """Two short runs with the same seed give the same losses (bitwise on CPU)."""
     n = 5
     runs = [fit(ctx, ctx.model(), n, ctx.train_batch).losses for _ in range(2)]
-    diff = max(abs(a - b) for a, b in zip(*runs)) if all(runs) else float("inf")
+    return seed_verdict(ctx, runs, n)
+
+
+def seed_verdict(ctx: Ctx, runs: list[list[float]], n: int) -> Verdict:
+    """The verdict on two runs' losses (a family with its own training step, e.g. the GAN, makes the runs)."""
+    diff = max(abs(a - b) for a, b in zip(*runs)) if all(runs) and len(runs[0]) == len(runs[1]) else float("inf")
     measured = f"max |loss diff| {diff:.2g} over {n} steps"
     if diff <= 1e-6:
         return Verdict("seed", "pass", measured, "0", "", diff)
@@ -146,12 +151,8 @@ def baseline(ctx: Ctx) -> Verdict:
     model = ctx.memo["real"][2]
     real_loss = eval_loss(ctx, model, held)
     zero_model = ctx.model()
-
-    def zero(b):
-        return ctx.put_input(b, torch.zeros_like(ctx.get_input(b)))
-
-    fit(ctx, zero_model, ctx.steps, ctx.train_batch, transform=zero)
-    zero_loss = eval_loss(ctx, zero_model, zero(held))
+    fit(ctx, zero_model, ctx.steps, ctx.train_batch, transform=ctx.blank)
+    zero_loss = eval_loss(ctx, zero_model, ctx.blank(held))
     ratio = real_loss / max(zero_loss, 1e-8)
     measured = f"held-out loss {real_loss:.3f} (real) vs {zero_loss:.3f} (zeroed inputs)"
     if not math.isfinite(ratio) or ratio >= 0.95:
@@ -300,60 +301,91 @@ def dependency(ctx: Ctx) -> Verdict:
     """The gradient of example i's loss with respect to the input of example j != i is zero (eval mode: any
     mixing is a bug, e.g. a view/reshape across the batch or a norm on batch statistics at eval time).
     With CAUSAL, the loss at position t must not depend on inputs after t either."""
-    model = ctx.model().eval()
+    model = awake(ctx.model()).eval()
     b = ctx.train_batch(0, size=4, augment=False)
     return dependency_verdict(
         lambda bb: ctx.per_example_loss(model, bb), b, ctx.get_input, ctx.put_input, model, ctx.causal
     )
 
 
+def awake(model: nn.Module) -> nn.Module:
+    """Weights that start at exactly zero (a head zeroed at init, a residual branch started as the identity)
+    make some gradients exactly zero at step 0; the dependency check is about the wiring, so such tensors get
+    small random values (seeded) before it measures."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=g).mul_(0.02))
+    return model
+
+
 def input_grads(loss_fn, b, get_input, put_input, model: nn.Module, pick) -> torch.Tensor:
-    """d pick(per-example losses) / d input, where the input is the batch's float input, or for integer ids
-    the output of the first embedding whose output starts with the input's shape (B, T, C)."""
+    """|d pick(per-example losses) / d input|, where the input is the batch's float input (same shape), or for
+    integer ids (B, T) the output of the embeddings called on those very ids (largest over the features: (B, T));
+    a model that copies the ids first is differentiated at the first embedding output shaped (B, T, ...)."""
     x = get_input(b)
-    handles, leaf = [], []
     if x.is_floating_point():
         x = x.detach().clone().requires_grad_(True)
-        b = put_input(b, x)
-    else:
+        (g,) = torch.autograd.grad(pick(loss_fn(put_input(b, x))), x, allow_unused=True)
+        return torch.zeros_like(x) if g is None else g.detach().abs()
+    leaves: list[torch.Tensor] = []
+    for same in (True, False):  # the embedding of this tensor (the source, not the target of a translator)
 
-        def grab(module, args, out):
-            if not leaf and out.shape[: x.ndim] == x.shape:
+        def grab(module, args, out, same=same):
+            hit = args[0] is x if same else not leaves
+            if hit and out.shape[: x.ndim] == x.shape:
                 out = out.detach().requires_grad_(True)
-                leaf.append(out)
+                leaves.append(out)
                 return out
 
         handles = [m.register_forward_hook(grab) for m in model.modules() if isinstance(m, nn.Embedding)]
-    try:
-        per = loss_fn(b)
-        target = leaf[0] if not x.is_floating_point() and leaf else x
-        if not target.requires_grad:
-            raise RuntimeError("no float input and no embedding of the ids to differentiate")
-        (g,) = torch.autograd.grad(pick(per), target, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.zeros_like(target) if g is None else g.detach()
+        try:
+            per = loss_fn(b)
+        finally:
+            for h in handles:
+                h.remove()
+        if leaves:
+            break
+    if not leaves:
+        raise RuntimeError("no float input and no embedding of the ids to differentiate")
+    grads = torch.autograd.grad(pick(per), leaves, allow_unused=True)
+    g = torch.zeros(x.shape, device=x.device)
+    for gl in grads:
+        if gl is not None:
+            g = torch.maximum(g, gl.detach().abs().flatten(x.ndim).amax(-1).float())
+    return g
 
 
-def dependency_verdict(loss_fn, b, get_input, put_input, model: nn.Module, causal: bool = False) -> Verdict:
+def dependency_verdict(
+    loss_fn,
+    b,
+    get_input,
+    put_input,
+    model: nn.Module,
+    causal: bool = False,
+    lengths: list[int] | None = None,
+    what: str = "",
+) -> Verdict:
+    """d loss_i / d input_j for the first and last example i; with `causal`, d loss_(i,t) / d input_(i,>t) at
+    t = half of example i's length (`lengths`: its labelled positions; default the whole sequence)."""
     B = len(get_input(b))
     leak, own, future = 0.0, 0.0, 0.0
     for i in sorted({0, B - 1}):
         if causal:
             T = get_input(b).shape[1]
-            t = T // 2
-            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per, i=i, t=t: per[i, t]).abs()
+            t = max(0, min(T, lengths[i] if lengths is not None else T) - 1) // 2
+            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per, i=i, t=t: per[i, t])
             future = max(future, float(g[i, t + 1 :].max()) if t + 1 < T else 0.0)
             own = max(own, float(g[i, : t + 1].max()))
         else:
-            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per, i=i: per[i].sum()).abs()
+            g = input_grads(loss_fn, b, get_input, put_input, model, lambda per, i=i: per[i].sum())
             own = max(own, float(g[i].max()))
         others = torch.cat([g[:i], g[i + 1 :]])
         leak = max(leak, float(others.max()) if len(others) else 0.0)
     scale = max(own, 1e-30)
     rel, rel_future = leak / scale, future / scale
-    measured = f"|d loss_i / d x_j| = {leak:.2g} (own {own:.2g})" + (f", future {future:.2g}" if causal else "")
+    measured = what + f"|d loss_i / d x_j| = {leak:.2g} (own {own:.2g})" + (f", future {future:.2g}" if causal else "")
     expected = "0 across examples" + (" and from the future" if causal else "")
     if own == 0:
         return Verdict(
@@ -387,4 +419,28 @@ def dependency_verdict(loss_fn, b, get_input, put_input, model: nn.Module, causa
     return Verdict("dependency", "pass", measured, expected, "", rel)
 
 
-__all__ = ["seed", "init_loss", "init_prior", "baseline", "overfit", "loss_down", "dynamics", "grad_flow", "dependency"]
+def combined(parts: list[Verdict]) -> Verdict:
+    """One verdict from several (a translator's source and target side, a GAN's two nets): the worst part,
+    with every part's measurement."""
+    order = {"fail": 0, "warn": 1, "pass": 2, "skip": 3}
+    worst = min(parts, key=lambda v: order.get(v.status, 3))
+    worst.measured = "; ".join(v.measured for v in parts)
+    worst.expected = "; ".join(dict.fromkeys(v.expected for v in parts if v.expected))
+    return worst
+
+
+__all__ = [
+    "seed",
+    "init_loss",
+    "init_prior",
+    "baseline",
+    "overfit",
+    "loss_down",
+    "dynamics",
+    "grad_flow",
+    "dependency",
+    "dependency_verdict",
+    "awake",
+    "seed_verdict",
+    "combined",
+]

@@ -171,9 +171,13 @@ def add_parsers(sub) -> None:
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     s.add_argument("--only", help="comma-separated checks to run")
     s.add_argument("--skip", help="comma-separated checks to leave out")
-    s.add_argument("--steps", type=int, default=50, help="length of the short training runs")
-    s.add_argument("--batch", type=int, default=32, help="batch size of the short runs (at most the recipe's)")
-    s.add_argument("--overfit-steps", type=int, default=200, help="step budget to memorize a tiny batch")
+    s.add_argument("--steps", type=int, help="length of the short training runs (default 50, or the task's)")
+    s.add_argument(
+        "--batch", type=int, help="batch size of the short runs, at most the recipe's (default 32, or the task's)"
+    )
+    s.add_argument(
+        "--overfit-steps", type=int, help="step budget to memorize a tiny batch (default 200, or the task's)"
+    )
     s.add_argument("--max-files", type=int, default=2000, help="decode at most this many files (an even sample)")
     s.add_argument("--strict", action="store_true", help="warnings fail too")
     s.set_defaults(func=cmd_check)

@@ -48,6 +48,10 @@ class C3D(nn.Module):
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten())
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
+        # the pooled post-ReLU features are all positive and large, so a random head starts with strong class
+        # preferences (loss at init well above ln C); a zero head starts at exactly ln C, uniform over classes
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, classes)
         return self.head(self.dropout(self.features(x)))

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from deeprecipe.checks import gan as gan_checks
 from deeprecipe.config import Config
 from deeprecipe.data.core import Data, DataSpec, eval_batches, train_batches
 from deeprecipe.engine import checkpoint, optim
@@ -34,10 +35,29 @@ from deeprecipe.util import UserError
 METRIC = ("fid", "min")
 GRID = 64  # images in the fixed-noise grid
 
+# deeprecipe check: a GAN has no ln C and no single loss to overfit; seed, grad_flow and dependency run
+# both nets (checks/gan.py); the data scan and the batch grid are the built-in ones
+CHECKS_SKIP = {
+    "init_loss": "a GAN has no closed-form loss at init (no ln C)",
+    "init_prior": "the generator has no class prediction to compare with the priors",
+    "overfit": "two adversarial losses have no ~0 to reach",
+    "loss_down": "adversarial losses need not fall (the grids and FID of a training run tell progress)",
+    "baseline": "G has no input to blank that a loss could judge",
+    "dynamics": "no per-example loss to follow",
+}
+EXTRA_CHECKS = {"seed": gan_checks.seed, "dependency": gan_checks.dependency, "grad_flow": gan_checks.grad_flow}
+
 
 def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
     x, y = batch
     return x.float() / 127.5 - 1, y  # uint8 -> [-1, 1]
+
+
+def show_batch(batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
+    """Real images as D sees them, back to [0, 1] (deeprecipe check)."""
+    x, y = batch
+    names = spec.class_names
+    return (x.float() + 1) / 2, [names[int(v)] if 0 <= int(v) < len(names) else "" for v in y]
 
 
 def fit(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

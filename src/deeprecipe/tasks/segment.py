@@ -20,6 +20,10 @@ from deeprecipe.tasks.classify import denormalize, normalize
 
 METRIC = ("miou", "max")
 IGNORE = 255
+# deeprecipe check (checks/core.py): losses count per labelled pixel (ln C at init, mean over pixels per
+# example for the dependency check and the prediction dynamics); 255 is not out of range
+IGNORE_INDEX = IGNORE
+CHECK_DEFAULTS = {"overfit_examples": 2}  # memorizing is per pixel: two images are thousands of labels
 
 
 def joint_augment(
@@ -64,6 +68,17 @@ def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
     if gen is not None and (ex.get("flip") or scale != (1.0, 1.0) or ex.get("crop")):
         x, y = joint_augment(x, y, gen, ex.get("flip", False), scale, ex.get("crop", 0))
     return x, y  # the memory format follows the model (train.channels_last)
+
+
+def show_batch(batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
+    """Images de-normalized next to their masks in colour (black: ignored), as the net sees them."""
+    x, y = batch[0][:16], batch[1][:16]
+    pal = spec.extra.get("palette") or [[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(256)]
+    tiles = [
+        t for img, m in zip(denormalize(x, spec).cpu(), y.cpu()) for t in (img.expand(3, -1, -1), colorize(m, pal))
+    ]
+    caps = [c for m in y for c in ("image", f"mask ({float((m == IGNORE).float().mean()):.0%} ignored)")]
+    return torch.stack(tiles), caps
 
 
 def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,18 @@ def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
     return x.reshape(shape), y
 
 
+def show_batch(batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
+    """Four frames (first to last) of the first clips, de-normalized, captioned by label (deeprecipe check)."""
+    x, y = batch[0][:8], batch[1][:8]
+    T = x.shape[2]
+    frames = x[:, :, torch.linspace(0, T - 1, min(4, T)).round().long()]  # (N, C, 4, H, W)
+    n, k = frames.shape[0], frames.shape[2]
+    imgs = classify.denormalize(frames.transpose(1, 2).flatten(0, 1), spec)  # (N * 4, C, H, W)
+    names = spec.class_names
+    caps = [f"{names[int(v)]} t{j}" if 0 <= int(v) < len(names) else f"?{int(v)}" for v in y[:n] for j in range(k)]
+    return imgs, caps
+
+
 def fp32_on_cpu(x: torch.Tensor):
     """3D convolutions run in fp32 on the CPU: in torch 2.14 the bf16 weight gradient of a (3, 1, 1) Conv3d on
     clips of 2 frames comes out NaN most of the time (a CPU kernel bug; tests/test_video.py checks this path)."""

@@ -1,0 +1,100 @@
+"""The checks of a GAN (task gan): it has no closed-form loss at init and no single loss to overfit or to see
+go down, so tasks/gan.py skips those and replaces three built-in checks with these, which run both nets:
+
+- seed: two short runs of the GAN's own alternating step (D then G, one Adam each), same losses;
+- grad_flow: every parameter of G and D gets a nonzero gradient in that run;
+- dependency: in eval mode, generated image i depends only on its own noise z_i (and label), and D's logit
+  for image i only on image i (a reshape across the batch, or a norm on batch statistics at eval, mixes them).
+
+The data scan and the batch grid are the built-in ones (images in [-1, 1], shown as they enter D).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deeprecipe.checks.core import Ctx, Verdict
+from deeprecipe.checks.training import awake, combined, dependency_verdict, seed_verdict
+from deeprecipe.engine.device import step_generator
+
+STEPS = 3  # steps of each short run
+
+
+def gan_run(ctx: Ctx, steps: int = STEPS) -> tuple[list[float], dict[str, bool], list[str]]:
+    """A short run as tasks/gan.py trains: (losses d0, g0, d1, g1, ..., parameter -> got a nonzero gradient,
+    frozen parameters). The noise of step s comes from (seed, s), the batch of step s from the loop's indices."""
+    task, M, seed = ctx.task, ctx.cfg.model, ctx.cfg.train.seed
+    model = ctx.model()
+    G, D = model.generator, model.discriminator
+    adam = dict(lr=ctx.cfg.optim.lr, betas=ctx.cfg.optim.betas)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+    named = [(f"generator.{n}", p) for n, p in G.named_parameters()]
+    named += [(f"discriminator.{n}", p) for n, p in D.named_parameters()]
+    got = {n: False for n, p in named if p.requires_grad}
+    losses: list[float] = []
+    model.train()
+
+    def step(opt: torch.optim.Optimizer, loss: torch.Tensor, prefix: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, p in named:
+            if n.startswith(prefix) and n in got and p.grad is not None and bool(p.grad.ne(0).any()):
+                got[n] = True
+        opt.step()
+        losses.append(float(loss.detach()))
+
+    for s in range(steps):
+        x, y = ctx.train_batch(s)
+        x, y = task.fit(x, model.shape), y if model.num_classes else None
+        z = torch.randn(len(x), model.latent, generator=step_generator(ctx.rt.device, seed, s), device=x.device)
+        fake = G(z, y)
+        step(opt_d, task.d_loss(D(x, y), D(fake.detach(), y), M.loss, M.real_label), "discriminator.")
+        D.requires_grad_(False)
+        step(opt_g, task.g_loss(D(fake, y), M.loss), "generator.")
+        D.requires_grad_(True)
+    return losses, got, [n for n, p in named if not p.requires_grad]
+
+
+def seed(ctx: Ctx) -> Verdict:
+    runs = [gan_run(ctx) for _ in range(2)]
+    ctx.memo["gan_run"] = runs[0]
+    return seed_verdict(ctx, [r[0] for r in runs], STEPS)
+
+
+def grad_flow(ctx: Ctx) -> Verdict:
+    if "gan_run" not in ctx.memo:
+        ctx.memo["gan_run"] = gan_run(ctx)
+    _, got, frozen = ctx.memo["gan_run"]
+    dead = [n for n, g in got.items() if not g]
+    bad = frozen + dead
+    measured = f"{len(frozen)} frozen, {len(dead)} without gradient, of {len(got) + len(frozen)} tensors"
+    if bad:
+        return Verdict(
+            "grad_flow",
+            "fail",
+            measured + f" ({', '.join(bad[:4])})",
+            "0",
+            "layers that never learn: requires_grad=False, a .detach()/no_grad in forward, or an unused layer",
+            len(bad),
+        )
+    return Verdict("grad_flow", "pass", measured, "0", "", 0)
+
+
+def dependency(ctx: Ctx) -> Verdict:
+    """G: a fixed random projection of each generated image against the noise; D: each logit against the images."""
+    model = awake(ctx.model()).eval()
+    G, D = model.generator, model.discriminator
+    x, y = ctx.train_batch(0, size=4, augment=False)
+    x, y = ctx.task.fit(x, model.shape), y if model.num_classes else None
+    z = torch.randn(len(x), model.latent, generator=torch.Generator().manual_seed(ctx.cfg.train.seed)).to(x.device)
+    w = torch.randn(model.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+
+    def first(b):
+        return b[0]
+
+    def put(b, t):
+        return (t, b[1])
+
+    gen = dependency_verdict(lambda b: (G(b[0], b[1]) * w).flatten(1).sum(1), (z, y), first, put, G, what="G: ")
+    dis = dependency_verdict(lambda b: D(b[0], b[1]), (x, y), first, put, D, what="D: ")
+    return combined([gen, dis])
