@@ -152,6 +152,7 @@ def test_clip_average_is_the_mean_of_the_clip_softmaxes():
 def test_model_shapes_and_backward(name, frames):
     spec = DataSpec(num_classes=7, in_channels=3, image_size=(24, 24))
     model = MODELS[name]().build(spec)
+    torch.nn.init.normal_(model.head.weight)  # c3d starts with a zero head: give the input a gradient path
     x = torch.randn(2, 3, frames, 24, 24, requires_grad=True)
     out = model(x)
     assert out.shape == (2, 7)
