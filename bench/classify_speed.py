@@ -101,10 +101,10 @@ def run_plain(steps: int, batch: int) -> dict:
 
     spec, x, y, tx, ty = fashion()
     torch.manual_seed(0)
-    model = CNNConfig(dropout=0.2).build(spec)
+    model = CNNConfig(dropout=0.1).build(spec)
     loader = DataLoader(TensorDataset(plain_tensors(spec, x), y), batch_size=batch, shuffle=True, drop_last=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
     step, t0 = 0, None
     model.train()
     while step < steps:
@@ -137,7 +137,7 @@ def run_lightning(steps: int, batch: int) -> dict:
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = CNNConfig(dropout=0.2).build(spec)
+            self.net = CNNConfig(dropout=0.1).build(spec)
             self.t0 = None
 
         def training_step(self, b, i):
@@ -146,8 +146,8 @@ def run_lightning(steps: int, batch: int) -> dict:
             return F.cross_entropy(self.net(b[0]), b[1])
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=5e-4)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+            opt = torch.optim.AdamW(self.parameters(), lr=4e-3, weight_decay=5e-4)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     m = Module()
@@ -189,9 +189,9 @@ def run_keras(steps: int, batch: int) -> dict:
             layers.MaxPooling2D(),
             *conv(128),
             layers.Flatten(),
-            layers.Dropout(0.2),
+            layers.Dropout(0.1),
             layers.Dense(64, activation="relu"),
-            layers.Dropout(0.2),
+            layers.Dropout(0.1),
             layers.Dense(10),
         ]
     )
