@@ -156,18 +156,22 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
         x, _ = prepare((img[None].to(rt.device), None), spec)
         with rt.autocast():
             probs = model(x).float().softmax(-1)[0].cpu()
-        top = probs.topk(min(getattr(args, "top", 3), len(probs)))
-        labels = [{"label": spec.class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
-        out.append(
-            {
-                "file": f,
-                "label": labels[0]["label"],
-                "prob": labels[0]["prob"],
-                "top": labels,
-                "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})",
-            }
-        )
+        out.append(top_labels(f, probs, spec.class_names, getattr(args, "top", 3)))
     return out
+
+
+def top_labels(name: str, probs: torch.Tensor, class_names: list[str], k: int = 3) -> dict:
+    """One prediction as `predict` reports it: the best label, its probability and the top k."""
+    top = probs.topk(min(k, len(probs)))
+    labels = [{"label": class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
+    best = labels[0]
+    return {
+        "file": name,
+        "label": best["label"],
+        "prob": best["prob"],
+        "top": labels,
+        "text": f"{name}: {best['label']} ({best['prob']:.3f})",
+    }
 
 
 # ------------------------------------------------------------------------------------------ export and serve

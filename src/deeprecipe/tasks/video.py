@@ -122,17 +122,7 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
         x, _ = prepare((x, None), spec)
         with rt.autocast():
             probs = clip_average(model, x)[0].exp().cpu()
-        top = probs.topk(min(getattr(args, "top", 3), len(probs)))
-        labels = [{"label": spec.class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
-        out.append(
-            {
-                "file": f,
-                "label": labels[0]["label"],
-                "prob": labels[0]["prob"],
-                "top": labels,
-                "text": f"{f}: {labels[0]['label']} ({labels[0]['prob']:.3f})",
-            }
-        )
+        out.append(classify.top_labels(f, probs, spec.class_names, getattr(args, "top", 3)))
     return out
 
 
