@@ -154,6 +154,18 @@ def from_dict(cls: type, raw: dict | None, where: str) -> Any:
     return cls(**kwargs)
 
 
+def lookup(registry: dict[str, type], name: str, what: str, key: str, user_cls: type) -> type:
+    """The config class registered as `name` (`path/to/file.py:Name` gives `user_cls`), or a ConfigError that
+    names the nearest registered name."""
+    if ":" in name:
+        return user_cls
+    if name not in registry:
+        near = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(registry)}"
+        raise ConfigError(f"unknown {what} '{key}={name}': {hint}")
+    return registry[name]
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from deeprecipe.checks.core import Ctx, Verdict
-from deeprecipe.checks.training import awake, combined, dependency_verdict, seed_verdict
+from deeprecipe.checks.training import awake, combined, dependency_verdict, grad_flow_verdict, seed_verdict
 from deeprecipe.engine.device import step_generator
 
 STEPS = 3  # steps of each short run
@@ -65,19 +65,7 @@ def grad_flow(ctx: Ctx) -> Verdict:
     if "gan_run" not in ctx.memo:
         ctx.memo["gan_run"] = gan_run(ctx)
     _, got, frozen = ctx.memo["gan_run"]
-    dead = [n for n, g in got.items() if not g]
-    bad = frozen + dead
-    measured = f"{len(frozen)} frozen, {len(dead)} without gradient, of {len(got) + len(frozen)} tensors"
-    if bad:
-        return Verdict(
-            "grad_flow",
-            "fail",
-            measured + f" ({', '.join(bad[:4])})",
-            "0",
-            "layers that never learn: requires_grad=False, a .detach()/no_grad in forward, or an unused layer",
-            len(bad),
-        )
-    return Verdict("grad_flow", "pass", measured, "0", "", 0)
+    return grad_flow_verdict(got, frozen)
 
 
 def dependency(ctx: Ctx) -> Verdict:

@@ -278,10 +278,14 @@ def dynamics(ctx: Ctx) -> Verdict:
 def grad_flow(ctx: Ctx) -> Verdict:
     """Every parameter of a freshly built model trains: none frozen, each gets a nonzero gradient in the run."""
     f, _ = real_run(ctx)
-    dead = [n for n, g in f.got_grad.items() if not g]
-    bad = f.frozen + dead
-    total = len(f.got_grad) + len(f.frozen)
-    measured = f"{len(f.frozen)} frozen, {len(dead)} without gradient, of {total} tensors"
+    return grad_flow_verdict(f.got_grad, f.frozen)
+
+
+def grad_flow_verdict(got_grad: dict[str, bool], frozen: list[str]) -> Verdict:
+    """The grad_flow verdict from which tensors got a gradient in a short run and which were frozen."""
+    dead = [n for n, g in got_grad.items() if not g]
+    bad = frozen + dead
+    measured = f"{len(frozen)} frozen, {len(dead)} without gradient, of {len(got_grad) + len(frozen)} tensors"
     if bad:
         return Verdict(
             "grad_flow",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deeprecipe.config import ConfigError
+from deeprecipe.config import lookup
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
 from deeprecipe.data.pairs import PairsData
@@ -45,15 +45,7 @@ class UserData:
 
 
 def data_config_class(name: str) -> type:
-    if ":" in name:
-        return UserData
-    if name not in DATASETS:
-        import difflib
-
-        near = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(DATASETS)}"
-        raise ConfigError(f"unknown data set 'data.name={name}': {hint}")
-    return DATASETS[name]
+    return lookup(DATASETS, name, "data set", "data.name", UserData)
 
 
 __all__ = ["DATASETS", "Data", "DataError", "DataSpec", "StreamSplit", "TensorSplit", "data_config_class"]

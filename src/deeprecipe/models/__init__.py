@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from deeprecipe.config import ConfigError
+from deeprecipe.config import lookup
 from deeprecipe.data.core import DataSpec
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
 from deeprecipe.models.fcn import FCNConfig
@@ -58,12 +58,4 @@ class UserModel:
 
 
 def model_config_class(name: str) -> type:
-    if ":" in name:
-        return UserModel
-    if name not in MODELS:
-        import difflib
-
-        near = difflib.get_close_matches(name, list(MODELS), n=1)
-        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(MODELS)}"
-        raise ConfigError(f"unknown model 'model.name={name}': {hint}")
-    return MODELS[name]
+    return lookup(MODELS, name, "model", "model.name", UserModel)
