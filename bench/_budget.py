@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from deeprecipe import config
+from deeprecipe.data.core import Draws
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.loop import build, train
 from deeprecipe.tasks import get_task
@@ -31,8 +32,12 @@ def step_time(cfg, probes: int = 4) -> tuple[float, float]:
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     times = []
     for s in range(probes + 1):
-        idx = torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
-        batch = task.prepare(data.train.take(idx), data.spec, torch.Generator().manual_seed(s))
+        if hasattr(data.train, "step_batch"):  # text windows, length-bucketed sentence pairs
+            raw = tuple(t.to(rt.device) for t in data.train.step_batch(cfg.train.seed, s, cfg.train.batch_size))
+        else:
+            idx = torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
+            raw = data.train.take(idx)
+        batch = task.prepare(raw, data.spec, Draws(torch.Generator().manual_seed(s)))
         t = time.perf_counter()
         with rt.autocast():
             loss, _ = task.loss(model, batch, cfg)

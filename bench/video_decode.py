@@ -19,7 +19,7 @@ import av
 import numpy as np
 import torch
 
-from deeprecipe.data.core import train_batches
+from deeprecipe.data.core import Draws, train_batches
 from deeprecipe.data.video import MovingDigitsData, VideoFolderData
 from deeprecipe.models import MODELS
 from deeprecipe.tasks import video
@@ -68,7 +68,7 @@ with tempfile.TemporaryDirectory() as d:
     for s, batch in enumerate(batches):
         t1 = time.perf_counter()
         data_t.append(t1 - t)
-        xb, yb = video.prepare(batch, spec, torch.Generator().manual_seed(s))
+        xb, yb = video.prepare(batch, spec, Draws(torch.Generator().manual_seed(s)))
         with video.fp32_on_cpu(xb):
             loss = torch.nn.functional.cross_entropy(model(xb), yb)
         loss.backward()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from deeprecipe.data import DATASETS, Data, DataError, TensorSplit, data_config_class
-from deeprecipe.data.core import StreamSplit, step_indices, train_batches
+from deeprecipe.data.core import Draws, StreamSplit, micro_draws, step_indices, train_batches
 from deeprecipe.data.images import FASHION_DIR, read_idx
 from deeprecipe.engine.loop import _micro_steps
 from deeprecipe.tasks import classify
@@ -326,8 +326,8 @@ def test_rank_slices_partition_the_batch(world):
 def crop_reference(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """One example at a time: zero-pad, then slice a window at the offsets classify.random_crop draws."""
     B, C, H, W = x.shape
-    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen)
+    dy = Draws(gen).randint(2 * pad + 1, B).view(B, 1)
+    dx = Draws(gen).randint(2 * pad + 1, B).view(B, 1)
     out = torch.empty_like(x)
     for i in range(B):
         padded = torch.zeros(C, H + 2 * pad, W + 2 * pad, dtype=x.dtype)
@@ -339,15 +339,30 @@ def crop_reference(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Ten
 @pytest.mark.parametrize("pad,shape", [(1, (16, 1, 8, 8)), (2, (16, 3, 7, 9)), (4, (8, 2, 5, 5))])
 def test_random_crop_matches_per_example_reference(pad, shape):
     x = torch.randn(shape)
-    got = classify.random_crop(x, pad, torch.Generator().manual_seed(3))
+    got = classify.random_crop(x, pad, Draws(torch.Generator().manual_seed(3)))
     want = crop_reference(x, pad, torch.Generator().manual_seed(3))
     assert torch.equal(got, want)
+
+
+def test_draws_do_not_depend_on_how_a_step_is_split():
+    """An example's augmentation depends on its place in the step's batch only: any split over micro-batches
+    and processes gives every example the draws that one big batch gives it."""
+    whole = Draws(torch.Generator().manual_seed(7))
+    want = (whole.rand(24), whole.randint(5, 24))
+    for micro, world in [(24, 1), (8, 1), (12, 2), (6, 3)]:
+        for k in range(24 // micro):
+            for rank in range(world):
+                d = micro_draws(torch.Generator().manual_seed(7), 24, micro, k, rank, world)
+                places = torch.arange(k * micro + rank, (k + 1) * micro, world)
+                assert torch.equal(d.rand(len(places)), want[0][places])
+                assert torch.equal(d.randint(5, len(places)), want[1][places])
+    assert set(want[1].tolist()) == set(range(5))  # randint covers [0, high)
 
 
 def test_random_crop_is_a_window_of_the_padded_image():
     """Independent of how offsets are drawn: every output is some window of the padded input, and offsets vary."""
     pad, x = 2, torch.rand(64, 1, 6, 6) + 1  # > 0 everywhere, so the zero padding is recognisable
-    got = classify.random_crop(x, pad, torch.Generator().manual_seed(0))
+    got = classify.random_crop(x, pad, Draws(torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(x, (pad,) * 4)
     offsets = set()
     for i in range(len(x)):
@@ -379,5 +394,5 @@ def test_prepare_normalizes_and_eval_does_not_augment():
     xe, ye = classify.prepare((x, y), spec, None)
     assert torch.allclose(xe, (x.float() / 255 - 0.5) / 0.25)
     assert torch.equal(ye, y)
-    xt, _ = classify.prepare((x, y), spec, torch.Generator().manual_seed(0))
+    xt, _ = classify.prepare((x, y), spec, Draws(torch.Generator().manual_seed(0)))
     assert not torch.equal(xt, xe)

@@ -13,9 +13,10 @@ from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop
 from deeprecipe.engine.run import read_metrics
 
-# no dropout (each process would draw its own masks) and no augmentation: then the two processes' gradients
-# averaged by DDP are exactly the gradient of the global batch
+# no dropout (each process would draw its own masks); augmentation draws depend on an example's place in the step's
+# batch only (data.core.Draws), so with crops and flips the gradients averaged by DDP are still the global batch's
 DDP = [*TINY, "model.hidden=[32]", "model.dropout=0", "train.batch_size=32", "train.steps=4", "train.accum=2"]
+DDP += ["data.crop_pad=1", "data.flip=true"]
 
 
 def test_two_processes_equal_one(tmp_path, subenv):

@@ -51,9 +51,9 @@ def assert_same(a: dict, b: dict, exact: bool = True) -> None:
     ],
 )
 def test_accumulation_equals_the_big_batch(tmp_path, model):
-    """accum=4 micro-batches of 8 give the same weights as one batch of 32 (BatchNorm and dropout off: batch
-    statistics and dropout masks legitimately differ per micro-batch)."""
-    common = ["train.batch_size=32", "train.steps=3", "data.crop_pad=0", *model]
+    """accum=4 micro-batches of 8 give the same weights as one batch of 32, random crops included (BatchNorm
+    and dropout off: batch statistics and dropout masks legitimately differ per micro-batch)."""
+    common = ["train.batch_size=32", "train.steps=3", "data.crop_pad=1", "data.flip=true", *model]
     train(tmp_path / "big", *common, "train.accum=1", recipe="digits-cnn")
     train(tmp_path / "acc", *common, "train.accum=4", recipe="digits-cnn")
     big, acc = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")

@@ -153,6 +153,30 @@ def test_cli_fine_tune_from_a_run_keeps_frozen_backbone(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
+def test_resumed_fine_tune_equals_uninterrupted_and_keeps_the_freeze(tmp_path):
+    """The fine-tuning plan (frozen layers, per-group lr) is saved in the run: --resume re-applies it, so the
+    optimizer state loads and the resumed run ends bitwise where an uninterrupted one ends."""
+    base = ["--set", "train.device=cpu", "--set", "model.channels=[8,16]", "--set", "model.dense=[16]"]
+    base += ["--set", "train.eval_every=0", "--set", "train.batch_size=32", "--set", "optim.schedule=constant"]
+    base += ["--set", "optim.warmup=0", "--set", "train.ckpt_every=3"]
+    src = tmp_path / "src"
+    assert main(["train", "digits-cnn", "--out", str(src), "--set", "train.steps=4", *base]) == 0
+    tune = ["--init-from", str(src), "--freeze", "features", "--head-lr", "3", "--set", "data.per_class=5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "digits-cnn", "--out", str(full), "--set", "train.steps=6", *tune, *base]) == 0
+    assert main(["train", "digits-cnn", "--out", str(part), "--set", "train.steps=3", *tune, *base]) == 0
+    assert (part / "finetune.json").is_file()
+    assert main(["train", "--resume", str(part), "--set", "train.steps=6", *base]) == 0
+    a, b, s = (checkpoint.inference_weights(r) for r in (full, part, src))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    frozen = [n for n in a if n.startswith("features.")]
+    assert frozen and all(torch.equal(b[n], s[n]) for n in frozen)  # still frozen after the resume
+    assert main(["train", "--resume", str(part), "--init-from", str(src), *base]) == 2
+
+
 def _cnn():
     from deeprecipe.models.cnn import CNNConfig
 

@@ -11,7 +11,7 @@ from torchvision.io import decode_png, write_png
 
 from deeprecipe import config
 from deeprecipe.data import DATASETS, DataError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.data.core import DataSpec, Draws
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
 from deeprecipe.models import MODELS
 from deeprecipe.tasks import segment
@@ -62,7 +62,7 @@ def test_joint_augment_keeps_image_and_mask_aligned_exactly():
     y = _blocks()
     x = (y * 10 + 5).float()[:, None].expand(-1, 3, -1, -1)
     xa, ya = segment.joint_augment(
-        x, y, torch.Generator().manual_seed(1), flip=True, scale=(0.6, 1.6), crop=24, image_mode="nearest"
+        x, y, Draws(torch.Generator().manual_seed(1)), flip=True, scale=(0.6, 1.6), crop=24, image_mode="nearest"
     )
     assert xa.shape == (4, 3, 24, 24) and ya.shape == (4, 24, 24)
     inside = ya != 255
@@ -76,7 +76,7 @@ def test_prepare_augments_with_bilinear_image_and_nearest_mask_aligned():
     y = _blocks(B=8)
     x = (y * 30 + 10).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
     spec = DataSpec(num_classes=6, mean=(0.0,) * 3, std=(1.0,) * 3, extra={"flip": True, "scale": [0.7, 1.4]})
-    xa, ya = segment.prepare((x, y.to(torch.uint8)), spec, torch.Generator().manual_seed(3))
+    xa, ya = segment.prepare((x, y.to(torch.uint8)), spec, Draws(torch.Generator().manual_seed(3)))
     assert set(ya.unique().tolist()) <= set(range(6)) | {255}  # ids copied, never blended
     inside = ya != 255
     code = ((xa[:, 0] * 255 - 10) / 30).round()

@@ -95,11 +95,13 @@ def cmd_train(args) -> None:
         run_dir = new_run_dir(args.recipe, args.out)
         if (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
-    init = None
-    if args.init_from:
-        from deeprecipe.engine.finetune import make_init
+    from deeprecipe.engine.finetune import make_init, resume_init
 
-        init = make_init(args.init_from, args)
+    if args.init_from and args.resume:
+        raise UserError(
+            "--init-from starts a new run and --resume continues one (it keeps its fine-tuning plan): use one of them"
+        )
+    init = make_init(args.init_from, args, run_dir) if args.init_from else resume_init(run_dir) if args.resume else None
     existed = run_dir.exists()
     try:
         command = shlex.join(["deeprecipe", *getattr(args, "argv", sys.argv[1:])])

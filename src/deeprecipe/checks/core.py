@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, StreamSplit, TensorSplit, step_indices
+from deeprecipe.data.core import Data, DataSpec, Draws, StreamSplit, TensorSplit, step_indices
 from deeprecipe.engine import optim
 from deeprecipe.engine.device import Runtime, setup, step_generator
 from deeprecipe.util import UserError
@@ -154,8 +154,8 @@ class Ctx:
             raw = tuple(t.to(self.rt.device) for t in split.step_batch(seed, step, min(n, len(split))))
         else:
             raw = self.raw(split, step_indices(len(split), seed, step, min(n, len(split))))
-        gen = step_generator(self.rt.device, seed, step, 0, 0) if augment else None
-        return self.task.prepare(raw, self.spec, gen)
+        draws = Draws(step_generator(self.rt.device, seed, step)) if augment else None
+        return self.task.prepare(raw, self.spec, draws)
 
     def heldout_batch(self, n: int | None = None):
         """The first n examples of val (else test, else train), prepared for evaluation."""

@@ -102,6 +102,36 @@ def step_indices(n: int, seed: int, step: int, batch: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+class Draws:
+    """Random numbers for per-example augmentation that do not depend on how a step is split.
+
+    Each call draws one value for every example of the step's whole batch (`total`) from `gen` (seeded by
+    (seed, step)) and returns those of this micro-batch's examples (`index`: their places in the step's batch).
+    So accumulation and data-parallel processes augment every example exactly as one big batch would.
+    Without `index`, the draws are for a batch of the size asked."""
+
+    def __init__(self, gen: torch.Generator, index: torch.Tensor | None = None, total: int = 0):
+        self.gen, self.index, self.total = gen, index, total
+
+    def rand(self, n: int) -> torch.Tensor:
+        """n uniform floats in [0, 1), one per example."""
+        if self.index is not None and len(self.index) != n:
+            raise ValueError(f"Draws for {len(self.index)} examples asked for {n} values")
+        v = torch.rand(self.total if self.index is not None else n, generator=self.gen, device=self.gen.device)
+        return v if self.index is None else v[self.index]
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        """n uniform integers in [0, high), one per example."""
+        return (self.rand(n) * high).long().clamp_(max=high - 1)
+
+
+def micro_draws(gen: torch.Generator, batch: int, micro: int, k: int, rank: int, world: int) -> Draws:
+    """Draws for micro-batch k (of `micro` examples over all processes) of a step of `batch` examples, on process
+    `rank` of `world`: it holds the step's examples k * micro + rank, + world, ... (see train_batches)."""
+    index = torch.arange(k * micro + rank, (k + 1) * micro, world, device=gen.device)
+    return Draws(gen, index, batch)
+
+
 class _StepBatches(torch.utils.data.Sampler):
     def __init__(self, n: int, seed: int, steps: range, batch: int, rank: int, world: int):
         self.n, self.seed, self.steps, self.batch, self.rank, self.world = n, seed, steps, batch, rank, world

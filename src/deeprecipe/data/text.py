@@ -211,6 +211,18 @@ def tokenizer_from_extra(extra: dict, vocab_size: int = 0, where: str = "spec.js
     return tok
 
 
+def saved_tokenizer(source: str):
+    """The tokenizer of a run folder (its spec.json) or of a tokenizer file saved beside a corpus."""
+    path = resolve_path(source, "data.tokenizer_from")
+    file = path / "spec.json" if path.is_dir() else path
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.tokenizer_from={source}: cannot read {file} ({e}); give a run folder") from None
+    extra = saved.get("extra", {}).get("tokenizer") if "extra" in saved else saved
+    return tokenizer_from_extra(extra, where=str(file))
+
+
 def tokenizer_from_spec(spec: DataSpec):
     return tokenizer_from_extra(spec.extra.get("tokenizer"), spec.vocab_size)
 
@@ -268,13 +280,13 @@ def _cache_dir(cache: str, data_path: Path) -> Path:
     return d
 
 
-def tokenize_to_file(tok, files: list[Path], out: Path, dtype) -> None:
+def tokenize_to_file(tok, files: list[Path], out: Path, dtype, where: str = "the text") -> None:
     """Encode the corpus chunk by chunk, appending to a flat binary token file (written under a temporary name)."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
             for text in iter_text(files):
-                np.asarray(tok.encode(text), dtype=dtype).tofile(fh)
+                np.asarray(tok.encode(text, where), dtype=dtype).tofile(fh)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -293,8 +305,14 @@ class TextData:
     val_fraction: float = 0.1  # the last fraction of the tokens, held out for validation
     cache: str = ""  # folder for the token array and tokenizer ("": beside the data, else ~/.cache/deeprecipe)
     in_memory_mb: int = 1024  # token arrays up to this size are held in memory (and on the GPU)
+    tokenizer_from: str = ""  # reuse the tokenizer of a run folder (fine-tuning: `--init-from` that run) instead
 
     def build(self) -> Data:
+        if self.tokenizer_from:
+            return self._build(saved_tokenizer(self.tokenizer_from))
+        return self._build(None)
+
+    def _build(self, fixed) -> Data:
         if self.tokenizer not in TOKENIZERS:
             raise DataError(f"data.tokenizer={self.tokenizer}: use char or bpe")
         if not 0 < self.val_fraction < 1:
@@ -302,18 +320,22 @@ class TextData:
         path = resolve_path(self.path)
         files = list_files(path)
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        key_src = json.dumps([stamp, self.tokenizer, self.vocab_size if self.tokenizer == "bpe" else 0])
+        bpe_size = self.vocab_size if self.tokenizer == "bpe" else 0
+        key_src = json.dumps([stamp, fixed.to_extra() if fixed else [self.tokenizer, bpe_size]])
         key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
         cache = _cache_dir(self.cache, path)
         tok_file = cache / f"{key}.tokenizer.json"
-        if tok_file.is_file():
+        if fixed is not None:
+            tok = fixed
+        elif tok_file.is_file():
             tok = tokenizer_from_extra(json.loads(tok_file.read_text()), where=str(tok_file))
         else:
             tok = TOKENIZERS[self.tokenizer].train(iter_text(files), self.vocab_size)
         dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
         arr_file = cache / f"{key}.{np.dtype(dtype).name}.bin"
         if not arr_file.is_file():
-            tokenize_to_file(tok, files, arr_file, dtype)
+            where = f"{path} (with the tokenizer of {self.tokenizer_from})" if fixed else str(path)
+            tokenize_to_file(tok, files, arr_file, dtype, where)
             tok_file.write_text(json.dumps(tok.to_extra()))
         tokens = np.memmap(arr_file, dtype=dtype, mode="r")
         n = len(tokens)

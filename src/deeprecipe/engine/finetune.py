@@ -14,12 +14,18 @@
    frozen layers are not frozen for good: they get learning rate 0 until their start step, one top-level
    layer every N steps from the head down to the stem (gradual unfreezing). Being a function of the step,
    it resumes exactly.
+
+The plan (source, frozen parameters, lr multipliers) is written to the run folder as finetune.json, so
+`deeprecipe train --resume RUN` rebuilds the same optimizer groups and freezing without being told again.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -171,8 +177,12 @@ def plan(
     return lr_scale
 
 
-def make_init(init_from: str, args) -> Callable[[nn.Module], dict | None]:
-    """The `init(model) -> lr_scale` function the training loop calls after building the model."""
+PLAN = "finetune.json"
+
+
+def make_init(init_from: str, args, run_dir: Path | None = None) -> Callable[[nn.Module], dict | None]:
+    """The `init(model) -> lr_scale` function the training loop calls after building the model; with run_dir,
+    the plan is saved there for --resume."""
     weights = read_source(init_from)
     freeze = getattr(args, "freeze", "") or ""
     head_lr, backbone_lr = getattr(args, "head_lr", 1.0), getattr(args, "backbone_lr", 1.0)
@@ -197,6 +207,46 @@ def make_init(init_from: str, args) -> Callable[[nn.Module], dict | None]:
         )
         print(f"  frozen {frozen:,} of {total:,} parameters; lr multipliers {desc}")
         init.report = report  # type: ignore[attr-defined]
+        if run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+            from deeprecipe.engine.checkpoint import atomic_text
+
+            plan_ = {
+                "init_from": str(Path(init_from).resolve()),
+                "args": dict(freeze=freeze, head_lr=head_lr, backbone_lr=backbone_lr, unfreeze_after=unfreeze_after),
+                "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+                "lr_scale": {k: list(v) if isinstance(v, tuple) else v for k, v in lr_scale.items()},
+            }
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            atomic_text(Path(run_dir) / PLAN, json.dumps(plan_, indent=1))
         return lr_scale
+
+    return init
+
+
+def resume_init(run_dir: Path) -> Callable[[nn.Module], dict | None] | None:
+    """For `train --resume`: the saved fine-tuning plan re-applied (None when the run did not start with
+    --init-from). The checkpoint's weights replace the model's, so the source is read again only when the run
+    was killed before its first checkpoint."""
+    from deeprecipe.engine.checkpoint import latest
+
+    path = Path(run_dir) / PLAN
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        source, frozen, scales = saved["init_from"], saved["frozen"], saved["lr_scale"]
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path}: unreadable fine-tuning plan ({e}); start a new run with --init-from") from None
+    if latest(Path(run_dir) / "checkpoints") is None:
+        return make_init(source, SimpleNamespace(**saved.get("args", {})))
+
+    def init(model: nn.Module) -> dict | None:
+        params = dict(model.named_parameters())
+        missing = [n for n in frozen if n not in params]
+        if missing:
+            raise UserError(f"{path}: frozen parameter {missing[0]} is not in this model; the run folder is damaged")
+        for n in frozen:
+            params[n].requires_grad_(False)
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in scales.items()}
 
     return init

@@ -1,9 +1,10 @@
 """The training loop. Everything a step does is in `train` below; helpers are plain functions.
 
-A task module supplies: prepare(batch, spec, gen) -> batch as it enters the net (gen=None: eval, no
-augmentation); loss(model, batch, cfg) -> (loss, logs); evaluate(model, data, split, cfg, rt) -> metrics;
-METRIC = (name, "max"|"min"); and optionally finish(model, data, cfg, rt, run_dir) for final plots and
-test metrics, and train(...) to replace this loop entirely (the GAN does).
+A task module supplies: prepare(batch, spec, draws) -> batch as it enters the net (draws: data.core.Draws, the
+per-example random numbers for augmentation; None: eval, no augmentation); loss(model, batch, cfg) -> (loss,
+logs); evaluate(model, data, split, cfg, rt) -> metrics; METRIC = (name, "max"|"min"); and optionally
+finish(model, data, cfg, rt, run_dir) for final plots and test metrics, and train(...) to replace this loop
+entirely (the GAN does).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from deeprecipe.config import Config, ConfigError, dump, to_dict
-from deeprecipe.data.core import Data, train_batches
+from deeprecipe.data.core import Data, micro_draws, train_batches
 from deeprecipe.engine import checkpoint, optim
 from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
@@ -124,7 +125,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
     for step in range(start, T.steps):
         optim.set_lr(opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps), step)
         for k in range(T.accum):
-            batch = task.prepare(next(batches), data.spec, step_generator(rt.device, T.seed, step, k, rt.rank))
+            draws = micro_draws(step_generator(rt.device, T.seed, step), T.batch_size, micro, k, rt.rank, rt.world)
+            batch = task.prepare(next(batches), data.spec, draws)
             sync = k == T.accum - 1 or rt.world == 1
             with net.no_sync() if not sync else contextlib.nullcontext(), rt.autocast():
                 loss, logs = task.loss(net, batch, cfg)

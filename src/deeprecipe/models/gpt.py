@@ -40,7 +40,8 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 0  # context length; 0: the data's block_size
-    dropout: float = 0.1  # on embeddings, attention weights, and each residual branch
+    dropout: float = 0.1  # on embeddings and each residual branch
+    attn_dropout: float = 0.0  # on attention weights; > 0 moves attention off the fused (flash) kernels, slower
     bias: bool = False  # biases in Linear and LayerNorm layers (off: a little faster, as good)
     tie_weights: bool = True  # the output head shares the token embedding matrix
 
@@ -55,7 +56,8 @@ class GPTConfig:
         block = self.block_size or int(spec.extra.get("block_size", 0))
         if block <= 0 or spec.vocab_size <= 0:
             raise ConfigError("gpt needs a text data set (vocab_size and block_size), or set model.block_size")
-        return GPT(spec.vocab_size, block, n_layer, n_head, n_embd, self.dropout, self.bias, self.tie_weights)
+        args = (n_layer, n_head, n_embd, self.dropout, self.bias, self.tie_weights, self.attn_dropout)
+        return GPT(spec.vocab_size, block, *args)
 
 
 class KVCache:
@@ -76,11 +78,11 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attn_dropout: float = 0.0):
         super().__init__()
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head, self.attn_dropout = n_head, attn_dropout
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -91,17 +93,16 @@ class CausalSelfAttention(nn.Module):
         S = k.shape[2]
         # no past: the usual causal mask; a past: query i (at position S - T + i) sees keys 0 .. S - T + i
         mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=bool(S == T and T > 1), dropout_p=self.dropout if self.training else 0.0
-        )  # (B, h, T, hd)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(S == T and T > 1), dropout_p=p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attn_dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, attn_dropout)
         self.norm2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = nn.Sequential(
             nn.Linear(n_embd, 4 * n_embd, bias=bias),
@@ -126,13 +127,14 @@ class GPT(nn.Module):
         dropout: float = 0.1,
         bias: bool = False,
         tie_weights: bool = True,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
         self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, attn_dropout) for _ in range(n_layer))
         self.norm = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
 
 METRIC = ("acc", "max")
 
@@ -29,32 +29,32 @@ def denormalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
     return (x.float() * std + mean).clamp(0, 1)
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+def random_crop(x: torch.Tensor, pad: int, draws: Draws) -> torch.Tensor:
     """Per-example random crop of a zero-padded batch, as two gathers (no Python loop over examples)."""
     B, C, H, W = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=x.device)
+    dy = draws.randint(2 * pad + 1, B).view(B, 1)
+    dx = draws.randint(2 * pad + 1, B).view(B, 1)
     rows = (dy + torch.arange(H, device=x.device)).view(B, 1, H, 1).expand(B, C, H, W + 2 * pad)
     cols = (dx + torch.arange(W, device=x.device)).view(B, 1, 1, W).expand(B, C, H, W)
     return xp.gather(2, rows).gather(3, cols)  # (B, C, H, W)
 
 
-def augment(x: torch.Tensor, spec: DataSpec, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, spec: DataSpec, draws: Draws) -> torch.Tensor:
     pad, flip = spec.extra.get("crop_pad", 0), spec.extra.get("flip", False)
     if pad:
-        x = random_crop(x, pad, gen)
+        x = random_crop(x, pad, draws)
     if flip:
-        mask = torch.rand(len(x), generator=gen, device=x.device) < 0.5
+        mask = draws.rand(len(x)) < 0.5
         x = torch.where(mask.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
     return x
 
 
-def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     x, y = batch
     x = normalize(x, spec)
-    if gen is not None:
-        x = augment(x, spec, gen)
+    if draws is not None:
+        x = augment(x, spec, draws)
     if x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from deeprecipe.checks import gan as gan_checks
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, eval_batches, train_batches
+from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches, train_batches
 from deeprecipe.engine import checkpoint, optim
 from deeprecipe.engine.device import rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
@@ -48,7 +48,7 @@ CHECKS_SKIP = {
 EXTRA_CHECKS = {"seed": gan_checks.seed, "dependency": gan_checks.dependency, "grad_flow": gan_checks.grad_flow}
 
 
-def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     x, y = batch
     return x.float() / 127.5 - 1, y  # uint8 -> [-1, 1]
 

@@ -20,14 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
 from deeprecipe.data.text import tokenizer_from_spec
 from deeprecipe.util import UserError
 
 METRIC = ("loss", "min")
 
 
-def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     return batch  # windows are already token ids on the device; there is no augmentation
 
 

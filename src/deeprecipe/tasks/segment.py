@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
 from deeprecipe.tasks.classify import denormalize, normalize
 
 METRIC = ("miou", "max")
@@ -29,7 +29,7 @@ CHECK_DEFAULTS = {"overfit_examples": 2}  # memorizing is per pixel: two images 
 def joint_augment(
     x: torch.Tensor,
     y: torch.Tensor,
-    gen: torch.Generator,
+    draws: Draws,
     flip: bool = True,
     scale: tuple[float, float] = (1.0, 1.0),
     crop: int = 0,
@@ -43,13 +43,13 @@ def joint_augment(
     oh, ow = (crop, crop) if crop else (H, W)
     dev = x.device
     lo, hi = scale
-    s = lo + (hi - lo) * torch.rand(B, generator=gen, device=dev)
+    s = lo + (hi - lo) * draws.rand(B)
     sy, sx = oh / s / H, ow / s / W  # half-extent of the sampled window in normalized input coordinates
-    ty = (torch.rand(B, generator=gen, device=dev) * 2 - 1) * (1 - sy).abs()
-    tx = (torch.rand(B, generator=gen, device=dev) * 2 - 1) * (1 - sx).abs()
+    ty = (draws.rand(B) * 2 - 1) * (1 - sy).abs()
+    tx = (draws.rand(B) * 2 - 1) * (1 - sx).abs()
     sign = torch.ones(B, device=dev)
     if flip:
-        sign = torch.where(torch.rand(B, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+        sign = torch.where(draws.rand(B) < 0.5, -1.0, 1.0)
     zero = torch.zeros(B, device=dev)
     theta = torch.stack([torch.stack([sx * sign, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, [B, C, oh, ow], align_corners=False)
@@ -60,13 +60,13 @@ def joint_augment(
     return x, torch.where(m < 0, IGNORE, m)
 
 
-def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     x, y = batch
     x, y = normalize(x, spec), y.long()
     ex = spec.extra
     scale = tuple(ex.get("scale", (1.0, 1.0)))
-    if gen is not None and (ex.get("flip") or scale != (1.0, 1.0) or ex.get("crop")):
-        x, y = joint_augment(x, y, gen, ex.get("flip", False), scale, ex.get("crop", 0))
+    if draws is not None and (ex.get("flip") or scale != (1.0, 1.0) or ex.get("crop")):
+        x, y = joint_augment(x, y, draws, ex.get("flip", False), scale, ex.get("crop", 0))
     return x, y  # the memory format follows the model (train.channels_last)
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
 from deeprecipe.data.text import tokenizer_from_extra
 from deeprecipe.util import UserError
 
@@ -36,7 +36,7 @@ def tokenizers(spec: DataSpec):
     return src, tgt
 
 
-def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     src, tgt = batch
     return src, tgt[:, :-1], tgt[:, 1:]
 

@@ -16,19 +16,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, eval_batches
+from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
 from deeprecipe.tasks import classify
 
 METRIC = ("top1", "max")
 
 
-def prepare(batch, spec: DataSpec, gen: torch.Generator | None = None):
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     x, y = batch
     shape = x.shape  # (B, C, T, H, W) or (B, K, C, T, H, W)
     C, T, H, W = shape[-4:]
     x = classify.normalize(x.reshape(-1, C, T * H, W), spec)  # per-channel, time folded into height
-    if gen is not None:
-        x = classify.augment(x.view(-1, C * T, H, W), spec, gen)  # one crop and flip per clip
+    if draws is not None:
+        x = classify.augment(x.view(-1, C * T, H, W), spec, draws)  # one crop and flip per clip
     return x.reshape(shape), y
 
 
