@@ -380,7 +380,7 @@ def test_random_crop_is_a_window_of_the_padded_image():
 def test_flip_gives_the_image_or_its_mirror():
     spec = classify.DataSpec(extra={"flip": True, "crop_pad": 0})
     x = torch.randn(64, 1, 4, 5)
-    got = classify.augment(x, spec, torch.Generator().manual_seed(0))
+    got = classify.augment(x, spec, Draws(torch.Generator().manual_seed(0)))
     same = [torch.equal(got[i], x[i]) for i in range(64)]
     mirrored = [torch.equal(got[i], x[i].flip(-1)) for i in range(64)]
     assert all(s or m for s, m in zip(same, mirrored))

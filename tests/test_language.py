@@ -204,6 +204,37 @@ def test_lm_exact_resume(corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tokenizer_from_a_run_lets_fine_tuning_load_every_tensor(corpus, tmp_path):
+    """data.tokenizer_from: another text is encoded with the source run's vocabulary, so --init-from loads the
+    embedding and the tied head too; a character that vocabulary lacks is a one-line error."""
+    from deeprecipe.engine.finetune import load_matching, read_source
+
+    train(lm_config("shakespeare-char-gpt", corpus, tmp_path, 3), tmp_path / "src")
+    other = tmp_path / "other.txt"
+    other.write_text("we speak, all of us.\n" * 60)  # fewer distinct characters than the source text
+    fresh = TextData(path=str(other), block_size=16, cache=str(tmp_path / "c")).build()
+    data = TextData(path=str(other), block_size=16, cache=str(tmp_path / "c"), tokenizer_from=str(tmp_path / "src"))
+    tuned = data.build()
+    saved = __import__("json").loads((tmp_path / "src" / "spec.json").read_text())
+    assert tuned.spec.extra["tokenizer"] == saved["extra"]["tokenizer"]
+    assert fresh.spec.vocab_size < tuned.spec.vocab_size == saved["vocab_size"]
+    model = config.resolve(
+        {
+            **config.read_recipe("shakespeare-char-gpt")[0],
+            "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32},
+        },
+        "x",
+    ).model.build(tuned.spec)
+    report = load_matching(model, read_source(str(tmp_path / "src")))
+    assert not report["skipped"] and not report["new"] and "tok_emb.weight" in report["loaded"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("speak \u00a7 all\n" * 60)
+    with pytest.raises(UserError, match="lacks"):
+        TextData(path=str(bad), block_size=16, cache=str(tmp_path / "c"), tokenizer_from=str(tmp_path / "src")).build()
+    with pytest.raises(UserError, match="tokenizer_from"):
+        TextData(path=str(other), cache=str(tmp_path / "c"), tokenizer_from=str(tmp_path / "nowhere")).build()
+
+
 @pytest.mark.parametrize("recipe", ["shakespeare-char-gpt", "shakespeare-char-lstm", "shakespeare-bpe-gpt", "text-gpt"])
 def test_lm_recipe_tiny_run(recipe, corpus, tmp_path):
     cfg = lm_config(recipe, corpus, tmp_path, 30)
