@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +19,19 @@ from deeprecipe.data.core import Draws
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.loop import build, train
 from deeprecipe.tasks import get_task
+
+
+def cli_train(args: list[str]) -> tuple[dict, float]:
+    """`deeprecipe train ARGS` on the CPU in a subprocess, printed first: (final metrics, wall seconds)."""
+    cmd = [sys.executable, "-m", "deeprecipe.cli", "train", *args, "--set", "train.device=cpu"]
+    print("  $ deeprecipe " + shlex.join(cmd[3:]), flush=True)
+    t0 = time.time()
+    src = Path(__file__).resolve().parent.parent / "src"
+    p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed:\n{p.stderr[-2000:]}")
+    metrics = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", p.stdout.splitlines()[-3])}
+    return metrics, time.time() - t0
 
 
 def machine() -> str:

@@ -16,25 +16,13 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+from _budget import cli_train
+
 SIZE = 16  # both data sets are resized to 16x16: digits are 8x8, Fashion-MNIST 28x28
 MODEL = ["--set", "model.layout=resnet8", "--set", "model.width=16"]
-
-
-def train(args: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "deeprecipe.cli", "train", *args, "--set", "train.device=cpu"]
-    print("  $ deeprecipe " + shlex.join(cmd[3:]), flush=True)
-    t0 = time.time()
-    p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"failed:\n{p.stderr[-2000:]}")
-    metrics = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", p.stdout.splitlines()[-3])}
-    return metrics, time.time() - t0
 
 
 def main() -> None:
@@ -51,7 +39,7 @@ def main() -> None:
     pre = out / "pretrain-fashion"
     if not (pre / "checkpoints").is_dir():
         print("pretraining on Fashion-MNIST (60k labels):")
-        m, dt = train(
+        m, dt = cli_train(
             [
                 "fashion-mnist-resnet",
                 "--out",
@@ -78,7 +66,7 @@ def main() -> None:
         print(f"seed {seed}: 10 labels per class of digits (100 images)")
         for name, extra in arms.items():
             run = out / f"{name.split()[0]}-seed{seed}"
-            m, dt = train(
+            m, dt = cli_train(
                 [
                     "fashion-mnist-resnet",
                     "--out",

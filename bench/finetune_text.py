@@ -19,23 +19,11 @@ import os
 import platform
 import re
 import shlex
-import subprocess
+import shutil
 import sys
-import time
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src"
-
-
-def train(args: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "deeprecipe.cli", "train", *args, "--set", "train.device=cpu"]
-    print("  $ deeprecipe " + shlex.join(cmd[3:]), flush=True)
-    t0 = time.time()
-    p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"failed:\n{p.stderr[-2000:]}")
-    metrics = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", p.stdout.splitlines()[-3])}
-    return metrics, time.time() - t0
+from _budget import cli_train
 
 
 def main() -> None:
@@ -55,7 +43,7 @@ def main() -> None:
     pre = Path(a.pretrained) if a.pretrained else out / "pretrain-shakespeare"
     if not (pre / "checkpoints").is_dir():
         print("pretraining on tinyshakespeare:")
-        m, dt = train(["shakespeare-char-gpt", "--out", str(pre), "--set", f"train.steps={a.pretrain_steps}"])
+        m, dt = cli_train(["shakespeare-char-gpt", "--out", str(pre), "--set", f"train.steps={a.pretrain_steps}"])
         print(f"  shakespeare val loss {m.get('val_loss', float('nan')):.4f} ({dt:.0f} s)")
     chars = set(json.loads((pre / "spec.json").read_text())["extra"]["tokenizer"]["chars"])
     with gzip.open(root / "multi30k" / "train.en.gz", "rt", encoding="utf-8") as f:
@@ -73,11 +61,8 @@ def main() -> None:
     res = {}
     for name, extra in arms.items():
         run = out / name
-        if run.exists():
-            import shutil
-
-            shutil.rmtree(run)
-        m, dt = train(["shakespeare-char-gpt", "--out", str(run), *common, *extra])
+        shutil.rmtree(run, ignore_errors=True)
+        m, dt = cli_train(["shakespeare-char-gpt", "--out", str(run), *common, *extra])
         res[name] = m["val_loss"]
         print(f"    {name}: caption val loss {m['val_loss']:.4f} ({dt:.0f} s)", flush=True)
     print(
