@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -64,13 +65,23 @@ def step_time(cfg, probes: int = 4) -> tuple[float, float]:
     return t_data, sorted(times[1:])[len(times[1:]) // 2]
 
 
-def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.12) -> dict:
+def budget_args(recipe: str, budget: float) -> argparse.Namespace:
+    """The command line every time-budget bench takes: --budget, --recipe, --set k=v (repeated), --no-cap."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget", type=float, default=budget, help="seconds")
+    p.add_argument("--recipe", default=recipe)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-cap", action="store_true", help="let the budget raise the step count above the recipe's")
+    return p.parse_args()
+
+
+def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.12, no_cap: bool = False) -> dict:
     cfg = config.load(recipe, overrides)
     t_data, t_step = step_time(cfg)
     # what is left after building the data (twice: probe and run), evaluations and the final test pass
     usable = (budget - 2 * t_data) * (1 - eval_share)
     steps = max(20, int(usable / t_step))
-    steps = min(steps, cfg.train.steps) if "--no-cap" not in sys.argv else steps
+    steps = steps if no_cap else min(steps, cfg.train.steps)
     every = max(1, steps // 3)
     overrides = [*overrides, f"train.steps={steps}", f"train.eval_every={every}", f"train.ckpt_every={steps}"]
     print(f"machine: {machine()}")

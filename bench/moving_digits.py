@@ -5,17 +5,10 @@
 Target (issue 5): top-1 >= 95% within 10 minutes on the 2-core CPU.
 """
 
-import argparse
+from _budget import budget_args, run
 
-from _budget import run
-
-p = argparse.ArgumentParser()
-p.add_argument("--budget", type=float, default=600)
-p.add_argument("--recipe", default="moving-digits-c3d")
-p.add_argument("--set", action="append", default=[])
-p.add_argument("--no-cap", action="store_true", help="let the budget raise the step count above the recipe's")
-a = p.parse_args()
-r = run(a.recipe, a.budget, a.set)
+a = budget_args("moving-digits-c3d", 600)
+r = run(a.recipe, a.budget, a.set, no_cap=a.no_cap)
 t1 = r.get("test_top1", 0.0)
 print(
     f"RESULT {a.recipe}: test top-1 {t1:.4f} top-5 {r.get('test_top5', 0):.4f} in {r['wall']:.0f}s "

@@ -6,17 +6,10 @@ Target (issue 5): mIoU >= 0.85 within 10 minutes on the 2-core CPU. The step cou
 from a measured step time, so a slower (shared) machine trains fewer steps rather than overrunning.
 """
 
-import argparse
+from _budget import budget_args, run
 
-from _budget import run
-
-p = argparse.ArgumentParser()
-p.add_argument("--budget", type=float, default=600)
-p.add_argument("--recipe", default="scenes-unet")
-p.add_argument("--set", action="append", default=[])
-p.add_argument("--no-cap", action="store_true", help="let the budget raise the step count above the recipe's")
-a = p.parse_args()
-r = run(a.recipe, a.budget, a.set)
+a = budget_args("scenes-unet", 600)
+r = run(a.recipe, a.budget, a.set, no_cap=a.no_cap)
 m = r.get("test_miou", 0.0)
 print(
     f"RESULT {a.recipe}: test mIoU {m:.4f} pixel acc {r.get('test_pixel_acc', 0):.4f} in {r['wall']:.0f}s "

@@ -7,17 +7,10 @@ fitted to the budget from a measured step time (recipe's steps as a cap unless -
 trains fewer steps rather than overrunning.
 """
 
-import argparse
+from _budget import budget_args, run
 
-from _budget import run
-
-p = argparse.ArgumentParser()
-p.add_argument("--budget", type=float, default=3600)
-p.add_argument("--recipe", default="multi30k-en-de")
-p.add_argument("--set", action="append", default=[])
-p.add_argument("--no-cap", action="store_true", help="let the budget raise the step count above the recipe's")
-a = p.parse_args()
-r = run(a.recipe, a.budget, a.set, eval_share=0.1)
+a = budget_args("multi30k-en-de", 3600)
+r = run(a.recipe, a.budget, a.set, eval_share=0.1, no_cap=a.no_cap)
 bleu = next((v for k, v in r.items() if k.startswith("test_bleu")), 0.0)
 print(
     f"RESULT {a.recipe}: test BLEU {bleu:.2f} in {r['wall']:.0f}s "

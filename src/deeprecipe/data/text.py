@@ -219,7 +219,7 @@ def saved_tokenizer(source: str):
         saved = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"data.tokenizer_from={source}: cannot read {file} ({e}); give a run folder") from None
-    extra = saved.get("extra", {}).get("tokenizer") if "extra" in saved else saved
+    extra = saved["extra"].get("tokenizer") if "extra" in saved else saved
     return tokenizer_from_extra(extra, where=str(file))
 
 
@@ -308,11 +308,7 @@ class TextData:
     tokenizer_from: str = ""  # reuse the tokenizer of a run folder (fine-tuning: `--init-from` that run) instead
 
     def build(self) -> Data:
-        if self.tokenizer_from:
-            return self._build(saved_tokenizer(self.tokenizer_from))
-        return self._build(None)
-
-    def _build(self, fixed) -> Data:
+        fixed = saved_tokenizer(self.tokenizer_from) if self.tokenizer_from else None
         if self.tokenizer not in TOKENIZERS:
             raise DataError(f"data.tokenizer={self.tokenizer}: use char or bpe")
         if not 0 < self.val_fraction < 1:

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from deeprecipe.engine import checkpoint
 from deeprecipe.util import UserError
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
@@ -38,8 +39,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def read_source(src: str) -> dict[str, torch.Tensor]:
     """Name -> tensor of a run folder, a .safetensors file, or a state-dict file (read weights-only)."""
-    from deeprecipe.engine import checkpoint
-
     p = Path(src)
     if p.is_dir():
         if not (p / "checkpoints").is_dir():
@@ -208,8 +207,6 @@ def make_init(init_from: str, args, run_dir: Path | None = None) -> Callable[[nn
         print(f"  frozen {frozen:,} of {total:,} parameters; lr multipliers {desc}")
         init.report = report  # type: ignore[attr-defined]
         if run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
-            from deeprecipe.engine.checkpoint import atomic_text
-
             plan_ = {
                 "init_from": str(Path(init_from).resolve()),
                 "args": dict(freeze=freeze, head_lr=head_lr, backbone_lr=backbone_lr, unfreeze_after=unfreeze_after),
@@ -217,7 +214,7 @@ def make_init(init_from: str, args, run_dir: Path | None = None) -> Callable[[nn
                 "lr_scale": {k: list(v) if isinstance(v, tuple) else v for k, v in lr_scale.items()},
             }
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            atomic_text(Path(run_dir) / PLAN, json.dumps(plan_, indent=1))
+            checkpoint.atomic_text(Path(run_dir) / PLAN, json.dumps(plan_, indent=1))
         return lr_scale
 
     return init
@@ -227,8 +224,6 @@ def resume_init(run_dir: Path) -> Callable[[nn.Module], dict | None] | None:
     """For `train --resume`: the saved fine-tuning plan re-applied (None when the run did not start with
     --init-from). The checkpoint's weights replace the model's, so the source is read again only when the run
     was killed before its first checkpoint."""
-    from deeprecipe.engine.checkpoint import latest
-
     path = Path(run_dir) / PLAN
     if not path.is_file():
         return None
@@ -237,7 +232,7 @@ def resume_init(run_dir: Path) -> Callable[[nn.Module], dict | None] | None:
         source, frozen, scales = saved["init_from"], saved["frozen"], saved["lr_scale"]
     except (ValueError, KeyError) as e:
         raise UserError(f"{path}: unreadable fine-tuning plan ({e}); start a new run with --init-from") from None
-    if latest(Path(run_dir) / "checkpoints") is None:
+    if checkpoint.latest(Path(run_dir) / "checkpoints") is None:
         return make_init(source, SimpleNamespace(**saved.get("args", {})))
 
     def init(model: nn.Module) -> dict | None:

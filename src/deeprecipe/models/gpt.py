@@ -56,8 +56,17 @@ class GPTConfig:
         block = self.block_size or int(spec.extra.get("block_size", 0))
         if block <= 0 or spec.vocab_size <= 0:
             raise ConfigError("gpt needs a text data set (vocab_size and block_size), or set model.block_size")
-        args = (n_layer, n_head, n_embd, self.dropout, self.bias, self.tie_weights, self.attn_dropout)
-        return GPT(spec.vocab_size, block, *args)
+        return GPT(
+            spec.vocab_size,
+            block,
+            n_layer,
+            n_head,
+            n_embd,
+            dropout=self.dropout,
+            bias=self.bias,
+            tie_weights=self.tie_weights,
+            attn_dropout=self.attn_dropout,
+        )
 
 
 class KVCache:
