@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-gan")
     ap.add_argument("--recipe", default="fashion-mnist-dcgan", help="deeprecipe's side (e.g. fashion-mnist-cdcgan)")
     ap.add_argument("--skip-plain", action="store_true", help="only deeprecipe's side (time-to-IS runs)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override on deeprecipe's side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
@@ -158,6 +159,7 @@ def main() -> None:
         "train.eval_every=0",
         "--set",
         "model.sample_every=250",
+        *[a for kv in args.set for a in ("--set", kv)],
     ]
     import shutil
 

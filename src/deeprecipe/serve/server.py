@@ -5,7 +5,8 @@ task's `serve(ctx)` hook, which adds the family's endpoints in a few lines with 
     ctx.batcher(name, fn)        requests arriving together run as one batch: fn(list of items) -> list of results
     ctx.router                   a FastAPI APIRouter whose routes require the token (when one is set)
     await ctx.read_image(file)   an uploaded image, validated, as uint8 (C, H, W) with the spec's channels/size
-    ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | text | stream | sample)
+    ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | text | stream | sample;
+                                 an image widget uploads form field `field` (default image) of types `accept`)
     ctx.text_generation / ctx.translation / ctx.image_sampler   whole endpoints for the generative families
 Always there: GET /health (public), / (the page, static), /docs and /openapi.json (the API description),
 GET /info and /metrics (Prometheus text: request counts, latency quantiles, batch sizes).
@@ -315,13 +316,17 @@ class ServeContext:
 
     def text_generation(self, path: str, generate: Callable[..., Iterator[str]], title: str = "Generate text"):
         """POST {prompt, max_tokens, temperature, top_k, top_p, seed} -> the text streamed as it is generated.
-        `generate(prompt, max_tokens, temperature, top_k, top_p, seed)` yields pieces of text."""
+        `generate(prompt, max_tokens, temperature, top_k, top_p, seed)` returns an iterator of pieces of text; it
+        may raise UserError for a bad prompt (400) before the iterator starts."""
         from fastapi.responses import StreamingResponse
 
         async def endpoint(req: GenerateRequest):
+            try:  # a generator: this checks the request (a 400 says what is wrong); the model runs as it streams
+                pieces = generate(**req.model_dump())
+            except UserError as e:
+                raise HTTPException(400, str(e)) from None
             return StreamingResponse(
-                stream_in_thread(lambda: generate(**req.model_dump()), self.lock),
-                media_type="text/plain; charset=utf-8",
+                stream_in_thread(lambda: pieces, self.lock), media_type="text/plain; charset=utf-8"
             )
 
         self.router.add_api_route(path, endpoint, methods=["POST"], summary=title, response_class=StreamingResponse)

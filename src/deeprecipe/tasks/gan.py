@@ -332,3 +332,8 @@ def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
     z, y = model.noise(batch, torch.Generator().manual_seed(batch))
     inputs = {"noise": z} if y is None else {"noise": z, "labels": y}
     return {"inputs": inputs, "outputs": ["images"]}
+
+
+def serve(ctx) -> None:
+    """POST /sample: {n, seed} -> n generated images (PNG); a conditional model cycles through the classes."""
+    ctx.image_sampler("/sample", lambda n, seed: (torch.cat(list(generate(ctx.model, n, seed, ctx.rt))) + 1) / 2)

@@ -154,3 +154,20 @@ def sample(model: nn.Module, spec: DataSpec, cfg: Config, rt, run_dir: Path, arg
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def serve(ctx) -> None:
+    """POST /generate: a prompt in, its continuation streamed out as it is sampled (one request at a time)."""
+    tok = tokenizer_from_spec(ctx.spec)
+    _check_model(ctx.model, tok)
+
+    def generate(prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int):
+        ids = start_ids(tok, prompt, where="the prompt")  # checked here: a bad prompt is a 400, not a broken stream
+
+        def pieces():
+            with ctx.rt.autocast():
+                yield from stream_text(ctx.model, tok, ids, max_tokens, temperature, top_k, top_p, seed, ctx.rt.device)
+
+        return pieces()
+
+    ctx.text_generation("/generate", generate, "Continue a text")

@@ -6,8 +6,6 @@ copied, never blended), and pixels that fall outside the source image become 255
 Metrics: pixel accuracy, per-class IoU and their mean (mIoU) through torchmetrics, over the whole split.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch
@@ -190,6 +188,36 @@ def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict
     return {f"{split}_{k}": v for k, v in m.items()}
 
 
+def segment_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """uint8 images (C, h, w) of any sizes -> class ids (h, w) each: resized to the model's size and run as one
+    batch, the logits resized back to each image's own size before the argmax."""
+    x = torch.stack(
+        [
+            F.interpolate(
+                img[None].float(), size=tuple(spec.image_size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            for img in images
+        ]
+    ).to(rt.device)
+    x, _ = prepare((x, torch.zeros(len(images), 1, 1, device=rt.device)), spec)
+    with rt.autocast():
+        logits = model(x).float()
+    return [
+        F.interpolate(lg[None], size=tuple(img.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+        for lg, img in zip(logits, images)
+    ]
+
+
+def describe(img: torch.Tensor, pred: torch.Tensor, spec: DataSpec) -> tuple[torch.Tensor, dict, str]:
+    """(overlay uint8 (3, h, w): image and class colours half and half, share of each class, a summary line)."""
+    rgb = img.float() / 255 if img.shape[0] == 3 else (img.float() / 255).expand(3, -1, -1)
+    blend = 0.5 * rgb + 0.5 * colorize(pred, spec.extra["palette"])
+    frac = torch.bincount(pred.flatten(), minlength=spec.num_classes).float() / pred.numel()
+    top = frac.topk(min(3, spec.num_classes))
+    share = ", ".join(f"{spec.class_names[i]} {v:.0%}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+    return (blend * 255).round().to(torch.uint8), dict(zip(spec.class_names, frac.tolist())), share
+
+
 def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
     """Each image -> OUT/<stem>_labels.png (class ids, at the image's own size) and OUT/<stem>_overlay.png."""
     from torchvision.io import write_png
@@ -201,32 +229,43 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
     results = []
     for f in files:
         img = decode(f, spec.in_channels, 0)  # (C, h, w)
-        h, w = img.shape[-2:]
-        x = F.interpolate(
-            img[None].float(), size=tuple(spec.image_size), mode="bilinear", antialias=True, align_corners=False
-        )
-        x, _ = prepare((x.to(rt.device), torch.zeros(1, 1, 1, device=rt.device)), spec)
-        with rt.autocast():
-            logits = model(x).float()
-        pred = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+        pred = segment_images(model, spec, rt, [img])[0]
         labels, overlay = out_dir / f"{Path(f).stem}_labels.png", out_dir / f"{Path(f).stem}_overlay.png"
         write_png(pred.to(torch.uint8)[None], str(labels))
-        rgb = img.float() / 255 if img.shape[0] == 3 else (img.float() / 255).expand(3, -1, -1)
-        blend = 0.5 * rgb + 0.5 * colorize(pred, spec.extra["palette"])
-        write_png((blend * 255).round().to(torch.uint8), str(overlay))
-        frac = torch.bincount(pred.flatten(), minlength=spec.num_classes).float() / pred.numel()
-        top = frac.topk(min(3, spec.num_classes))
-        share = ", ".join(f"{spec.class_names[i]} {v:.0%}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+        blend, fractions, share = describe(img, pred, spec)
+        write_png(blend, str(overlay))
         results.append(
             {
                 "file": f,
                 "labels": str(labels),
                 "overlay": str(overlay),
-                "fractions": dict(zip(spec.class_names, frac.tolist())),
+                "fractions": fractions,
                 "text": f"{f}: {share} -> {labels}, {overlay}",
             }
         )
     return results
 
 
-__all__ = ["METRIC", "prepare", "loss", "evaluate", "finish", "predict", "joint_augment", "denormalize"]
+def serve(ctx) -> None:
+    """POST /segment: an image -> its class map and an overlay (PNGs as base64, at the image's own size) and
+    the share of each class; concurrent requests run as one batch."""
+    from fastapi import File, UploadFile
+
+    from deeprecipe.serve.server import png_base64
+
+    spec = ctx.spec
+    batch = ctx.batcher("segment", lambda images: segment_images(ctx.model, spec, ctx.rt, images))
+
+    @ctx.router.post("/segment", summary="Segment an image (PNG, JPEG, ...)")
+    async def segment(image: UploadFile = File(..., description="the image file")):
+        img = await ctx.read_image(image, size=(0, 0))  # its own size: the overlay matches the upload
+        pred = await batch(img)
+        blend, fractions, share = describe(img, pred, spec)
+        return {
+            "text": share,
+            "fractions": {k: round(v, 5) for k, v in fractions.items()},
+            "overlay": png_base64(blend),
+            "labels": png_base64(pred.to(torch.uint8)[None]),
+        }
+
+    ctx.widget("/segment", "image", "Segment an image")

@@ -195,3 +195,10 @@ def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
     tgt = torch.randint(3, model.vocab_size, (batch, 5), generator=g)
     dynamic = {"src": {0: "batch", 1: "src_len"}, "tgt": {0: "batch", 1: "tgt_len"}}
     return {"inputs": {"src": src, "tgt": tgt}, "outputs": ["logits"], "dynamic": dynamic}
+
+
+def serve(ctx) -> None:
+    """POST /translate: a sentence in, its translation out (beam search as the recipe says; batched)."""
+    beam, alpha = getattr(ctx.cfg.model, "beam", 4), getattr(ctx.cfg.model, "length_penalty", 0.6)
+    tokenizers(ctx.spec)  # fails at start-up when the run's tokenizers are missing
+    ctx.translation("/translate", lambda texts: translate_lines(ctx.model, ctx.spec, texts, ctx.rt, beam, alpha))

@@ -6,8 +6,6 @@ frame of a clip by folding time into channels. Metrics are the classifier's too:
 precision/recall and the confusion matrix, computed from the clip-averaged probabilities.
 """
 
-from __future__ import annotations
-
 import contextlib
 from pathlib import Path
 
@@ -107,23 +105,82 @@ def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict
     return {f"{split}_{k}": m[k] for k in ("top1", "top5", "loss")}
 
 
-def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
-    """Video files (or frame folders) -> top-k classes, averaging `eval_clips` clips spread over each video."""
+def read_clips(path: str, spec: DataSpec) -> torch.Tensor:
+    """A video file or frame folder -> uint8 clips (K, C, T, S, S): `eval_clips` clips spread over the video."""
     from deeprecipe.data.video import clip_indices, eval_starts, probe, read_frames
 
     T, stride, K = spec.extra.get("frames", 16), spec.extra.get("stride", 1), max(1, spec.extra.get("eval_clips", 1))
-    size, out = spec.image_size[0], []
-    for f in files:
-        n = probe(f)
-        starts = eval_starts(n, (T - 1) * stride + 1, K)
-        idx = [j for s in starts for j in clip_indices(s, T, stride, max(n, 1))]
-        x = read_frames(f, idx, spec.in_channels, size)  # (C, K*T, S, S)
-        x = x.view(spec.in_channels, K, T, size, size).transpose(0, 1)[None].to(rt.device)  # (1, K, C, T, S, S)
-        x, _ = prepare((x, None), spec)
-        with rt.autocast():
-            probs = clip_average(model, x)[0].exp().cpu()
-        out.append(classify.top_labels(f, probs, spec.class_names, getattr(args, "top", 3)))
-    return out
+    n, size = probe(path), spec.image_size[0]
+    idx = [j for s in eval_starts(n, (T - 1) * stride + 1, K) for j in clip_indices(s, T, stride, max(n, 1))]
+    x = read_frames(path, idx, spec.in_channels, size)  # (C, K*T, S, S)
+    return x.view(spec.in_channels, K, T, size, size).transpose(0, 1).contiguous()
+
+
+def classify_clips(model: nn.Module, spec: DataSpec, rt, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Clips of each video (K, C, T, S, S), uint8 -> class probabilities, averaged over each video's clips."""
+    x, _ = prepare((torch.stack(clips).to(rt.device), None), spec)  # (B, K, C, T, S, S)
+    with rt.autocast():
+        return list(clip_average(model, x).exp().cpu())
+
+
+def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
+    """Video files (or frame folders) -> top-k classes, averaging `eval_clips` clips spread over each video."""
+    top = getattr(args, "top", 3)
+    return [
+        classify.top_labels(f, classify_clips(model, spec, rt, [read_clips(f, spec)])[0], spec.class_names, top)
+        for f in files
+    ]
+
+
+VIDEO_TYPES = {
+    "video/mp4",
+    "video/webm",
+    "video/x-msvideo",
+    "video/avi",
+    "video/quicktime",
+    "video/x-matroska",
+    "video/mpeg",
+    "image/gif",
+    "application/octet-stream",
+}  # PyAV decides; octet-stream is what many clients send
+
+
+def serve(ctx) -> None:
+    """POST /classify-video: a video file -> its top labels (clips averaged as in evaluation); the file is
+    decoded from a private temporary copy that is removed at once, and concurrent requests run as one batch."""
+    import asyncio
+    import os
+    import tempfile
+
+    from fastapi import File, HTTPException, Query, UploadFile
+
+    from deeprecipe.util import UserError
+
+    spec = ctx.spec
+    batch = ctx.batcher("classify-video", lambda clips: classify_clips(ctx.model, spec, ctx.rt, clips))
+
+    def decode(data: bytes) -> torch.Tensor:
+        fd, path = tempfile.mkstemp(prefix="deeprecipe-upload-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return read_clips(path, spec)
+        except UserError as e:  # DataError names the temporary file: keep server paths out of the reply
+            raise HTTPException(400, "video: " + str(e).replace(path + ": ", "").replace(path, "the upload")) from None
+        finally:
+            os.unlink(path)
+
+    @ctx.router.post("/classify-video", summary="Classify a video (MP4, WebM, AVI, ...)")
+    async def classify_video(
+        video: UploadFile = File(..., description="the video file"),
+        top: int = Query(3, ge=1, le=max(1, spec.num_classes), description="labels to return"),
+    ):
+        data = await ctx.read_upload(video, VIDEO_TYPES, "video")
+        probs = await batch(await asyncio.to_thread(decode, data))
+        out = classify.top_labels("video", probs, spec.class_names, top)
+        return {k: out[k] for k in ("label", "prob", "top")}
+
+    ctx.widget("/classify-video", "image", "Classify a video", field="video", accept="video/*")
 
 
 def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:

@@ -1,0 +1,200 @@
+"""Every task serves: a tiny run of each family is loaded the way `deeprecipe serve RUN` loads it, and each
+endpoint's answer is checked against the task's own functions run on an independently loaded copy of the
+model (the oracle), along with the family's bad inputs. The cases iterate over the task registry."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from deeprecipe.cli import load_run, main
+from deeprecipe.serve.server import ServeOptions, build_app
+from deeprecipe.tasks import TASKS
+
+FAST = ["train.device=cpu", "train.precision=fp32", "train.eval_every=0", "train.log_every=1", "train.ckpt_every=2"]
+WORDS = {"a": "ein", "big": "großer", "dog": "hund", "man": "mann", "sits": "sitzt", "the": "der", "red": "rot"}
+
+
+def corpus(tmp: Path) -> list[str]:
+    (tmp / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 40)
+    return ["data.path=" + str(tmp / "corpus.txt"), "data.block_size=16"]
+
+
+def pairs(tmp: Path) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    keys = list(WORDS)
+    for split in ("train", "val", "test"):
+        src = [" ".join(keys[int(i)] for i in torch.randint(0, len(keys), (4,), generator=g)) for _ in range(40)]
+        (tmp / f"{split}.en").write_text("\n".join(src) + "\n")
+        (tmp / f"{split}.de").write_text("\n".join(" ".join(WORDS[w] for w in s.split()) for s in src) + "\n")
+    return [f"data.path={tmp}", "data.test=test", "data.vocab_size=120"]
+
+
+# a tiny run of each task: (recipe, overrides, or a function of the temporary folder giving extra overrides)
+CASES = {
+    "classify": ("digits-cnn", ["model.channels=[4,8]", "model.dense=[8]", "train.steps=2"], None),
+    "lm": ("shakespeare-char-gpt", ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "train.steps=2"], corpus),
+    "translate": (
+        "multi30k-en-de",
+        ["model.d_model=32", "model.n_head=2", "model.enc_layers=1", "model.dec_layers=1", "model.beam=2"]
+        + ["train.steps=2", "train.batch_size=16", "optim.warmup=0"],
+        pairs,
+    ),
+    "gan": ("digits-gan", ["model.hidden=[16]", "model.eval_samples=0", "train.steps=2"], None),
+    "segment": (
+        "scenes-unet",
+        ["data.size=[32, 48]", "data.train_size=4", "data.val_size=2", "data.test_size=2", "data.crop=24"]
+        + ["model.width=8", "model.depth=2", "train.steps=2", "train.batch_size=2"],
+        None,
+    ),
+    "video": (
+        "moving-digits-c3d",
+        ["data.frames=8", "data.train_size=8", "data.val_size=4", "data.test_size=4", "train.steps=2"]
+        + ["train.batch_size=4"],
+        None,
+    ),
+}
+
+
+def test_every_registered_task_has_a_case_here():
+    assert set(CASES) == set(TASKS), "a new task needs a serve case in tests/test_serve_families.py"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """served(task) -> (TestClient of the run's app, (cfg, spec, model, rt, task) loaded independently)."""
+    clients = []
+
+    def make(task: str):
+        recipe, overrides, extra = CASES[task]
+        run = tmp_path / f"run-{task}"
+        sets = [*FAST, *overrides, *(extra(tmp_path) if extra else [])]
+        assert main(["train", recipe, "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+        client = TestClient(build_app(str(run), ServeOptions(token="tk")))
+        clients.append(client.__enter__())
+        client.headers["Authorization"] = "Bearer tk"
+        return client, load_run(str(run), "cpu", "fp32")
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+    torch.set_grad_enabled(True)  # load_run turns autograd off for the process
+
+
+def png(h: int, w: int, c: int = 3, seed: int = 0) -> bytes:
+    x = torch.randint(0, 256, (h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    buf = io.BytesIO()
+    Image.fromarray(x.squeeze(-1).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def from_png64(text: str) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_each_task_lists_its_endpoints_and_needs_the_token(served, task):
+    c, _ = served(task)
+    info = c.get("/info").json()
+    assert info["task"] == task and info["endpoints"], info
+    for w in info["endpoints"]:  # every advertised endpoint exists and refuses a request without the token
+        assert c.post(w["path"], headers={"Authorization": ""}).status_code == 401, w
+    assert "/docs" in c.get("/").text  # the page is served
+
+
+def test_lm_streams_what_the_model_samples(served):
+    from deeprecipe.data.text import tokenizer_from_spec
+    from deeprecipe.tasks.lm import start_ids, stream_text
+
+    c, (cfg, spec, model, rt, task) = served("lm")
+    body = {"prompt": "the lazy ", "max_tokens": 25, "temperature": 0.9, "top_k": 5, "seed": 3}
+    with c.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        got = "".join(r.iter_text())
+    tok = tokenizer_from_spec(spec)
+    want = "".join(stream_text(model, tok, start_ids(tok, "the lazy "), 25, 0.9, 5, 1.0, 3))
+    assert got == want and len(got) == 25  # one character per token
+    r = c.post("/generate", json={"prompt": "zebra €", "max_tokens": 5})  # '€' is not in the corpus
+    assert r.status_code == 400 and "vocabulary lacks" in r.json()["detail"]
+
+
+def test_translate_answers_what_translate_lines_gives(served):
+    from deeprecipe.tasks.translate import translate_lines
+
+    c, (cfg, spec, model, rt, task) = served("translate")
+    for text in ["a big dog", "the man sits", "red"]:  # one at a time: an untrained net's near-ties can flip
+        want = translate_lines(model, spec, [text], rt, beam=2, alpha=cfg.model.length_penalty)[0]  # with padding
+        r = c.post("/translate", json={"text": text})
+        assert r.status_code == 200 and r.json() == {"text": text, "translation": want}
+    assert c.post("/translate", json={"text": ""}).status_code == 422
+
+
+def test_gan_samples_are_the_generator_images(served):
+    from deeprecipe.tasks.gan import generate
+
+    c, (cfg, spec, model, rt, task) = served("gan")
+    images = c.post("/sample", json={"n": 3, "seed": 5}).json()["images"]
+    want = (torch.cat(list(generate(model, 3, 5, rt))) + 1) / 2  # (3, 1, 8, 8) in [0, 1]
+    got = np.stack([from_png64(b) for b in images])  # (3, 8, 8) uint8
+    np.testing.assert_allclose(got, (want[:, 0] * 255).round().numpy(), atol=1)
+    assert c.post("/sample", json={"n": 0}).status_code == 422
+
+
+def test_segment_gives_the_label_map_at_the_upload_size(served):
+    from deeprecipe.tasks.segment import segment_images
+
+    c, (cfg, spec, model, rt, task) = served("segment")
+    data = png(30, 50, seed=1)
+    r = c.post("/segment", files={"image": ("street.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    img = torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)
+    want = segment_images(model, spec, rt, [img])[0]
+    labels = from_png64(res["labels"])
+    assert labels.shape == (30, 50) and np.array_equal(labels, want.numpy())
+    assert from_png64(res["overlay"]).shape == (30, 50, 3)
+    assert sum(res["fractions"].values()) == pytest.approx(1, abs=1e-3)
+    for name, frac in res["fractions"].items():
+        k = spec.class_names.index(name)
+        assert frac == pytest.approx(float((want == k).float().mean()), abs=1e-4)
+    bad = c.post("/segment", files={"image": ("x.png", b"not an image", "image/png")})
+    assert bad.status_code == 400 and "could not be decoded" in bad.json()["detail"]
+
+
+def test_video_classification_matches_predict_and_refuses_bad_files(served, tmp_path):
+    av = pytest.importorskip("av")
+    from deeprecipe.data.video import MovingDigitsData
+
+    c, (cfg, spec, model, rt, task) = served("video")
+    clip = MovingDigitsData(frames=8, train_size=1, val_size=0, test_size=0).build().train.tensors[0][0, 0]
+    frames = clip[..., None].expand(-1, -1, -1, 3).numpy().copy()  # (T, H, W, 3)
+    path = tmp_path / "digit.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    r = c.post("/classify-video?top=3", files={"video": ("digit.mp4", path.read_bytes(), "video/mp4")})
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        want = task.predict(model, spec, cfg, rt, [str(path)], argparse.Namespace(top=3))[0]
+    assert r.json()["label"] == want["label"]
+    assert [t["label"] for t in r.json()["top"]] == [t["label"] for t in want["top"]]
+    for a, b in zip(r.json()["top"], want["top"]):
+        assert a["prob"] == pytest.approx(b["prob"], abs=1e-3)
+    bad = c.post("/classify-video", files={"video": ("x.mp4", b"not a video at all", "video/mp4")})
+    assert bad.status_code == 400 and bad.json()["detail"].startswith("video: ")
+    assert "deeprecipe-upload" not in bad.json()["detail"]  # no server-side path in the message
+    wrong = c.post("/classify-video", files={"video": ("x.txt", b"hello", "text/plain")})
+    assert wrong.status_code == 415
