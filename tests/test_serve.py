@@ -2,6 +2,7 @@
 the generic endpoints of the generative families, and the web page in headless Chromium."""
 
 import asyncio
+import contextlib
 import io
 import socket
 import threading
@@ -231,19 +232,19 @@ def test_generic_generation_translation_and_sampling_endpoints():
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not (CHROMIUM.exists() and DRIVER.exists()),
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
 )
-def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
+
+
+@contextlib.contextmanager
+def browser(app, tmp_path):
+    """The app served by uvicorn on a free loopback port, and headless Chromium: yields (driver, page url)."""
     import uvicorn
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    app, _ = make_app(token=TOKEN)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -252,9 +253,6 @@ def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    image = tmp_path / "digit.png"
-    image.write_bytes(png(seed=3))
-    want = TestClient(app).post("/classify", files=upload(png(seed=3)), headers=AUTH).json()
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for a in [
@@ -271,8 +269,25 @@ def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
+        yield driver, f"http://127.0.0.1:{port}/"
+    finally:
+        driver.quit()
+        server.should_exit = True
+        thread.join(10)
 
+
+@pytest.mark.slow
+@needs_chromium
+def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, _ = make_app(token=TOKEN)
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(seed=3))
+    want = TestClient(app).post("/classify", files=upload(png(seed=3)), headers=AUTH).json()
+    with browser(app, tmp_path) as (driver, url):
+        driver.get(url)
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: "token" in d.find_element(By.ID, "about").text, "no token prompt")  # /info refused
         box = driver.find_element(By.ID, "token")
@@ -283,7 +298,3 @@ def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
         wait.until(lambda d: "%" in d.find_element(By.ID, "result-0").text, "no label shown")
         shown = driver.find_element(By.ID, "result-0").text
         assert shown.startswith(want["label"] + " ("), (shown, want)
-    finally:
-        driver.quit()
-        server.should_exit = True
-        thread.join(10)

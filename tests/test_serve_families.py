@@ -198,3 +198,41 @@ def test_video_classification_matches_predict_and_refuses_bad_files(served, tmp_
     assert "deeprecipe-upload" not in bad.json()["detail"]  # no server-side path in the message
     wrong = c.post("/classify-video", files={"video": ("x.txt", b"hello", "text/plain")})
     assert wrong.status_code == 415
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm", "segment"])
+def test_web_page_streams_text_and_shows_an_overlay(served, task, tmp_path):
+    """Headless Chromium on the page at /: type a prompt and watch the text arrive; upload a street image and
+    see the class shares and the overlay; both equal what the API answers."""
+    from test_serve import CHROMIUM, DRIVER, browser
+
+    if not (CHROMIUM.exists() and DRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    c, _ = served(task)
+    with browser(c.app, tmp_path) as (driver, url):
+        driver.get(url)
+        wait = WebDriverWait(driver, 30)
+        driver.find_element(By.ID, "token").send_keys("tk\t")
+        if task == "lm":
+            with c.stream("POST", "/generate", json={"prompt": "the ", "max_tokens": 300}) as r:
+                want = "the " + "".join(r.iter_text())  # the page asks for 300 tokens with the default seed
+            wait.until(lambda d: d.find_elements(By.ID, "prompt-0"), "no prompt box")
+            driver.find_element(By.ID, "prompt-0").send_keys("the ")
+            driver.find_element(By.ID, "go-0").click()
+            wait.until(lambda d: len(d.find_element(By.ID, "result-0").text) >= len(want.strip()), "no text")
+            assert driver.find_element(By.ID, "result-0").text == want.strip()
+        else:
+            image = tmp_path / "street.png"
+            image.write_bytes(png(30, 50, seed=2))
+            want = c.post("/segment", files={"image": ("s.png", image.read_bytes(), "image/png")}).json()
+            wait.until(lambda d: d.find_elements(By.ID, "file-0"), "no upload widget")
+            driver.find_element(By.ID, "file-0").send_keys(str(image))
+            driver.find_element(By.ID, "go-0").click()
+            wait.until(lambda d: d.find_elements(By.ID, "overlay-0"), "no overlay shown")
+            assert driver.find_element(By.ID, "result-0").text == want["text"]
+            src = driver.find_element(By.ID, "overlay-0").get_attribute("src")
+            assert src == "data:image/png;base64," + want["overlay"]

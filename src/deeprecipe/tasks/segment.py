@@ -188,6 +188,7 @@ def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict
     return {f"{split}_{k}": v for k, v in m.items()}
 
 
+@torch.no_grad()
 def segment_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 images (C, h, w) of any sizes -> class ids (h, w) each: resized to the model's size and run as one
     batch, the logits resized back to each image's own size before the argmax."""

@@ -116,6 +116,7 @@ def read_clips(path: str, spec: DataSpec) -> torch.Tensor:
     return x.view(spec.in_channels, K, T, size, size).transpose(0, 1).contiguous()
 
 
+@torch.no_grad()
 def classify_clips(model: nn.Module, spec: DataSpec, rt, clips: list[torch.Tensor]) -> list[torch.Tensor]:
     """Clips of each video (K, C, T, S, S), uint8 -> class probabilities, averaged over each video's clips."""
     x, _ = prepare((torch.stack(clips).to(rt.device), None), spec)  # (B, K, C, T, S, S)
