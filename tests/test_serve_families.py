@@ -148,7 +148,8 @@ def test_gan_samples_are_the_generator_images(served):
     assert c.post("/sample", json={"n": 0}).status_code == 422
 
 
-def test_segment_gives_the_label_map_at_the_upload_size(served):
+def test_segment_gives_the_label_map_at_the_upload_size(served, monkeypatch):
+    from deeprecipe.tasks import segment
     from deeprecipe.tasks.segment import segment_images
 
     c, (cfg, spec, model, rt, task) = served("segment")
@@ -165,6 +166,9 @@ def test_segment_gives_the_label_map_at_the_upload_size(served):
     for name, frac in res["fractions"].items():
         k = spec.class_names.index(name)
         assert frac == pytest.approx(float((want == k).float().mean()), abs=1e-4)
+    monkeypatch.setattr(segment, "SERVE_SIDE", 40)  # a bigger upload is answered at a long side of 40
+    big = c.post("/segment", files={"image": ("big.png", png(60, 100, seed=2), "image/png")}).json()
+    assert from_png64(big["labels"]).shape == (24, 40) and from_png64(big["overlay"]).shape == (24, 40, 3)
     bad = c.post("/segment", files={"image": ("x.png", b"not an image", "image/png")})
     assert bad.status_code == 400 and "could not be decoded" in bad.json()["detail"]
 

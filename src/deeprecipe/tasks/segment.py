@@ -247,9 +247,12 @@ def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str],
     return results
 
 
+SERVE_SIDE = 1024  # /segment answers at the upload's size, or scaled down to this long side
+
+
 def serve(ctx) -> None:
-    """POST /segment: an image -> its class map and an overlay (PNGs as base64, at the image's own size) and
-    the share of each class; concurrent requests run as one batch."""
+    """POST /segment: an image -> its class map and an overlay (PNGs as base64, at the image's own size up to a
+    long side of SERVE_SIDE) and the share of each class; concurrent requests run as one batch."""
     from fastapi import File, UploadFile
 
     from deeprecipe.serve.server import png_base64
@@ -259,7 +262,13 @@ def serve(ctx) -> None:
 
     @ctx.router.post("/segment", summary="Segment an image (PNG, JPEG, ...)")
     async def segment(image: UploadFile = File(..., description="the image file")):
-        img = await ctx.read_image(image, size=(0, 0))  # its own size: the overlay matches the upload
+        img = await ctx.read_image(image, size=(0, 0))  # its own size: the overlay matches the upload ...
+        h, w = img.shape[-2:]
+        if max(h, w) > SERVE_SIDE:  # ... up to a long side of SERVE_SIDE (full-size logits of a huge image are GBs)
+            s = SERVE_SIDE / max(h, w)
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+            img = img[0].round().clamp(0, 255).to(torch.uint8)
         pred = await batch(img)
         blend, fractions, share = describe(img, pred, spec)
         return {
@@ -270,3 +279,6 @@ def serve(ctx) -> None:
         }
 
     ctx.widget("/segment", "image", "Segment an image")
+
+
+__all__ = ["METRIC", "prepare", "loss", "evaluate", "finish", "predict", "serve", "joint_augment", "denormalize"]
