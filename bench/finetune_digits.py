@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-finetune")
     ap.add_argument("--mnist", default="", metavar="DIR", help="MNIST IDX files: fine-tune on 28x28 MNIST instead")
     args = ap.parse_args()
-    size = 28 if args.mnist else SIZE
+    size, what = (28, "MNIST") if args.mnist else (SIZE, "digits")
     target = (
         ["--set", "data.name=mnist", "--set", f"data.path={args.mnist}"]
         if args.mnist
@@ -74,7 +74,7 @@ def main() -> None:
     }
     acc: dict[str, list[float]] = {k: [] for k in arms}
     for seed in range(args.seeds):
-        print(f"seed {seed}: 10 labels per class of {'MNIST' if args.mnist else 'digits'} (100 images)")
+        print(f"seed {seed}: 10 labels per class of {what} (100 images)")
         for name, extra in arms.items():
             run = out / f"{name.split()[0]}-seed{seed}"
             m, dt = cli_train(
@@ -110,8 +110,7 @@ def main() -> None:
             acc[name].append(m["test_acc"])
             print(f"    {name}: test acc {m['test_acc']:.4f} ({dt:.0f} s)", flush=True)
     print(
-        f"\n{'MNIST' if args.mnist else 'digits'}, 10 labels per class, ResNet-8 (width 16) at {size}x{size}, "
-        f"{args.steps} steps, {args.seeds} seeds"
+        f"\n{what}, 10 labels per class, ResNet-8 (width 16) at {size}x{size}, {args.steps} steps, {args.seeds} seeds"
     )
     print(f"{'arm':<24} {'test acc mean':>13} {'std':>6}  per seed")
     for name, v in acc.items():

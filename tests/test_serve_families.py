@@ -18,6 +18,7 @@ from PIL import Image
 from deeprecipe.cli import load_run, main
 from deeprecipe.serve.server import ServeOptions, build_app
 from deeprecipe.tasks import TASKS
+from test_serve import png  # a random PNG: png(h, w, channels, seed)
 
 FAST = ["train.device=cpu", "train.precision=fp32", "train.eval_every=0", "train.log_every=1", "train.ckpt_every=2"]
 WORDS = {"a": "ein", "big": "großer", "dog": "hund", "man": "mann", "sits": "sitzt", "the": "der", "red": "rot"}
@@ -89,13 +90,6 @@ def served(tmp_path):
     torch.set_grad_enabled(True)  # load_run turns autograd off for the process
 
 
-def png(h: int, w: int, c: int = 3, seed: int = 0) -> bytes:
-    x = torch.randint(0, 256, (h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    buf = io.BytesIO()
-    Image.fromarray(x.squeeze(-1).numpy()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def from_png64(text: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(text))))
 
@@ -153,7 +147,7 @@ def test_segment_gives_the_label_map_at_the_upload_size(served, monkeypatch):
     from deeprecipe.tasks.segment import segment_images
 
     c, (cfg, spec, model, rt, task) = served("segment")
-    data = png(30, 50, seed=1)
+    data = png(30, 50, 3, seed=1)
     r = c.post("/segment", files={"image": ("street.png", data, "image/png")})
     assert r.status_code == 200, r.text
     res = r.json()
@@ -167,28 +161,20 @@ def test_segment_gives_the_label_map_at_the_upload_size(served, monkeypatch):
         k = spec.class_names.index(name)
         assert frac == pytest.approx(float((want == k).float().mean()), abs=1e-4)
     monkeypatch.setattr(segment, "SERVE_SIDE", 40)  # a bigger upload is answered at a long side of 40
-    big = c.post("/segment", files={"image": ("big.png", png(60, 100, seed=2), "image/png")}).json()
+    big = c.post("/segment", files={"image": ("big.png", png(60, 100, 3, seed=2), "image/png")}).json()
     assert from_png64(big["labels"]).shape == (24, 40) and from_png64(big["overlay"]).shape == (24, 40, 3)
     bad = c.post("/segment", files={"image": ("x.png", b"not an image", "image/png")})
     assert bad.status_code == 400 and "could not be decoded" in bad.json()["detail"]
 
 
 def test_video_classification_matches_predict_and_refuses_bad_files(served, tmp_path):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     from deeprecipe.data.video import MovingDigitsData
+    from test_video import encode
 
     c, (cfg, spec, model, rt, task) = served("video")
     clip = MovingDigitsData(frames=8, train_size=1, val_size=0, test_size=0).build().train.tensors[0][0, 0]
-    frames = clip[..., None].expand(-1, -1, -1, 3).numpy().copy()  # (T, H, W, 3)
-    path = tmp_path / "digit.mp4"
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(pkt)
-        for pkt in s.encode():
-            out.mux(pkt)
+    path = Path(encode(tmp_path / "digit.mp4", clip[..., None].expand(-1, -1, -1, 3).numpy().copy()))
     r = c.post("/classify-video?top=3", files={"video": ("digit.mp4", path.read_bytes(), "video/mp4")})
     assert r.status_code == 200, r.text
     with torch.no_grad():
@@ -231,7 +217,7 @@ def test_web_page_streams_text_and_shows_an_overlay(served, task, tmp_path):
             assert driver.find_element(By.ID, "result-0").text == want.strip()
         else:
             image = tmp_path / "street.png"
-            image.write_bytes(png(30, 50, seed=2))
+            image.write_bytes(png(30, 50, 3, seed=2))
             want = c.post("/segment", files={"image": ("s.png", image.read_bytes(), "image/png")}).json()
             wait.until(lambda d: d.find_elements(By.ID, "file-0"), "no upload widget")
             driver.find_element(By.ID, "file-0").send_keys(str(image))

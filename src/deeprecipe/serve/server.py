@@ -304,12 +304,17 @@ class ServeContext:
         return data
 
     async def read_image(
-        self, upload, channels: int | None = None, size: tuple[int, int] | None = None
+        self, upload, channels: int | None = None, size: tuple[int, int] | None = None, max_side: int = 0
     ) -> torch.Tensor:
-        """Uploaded image -> uint8 (C, H, W) with the spec's channels, resized to the spec's size (or `size`)."""
+        """Uploaded image -> uint8 (C, H, W) with the spec's channels, resized to the spec's size (or `size`;
+        (0, 0) keeps the image's own size, scaled down to a long side of `max_side` when that is set)."""
         data = await self.read_upload(upload, IMAGE_TYPES, "image")
         return decode_image(
-            data, channels or self.spec.in_channels, size or tuple(self.spec.image_size), self.options.max_pixels
+            data,
+            channels or self.spec.in_channels,
+            size or tuple(self.spec.image_size),
+            self.options.max_pixels,
+            max_side,
         )
 
     # ---- whole endpoints for the generative families: their serve(ctx) hooks are one call each
@@ -356,8 +361,9 @@ class ServeContext:
         self.widget(path, "sample", title)
 
 
-def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: int) -> torch.Tensor:
-    """Bytes of an image file -> uint8 (C, H, W); 400 with the reason when it is not a readable image."""
+def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: int, max_side: int = 0) -> torch.Tensor:
+    """Bytes of an image file -> uint8 (C, H, W) at `size`, or at its own size ((0, 0)) with the long side at most
+    `max_side` (when set); 400 with the reason when it is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -369,6 +375,8 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: 
             x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise HTTPException(400, f"image: the file could not be decoded as an image ({type(e).__name__})") from None
+    if not (size and size[0]) and max_side and max(h, w) > max_side:
+        size = (max(1, round(h * max_side / max(h, w))), max(1, round(w * max_side / max(h, w))))
     if size and size[0] and tuple(x.shape[1:]) != tuple(size):
         x = (
             torch.nn.functional.interpolate(

@@ -262,13 +262,8 @@ def serve(ctx) -> None:
 
     @ctx.router.post("/segment", summary="Segment an image (PNG, JPEG, ...)")
     async def segment(image: UploadFile = File(..., description="the image file")):
-        img = await ctx.read_image(image, size=(0, 0))  # its own size: the overlay matches the upload ...
-        h, w = img.shape[-2:]
-        if max(h, w) > SERVE_SIDE:  # ... up to a long side of SERVE_SIDE (full-size logits of a huge image are GBs)
-            s = SERVE_SIDE / max(h, w)
-            size = (max(1, round(h * s)), max(1, round(w * s)))
-            img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-            img = img[0].round().clamp(0, 255).to(torch.uint8)
+        # its own size, so the overlay matches the upload, up to SERVE_SIDE (full-size logits of a huge image are GBs)
+        img = await ctx.read_image(image, size=(0, 0), max_side=SERVE_SIDE)
         pred = await batch(img)
         blend, fractions, share = describe(img, pred, spec)
         return {
