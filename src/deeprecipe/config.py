@@ -9,7 +9,6 @@ or a value of the wrong type fails with the nearest valid name.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,13 +17,9 @@ from typing import Any
 
 import yaml
 
-from deeprecipe.util import UserError
+from deeprecipe.core import ConfigError, nearest
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(UserError):
-    """A config problem a user can fix; the CLI prints it as one line."""
 
 
 @dataclass
@@ -72,11 +67,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-
-
-def _nearest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -149,21 +139,9 @@ def from_dict(cls: type, raw: dict | None, where: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{where}.{key}': {_nearest(key, names)}")
+            raise ConfigError(f"unknown key '{where}.{key}': {nearest(key, names)}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
-
-
-def lookup(registry: dict[str, type], name: str, what: str, key: str, user_cls: type) -> type:
-    """The config class registered as `name` (`path/to/file.py:Name` gives `user_cls`), or a ConfigError that
-    names the nearest registered name."""
-    if ":" in name:
-        return user_cls
-    if name not in registry:
-        near = difflib.get_close_matches(name, list(registry), n=1)
-        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(registry)}"
-        raise ConfigError(f"unknown {what} '{key}={name}': {hint}")
-    return registry[name]
 
 
 def to_dict(obj: Any) -> Any:
@@ -199,7 +177,7 @@ def read_recipe(recipe: str) -> tuple[dict, str]:
     else:
         path = RECIPES_DIR / f"{recipe}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown recipe '{recipe}': {_nearest(recipe, list(list_recipes()))}")
+            raise ConfigError(f"unknown recipe '{recipe}': {nearest(recipe, list(list_recipes()))}")
         name = recipe
     try:
         raw = yaml.safe_load(path.read_text()) or {}

@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-class UserError(Exception):
-    """Any problem the user can fix: printed as one line by the CLI, with a non-zero exit."""
+from deeprecipe.core import UserError
 
 
 def load_object(ref: str) -> Any:

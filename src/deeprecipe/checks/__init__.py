@@ -9,7 +9,7 @@ from collections.abc import Callable
 from deeprecipe.checks import data as _d
 from deeprecipe.checks import training as _t
 from deeprecipe.checks.core import Ctx, Verdict, init_head_from_priors
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 CHECKS: dict[str, Callable[[Ctx], Verdict]] = {
     "files": _d.files,  # every file decodes
@@ -37,20 +37,19 @@ def run_checks(
     skip: list[str] | None = None,
     progress: Callable[[Verdict], None] | None = None,
 ) -> list[Verdict]:
-    """Run the checks (the task's EXTRA_CHECKS after the built-in ones); a check that raises is a failure."""
-    checks = {**CHECKS, **getattr(ctx.task, "EXTRA_CHECKS", {})}
+    """Run the checks (the family's EXTRA_CHECKS after the built-in ones); a check that raises is a failure."""
+    checks = {**CHECKS, **ctx.family.EXTRA_CHECKS}
     for name in list(only or []) + list(skip or []):
         if name not in checks:
             raise UserError(f"unknown check '{name}': the checks are {', '.join(checks)}")
-    not_for_task = getattr(ctx.task, "CHECKS_SKIP", ())  # a set, or a dict name -> why it does not apply
+    not_for_task = ctx.family.CHECKS_SKIP  # name -> why it does not apply
     out, data_error = [], None
     for name, fn in checks.items():
         t0 = time.perf_counter()
         if (only and name not in only) or name in (skip or []):
             v = Verdict(name, "skip", advice="not selected")
         elif name in not_for_task:
-            why = not_for_task.get(name) if isinstance(not_for_task, dict) else None
-            v = Verdict(name, "skip", advice=why or f"does not apply to task '{ctx.cfg.task}'")
+            v = Verdict(name, "skip", advice=not_for_task[name] or f"does not apply to task '{ctx.cfg.task}'")
         elif data_error is not None and name not in DATA_FREE:
             v = Verdict(name, "skip", advice="the data set did not build")
         else:
@@ -76,7 +75,7 @@ def run_checks(
                     "runs",
                     "the check could not run this model/data (rerun with --debug for the traceback)",
                 )
-                if getattr(ctx, "debug", False):
+                if ctx.debug:
                     raise
         v.seconds = time.perf_counter() - t0
         out.append(v)

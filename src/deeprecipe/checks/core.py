@@ -1,22 +1,11 @@
-"""What every check is handed (`Ctx`), what it returns (`Verdict`), and the task hooks with their fallbacks.
+"""What every check is handed (`Ctx`) and what it returns (`Verdict`).
 
 A check is a plain function `check(ctx) -> Verdict`. The context builds the data once, builds fresh models
 from the recipe (seeded, so two builds are equal), and gives batches exactly as the training loop would
-(`task.prepare` with the loop's per-step generator). Checks run in fp32 so that exact properties hold
-(two seeded runs agree bitwise on CPU; the gradient across examples is exactly zero).
-
-Optional task hooks (module attributes of a task in deeprecipe/tasks/; each has a fallback here):
-    CHECKS_SKIP = {"init_prior": "why"}   checks that do not apply to the task (a set, or a dict with reasons)
-    EXTRA_CHECKS = {"name": fn(ctx)}      checks of the family's own, run after the built-in ones; one named
-                                           like a built-in check replaces it (a GAN's seed runs both nets)
-    CAUSAL = True                          the dependency check also proves that position t ignores inputs after t
-    IGNORE_INDEX = 255                     a label value that means "no label" (segmentation)
-    expected_init_loss(spec, cfg)          closed-form loss at init (fallback: ln C, else ln vocab, else skipped)
-    per_example_loss(model, batch, cfg)    (B,) or, for sequences, (B, T) losses (fallback: cross-entropy of
-                                           model(input) against batch[-1], class dim last or dim 1)
-    batch_input(batch) / replace_input(batch, x)   the net's input in a prepared batch (fallback: batch[0])
-    CHECK_DEFAULTS = {"batch_size": 8}     the short runs' work when the command does not say (fallback DEFAULTS)
-    show_batch(batch, spec)                (images in [0, 1] (N, C, H, W), captions) or a text; None: no picture
+(`family.prepare` with the loop's per-step generator). Checks run in fp32 so that exact properties hold
+(two seeded runs agree bitwise on CPU; the gradient across examples is exactly zero). What a family adapts
+(checks that do not apply, its own checks, the work of the short runs, the closed-form loss at init, the
+per-example loss, the net's input, pictures of a batch) are hooks of the contract, deeprecipe/family.py.
 """
 
 from __future__ import annotations
@@ -27,22 +16,22 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, Draws, StreamSplit, TensorSplit, step_indices
+from deeprecipe.core import DataSpec
+from deeprecipe.data.core import Data, Draws, StreamSplit, TensorSplit, step_indices
 from deeprecipe.engine import optim
 from deeprecipe.engine.device import Runtime, setup, step_generator
-from deeprecipe.util import UserError
+from deeprecipe.engine.loop import place
+from deeprecipe.family import Family
 
 STATUSES = ("pass", "warn", "fail", "skip")
 # the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
-# a task's CHECK_DEFAULTS overrides some, the caller's arguments (--steps, --batch, ...) override both
+# a family's CHECK_DEFAULTS overrides some, the caller's arguments (--steps, --batch, ...) override both
 DEFAULTS = {"steps": 50, "batch_size": 32, "overfit_examples": 8, "overfit_steps": 200}
 
 
@@ -78,17 +67,17 @@ def graded(
 
 
 class Ctx:
-    """Everything a check needs. Tests build one from parts to plant a bug (make_model, data, task)."""
+    """Everything a check needs. Tests build one from parts to plant a bug (make_model, data, family)."""
 
     def __init__(
         self,
         cfg: Config,
         out: Path,
+        family: Family,
         *,
         rt: Runtime | None = None,
         data: Data | None = None,
         make_model: Callable[[DataSpec], nn.Module] | None = None,
-        task: Any = None,
         steps: int | None = None,
         batch_size: int | None = None,
         overfit_examples: int | None = None,
@@ -96,22 +85,21 @@ class Ctx:
         heldout: int = 256,
         max_files: int = 2000,
     ):
-        from deeprecipe.tasks import get_task
-
         self.cfg = copy.deepcopy(cfg)
         self.cfg.optim.label_smoothing = 0.0  # the closed-form values assume plain cross-entropy
-        self.task: ModuleType = task or get_task(cfg.task)
+        self.family = family
         self.rt = rt or setup(cfg.train.device, "fp32")
         self.out = Path(out)
         self._data, self._make_model = data, make_model
-        # the amount of work: given > the task's CHECK_DEFAULTS (a sequence costs more per example) > DEFAULTS
+        # the amount of work: given > the family's CHECK_DEFAULTS (a sequence costs more per example) > DEFAULTS
         asked = dict(steps=steps, batch_size=batch_size, overfit_examples=overfit_examples, overfit_steps=overfit_steps)
-        work = {**DEFAULTS, **getattr(self.task, "CHECK_DEFAULTS", {})}
+        work = {**DEFAULTS, **family.CHECK_DEFAULTS}
         work.update({k: v for k, v in asked.items() if v is not None})
         self.steps, self.batch_size = work["steps"], min(work["batch_size"], cfg.train.batch_size)
         self.overfit_examples, self.overfit_steps = work["overfit_examples"], work["overfit_steps"]
         self.heldout, self.max_files = heldout, max_files
         self.memo: dict[str, Any] = {}
+        self.debug = False  # a check that raises re-raises (deeprecipe check --debug)
 
     # ------------------------------------------------------------------ data and models
     @property
@@ -133,16 +121,12 @@ class Ctx:
     def model(self) -> nn.Module:
         """A fresh model, seeded by train.seed: two calls give the same weights (unless the model is buggy)."""
         torch.manual_seed(self.cfg.train.seed)
-        if self._make_model is not None:
-            m = self._make_model(self.spec)
-        elif hasattr(self.task, "build_model"):
-            m = self.task.build_model(self.cfg, self.spec)
-        else:
-            m = self.cfg.model.build(self.spec)
-        m = m.to(self.rt.device)
-        if self.cfg.train.channels_last and any(isinstance(x, nn.Conv2d) for x in m.modules()):
-            m = m.to(memory_format=torch.channels_last)
-        return m
+        m = (
+            self._make_model(self.spec)
+            if self._make_model is not None
+            else self.family.build_model(self.cfg, self.spec)
+        )
+        return place(m, self.cfg, self.rt)
 
     def raw(self, split, idx: torch.Tensor) -> tuple:
         return tuple(t.to(self.rt.device) for t in split.take(idx))
@@ -155,76 +139,43 @@ class Ctx:
         else:
             raw = self.raw(split, step_indices(len(split), seed, step, min(n, len(split))))
         draws = Draws(step_generator(self.rt.device, seed, step)) if augment else None
-        return self.task.prepare(raw, self.spec, draws)
+        return self.family.prepare(raw, self.spec, draws)
 
     def heldout_batch(self, n: int | None = None):
         """The first n examples of val (else test, else train), prepared for evaluation."""
         d = self.data
         split = d.val if d.val is not None and len(d.val) else d.test if d.test is not None and len(d.test) else d.train
         n = min(n or self.heldout, len(split))
-        return self.task.prepare(self.raw(split, torch.arange(n)), self.spec, None)
+        return self.family.prepare(self.raw(split, torch.arange(n)), self.spec, None)
 
-    # ------------------------------------------------------------------ task hooks with fallbacks
+    # ------------------------------------------------------------------ the family's hooks, bound to this run
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        return self.task.loss(model, batch, self.cfg)[0]
+        return self.family.loss(model, batch, self.cfg, "model")[0]
 
     def get_input(self, batch) -> torch.Tensor:
-        return self.task.batch_input(batch) if hasattr(self.task, "batch_input") else batch[0]
+        return self.family.batch_input(batch)
 
     def put_input(self, batch, x: torch.Tensor):
-        return self.task.replace_input(batch, x) if hasattr(self.task, "replace_input") else (x, *batch[1:])
+        return self.family.replace_input(batch, x)
 
     def blank(self, batch):
         """The batch with its input zeroed (the baseline; integer ids become token 0 everywhere)."""
         return self.put_input(batch, torch.zeros_like(self.get_input(batch)))
 
     def per_example_loss(self, model: nn.Module, batch) -> torch.Tensor:
-        if hasattr(self.task, "per_example_loss"):
-            return self.task.per_example_loss(model, batch, self.cfg)
-        out = model(self.get_input(batch))
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return per_example_ce(out.float(), batch[-1], getattr(self.task, "IGNORE_INDEX", -100))
+        return self.family.per_example_loss(model, batch, self.cfg)
 
     def expected_init_loss(self) -> tuple[float, str] | None:
-        if hasattr(self.task, "expected_init_loss"):
-            v = self.task.expected_init_loss(self.spec, self.cfg)
-            return None if v is None else (float(v), "task's expected_init_loss")
-        if self.spec.num_classes:
-            return math.log(self.spec.num_classes), f"ln {self.spec.num_classes} classes"
-        if self.spec.vocab_size:
-            return math.log(self.spec.vocab_size), f"ln {self.spec.vocab_size} vocab"
-        return None
+        return self.family.expected_init_loss(self.spec, self.cfg)
 
     @property
     def causal(self) -> bool:
-        return bool(getattr(self.task, "CAUSAL", False))
+        return self.family.CAUSAL
 
     def plot_path(self, name: str) -> Path:
         p = self.out / "plots" / name
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
-
-
-def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Cross-entropy per example: (B, C) vs (B,) -> (B,); (B, T, V) vs (B, T) -> (B, T);
-    (B, C, H, W) vs (B, H, W) -> (B,) (mean over the pixels that are not ignore_index)."""
-    if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-        raise UserError(
-            "the checks' fallback loss needs integer targets in batch[-1]: define "
-            "per_example_loss(model, batch, cfg) in the task module"
-        )
-    y = y.long()
-    if logits.shape[:-1] == y.shape:  # class dim last
-        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none", ignore_index=ignore_index).view(
-            y.shape
-        )
-    if logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:  # class dim 1 (dense prediction)
-        per = F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index).flatten(1)
-        return per.sum(1) / (y != ignore_index).flatten(1).sum(1).clamp_min(1)  # mean over labelled pixels
-    raise UserError(
-        f"the checks cannot match model output {tuple(logits.shape)} with targets {tuple(y.shape)}: "
-        "define per_example_loss(model, batch, cfg) in the task module"
-    )
 
 
 def labels_of(split) -> torch.Tensor | None:

@@ -29,7 +29,8 @@ SAMPLE_TRAIN, SAMPLE_EVAL = 10_000, 1_000
 def list_files(data_cfg) -> list[str] | None:
     """The files a data set reads, when it reads files: `files()` on the data config (a family's hook), else
     the image folder / CSV layouts of data/images.py. None: the data set is not made of files."""
-    from deeprecipe.data.images import IMAGE_EXTS, CSVData, ImageFolderData
+    from deeprecipe.data.image_ops import EXTS
+    from deeprecipe.data.images import CSVData, ImageFolderData
 
     if hasattr(data_cfg, "files"):
         return [str(p) for p in data_cfg.files()]
@@ -37,7 +38,7 @@ def list_files(data_cfg) -> list[str] | None:
         root = Path(data_cfg.path)
         if not data_cfg.path or not root.is_dir():
             return None
-        return [str(f) for f in sorted(root.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
+        return [str(f) for f in sorted(root.rglob("*")) if f.is_file() and f.suffix.lower() in EXTS]
     if isinstance(data_cfg, CSVData):
         p = Path(data_cfg.path)
         if not p.is_file():
@@ -50,14 +51,14 @@ def list_files(data_cfg) -> list[str] | None:
 
 def files(ctx: Ctx) -> Verdict:
     """Every file decodes (an even sample of up to max_files of them)."""
-    from deeprecipe.data.images import decode
+    from deeprecipe.data.image_ops import read
 
     paths = list_files(ctx.cfg.data)
     if paths is None:
         return Verdict("files", "skip", advice="the data set is not read from files (or data.path is missing)")
     step = max(1, len(paths) // ctx.max_files)
     sample = paths[::step]
-    check = getattr(ctx.cfg.data, "check_file", None) or (lambda p: decode(p, 0, 0))
+    check = getattr(ctx.cfg.data, "check_file", None) or read
     bad = []
     for p in sample:
         try:
@@ -85,8 +86,8 @@ def _num_labels(ctx: Ctx) -> int:
 
 
 def labels(ctx: Ctx) -> Verdict:
-    """Every label id lies in 0..C-1 (or is the task's IGNORE_INDEX), in every split."""
-    C, ignore = _num_labels(ctx), getattr(ctx.task, "IGNORE_INDEX", None)
+    """Every label id lies in 0..C-1 (or is the family's IGNORE_INDEX), in every split."""
+    C, ignore = _num_labels(ctx), ctx.family.IGNORE_INDEX
     if not C:
         return Verdict("labels", "skip", advice="the data spec names no classes or vocabulary")
     found, problems = False, []
@@ -289,22 +290,21 @@ def batch(ctx: Ctx) -> Verdict:
 
     b = ctx.train_batch(0)
     shown = []
-    if hasattr(ctx.task, "show_batch"):
-        for name, bb, title in (
-            ("examples", ctx.train_batch(0, augment=False), "training examples (no augmentation)"),
-            ("batch", b, "step-0 batch as it enters the net (de-normalized)"),
-        ):
-            view = ctx.task.show_batch(tuple(t[:32] if torch.is_tensor(t) else t for t in bb), ctx.spec)
-            if isinstance(view, str):
-                path = ctx.plot_path(f"{name}.txt")
-                path.write_text(view)
-            elif view is not None:
-                path = ctx.plot_path(f"{name}.png")
-                imgs, caps = view
-                plots.image_grid(imgs.float().cpu(), caps, path, title)
-            else:
-                continue
-            shown.append(str(path.relative_to(ctx.out)))
+    for name, bb, title in (
+        ("examples", ctx.train_batch(0, augment=False), "training examples (no augmentation)"),
+        ("batch", b, "step-0 batch as it enters the net (de-normalized)"),
+    ):
+        view = ctx.family.show_batch(tuple(t[:32] if torch.is_tensor(t) else t for t in bb), ctx.spec)
+        if isinstance(view, str):
+            path = ctx.plot_path(f"{name}.txt")
+            path.write_text(view)
+        elif view is not None:
+            path = ctx.plot_path(f"{name}.png")
+            imgs, caps = view
+            plots.image_grid(imgs.float().cpu(), caps, path, title)
+        else:
+            continue
+        shown.append(str(path.relative_to(ctx.out)))
     x = ctx.get_input(b)
     if not x.is_floating_point():
         return Verdict(

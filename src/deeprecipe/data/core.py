@@ -8,31 +8,12 @@ N processes that each take every N-th index of the global batch see together wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deeprecipe.util import UserError
-
-
-class DataError(UserError):
-    """A data problem a user can fix; the CLI prints it as one line."""
-
-
-@dataclass
-class DataSpec:
-    """What a model builder needs to know about the data."""
-
-    num_classes: int = 0
-    class_names: list[str] = field(default_factory=list)
-    in_channels: int = 0
-    image_size: tuple[int, int] = (0, 0)  # (H, W)
-    mean: tuple[float, ...] = ()  # per-channel mean of the train split, in [0, 1] units
-    std: tuple[float, ...] = ()
-    vocab_size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # family-specific facts (tokenizer, frames, ...)
+from deeprecipe.core import DataError, DataSpec
 
 
 class TensorSplit:
@@ -118,6 +99,15 @@ class Draws:
         if self.index is not None and len(self.index) != n:
             raise ValueError(f"Draws for {len(self.index)} examples asked for {n} values")
         v = torch.rand(self.total if self.index is not None else n, generator=self.gen, device=self.gen.device)
+        return v if self.index is None else v[self.index]
+
+    def normal(self, n: int, dim: int) -> torch.Tensor:
+        """n standard normal vectors (n, dim), one per example, from their own stream of the step: the same
+        numbers on every call (a GAN's discriminator and generator turns see the same noise)."""
+        if self.index is not None and len(self.index) != n:
+            raise ValueError(f"Draws for {len(self.index)} examples asked for {n} vectors")
+        g = torch.Generator(device=self.gen.device).manual_seed(self.gen.initial_seed() ^ 0x5DEECE66D)
+        v = torch.randn(self.total if self.index is not None else n, dim, generator=g, device=g.device)
         return v if self.index is None else v[self.index]
 
     def randint(self, high: int, n: int) -> torch.Tensor:

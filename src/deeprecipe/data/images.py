@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
+from deeprecipe.data.image_ops import EXTS, read, resize
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = [
     "T-shirt/top",
@@ -110,7 +109,7 @@ class DigitsData(ImageData):
         d = load_digits()
         x = torch.from_numpy((d.images * 16).clip(0, 255).astype(np.uint8))[:, None]  # (N, 1, 8, 8), 0..16 -> 0..255
         y = torch.from_numpy(d.target).long()
-        return self.finish(_resize(x, self.image_size), y, [str(i) for i in range(10)])
+        return self.finish(resize(x, self.image_size), y, [str(i) for i in range(10)])
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -154,7 +153,7 @@ class MNISTData(ImageData):
         ty = torch.from_numpy(read_idx(_find_idx(folder, "t10k-labels-idx1-ubyte")).astype(np.int64))
         if len(x) != len(y) or len(tx) != len(ty):
             raise DataError(f"{folder}: image and label counts differ ({len(x)} vs {len(y)}, {len(tx)} vs {len(ty)})")
-        return self.finish(_resize(x, self.image_size), y, self.classes(), test=(_resize(tx, self.image_size), ty))
+        return self.finish(resize(x, self.image_size), y, self.classes(), test=(resize(tx, self.image_size), ty))
 
     def classes(self) -> list[str]:
         return [str(i) for i in range(10)]
@@ -182,31 +181,6 @@ class FashionMNISTData(MNISTData):
 # ------------------------------------------------------------------------------------------ files on disk
 
 
-def decode(path: str | Path, channels: int, size: int) -> torch.Tensor:
-    """One image file -> uint8 (C, H, W); a file that is not a readable image is named in the error."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    mode = {0: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
-    try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        img = decode_image(data, mode=mode)
-    except Exception as e:
-        raise DataError(
-            f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-            "(remove or replace the file)"
-        ) from None
-    if img.shape[0] == 4 and channels == 0:
-        img = img[:3]
-    return _resize(img[None], size)[0]
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if not size or (x.shape[-2] == size and x.shape[-1] == size):
-        return x
-    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 class FileImages(Dataset):
     """(path, label) pairs decoded on access: the streaming path for large folders."""
 
@@ -218,16 +192,13 @@ class FileImages(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
-        return decode(path, self.channels, self.size), torch.tensor(label)
+        return read(path, self.channels, self.size), torch.tensor(label)
 
 
 def _scan_classes(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     items = [
-        (str(f), i)
-        for i, c in enumerate(classes)
-        for f in sorted((root / c).rglob("*"))
-        if f.suffix.lower() in IMAGE_EXTS
+        (str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if f.suffix.lower() in EXTS
     ]
     return items, classes
 
@@ -239,13 +210,13 @@ class _FileSet:
         self.cfg = cfg
 
     def probe(self, items: list[tuple[str, int]]) -> tuple[int, int]:
-        first = decode(items[0][0], self.cfg.channels, self.cfg.image_size)
+        first = read(items[0][0], self.cfg.channels, self.cfg.image_size)
         return first.shape[0], first.numel()
 
     def load(self, items: list[tuple[str, int]], channels: int):
         size = self.cfg.image_size
         with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-            imgs = list(pool.map(lambda it: decode(it[0], channels, size), items))
+            imgs = list(pool.map(lambda it: read(it[0], channels, size), items))
         shapes = {tuple(i.shape) for i in imgs}
         if len(shapes) > 1:
             raise DataError(
@@ -273,7 +244,7 @@ def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], class
     k = int(len(train) * cfg.val_fraction) if not splits.get("val") else 0
     val = splits.get("val") or [train[i] for i in perm[:k]]
     train = [train[i] for i in sorted(perm[k:])][: cfg.limit or None]
-    first = decode(train[0][0], channels, cfg.image_size)
+    first = read(train[0][0], channels, cfg.image_size)
     spec = DataSpec(
         num_classes=len(classes),
         class_names=classes,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
-from deeprecipe.data.images import IMAGE_EXTS, decode
+from deeprecipe.data.image_ops import EXTS, read
 
 IGNORE = 255
 SCENE_CLASSES = ["road", "sidewalk", "building", "vegetation", "sky", "person", "car", "traffic sign"]
@@ -369,7 +369,7 @@ class ScenesData(SegData):
 
 def read_mask(path: str | Path) -> torch.Tensor:
     """A label PNG -> uint8 (H, W) (gray), or (3, H, W) when the file is RGB (palette masks)."""
-    m = decode(path, 0, 0)
+    m = read(path, 0, 0)
     return m[0] if m.shape[0] == 1 else m[:3]
 
 
@@ -387,7 +387,7 @@ def load_pairs(pairs: list[tuple[str, str]], size: tuple[int, int], to_ids) -> t
 
     def one(pair):
         ip, mp = pair
-        img, raw = decode(ip, 3, 0), read_mask(mp)
+        img, raw = read(ip, 3, 0), read_mask(mp)
         if tuple(img.shape[-2:]) != tuple(raw.shape[-2:]):
             raise DataError(
                 f"mask {mp} is {raw.shape[-1]}x{raw.shape[-2]} but its image {ip} is "
@@ -501,9 +501,9 @@ class MaskFolderData(SegData):
         def pairs(folder: Path):
             if not (folder / "images").is_dir():
                 return []
-            masks = {p.stem: p for p in (folder / "masks").glob("*") if p.suffix.lower() in IMAGE_EXTS}
+            masks = {p.stem: p for p in (folder / "masks").glob("*") if p.suffix.lower() in EXTS}
             out = []
-            for img in sorted(p for p in (folder / "images").glob("*") if p.suffix.lower() in IMAGE_EXTS):
+            for img in sorted(p for p in (folder / "images").glob("*") if p.suffix.lower() in EXTS):
                 if img.stem not in masks:
                     raise DataError(f"image {img} has no mask {folder / 'masks' / img.stem}.png")
                 out.append((str(img), str(masks[img.stem])))

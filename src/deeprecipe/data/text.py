@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, DataError, DataSpec
-from deeprecipe.util import UserError
 
 CHUNK = 1 << 20  # bytes read (and tokenized) at a time: memory stays flat for corpora of any size
 

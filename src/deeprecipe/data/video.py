@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
-from deeprecipe.data.images import IMAGE_EXTS, decode
+from deeprecipe.data.image_ops import EXTS, read
 from deeprecipe.data.scenes import SPLIT_BASE, _hash, _u
 
 MOTIONS = ["left", "right", "up", "down", "rotate-cw", "rotate-ccw", "zoom-in", "zoom-out", "bounce", "still"]
@@ -148,7 +148,7 @@ def probe(path: str) -> int:
     """Number of frames of a video file or frame folder; raises DataError saying why it cannot be used."""
     p = Path(path)
     if p.is_dir():
-        return sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        return sum(1 for f in p.iterdir() if f.suffix.lower() in EXTS)
     if p.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     av = _av()
@@ -176,10 +176,10 @@ def read_frames(path: str, indices: list[int], channels: int, size: int) -> torc
     p, want = Path(path), sorted(set(indices))
     got: dict[int, torch.Tensor] = {}
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTS)
         for i in want:
             if i < len(files):
-                got[i] = decode(files[i], channels, 0)
+                got[i] = read(files[i], channels, 0)
     else:
         av = _av()
         fmt = "gray" if channels == 1 else "rgb24"
@@ -294,8 +294,7 @@ class VideoFolderData:
                 (str(f), i)
                 for i, c in enumerate(classes)
                 for f in sorted((root / c).iterdir())
-                if f.suffix.lower() in VIDEO_EXTS
-                or (f.is_dir() and any(g.suffix.lower() in IMAGE_EXTS for g in f.iterdir()))
+                if f.suffix.lower() in VIDEO_EXTS or (f.is_dir() and any(g.suffix.lower() in EXTS for g in f.iterdir()))
             ]
             test = []
         if not train:

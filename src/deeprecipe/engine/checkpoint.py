@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 
 @dataclass

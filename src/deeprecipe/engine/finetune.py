@@ -30,8 +30,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
-from deeprecipe.util import UserError
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

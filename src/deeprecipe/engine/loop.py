@@ -1,10 +1,11 @@
-"""The training loop. Everything a step does is in `train` below; helpers are plain functions.
+"""The one training loop, for every family. Everything a step does is in `train_step`; `train` runs the steps.
 
-A task module supplies: prepare(batch, spec, draws) -> batch as it enters the net (draws: data.core.Draws, the
-per-example random numbers for augmentation; None: eval, no augmentation); loss(model, batch, cfg) -> (loss,
-logs); evaluate(model, data, split, cfg, rt) -> metrics; METRIC = (name, "max"|"min"); and optionally
-finish(model, data, cfg, rt, run_dir) for final plots and test metrics, and train(...) to replace this loop
-entirely (the GAN does).
+The CLI hands in the family (deeprecipe/family.py); the loop never looks one up. A step updates the family's
+parts in turn (one part for most families; a GAN's discriminator, then its generator), each with its own AdamW
+optimizer and gradient scaler: the loss of every micro-batch is computed for that part with the others frozen,
+then the part's gradients are clipped, checked for NaN/inf and applied. So accumulation, non-finite handling,
+fine-tuning lr multipliers, compile, EMA, evaluation, early stopping, checkpoints, exact resume, metrics and the
+report come from this one place for every family.
 """
 
 from __future__ import annotations
@@ -14,25 +15,37 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from deeprecipe.config import Config, ConfigError, dump, to_dict
+from deeprecipe.config import Config, to_dict
+from deeprecipe.core import ConfigError, UserError
 from deeprecipe.data.core import Data, micro_draws, train_batches
 from deeprecipe.engine import checkpoint, optim
 from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
-from deeprecipe.util import UserError
+from deeprecipe.family import Family
 
 
 class NonFiniteLoss(UserError):
     pass
 
 
-def build(cfg: Config, rt: Runtime) -> tuple[Data, nn.Module]:
+@dataclass
+class Part:
+    """One network of a step and what updates it."""
+
+    name: str
+    module: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+
+def build(cfg: Config, family: Family, rt: Runtime) -> tuple[Data, nn.Module]:
     """Data (tensor splits moved to the device) and the model (on the device, channels_last for conv nets)."""
     torch.manual_seed(cfg.train.seed)
     data = cfg.data.build()
@@ -40,10 +53,77 @@ def build(cfg: Config, rt: Runtime) -> tuple[Data, nn.Module]:
         split = getattr(data, name)
         if split is not None:
             split.to(rt.device)
-    model = cfg.model.build(data.spec).to(rt.device)
+    model = place(family.build_model(cfg, data.spec), cfg, rt)
+    return data, model
+
+
+def place(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
+    model = model.to(rt.device)
     if cfg.train.channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
-    return data, model
+    return model
+
+
+def make_parts(family: Family, model: nn.Module, cfg: Config, rt: Runtime, lr_scale: dict | None = None) -> list[Part]:
+    """The family's parts, each with an AdamW optimizer whose groups carry the fine-tuning lr multipliers (by the
+    model's own parameter names) times the part's multiplier."""
+    names = {id(m): n for n, m in model.named_modules()}
+    parts = []
+    for name, (module, mult) in family.parts(model, cfg).items():
+        prefix = names[id(module)] + "." if names.get(id(module)) else ""
+        scale = {k[len(prefix) :]: v for k, v in (lr_scale or {}).items() if k.startswith(prefix)}
+        opt = optim.adamw(module, cfg.optim, scale, mult)
+        parts.append(Part(name, module, opt, rt.scaler()))
+    return parts
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, torch.Tensor]  # part -> mean loss over the micro-batches (0-d, on the device)
+    logs: dict[str, torch.Tensor]  # the family's logs, averaged over the micro-batches
+    norms: dict[str, torch.Tensor]  # part -> gradient norm before clipping
+    skipped: list[str]  # parts whose update was dropped (NaN/inf gradient)
+
+
+def train_step(
+    family: Family, net: nn.Module, parts: list[Part], batches: list, cfg: Config, rt: Runtime
+) -> StepResult:
+    """One optimizer step of every part over the micro-batches of a step (their mean gradient: accumulation)."""
+    out = StepResult({}, {}, {}, [])
+    n = len(batches)
+    for part in parts:
+        frozen = [p for q in parts if q is not part for p in q.module.parameters() if p.requires_grad]
+        for p in frozen:  # the other parts get no gradient from this part's loss
+            p.requires_grad_(False)
+        total = torch.zeros((), device=rt.device)
+        try:
+            for k, batch in enumerate(batches):
+                sync = k == n - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
+                with net.no_sync() if not sync else contextlib.nullcontext(), rt.autocast():
+                    loss, logs = family.loss(net, batch, cfg, part.name)
+                (part.scaler.scale(loss / n) if part.scaler else loss / n).backward()
+                total += loss.detach() / n
+                for key, v in logs.items():
+                    out.logs[key] = out.logs.get(key, 0) + v.detach().float() / n
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        if part.scaler:
+            part.scaler.unscale_(part.opt)
+        params = [p for p in part.module.parameters() if p.requires_grad]
+        norm = nn.utils.clip_grad_norm_(params, cfg.optim.clip if cfg.optim.clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # a NaN/inf loss or gradient: never let it reach the weights
+            out.skipped.append(part.name)
+            if part.scaler:  # an fp16 overflow with a finite loss is routine: the scaler lowers its scale
+                part.scaler.update()
+        elif part.scaler:
+            part.scaler.step(part.opt)
+            part.scaler.update()
+        else:
+            part.opt.step()
+        part.opt.zero_grad(set_to_none=True)
+        out.losses[part.name], out.norms[part.name] = total, norm
+    return out
 
 
 def check_resume(run_dir: Path, cfg: Config) -> None:
@@ -73,12 +153,10 @@ def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", init=None) -> dict[str, float]:
-    from deeprecipe.tasks import get_task
-
-    task = get_task(cfg.task)
-    if hasattr(task, "train"):
-        return task.train(cfg, run_dir, resume=resume, command=command, init=init)
+def train(
+    cfg: Config, family: Family, run_dir: Path, resume: bool = False, command: str = "", init=None
+) -> dict[str, float]:
+    family.check_config(cfg)
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
     if micro % rt.world:
@@ -86,11 +164,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
             f"train.batch_size={T.batch_size} / train.accum={T.accum} = {micro} examples per micro-batch "
             f"do not split evenly over {rt.world} processes"
         )
-    data, model = build(cfg, rt)
+    data, model = build(cfg, family, rt)
     lr_scale = init(model) if init else None  # fine-tuning: load weights, freeze, per-group lr scales
-    opt = optim.adamw(model, cfg.optim, lr_scale)
+    parts = make_parts(family, model, cfg, rt, lr_scale)
+    if rt.world > 1 and len(parts) > 1:
+        raise UserError(f"task '{cfg.task}' updates {len(parts)} networks in turn: run it in one process (no torchrun)")
     ema = optim.ema(model, T.ema)
-    scaler = rt.scaler()
     ckpt_dir = run_dir / "checkpoints"
     start, best, bad_evals = 0, None, 0
     folder = checkpoint.latest(ckpt_dir) if resume else None
@@ -101,7 +180,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
     if folder is not None:
         weights, state = checkpoint.load(folder)
         model.load_state_dict(checkpoint.split_prefix(weights, "model."))
-        opt.load_state_dict(state["optimizer"])
+        for part in parts:
+            part.opt.load_state_dict(state["optimizers"][part.name])
         if ema is not None:
             ema.module.load_state_dict(checkpoint.split_prefix(weights, "ema."))
             ema.n_averaged.fill_(int(state["ema_n"]))
@@ -110,76 +190,76 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
     run = Run(run_dir, cfg, rt.main, start, command)
     if rt.main:  # what predict/export/serve need to rebuild the model without the data
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
-    net = torch.compile(model) if T.compile else model
+    if T.compile:  # in place: parameter names, checkpoints and the parts' modules stay as they are
+        for part in parts:
+            part.module.compile()
+    net = model
     if rt.world > 1:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    metric, mode = task.METRIC
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    metric, mode = family.METRIC
     batches = train_batches(
         data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
     )
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
-    logged, t0, seen, nlog, results = torch.zeros((), device=rt.device), time.perf_counter(), 0, 0, {}
+    sums: dict[str, torch.Tensor] = {}
+    t0, seen, nlog, results = time.perf_counter(), 0, 0, {}
     model.train()
     step = start
     for step in range(start, T.steps):
-        optim.set_lr(opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps), step)
+        for part in parts:
+            optim.set_lr(part.opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps), step)
+        micro_batches = []
         for k in range(T.accum):
             draws = micro_draws(step_generator(rt.device, T.seed, step), T.batch_size, micro, k, rt.rank, rt.world)
-            batch = task.prepare(next(batches), data.spec, draws)
-            sync = k == T.accum - 1 or rt.world == 1
-            with net.no_sync() if not sync else contextlib.nullcontext(), rt.autocast():
-                loss, logs = task.loss(net, batch, cfg)
-            (scaler.scale(loss / T.accum) if scaler else loss / T.accum).backward()
-            logged += loss.detach() / T.accum
-            seen += len(batch[0]) * rt.world
+            micro_batches.append(family.prepare(next(batches), data.spec, draws))
+            seen += len(micro_batches[-1][0]) * rt.world
+        r = train_step(family, net, parts, micro_batches, cfg, rt)
+        single = len(parts) == 1
+        for name, v in r.losses.items():
+            key = "loss" if single else f"{name}_loss"
+            sums[key] = sums.get(key, 0) + v
+        for key, v in r.logs.items():
+            sums[key] = sums.get(key, 0) + v
         nlog += 1
-        if scaler:
-            scaler.unscale_(opt)
-        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip if cfg.optim.clip > 0 else float("inf"))
-        skipped = not torch.isfinite(norm)
-        if skipped:  # a NaN/inf loss or gradient: never let it reach the weights
-            opt.zero_grad(set_to_none=True)
-            if scaler:  # an fp16 overflow with a finite loss is routine: the scaler lowers its scale
-                scaler.update()
-            if T.nonfinite != "skip" and (scaler is None or not torch.isfinite(logged)):
-                run.status("failed", step=step + 1, error="non-finite loss")
-                raise NonFiniteLoss(
-                    f"loss became {float(loss.detach()):.4g} at step {step + 1}; the last good "
-                    "checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
-                    "train.nonfinite=skip)"
-                )
-            run.log(step + 1, skipped_batch=1)
-            logged.zero_()
-            nlog = 0  # the step still counts: evaluation and checkpoints below happen on schedule
-        elif scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None and not skipped:
-            ema.update_parameters(model)
         done = step + 1
-        if not skipped and (done % T.log_every == 0 or done == T.steps):
-            dt, loss_v = time.perf_counter() - t0, float(logged) / max(nlog, 1)
-            run.log(done, loss=loss_v, lr=opt.param_groups[0]["lr"], grad_norm=float(norm), examples_per_s=seen / dt)
-            bar.set_postfix(loss=f"{loss_v:.4f}", ex_s=f"{seen / dt:,.0f}")
-            logged.zero_()
-            t0, seen, nlog = time.perf_counter(), 0, 0
+        if r.skipped:
+            lost = not all(torch.isfinite(v) for v in r.losses.values())
+            if T.nonfinite != "skip" and (rt.dtype != torch.float16 or lost):
+                run.status("failed", step=done, error="non-finite loss")
+                shown = ", ".join(f"{k} {float(v):.4g}" for k, v in r.losses.items())
+                raise NonFiniteLoss(
+                    f"loss became non-finite at step {done} ({shown}); the last good checkpoint is kept in "
+                    "checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)"
+                )
+            run.log(done, skipped_batch=1)
+            sums, nlog = {}, 0  # the step still counts: evaluation and checkpoints below happen on schedule
+        elif ema is not None:
+            ema.update_parameters(model)
+        if not r.skipped and (done % T.log_every == 0 or done == T.steps):
+            dt = time.perf_counter() - t0
+            means = {k: float(v) / max(nlog, 1) for k, v in sums.items()}
+            norms = {"grad_norm" if single else f"{k}_grad_norm": float(v) for k, v in r.norms.items()}
+            lr = parts[0].opt.param_groups[0]["lr"]
+            run.log(done, **means, lr=lr, **norms, examples_per_s=seen / dt)
+            bar.set_postfix(
+                {k: f"{v:.4f}" for k, v in means.items() if k.endswith("loss")} | {"ex_s": f"{seen / dt:,.0f}"}
+            )
+            sums, t0, seen, nlog = {}, time.perf_counter(), 0, 0
         bar.update(1)
         stop = False
         if (T.eval_every and done % T.eval_every == 0) or done == T.steps:
-            results = evaluate(task, ema.module if ema else model, data, cfg, rt, "val" if data.val else "train")
+            shown = ema.module if ema else model
+            results = evaluate(family, shown, data, cfg, rt, "val" if data.val else "train", final=done == T.steps)
             run.log(done, **{f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+            if rt.main:
+                snapshot(family, shown, data, cfg, rt, run, done)
             value = results.get(metric)
             if value is not None and (best is None or (value > best if mode == "max" else value < best)):
                 best, bad_evals = value, 0
                 if rt.main:
                     checkpoint.save_weights(
-                        ckpt_dir / "best.safetensors",
-                        checkpoint.plain_state(ema.module if ema else model),
-                        {"step": str(done)},
+                        ckpt_dir / "best.safetensors", checkpoint.plain_state(shown), {"step": str(done)}
                     )
             else:
                 bad_evals += 1
@@ -192,7 +272,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
                 weights.update({f"ema.{k}": v for k, v in checkpoint.plain_state(ema.module).items()})
             state = {
                 "step": done,
-                "optimizer": opt.state_dict(),
+                "optimizers": {part.name: part.opt.state_dict() for part in parts},
                 "rng": rng_state(),
                 "best": best,
                 "bad_evals": bad_evals,
@@ -204,8 +284,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
             break
     bar.close()
     final = {f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))}
-    if rt.main and hasattr(task, "finish"):
-        final.update(task.finish(ema.module if ema else model, data, cfg, rt, run_dir) or {})
+    if rt.main:
+        shown = (ema.module if ema else model).eval()
+        with torch.no_grad():
+            final.update(family.finish(shown, data, cfg, rt, run_dir, results) or {})
     run.status("done", step=step + 1 if T.steps > start else start, best={metric: best}, final=final)
     run.close()
     if rt.main:
@@ -215,11 +297,28 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, command: str = "", i
     return final
 
 
-def evaluate(task, model: nn.Module, data: Data, cfg: Config, rt: Runtime, split: str) -> dict:
+def evaluate(
+    family: Family, model: nn.Module, data: Data, cfg: Config, rt: Runtime, split: str, final: bool = True
+) -> dict:
+    """The family's metrics over a whole split: eval mode, no autograd, autocast."""
     model.eval()
     with torch.no_grad(), rt.autocast():
-        out = task.evaluate(model, data, split, cfg, rt)
-    return out
+        return family.evaluate(model, data, split, cfg, rt, final)
+
+
+def snapshot(family: Family, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run: Run, step: int) -> None:
+    """The family's pictures of the model at an evaluation: plots/<name>/step-<step>.png and TensorBoard."""
+    from torchvision.utils import save_image
+
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        images = family.snapshot(model, data, cfg, rt)
+    for name, img in images.items():
+        path = run.path / "plots" / name / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(path, lambda p, img=img: save_image(img.float().cpu(), p, format="png"))
+        if run.tb is not None:
+            run.tb.add_image(name, img.float().cpu(), step)
 
 
 def _micro_steps(start: int, steps: int, accum: int) -> range:
@@ -227,4 +326,4 @@ def _micro_steps(start: int, steps: int, accum: int) -> range:
     return range(start * accum, steps * accum)
 
 
-__all__ = ["train", "build", "evaluate", "dump"]
+__all__ = ["train", "train_step", "build", "make_parts", "evaluate", "NonFiniteLoss"]

@@ -8,14 +8,18 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from deeprecipe.config import ConfigError, OptimConfig
+from deeprecipe.config import OptimConfig
+from deeprecipe.core import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_scale: dict | None = None, lr_mult: float = 1.0
+) -> list[dict]:
     """Decay matrices and conv kernels; never biases, norm scales or other 1-D parameters.
 
     `lr_scale` maps a parameter-name prefix to a learning-rate multiplier (discriminative fine-tuning), or to
-    (multiplier, start step): lr 0 before that step (gradual unfreezing, see engine/finetune.py)."""
+    (multiplier, start step): lr 0 before that step (gradual unfreezing, see engine/finetune.py). `lr_mult`
+    multiplies every group (a family's part, e.g. a GAN's discriminator)."""
     groups: dict[tuple[bool, float, int], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -27,13 +31,15 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = 
                 scale, start = s if isinstance(s, tuple) else (s, 0)
         groups.setdefault((decay, scale, start), []).append(p)
     return [
-        {"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s, "start_step": t}
+        {"params": ps, "weight_decay": weight_decay if d else 0.0, "lr_scale": s * lr_mult, "start_step": t}
         for (d, s, t), ps in groups.items()
     ]
 
 
-def adamw(model: nn.Module, cfg: OptimConfig, lr_scale: dict[str, float] | None = None) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay, lr_scale)
+def adamw(
+    model: nn.Module, cfg: OptimConfig, lr_scale: dict[str, float] | None = None, lr_mult: float = 1.0
+) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay, lr_scale, lr_mult)
     if not groups:
         raise ConfigError("the model has no trainable parameters (everything is frozen)")
     fused = all(p.is_cuda for g in groups for p in g["params"])

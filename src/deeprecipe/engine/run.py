@@ -10,7 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from deeprecipe import config
 from deeprecipe.config import Config, dump
+from deeprecipe.core import DataSpec, UserError
 from deeprecipe.engine.checkpoint import atomic_text
 
 
@@ -85,3 +87,43 @@ def read_metrics(path: Path) -> list[dict]:
 def read_status(path: Path) -> dict:
     p = Path(path) / "status.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def read_config(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config of a run folder (config.yaml), with `overrides` applied."""
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run}: not a run folder (no config.yaml); list runs with 'deeprecipe runs'")
+    raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
+    return config.resolve(config.apply_overrides(raw, list(overrides)), raw.get("recipe", ""))
+
+
+def load_run(run: str | Path, family, device: str = "auto", precision: str = "auto"):
+    """(cfg, spec, model with its inference weights in eval mode, runtime) of a finished or running run folder.
+    `family` (deeprecipe/family.py) builds the model; the caller resolves it from cfg.task."""
+    from deeprecipe.engine import checkpoint
+    from deeprecipe.engine.device import setup
+
+    cfg = read_config(run)
+    spec_path = Path(run) / "spec.json"
+    if not spec_path.is_file():
+        raise UserError(f"{run}: spec.json is missing; the run did not get as far as building its model")
+    spec = DataSpec(**json.loads(spec_path.read_text()))
+    spec.image_size = tuple(spec.image_size)
+    rt = setup(device, precision)
+    model = family.build_model(cfg, spec)
+    weights = checkpoint.inference_weights(Path(run))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ: e.g. a tokenizer (vocabulary) that is not the checkpoint's
+        raise UserError(
+            f"{run}: checkpoint does not match the model of config.yaml and spec.json "
+            f"({str(e).splitlines()[-1].strip()[:200]})"
+        ) from None
+    if missing or unexpected:
+        raise UserError(
+            f"{run}: checkpoint does not match the model of config.yaml "
+            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    model.to(rt.device).eval()
+    return cfg, spec, model, rt

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from deeprecipe.config import lookup
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import DataSpec, UserError, lookup
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
 from deeprecipe.models.fcn import FCNConfig
 from deeprecipe.models.gan import DCGANConfig, GANConfig
@@ -17,7 +16,7 @@ from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.models.unet import UNetConfig
 from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
-from deeprecipe.util import UserError, call_with, load_object
+from deeprecipe.util import call_with, load_object
 
 MODELS: dict[str, type] = {
     "mlp": MLPConfig,

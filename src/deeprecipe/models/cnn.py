@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import DataSpec
 
 
 @dataclass

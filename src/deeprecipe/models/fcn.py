@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import DataSpec
 
 
 @dataclass
@@ -40,7 +40,7 @@ class FCN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, cfg: FCNConfig):
         super().__init__()
         if not 0 <= cfg.skips < cfg.stages:
-            from deeprecipe.config import ConfigError
+            from deeprecipe.core import ConfigError
 
             raise ConfigError(f"model.skips={cfg.skips} must be between 0 and model.stages-1={cfg.stages - 1}")
         self.stages = nn.ModuleList()

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from deeprecipe.config import ConfigError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import ConfigError, DataSpec
 
 
 @dataclass
@@ -38,7 +37,6 @@ class GANTraining:
     loss: str = "nonsat"  # nonsat: L_D = -log D(x) - log(1 - D(G(z))), L_G = -log D(G(z)) | hinge
     real_label: float = 1.0  # one-sided label smoothing: target of real images for D (0.9 is the usual choice)
     d_lr_scale: float = 1.0  # D's learning rate = optim.lr * this (TTUR when != 1)
-    sample_every: int = 0  # draw the fixed-noise grid every N steps (0: at each train.eval_every)
     eval_samples: int = 5000  # generated images for FID/IS (at the end; a tenth of it at each eval)
     feature_recipe: str = "auto"  # domain feature net: a classify recipe trained on this data (auto: <data>-cnn)
     feature_steps: int = 0  # train the feature net this many steps (0: as its recipe says)

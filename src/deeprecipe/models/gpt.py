@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.config import ConfigError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import ConfigError, DataSpec
 
 # name -> (n_layer, n_head, n_embd); gpt2-124M is GPT-2 small's layout (with its 50257-token vocabulary)
 SIZES = {

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.config import ConfigError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.gpt import sample_next
 
 

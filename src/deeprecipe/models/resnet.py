@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.config import ConfigError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import ConfigError, DataSpec
 
 LAYOUTS = {
     "resnet8": (1, 1, 1),

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from deeprecipe.config import ConfigError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import ConfigError, DataSpec
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import DataSpec
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from deeprecipe.data.core import DataSpec
+from deeprecipe.core import DataSpec
 
 
 def _bn_relu(c: int) -> list[nn.Module]:

@@ -1,12 +1,10 @@
 """Export a trained run to ONNX or TorchScript, then prove the file computes what PyTorch computes.
 
-What goes in comes from the task: `task.export_example(model, spec, batch) -> dict` with
+What goes in comes from the family's hook `export_example(model, spec, batch) -> dict` (deeprecipe/family.py):
     inputs:  {name: example tensor}           (required; the first axis is the batch)
     module:  the nn.Module to export           (default: the model; a GAN gives its generator)
     outputs: [names of the outputs]            (default: output, output1, ...)
     dynamic: {input name: {axis: axis name}}   (default: {0: "batch"} on every input)
-A task without the hook gets `default_example`: an image batch (B, C, H, W) as `prepare` makes it when the
-spec has an image size, token ids (B, T) when it has a vocabulary.
 
 Parity: after writing the file, both the exported model and PyTorch run on fresh inputs of another batch size
 (so the dynamic batch axis is exercised too) and the export fails unless every output satisfies
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 ATOL, RTOL = 1e-4, 1e-3
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -43,25 +41,9 @@ class TensorsOnly(nn.Module):
         return out
 
 
-def default_example(model: nn.Module, spec, batch: int) -> dict:
-    """Example inputs for a task without export_example: images as the net sees them, or token ids."""
-    g = torch.Generator().manual_seed(batch)
-    if spec.image_size and spec.image_size[0] and spec.in_channels:
-        x = torch.randn(batch, spec.in_channels, *spec.image_size, generator=g)  # (B, C, H, W), normalized
-        return {"inputs": {"image": x}, "outputs": ["logits"]}
-    if spec.vocab_size:
-        t = int(spec.extra.get("block_size", 16) or 16)
-        ids = torch.randint(0, spec.vocab_size, (batch, min(t, 16)), generator=g)  # (B, T)
-        return {"inputs": {"tokens": ids}, "outputs": ["logits"], "dynamic": {"tokens": {0: "batch", 1: "time"}}}
-    raise UserError(
-        "this task has no export_example(model, spec, batch) and its spec has neither an image size "
-        "nor a vocabulary: add the hook to the task module (see docs/architecture.md)"
-    )
-
-
-def example(task, model: nn.Module, spec, batch: int) -> dict:
-    ex = task.export_example(model, spec, batch) if hasattr(task, "export_example") else None
-    ex = dict(ex or default_example(model, spec, batch))
+def example(family, model: nn.Module, spec, batch: int) -> dict:
+    """The family's export_example with the defaults filled in (module: the model; axis 0 of every input dynamic)."""
+    ex = dict(family.export_example(model, spec, batch))
     ex.setdefault("module", model)
     ex.setdefault("dynamic", {name: {0: "batch"} for name in ex["inputs"]})
     return ex
@@ -117,15 +99,22 @@ def run_torchscript(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.T
         return _as_list(m(*inputs.values()))
 
 
-def export_run(run: str, fmt: str = "onnx", out: str | None = None, atol: float = ATOL, rtol: float = RTOL) -> dict:
-    """Export run `run` to `out` (default RUN/export/model.onnx|.pt) and check parity; returns the summary."""
-    from deeprecipe.cli import load_run
-
+def export_run(
+    run: str,
+    family,
+    model: nn.Module,
+    spec,
+    fmt: str = "onnx",
+    out: str | None = None,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+) -> dict:
+    """Export the model of run folder `run` (loaded on the CPU) to `out` (default RUN/export/model.onnx|.pt) and
+    check parity; returns the summary."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
-    cfg, spec, model, rt, task = load_run(run, "cpu", "fp32")
     model.float().eval()
-    ex = example(task, model, spec, batch=2)
+    ex = example(family, model, spec, batch=2)
     module = TensorsOnly(ex["module"]).eval()
     path = Path(out) if out else Path(run) / "export" / f"model{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +126,7 @@ def export_run(run: str, fmt: str = "onnx", out: str | None = None, atol: float 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{fmt} export of {run} failed: {msg}") from e
     # parity on fresh inputs with another batch size (the dynamic axis)
-    check = example(task, model, spec, batch=3)["inputs"]
+    check = example(family, model, spec, batch=3)["inputs"]
     with torch.no_grad():
         want = [t.float() for t in _as_list(module(*check.values()))]
     got = (run_onnx if fmt == "onnx" else run_torchscript)(path, check)
@@ -157,7 +146,7 @@ def export_run(run: str, fmt: str = "onnx", out: str | None = None, atol: float 
     summary = {
         "file": str(path),
         "format": fmt,
-        "task": cfg.task,
+        "task": family.name,
         "inputs": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in check.items()},
         "dynamic": {n: {str(a): d for a, d in axes.items()} for n, axes in ex["dynamic"].items()},
         "outputs": ex.get("outputs") or [f"output{i}" for i in range(len(want))],

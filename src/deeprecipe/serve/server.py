@@ -1,7 +1,7 @@
-"""The HTTP server of a trained run: FastAPI endpoints from the task, batching, limits, token, metrics, a page.
+"""The HTTP server of a trained run: FastAPI endpoints from the family, batching, limits, token, metrics, a page.
 
-`build_app(run)` loads the run (safetensors weights, never unpickled), makes a `ServeContext` and calls the
-task's `serve(ctx)` hook, which adds the family's endpoints in a few lines with the helpers below:
+`build_app(run, ...)` takes a loaded run (safetensors weights, never unpickled), makes a `ServeContext` and calls
+the family's `serve(ctx)` hook, which adds the family's endpoints in a few lines with the helpers below:
     ctx.batcher(name, fn)        requests arriving together run as one batch: fn(list of items) -> list of results
     ctx.router                   a FastAPI APIRouter whose routes require the token (when one is set)
     await ctx.read_image(file)   an uploaded image, validated, as uint8 (C, H, W) with the spec's channels/size
@@ -15,8 +15,6 @@ GET /info and /metrics (Prometheus text: request counts, latency quantiles, batc
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import logging
 import threading
@@ -31,8 +29,9 @@ import torch
 from fastapi import HTTPException
 from fastapi.security import HTTPAuthorizationCredentials
 
+from deeprecipe.core import UserError
+from deeprecipe.data import image_ops
 from deeprecipe.serve.schemas import GenerateRequest, SampleRequest, TextRequest
-from deeprecipe.util import UserError
 
 log = logging.getLogger("deeprecipe.serve")
 PUBLIC = {"/health", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # static or liveness only
@@ -52,7 +51,7 @@ class ServeOptions:
     max_batch: int = 32  # most requests run together in one forward pass
     wait_ms: float = 5.0  # how long the first request of a batch waits for others to join it
     max_bytes: int = 8 * 2**20  # largest request body
-    max_pixels: int = 4096 * 4096  # largest decoded image (a small PNG can claim a huge size)
+    max_pixels: int = image_ops.MAX_PIXELS  # largest decoded image (a small PNG can claim a huge size)
     token: str | None = None  # bearer token required on every endpoint but the public ones
     log_every: float = 10.0  # seconds between summary lines in the log
 
@@ -267,7 +266,7 @@ class Guard:
 
 @dataclass
 class ServeContext:
-    """What a task's serve(ctx) hook gets: the model and its spec, and helpers to add endpoints."""
+    """What a family's serve(ctx) hook gets: the model and its spec, and helpers to add endpoints."""
 
     model: torch.nn.Module
     spec: Any
@@ -309,13 +308,11 @@ class ServeContext:
         """Uploaded image -> uint8 (C, H, W) with the spec's channels, resized to the spec's size (or `size`;
         (0, 0) keeps the image's own size, scaled down to a long side of `max_side` when that is set)."""
         data = await self.read_upload(upload, IMAGE_TYPES, "image")
-        return decode_image(
-            data,
-            channels or self.spec.in_channels,
-            size or tuple(self.spec.image_size),
-            self.options.max_pixels,
-            max_side,
-        )
+        try:
+            x = image_ops.decode(data, channels or self.spec.in_channels, "image", self.options.max_pixels)
+        except image_ops.ImageError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return image_ops.fit_long_side(image_ops.resize(x, size or tuple(self.spec.image_size)), max_side)
 
     # ---- whole endpoints for the generative families: their serve(ctx) hooks are one call each
 
@@ -352,53 +349,13 @@ class ServeContext:
 
         def run(n: int, seed: int) -> list[str]:
             with self.lock, torch.no_grad():
-                return [png_base64(img) for img in sample(n, seed)]
+                return [image_ops.png_base64(img) for img in sample(n, seed)]
 
         async def endpoint(req: SampleRequest):
             return {"images": await asyncio.to_thread(run, req.n, req.seed)}
 
         self.router.add_api_route(path, endpoint, methods=["POST"], summary=title)
         self.widget(path, "sample", title)
-
-
-def decode_image(data: bytes, channels: int, size: tuple[int, int], max_pixels: int, max_side: int = 0) -> torch.Tensor:
-    """Bytes of an image file -> uint8 (C, H, W) at `size`, or at its own size ((0, 0)) with the long side at most
-    `max_side` (when set); 400 with the reason when it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only: check the size before decoding
-            w, h = im.size
-            if w * h > max_pixels:
-                raise HTTPException(413, f"image is {w}x{h} pixels; the limit is {max_pixels} pixels")
-            im = im.convert("L" if channels == 1 else "RGB")
-            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise HTTPException(400, f"image: the file could not be decoded as an image ({type(e).__name__})") from None
-    if not (size and size[0]) and max_side and max(h, w) > max_side:
-        size = (max(1, round(h * max_side / max(h, w))), max(1, round(w * max_side / max(h, w))))
-    if size and size[0] and tuple(x.shape[1:]) != tuple(size):
-        x = (
-            torch.nn.functional.interpolate(
-                x[None].float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
-            )[0]
-            .round()
-            .clamp(0, 255)
-            .to(torch.uint8)
-        )
-    return x.contiguous()
-
-
-def png_base64(img: torch.Tensor) -> str:
-    """(C, H, W) uint8, or float in [0, 1] -> a PNG as base64 text (for overlays and samples in JSON)."""
-    from PIL import Image
-
-    if img.dtype != torch.uint8:
-        img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    arr = img.cpu().permute(1, 2, 0).numpy()  # (H, W, C)
-    buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 async def stream_in_thread(make: Callable[[], Iterator[str]], lock: threading.Lock):
@@ -426,8 +383,9 @@ async def stream_in_thread(make: Callable[[], Iterator[str]], lock: threading.Lo
 # ------------------------------------------------------------------------------------------ the app
 
 
-def create_app(model, spec, cfg, rt, task, options: ServeOptions | None = None, info: dict | None = None):
-    """The FastAPI app for a loaded model and its task module (build_app loads them from a run folder)."""
+def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None, info: dict | None = None):
+    """The FastAPI app for a loaded model and its family (deeprecipe/family.py), whose serve hook adds the
+    endpoints (build_app makes one for a run folder)."""
     import hmac
 
     from fastapi import Depends, FastAPI, Request
@@ -453,8 +411,7 @@ def create_app(model, spec, cfg, rt, task, options: ServeOptions | None = None, 
 
     router = APIRouter(dependencies=[Depends(require_token)])
     ctx = ServeContext(model, spec, cfg, rt, options, router, metrics)
-    if hasattr(task, "serve"):
-        task.serve(ctx)
+    family.serve(ctx)
 
     async def summary_logger():
         while True:
@@ -474,7 +431,7 @@ def create_app(model, spec, cfg, rt, task, options: ServeOptions | None = None, 
         if line:
             log.info(line)
 
-    title = f"deeprecipe: {cfg.task} ({getattr(cfg.model, 'name', '?')})"
+    title = f"deeprecipe: {cfg.task} ({cfg.model.name})"
     app = FastAPI(
         title=title,
         lifespan=lifespan,
@@ -483,7 +440,7 @@ def create_app(model, spec, cfg, rt, task, options: ServeOptions | None = None, 
     )
     about = {
         "task": cfg.task,
-        "model": getattr(cfg.model, "name", ""),
+        "model": cfg.model.name,
         "recipe": cfg.recipe,
         "classes": spec.class_names,
         "in_channels": spec.in_channels,
@@ -531,13 +488,8 @@ def create_app(model, spec, cfg, rt, task, options: ServeOptions | None = None, 
     return app
 
 
-def build_app(run: str, options: ServeOptions | None = None, device: str = "cpu", precision: str = "fp32"):
-    """Load run folder `run` (weights from safetensors) and make its app."""
-    from deeprecipe.cli import load_run
-
-    cfg, spec, model, rt, task = load_run(run, device, precision)
-    if not hasattr(task, "serve"):
-        raise UserError(f"task '{cfg.task}' has no serve(ctx) hook yet (see docs/architecture.md)")
+def build_app(run: str, cfg, spec, model, rt, family, options: ServeOptions | None = None):
+    """The app of run folder `run`, whose model the caller loaded (engine.run.load_run, with its family)."""
     status = Path(run) / "status.json"
     step = json.loads(status.read_text()).get("step") if status.is_file() else None
-    return create_app(model, spec, cfg, rt, task, options, info={"run": Path(run).name, "step": step})
+    return create_app(model, spec, cfg, rt, family, options, info={"run": Path(run).name, "step": step})

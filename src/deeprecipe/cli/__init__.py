@@ -10,56 +10,28 @@ import shutil
 import sys
 from pathlib import Path
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
-# modules that add verbs of their own: each defines add_parsers(subparsers)
-VERB_MODULES: list[str] = [
-    "deeprecipe.translate_verb",
-    "deeprecipe.checks.verbs",
-    "deeprecipe.serve.cli",
-]
+# modules of this package that add verbs: each defines add_parsers(subparsers); families add theirs (add_verbs)
+VERB_MODULES: list[str] = ["deeprecipe.cli.check", "deeprecipe.cli.serve"]
 
 
-# ------------------------------------------------------------------------------------------ run loading
+# ------------------------------------------------------------------------------------------ runs and families
 
 
-def load_run(run: str, device: str = "auto", precision: str = "auto"):
-    """(cfg, spec, model with inference weights, runtime, task) of a finished or running run folder."""
+def family_of(cfg):
+    """The family (deeprecipe/family.py) a config names in `task`."""
+    from deeprecipe.families import get_family
 
-    from deeprecipe import config
-    from deeprecipe.data.core import DataSpec
-    from deeprecipe.engine import checkpoint
-    from deeprecipe.engine.device import setup
-    from deeprecipe.tasks import get_task
+    return get_family(cfg.task)
 
-    run_dir = Path(run)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run}: not a run folder (no config.yaml); list runs with 'deeprecipe runs'")
-    raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
-    cfg = config.resolve(raw, raw.get("recipe", ""))
-    spec_path = run_dir / "spec.json"
-    if not spec_path.is_file():
-        raise UserError(f"{run}: spec.json is missing; the run did not get as far as building its model")
-    spec = DataSpec(**json.loads(spec_path.read_text()))
-    spec.image_size = tuple(spec.image_size)
-    rt = setup(device, precision)
-    task = get_task(cfg.task)
-    model = task.build_model(cfg, spec) if hasattr(task, "build_model") else cfg.model.build(spec)
-    weights = checkpoint.inference_weights(run_dir)
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shapes differ: e.g. a tokenizer (vocabulary) that is not the checkpoint's
-        raise UserError(
-            f"{run}: checkpoint does not match the model of config.yaml and spec.json "
-            f"({str(e).splitlines()[-1].strip()[:200]})"
-        ) from None
-    if missing or unexpected:
-        raise UserError(
-            f"{run}: checkpoint does not match the model of config.yaml "
-            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-        )
-    model.to(rt.device).eval()
-    return cfg, spec, model, rt, task
+
+def open_run(run: str, device: str = "auto", precision: str = "auto"):
+    """(cfg, spec, model with inference weights, runtime, family) of a run folder."""
+    from deeprecipe.engine.run import load_run, read_config
+
+    family = family_of(read_config(run))
+    return (*load_run(run, family, device, precision), family)
 
 
 # ------------------------------------------------------------------------------------------ verbs
@@ -104,8 +76,8 @@ def cmd_train(args) -> None:
     init = make_init(args.init_from, args, run_dir) if args.init_from else resume_init(run_dir) if args.resume else None
     existed = run_dir.exists()
     try:
-        command = shlex.join(["deeprecipe", *getattr(args, "argv", sys.argv[1:])])
-        final = train(cfg, run_dir, resume=bool(args.resume), command=command, init=init)
+        command = shlex.join(["deeprecipe", *args.argv])
+        final = train(cfg, family_of(cfg), run_dir, resume=bool(args.resume), command=command, init=init)
     except BaseException:
         # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
         if not existed and not (run_dir / "checkpoints").exists():
@@ -120,14 +92,14 @@ def cmd_eval(args) -> None:
     from deeprecipe.engine.loop import evaluate
     from deeprecipe.engine.plots import confusion
 
-    cfg, spec, model, rt, task = load_run(args.run, args.device)
+    cfg, spec, model, rt, family = open_run(args.run, args.device)
     data = cfg.data.build()
     for name in ("train", "val", "test"):
         s = getattr(data, name)
         if s is not None:
             s.to(rt.device)
     split = args.split or ("test" if data.test is not None else "val")
-    out = evaluate(task, model, data, cfg, rt, split)
+    out = evaluate(family, model, data, cfg, rt, split)
     if args.json:
         print(json.dumps(out))
         return
@@ -149,11 +121,12 @@ def cmd_eval(args) -> None:
 def cmd_predict(args) -> None:
     import torch
 
-    cfg, spec, model, rt, task = load_run(args.run, args.device)
-    if not hasattr(task, "predict"):
-        raise UserError(f"task '{cfg.task}' has no predict; see its own verbs")
+    from deeprecipe.family import PredictOptions
+
+    cfg, spec, model, rt, family = open_run(args.run, args.device)
+    opts = PredictOptions(top=args.top, out=Path(args.out) if args.out else None)
     with torch.no_grad():
-        results = task.predict(model, spec, cfg, rt, args.files, args)
+        results = family.predict(model, spec, cfg, rt, args.files, opts)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -162,14 +135,27 @@ def cmd_predict(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    """Generate from a trained run: text from a language model, images from a GAN (task.sample)."""
+    """Generate from a trained run: text from a language model, images from a GAN (the family's sample hook)."""
     import torch
 
-    cfg, spec, model, rt, task = load_run(args.run, args.device)
-    if not hasattr(task, "sample"):
-        raise UserError(f"task '{cfg.task}' does not generate samples (sample works for language models and GANs)")
+    from deeprecipe.family import SampleOptions
+
+    cfg, spec, model, rt, family = open_run(args.run, args.device)
+    opts = SampleOptions(
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        n=args.n,
+        seed=args.seed,
+        out=Path(args.out) if args.out else None,
+        run_dir=Path(args.run),
+    )
     with torch.no_grad():
-        task.sample(model, spec, cfg, rt, Path(args.run), args)
+        for piece in family.sample(model, spec, cfg, rt, opts):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
 
 def cmd_runs(args) -> None:
@@ -292,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in VERB_MODULES:
         importlib.import_module(mod).add_parsers(sub)
+    from deeprecipe.families import FAMILIES, get_family
+
+    for name in FAMILIES:
+        get_family(name).add_verbs(sub)
     return p
 
 

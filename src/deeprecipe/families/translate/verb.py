@@ -7,14 +7,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 
 def cmd_translate(args) -> None:
-    from deeprecipe.cli import load_run
-    from deeprecipe.tasks import translate
+    from deeprecipe.engine.run import load_run
+    from deeprecipe.families import translate
 
-    cfg, spec, model, rt, _ = load_run(args.run, args.device)
+    cfg, spec, model, rt = load_run(args.run, translate.Translate(), args.device)
     if cfg.task != "translate":
         raise UserError(f"{args.run} is a '{cfg.task}' run; translate needs a translation run (task: translate)")
     if args.sentences:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 
 def cache_dir() -> Path:
@@ -74,30 +74,32 @@ def feature_config(cfg):
     return config.resolve(raw, rname)
 
 
-def feature_net(cfg, device: torch.device, log=print) -> DomainFeatures:
+def feature_net(cfg, device: torch.device) -> DomainFeatures:
     """Load the domain feature net of `cfg` from the cache, training it there first if needed."""
     import json
 
     from deeprecipe import config
-    from deeprecipe.data.core import DataSpec
+    from deeprecipe.core import DataSpec
     from deeprecipe.engine import checkpoint
     from deeprecipe.engine.loop import train
+    from deeprecipe.families.classify import Classify
 
     fcfg = feature_config(cfg)
     key = hashlib.sha1(config.dump(fcfg).encode()).hexdigest()[:10]
     folder = cache_dir() / f"{cfg.data.name}-{fcfg.recipe}-{key}"
     if not (folder / "checkpoints" / "best.safetensors").is_file():
-        log(
+        warnings.warn(
             f"training the domain feature net ({fcfg.recipe}, {fcfg.train.steps} steps) into {folder}; "
-            "it is reused by every later run on this data"
+            "it is reused by every later run on this data",
+            stacklevel=2,
         )
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
         with torch.enable_grad():  # `deeprecipe eval` runs with gradients off
-            train(fcfg, folder, command="(domain feature net for FID/IS)")
+            train(fcfg, Classify(), folder, command="(domain feature net for FID/IS)")
     spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
-    clf = fcfg.model.build(spec)
+    clf = Classify().build_model(fcfg, spec)
     clf.load_state_dict(checkpoint.inference_weights(folder))
     net = DomainFeatures(clf, spec.mean, spec.std, tuple(spec.image_size)).to(device)
     net.accuracy = _best_acc(folder)

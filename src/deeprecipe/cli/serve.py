@@ -5,13 +5,15 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from deeprecipe.util import UserError
+from deeprecipe.core import UserError
 
 
 def cmd_export(args) -> None:
+    from deeprecipe.cli import open_run
     from deeprecipe.serve.export import export_run
 
-    s = export_run(args.run, args.format, args.out, args.atol, args.rtol)
+    cfg, spec, model, _, family = open_run(args.run, "cpu", "fp32")
+    s = export_run(args.run, family, model, spec, args.format, args.out, args.atol, args.rtol)
     shapes = ", ".join(f"{n} {v['shape']} ({v['dtype']})" for n, v in s["inputs"].items())
     print(f"exported {s['file']} ({args.format}); inputs {shapes}; dynamic axes {s['dynamic']}")
     print(f"parity with PyTorch: max |diff| {s['max_abs_diff']:.2e} within atol {s['atol']:g} + rtol {s['rtol']:g}")
@@ -22,6 +24,7 @@ def cmd_serve(args) -> None:
 
     import uvicorn
 
+    from deeprecipe.cli import open_run
     from deeprecipe.serve.server import ServeOptions, build_app
 
     token = args.token or os.environ.get("DEEPRECIPE_TOKEN") or None
@@ -38,7 +41,7 @@ def cmd_serve(args) -> None:
         raise UserError("--max-batch must be >= 1, --wait-ms >= 0 and --max-mb > 0")
     opts = ServeOptions(max_batch=args.max_batch, wait_ms=args.wait_ms, max_bytes=int(args.max_mb * 2**20), token=token)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = build_app(args.run, opts, args.device, args.precision)
+    app = build_app(args.run, *open_run(args.run, args.device, args.precision), opts)
     print(
         f"serving {args.run} on http://{args.host}:{args.port}/ (API docs at /docs; "
         f"token {'required' if token else 'not required'})",

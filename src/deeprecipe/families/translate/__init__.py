@@ -16,11 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
+from deeprecipe.core import DataSpec, UserError
+from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.text import tokenizer_from_extra
-from deeprecipe.util import UserError
-
-METRIC = ("bleu", "max")
+from deeprecipe.family import Family
 
 
 def tokenizers(spec: DataSpec):
@@ -41,46 +40,11 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     return src, tgt[:, :-1], tgt[:, 1:]
 
 
-def loss(model: nn.Module, batch, cfg: Config):
-    src, tgt_in, tgt_out = batch
-    logits = model(src, tgt_in)
-    pad = _model(model).pad
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad, label_smoothing=cfg.optim.label_smoothing
-    ), {}
-
-
-# deeprecipe check (checks/core.py): the hooks below give the loss at init, the per-position loss, the source as
-# the net's input (the fallback batch[0]), and a dependency check on both sides (the source across the batch;
-# the decoder input across the batch and causally). A pair costs ~30 tokens through 6 layers and a vocabulary
-# head: small batches. The baseline is skipped: a translator starts to use its source after some hundred
-# steps, far beyond a short run (both nets learn the target language first); the dependency check proves
-# that the source reaches every target position.
-CHECK_DEFAULTS = {"batch_size": 8, "steps": 30, "overfit_examples": 4}
-CHECKS_SKIP = {"baseline": "the source starts to matter after some hundred steps, beyond the short run"}
-
-
-def expected_init_loss(spec: DataSpec, cfg: Config) -> float:
-    """ln(target vocab); a head tied to the embedding (rows N(0, 1/d)) against unit-variance features gives
-    logits of variance ~1 at init, and Gaussian logits of variance s^2 cost ln V + s^2 / 2 on average."""
-    return math.log(spec.vocab_size) + (0.5 if getattr(cfg.model, "tie_weights", False) else 0.0)
-
-
 def per_example_loss(model: nn.Module, batch, cfg: Config) -> torch.Tensor:
     """Cross-entropy per target position (B, T), 0 at padding."""
     src, tgt_in, tgt_out = batch
     logits = model(src, tgt_in).float()  # (B, T, vocab)
     return F.cross_entropy(logits.transpose(1, 2), tgt_out, ignore_index=_model(model).pad, reduction="none")
-
-
-def show_batch(batch, spec: DataSpec) -> str:
-    """The first pairs of a prepared batch as text: the source and the target the decoder must predict."""
-    src_tok, tgt_tok = tokenizers(spec)
-    pad, rows = spec.extra.get("pad", 0), []
-    for i in range(min(6, len(batch[0]))):
-        src, tgt = (b[i][b[i] != pad].tolist() for b in (batch[0], batch[2]))
-        rows.append(f"src: {src_tok.decode(src)}\ntgt: {tgt_tok.decode(tgt)} ({len(src)} -> {len(tgt)} tokens)\n")
-    return "\n".join(rows)
 
 
 def check_dependency(ctx):
@@ -98,9 +62,6 @@ def check_dependency(ctx):
         per, b, lambda bb: bb[1], lambda bb, x: (bb[0], x, bb[2]), model, True, lengths, what="target: "
     )
     return combined([src, tgt])
-
-
-EXTRA_CHECKS = {"dependency": check_dependency}
 
 
 def _model(model: nn.Module) -> nn.Module:
@@ -148,26 +109,6 @@ def translate_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, b
     return hyps, sp.refs[: len(hyps)], nll, count
 
 
-def evaluate(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> dict:
-    hyps, refs, nll, count = translate_split(model, data, split, cfg, rt, beam=1, alpha=0.0)
-    return {"loss": nll / max(count, 1), **scores(hyps, refs)}
-
-
-def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict:
-    """Beam-search BLEU and chrF on the test split (or val), and some translations for the report."""
-    split = "test" if data.test is not None else "val"
-    beam, alpha = getattr(cfg.model, "beam", 4), getattr(cfg.model, "length_penalty", 0.6)
-    model.eval()
-    with torch.no_grad(), rt.autocast():
-        hyps, refs, _, _ = translate_split(model, data, split, cfg, rt, beam, alpha)
-    s = scores(hyps, refs)
-    srcs = data.split(split).sources
-    lines = [f"src: {a}\nref: {r}\nhyp: {h}\n" for a, r, h in list(zip(srcs, refs, hyps))[:30]]
-    head = f"{split}: BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f} (sacreBLEU, beam {beam}, length penalty {alpha})\n\n"
-    (Path(run_dir) / "plots" / "translations.txt").write_text(head + "\n".join(lines))
-    return {f"{split}_bleu_beam{beam}": s["bleu"], f"{split}_chrf_beam{beam}": s["chrf"]}
-
-
 def translate_lines(
     model: nn.Module, spec: DataSpec, lines: list[str], rt, beam: int = 4, alpha: float = 0.6, batch: int = 64
 ) -> list[str]:
@@ -188,17 +129,86 @@ def translate_lines(
     return out
 
 
-def export_example(model: nn.Module, spec: DataSpec, batch: int) -> dict:
-    """One teacher-forced decoder pass: source ids (B, S) and target-so-far ids (B, T) in, logits (B, T, V) out."""
-    g = torch.Generator().manual_seed(batch)
-    src = torch.randint(3, model.src_emb.num_embeddings, (batch, 7), generator=g)
-    tgt = torch.randint(3, model.vocab_size, (batch, 5), generator=g)
-    dynamic = {"src": {0: "batch", 1: "src_len"}, "tgt": {0: "batch", 1: "tgt_len"}}
-    return {"inputs": {"src": src, "tgt": tgt}, "outputs": ["logits"], "dynamic": dynamic}
+class Translate(Family):
+    """Translation (see the module docstring)."""
 
+    prepare = staticmethod(prepare)
+    per_example_loss = staticmethod(per_example_loss)
 
-def serve(ctx) -> None:
-    """POST /translate: a sentence in, its translation out (beam search as the recipe says; batched)."""
-    beam, alpha = getattr(ctx.cfg.model, "beam", 4), getattr(ctx.cfg.model, "length_penalty", 0.6)
-    tokenizers(ctx.spec)  # fails at start-up when the run's tokenizers are missing
-    ctx.translation("/translate", lambda texts: translate_lines(ctx.model, ctx.spec, texts, ctx.rt, beam, alpha))
+    METRIC = ("bleu", "max")
+
+    def loss(self, model: nn.Module, batch, cfg: Config, part: str):
+        src, tgt_in, tgt_out = batch
+        logits = model(src, tgt_in)
+        pad = _model(model).pad
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad, label_smoothing=cfg.optim.label_smoothing
+        ), {}
+
+    # deeprecipe check (checks/core.py): the hooks below give the loss at init, the per-position loss, the source as
+    # the net's input (the fallback batch[0]), and a dependency check on both sides (the source across the batch;
+    # the decoder input across the batch and causally). A pair costs ~30 tokens through 6 layers and a vocabulary
+    # head: small batches. The baseline is skipped: a translator starts to use its source after some hundred
+    # steps, far beyond a short run (both nets learn the target language first); the dependency check proves
+    # that the source reaches every target position.
+    CHECK_DEFAULTS = {"batch_size": 8, "steps": 30, "overfit_examples": 4}
+
+    CHECKS_SKIP = {"baseline": "the source starts to matter after some hundred steps, beyond the short run"}
+
+    def expected_init_loss(self, spec: DataSpec, cfg: Config) -> tuple[float, str]:
+        """ln(target vocab); a head tied to the embedding (rows N(0, 1/d)) against unit-variance features gives
+        logits of variance ~1 at init, and Gaussian logits of variance s^2 cost ln V + s^2 / 2 on average."""
+        tied = getattr(cfg.model, "tie_weights", False)
+        return math.log(spec.vocab_size) + (0.5 if tied else 0.0), f"ln {spec.vocab_size} vocab" + (
+            " + 1/2" if tied else ""
+        )
+
+    def show_batch(self, batch, spec: DataSpec) -> str:
+        """The first pairs of a prepared batch as text: the source and the target the decoder must predict."""
+        src_tok, tgt_tok = tokenizers(spec)
+        pad, rows = spec.extra.get("pad", 0), []
+        for i in range(min(6, len(batch[0]))):
+            src, tgt = (b[i][b[i] != pad].tolist() for b in (batch[0], batch[2]))
+            rows.append(f"src: {src_tok.decode(src)}\ntgt: {tgt_tok.decode(tgt)} ({len(src)} -> {len(tgt)} tokens)\n")
+        return "\n".join(rows)
+
+    EXTRA_CHECKS = {"dependency": check_dependency}
+
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+        hyps, refs, nll, count = translate_split(model, data, split, cfg, rt, beam=1, alpha=0.0)
+        return {"loss": nll / max(count, 1), **scores(hyps, refs)}
+
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+        """Beam-search BLEU and chrF on the test split (or val), and some translations for the report."""
+        split = "test" if data.test is not None else "val"
+        beam, alpha = getattr(cfg.model, "beam", 4), getattr(cfg.model, "length_penalty", 0.6)
+        model.eval()
+        with torch.no_grad(), rt.autocast():
+            hyps, refs, _, _ = translate_split(model, data, split, cfg, rt, beam, alpha)
+        s = scores(hyps, refs)
+        srcs = data.split(split).sources
+        lines = [f"src: {a}\nref: {r}\nhyp: {h}\n" for a, r, h in list(zip(srcs, refs, hyps))[:30]]
+        head = (
+            f"{split}: BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f} (sacreBLEU, beam {beam}, length penalty {alpha})\n\n"
+        )
+        (Path(run_dir) / "plots" / "translations.txt").write_text(head + "\n".join(lines))
+        return {f"{split}_bleu_beam{beam}": s["bleu"], f"{split}_chrf_beam{beam}": s["chrf"]}
+
+    def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
+        """One teacher-forced decoder pass: source ids (B, S) and target-so-far ids (B, T) in, logits (B, T, V) out."""
+        g = torch.Generator().manual_seed(batch)
+        src = torch.randint(3, model.src_emb.num_embeddings, (batch, 7), generator=g)
+        tgt = torch.randint(3, model.vocab_size, (batch, 5), generator=g)
+        dynamic = {"src": {0: "batch", 1: "src_len"}, "tgt": {0: "batch", 1: "tgt_len"}}
+        return {"inputs": {"src": src, "tgt": tgt}, "outputs": ["logits"], "dynamic": dynamic}
+
+    def add_verbs(self, subparsers) -> None:
+        from deeprecipe.families.translate.verb import add_parsers
+
+        add_parsers(subparsers)
+
+    def serve(self, ctx) -> None:
+        """POST /translate: a sentence in, its translation out (beam search as the recipe says; batched)."""
+        beam, alpha = getattr(ctx.cfg.model, "beam", 4), getattr(ctx.cfg.model, "length_penalty", 0.6)
+        tokenizers(ctx.spec)  # fails at start-up when the run's tokenizers are missing
+        ctx.translation("/translate", lambda texts: translate_lines(ctx.model, ctx.spec, texts, ctx.rt, beam, alpha))

@@ -1,7 +1,7 @@
-"""The checks of a GAN (task gan): it has no closed-form loss at init and no single loss to overfit or to see
-go down, so tasks/gan.py skips those and replaces three built-in checks with these, which run both nets:
+"""The checks of a GAN: it has no closed-form loss at init and no single loss to overfit or to see go down, so
+the family skips those and replaces three built-in checks with these, which run both nets:
 
-- seed: two short runs of the GAN's own alternating step (D then G, one Adam each), same losses;
+- seed: two short runs of the engine's own training step (D's turn, then G's), same losses;
 - grad_flow: every parameter of G and D gets a nonzero gradient in that run;
 - dependency: in eval mode, generated image i depends only on its own noise z_i (and label), and D's logit
   for image i only on image i (a reshape across the batch, or a norm on batch statistics at eval, mixes them).
@@ -15,43 +15,36 @@ import torch
 
 from deeprecipe.checks.core import Ctx, Verdict
 from deeprecipe.checks.training import awake, combined, dependency_verdict, grad_flow_verdict, seed_verdict
-from deeprecipe.engine.device import step_generator
+from deeprecipe.engine.loop import make_parts, train_step
+from deeprecipe.families.gan.losses import fit
 
 STEPS = 3  # steps of each short run
 
 
 def gan_run(ctx: Ctx, steps: int = STEPS) -> tuple[list[float], dict[str, bool], list[str]]:
-    """A short run as tasks/gan.py trains: (losses d0, g0, d1, g1, ..., parameter -> got a nonzero gradient,
-    frozen parameters). The noise of step s comes from (seed, s), the batch of step s from the loop's indices."""
-    task, M, seed = ctx.task, ctx.cfg.model, ctx.cfg.train.seed
+    """A short run through the engine's train_step, the batch of step s as the loop makes it: (losses d0, g0, d1,
+    g1, ..., parameter -> got a nonzero gradient, frozen parameters)."""
     model = ctx.model()
-    G, D = model.generator, model.discriminator
-    adam = dict(lr=ctx.cfg.optim.lr, betas=ctx.cfg.optim.betas)
-    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
-    named = [(f"generator.{n}", p) for n, p in G.named_parameters()]
-    named += [(f"discriminator.{n}", p) for n, p in D.named_parameters()]
+    parts = make_parts(ctx.family, model, ctx.cfg, ctx.rt)
+    named = [(n, p) for n, p in model.named_parameters()]
     got = {n: False for n, p in named if p.requires_grad}
     losses: list[float] = []
     model.train()
 
-    def step(opt: torch.optim.Optimizer, loss: torch.Tensor, prefix: str) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for n, p in named:
-            if n.startswith(prefix) and n in got and p.grad is not None and bool(p.grad.ne(0).any()):
-                got[n] = True
-        opt.step()
-        losses.append(float(loss.detach()))
+    def watch(n):  # the gradient as backward makes it (the step applies and clears it)
+        def hook(grad):
+            got[n] = got[n] or bool(grad.ne(0).any())
 
-    for s in range(steps):
-        x, y = ctx.train_batch(s)
-        x, y = task.fit(x, model.shape), y if model.num_classes else None
-        z = torch.randn(len(x), model.latent, generator=step_generator(ctx.rt.device, seed, s), device=x.device)
-        fake = G(z, y)
-        step(opt_d, task.d_loss(D(x, y), D(fake.detach(), y), M.loss, M.real_label), "discriminator.")
-        D.requires_grad_(False)
-        step(opt_g, task.g_loss(D(fake, y), M.loss), "generator.")
-        D.requires_grad_(True)
+        return hook
+
+    hooks = [p.register_hook(watch(n)) for n, p in named if p.requires_grad]
+    try:
+        for s in range(steps):
+            r = train_step(ctx.family, model, parts, [ctx.train_batch(s)], ctx.cfg, ctx.rt)
+            losses += [float(r.losses[part.name]) for part in parts]
+    finally:
+        for h in hooks:
+            h.remove()
     return losses, got, [n for n, p in named if not p.requires_grad]
 
 
@@ -72,8 +65,8 @@ def dependency(ctx: Ctx) -> Verdict:
     """G: a fixed random projection of each generated image against the noise; D: each logit against the images."""
     model = awake(ctx.model()).eval()
     G, D = model.generator, model.discriminator
-    x, y = ctx.train_batch(0, size=4, augment=False)
-    x, y = ctx.task.fit(x, model.shape), y if model.num_classes else None
+    x, y = ctx.train_batch(0, size=4, augment=False)[:2]
+    x, y = fit(x, model.shape), y if model.num_classes else None
     z = torch.randn(len(x), model.latent, generator=torch.Generator().manual_seed(ctx.cfg.train.seed)).to(x.device)
     w = torch.randn(model.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
 

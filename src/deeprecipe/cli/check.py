@@ -1,4 +1,4 @@
-"""`deeprecipe check RECIPE` and `deeprecipe lr-find RECIPE`.
+"""The `check` and `lr-find` verbs: the training recipe as checks (deeprecipe/checks/), and a learning-rate range test.
 
 check prints one line per check, writes plots/, checks.json and report.html into the run folder, and exits
 with status 3 when a check fails (2 stays "a problem with the command or config", 1 "a crash").
@@ -70,13 +70,14 @@ def cmd_check(args) -> None:
     from dataclasses import asdict
 
     from deeprecipe.checks import CHECKS, Ctx, run_checks
+    from deeprecipe.cli import family_of
     from deeprecipe.config import dump
+    from deeprecipe.core import UserError
     from deeprecipe.engine.checkpoint import atomic_text
-    from deeprecipe.tasks import get_task
-    from deeprecipe.util import UserError
 
     cfg = _load(args)
-    known = [*CHECKS, *getattr(get_task(cfg.task), "EXTRA_CHECKS", {})]
+    family = family_of(cfg)
+    known = [*CHECKS, *family.EXTRA_CHECKS]
     for name in _names(args.only) + _names(args.skip):
         if name not in known:
             raise UserError(f"unknown check '{name}': the checks are {', '.join(known)}")
@@ -86,6 +87,7 @@ def cmd_check(args) -> None:
     ctx = Ctx(
         cfg,
         run_dir,
+        family,
         steps=args.steps,
         batch_size=args.batch,
         overfit_steps=args.overfit_steps,
@@ -130,17 +132,18 @@ def cmd_lr_find(args) -> None:
     from deeprecipe.checks import Ctx
     from deeprecipe.checks.lr_find import lr_range_test
     from deeprecipe.checks.plots import lr_curve
+    from deeprecipe.cli import family_of
     from deeprecipe.engine import optim
 
     cfg = _load(args)
     run_dir = _run_dir("lr-find", args.recipe, args.out)
-    ctx = Ctx(cfg, run_dir, batch_size=args.batch or cfg.train.batch_size)
+    ctx = Ctx(cfg, run_dir, family_of(cfg), batch_size=args.batch or cfg.train.batch_size)
     ctx.cfg.optim.label_smoothing = cfg.optim.label_smoothing  # the loss the recipe trains with
     model = ctx.model()
     opt = optim.adamw(model, cfg.optim)
     r = lr_range_test(model, opt, ctx.train_batch, ctx.loss, args.start, args.end, args.steps, cfg.optim.clip)
     if not r.lrs:
-        from deeprecipe.util import UserError
+        from deeprecipe.core import UserError
 
         raise UserError(f"the loss was not finite even at lr {args.start:g}: run 'deeprecipe check' first")
     path = run_dir / "plots" / "lr_find.png"

@@ -6,10 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from deeprecipe.engine import plots
 from deeprecipe.engine.checkpoint import atomic_write
 from deeprecipe.engine.run import read_metrics
+
+
+def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """images in [-1, 1] -> one grid image (C, H, W) in [0, 1]; tiny images are enlarged so a person sees them."""
+    from torchvision.utils import make_grid
+
+    images = images.float().cpu()
+    if images.shape[-1] < 24:  # 8x8 digits
+        images = F.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+    return make_grid(images, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
+    """images in [-1, 1] -> a grid PNG at `path` (written atomically); returns the grid."""
+    from torchvision.utils import save_image
+
+    g = grid(images, nrow)
+    atomic_write(Path(path), lambda p: save_image(g, p, format="png"))
+    return g
 
 
 def progress(plots_dir: Path, rows: int = 10) -> None:
@@ -51,8 +71,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def interpolation(model, path: Path, seed: int, rt, rows: int = 6, steps: int = 10) -> None:
     """Each row walks the latent space between two random z (and, for a conditional model, keeps one class)."""
-    from deeprecipe.tasks.gan import save_grid
-
     model.eval()
     g = torch.Generator().manual_seed(seed + 3)
     ends = torch.randn(rows, 2, model.latent, generator=g)

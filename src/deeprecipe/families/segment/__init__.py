@@ -13,15 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.data.core import Data, DataSpec, Draws, eval_batches
-from deeprecipe.tasks.classify import denormalize, normalize
+from deeprecipe.core import DataSpec
+from deeprecipe.data import image_ops
+from deeprecipe.data.core import Data, Draws, eval_batches
+from deeprecipe.data.image_ops import denormalize, normalize
+from deeprecipe.family import Family, PredictOptions
 
-METRIC = ("miou", "max")
 IGNORE = 255
-# deeprecipe check (checks/core.py): losses count per labelled pixel (ln C at init, mean over pixels per
-# example for the dependency check and the prediction dynamics); 255 is not out of range
-IGNORE_INDEX = IGNORE
-CHECK_DEFAULTS = {"overfit_examples": 2}  # memorizing is per pixel: two images are thousands of labels
 
 
 def joint_augment(
@@ -68,17 +66,6 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     return x, y  # the memory format follows the model (train.channels_last)
 
 
-def show_batch(batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
-    """Images de-normalized next to their masks in colour (black: ignored), as the net sees them."""
-    x, y = batch[0][:16], batch[1][:16]
-    pal = spec.extra.get("palette") or [[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(256)]
-    tiles = [
-        t for img, m in zip(denormalize(x, spec).cpu(), y.cpu()) for t in (img.expand(3, -1, -1), colorize(m, pal))
-    ]
-    caps = [c for m in y for c in ("image", f"mask ({float((m == IGNORE).float().mean()):.0%} ignored)")]
-    return torch.stack(tiles), caps
-
-
 def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over classes; ignored pixels count for nothing."""
     K = logits.shape[1]
@@ -87,17 +74,6 @@ def dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     t = F.one_hot(y.clamp(max=K - 1), K).permute(0, 3, 1, 2).float() * valid
     inter, total = (p * t).sum((0, 2, 3)), (p + t).sum((0, 2, 3))
     return 1 - ((2 * inter + 1) / (total + 1)).mean()
-
-
-def loss(model: nn.Module, batch, cfg: Config):
-    x, y = batch
-    logits = model(x)  # (B, classes, H, W)
-    ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE, label_smoothing=cfg.optim.label_smoothing)
-    w = getattr(cfg.model, "dice", 0.0)
-    if not w:
-        return ce, {}
-    d = dice_loss(logits, y)
-    return ce + w * d, {"ce": ce.detach(), "dice": d.detach()}
 
 
 class SegMetrics:
@@ -145,47 +121,10 @@ def run_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: i
     return {"loss": total / max(pixels, 1), **m.compute()}, kept
 
 
-def evaluate(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> dict:
-    return run_split(model, data, split, cfg, rt)[0]
-
-
 def colorize(mask: torch.Tensor, palette: list) -> torch.Tensor:
     """Class ids (H, W) -> RGB floats (3, H, W) in [0, 1]; ignored pixels are black."""
     pal = torch.cat([torch.tensor(palette, dtype=torch.float) / 255, torch.zeros(1, 3)])
     return pal[mask.long().clamp(max=len(palette)).where(mask != IGNORE, len(palette))].permute(2, 0, 1)
-
-
-def finish(model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> dict:
-    """Test metrics, a table of per-class IoU, and overlays: image, truth, prediction side by side."""
-    from deeprecipe.engine import plots
-
-    split = "test" if data.test is not None else ("val" if data.val is not None else "train")
-    model.eval()
-    with torch.no_grad(), rt.autocast():
-        m, kept = run_split(model, data, split, cfg, rt, keep=8)
-    spec, pal = data.spec, data.spec.extra["palette"]
-    tiles, caps = [], []
-    for img, y, p in kept:
-        acc = float((p == y)[y != IGNORE].float().mean()) if (y != IGNORE).any() else float("nan")
-        tiles += [
-            img.float() / 255 if img.shape[0] == 3 else (img.float() / 255).expand(3, -1, -1),
-            colorize(y, pal),
-            colorize(p, pal),
-        ]
-        caps += ["image", "truth", f"prediction ({acc:.0%} px)"]
-    plots_dir = Path(run_dir) / "plots"
-    plots.image_grid(
-        torch.stack(tiles),
-        caps,
-        plots_dir / "segmentation.png",
-        f"{split}: image / truth / prediction (mIoU {m['miou']:.3f})",
-        cols=6,
-    )
-    lines = [f"{split} per-class IoU (mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_acc']:.4f})"]
-    lines += [f"{n:<16} {'-' if v is None else f'{v:.4f}'}" for n, v in zip(spec.class_names, m["iou"])]
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    (plots_dir / "iou.txt").write_text("\n".join(lines) + "\n")
-    return {f"{split}_{k}": v for k, v in m.items()}
 
 
 @torch.no_grad()
@@ -219,61 +158,127 @@ def describe(img: torch.Tensor, pred: torch.Tensor, spec: DataSpec) -> tuple[tor
     return (blend * 255).round().to(torch.uint8), dict(zip(spec.class_names, frac.tolist())), share
 
 
-def predict(model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], args) -> list[dict]:
-    """Each image -> OUT/<stem>_labels.png (class ids, at the image's own size) and OUT/<stem>_overlay.png."""
-    from torchvision.io import write_png
-
-    from deeprecipe.data.images import decode
-
-    out_dir = Path(getattr(args, "out", None) or "predictions")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for f in files:
-        img = decode(f, spec.in_channels, 0)  # (C, h, w)
-        pred = segment_images(model, spec, rt, [img])[0]
-        labels, overlay = out_dir / f"{Path(f).stem}_labels.png", out_dir / f"{Path(f).stem}_overlay.png"
-        write_png(pred.to(torch.uint8)[None], str(labels))
-        blend, fractions, share = describe(img, pred, spec)
-        write_png(blend, str(overlay))
-        results.append(
-            {
-                "file": f,
-                "labels": str(labels),
-                "overlay": str(overlay),
-                "fractions": fractions,
-                "text": f"{f}: {share} -> {labels}, {overlay}",
-            }
-        )
-    return results
-
-
-SERVE_SIDE = 1024  # /segment answers at the upload's size, or scaled down to this long side
-
-
-def serve(ctx) -> None:
-    """POST /segment: an image -> its class map and an overlay (PNGs as base64, at the image's own size up to a
-    long side of SERVE_SIDE) and the share of each class; concurrent requests run as one batch."""
-    from fastapi import File, UploadFile
-
-    from deeprecipe.serve.server import png_base64
-
-    spec = ctx.spec
-    batch = ctx.batcher("segment", lambda images: segment_images(ctx.model, spec, ctx.rt, images))
-
-    @ctx.router.post("/segment", summary="Segment an image (PNG, JPEG, ...)")
-    async def segment(image: UploadFile = File(..., description="the image file")):
-        # its own size, so the overlay matches the upload, up to SERVE_SIDE (full-size logits of a huge image are GBs)
-        img = await ctx.read_image(image, size=(0, 0), max_side=SERVE_SIDE)
-        pred = await batch(img)
-        blend, fractions, share = describe(img, pred, spec)
-        return {
-            "text": share,
-            "fractions": {k: round(v, 5) for k, v in fractions.items()},
-            "overlay": png_base64(blend),
-            "labels": png_base64(pred.to(torch.uint8)[None]),
-        }
-
-    ctx.widget("/segment", "image", "Segment an image")
+SERVE_SIDE = 1024  # predict and /segment answer at the image's size, or scaled down to this long side
 
 
 __all__ = ["METRIC", "prepare", "loss", "evaluate", "finish", "predict", "serve", "joint_augment", "denormalize"]
+
+
+class Segment(Family):
+    """Semantic segmentation (see the module docstring)."""
+
+    prepare = staticmethod(prepare)
+
+    METRIC = ("miou", "max")
+
+    # deeprecipe check (checks/core.py): losses count per labelled pixel (ln C at init, mean over pixels per
+    # example for the dependency check and the prediction dynamics); 255 is not out of range
+    IGNORE_INDEX = IGNORE
+
+    CHECK_DEFAULTS = {"overfit_examples": 2}  # memorizing is per pixel: two images are thousands of labels
+
+    def show_batch(self, batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
+        """Images de-normalized next to their masks in colour (black: ignored), as the net sees them."""
+        x, y = batch[0][:16], batch[1][:16]
+        pal = spec.extra.get("palette") or [[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(256)]
+        tiles = [
+            t for img, m in zip(denormalize(x, spec).cpu(), y.cpu()) for t in (img.expand(3, -1, -1), colorize(m, pal))
+        ]
+        caps = [c for m in y for c in ("image", f"mask ({float((m == IGNORE).float().mean()):.0%} ignored)")]
+        return torch.stack(tiles), caps
+
+    def loss(self, model: nn.Module, batch, cfg: Config, part: str):
+        x, y = batch
+        logits = model(x)  # (B, classes, H, W)
+        ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE, label_smoothing=cfg.optim.label_smoothing)
+        w = getattr(cfg.model, "dice", 0.0)
+        if not w:
+            return ce, {}
+        d = dice_loss(logits, y)
+        return ce + w * d, {"ce": ce.detach(), "dice": d.detach()}
+
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+        return run_split(model, data, split, cfg, rt)[0]
+
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+        """Test metrics, a table of per-class IoU, and overlays: image, truth, prediction side by side."""
+        from deeprecipe.engine import plots
+
+        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        model.eval()
+        with torch.no_grad(), rt.autocast():
+            m, kept = run_split(model, data, split, cfg, rt, keep=8)
+        spec, pal = data.spec, data.spec.extra["palette"]
+        tiles, caps = [], []
+        for img, y, p in kept:
+            acc = float((p == y)[y != IGNORE].float().mean()) if (y != IGNORE).any() else float("nan")
+            tiles += [
+                img.float() / 255 if img.shape[0] == 3 else (img.float() / 255).expand(3, -1, -1),
+                colorize(y, pal),
+                colorize(p, pal),
+            ]
+            caps += ["image", "truth", f"prediction ({acc:.0%} px)"]
+        plots_dir = Path(run_dir) / "plots"
+        plots.image_grid(
+            torch.stack(tiles),
+            caps,
+            plots_dir / "segmentation.png",
+            f"{split}: image / truth / prediction (mIoU {m['miou']:.3f})",
+            cols=6,
+        )
+        lines = [f"{split} per-class IoU (mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_acc']:.4f})"]
+        lines += [f"{n:<16} {'-' if v is None else f'{v:.4f}'}" for n, v in zip(spec.class_names, m["iou"])]
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        (plots_dir / "iou.txt").write_text("\n".join(lines) + "\n")
+        return {f"{split}_{k}": v for k, v in m.items()}
+
+    def predict(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+    ) -> list[dict]:
+        """Each image -> OUT/<stem>_labels.png (class ids, at the image's own size up to SERVE_SIDE) and
+        OUT/<stem>_overlay.png."""
+        from torchvision.io import write_png
+
+        out_dir = Path(opts.out or "predictions")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for f in files:
+            img = image_ops.fit_long_side(image_ops.read(f, spec.in_channels), SERVE_SIDE)  # (C, h, w) as /segment
+            pred = segment_images(model, spec, rt, [img])[0]
+            labels, overlay = out_dir / f"{Path(f).stem}_labels.png", out_dir / f"{Path(f).stem}_overlay.png"
+            write_png(pred.to(torch.uint8)[None], str(labels))
+            blend, fractions, share = describe(img, pred, spec)
+            write_png(blend, str(overlay))
+            results.append(
+                {
+                    "file": f,
+                    "labels": str(labels),
+                    "overlay": str(overlay),
+                    "fractions": fractions,
+                    "text": f"{f}: {share} -> {labels}, {overlay}",
+                }
+            )
+        return results
+
+    def serve(self, ctx) -> None:
+        """POST /segment: an image -> its class map and an overlay (PNGs as base64, at the image's own size up to a
+        long side of SERVE_SIDE) and the share of each class; concurrent requests run as one batch."""
+        from fastapi import File, UploadFile
+
+        spec = ctx.spec
+        batch = ctx.batcher("segment", lambda images: segment_images(ctx.model, spec, ctx.rt, images))
+
+        @ctx.router.post("/segment", summary="Segment an image (PNG, JPEG, ...)")
+        async def segment(image: UploadFile = File(..., description="the image file")):
+            # its own size, so the overlay matches the upload, up to SERVE_SIDE (full-size logits: GBs)
+            img = await ctx.read_image(image, size=(0, 0), max_side=SERVE_SIDE)
+            pred = await batch(img)
+            blend, fractions, share = describe(img, pred, spec)
+            return {
+                "text": share,
+                "fractions": {k: round(v, 5) for k, v in fractions.items()},
+                "overlay": image_ops.png_base64(blend),
+                "labels": image_ops.png_base64(pred.to(torch.uint8)[None]),
+            }
+
+        ctx.widget("/segment", "image", "Segment an image")

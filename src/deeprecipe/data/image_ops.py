@@ -1,0 +1,109 @@
+"""The one image path: decode, resize, normalise and encode, for data sets, predict and serve alike.
+
+Every image that enters deeprecipe (a training file, a file given to `predict`, an upload to the server) is
+decoded here by Pillow after its header is checked against a pixel limit (a small PNG can claim a huge size),
+converted to the asked channels, and resized with the same antialiased bilinear filter, so a served answer and a
+predicted one are the same for the same file. Images are uint8 (C, H, W) until `normalize` turns a batch into
+the floats a net sees.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from deeprecipe.core import DataError, DataSpec
+
+MAX_PIXELS = 4096 * 4096  # the largest image decoded (16 Mpixel)
+EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ImageError(DataError):
+    """An image that cannot be used; `status` is the HTTP status the server answers with (400, or 413: too big)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def decode(data: bytes, channels: int = 0, where: str = "image", max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Bytes of an image file -> uint8 (C, H, W). channels: 1 gray, 3 RGB, 0 as stored (alpha dropped)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only: check the size before decoding
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{where}: image is {w}x{h} pixels; the limit is {max_pixels} pixels", 413)
+            mode = {1: "L", 3: "RGB"}.get(channels) or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            im = im.convert(mode)
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
+    except ImageError:
+        raise
+    except Exception as e:  # Pillow raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ImageError(f"{where}: the file could not be decoded as an image ({type(e).__name__})") from None
+    return x.contiguous()
+
+
+def read(path: str | Path, channels: int = 0, size: int | tuple[int, int] = 0) -> torch.Tensor:
+    """One image file -> uint8 (C, H, W), resized to `size` (an int is a square; 0 keeps its size)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot read image {path}: {e.strerror or type(e).__name__}") from None
+    return resize(decode(data, channels, f"image {path} (remove or replace the file)"), size)
+
+
+def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """uint8 (C, H, W) or (B, C, H, W) -> the same at `size` (antialiased bilinear); 0 or the same size: unchanged."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if not size[0] or tuple(x.shape[-2:]) == size:
+        return x
+    out = F.interpolate(x[None].float() if x.ndim == 3 else x.float(), size=size, mode="bilinear", antialias=True)
+    out = out.round().clamp(0, 255).to(torch.uint8)
+    return out[0] if x.ndim == 3 else out
+
+
+def fit_long_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Scale (C, H, W) down so that its long side is at most `max_side` (0: unchanged)."""
+    h, w = x.shape[-2:]
+    if not max_side or max(h, w) <= max_side:
+        return x
+    return resize(x, (max(1, round(h * max_side / max(h, w))), max(1, round(w * max_side / max(h, w)))))
+
+
+def normalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """uint8 images (B, C, ...) -> floats standardized by the train split's per-channel mean/std."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = torch.tensor(spec.mean, device=x.device).view(shape)
+    std = torch.tensor(spec.std, device=x.device).view(shape)
+    return (x.float() / 255 - mean) / std
+
+
+def denormalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """Inverse of normalize, to [0, 1]: for looking at a batch exactly as the net saw it."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = torch.tensor(spec.mean, device=x.device).view(shape)
+    std = torch.tensor(spec.std, device=x.device).view(shape)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+def png(img: torch.Tensor) -> bytes:
+    """(C, H, W) uint8, or float in [0, 1] -> PNG bytes."""
+    from PIL import Image
+
+    if img.dtype != torch.uint8:
+        img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = img.cpu().permute(1, 2, 0).numpy()  # (H, W, C)
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_base64(img: torch.Tensor) -> str:
+    """An image as a base64 PNG (overlays and samples in JSON)."""
+    return base64.b64encode(png(img)).decode()

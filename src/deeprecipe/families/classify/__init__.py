@@ -1,0 +1,190 @@
+"""Image classification: what a batch is, the loss, the metrics, and the plots of a finished run.
+
+A batch is (images uint8 (B, C, H, W), labels (B,)). `prepare` turns it, on the device, into what the net
+sees: floats normalized by the train split's mean/std, randomly cropped and flipped when training.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.core import DataSpec
+from deeprecipe.data import image_ops
+from deeprecipe.data.core import Data, Draws, eval_batches
+from deeprecipe.data.image_ops import denormalize, normalize
+from deeprecipe.family import Family, PredictOptions
+
+
+def random_crop(x: torch.Tensor, pad: int, draws: Draws) -> torch.Tensor:
+    """Per-example random crop of a zero-padded batch, as two gathers (no Python loop over examples)."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    dy = draws.randint(2 * pad + 1, B).view(B, 1)
+    dx = draws.randint(2 * pad + 1, B).view(B, 1)
+    rows = (dy + torch.arange(H, device=x.device)).view(B, 1, H, 1).expand(B, C, H, W + 2 * pad)
+    cols = (dx + torch.arange(W, device=x.device)).view(B, 1, 1, W).expand(B, C, H, W)
+    return xp.gather(2, rows).gather(3, cols)  # (B, C, H, W)
+
+
+def augment(x: torch.Tensor, spec: DataSpec, draws: Draws) -> torch.Tensor:
+    pad, flip = spec.extra.get("crop_pad", 0), spec.extra.get("flip", False)
+    if pad:
+        x = random_crop(x, pad, draws)
+    if flip:
+        mask = draws.rand(len(x)) < 0.5
+        x = torch.where(mask.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+    return x
+
+
+def prepare(batch, spec: DataSpec, draws: Draws | None = None):
+    """uint8 images -> normalized floats, cropped and flipped when `draws` is given; labels unchanged."""
+    x, y = batch
+    x = normalize(x, spec)
+    if draws is not None:
+        x = augment(x, spec, draws)
+    if x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, classes) in fp32 on the CPU, and labels (N,), over a whole split."""
+    logits, labels = [], []
+    for batch in eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval):
+        x, y = prepare(batch, data.spec)
+        logits.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_confusion_matrix,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    out = {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
+    }
+    if num_classes > 5:
+        out["top5"] = multiclass_accuracy(logits, labels, num_classes, top_k=5, average="micro").item()
+    out["precision"] = multiclass_precision(logits, labels, num_classes, average=None).tolist()
+    out["recall"] = multiclass_recall(logits, labels, num_classes, average=None).tolist()
+    out["confusion"] = multiclass_confusion_matrix(logits, labels, num_classes).tolist()
+    return out
+
+
+@torch.no_grad()
+def classify_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """uint8 images (C, H, W) at the spec's size -> class probabilities (C,) each, in one batch; what predict and
+    /classify both run, so the same file gives the same answer."""
+    x, _ = prepare((torch.stack(images).to(rt.device), None), spec)  # (B, C, H, W)
+    with rt.autocast():
+        return list(model(x).float().softmax(-1).cpu())
+
+
+def top_labels(name: str, probs: torch.Tensor, class_names: list[str], k: int = 3) -> dict:
+    """One prediction as `predict` reports it: the best label, its probability and the top k."""
+    top = probs.topk(min(k, len(probs)))
+    labels = [{"label": class_names[i], "prob": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
+    best = labels[0]
+    return {
+        "file": name,
+        "label": best["label"],
+        "prob": best["prob"],
+        "top": labels,
+        "text": f"{name}: {best['label']} ({best['prob']:.3f})",
+    }
+
+
+class Classify(Family):
+    """Image classification (see the module docstring)."""
+
+    prepare = staticmethod(prepare)
+
+    def show_batch(self, batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
+        """A prepared batch for the eye (deeprecipe check): images de-normalized to [0, 1], captioned by label."""
+        x, y = batch
+        names = spec.class_names
+        return denormalize(x, spec), [names[int(v)] if 0 <= int(v) < len(names) else f"?{int(v)}" for v in y]
+
+    def loss(self, model: nn.Module, batch, cfg: Config, part: str):
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing), {}
+
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+        logits, labels = predict_split(model, data, split, cfg, rt)
+        return metrics(logits, labels, data.spec.num_classes)
+
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+        """Test metrics, confusion matrix and the worst mistakes of the finished run."""
+        from deeprecipe.engine import plots
+
+        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        model.eval()
+        with torch.no_grad(), rt.autocast():
+            logits, labels = predict_split(model, data, split, cfg, rt)
+        m = metrics(logits, labels, data.spec.num_classes)
+        names = data.spec.class_names
+        plots.confusion(m["confusion"], names, Path(run_dir) / "plots" / "confusion.png", f"{split} confusion matrix")
+        probs = logits.softmax(-1)
+        wrong = (probs.argmax(-1) != labels).nonzero().flatten()
+        order = wrong[probs[wrong, labels[wrong]].argsort()][:36]  # most confident mistakes first
+        if len(order):
+            n = min(len(data.split(split)), cfg.train.limit_eval or len(data.split(split)))
+            imgs = data.split(split).take(order[order < n].to(torch.long))[0]
+            captions = [
+                f"{names[int(probs[i].argmax())]} ({probs[i].max():.2f})\ntrue: {names[int(labels[i])]}"
+                for i in order.tolist()
+            ]
+            plots.image_grid(
+                imgs.float().cpu() / 255,
+                captions,
+                Path(run_dir) / "plots" / "worst_mistakes.png",
+                f"worst {split} mistakes: predicted (confidence) / true",
+            )
+        return {f"{split}_{k}": v for k, v in m.items() if k in ("acc", "top5", "loss")} | {
+            f"{split}_precision": m["precision"],
+            f"{split}_recall": m["recall"],
+        }
+
+    def predict(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+    ) -> list[dict]:
+        """Image files -> top-k labels with probabilities."""
+        images = [image_ops.read(f, spec.in_channels, spec.image_size) for f in files]
+        probs = classify_images(model, spec, rt, images)
+        return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
+
+    def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
+        """What `deeprecipe export` feeds the net: a normalized image batch (B, C, H, W), batch axis dynamic."""
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randint(0, 256, (batch, spec.in_channels, *spec.image_size), dtype=torch.uint8, generator=g)
+        return {"inputs": {"image": prepare((x, None), spec)[0].contiguous()}, "outputs": ["logits"]}
+
+    def serve(self, ctx) -> None:
+        """POST /classify: an image file -> its top labels; concurrent requests run as one batch."""
+        from fastapi import File, Query, UploadFile
+
+        spec = ctx.spec
+
+        batch = ctx.batcher("classify", lambda images: classify_images(ctx.model, spec, ctx.rt, images))
+
+        @ctx.router.post("/classify", summary="Classify an image (PNG, JPEG, ...)")
+        async def classify(
+            image: UploadFile = File(..., description="the image file"),
+            top: int = Query(3, ge=1, le=max(1, spec.num_classes), description="labels to return"),
+        ):
+            probs = await batch(await ctx.read_image(image))
+            p, i = probs.topk(top)
+            labels = [{"label": spec.class_names[int(k)], "prob": round(float(v), 5)} for v, k in zip(p, i)]
+            return {"label": labels[0]["label"], "prob": labels[0]["prob"], "top": labels}
+
+        ctx.widget("/classify", "image", "Classify an image")

@@ -1,0 +1,180 @@
+"""Image generation with a GAN: two parts (discriminator, then generator) in the one training loop.
+
+A batch is (images uint8 (B, C, H, W), labels (B,)); `prepare` scales images to [-1, 1] (the range of G's tanh),
+resizes them on the device when the model draws another size, and keeps the step's `Draws`, from which both
+turns take the same noise z (so accumulation and resume see exactly the noise of an unsplit, unstopped run).
+One step, as the engine runs it (engine/loop.py train_step), each turn with its own Adam(W) and the other net
+frozen:
+    d: L_D = -log D(x) - log(1 - D(G(z)))    (hinge: relu(1 - D(x)) + relu(1 + D(G(z))))
+    g: L_G = -log D(G(z))                   (the non-saturating loss; hinge: -D(G(z)))
+with D's target for real images set by model.real_label (one-sided smoothing), D's lr scaled by
+model.d_lr_scale, and an EMA of the weights (train.ema) that every grid, sample and score uses.
+Evaluation scores domain FID/IS (metrics.py) against the split; the finished run gets a progress strip,
+latent interpolations, the loss curves and a health report (plots.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from deeprecipe.config import Config
+from deeprecipe.core import ConfigError, DataSpec, UserError
+from deeprecipe.data.core import Data, Draws, eval_batches
+from deeprecipe.families.gan import checks, plots
+from deeprecipe.families.gan import metrics as gm
+from deeprecipe.families.gan.losses import d_loss, fit, g_loss
+from deeprecipe.families.gan.plots import grid, save_grid
+from deeprecipe.family import Family, SampleOptions
+
+GRID = 64  # images in the fixed-noise grid
+
+
+@torch.no_grad()
+def generate(model: nn.Module, n: int, seed: int, rt, batch: int = 500) -> Iterator[torch.Tensor]:
+    """Yield n images in [-1, 1] from z drawn with `seed` (G in eval mode), `batch` at a time."""
+    model.eval()
+    g = torch.Generator(device=rt.device).manual_seed(seed)
+    for i in range(0, n, batch):
+        z, y = model.noise(min(batch, n - i), g, rt.device)
+        with rt.autocast():
+            yield model(z, y).float()
+
+
+def health_text(notes: list[str]) -> str:
+    return "\n".join(notes) if notes else "no problem found: no NaN, no mode collapse, D did not win outright"
+
+
+class GAN(Family):
+    """Unconditional and class-conditional GANs (MLP or DCGAN): discriminator and generator in turn."""
+
+    METRIC = ("fid", "min")
+    # deeprecipe check: a GAN has no ln C and no single loss to overfit; seed, grad_flow and dependency run both
+    # nets (checks.py, through the engine's own step); the data scan and the batch grid are the built-in ones
+    CHECKS_SKIP = {
+        "init_loss": "a GAN has no closed-form loss at init (no ln C)",
+        "init_prior": "the generator has no class prediction to compare with the priors",
+        "overfit": "two adversarial losses have no ~0 to reach",
+        "loss_down": "adversarial losses need not fall (the grids and FID of a training run tell progress)",
+        "baseline": "G has no input to blank that a loss could judge",
+        "dynamics": "no per-example loss to follow",
+    }
+    EXTRA_CHECKS = {"seed": checks.seed, "dependency": checks.dependency, "grad_flow": checks.grad_flow}
+
+    def __init__(self):
+        self.scorers: dict[str, gm.Evaluator | None] = {}  # split -> FID/IS scorer with that split's real statistics
+
+    def check_config(self, cfg: Config) -> None:
+        M = cfg.model
+        if not hasattr(M, "real_label"):
+            raise ConfigError(f"task gan needs a gan or dcgan model, not model.name={M.name}")
+        if M.loss not in ("nonsat", "hinge"):
+            raise ConfigError(f"model.loss={M.loss}: use nonsat or hinge")
+        if cfg.optim.label_smoothing:
+            raise ConfigError("optim.label_smoothing does not apply to a GAN: use model.real_label (e.g. 0.9)")
+
+    def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
+        return {"d": (model.discriminator, cfg.model.d_lr_scale), "g": (model.generator, 1.0)}
+
+    def prepare(self, batch, spec: DataSpec, draws: Draws | None):
+        x, y = batch
+        return x.float() / 127.5 - 1, y, draws  # uint8 -> [-1, 1]; the draws give this step's noise
+
+    def loss(self, model: nn.Module, batch, cfg: Config, part: str):
+        x, y, draws = batch
+        M = cfg.model
+        x = fit(x, model.shape)
+        y = y if model.num_classes else None
+        z = draws.normal(len(x), model.latent)
+        fake = model(z, y)  # the generator (frozen in D's turn: no graph kept)
+        D = model.discriminator
+        if part == "d":
+            real_logit, fake_logit = D(x, y), D(fake, y)
+            logs = {
+                "d_real": torch.sigmoid(real_logit.float()).mean(),
+                "d_fake": torch.sigmoid(fake_logit.float()).mean(),
+            }
+            return d_loss(real_logit, fake_logit, M.loss, M.real_label), logs
+        return g_loss(D(fake, y), M.loss), {}
+
+    def scorer(self, data: Data, split: str, cfg: Config, rt) -> gm.Evaluator | None:
+        """The FID/IS scorer of a split (made once: it may train the domain feature net first); None when off."""
+        M = cfg.model
+        if split not in self.scorers:
+            if not M.eval_samples or M.feature_recipe == "none" or data.spec.num_classes < 2:
+                self.scorers[split] = None
+            else:
+                with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+                    feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
+                inc = gm.inception_features(M.inception_weights) if M.inception_weights else None
+                ev = gm.Evaluator(feats, inc, rt.device)
+                real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, 10_000, cfg.train.workers)
+                ev.add_real(self.prepare(b, data.spec, None)[0] for b in real)
+                self.scorers[split] = ev
+        return self.scorers[split]
+
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+        """Domain FID and IS of generated images against `split` (all of model.eval_samples when final, a tenth
+        (at least 500) on the way); {} when scoring is off (no labels, or model.eval_samples=0)."""
+        ev = self.scorer(data, split, cfg, rt)
+        if ev is None:
+            return {}
+        M = cfg.model
+        n = M.eval_samples if final else max(500, M.eval_samples // 10)
+        out = ev.score(generate(model, n, cfg.train.seed + 2, rt))
+        return out | {"samples": n, "health": gm.collapse(out, data.spec.class_names)}
+
+    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor]:
+        """The fixed-noise grid (the same z at every evaluation, so the grids show progress)."""
+        z = torch.randn(GRID, model.latent, generator=torch.Generator().manual_seed(cfg.train.seed + 1))
+        y = torch.arange(GRID) % model.num_classes if model.num_classes else None
+        with rt.autocast():
+            images = model(z.to(rt.device), None if y is None else y.to(rt.device)).float()
+        return {"grids": grid(images)}
+
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+        """Final plots (progress strip and GIF, latent interpolation, losses, class histogram) and health notes."""
+        from deeprecipe.engine.checkpoint import atomic_text
+        from deeprecipe.engine.run import read_metrics
+
+        pdir = Path(run_dir) / "plots"
+        plots.progress(pdir)
+        plots.interpolation(model, pdir / "interpolation.png", cfg.train.seed, rt)
+        plots.losses(run_dir, pdir / "gan_losses.png")
+        watch = gm.DiscriminatorWatch(patience=max(5, cfg.train.steps // max(1, cfg.train.log_every) // 10))
+        notes = [n for r in read_metrics(run_dir) if "d_loss" in r for n in [watch.update(r["d_loss"], r["step"])] if n]
+        if "class_hist" in results:
+            plots.class_histogram(results["class_hist"], data.spec.class_names, pdir / "class_histogram.png")
+            notes += gm.collapse(results, data.spec.class_names)
+        for note in notes:
+            warnings.warn("health: " + note, stacklevel=2)
+        atomic_text(pdir / "health.txt", health_text(notes) + "\n")
+        return {"health_warnings": len(notes)}
+
+    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt, opts: SampleOptions) -> Iterator[str]:
+        """`deeprecipe sample RUN --n 64`: a grid and one PNG per image (labels cycle over the classes)."""
+        from torchvision.utils import save_image
+
+        if opts.n < 1:
+            raise UserError(f"--n {opts.n}: must be at least 1")
+        out = Path(opts.out or Path(opts.run_dir or ".") / "samples")
+        out.mkdir(parents=True, exist_ok=True)
+        images = torch.cat(list(generate(model, opts.n, opts.seed, rt)))
+        save_grid(images, out / "grid.png", nrow=max(1, int(len(images) ** 0.5)))
+        for i, img in enumerate(images):
+            save_image((img.cpu() + 1) / 2, out / f"{i:04d}.png")
+        yield f"{len(images)} images: {out}/0000.png ... ; grid: {out / 'grid.png'}\n"
+
+    def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
+        """The generator is what ships: noise (and class labels when conditional) in, images in [-1, 1] out."""
+        z, y = model.noise(batch, torch.Generator().manual_seed(batch))
+        inputs = {"noise": z} if y is None else {"noise": z, "labels": y}
+        return {"inputs": inputs, "outputs": ["images"]}
+
+    def serve(self, ctx) -> None:
+        """POST /sample: {n, seed} -> n generated images (PNG); a conditional model cycles through the classes."""
+        ctx.image_sampler("/sample", lambda n, seed: (torch.cat(list(generate(ctx.model, n, seed, ctx.rt))) + 1) / 2)

@@ -1,0 +1,205 @@
+"""The family contract: every hook a family may provide, with its signature, its meaning and its default.
+
+A family (image classification, language modelling, a GAN, ...) is one package under deeprecipe/families/ with a
+subclass of `Family`, registered by one line in deeprecipe/families/__init__.py. The engine, the checks, export
+and serve call hooks only through this class: a hook a family does not override runs the default written here.
+Hooks take typed values and return values; they never read argparse objects and never print (the CLI prints).
+
+    Family
+      METRIC                          the validation metric that picks the best weights and drives early stopping
+      -- training (engine/loop.py)
+      check_config(cfg)               refuse, with a ConfigError, any config field the family cannot honour
+      build_model(cfg, spec)          the nn.Module (default cfg.model.build(spec))
+      parts(model, cfg)               the networks updated in turn, each with its own optimizer (default: one)
+      prepare(batch, spec, draws)     a raw batch -> the batch as it enters the net (augmented when draws is set)
+      loss(model, batch, cfg, part)   (scalar loss, logs) of one micro-batch for one part
+      evaluate(model, data, split, cfg, rt, final)   metrics over a whole split
+      snapshot(model, data, cfg, rt)  pictures of the model at an evaluation, for plots/ and TensorBoard
+      finish(model, data, cfg, rt, run_dir, results) final metrics and plots of a finished run
+      -- use (cli, serve/)
+      predict(model, spec, cfg, rt, files, opts)     files -> one result dict each
+      sample(model, spec, cfg, rt, opts)             text pieces to show (language models stream; GANs write files)
+      export_example(model, spec, batch)             what `export` feeds the net
+      serve(ctx)                                     the family's HTTP endpoints
+      add_verbs(subparsers)                          CLI verbs of the family's own (translate)
+      -- the recipe's checks (checks/)
+      CHECKS_SKIP, EXTRA_CHECKS, CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX
+      expected_init_loss(spec, cfg), per_example_loss(model, batch, cfg), batch_input(batch),
+      replace_input(batch, x), show_batch(batch, spec)
+
+`tests/test_family.py` checks every registered family against this class: the hook names it defines exist
+here, their signatures match, and METRIC is set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.config import Config
+from deeprecipe.core import DataSpec, UserError
+from deeprecipe.data.core import Data, Draws
+
+
+@dataclass
+class PredictOptions:
+    """`deeprecipe predict RUN FILES`: what a family's predict hook may use."""
+
+    top: int = 3  # labels to return (classifiers)
+    out: Path | None = None  # folder for output files (segmentation masks, ...)
+
+
+@dataclass
+class SampleOptions:
+    """`deeprecipe sample RUN`: what a family's sample hook may use."""
+
+    prompt: str = ""  # text to continue (language models)
+    max_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    n: int = 64  # images (GANs)
+    seed: int = 0
+    out: Path | None = None  # output folder (images)
+    run_dir: Path | None = None  # the run sampled from (default output place)
+
+
+class Family:
+    """The hooks of a family, each a documented default. Subclasses override what their family needs."""
+
+    name: str = ""  # the registry name (cfg.task), set by the registry
+    METRIC: tuple[str, str] = ("", "max")  # (name in evaluate()'s dict, "max" | "min"); required
+
+    # ------------------------------------------------------------------------------------------ training
+    def check_config(self, cfg: Config) -> None:
+        """Raise a ConfigError for any config field this family cannot honour (never ignore one silently)."""
+
+    def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:
+        """The model of the recipe for this data: a plain nn.Module on the CPU (the engine places and wraps it)."""
+        return cfg.model.build(spec)
+
+    def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
+        """The networks of one training step, in the order they are updated: name -> (module, lr multiplier).
+
+        Each part gets its own AdamW optimizer (and gradient scaler); in its turn, the loss of every micro-batch
+        is computed with `part=name` while the other parts are frozen, then the part's gradients are clipped,
+        checked for NaN/inf and applied. A GAN returns {"d": discriminator, "g": generator}. Default: one part."""
+        return {"model": (model, 1.0)}
+
+    def prepare(self, batch: tuple, spec: DataSpec, draws: Draws | None) -> tuple:
+        """A raw batch (on the device) -> the batch exactly as it enters the net. `draws` gives per-example random
+        numbers for augmentation, independent of accumulation and data-parallel splits; None means evaluation."""
+        return batch
+
+    def loss(self, model: nn.Module, batch: tuple, cfg: Config, part: str) -> tuple[torch.Tensor, dict]:
+        """(scalar loss, logs: name -> 0-d tensor, averaged over the log interval) of a prepared micro-batch."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Any, final: bool) -> dict:
+        """Metrics over a whole split (the model in eval mode, no grad, autocast on). `final` is the last evaluation
+        of a run or `deeprecipe eval`: a family may measure more thoroughly then (a GAN scores more samples)."""
+        raise NotImplementedError
+
+    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt: Any) -> dict[str, torch.Tensor]:
+        """Pictures of the model at an evaluation: name -> image (C, H, W) in [0, 1]; the engine writes them to
+        plots/<name>/step-<step>.png and TensorBoard. Default: none."""
+        return {}
+
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Any, run_dir: Path, results: dict) -> dict:
+        """Final metrics and plots (into run_dir/plots) of a finished run; `results` is its last evaluation."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ use
+    def predict(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, files: list[str], opts: PredictOptions
+    ) -> list[dict]:
+        """`deeprecipe predict`: one result per file; a result's "text" is the line the CLI prints."""
+        raise UserError(f"task '{self.name}' has no predict; see its own verbs (deeprecipe --help)")
+
+    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, opts: SampleOptions) -> Iterator[str]:
+        """`deeprecipe sample`: text pieces for the CLI to show as they come."""
+        raise UserError(f"task '{self.name}' does not generate samples (sample works for language models and GANs)")
+
+    def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
+        """What `deeprecipe export` feeds the net: {"inputs": {name: tensor}, "outputs": [names], "module": the
+        nn.Module to export (default the model), "dynamic": {input: {axis: name}} (default axis 0 "batch")}.
+        Default: an image batch (B, C, H, W) as prepare makes it, else token ids (B, T)."""
+        g = torch.Generator().manual_seed(batch)
+        if spec.image_size and spec.image_size[0] and spec.in_channels:
+            x = torch.randn(batch, spec.in_channels, *spec.image_size, generator=g)  # (B, C, H, W), normalized
+            return {"inputs": {"image": x}, "outputs": ["logits"]}
+        if spec.vocab_size:
+            t = int(spec.extra.get("block_size", 16) or 16)
+            ids = torch.randint(0, spec.vocab_size, (batch, min(t, 16)), generator=g)  # (B, T)
+            return {"inputs": {"tokens": ids}, "outputs": ["logits"], "dynamic": {"tokens": {0: "batch", 1: "time"}}}
+        raise UserError(
+            f"task '{self.name}' has no export_example and its spec has neither an image size nor a vocabulary"
+        )
+
+    def serve(self, ctx: Any) -> None:
+        """Add the family's endpoints to a serve.server.ServeContext (ctx.router, ctx.batcher, ctx.widget, ...)."""
+        raise UserError(f"task '{self.name}' has no serve hook yet (see docs/architecture.md)")
+
+    def add_verbs(self, subparsers: Any) -> None:
+        """Add CLI verbs of the family's own (argparse subparsers); their handlers may print."""
+
+    # ------------------------------------------------------------------------------------------ checks
+    CHECKS_SKIP: dict[str, str] = {}  # built-in checks that do not apply: name -> why
+    EXTRA_CHECKS: dict[str, Callable] = {}  # the family's own checks fn(ctx) -> Verdict; a built-in name replaces it
+    CHECK_DEFAULTS: dict[str, int] = {}  # the short runs' work: steps, batch_size, overfit_examples, overfit_steps
+    CAUSAL: bool = False  # the dependency check also proves that position t ignores inputs after t
+    IGNORE_INDEX: int | None = None  # a label value that means "no label" (not out of range, not in losses)
+
+    def expected_init_loss(self, spec: DataSpec, cfg: Config) -> tuple[float, str] | None:
+        """(closed-form loss of the untrained net, where it comes from); None: not known."""
+        if spec.num_classes:
+            return math.log(spec.num_classes), f"ln {spec.num_classes} classes"
+        if spec.vocab_size:
+            return math.log(spec.vocab_size), f"ln {spec.vocab_size} vocab"
+        return None
+
+    def per_example_loss(self, model: nn.Module, batch: tuple, cfg: Config) -> torch.Tensor:
+        """(B,) losses, or (B, T) for sequences. Default: cross-entropy of model(input) (first output when it
+        returns a tuple) against batch[-1], class dim last or dim 1 (dense: mean over the labelled pixels)."""
+        out = model(self.batch_input(batch))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return per_example_ce(out.float(), batch[-1], -100 if self.IGNORE_INDEX is None else self.IGNORE_INDEX)
+
+    def batch_input(self, batch: tuple) -> torch.Tensor:
+        """The net's input in a prepared batch (the checks differentiate through it and blank it)."""
+        return batch[0]
+
+    def replace_input(self, batch: tuple, x: torch.Tensor) -> tuple:
+        return (x, *batch[1:])
+
+    def show_batch(self, batch: tuple, spec: DataSpec) -> tuple[torch.Tensor, list[str]] | str | None:
+        """A prepared batch for the eye: (images in [0, 1], captions), a text, or None for no picture."""
+        return None
+
+
+def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy per example: (B, C) vs (B,) -> (B,); (B, T, V) vs (B, T) -> (B, T);
+    (B, C, H, W) vs (B, H, W) -> (B,) (mean over the pixels that are not ignore_index)."""
+    if y.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise UserError(
+            "the checks' fallback loss needs integer targets in batch[-1]: override per_example_loss in the family"
+        )
+    y = y.long()
+    if logits.shape[:-1] == y.shape:  # class dim last
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none", ignore_index=ignore_index).view(
+            y.shape
+        )
+    if logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:  # class dim 1 (dense prediction)
+        per = F.cross_entropy(logits, y, reduction="none", ignore_index=ignore_index).flatten(1)
+        return per.sum(1) / (y != ignore_index).flatten(1).sum(1).clamp_min(1)  # mean over labelled pixels
+    raise UserError(
+        f"the checks cannot match model output {tuple(logits.shape)} with targets {tuple(y.shape)}: "
+        "override per_example_loss in the family"
+    )
