@@ -8,6 +8,7 @@ import json
 import shlex
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from deeprecipe.core import UserError
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = [str(a) for a in argv]  # the exact command, for commands.txt and the report
+    warnings.showwarning = _note
     try:
         args.func(args)
         return 0
@@ -306,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings of deeprecipe's own code are notes for the user: one line on stderr, no source location."""
+    if str(filename).startswith(str(Path(__file__).parents[1])):
+        print(f"note: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _one_line(e: BaseException) -> str:

@@ -126,7 +126,7 @@ class GAN(Family):
         M = cfg.model
         n = M.eval_samples if final else max(500, M.eval_samples // 10)
         out = ev.score(generate(model, n, cfg.train.seed + 2, rt))
-        return out | {"samples": n, "health": gm.collapse(out, data.spec.class_names)}
+        return out | {"health": gm.collapse(out, data.spec.class_names)}
 
     def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor]:
         """The fixed-noise grid (the same z at every evaluation, so the grids show progress)."""
