@@ -108,6 +108,8 @@ class Classify(Family):
 
     prepare = staticmethod(prepare)
 
+    METRIC = ("acc", "max")
+
     def show_batch(self, batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
         """A prepared batch for the eye (deeprecipe check): images de-normalized to [0, 1], captioned by label."""
         x, y = batch

@@ -66,7 +66,7 @@ class GAN(Family):
     EXTRA_CHECKS = {"seed": checks.seed, "dependency": checks.dependency, "grad_flow": checks.grad_flow}
 
     def __init__(self):
-        self.scorers: dict[str, gm.Evaluator | None] = {}  # split -> FID/IS scorer with that split's real statistics
+        self._scorers: dict[str, gm.Evaluator | None] = {}  # split -> FID/IS scorer with that split's real statistics
 
     def check_config(self, cfg: Config) -> None:
         M = cfg.model
@@ -101,12 +101,12 @@ class GAN(Family):
             return d_loss(real_logit, fake_logit, M.loss, M.real_label), logs
         return g_loss(D(fake, y), M.loss), {}
 
-    def scorer(self, data: Data, split: str, cfg: Config, rt) -> gm.Evaluator | None:
+    def _scorer(self, data: Data, split: str, cfg: Config, rt) -> gm.Evaluator | None:
         """The FID/IS scorer of a split (made once: it may train the domain feature net first); None when off."""
         M = cfg.model
-        if split not in self.scorers:
+        if split not in self._scorers:
             if not M.eval_samples or M.feature_recipe == "none" or data.spec.num_classes < 2:
-                self.scorers[split] = None
+                self._scorers[split] = None
             else:
                 with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
                     feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
@@ -114,13 +114,13 @@ class GAN(Family):
                 ev = gm.Evaluator(feats, inc, rt.device)
                 real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, 10_000, cfg.train.workers)
                 ev.add_real(self.prepare(b, data.spec, None)[0] for b in real)
-                self.scorers[split] = ev
-        return self.scorers[split]
+                self._scorers[split] = ev
+        return self._scorers[split]
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
         """Domain FID and IS of generated images against `split` (all of model.eval_samples when final, a tenth
         (at least 500) on the way); {} when scoring is off (no labels, or model.eval_samples=0)."""
-        ev = self.scorer(data, split, cfg, rt)
+        ev = self._scorer(data, split, cfg, rt)
         if ev is None:
             return {}
         M = cfg.model

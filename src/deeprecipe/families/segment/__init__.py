@@ -161,7 +161,7 @@ def describe(img: torch.Tensor, pred: torch.Tensor, spec: DataSpec) -> tuple[tor
 SERVE_SIDE = 1024  # predict and /segment answer at the image's size, or scaled down to this long side
 
 
-__all__ = ["METRIC", "prepare", "loss", "evaluate", "finish", "predict", "serve", "joint_augment", "denormalize"]
+__all__ = ["Segment", "prepare", "joint_augment", "segment_images", "describe", "colorize", "denormalize"]
 
 
 class Segment(Family):
