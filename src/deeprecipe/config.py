@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses with documented defaults, YAML recipes, dotted overrides.
 
-A run's config has four fixed sections (optim, train, plus the task name and a description) and two
+A run's config has fixed sections (optim, train, finetune, plus the task name and a description) and two
 sections whose type depends on a name: ``data`` (chosen by ``data.name`` from the dataset registry)
 and ``model`` (chosen by ``model.name`` from the model registry). Every key is checked: an unknown key
 or a value of the wrong type fails with the nearest valid name.
@@ -56,6 +56,17 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Start from other weights (engine/finetune.py); the CLI flags --init-from, --freeze, ... set these."""
+
+    init_from: str = ""  # a run folder, a .safetensors file or a PyTorch state dict file ("": train from scratch)
+    freeze: str = ""  # "backbone" (all but the head and fresh layers), or a top-level layer to freeze up to
+    head_lr: float = 1.0  # lr multiplier of the head and of layers left with fresh weights
+    backbone_lr: float = 1.0  # lr multiplier of the loaded layers
+    unfreeze_after: int = 0  # unfreeze the frozen layers one every N steps from the head down (0: stay frozen)
+
+
+@dataclass
 class Config:
     task: str = "classify"  # the task family: classify | lm | translate | gan | segment | video ...
     description: str = ""  # one line shown by `deeprecipe recipes`
@@ -63,6 +74,7 @@ class Config:
     model: Any = None  # a model config dataclass, chosen by model.name
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     recipe: str = ""  # the recipe this config came from (set by the loader)
 
 
@@ -233,6 +245,13 @@ def resolve(raw: dict, name: str = "") -> Config:
     cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
     cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
     check_train(cfg.train)
+    ft = cfg.finetune
+    if not ft.init_from and (ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after):
+        raise ConfigError(
+            "finetune.freeze, head_lr, backbone_lr and unfreeze_after need finetune.init_from (--init-from)"
+        )
+    if ft.head_lr < 0 or ft.backbone_lr < 0 or ft.unfreeze_after < 0:
+        raise ConfigError("finetune.head_lr, backbone_lr and unfreeze_after must be 0 or more")
     if cfg.optim.schedule not in ("cosine", "onecycle", "constant"):
         raise ConfigError(f"optim.schedule={cfg.optim.schedule}: use cosine, onecycle or constant")
     return cfg

@@ -50,17 +50,23 @@ def cmd_recipes(args) -> None:
 def cmd_train(args) -> None:
     from deeprecipe import config
     from deeprecipe.engine.loop import train
-    from deeprecipe.engine.run import new_run_dir
+    from deeprecipe.engine.run import new_run_dir, read_config
 
     overrides = list(args.set or [])
     if args.device:
         overrides.append(f"train.device={args.device}")
+    flags = {"init_from": args.init_from, "freeze": args.freeze, "head_lr": args.head_lr}
+    flags |= {"backbone_lr": args.backbone_lr, "unfreeze_after": args.unfreeze_after}
+    overrides += [f"finetune.{k}={v}" for k, v in flags.items() if v is not None]  # shortcuts for the section
     if args.resume:
+        if args.init_from:
+            raise UserError(
+                "--init-from starts a new run and --resume continues one (it keeps its fine-tuning plan): use one"
+            )
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml)")
-        raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
-        cfg = config.resolve(config.apply_overrides(raw, overrides), raw.get("recipe", ""))
+        cfg = read_config(run_dir, overrides)
     else:
         if not args.recipe:
             raise UserError("train needs a recipe (see 'deeprecipe recipes') or --resume RUN")
@@ -68,17 +74,10 @@ def cmd_train(args) -> None:
         run_dir = new_run_dir(args.recipe, args.out)
         if (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
-    from deeprecipe.engine.finetune import make_init, resume_init
-
-    if args.init_from and args.resume:
-        raise UserError(
-            "--init-from starts a new run and --resume continues one (it keeps its fine-tuning plan): use one of them"
-        )
-    init = make_init(args.init_from, args, run_dir) if args.init_from else resume_init(run_dir) if args.resume else None
     existed = run_dir.exists()
     try:
         command = shlex.join(["deeprecipe", *args.argv])
-        final = train(cfg, family_of(cfg), run_dir, resume=bool(args.resume), command=command, init=init)
+        final = train(cfg, family_of(cfg), run_dir, resume=bool(args.resume), command=command)
     except BaseException:
         # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
         if not existed and not (run_dir / "checkpoints").exists():
@@ -225,16 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
-    s.add_argument("--init-from", metavar="RUN_OR_FILE", help="start from these weights (fine-tuning)")
-    s.add_argument("--freeze", default="", help="fine-tuning: 'backbone', or a layer name to freeze up to")
-    s.add_argument("--head-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the new head")
-    s.add_argument("--backbone-lr", type=float, default=1.0, help="fine-tuning: lr multiplier of the rest")
+    ft = "fine-tuning (sets the config section finetune): "
+    s.add_argument("--init-from", metavar="RUN_OR_FILE", help=ft + "start from these weights")
+    s.add_argument("--freeze", help=ft + "'backbone', or a layer name to freeze up to")
+    s.add_argument("--head-lr", type=float, help=ft + "lr multiplier of the new head (default 1)")
+    s.add_argument("--backbone-lr", type=float, help=ft + "lr multiplier of the rest (default 1)")
     s.add_argument(
-        "--unfreeze-after",
-        type=int,
-        default=0,
-        metavar="N",
-        help="fine-tuning: unfreeze the frozen layers one every N steps, from the head down",
+        "--unfreeze-after", type=int, metavar="N", help=ft + "unfreeze frozen layers one every N steps, head first"
     )
     s.set_defaults(func=cmd_train)
 

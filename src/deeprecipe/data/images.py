@@ -11,7 +11,7 @@ import csv
 import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class ImageData:
     flip: bool = False  # augmentation: random horizontal flip (off for digits and text-like images)
     limit: int = 0  # use at most N training examples (0: all); for quick runs and few-label studies
     per_class: int = 0  # keep only N training examples of each class, drawn by split_seed (0: all); few-label studies
+    class_ids: list[int] = field(default_factory=list)  # keep only these class ids, numbered 0.. in this order ([]: all)
     in_memory_mb: int = 2048  # folder sets smaller than this are decoded once into memory
 
     def build(self) -> Data:
@@ -58,6 +59,18 @@ class ImageData:
 
     # shared finishing: val/test carve-out, limit, spec with mean/std
     def finish(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], val=None, test=None) -> Data:
+        if self.class_ids:  # a subset of the classes (transfer studies: pretrain on some, fine-tune on the others)
+            bad = [c for c in self.class_ids if not 0 <= c < len(classes)]
+            if bad or len(set(self.class_ids)) != len(self.class_ids):
+                raise DataError(f"data.class_ids={self.class_ids}: give distinct class ids in 0..{len(classes) - 1}")
+            new = torch.full((len(classes),), -1, dtype=torch.long)
+            new[torch.tensor(self.class_ids)] = torch.arange(len(self.class_ids))
+
+            def keep(part):
+                return None if part is None else (part[0][new[part[1]] >= 0], new[part[1]][new[part[1]] >= 0])
+
+            (x, y), val, test = keep((x, y)), keep(val), keep(test)
+            classes = [classes[c] for c in self.class_ids]
         if len(x) == 0:
             raise DataError(f"data set '{self.name}' {self.path}: no training examples found")
         for split, labels in (("train", y), ("val", val and val[1]), ("test", test and test[1])):

@@ -1,7 +1,8 @@
 """Fine-tuning: start a model from other weights, freeze part of it, and give its parts their own learning rates.
 
-`deeprecipe train RECIPE --init-from RUN_OR_FILE [--freeze backbone|LAYER] [--head-lr X] [--backbone-lr Y]
-[--unfreeze-after N]` builds the recipe's model, then `make_init(...)(model)`:
+The config section `finetune` (config.FinetuneConfig; the CLI flags --init-from, --freeze, --head-lr,
+--backbone-lr and --unfreeze-after set it) is applied by the training loop after it builds the model
+(`apply`), for every family:
 
 1. reads the source weights without unpickling: a run folder (its inference weights), a .safetensors file,
    or a PyTorch state dict file such as a torchvision ResNet's (`torch.load(weights_only=True)`);
@@ -10,22 +11,19 @@
    everything else keeps its fresh initialization: a new head when the class count changes;
 3. freezes the backbone (everything but the head and the newly initialized tensors) or every top-level
    layer up to and including a named one;
-4. returns the lr multipliers by name prefix (engine/optim.py param_groups). With --unfreeze-after N the
+4. returns the lr multipliers by name prefix (engine/optim.py param_groups). With unfreeze_after N the
    frozen layers are not frozen for good: they get learning rate 0 until their start step, one top-level
    layer every N steps from the head down to the stem (gradual unfreezing). Being a function of the step,
    it resumes exactly.
 
-The plan (source, frozen parameters, lr multipliers) is written to the run folder as finetune.json, so
-`deeprecipe train --resume RUN` rebuilds the same optimizer groups and freezing without being told again.
+The config is saved in config.yaml and the plan (source, frozen parameters, lr multipliers) in finetune.json,
+so `deeprecipe train --resume RUN` rebuilds the same optimizer groups and freezing without being told again.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -179,69 +177,55 @@ def plan(
 PLAN = "finetune.json"
 
 
-def make_init(init_from: str, args, run_dir: Path | None = None) -> Callable[[nn.Module], dict | None]:
-    """The `init(model) -> lr_scale` function the training loop calls after building the model; with run_dir,
-    the plan is saved there for --resume."""
-    weights = read_source(init_from)
-    freeze = getattr(args, "freeze", "") or ""
-    head_lr, backbone_lr = getattr(args, "head_lr", 1.0), getattr(args, "backbone_lr", 1.0)
-    unfreeze_after = int(getattr(args, "unfreeze_after", 0) or 0)
-
-    def init(model: nn.Module) -> dict | None:
-        report = load_matching(model, weights)
-        if not report["loaded"] and not report["adapted"]:
-            raise UserError(
-                f"--init-from {init_from}: no tensor matches this model by name and shape "
-                f"(source names look like {list(weights)[:3]}, the model's like "
-                f"{list(model.state_dict())[:3]})"
-            )
-        fresh = report["new"] + [n for n, _, _ in report["skipped"]]
-        lr_scale = plan(model, fresh, freeze, head_lr, backbone_lr, unfreeze_after)
-        print(format_report(init_from, report))
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+def apply(model: nn.Module, ft, run_dir: Path, resume: bool = False, main: bool = True) -> dict | None:
+    """Fine-tune as config section `ft` (config.FinetuneConfig) says: None when ft.init_from is empty, else the lr
+    multipliers by name prefix, after loading the source weights and freezing. A resumed run re-applies the plan
+    saved in run_dir/finetune.json (its weights come from the checkpoint, so the source is not read again)."""
+    if not ft.init_from:
+        return None
+    path = Path(run_dir) / PLAN
+    if resume and path.is_file() and checkpoint.latest(Path(run_dir) / "checkpoints") is not None:
+        return _reapply(model, path)
+    weights = read_source(ft.init_from)
+    report = load_matching(model, weights)
+    if not report["loaded"] and not report["adapted"]:
+        raise UserError(
+            f"--init-from {ft.init_from}: no tensor matches this model by name and shape "
+            f"(source names look like {list(weights)[:3]}, the model's like {list(model.state_dict())[:3]})"
+        )
+    fresh = report["new"] + [n for n, _, _ in report["skipped"]]
+    lr_scale = plan(model, fresh, ft.freeze, ft.head_lr, ft.backbone_lr, ft.unfreeze_after)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if main:
+        print(format_report(ft.init_from, report))
+        n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         desc = ", ".join(
             f"{k.rstrip('.')}: x{v[0]:g} from step {v[1]}" if isinstance(v, tuple) else f"{k.rstrip('.')}: x{v:g}"
             for k, v in lr_scale.items()
         )
-        print(f"  frozen {frozen:,} of {total:,} parameters; lr multipliers {desc}")
-        init.report = report  # type: ignore[attr-defined]
-        if run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
-            plan_ = {
-                "init_from": str(Path(init_from).resolve()),
-                "args": dict(freeze=freeze, head_lr=head_lr, backbone_lr=backbone_lr, unfreeze_after=unfreeze_after),
-                "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
-                "lr_scale": {k: list(v) if isinstance(v, tuple) else v for k, v in lr_scale.items()},
-            }
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_text(Path(run_dir) / PLAN, json.dumps(plan_, indent=1))
-        return lr_scale
-
-    return init
+        print(
+            f"  frozen {n_frozen:,} of {sum(p.numel() for p in model.parameters()):,} parameters; lr multipliers {desc}"
+        )
+        saved = {
+            "init_from": str(Path(ft.init_from).resolve()),
+            "frozen": frozen,
+            "lr_scale": {k: list(v) if isinstance(v, tuple) else v for k, v in lr_scale.items()},
+        }
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_text(path, json.dumps(saved, indent=1))
+    return lr_scale
 
 
-def resume_init(run_dir: Path) -> Callable[[nn.Module], dict | None] | None:
-    """For `train --resume`: the saved fine-tuning plan re-applied (None when the run did not start with
-    --init-from). The checkpoint's weights replace the model's, so the source is read again only when the run
-    was killed before its first checkpoint."""
-    path = Path(run_dir) / PLAN
-    if not path.is_file():
-        return None
+def _reapply(model: nn.Module, path: Path) -> dict:
     try:
         saved = json.loads(path.read_text())
-        source, frozen, scales = saved["init_from"], saved["frozen"], saved["lr_scale"]
+        frozen, scales = saved["frozen"], saved["lr_scale"]
     except (ValueError, KeyError) as e:
         raise UserError(f"{path}: unreadable fine-tuning plan ({e}); start a new run with --init-from") from None
-    if checkpoint.latest(Path(run_dir) / "checkpoints") is None:
-        return make_init(source, SimpleNamespace(**saved.get("args", {})))
-
-    def init(model: nn.Module) -> dict | None:
-        params = dict(model.named_parameters())
-        missing = [n for n in frozen if n not in params]
-        if missing:
-            raise UserError(f"{path}: frozen parameter {missing[0]} is not in this model; the run folder is damaged")
-        for n in frozen:
-            params[n].requires_grad_(False)
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in scales.items()}
-
-    return init
+    params = dict(model.named_parameters())
+    missing = [n for n in frozen if n not in params]
+    if missing:
+        raise UserError(f"{path}: frozen parameter {missing[0]} is not in this model; the run folder is damaged")
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in scales.items()}

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from deeprecipe.config import Config, to_dict
 from deeprecipe.core import ConfigError, UserError
 from deeprecipe.data.core import Data, micro_draws, train_batches
-from deeprecipe.engine import checkpoint, optim
+from deeprecipe.engine import checkpoint, finetune, optim
 from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
 from deeprecipe.family import Family
@@ -153,9 +153,7 @@ def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def train(
-    cfg: Config, family: Family, run_dir: Path, resume: bool = False, command: str = "", init=None
-) -> dict[str, float]:
+def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, command: str = "") -> dict[str, float]:
     family.check_config(cfg)
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
@@ -165,7 +163,7 @@ def train(
             f"do not split evenly over {rt.world} processes"
         )
     data, model = build(cfg, family, rt)
-    lr_scale = init(model) if init else None  # fine-tuning: load weights, freeze, per-group lr scales
+    lr_scale = finetune.apply(model, cfg.finetune, run_dir, resume, rt.main)  # load weights, freeze, lr scales
     parts = make_parts(family, model, cfg, rt, lr_scale)
     if rt.world > 1 and len(parts) > 1:
         raise UserError(f"task '{cfg.task}' updates {len(parts)} networks in turn: run it in one process (no torchrun)")
