@@ -1,4 +1,4 @@
-"""Each check is proven on a planted bug: it fails on the buggy model/data/task and passes on the correct one.
+"""Each check is proven on a planted bug: it fails on the buggy model/data/family and passes on the correct one.
 
 Tiny setups (8x8 digits, an MLP, a one-layer attention net, tiny registry models of every family on synthetic
 data) keep the file to seconds on a CPU; the registry test runs every built-in recipe with tiny settings.
@@ -10,8 +10,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
@@ -25,7 +23,9 @@ from deeprecipe.checks.core import init_head_from_priors
 from deeprecipe.checks.lr_find import lr_range_test
 from deeprecipe.cli import main
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
-from deeprecipe.tasks import classify
+from deeprecipe.families import get_family
+from deeprecipe.families.classify import Classify
+from deeprecipe.families.lm import LanguageModel
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -56,9 +56,9 @@ def clone(data: Data, **splits) -> Data:
     return d
 
 
-def ctx_for(cfg, tmp_path, data, model=None, task=None, **kw) -> Ctx:
+def ctx_for(cfg, tmp_path, data, model=None, family=None, **kw) -> Ctx:
     kw.setdefault("steps", 30)
-    return Ctx(cfg, tmp_path, data=data, make_model=model, task=task, **kw)
+    return Ctx(cfg, tmp_path, family or get_family(cfg.task), data=data, make_model=model, **kw)
 
 
 class Net(nn.Module):
@@ -261,11 +261,14 @@ def test_balance_missing_and_rare_classes(cfg, digits, tmp_path):
 
 
 def test_batch_check_catches_a_missing_normalization(cfg, digits, tmp_path):
-    def prepare_raw(batch, spec, gen=None):  # forgot normalize(): pixels 0..255 reach the net
-        return batch[0].float(), batch[1]
+    class RawPrepare(Classify):
+        def prepare(self, batch, spec, draws):  # forgot normalize(): pixels 0..255 reach the net
+            return batch[0].float(), batch[1]
 
-    task = SimpleNamespace(loss=classify.loss, METRIC=classify.METRIC, prepare=prepare_raw)  # no pictures: fast
-    assert dchecks.batch(ctx_for(cfg, tmp_path, digits, task=task)).status == "fail"
+        def show_batch(self, batch, spec):  # no pictures: fast
+            return None
+
+    assert dchecks.batch(ctx_for(cfg, tmp_path, digits, family=RawPrepare())).status == "fail"
     v = dchecks.batch(ctx_for(cfg, tmp_path, digits))
     assert v.status == "pass" and {Path(p).name for p in v.plots} == {"examples.png", "batch.png"}
 
@@ -288,7 +291,7 @@ def test_files_check_names_the_corrupt_file_and_the_verb_exits_3(tmp_path, capsy
         root = tmp_path / f"imgs{int(corrupt)}"
         write_folder(root, corrupt)
         icfg = config.load("imagefolder-resnet", [f"data.path={root}", "data.image_size=8"])
-        v = dchecks.files(Ctx(icfg, tmp_path))
+        v = dchecks.files(Ctx(icfg, tmp_path, get_family(icfg.task)))
         assert v.status == ("fail" if corrupt else "pass"), v
         if corrupt:
             assert "3.png" in v.measured
@@ -331,11 +334,11 @@ class TinyAttention(nn.Module):
         return self.out(h + a)
 
 
-def lm_task(causal: bool = True):
-    def loss(model, batch, cfg):
-        return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()), {}
+class TinyLM(LanguageModel):
+    """The lm family for a net that returns logits only (B, T, vocab), not the registry's (logits, loss)."""
 
-    return SimpleNamespace(prepare=lambda b, spec, gen=None: b, loss=loss, CAUSAL=causal, METRIC=("loss", "min"))
+    def loss(self, model, batch, cfg, part):
+        return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()), {}
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -343,7 +346,7 @@ def test_causal_dependency_catches_attention_without_its_mask(cfg, tmp_path, mas
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, 11, (64, 9), generator=g)
     data = Data(DataSpec(vocab_size=11), TensorSplit(seq[:, :-1], seq[:, 1:]))
-    ctx = ctx_for(cfg, tmp_path, data, lambda spec: TinyAttention(spec.vocab_size, masked), lm_task())
+    ctx = ctx_for(cfg, tmp_path, data, lambda spec: TinyAttention(spec.vocab_size, masked), TinyLM())
     v = tchecks.dependency(ctx)
     assert v.status == ("pass" if masked else "fail"), v
     if not masked:
@@ -352,9 +355,8 @@ def test_causal_dependency_catches_attention_without_its_mask(cfg, tmp_path, mas
 
 
 def test_gpt_without_its_causal_mask_fails_dependency(cfg, tmp_path):
-    """The registry's GPT through the lm task's hooks: with the mask, pass; attention over every position, fail."""
+    """The registry's GPT through the lm family's hooks: with the mask, pass; attention over every position, fail."""
     from deeprecipe.models.gpt import GPTConfig
-    from deeprecipe.tasks import lm
 
     seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
     data = Data(DataSpec(vocab_size=11, extra={"block_size": 8}), TensorSplit(seq[:, :-1], seq[:, 1:]))
@@ -373,9 +375,9 @@ def test_gpt_without_its_causal_mask_fails_dependency(cfg, tmp_path):
                 a.forward = forward
         return m
 
-    good = tchecks.dependency(ctx_for(cfg, tmp_path, data, gpt, lm))
+    good = tchecks.dependency(ctx_for(cfg, tmp_path, data, gpt, LanguageModel()))
     assert good.status == "pass" and "future 0" in good.measured, good
-    bad = tchecks.dependency(ctx_for(cfg, tmp_path, data, lambda spec: gpt(spec, masked=False), lm))
+    bad = tchecks.dependency(ctx_for(cfg, tmp_path, data, lambda spec: gpt(spec, masked=False), LanguageModel()))
     assert bad.status == "fail" and "causal" in bad.advice, bad
 
 
@@ -392,8 +394,8 @@ def pairs_data(n: int = 48, vocab: int = 13) -> Data:
 
 @pytest.mark.parametrize("bug", [None, "no causal mask", "mixed sources"])
 def test_translator_dependency_on_source_and_target_side(cfg, tmp_path, bug):
+    from deeprecipe.families import translate
     from deeprecipe.models.seq2seq import Seq2Seq
-    from deeprecipe.tasks import translate
 
     class Buggy(Seq2Seq):
         def decode(self, tgt, memory, src_pad):
@@ -410,7 +412,7 @@ def test_translator_dependency_on_source_and_target_side(cfg, tmp_path, bug):
     def model(spec):
         return Buggy(spec.vocab_size, spec.vocab_size, d=16, n_head=2, enc_layers=1, dec_layers=1, ff=32)
 
-    v = translate.check_dependency(ctx_for(cfg, tmp_path, pairs_data(), model, translate))
+    v = translate.check_dependency(ctx_for(cfg, tmp_path, pairs_data(), model, translate.Translate()))
     assert v.status == ("pass" if bug is None else "fail"), v
     if bug == "no causal mask":
         assert "causal" in v.advice
@@ -458,25 +460,25 @@ def seg_data(n: int = 24, C: int = 3) -> Data:
 
 
 def test_segmentation_counts_per_pixel_and_catches_mixing(cfg, tmp_path):
-    from deeprecipe.tasks import segment
+    from deeprecipe.families.segment import Segment
 
     data = seg_data()
-    ctx = ctx_for(cfg, tmp_path, data, TinySeg, segment)
+    ctx = ctx_for(cfg, tmp_path, data, TinySeg, Segment())
     assert dchecks.labels(ctx).status == "pass"  # 255 is "no label", not out of range
     v = tchecks.init_loss(ctx)
     assert v.status == "pass" and "ln 3" in v.expected, v  # per pixel
     assert tchecks.dependency(ctx).status == "pass"
     assert (
-        tchecks.dependency(ctx_for(cfg, tmp_path, data, lambda spec: TinySeg(spec, mix=True), segment)).status == "fail"
+        tchecks.dependency(ctx_for(cfg, tmp_path, data, lambda spec: TinySeg(spec, mix=True), Segment())).status == "fail"
     )
     x, y = data.train.tensors
     bad = clone(data, train=TensorSplit(x, torch.where(y == 2, 3, y)))  # a class id = C
-    assert dchecks.labels(ctx_for(cfg, tmp_path, bad, TinySeg, segment)).status == "fail"
+    assert dchecks.labels(ctx_for(cfg, tmp_path, bad, TinySeg, Segment())).status == "fail"
 
 
 def test_video_dependency_catches_a_reshape_across_clips(cfg, tmp_path):
+    from deeprecipe.families.video import Video
     from deeprecipe.models.video3d import C3D
-    from deeprecipe.tasks import video
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 255, (32, 1, 4, 8, 8), generator=g, dtype=torch.uint8), torch.arange(32) % 4
@@ -489,12 +491,13 @@ def test_video_dependency_catches_a_reshape_across_clips(cfg, tmp_path):
             return super().forward(x.transpose(0, 2).reshape(B, C, T, H, W))
 
     for net, status in ((C3D, "pass"), (TimeMixer, "fail")):
-        ctx = ctx_for(cfg, tmp_path, data, lambda spec, net=net: net(1, 4, [4, 8]), video)
+        ctx = ctx_for(cfg, tmp_path, data, lambda spec, net=net: net(1, 4, [4, 8]), Video())
         assert tchecks.dependency(ctx).status == status
 
 
 def test_gan_checks_catch_mixed_noise_and_a_frozen_generator(tmp_path):
-    from deeprecipe.checks import gan as gchecks
+    from deeprecipe.families.gan import GAN
+    from deeprecipe.families.gan import checks as gchecks
     from deeprecipe.models.gan import GANConfig
 
     gcfg = config.load("digits-gan", ["train.device=cpu", "model.hidden=[16,32]"])
@@ -511,14 +514,14 @@ def test_gan_checks_catch_mixed_noise_and_a_frozen_generator(tmp_path):
         m.generator.net[0].requires_grad_(False)
         return m
 
-    ok = Ctx(gcfg, tmp_path, data=data, steps=3, batch_size=16)
+    ok = Ctx(gcfg, tmp_path, GAN(), data=data, steps=3, batch_size=16)
     assert {gchecks.seed(ok).status, gchecks.dependency(ok).status, gchecks.grad_flow(ok).status} == {"pass"}
-    v = gchecks.dependency(Ctx(gcfg, tmp_path, data=data, make_model=mixed))
+    v = gchecks.dependency(Ctx(gcfg, tmp_path, GAN(), data=data, make_model=mixed))
     g_part, d_part = v.measured.split("; ")
     assert v.status == "fail" and "mix" in v.advice and "x_j| = 0 (" not in g_part and "x_j| = 0 (" in d_part, v
-    v = gchecks.grad_flow(Ctx(gcfg, tmp_path, data=data, make_model=frozen, batch_size=16))
+    v = gchecks.grad_flow(Ctx(gcfg, tmp_path, GAN(), data=data, make_model=frozen, batch_size=16))
     assert v.status == "fail" and "generator.net.0" in v.measured, v
-    verdicts = run_checks(Ctx(gcfg, tmp_path, data=data, batch_size=16), only=["init_loss", "seed"])
+    verdicts = run_checks(Ctx(gcfg, tmp_path, GAN(), data=data, batch_size=16), only=["init_loss", "seed"])
     assert [x.name for x in verdicts] == list(CHECKS)  # the GAN's seed replaces the built-in one in place
     status = {x.name: x.status for x in verdicts}
     assert status["seed"] == "pass" and status["init_loss"] == "skip"
@@ -701,7 +704,7 @@ def test_every_builtin_recipe_passes_check(recipe, tmp_path):
     except DataError as e:
         pytest.skip(f"data of {recipe} is not on this machine: {e}")
     work = TINY_WORK.get(cfg.task, dict(steps=30, batch_size=16, overfit_steps=100))
-    verdicts = run_checks(Ctx(cfg, tmp_path, data=data, **work))
+    verdicts = run_checks(Ctx(cfg, tmp_path, get_family(cfg.task), data=data, **work))
     failed = [v for v in verdicts if v.status == "fail"]
     assert {v.name for v in failed} == KNOWN_FINDINGS.get(recipe, set()), failed
     applies = {"seed", "dependency"} | ({"grad_flow"} if cfg.task == "gan" else {"init_loss"})

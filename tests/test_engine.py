@@ -18,11 +18,12 @@ from conftest import PYTHON, TINY, sets
 from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop, optim
 from deeprecipe.engine.run import read_metrics, read_status
+from deeprecipe.families import get_family
 
 
 def train(out: Path, *overrides: str, recipe: str = "digits-mlp") -> dict:
     cfg = config.load(recipe, TINY + ["model.hidden=[32]"] * (recipe == "digits-mlp") + list(overrides))
-    return loop.train(cfg, Path(out))
+    return loop.train(cfg, get_family(cfg.task), Path(out))
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -124,7 +125,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, subenv):
     assert proc.returncode == 0, err[-2000:]
 
     ref = tmp_path / "ref"
-    loop.train(config.load("digits-cnn", RESUME), ref)
+    cfg = config.load("digits-cnn", RESUME)
+    loop.train(cfg, get_family(cfg.task), ref)
     assert_same(final_weights(ref), final_weights(run))
     assert any(k.startswith("ema.") for k in final_weights(run))
     assert_same(
