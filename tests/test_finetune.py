@@ -5,13 +5,15 @@ import types
 import pytest
 import torch
 import torchvision
+import yaml
 from safetensors.torch import save_file
 
 from deeprecipe.cli import main
+from deeprecipe.config import FinetuneConfig
 from deeprecipe.data.core import DataSpec
 from deeprecipe.data.images import DigitsData
 from deeprecipe.engine import checkpoint, optim
-from deeprecipe.engine.finetune import load_matching, make_init, plan, read_source
+from deeprecipe.engine.finetune import apply, load_matching, plan, read_source
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.util import UserError
 
@@ -91,9 +93,8 @@ def test_sources_are_read_without_unpickling(tmp_path):
     m = torch.nn.Linear(2, 2)
     torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}, tmp_path / "ddp.pt")
     assert set(read_source(str(tmp_path / "ddp.pt"))) == {"weight", "bias"}  # wrapper and DDP prefix removed
-    init = make_init(str(tmp_path / "ddp.pt"), types.SimpleNamespace())
     with pytest.raises(UserError, match="no tensor matches"):
-        init(resnet())
+        apply(resnet(), FinetuneConfig(init_from=str(tmp_path / "ddp.pt")), tmp_path / "run")
 
 
 def test_per_class_keeps_a_balanced_few_label_set():
@@ -140,6 +141,8 @@ def test_cli_fine_tune_from_a_run_keeps_frozen_backbone(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "loaded 16 tensors" in out and "skipped 0" in out and "frozen" in out
+    saved = yaml.safe_load((dst / "config.yaml").read_text())["finetune"]  # the flags are the typed section
+    assert saved == dict(init_from=str(src), freeze="backbone", head_lr=3.0, backbone_lr=1.0, unfreeze_after=0)
     before, after = checkpoint.inference_weights(src), checkpoint.inference_weights(dst)
     params = {n for n, _ in torch.nn.Module.named_parameters(_cnn())}
     for name in params:
@@ -151,6 +154,8 @@ def test_cli_fine_tune_from_a_run_keeps_frozen_backbone(tmp_path, capsys):
         )
         == 2
     )
+    assert main(["train", "digits-cnn", "--out", str(tmp_path / "bad"), "--head-lr", "3", *base]) == 2  # no source
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
