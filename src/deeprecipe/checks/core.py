@@ -29,7 +29,6 @@ from deeprecipe.engine.device import Runtime, setup, step_generator
 from deeprecipe.engine.loop import place
 from deeprecipe.family import Family
 
-STATUSES = ("pass", "warn", "fail", "skip")
 # the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
 # a family's CHECK_DEFAULTS overrides some, the caller's arguments (--steps, --batch, ...) override both
 DEFAULTS = {"steps": 50, "batch_size": 32, "overfit_examples": 8, "overfit_steps": 200}
@@ -45,25 +44,6 @@ class Verdict:
     value: float | None = None  # the measured number (checks.json, tests)
     plots: list[str] = field(default_factory=list)  # paths relative to the run folder
     seconds: float = 0.0
-
-
-def graded(
-    name: str,
-    value: float,
-    warn_above: float,
-    fail_above: float,
-    measured: str,
-    expected: str,
-    advice_warn: str,
-    advice_fail: str,
-    advice_pass: str = "",
-) -> Verdict:
-    """The common shape: a number that should be small; pass, warn and fail by two thresholds."""
-    if not math.isfinite(value) or value > fail_above:
-        return Verdict(name, "fail", measured, expected, advice_fail, value)
-    if value > warn_above:
-        return Verdict(name, "warn", measured, expected, advice_warn, value)
-    return Verdict(name, "pass", measured, expected, advice_pass, value)
 
 
 class Ctx:

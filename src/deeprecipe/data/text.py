@@ -180,12 +180,6 @@ class BPETokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def token_id(self, token: str) -> int:
-        i = self.tok.token_to_id(token)
-        if i is None:
-            raise UserError(f"the tokenizer has no '{token}' token")
-        return i
-
     def to_extra(self) -> dict:
         return {"kind": "bpe", "json": self.tok.to_str()}
 
