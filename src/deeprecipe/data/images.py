@@ -51,7 +51,9 @@ class ImageData:
     flip: bool = False  # augmentation: random horizontal flip (off for digits and text-like images)
     limit: int = 0  # use at most N training examples (0: all); for quick runs and few-label studies
     per_class: int = 0  # keep only N training examples of each class, drawn by split_seed (0: all); few-label studies
-    class_ids: list[int] = field(default_factory=list)  # keep only these class ids, numbered 0.. in this order ([]: all)
+    class_ids: list[int] = field(
+        default_factory=list
+    )  # keep only these class ids, numbered 0.. in this order ([]: all)
     in_memory_mb: int = 2048  # folder sets smaller than this are decoded once into memory
 
     def build(self) -> Data:
