@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from deeprecipe import config  # noqa: E402
 from deeprecipe.engine.device import setup  # noqa: E402
-from deeprecipe.tasks import gan as gan_task  # noqa: E402
+from deeprecipe.families import gan as gan_task  # noqa: E402
 
 
 def plain_dcgan(minutes: float, threads: int, seed: int = 0) -> tuple[nn.Module, int]:
@@ -136,7 +136,7 @@ def main() -> None:
     rt = setup("cpu", "fp32")
     t = time.perf_counter()
     data = cfg.data.build()
-    ev = gan_task.evaluator(cfg, data, rt)
+    ev = gan_task.scorer(cfg, data, "test", rt)
     print(f"domain feature net: test accuracy {ev.feats.accuracy:.4f} (ready in {time.perf_counter() - t:.0f} s)")
     x = data.test.tensors[0].float() / 127.5 - 1
     ref = ev.score(x[i : i + 500] for i in range(0, len(x), 500))
@@ -156,9 +156,9 @@ def main() -> None:
         "--set",
         "train.ckpt_every=50",
         "--set",
-        "train.eval_every=0",
+        "train.eval_every=250",  # grids only: model.eval_samples=0 turns in-run scoring off
         "--set",
-        "model.sample_every=250",
+        "model.eval_samples=0",
         *[a for kv in args.set for a in ("--set", kv)],
     ]
     import shutil
@@ -171,9 +171,9 @@ def main() -> None:
             subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=60 * args.minutes)
         except subprocess.TimeoutExpired:
             pass
-    from deeprecipe.cli import load_run
+    from deeprecipe.cli import open_run
 
-    dcfg, _, model, drt, _ = load_run(str(run), "cpu", "fp32")
+    dcfg, _, model, drt, _ = open_run(str(run), "cpu", "fp32")
     torch.set_grad_enabled(True)
     steps = int((run / "checkpoints" / "latest").read_text().split("-")[1])
     ours = ev.score(gan_task.generate(model, args.samples, 123, drt))

@@ -45,6 +45,21 @@ def generate(model: nn.Module, n: int, seed: int, rt, batch: int = 500) -> Itera
             yield model(z, y).float()
 
 
+def scorer(cfg: Config, data: Data, split: str, rt) -> gm.Evaluator | None:
+    """The FID/IS scorer with the real statistics of `split`; None when scoring is off (no class labels for a
+    domain feature net, or model.eval_samples=0)."""
+    M = cfg.model
+    if not M.eval_samples or M.feature_recipe == "none" or data.spec.num_classes < 2:
+        return None
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
+    inc = gm.inception_features(M.inception_weights) if M.inception_weights else None
+    ev = gm.Evaluator(feats, inc, rt.device)
+    real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, 10_000, cfg.train.workers)
+    ev.add_real(x.float() / 127.5 - 1 for x, _ in real)  # as prepare scales them
+    return ev
+
+
 def health_text(notes: list[str]) -> str:
     return "\n".join(notes) if notes else "no problem found: no NaN, no mode collapse, D did not win outright"
 
@@ -102,19 +117,8 @@ class GAN(Family):
         return g_loss(D(fake, y), M.loss), {}
 
     def _scorer(self, data: Data, split: str, cfg: Config, rt) -> gm.Evaluator | None:
-        """The FID/IS scorer of a split (made once: it may train the domain feature net first); None when off."""
-        M = cfg.model
-        if split not in self._scorers:
-            if not M.eval_samples or M.feature_recipe == "none" or data.spec.num_classes < 2:
-                self._scorers[split] = None
-            else:
-                with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-                    feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
-                inc = gm.inception_features(M.inception_weights) if M.inception_weights else None
-                ev = gm.Evaluator(feats, inc, rt.device)
-                real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, 10_000, cfg.train.workers)
-                ev.add_real(self.prepare(b, data.spec, None)[0] for b in real)
-                self._scorers[split] = ev
+        if split not in self._scorers:  # made once per split: it may train the domain feature net first
+            self._scorers[split] = scorer(cfg, data, split, rt)
         return self._scorers[split]
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
