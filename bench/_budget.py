@@ -19,7 +19,7 @@ from deeprecipe import config
 from deeprecipe.data.core import Draws
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.loop import build, train
-from deeprecipe.tasks import get_task
+from deeprecipe.families import get_family
 
 
 def cli_train(args: list[str]) -> tuple[dict, float]:
@@ -43,9 +43,9 @@ def step_time(cfg, probes: int = 4) -> tuple[float, float]:
     """(seconds to build the data, seconds per training step) measured on the recipe's own model and batch."""
     rt = setup(cfg.train.device, cfg.train.precision)
     t0 = time.perf_counter()
-    data, model = build(cfg, rt)
+    family = get_family(cfg.task)
+    data, model = build(cfg, family, rt)
     t_data = time.perf_counter() - t0
-    task = get_task(cfg.task)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     times = []
     for s in range(probes + 1):
@@ -54,10 +54,10 @@ def step_time(cfg, probes: int = 4) -> tuple[float, float]:
         else:
             idx = torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
             raw = data.train.take(idx)
-        batch = task.prepare(raw, data.spec, Draws(torch.Generator().manual_seed(s)))
+        batch = family.prepare(raw, data.spec, Draws(torch.Generator().manual_seed(s)))
         t = time.perf_counter()
         with rt.autocast():
-            loss, _ = task.loss(model, batch, cfg)
+            loss, _ = family.loss(model, batch, cfg, "model")
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -90,7 +90,7 @@ def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.
     cfg = config.load(recipe, overrides)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, Path(d) / "run")
+        final = train(cfg, get_family(cfg.task), Path(d) / "run")
     wall = time.perf_counter() - t0
     print(
         f"wall {wall:.0f}s (budget {budget:.0f}s) "

@@ -59,6 +59,7 @@ def run_deeprecipe(steps: int, batch: int) -> dict:
     from deeprecipe import config
     from deeprecipe.engine.loop import train
     from deeprecipe.engine.run import read_metrics
+    from deeprecipe.families import get_family
 
     cfg = config.load(
         "fashion-mnist-cnn",
@@ -73,7 +74,7 @@ def run_deeprecipe(steps: int, batch: int) -> dict:
         ],
     )
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, __import__("pathlib").Path(d) / "run")
+        final = train(cfg, get_family(cfg.task), __import__("pathlib").Path(d) / "run")
         rows = [r for r in read_metrics(__import__("pathlib").Path(d) / "run") if "examples_per_s" in r]
     first = next(r for r in rows if r["step"] >= WARM)
     last = rows[-1]

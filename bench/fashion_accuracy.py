@@ -17,6 +17,7 @@ from classify_speed import machine
 from deeprecipe import config
 from deeprecipe.engine.loop import train
 from deeprecipe.engine.run import read_metrics
+from deeprecipe.families import get_family
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     print(f"command: python bench/fashion_accuracy.py --recipe {a.recipe} " + " ".join(f"--set {s}" for s in a.set))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, Path(d) / "run")
+        final = train(cfg, get_family(cfg.task), Path(d) / "run")
         total = time.perf_counter() - t0
         rows = read_metrics(Path(d) / "run")
     steps = [r for r in rows if "examples_per_s" in r]

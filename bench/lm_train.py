@@ -23,6 +23,7 @@ import torch
 from deeprecipe import config
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.loop import train
+from deeprecipe.families import get_family
 
 
 def step_time(cfg: config.Config, n: int = 4) -> float:
@@ -80,7 +81,7 @@ def main() -> None:
         f"{cfg.data.block_size} tokens in {a.budget:.0f} s"
     )
     t = time.perf_counter()
-    final = train(cfg, out, command=f"python {shlex.join(sys.argv)}")
+    final = train(cfg, get_family(cfg.task), out, command=f"python {shlex.join(sys.argv)}")
     wall = time.perf_counter() - t
     print(
         f"result: {a.recipe} val_loss {final['val_loss']:.4f} (bpc {final['val_bpc']:.3f}) on the full val split "

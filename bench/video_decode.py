@@ -21,8 +21,8 @@ import torch
 
 from deeprecipe.data.core import Draws, train_batches
 from deeprecipe.data.video import MovingDigitsData, VideoFolderData
+from deeprecipe.families import video
 from deeprecipe.models import MODELS
-from deeprecipe.tasks import video
 
 p = argparse.ArgumentParser()
 p.add_argument("--videos", type=int, default=60)
