@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deeprecipe.engine.plots import _save, plt
+from deeprecipe.engine.plots import plt, save_figure
 
 
 def bars(values: list[float], names: list[str], path: Path, title: str) -> None:
@@ -13,7 +13,7 @@ def bars(values: list[float], names: list[str], path: Path, title: str) -> None:
     if len(names) <= 40:
         ax.set_xticks(range(len(values)), names, rotation=90, fontsize=7)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def dynamics(steps: list[int], probs: list[list[float]], path: Path) -> None:
@@ -25,7 +25,7 @@ def dynamics(steps: list[int], probs: list[list[float]], path: Path) -> None:
     ax.plot(steps, [sum(r) / len(r) for r in probs], color="black", lw=2, label="mean")
     ax.set_xlabel("step"), ax.set_ylabel("p(true target)"), ax.set_ylim(0, 1), ax.legend()
     ax.set_title("predictions on a fixed held-out batch during training")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def lr_curve(lrs: list[float], losses: list[float], suggestion: float, path: Path) -> None:
@@ -34,4 +34,4 @@ def lr_curve(lrs: list[float], losses: list[float], suggestion: float, path: Pat
     ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2g}")
     ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss (smoothed)"), ax.legend()
     ax.set_title("learning-rate range test")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -144,7 +144,7 @@ class SegData:
 # ------------------------------------------------------------------------------------ generated scenes
 
 
-def _hash(x: torch.Tensor) -> torch.Tensor:
+def hash_ints(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer (lowbias32) on int64 tensors: equal inputs, equal outputs, anywhere."""
     m = 0xFFFFFFFF
     x = x & m
@@ -155,11 +155,11 @@ def _hash(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _u(key: torch.Tensor, k: int, *idx: torch.Tensor) -> torch.Tensor:
+def uniform(key: torch.Tensor, k: int, *idx: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) from the hash of (image key, stream k, integer coordinates...), broadcast together."""
-    h = _hash(key + k * 0x9E3779B9)
+    h = hash_ints(key + k * 0x9E3779B9)
     for i in idx:
-        h = _hash(h ^ (i.long() * 0x85EBCA6B))
+        h = hash_ints(h ^ (i.long() * 0x85EBCA6B))
     return h.float() / 2**32
 
 
@@ -167,18 +167,18 @@ def _field(key: torch.Tensor, k: int, cells: int, H: int, W: int) -> torch.Tenso
     """Smooth noise in [0, 1): a random cells x cells grid per image, upsampled. (N, H, W)"""
     gy = torch.arange(cells, device=key.device).view(1, cells, 1)
     gx = torch.arange(cells, device=key.device).view(1, 1, cells)
-    grid = _u(key.view(-1, 1, 1), k, gy * 131 + gx)  # (N, cells, cells)
+    grid = uniform(key.view(-1, 1, 1), k, gy * 131 + gx)  # (N, cells, cells)
     return F.interpolate(grid[:, None], size=(H, W), mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
 
 
 def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Scene numbers (N,) int64 -> images uint8 (N, 3, H, W) and labels uint8 (N, H, W)."""
     N, (H, W), dev = len(numbers), size, numbers.device
-    key = _hash(numbers.long()).view(N, 1, 1)
+    key = hash_ints(numbers.long()).view(N, 1, 1)
     road, side, bld, veg, sky, person, car, sign = range(8)
 
     def r(k, lo=0.0, hi=1.0):  # one number per image, (N, 1, 1)
-        return lo + (hi - lo) * _u(key, k)
+        return lo + (hi - lo) * uniform(key, k)
 
     def rgb(k, lo, hi):  # one colour per image, (N, 3, 1, 1)
         c = torch.stack([r(k * 8 + 1000 + c, lo[c], hi[c]) for c in range(3)], 1)
@@ -197,7 +197,7 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.T
     tex = _field(key.view(N), 1, 8, H, W)[:, None]  # low-frequency texture shared by the surfaces
     grain, noise, streaks = _banks(H, W, str(dev))
     pick = (key.view(N) % len(grain)).long()
-    grain, noise, streaks = grain[pick][:, None], noise[_hash(key.view(N) + 1) % len(noise)], streaks[pick]
+    grain, noise, streaks = grain[pick][:, None], noise[hash_ints(key.view(N) + 1) % len(noise)], streaks[pick]
 
     # sky: a vertical gradient with clouds
     top, bottom = rgb(1, (0.25, 0.45, 0.7), (0.5, 0.65, 0.95)), rgb(2, (0.7, 0.75, 0.8), (0.9, 0.92, 0.97))
@@ -214,11 +214,11 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.T
 
     # skyline: 10 blocks across, each a building (with windows) or trees, taller far from the vanishing point
     block = (x * 10 + r(8)).floor().long()
-    height = 0.05 + _u(key, 9, block) * (0.1 + 0.9 * (x - vx).abs())
-    is_tree = _u(key, 10, block) < 0.3
+    height = 0.05 + uniform(key, 9, block) * (0.1 + 0.9 * (x - vx).abs())
+    is_tree = uniform(key, 10, block) < 0.3
     roof = h - height - is_tree * 0.03 * torch.sin(x * 90 + r(11) * 6)
     wall = (y > roof) & ~ground | ground & (dx >= (rw + sw) * d)
-    bcol = 0.25 + 0.5 * _u(key.unsqueeze(1), 12, block.unsqueeze(1), torch.arange(3, device=dev).view(1, 3, 1, 1))
+    bcol = 0.25 + 0.5 * uniform(key.unsqueeze(1), 12, block.unsqueeze(1), torch.arange(3, device=dev).view(1, 3, 1, 1))
     windows = ((x * 60 + r(13) * 3).frac() < 0.45) & ((y * 40 + r(14) * 3).frac() < 0.5) & (y > roof + 0.02)
     bcol = bcol * (1 - 0.45 * windows[:, None]) * (0.85 + 0.3 * tex)
     gcol = torch.tensor([0.2, 0.42, 0.12], device=dev).view(1, 3, 1, 1) * (0.6 + 0.8 * tex)
@@ -279,12 +279,12 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.T
 
     # cars (on the road) and pedestrians (on the sidewalks), painted far to near
     K = 5
-    depth = torch.stack([_u(key, 40 + k) for k in range(K)], 0) * 0.8 + 0.15  # (K, N, 1, 1)
+    depth = torch.stack([uniform(key, 40 + k) for k in range(K)], 0) * 0.8 + 0.15  # (K, N, 1, 1)
     order = depth.argsort(0)
     for j in range(K):
         k = order[j]  # (N, 1, 1): which object slot is the j-th farthest in each image
         dk = depth.gather(0, k[None])[0]
-        u = lambda s, k=k: _u(key, 60 + 7 * s, k)  # noqa: E731  per-object random numbers
+        u = lambda s, k=k: uniform(key, 60 + 7 * s, k)  # noqa: E731  per-object random numbers
         is_car, there = u(0) < 0.6, u(1) < 0.75
         foot = h + dk * (1 - h)
         ck = vx + bend * (1 - dk) ** 2
@@ -329,7 +329,7 @@ def _banks(H: int, W: int, device: str, n: int = 32) -> tuple[torch.Tensor, torc
     noise = torch.randn(n, 3, H, W, generator=g)
     y, x = torch.arange(H).view(H, 1), torch.arange(W).view(1, W)
     col, row = (x + y * 0.35).floor().long(), y // 5  # streaks slanted by 0.35 px per row, 5 rows long
-    streaks = torch.stack([(_u(torch.tensor(i), 53, col * 4099 + row) > 0.96).float() for i in range(n)])
+    streaks = torch.stack([(uniform(torch.tensor(i), 53, col * 4099 + row) > 0.96).float() for i in range(n)])
     return grain.to(device), noise.to(device), streaks.to(device)
 
 
@@ -529,5 +529,5 @@ class MaskFolderData(SegData):
 
 
 def _colour(i: int) -> tuple[int, int, int]:
-    h = int(_hash(torch.tensor(i + 7)))
+    h = int(hash_ints(torch.tensor(i + 7)))
     return (h & 255, (h >> 8) & 255, (h >> 16) & 255)

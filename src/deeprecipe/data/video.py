@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.image_ops import EXTS, read
-from deeprecipe.data.scenes import SPLIT_BASE, _hash, _u
+from deeprecipe.data.scenes import SPLIT_BASE, hash_ints, uniform
 
 MOTIONS = ["left", "right", "up", "down", "rotate-cw", "rotate-ccw", "zoom-in", "zoom-out", "bounce", "still"]
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"}
@@ -42,12 +42,12 @@ VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", 
 def render_clips(numbers: torch.Tensor, frames: int, size: int, sprites: torch.Tensor):
     """Clip numbers (N,) -> clips uint8 (N, 1, T, S, S) and motion labels (N,)."""
     N, T, dev = len(numbers), frames, numbers.device
-    key = _hash(numbers.long()).view(N, 1)
+    key = hash_ints(numbers.long()).view(N, 1)
 
     def r(k, lo=0.0, hi=1.0):  # (N, 1)
-        return lo + (hi - lo) * _u(key, k)
+        return lo + (hi - lo) * uniform(key, k)
 
-    label = (_u(key, 0) * len(MOTIONS)).long().clamp(max=len(MOTIONS) - 1).view(N)
+    label = (uniform(key, 0) * len(MOTIONS)).long().clamp(max=len(MOTIONS) - 1).view(N)
     tau = torch.linspace(0, 1, T, device=dev).view(1, T)  # time, 0 -> 1 over the clip
     k = sprites.shape[-1] / size  # sprite half-size in canvas units ([-1, 1] spans the canvas)
     s0 = r(1, 0.8, 1.05)
@@ -75,7 +75,7 @@ def render_clips(numbers: torch.Tensor, frames: int, size: int, sprites: torch.T
     theta = torch.stack(
         [torch.stack([cos, sin, -(cos * px + sin * py)], -1), torch.stack([-sin, cos, sin * px - cos * py], -1)], -2
     ).view(N * T, 2, 3)
-    idx = (_hash(key.view(N) + 77) % len(sprites)).long()
+    idx = (hash_ints(key.view(N) + 77) % len(sprites)).long()
     src = sprites[idx].to(dev).repeat_interleave(T, 0)  # (N*T, 1, s, s)
     grid = F.affine_grid(theta, [N * T, 1, size, size], align_corners=False)
     digit = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from deeprecipe.engine.checkpoint import atomic_write  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
@@ -35,7 +35,7 @@ def curves(rows: list[dict], path: Path) -> None:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot(*zip(*pts), "o-")
         ax.set_xlabel("step"), ax.set_title(k)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def confusion(matrix: list[list[int]], names: list[str], path: Path, title: str = "confusion matrix") -> None:
@@ -58,7 +58,7 @@ def confusion(matrix: list[list[int]], names: list[str], path: Path, title: str 
         ax.set_xticks(range(n), names, rotation=90, fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def image_grid(images: torch.Tensor, captions: list[str] | None, path: Path, title: str = "", cols: int = 8) -> None:
@@ -86,4 +86,4 @@ def image_grid(images: torch.Tensor, captions: list[str] | None, path: Path, tit
         ax.text(c * (W + gap_w) + W / 2, r * (H + gap_h) + H + 0.03 / scale, cap, fontsize=6, ha="center", va="top")
     if title:
         fig.suptitle(title, fontsize=9, y=1 - 0.1 / fig.get_figheight())
-    _save(fig, path)
+    save_figure(fig, path)

@@ -91,7 +91,7 @@ def class_histogram(hist: list[int], names: list[str], path: Path) -> None:
     ax.set_xticks(range(len(hist)), names or [str(i) for i in range(len(hist))], rotation=60, fontsize=7)
     ax.set_ylabel("share of samples"), ax.set_title("generated samples by the domain classifier's class")
     ax.legend(fontsize=7)
-    plots._save(fig, path)
+    plots.save_figure(fig, path)
 
 
 def losses(run_dir: Path, path: Path) -> None:
@@ -108,4 +108,4 @@ def losses(run_dir: Path, path: Path) -> None:
     b.plot(s, [r["d_real"] for r in rows], label="D(x), real")
     b.plot(s, [r["d_fake"] for r in rows], label="D(G(z)), generated")
     b.set_ylim(0, 1), b.set_xlabel("step"), b.set_title("discriminator outputs (mean probability)"), b.legend()
-    plots._save(fig, path)
+    plots.save_figure(fig, path)
