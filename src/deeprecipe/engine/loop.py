@@ -225,9 +225,9 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             lost = not all(torch.isfinite(v) for v in r.losses.values())
             if T.nonfinite != "skip" and (rt.dtype != torch.float16 or lost):
                 run.status("failed", step=done, error="non-finite loss")
-                shown = ", ".join(f"{k} {float(v):.4g}" for k, v in r.losses.items())
+                shown = ", ".join(f"{'' if single else k + ' '}{float(v):.4g}" for k, v in r.losses.items())
                 raise NonFiniteLoss(
-                    f"loss became non-finite at step {done} ({shown}); the last good checkpoint is kept in "
+                    f"loss became {shown} at step {done}; the last good checkpoint is kept in "
                     "checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)"
                 )
             run.log(done, skipped_batch=1)
