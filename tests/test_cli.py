@@ -87,9 +87,8 @@ def test_predict_on_png_files_matches_the_model(cli, run, tmp_path):
     """Labels from `predict` (decode, normalize, forward) equal the model's own argmax on the same images."""
     from torchvision.io import write_png
 
-    from deeprecipe.cli import load_run
+    from deeprecipe.cli import open_run
     from deeprecipe.data.images import DigitsData
-    from deeprecipe.tasks import classify
 
     x, _ = DigitsData().build().test.take(torch.arange(6))
     files = []
@@ -106,10 +105,10 @@ def test_predict_on_png_files_matches_the_model(cli, run, tmp_path):
         assert r["label"] == r["top"][0]["label"]
     assert torch.is_grad_enabled()  # the CLI gives an in-process caller its gradient mode back
     try:
-        cfg, spec, model, rt, task = load_run(str(run), "cpu")
-        want = model(classify.prepare((x, None), spec)[0]).argmax(-1)
+        cfg, spec, model, rt, family = open_run(str(run), "cpu")
+        want = model(family.prepare((x, None), spec, None)[0]).argmax(-1)
     finally:
-        torch.set_grad_enabled(True)  # load_run turns gradients off for the process
+        torch.set_grad_enabled(True)  # in case loading a run turns gradients off for the process
     assert [r["label"] for r in got] == [spec.class_names[i] for i in want]
     code, out, _ = cli("predict", run, files[0], "--device", "cpu")
     assert code == 0 and out.startswith(f"{files[0]}: ")
