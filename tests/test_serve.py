@@ -7,7 +7,6 @@ import io
 import socket
 import threading
 import time
-import types
 from pathlib import Path
 
 import httpx
@@ -20,9 +19,10 @@ from PIL import Image
 from deeprecipe.config import Config
 from deeprecipe.data.core import DataSpec
 from deeprecipe.engine.device import Runtime
+from deeprecipe.families.classify import Classify
+from deeprecipe.family import Family
 from deeprecipe.models.cnn import CNNConfig
 from deeprecipe.serve.server import Batcher, Metrics, ServeOptions, create_app
-from deeprecipe.tasks import classify
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,7 +35,7 @@ def make_app(**opts):
     torch.manual_seed(0)
     model = CNNConfig(channels=(4, 8), dense=(8,)).build(SPEC).eval()
     cfg = Config(task="classify", model=CNNConfig())
-    return create_app(model, SPEC, cfg, Runtime(torch.device("cpu"), None), classify, ServeOptions(**opts)), model
+    return create_app(model, SPEC, cfg, Runtime(torch.device("cpu"), None), Classify(), ServeOptions(**opts)), model
 
 
 def png(h=8, w=8, c=1, seed=0) -> bytes:
@@ -70,7 +70,7 @@ def test_classify_answers_what_the_model_says(client):
         assert r.status_code == 200, r.text
         img = torch.from_numpy(np.array(Image.open(io.BytesIO(png(seed=seed)))))[None, None]  # (1, 1, 8, 8)
         with torch.no_grad():
-            want = client.model(classify.prepare((img, None), SPEC)[0]).softmax(-1)[0]
+            want = client.model(Classify().prepare((img, None), SPEC, None)[0]).softmax(-1)[0]
         got = {t["label"]: t["prob"] for t in r.json()["top"]}
         assert r.json()["label"] == SPEC.class_names[int(want.argmax())]
         for i, name in enumerate(SPEC.class_names):
@@ -184,17 +184,15 @@ def test_batcher_keeps_order_and_max_batch():
     assert max(sizes) <= 4 and sum(sizes) == 10
 
 
-def generative_task():
+class Generative(Family):
     """A stand-in for the language, translation and GAN families, using the documented helpers."""
 
-    def serve(ctx):
+    def serve(self, ctx):
         ctx.text_generation("/generate", lambda prompt, max_tokens, **kw: iter(prompt[::-1][:max_tokens]))
         ctx.translation("/translate", lambda texts: [t.upper() for t in texts])
         ctx.image_sampler(
             "/sample", lambda n, seed: torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
         )
-
-    return types.SimpleNamespace(serve=serve)
 
 
 def test_generic_generation_translation_and_sampling_endpoints():
@@ -204,7 +202,7 @@ def test_generic_generation_translation_and_sampling_endpoints():
         DataSpec(vocab_size=5),
         Config(task="lm", model=CNNConfig()),
         Runtime(torch.device("cpu"), None),
-        generative_task(),
+        Generative(),
         ServeOptions(token=TOKEN),
     )
     with TestClient(app) as c:
