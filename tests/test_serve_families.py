@@ -1,10 +1,9 @@
-"""Every task serves: a tiny run of each family is loaded the way `deeprecipe serve RUN` loads it, and each
-endpoint's answer is checked against the task's own functions run on an independently loaded copy of the
-model (the oracle), along with the family's bad inputs. The cases iterate over the task registry."""
+"""Every family serves: a tiny run of each family is loaded the way `deeprecipe serve RUN` loads it, and each
+endpoint's answer is checked against the family's own functions run on an independently loaded copy of the
+model (the oracle), along with the family's bad inputs. The cases iterate over the family registry."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 from pathlib import Path
@@ -15,9 +14,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from deeprecipe.cli import load_run, main
+from deeprecipe.cli import main, open_run
+from deeprecipe.families import FAMILIES
+from deeprecipe.family import PredictOptions
 from deeprecipe.serve.server import ServeOptions, build_app
-from deeprecipe.tasks import TASKS
 from test_serve import png  # a random PNG: png(h, w, channels, seed)
 
 FAST = ["train.device=cpu", "train.precision=fp32", "train.eval_every=0", "train.log_every=1", "train.ckpt_every=2"]
@@ -65,13 +65,13 @@ CASES = {
 }
 
 
-def test_every_registered_task_has_a_case_here():
-    assert set(CASES) == set(TASKS), "a new task needs a serve case in tests/test_serve_families.py"
+def test_every_registered_family_has_a_case_here():
+    assert set(CASES) == set(FAMILIES), "a new family needs a serve case in tests/test_serve_families.py"
 
 
 @pytest.fixture
 def served(tmp_path):
-    """served(task) -> (TestClient of the run's app, (cfg, spec, model, rt, task) loaded independently)."""
+    """served(task) -> (TestClient of the run's app, (cfg, spec, model, rt, family) loaded independently)."""
     clients = []
 
     def make(task: str):
@@ -79,22 +79,23 @@ def served(tmp_path):
         run = tmp_path / f"run-{task}"
         sets = [*FAST, *overrides, *(extra(tmp_path) if extra else [])]
         assert main(["train", recipe, "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
-        client = TestClient(build_app(str(run), ServeOptions(token="tk")))
+        client = TestClient(build_app(str(run), *open_run(str(run), "cpu", "fp32"), ServeOptions(token="tk")))
         clients.append(client.__enter__())
         client.headers["Authorization"] = "Bearer tk"
-        return client, load_run(str(run), "cpu", "fp32")
+        client.run = run
+        return client, open_run(str(run), "cpu", "fp32")
 
     yield make
     for c in clients:
         c.__exit__(None, None, None)
-    torch.set_grad_enabled(True)  # load_run turns autograd off for the process
+    torch.set_grad_enabled(True)  # in case loading a run turns autograd off for the process
 
 
 def from_png64(text: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(text))))
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(FAMILIES))
 def test_each_task_lists_its_endpoints_and_needs_the_token(served, task):
     c, _ = served(task)
     info = c.get("/info").json()
@@ -106,9 +107,9 @@ def test_each_task_lists_its_endpoints_and_needs_the_token(served, task):
 
 def test_lm_streams_what_the_model_samples(served):
     from deeprecipe.data.text import tokenizer_from_spec
-    from deeprecipe.tasks.lm import start_ids, stream_text
+    from deeprecipe.families.lm import start_ids, stream_text
 
-    c, (cfg, spec, model, rt, task) = served("lm")
+    c, (cfg, spec, model, rt, family) = served("lm")
     body = {"prompt": "the lazy ", "max_tokens": 25, "temperature": 0.9, "top_k": 5, "seed": 3}
     with c.stream("POST", "/generate", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
@@ -121,9 +122,9 @@ def test_lm_streams_what_the_model_samples(served):
 
 
 def test_translate_answers_what_translate_lines_gives(served):
-    from deeprecipe.tasks.translate import translate_lines
+    from deeprecipe.families.translate import translate_lines
 
-    c, (cfg, spec, model, rt, task) = served("translate")
+    c, (cfg, spec, model, rt, family) = served("translate")
     for text in ["a big dog", "the man sits", "red"]:  # one at a time: an untrained net's near-ties can flip
         want = translate_lines(model, spec, [text], rt, beam=2, alpha=cfg.model.length_penalty)[0]  # with padding
         r = c.post("/translate", json={"text": text})
@@ -132,9 +133,9 @@ def test_translate_answers_what_translate_lines_gives(served):
 
 
 def test_gan_samples_are_the_generator_images(served):
-    from deeprecipe.tasks.gan import generate
+    from deeprecipe.families.gan import generate
 
-    c, (cfg, spec, model, rt, task) = served("gan")
+    c, (cfg, spec, model, rt, family) = served("gan")
     images = c.post("/sample", json={"n": 3, "seed": 5}).json()["images"]
     want = (torch.cat(list(generate(model, 3, 5, rt))) + 1) / 2  # (3, 1, 8, 8) in [0, 1]
     got = np.stack([from_png64(b) for b in images])  # (3, 8, 8) uint8
@@ -143,10 +144,10 @@ def test_gan_samples_are_the_generator_images(served):
 
 
 def test_segment_gives_the_label_map_at_the_upload_size(served, monkeypatch):
-    from deeprecipe.tasks import segment
-    from deeprecipe.tasks.segment import segment_images
+    from deeprecipe.families import segment
+    from deeprecipe.families.segment import segment_images
 
-    c, (cfg, spec, model, rt, task) = served("segment")
+    c, (cfg, spec, model, rt, family) = served("segment")
     data = png(30, 50, 3, seed=1)
     r = c.post("/segment", files={"image": ("street.png", data, "image/png")})
     assert r.status_code == 200, r.text
@@ -172,13 +173,13 @@ def test_video_classification_matches_predict_and_refuses_bad_files(served, tmp_
     from deeprecipe.data.video import MovingDigitsData
     from test_video import encode
 
-    c, (cfg, spec, model, rt, task) = served("video")
+    c, (cfg, spec, model, rt, family) = served("video")
     clip = MovingDigitsData(frames=8, train_size=1, val_size=0, test_size=0).build().train.tensors[0][0, 0]
     path = Path(encode(tmp_path / "digit.mp4", clip[..., None].expand(-1, -1, -1, 3).numpy().copy()))
     r = c.post("/classify-video?top=3", files={"video": ("digit.mp4", path.read_bytes(), "video/mp4")})
     assert r.status_code == 200, r.text
     with torch.no_grad():
-        want = task.predict(model, spec, cfg, rt, [str(path)], argparse.Namespace(top=3))[0]
+        want = family.predict(model, spec, cfg, rt, [str(path)], PredictOptions(top=3))[0]
     assert r.json()["label"] == want["label"]
     assert [t["label"] for t in r.json()["top"]] == [t["label"] for t in want["top"]]
     for a, b in zip(r.json()["top"], want["top"]):

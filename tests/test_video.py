@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from deeprecipe import config
 from deeprecipe.data import DATASETS, DataError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.data.video import MOTIONS, MovingDigitsData, VideoFolderData, probe, read_frames
+from deeprecipe.families import video
+from deeprecipe.family import PredictOptions
 from deeprecipe.models import MODELS
-from deeprecipe.tasks import video
 
 av = pytest.importorskip("av")
 VIDEO_MODELS = ["c3d", "r2plus1d"]
@@ -162,8 +162,9 @@ def test_model_shapes_and_backward(name, frames):
 
 @pytest.mark.parametrize("name", VIDEO_MODELS)
 def test_tiny_training_run_then_predict_a_video_file(tmp_path, name):
-    from deeprecipe.cli import load_run
+    from deeprecipe.cli import open_run
     from deeprecipe.engine.loop import train
+    from deeprecipe.families import get_family
 
     cfg = config.load(
         f"moving-digits-{name}",
@@ -179,16 +180,16 @@ def test_tiny_training_run_then_predict_a_video_file(tmp_path, name):
         ],
     )
     run = tmp_path / "run"
-    final = train(cfg, run)
+    final = train(cfg, get_family(cfg.task), run)
     assert 0 <= final["test_top1"] <= final["test_top5"] <= 1
     assert (run / "plots" / "confusion.png").is_file()
     clip = MovingDigitsData(frames=8, train_size=1, val_size=0, test_size=0).build().train.tensors[0][0, 0]
     path = encode(tmp_path / "digit.mp4", clip[..., None].expand(-1, -1, -1, 3).numpy().copy())
     try:
-        cfg, spec, model, rt, task = load_run(str(run), "cpu")
-        out = task.predict(model, spec, cfg, rt, [path], argparse.Namespace(top=5))
+        cfg, spec, model, rt, family = open_run(str(run), "cpu")
+        out = family.predict(model, spec, cfg, rt, [path], PredictOptions(top=5))
     finally:
-        torch.set_grad_enabled(True)  # load_run turns autograd off for the process
+        torch.set_grad_enabled(True)  # in case loading a run turns autograd off for the process
     assert out[0]["label"] in MOTIONS and len(out[0]["top"]) == 5
     assert math.isclose(sum(t["prob"] for t in out[0]["top"]), 1.0, abs_tol=0.5)
 
@@ -202,7 +203,7 @@ def test_training_step_on_cpu_has_finite_gradients_under_bf16_autocast():
     x, y = torch.randn(8, 1, 8, 16, 16), torch.randint(0, 10, (8,))
     for _ in range(3):  # the NaN showed up in about 5 of 6 steps without the fix
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = video.loss(model, (x, y), cfg)
+            loss, _ = video.Video().loss(model, (x, y), cfg, "model")
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         model.zero_grad()
