@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,52 @@ def test_segment_gives_the_label_map_at_the_upload_size(served, monkeypatch):
     assert from_png64(big["labels"]).shape == (24, 40) and from_png64(big["overlay"]).shape == (24, 40, 3)
     bad = c.post("/segment", files={"image": ("x.png", b"not an image", "image/png")})
     assert bad.status_code == 400 and "could not be decoded" in bad.json()["detail"]
+
+
+def image_file(path: Path, h: int, w: int, channels: int, seed: int) -> Path:
+    """A random image written with Pillow, PNG or JPEG by the file's suffix."""
+    g = torch.Generator().manual_seed(seed)
+    Image.fromarray(torch.randint(0, 256, (h, w, channels), dtype=torch.uint8, generator=g).squeeze(-1).numpy()).save(
+        path
+    )
+    return path
+
+
+@pytest.mark.parametrize("task", ["classify", "segment"])
+def test_predict_and_the_endpoint_give_the_same_answer_for_the_same_file(served, task, tmp_path, capsys):
+    """`deeprecipe predict RUN FILES --json` and the HTTP endpoint decode, resize and run a file the same way: the
+    same probabilities (classify) and the same label map (segment), for a PNG at the model's size and a JPEG at
+    another size (so resizing is exercised) and with other channels than the model's."""
+    c, (cfg, spec, model, rt, family) = served(task)
+    h, w = spec.image_size
+    files = [
+        image_file(tmp_path / "same.png", h, w, spec.in_channels, seed=1),
+        image_file(tmp_path / "other.jpg", 2 * h + 3, w + 5, 4 - spec.in_channels, seed=2),  # gray <-> RGB
+    ]
+    capsys.readouterr()
+    top = ["--top", str(spec.num_classes)] if task == "classify" else []
+    code = main(["predict", str(c.run), *map(str, files), "--json", "--device", "cpu", "--out", "masks", *top])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    predicted = json.loads(out)
+    assert [r["file"] for r in predicted] == [str(f) for f in files]
+    for f, want in zip(files, predicted):
+        upload = {"image": (f.name, f.read_bytes(), "image/png" if f.suffix == ".png" else "image/jpeg")}
+        if task == "classify":
+            r = c.post(f"/classify?top={spec.num_classes}", files=upload)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert len(got["top"]) == spec.num_classes
+            assert got == {k: want[k] for k in ("label", "prob", "top")}, f.name
+        else:
+            r = c.post("/segment", files=upload)
+            assert r.status_code == 200, r.text
+            got = from_png64(r.json()["labels"])
+            labels = np.array(Image.open(want["labels"]))
+            size = Image.open(f).size[::-1]  # (h, w)
+            assert got.shape == labels.shape == size, f.name
+            assert np.array_equal(got, labels), f.name
+            assert r.json()["fractions"] == {k: round(v, 5) for k, v in want["fractions"].items()}
 
 
 def test_video_classification_matches_predict_and_refuses_bad_files(served, tmp_path):

@@ -123,7 +123,7 @@ def cmd_predict(args) -> None:
 
     from deeprecipe.family import PredictOptions
 
-    cfg, spec, model, rt, family = open_run(args.run, args.device)
+    cfg, spec, model, rt, family = open_run(args.run, args.device, args.precision)
     opts = PredictOptions(top=args.top, out=Path(args.out) if args.out else None)
     with torch.no_grad():
         results = family.predict(model, spec, cfg, rt, args.files, opts)
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", help="folder for output files (segmentation masks, ...)")
+    s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32 (the default, as serve answers)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("sample", help="generate from a run: text (language models) or images (GANs)")

@@ -184,9 +184,7 @@ class Classify(Family):
             image: UploadFile = File(..., description="the image file"),
             top: int = Query(3, ge=1, le=max(1, spec.num_classes), description="labels to return"),
         ):
-            probs = await batch(await ctx.read_image(image))
-            p, i = probs.topk(top)
-            labels = [{"label": spec.class_names[int(k)], "prob": round(float(v), 5)} for v, k in zip(p, i)]
-            return {"label": labels[0]["label"], "prob": labels[0]["prob"], "top": labels}
+            out = top_labels("image", await batch(await ctx.read_image(image)), spec.class_names, top)
+            return {k: out[k] for k in ("label", "prob", "top")}  # as `predict` reports the same file
 
         ctx.widget("/classify", "image", "Classify an image")
