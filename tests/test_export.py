@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from deeprecipe.cli import main
+from deeprecipe.cli import main, open_run
+from deeprecipe.core import UserError
 from deeprecipe.data.core import DataSpec
+from deeprecipe.families import get_family
+from deeprecipe.families.classify import Classify
+from deeprecipe.family import Family
 from deeprecipe.models import MODELS
 from deeprecipe.serve import export
-from deeprecipe.tasks import classify
-from deeprecipe.util import UserError
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +37,21 @@ def run_dir(tmp_path_factory):
     return out
 
 
+def export_run(run_dir, fmt: str, out: str) -> dict:
+    """export.export_run on the run loaded as `deeprecipe export` loads it (CPU, fp32)."""
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    return export.export_run(str(run_dir), family, model, spec, fmt, out)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_run_matches_pytorch_on_another_batch_size(run_dir, fmt, tmp_path):
     out = tmp_path / f"m.{fmt}"
-    s = export.export_run(str(run_dir), fmt, str(out))
+    s = export_run(run_dir, fmt, str(out))
     assert out.is_file() and s["max_abs_diff"] <= 1e-4
     assert json.loads(out.with_suffix(".json").read_text())["class_names"] == [str(i) for i in range(10)]
     # the oracle, independently of export_run: run the file on a batch of 5 against the PyTorch model
-    from deeprecipe.cli import load_run
-
-    cfg, spec, model, rt, task = load_run(str(run_dir), "cpu", "fp32")
-    x = classify.export_example(model, spec, 5)["inputs"]["image"]
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    x = Classify().export_example(model, spec, 5)["inputs"]["image"]
     got = (export.run_onnx if fmt == "onnx" else export.run_torchscript)(out, {"image": x})[0]
     torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-3)
 
@@ -54,7 +60,7 @@ def test_export_fails_when_the_file_differs(run_dir, tmp_path, monkeypatch):
     real = export.run_torchscript
     monkeypatch.setattr(export, "run_torchscript", lambda p, inputs: [t + 1e-2 for t in real(p, inputs)])
     with pytest.raises(UserError, match="differs from PyTorch"):
-        export.export_run(str(run_dir), "torchscript", str(tmp_path / "m.pt"))
+        export_run(run_dir, "torchscript", str(tmp_path / "m.pt"))
 
 
 def test_cli_export_exit_codes(run_dir, tmp_path, capsys):
@@ -66,7 +72,7 @@ def test_cli_export_exit_codes(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_exports_with_a_dynamic_batch(name, tmp_path):
     """Each model's tiny case (tests/test_models.py) traces at batch 2 and agrees with PyTorch at batch 4.
-    GANs export their generator through the task hook (test below)."""
+    GANs export their generator through the family hook (test below)."""
     from test_models import TINY
 
     torch.manual_seed(0)
@@ -90,19 +96,18 @@ FAMILY_EXPORTS = {"gan": "gan", "dcgan": "gan", "c3d": "video", "seq2seq": "tran
 
 @pytest.mark.parametrize("model_name", sorted(FAMILY_EXPORTS))
 def test_family_export_examples_export_to_onnx_with_parity(model_name, tmp_path):
-    """The task hooks that say what a family exports: the GAN generator, a video net, a seq2seq decoder pass."""
-    from deeprecipe.tasks import get_task
+    """The family hooks that say what a family exports: the GAN generator, a video net, a seq2seq decoder pass."""
     from test_models import TINY
 
-    task_name = FAMILY_EXPORTS[model_name]
+    family_name = FAMILY_EXPORTS[model_name]
     torch.manual_seed(0)
     case = TINY[model_name]()
     cfg, spec = case.cfg, case.spec
     model = cfg.build(spec).eval()
-    task = get_task(task_name)
-    ex = export.example(task, model, spec, 2)
+    family = get_family(family_name)
+    ex = export.example(family, model, spec, 2)
     export.export_onnx(export.TensorsOnly(ex["module"]).eval(), ex, tmp_path / "m.onnx")
-    fresh = export.example(task, model, spec, 3)["inputs"]
+    fresh = export.example(family, model, spec, 3)["inputs"]
     with torch.no_grad():
         want = export.TensorsOnly(ex["module"])(*fresh.values())
     got = export.run_onnx(tmp_path / "m.onnx", fresh)[0]
@@ -123,7 +128,7 @@ class TinyLM(nn.Module):
 def test_default_example_exports_a_language_model_forward_with_dynamic_batch_and_time(tmp_path):
     spec = DataSpec(vocab_size=11)
     model = TinyLM().eval()
-    ex = export.example(object(), model, spec, 2)  # a task without export_example
+    ex = export.example(Family(), model, spec, 2)  # a family without its own export_example
     assert ex["dynamic"] == {"tokens": {0: "batch", 1: "time"}}
     module = export.TensorsOnly(model).eval()
     export.export_onnx(module, ex, tmp_path / "lm.onnx")
