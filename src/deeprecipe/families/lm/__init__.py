@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.core import DataSpec, UserError
+from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data.core import Data, eval_batches
 from deeprecipe.data.text import tokenizer_from_spec
 from deeprecipe.family import Family, SampleOptions
@@ -77,6 +77,10 @@ class LanguageModel(Family):
     """Language modelling (see the module docstring)."""
 
     METRIC = ("loss", "min")
+
+    def check_config(self, cfg: Config) -> None:
+        if cfg.optim.label_smoothing:  # the models compute their own plain next-token cross-entropy
+            raise ConfigError("optim.label_smoothing does not apply to language models: set it to 0")
 
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         x, y = batch
