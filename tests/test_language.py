@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from deeprecipe import config
+from deeprecipe.core import UserError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.data.text import BPETokenizer, CharTokenizer, TextData, iter_text, tokenizer_from_extra
-from deeprecipe.engine import checkpoint
-from deeprecipe.engine.loop import train
+from deeprecipe.engine import checkpoint, loop
+from deeprecipe.families import get_family
 from deeprecipe.models.gpt import GPT, sample_next
 from deeprecipe.models.lstm import CharRNN
-from deeprecipe.util import UserError
 
 DATA = os.environ.get("DEEPRECIPE_DATA", "")
 needs_data = pytest.mark.skipif(
@@ -28,6 +28,11 @@ TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
 ) * 40
+
+
+def train(cfg: config.Config, run_dir: Path, resume: bool = False) -> dict:
+    """The engine's loop with the family the config names, as `deeprecipe train` runs it."""
+    return loop.train(cfg, get_family(cfg.task), run_dir, resume=resume)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -246,7 +251,7 @@ def test_lm_recipe_tiny_run(recipe, corpus, tmp_path):
     # `deeprecipe sample` rebuilds everything from the run folder
     from deeprecipe.cli import main
 
-    with torch.enable_grad():  # load_run switches gradients off for the process; restore them afterwards
+    with torch.enable_grad():  # in case loading a run switches gradients off for the process
         args = ["sample", str(tmp_path / "run"), "--prompt", "First", "--max-tokens", "20", "--device", "cpu"]
         assert main(args) == 0
 
@@ -332,7 +337,7 @@ def test_source_padding_is_masked():
 def test_bleu_equals_sacrebleu(tmp_path):
     import sacrebleu
 
-    from deeprecipe.tasks.translate import score_files
+    from deeprecipe.families.translate import score_files
 
     refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch im Park."]
     hyps = ["Ein Mann fährt ein Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest im Park."]
