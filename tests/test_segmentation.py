@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ from deeprecipe import config
 from deeprecipe.data import DATASETS, DataError
 from deeprecipe.data.core import DataSpec, Draws
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
+from deeprecipe.families import get_family, segment
+from deeprecipe.family import PredictOptions
 from deeprecipe.models import MODELS
-from deeprecipe.tasks import segment
 
 SEG_MODELS = ["unet", "fcn"]
 SEG_DATA = ["scenes", "cityscapes", "maskfolder"]
@@ -76,7 +76,7 @@ def test_prepare_augments_with_bilinear_image_and_nearest_mask_aligned():
     y = _blocks(B=8)
     x = (y * 30 + 10).to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
     spec = DataSpec(num_classes=6, mean=(0.0,) * 3, std=(1.0,) * 3, extra={"flip": True, "scale": [0.7, 1.4]})
-    xa, ya = segment.prepare((x, y.to(torch.uint8)), spec, Draws(torch.Generator().manual_seed(3)))
+    xa, ya = segment.Segment().prepare((x, y.to(torch.uint8)), spec, Draws(torch.Generator().manual_seed(3)))
     assert set(ya.unique().tolist()) <= set(range(6)) | {255}  # ids copied, never blended
     inside = ya != 255
     code = ((xa[:, 0] * 255 - 10) / 30).round()
@@ -189,7 +189,7 @@ def test_model_shapes_any_size_and_backward(name):
 
 @pytest.mark.parametrize("name", SEG_MODELS)
 def test_tiny_training_run_then_predict(tmp_path, name):
-    from deeprecipe.cli import load_run
+    from deeprecipe.cli import open_run
     from deeprecipe.engine.loop import train
 
     small = {"unet": ["model.width=8", "model.depth=2"], "fcn": ["model.width=8", "model.stages=3", "model.skips=1"]}
@@ -211,16 +211,16 @@ def test_tiny_training_run_then_predict(tmp_path, name):
         ],
     )
     run = tmp_path / "run"
-    final = train(cfg, run)
+    final = train(cfg, get_family(cfg.task), run)
     assert 0 <= final["test_miou"] <= 1 and len(final["test_iou"]) == 8
     assert (run / "plots" / "segmentation.png").is_file() and (run / "plots" / "iou.txt").is_file()
     img = tmp_path / "street.png"
     write_png(torch.randint(0, 255, (3, 30, 50), dtype=torch.uint8), str(img))
     try:
-        cfg, spec, model, rt, task = load_run(str(run), "cpu")
-        out = task.predict(model, spec, cfg, rt, [str(img)], argparse.Namespace(out=str(tmp_path / "pred")))
+        cfg, spec, model, rt, family = open_run(str(run), "cpu")
+        out = family.predict(model, spec, cfg, rt, [str(img)], PredictOptions(out=tmp_path / "pred"))
     finally:
-        torch.set_grad_enabled(True)  # load_run turns autograd off for the process
+        torch.set_grad_enabled(True)  # in case loading a run turns autograd off for the process
     labels = decode_png(torch.frombuffer(bytearray(Path(out[0]["labels"]).read_bytes()), dtype=torch.uint8))
     assert labels.shape == (1, 30, 50) and labels.max() < 8  # class ids at the input's own size
     assert Path(out[0]["overlay"]).is_file()
