@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from deeprecipe.core import DataSpec
 from deeprecipe.data import DATASETS, Data, DataError, TensorSplit, data_config_class
 from deeprecipe.data.core import Draws, StreamSplit, micro_draws, step_indices, train_batches
 from deeprecipe.data.images import FASHION_DIR, read_idx
 from deeprecipe.engine.loop import _micro_steps
-from deeprecipe.tasks import classify
+from deeprecipe.families import classify
 
 # ------------------------------------------------------------------------------------------ tiny files
 
@@ -378,7 +379,7 @@ def test_random_crop_is_a_window_of_the_padded_image():
 
 
 def test_flip_gives_the_image_or_its_mirror():
-    spec = classify.DataSpec(extra={"flip": True, "crop_pad": 0})
+    spec = DataSpec(extra={"flip": True, "crop_pad": 0})
     x = torch.randn(64, 1, 4, 5)
     got = classify.augment(x, spec, Draws(torch.Generator().manual_seed(0)))
     same = [torch.equal(got[i], x[i]) for i in range(64)]
@@ -388,11 +389,12 @@ def test_flip_gives_the_image_or_its_mirror():
 
 
 def test_prepare_normalizes_and_eval_does_not_augment():
-    spec = classify.DataSpec(mean=(0.5,), std=(0.25,), extra={"crop_pad": 2, "flip": True})
+    spec = DataSpec(mean=(0.5,), std=(0.25,), extra={"crop_pad": 2, "flip": True})
     x = torch.randint(0, 256, (8, 1, 6, 6), dtype=torch.uint8)
     y = torch.arange(8)
-    xe, ye = classify.prepare((x, y), spec, None)
+    family = classify.Classify()
+    xe, ye = family.prepare((x, y), spec, None)
     assert torch.allclose(xe, (x.float() / 255 - 0.5) / 0.25)
     assert torch.equal(ye, y)
-    xt, _ = classify.prepare((x, y), spec, Draws(torch.Generator().manual_seed(0)))
+    xt, _ = family.prepare((x, y), spec, Draws(torch.Generator().manual_seed(0)))
     assert not torch.equal(xt, xe)

@@ -12,6 +12,7 @@ from conftest import PYTHON, TINY, sets
 from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop
 from deeprecipe.engine.run import read_metrics
+from deeprecipe.families import get_family
 
 # no dropout (each process would draw its own masks); augmentation draws depend on an example's place in the step's
 # batch only (data.core.Draws), so with crops and flips the gradients averaged by DDP are still the global batch's
@@ -39,7 +40,8 @@ def test_two_processes_equal_one(tmp_path, subenv):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one = tmp_path / "one"
-    loop.train(config.load("digits-mlp", DDP), one)
+    cfg = config.load("digits-mlp", DDP)
+    loop.train(cfg, get_family(cfg.task), one)
     a = load_file(str(checkpoint.latest(out / "checkpoints") / "model.safetensors"))
     b = load_file(str(checkpoint.latest(one / "checkpoints") / "model.safetensors"))
     assert a.keys() == b.keys()
