@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import PYTHON, sets
 from deeprecipe import config
 from deeprecipe.cli import main
 from deeprecipe.data.core import DataSpec
-from deeprecipe.engine import checkpoint
+from deeprecipe.engine import checkpoint, loop
+from deeprecipe.engine.run import read_metrics, read_status
+from deeprecipe.families import gan
+from deeprecipe.families.gan import GAN
+from deeprecipe.families.gan import metrics as gan_metrics
 from deeprecipe.models.gan import DCGANConfig, GANConfig
-from deeprecipe.tasks import gan, gan_metrics
 
 FAST = ["model.eval_samples=0", "train.log_every=1", "train.eval_every=0", "train.precision=fp32"]
 
@@ -127,9 +135,9 @@ def test_resume_is_exact(tmp_path, recipe, extra):
         raw["model"] = {k: v for k, v in raw["model"].items() if v is not None}
         return config.resolve(raw, name)
 
-    gan.train(load(4), tmp_path / "a")
-    gan.train(load(2), tmp_path / "b")
-    gan.train(load(4), tmp_path / "b", resume=True)
+    loop.train(load(4), GAN(), tmp_path / "a")
+    loop.train(load(2), GAN(), tmp_path / "b")
+    loop.train(load(4), GAN(), tmp_path / "b", resume=True)
     wa, _ = checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))
     wb, _ = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
     assert wa.keys() == wb.keys()
@@ -138,12 +146,167 @@ def test_resume_is_exact(tmp_path, recipe, extra):
 
 
 def test_nan_is_reported(tmp_path, monkeypatch):
-    from deeprecipe.engine.loop import NonFiniteLoss
-
     monkeypatch.setattr(gan, "g_loss", lambda fake, kind: fake.float().mean() * float("nan"))
-    with pytest.raises(NonFiniteLoss, match="NaN"):
-        gan.train(config.load("digits-gan", [*FAST, "train.steps=3", "model.hidden=[16]"]), tmp_path / "r")
+    with pytest.raises(loop.NonFiniteLoss, match="NaN"):
+        loop.train(config.load("digits-gan", [*FAST, "train.steps=3", "model.hidden=[16]"]), GAN(), tmp_path / "r")
     assert "NaN" in (tmp_path / "r" / "plots" / "health.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------------ the one loop
+
+# the GAN trains through engine/loop.py like every family: accumulation, non-finite handling, early stopping and
+# exact resume come from there; these prove them for two parts (D's turn, then G's) on runs of a second each
+CPU = [*FAST, "train.device=cpu", "train.workers=0"]
+
+
+def gan_run(out: Path, *overrides: str, family: GAN | None = None) -> dict:
+    return loop.train(config.load("digits-gan", [*CPU, *overrides]), family or GAN(), out)
+
+
+def weights_at(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    ckpt = run / "checkpoints"
+    folder = checkpoint.latest(ckpt) if step is None else ckpt / f"step-{step:07d}"
+    return checkpoint.load(folder)[0]
+
+
+def test_accumulation_equals_the_big_batch(tmp_path):
+    """accum=2 micro-batches of 4 give the weights (G, D and the EMA) and logged losses of one batch of 8, both
+    turns seeing the same noise per example. No hidden layer: the MLP generator's BatchNorm (batch statistics) and
+    the discriminator's dropout would legitimately differ per micro-batch; the conditional nets add the labels."""
+    common = ["model.hidden=[]", "model.conditional=true", "train.batch_size=8", "train.steps=3"]
+    common += ["train.ckpt_every=1", "train.ema=0.9"]
+    gan_run(tmp_path / "big", *common, "train.accum=1")
+    gan_run(tmp_path / "acc", *common, "train.accum=2")
+    for step in (2, 3):
+        big, acc = weights_at(tmp_path / "big", step), weights_at(tmp_path / "acc", step)
+        assert big.keys() == acc.keys() and any(k.startswith("ema.generator") for k in big)
+        for k in big:
+            assert torch.allclose(big[k], acc[k], rtol=1e-5, atol=1e-6), f"step {step}: {k} differs"
+    at2 = weights_at(tmp_path / "big", 2)  # and the weights did move (big holds step 3)
+    assert not any(
+        torch.equal(at2[f"model.{k}"], big[f"model.{k}"])
+        for k in ("generator.net.0.weight", "discriminator.head.weight")
+    )
+    keys = ("d_loss", "g_loss", "d_real", "d_fake")
+    logs = [[{k: r[k] for k in keys} for r in read_metrics(tmp_path / run) if "d_loss" in r] for run in ("big", "acc")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+class NaNAt(GAN):
+    """The generator's loss is NaN at step `at` (one micro-batch a step: its `at`-th call)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def loss(self, model, batch, cfg, part):
+        loss, logs = super().loss(model, batch, cfg, part)
+        if part == "g":
+            self.calls += 1
+            if self.calls == self.at:
+                loss = loss * float("nan")
+        return loss, logs
+
+
+def test_nonfinite_stops_or_skips(tmp_path):
+    """stop: the run fails at the NaN step with the last good checkpoint kept. skip: only G's update of that step
+    is dropped (D's turn came first and was finite), and training goes on to the end with finite weights."""
+    common = ["model.hidden=[16,32]", "train.batch_size=16", "train.steps=4", "train.ckpt_every=1"]
+    stop, skip = tmp_path / "stop", tmp_path / "skip"
+    with pytest.raises(loop.NonFiniteLoss, match="NaN.* at step 3"):
+        gan_run(stop, *common, family=NaNAt(3))
+    assert read_status(stop)["status"] == "failed" and read_status(stop)["step"] == 3
+    assert (stop / "checkpoints" / "latest").read_text() == "step-0000002"
+    assert "NaN" in (stop / "plots" / "health.txt").read_text()
+    good = weights_at(stop)
+    assert all(torch.isfinite(w).all() for w in good.values())
+
+    gan_run(skip, *common, "train.nonfinite=skip", family=NaNAt(3))
+    assert read_status(skip)["status"] == "done" and read_status(skip)["step"] == 4
+    rows = read_metrics(skip)
+    assert [r["step"] for r in rows if r.get("skipped_batch")] == [3]
+    assert [r["step"] for r in rows if "g_loss" in r] == [1, 2, 4]  # training went on after the skipped step
+    assert all(math.isfinite(r[k]) for r in rows for k in ("d_loss", "g_loss", "d_real", "d_fake") if k in r)
+    at3, at4 = weights_at(skip, 3), weights_at(skip, 4)
+    assert all(torch.isfinite(w).all() for w in at4.values())
+    # the same run as `stop` up to step 2; at step 3 G's parameters stay (the NaN update dropped), D's move on
+    for k, w in good.items():
+        if k.startswith("model.generator.") and not any(b in k for b in ("running_", "num_batches")):
+            assert torch.equal(w, at3[k]), f"{k}: G was updated by a NaN step"
+            assert not torch.equal(at3[k], at4[k]), f"{k}: G stopped training after the skipped step"
+        elif k.startswith("model.discriminator."):
+            assert not torch.equal(w, at3[k]), f"{k}: D's finite turn was dropped too"
+
+
+class FlatFID(GAN):
+    """An FID that never improves (the real one needs a feature net; the loop only reads the number)."""
+
+    def evaluate(self, model, data, split, cfg, rt, final):
+        return {"fid": 1.0}
+
+
+def test_early_stop_when_fid_does_not_improve(tmp_path):
+    run = tmp_path / "run"
+    gan_run(
+        run,
+        "model.hidden=[16,32]",
+        "train.batch_size=16",
+        "train.steps=20",
+        "train.eval_every=1",
+        "train.early_stop=1",
+        "train.ckpt_every=10",
+        family=FlatFID(),
+    )
+    # evaluation 1 sets the best FID; evaluation 2 does not beat it -> stop at step 2 (of 20)
+    status = read_status(run)
+    assert status["status"] == "done" and status["step"] == 2 and status["best"] == {"fid": 1.0}
+    assert (run / "checkpoints" / "latest").read_text() == "step-0000002"  # the stop is checkpointed
+    _, state = checkpoint.load(checkpoint.latest(run / "checkpoints"))
+    assert state["step"] == 2 and state["best"] == 1.0 and state["bad_evals"] == 1
+    assert max(r["step"] for r in read_metrics(run)) == 2
+    assert [r["step"] for r in read_metrics(run) if "val_fid" in r] == [1, 2]
+    assert (run / "checkpoints" / "best.safetensors").is_file()
+    grids = sorted(p.name for p in (run / "plots" / "grids").iterdir())  # the snapshot hook at each evaluation
+    assert grids == ["step-0000001.png", "step-0000002.png"]
+    assert (run / "plots" / "health.txt").is_file()  # and the family's finish ran
+
+
+KILL = [*CPU, "model.hidden=[64,128]", "train.batch_size=64", "train.steps=120", "train.ckpt_every=15"]
+KILL += ["train.ema=0.9"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, subenv):
+    """Kill a real GAN run with SIGKILL after its first checkpoint (somewhere between two), resume it: the
+    weights of both nets, the EMA and every logged loss equal those of a run never stopped."""
+    run = tmp_path / "killed"
+
+    def start(*args):
+        cmd = [PYTHON, "-m", "deeprecipe.cli", "train", *args]
+        return subprocess.Popen(cmd, env=subenv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    proc = start("digits-gan", "--out", str(run), *sets(*KILL))
+    while checkpoint.latest(run / "checkpoints") is None:
+        assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it was killed"
+    proc.stderr.close()
+    proc = start("--resume", str(run))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+
+    ref = tmp_path / "ref"
+    loop.train(config.load("digits-gan", KILL), GAN(), ref)
+    a, b = weights_at(ref), weights_at(run)
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    keys = ("d_loss", "g_loss", "d_real", "d_fake")
+    logged = [{r["step"]: [r[k] for k in keys] for r in read_metrics(d) if "d_loss" in r} for d in (ref, run)]
+    assert logged[0] == logged[1] and sorted(logged[1]) == list(range(1, 121))  # each step logged once
+    assert read_status(run)["status"] == "done"
 
 
 # ------------------------------------------------------------------------------------------ FID / IS
@@ -234,7 +397,7 @@ def test_discriminator_watch():
 
 
 def test_slerp_ends_and_norm():
-    from deeprecipe.tasks.gan_plots import slerp
+    from deeprecipe.families.gan.plots import slerp
 
     a, b = torch.randn(50), torch.randn(50)
     path = slerp(a, b, torch.linspace(0, 1, 5))

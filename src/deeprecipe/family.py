@@ -16,6 +16,7 @@ Hooks take typed values and return values; they never read argparse objects and 
       evaluate(model, data, split, cfg, rt, final)   metrics over a whole split
       snapshot(model, data, cfg, rt)  pictures of the model at an evaluation, for plots/ and TensorBoard
       finish(model, data, cfg, rt, run_dir, results) final metrics and plots of a finished run
+      nonfinite(cfg, run_dir, step, losses)          the error of a run stopped by a NaN/inf loss (a GAN's health note)
       -- use (cli, serve/)
       predict(model, spec, cfg, rt, files, opts)     files -> one result dict each
       sample(model, spec, cfg, rt, opts)             text pieces to show (language models stream; GANs write files)
@@ -115,6 +116,11 @@ class Family:
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Any, run_dir: Path, results: dict) -> dict:
         """Final metrics and plots (into run_dir/plots) of a finished run; `results` is its last evaluation."""
         return {}
+
+    def nonfinite(self, cfg: Config, run_dir: Path, step: int, losses: dict[str, float]) -> str | None:
+        """A run stops at `step` on a NaN/inf loss or gradient (losses: part -> its loss at that step): the error
+        to show (None: the engine's own), after leaving any notes of the family's in run_dir. Default: None."""
+        return None
 
     # ------------------------------------------------------------------------------------------ use
     def predict(

@@ -226,8 +226,11 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             if T.nonfinite != "skip" and (rt.dtype != torch.float16 or lost):
                 run.status("failed", step=done, error="non-finite loss")
                 shown = ", ".join(f"{'' if single else k + ' '}{float(v):.4g}" for k, v in r.losses.items())
+                losses = {k: float(v) for k, v in r.losses.items()}
+                said = family.nonfinite(cfg, run_dir, done, losses) if rt.main else None  # a GAN's health note
                 raise NonFiniteLoss(
-                    f"loss became {shown} at step {done}; the last good checkpoint is kept in "
+                    said
+                    or f"loss became {shown} at step {done}; the last good checkpoint is kept in "
                     "checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)"
                 )
             run.log(done, skipped_batch=1)

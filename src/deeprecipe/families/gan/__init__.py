@@ -60,6 +60,14 @@ def scorer(cfg: Config, data: Data, split: str, rt) -> gm.Evaluator | None:
     return ev
 
 
+def discriminator_notes(cfg: Config, run_dir: Path) -> list[str]:
+    """The health note of a discriminator that won outright, from the run's logged D losses ([] when it did not)."""
+    from deeprecipe.engine.run import read_metrics
+
+    watch = gm.DiscriminatorWatch(patience=max(5, cfg.train.steps // max(1, cfg.train.log_every) // 10))
+    return [n for r in read_metrics(run_dir) if "d_loss" in r for n in [watch.update(r["d_loss"], r["step"])] if n]
+
+
 def health_text(notes: list[str]) -> str:
     return "\n".join(notes) if notes else "no problem found: no NaN, no mode collapse, D did not win outright"
 
@@ -143,14 +151,12 @@ class GAN(Family):
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Final plots (progress strip and GIF, latent interpolation, losses, class histogram) and health notes."""
         from deeprecipe.engine.checkpoint import atomic_text
-        from deeprecipe.engine.run import read_metrics
 
         pdir = Path(run_dir) / "plots"
         plots.progress(pdir)
         plots.interpolation(model, pdir / "interpolation.png", cfg.train.seed, rt)
         plots.losses(run_dir, pdir / "gan_losses.png")
-        watch = gm.DiscriminatorWatch(patience=max(5, cfg.train.steps // max(1, cfg.train.log_every) // 10))
-        notes = [n for r in read_metrics(run_dir) if "d_loss" in r for n in [watch.update(r["d_loss"], r["step"])] if n]
+        notes = discriminator_notes(cfg, run_dir)
         if "class_hist" in results:
             plots.class_histogram(results["class_hist"], data.spec.class_names, pdir / "class_histogram.png")
             notes += gm.collapse(results, data.spec.class_names)
@@ -158,6 +164,16 @@ class GAN(Family):
             warnings.warn("health: " + note, stacklevel=2)
         atomic_text(pdir / "health.txt", health_text(notes) + "\n")
         return {"health_warnings": len(notes)}
+
+    def nonfinite(self, cfg: Config, run_dir: Path, step: int, losses: dict[str, float]) -> str:
+        """The NaN note, also the last line of plots/health.txt (after the discriminator's notes so far)."""
+        from deeprecipe.engine.checkpoint import atomic_text
+
+        note = gm.nonfinite(step, losses.get("d", float("nan")), losses.get("g", float("nan")))
+        atomic_text(
+            Path(run_dir) / "plots" / "health.txt", health_text([*discriminator_notes(cfg, run_dir), note]) + "\n"
+        )
+        return note
 
     def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample RUN --n 64`: a grid and one PNG per image (labels cycle over the classes)."""

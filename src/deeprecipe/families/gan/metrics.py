@@ -284,5 +284,6 @@ class DiscriminatorWatch:
 def nonfinite(step: int, d_loss: float, g_loss: float) -> str:
     return (
         f"NaN: losses became D={d_loss:.4g} G={g_loss:.4g} at step {step}; training stopped with the last good "
-        "checkpoint kept - lower optim.lr, use train.precision=fp32, or model.spectral_norm=true"
+        "checkpoint kept - lower optim.lr, use train.precision=fp32 or model.spectral_norm=true, or set "
+        "train.nonfinite=skip"
     )
