@@ -55,7 +55,11 @@ def read(path: str | Path, channels: int = 0, size: int | tuple[int, int] = 0) -
         data = Path(path).read_bytes()
     except OSError as e:
         raise ImageError(f"cannot read image {path}: {e.strerror or type(e).__name__}") from None
-    return resize(decode(data, channels, f"image {path} (remove or replace the file)"), size)
+    try:
+        x = decode(data, channels, f"image {path}")
+    except ImageError as e:  # a data set's file: say so, and what to do
+        raise ImageError(f"cannot read {e} (remove or replace the file)", e.status) from None
+    return resize(x, size)
 
 
 def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
