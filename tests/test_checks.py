@@ -519,7 +519,7 @@ def test_gan_checks_catch_mixed_noise_and_a_frozen_generator(tmp_path):
         return m
 
     ok = Ctx(gcfg, tmp_path, GAN(), data=data, steps=3, batch_size=16)
-    assert {gchecks.seed(ok).status, gchecks.dependency(ok).status, gchecks.grad_flow(ok).status} == {"pass"}
+    assert {tchecks.seed(ok).status, gchecks.dependency(ok).status, gchecks.grad_flow(ok).status} == {"pass"}
     v = gchecks.dependency(Ctx(gcfg, tmp_path, GAN(), data=data, make_model=mixed))
     g_part, d_part = v.measured.split("; ")
     assert v.status == "fail" and "mix" in v.advice and "x_j| = 0 (" not in g_part and "x_j| = 0 (" in d_part, v

@@ -26,7 +26,7 @@ from deeprecipe.core import DataSpec
 from deeprecipe.data.core import Data, Draws, StreamSplit, TensorSplit, step_indices
 from deeprecipe.engine import optim
 from deeprecipe.engine.device import Runtime, setup, step_generator
-from deeprecipe.engine.loop import place
+from deeprecipe.engine.loop import make_parts, place, train_step
 from deeprecipe.family import Family
 
 # the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
@@ -220,8 +220,9 @@ def fit(
     weight_decay: float | None = None,
     until: float = -1.0,
 ) -> Fit:
-    """A short training run as the loop does it (AdamW, clipping) at the recipe's peak lr, held constant after
-    the recipe's warmup (as a fraction of these steps). `watch(step, model)` sees the model every few steps;
+    """A short training run through the loop's own step (engine.loop.train_step: the family's parts and
+    optimizers, clipping) at the recipe's peak lr, held constant after the recipe's warmup (as a fraction of
+    these steps). `watch(step, model)` sees the model every few steps;
     the run stops early once the loss is below `until`."""
     # zeroed inputs and vanishing gradients make denormal floats, many times slower on CPUs: flush them
     flushed = torch.set_flush_denormal(True)
@@ -233,36 +234,41 @@ def fit(
 
 
 def _fit(ctx, model, steps, batch, lr, transform, watch, watch_every, weight_decay, until) -> Fit:
-    o = copy.deepcopy(ctx.cfg.optim)
+    cfg = copy.deepcopy(ctx.cfg)
     if weight_decay is not None:
-        o.weight_decay = weight_decay
-    opt = optim.adamw(model, o)
-    lr = o.lr if lr is None else lr
-    warm = int(o.warmup * steps) if o.warmup < 1 else min(int(o.warmup), steps // 4)
+        cfg.optim.weight_decay = weight_decay
+    parts = make_parts(ctx.family, model, cfg, ctx.rt)  # the loop's optimizers, one per part
+    lr = cfg.optim.lr if lr is None else lr
+    warm = int(cfg.optim.warmup * steps) if cfg.optim.warmup < 1 else min(int(cfg.optim.warmup), steps // 4)
     named = [(n, p) for n, p in model.named_parameters()]
     got = {n: False for n, p in named if p.requires_grad}
+
+    def seen(n):  # the gradient as backward makes it (the step applies and clears it)
+        def hook(grad):
+            got[n] = got[n] or bool(grad.ne(0).any())
+
+        return hook
+
+    hooks = [p.register_hook(seen(n)) for n, p in named if p.requires_grad]
     losses: list[float] = []
     model.train()
-    for s in range(steps):
-        optim.set_lr(opt, lr * min(1.0, (s + 1) / warm) if warm else lr)
-        b = batch(s)
-        if transform is not None:
-            b = transform(b)
-        if watch is not None and s % watch_every == 0:
-            watch(s, model)
-            model.train()
-        loss = ctx.loss(model, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for n, p in named:
-            if n in got and not got[n] and p.grad is not None and bool(p.grad.ne(0).any()):
-                got[n] = True
-        if o.clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), o.clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]) or losses[-1] < until:
-            break
+    try:
+        for s in range(steps):
+            for part in parts:
+                optim.set_lr(part.opt, lr * min(1.0, (s + 1) / warm) if warm else lr)
+            b = batch(s)
+            if transform is not None:
+                b = transform(b)
+            if watch is not None and s % watch_every == 0:
+                watch(s, model)
+                model.train()
+            r = train_step(ctx.family, model, parts, [b], cfg, ctx.rt)  # the loop's own step
+            losses += [float(v) for v in r.losses.values()]  # a GAN: d, g, d, g, ...
+            if not math.isfinite(losses[-1]) or losses[-1] < until:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
     if watch is not None:
         watch(steps, model)
     return Fit(losses, got, [n for n, p in named if not p.requires_grad])

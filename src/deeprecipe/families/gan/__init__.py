@@ -76,8 +76,8 @@ class GAN(Family):
     """Unconditional and class-conditional GANs (MLP or DCGAN): discriminator and generator in turn."""
 
     METRIC = ("fid", "min")
-    # deeprecipe check: a GAN has no ln C and no single loss to overfit; seed, grad_flow and dependency run both
-    # nets (checks.py, through the engine's own step); the data scan and the batch grid are the built-in ones
+    # deeprecipe check: a GAN has no ln C and no single loss to overfit; grad_flow and dependency look at both nets
+    # (checks.py); seed (the loop's own step), the data scan and the batch grid are the built-in ones
     CHECKS_SKIP = {
         "init_loss": "a GAN has no closed-form loss at init (no ln C)",
         "init_prior": "the generator has no class prediction to compare with the priors",
@@ -86,7 +86,7 @@ class GAN(Family):
         "baseline": "G has no input to blank that a loss could judge",
         "dynamics": "no per-example loss to follow",
     }
-    EXTRA_CHECKS = {"seed": checks.seed, "dependency": checks.dependency, "grad_flow": checks.grad_flow}
+    EXTRA_CHECKS = {"dependency": checks.dependency, "grad_flow": checks.grad_flow}
 
     def __init__(self):
         self._scorers: dict[str, gm.Evaluator | None] = {}  # split -> FID/IS scorer with that split's real statistics
