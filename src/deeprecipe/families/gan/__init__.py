@@ -25,6 +25,7 @@ import torch.nn as nn
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data.core import Data, Draws, eval_batches
+from deeprecipe.families.classify import augment
 from deeprecipe.families.gan import checks, plots
 from deeprecipe.families.gan import metrics as gm
 from deeprecipe.families.gan.losses import d_loss, fit, g_loss
@@ -105,7 +106,10 @@ class GAN(Family):
 
     def prepare(self, batch, spec: DataSpec, draws: Draws | None):
         x, y = batch
-        return x.float() / 127.5 - 1, y, draws  # uint8 -> [-1, 1]; the draws give this step's noise
+        x = x.float() / 127.5 - 1  # uint8 -> [-1, 1]
+        if draws is not None:  # data.flip / data.crop_pad, as for classifiers (D sees augmented real images)
+            x = augment(x, spec, draws)
+        return x, y, draws  # the draws also give this step's noise
 
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         x, y, draws = batch
