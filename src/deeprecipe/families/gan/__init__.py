@@ -56,7 +56,8 @@ def scorer(cfg: Config, data: Data, split: str, rt) -> gm.Evaluator | None:
         feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
     inc = gm.inception_features(M.inception_weights) if M.inception_weights else None
     ev = gm.Evaluator(feats, inc, rt.device)
-    real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, 10_000, cfg.train.workers)
+    limit = cfg.train.limit_eval or 10_000  # real images for the statistics
+    real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, limit, cfg.train.workers)
     ev.add_real(x.float() / 127.5 - 1 for x, _ in real)  # as prepare scales them
     return ev
 
