@@ -10,6 +10,7 @@ from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageF
 from deeprecipe.data.pairs import PairsData
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
 from deeprecipe.data.text import TextData
+from deeprecipe.data.textclass import TextClassData
 from deeprecipe.data.video import MovingDigitsData, VideoFolderData
 from deeprecipe.util import call_with, load_object
 
@@ -26,6 +27,7 @@ DATASETS: dict[str, type] = {
     "maskfolder": MaskFolderData,
     "moving-digits": MovingDigitsData,
     "videofolder": VideoFolderData,
+    "textclass": TextClassData,
 }
 
 

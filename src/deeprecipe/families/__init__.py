@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "segment": "deeprecipe.families.segment:Segment",
     "video": "deeprecipe.families.video:Video",
     "gan": "deeprecipe.families.gan:GAN",
+    "textclass": "deeprecipe.families.textclass:TextClassify",
 }
 
 

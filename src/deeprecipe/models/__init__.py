@@ -14,6 +14,7 @@ from deeprecipe.models.gpt import GPTConfig
 from deeprecipe.models.lstm import LSTMConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
+from deeprecipe.models.textclass import TextLSTMConfig, TextTransformerConfig
 from deeprecipe.models.unet import UNetConfig
 from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
 from deeprecipe.util import call_with, load_object
@@ -31,6 +32,8 @@ MODELS: dict[str, type] = {
     "r2plus1d": R2Plus1DConfig,
     "gan": GANConfig,
     "dcgan": DCGANConfig,
+    "text-transformer": TextTransformerConfig,
+    "text-lstm": TextLSTMConfig,
 }
 
 
