@@ -143,6 +143,13 @@ def write_frame_folders(tmp: Path):
     )
 
 
+def write_textclass(tmp: Path):
+    """A CSV of labelled texts, split 6 / 2 / 2 by split_seed."""
+    rows = [f"{w} day {i},{lab}" for i in range(5) for lab, w in (("pos", "good"), ("neg", "bad"))]
+    (tmp / "texts.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    return DATASETS["textclass"](path=str(tmp / "texts.csv"), val_fraction=0.2, test_fraction=0.2)
+
+
 # data set name -> (tmp folder) -> its config; the expected number of classes (0: token data)
 TINY = {
     "digits": (lambda tmp: DATASETS["digits"](), 10),
@@ -163,6 +170,7 @@ TINY = {
         10,
     ),
     "videofolder": (write_frame_folders, 2),
+    "textclass": (write_textclass, 2),
 }
 
 
@@ -173,6 +181,11 @@ def test_every_dataset_has_a_tiny_case():
 
 def check_examples(batch: tuple[torch.Tensor, ...], spec, classes: int) -> None:
     """A batch from a split has the layout its spec announces."""
+    if spec.vocab_size and spec.num_classes:  # labelled texts: ids (N, L) padded with 0, a class per text
+        x, y = batch
+        assert x.dtype == torch.long and x.ndim == 2 and 0 <= int(x.min()) and int(x.max()) < spec.vocab_size
+        assert y.dtype == torch.long and y.ndim == 1 and 0 <= int(y.min()) and int(y.max()) < classes
+        return
     if spec.vocab_size:  # token ids (N, L): (input, next tokens) or (source, target) of their vocabularies
         for t, vocab in zip(batch, (spec.extra.get("src_vocab", spec.vocab_size), spec.vocab_size)):
             assert t.dtype == torch.long and t.ndim == 2
@@ -204,7 +217,7 @@ def test_dataset_builds(name, tmp_path):
     assert isinstance(data, Data)
     spec = data.spec
     assert spec.num_classes == classes == len(spec.class_names)
-    assert bool(spec.vocab_size) == (classes == 0)  # labels or tokens
+    assert bool(spec.vocab_size) == (classes == 0) or "pad" in spec.extra  # labels or tokens (texts: both)
     import json
 
     json.dumps(spec.extra)  # saved as spec.json: must stay JSON-serializable

@@ -92,6 +92,15 @@ def gan_step(model, n: int) -> torch.Tensor:
     return model.discriminator(model(z, y), y)
 
 
+def text_case(cfg, classes: int = 3, vocab: int = 23, max_len: int = 12) -> Case:
+    """A text classifier: token ids (B, T), PAD (0) after the shorter texts -> logits (B, classes)."""
+    names = [str(i) for i in range(classes)]
+    spec = DataSpec(num_classes=classes, class_names=names, vocab_size=vocab, extra={"pad": 0, "max_len": max_len})
+    ids = torch.randint(1, vocab, (4, max_len))
+    ids[1, 5:] = 0
+    return Case(cfg, spec, (ids,), (4, classes))
+
+
 def gan_case(cfg, classes: int = 3, channels: int = 1, size: int = 6) -> Case:
     spec = DataSpec(
         num_classes=classes,
@@ -118,6 +127,8 @@ TINY = {
     "r2plus1d": lambda: video_case(MODELS["r2plus1d"](width=4, blocks=(1, 1), stem_stride=1)),
     "gan": lambda: gan_case(MODELS["gan"](latent=8, hidden=(16, 32), conditional=True, spectral_norm=True)),
     "dcgan": lambda: gan_case(MODELS["dcgan"](latent=8, g_width=4, d_width=4, conditional=True), size=28),
+    "text-transformer": lambda: text_case(MODELS["text-transformer"](n_layer=2, n_head=2, d_model=16)),
+    "text-lstm": lambda: text_case(MODELS["text-lstm"](n_layer=2, hidden=8, emb=8)),
 }
 
 

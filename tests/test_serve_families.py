@@ -40,6 +40,12 @@ def pairs(tmp: Path) -> list[str]:
     return [f"data.path={tmp}", "data.test=test", "data.vocab_size=120"]
 
 
+def texts(tmp: Path) -> list[str]:
+    rows = [f"{w} day {i},{lab}" for i in range(20) for lab, w in (("pos", "good"), ("neg", "bad"))]
+    (tmp / "texts.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    return ["data.source=files", f"data.path={tmp / 'texts.csv'}"]
+
+
 # a tiny run of each task: (recipe, overrides, or a function of the temporary folder giving extra overrides)
 CASES = {
     "classify": ("digits-cnn", ["model.channels=[4,8]", "model.dense=[8]", "train.steps=2"], None),
@@ -51,6 +57,7 @@ CASES = {
         pairs,
     ),
     "gan": ("digits-gan", ["model.hidden=[16]", "model.eval_samples=0", "train.steps=2"], None),
+    "textclass": ("multi30k-langid-lstm", ["model.hidden=8", "model.emb=8", "train.steps=2"], texts),
     "segment": (
         "scenes-unet",
         ["data.size=[32, 48]", "data.train_size=4", "data.val_size=2", "data.test_size=2", "data.crop=24"]
