@@ -201,13 +201,18 @@ class NaNAt(GAN):
         super().__init__()
         self.at, self.calls = at, 0
 
-    def loss(self, model, batch, cfg, part):
-        loss, logs = super().loss(model, batch, cfg, part)
-        if part == "g":
-            self.calls += 1
-            if self.calls == self.at:
-                loss = loss * float("nan")
-        return loss, logs
+    def step(self, model, batches, cfg, update):
+        backward = update.backward
+
+        def poisoned(part, loss, logs=None):
+            if part == "g":
+                self.calls += 1
+                if self.calls == self.at:
+                    loss = loss * float("nan")
+            backward(part, loss, logs)
+
+        update.backward = poisoned
+        super().step(model, batches, cfg, update)
 
 
 def test_nonfinite_stops_or_skips(tmp_path):

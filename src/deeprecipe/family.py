@@ -13,6 +13,7 @@ Hooks take typed values and return values; they never read argparse objects and 
       parts(model, cfg)               the networks updated in turn, each with its own optimizer (default: one)
       prepare(batch, spec, draws)     a raw batch -> the batch as it enters the net (augmented when draws is set)
       loss(model, batch, cfg, part)   (scalar loss, logs) of one micro-batch for one part
+      step(model, batches, cfg, update)              one optimizer step of every part (default: loss per part)
       evaluate(model, data, split, cfg, rt, final)   metrics over a whole split
       snapshot(model, data, cfg, rt)  pictures of the model at an evaluation, for plots/ and TensorBoard
       finish(model, data, cfg, rt, run_dir, results) final metrics and plots of a finished run
@@ -89,10 +90,23 @@ class Family:
     def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
         """The networks of one training step, in the order they are updated: name -> (module, lr multiplier).
 
-        Each part gets its own AdamW optimizer (and gradient scaler); in its turn, the loss of every micro-batch
-        is computed with `part=name` while the other parts are frozen, then the part's gradients are clipped,
-        checked for NaN/inf and applied. A GAN returns {"d": discriminator, "g": generator}. Default: one part."""
+        Each part gets its own AdamW optimizer (and gradient scaler), driven by the step hook. A GAN returns
+        {"d": discriminator, "g": generator}. Default: one part."""
         return {"model": (model, 1.0)}
+
+    def step(self, model: nn.Module, batches: list, cfg: Config, update: Any) -> None:
+        """One optimizer step over the prepared micro-batches of a training step, driven through `update`
+        (engine.loop.Update: backward(part, loss, logs), step(part), micro(k), autocast(), frozen(*parts)).
+        Default: each part in turn, the others frozen, the loss hook on every micro-batch, then its update. A family
+        overrides it when its parts share work (a GAN's discriminator and generator turns share G's images)."""
+        for part in update.names:
+            with update.frozen(*(p for p in update.names if p != part)):
+                for k, batch in enumerate(batches):
+                    with update.micro(k):
+                        with update.autocast():
+                            loss, logs = self.loss(model, batch, cfg, part)
+                        update.backward(part, loss, logs)
+            update.step(part)
 
     def prepare(self, batch: tuple, spec: DataSpec, draws: Draws | None) -> tuple:
         """A raw batch (on the device) -> the batch exactly as it enters the net. `draws` gives per-example random
@@ -100,7 +114,8 @@ class Family:
         return batch
 
     def loss(self, model: nn.Module, batch: tuple, cfg: Config, part: str) -> tuple[torch.Tensor, dict]:
-        """(scalar loss, logs: name -> 0-d tensor, averaged over the log interval) of a prepared micro-batch."""
+        """(scalar loss, logs: name -> 0-d tensor, averaged over the log interval) of a prepared micro-batch, for
+        `part` (see parts). The checks call it with part "model"."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Any, final: bool) -> dict:

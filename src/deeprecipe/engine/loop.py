@@ -85,45 +85,72 @@ class StepResult:
     skipped: list[str]  # parts whose update was dropped (NaN/inf gradient)
 
 
+class Update:
+    """What a family's step hook drives (manual optimization): `backward(part, loss)` for the loss of each
+    micro-batch, then `step(part)`, which clips the part's gradients, checks them for NaN/inf and applies its
+    optimizer. It scales by the number of micro-batches (accumulation), uses the part's gradient scaler (fp16),
+    and records the losses and logs the loop reports."""
+
+    def __init__(self, parts: list[Part], net: nn.Module, n: int, cfg: Config, rt: Runtime):
+        self.parts, self.names = {p.name: p for p in parts}, [p.name for p in parts]
+        self.net, self.n, self.cfg, self.rt = net, n, cfg, rt
+        self.result = StepResult({}, {}, {}, [])
+
+    def micro(self, k: int):
+        """Around the forward and backward of micro-batch k: under DDP, gradients are all-reduced only after the
+        last one."""
+        ddp = isinstance(self.net, nn.parallel.DistributedDataParallel)
+        return self.net.no_sync() if ddp and k < self.n - 1 else contextlib.nullcontext()
+
+    def autocast(self):
+        return self.rt.autocast()
+
+    @contextlib.contextmanager
+    def frozen(self, *names: str):
+        """The named parts' parameters get no gradient from what is computed inside (their requires_grad is off)."""
+        params = [p for name in names for p in self.parts[name].module.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def backward(self, part: str, loss: torch.Tensor, logs: dict | None = None) -> None:
+        scaler, r = self.parts[part].scaler, self.result
+        (scaler.scale(loss / self.n) if scaler else loss / self.n).backward()
+        r.losses[part] = r.losses.get(part, 0) + loss.detach().float() / self.n
+        for key, v in (logs or {}).items():
+            r.logs[key] = r.logs.get(key, 0) + v.detach().float() / self.n
+
+    def step(self, part: str) -> None:
+        p = self.parts[part]
+        if p.scaler:
+            p.scaler.unscale_(p.opt)
+        params = [q for q in p.module.parameters() if q.requires_grad]
+        norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip if self.cfg.optim.clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # a NaN/inf loss or gradient: never let it reach the weights
+            self.result.skipped.append(part)
+            if p.scaler:  # an fp16 overflow with a finite loss is routine: the scaler lowers its scale
+                p.scaler.update()
+        elif p.scaler:
+            p.scaler.step(p.opt)
+            p.scaler.update()
+        else:
+            p.opt.step()
+        p.opt.zero_grad(set_to_none=True)
+        self.result.norms[part] = norm
+
+
 def train_step(
     family: Family, net: nn.Module, parts: list[Part], batches: list, cfg: Config, rt: Runtime
 ) -> StepResult:
-    """One optimizer step of every part over the micro-batches of a step (their mean gradient: accumulation)."""
-    out = StepResult({}, {}, {}, [])
-    n = len(batches)
-    for part in parts:
-        frozen = [p for q in parts if q is not part for p in q.module.parameters() if p.requires_grad]
-        for p in frozen:  # the other parts get no gradient from this part's loss
-            p.requires_grad_(False)
-        total = torch.zeros((), device=rt.device)
-        try:
-            for k, batch in enumerate(batches):
-                sync = k == n - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
-                with net.no_sync() if not sync else contextlib.nullcontext(), rt.autocast():
-                    loss, logs = family.loss(net, batch, cfg, part.name)
-                (part.scaler.scale(loss / n) if part.scaler else loss / n).backward()
-                total += loss.detach() / n
-                for key, v in logs.items():
-                    out.logs[key] = out.logs.get(key, 0) + v.detach().float() / n
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-        if part.scaler:
-            part.scaler.unscale_(part.opt)
-        params = [p for p in part.module.parameters() if p.requires_grad]
-        norm = nn.utils.clip_grad_norm_(params, cfg.optim.clip if cfg.optim.clip > 0 else float("inf"))
-        if not torch.isfinite(norm):  # a NaN/inf loss or gradient: never let it reach the weights
-            out.skipped.append(part.name)
-            if part.scaler:  # an fp16 overflow with a finite loss is routine: the scaler lowers its scale
-                part.scaler.update()
-        elif part.scaler:
-            part.scaler.step(part.opt)
-            part.scaler.update()
-        else:
-            part.opt.step()
-        part.opt.zero_grad(set_to_none=True)
-        out.losses[part.name], out.norms[part.name] = total, norm
-    return out
+    """One optimizer step of every part over the micro-batches of a step (their mean gradient: accumulation),
+    as the family's step hook drives it."""
+    update = Update(parts, net, len(batches), cfg, rt)
+    family.step(net, batches, cfg, update)
+    return update.result
 
 
 def check_resume(run_dir: Path, cfg: Config) -> None:

@@ -1,10 +1,9 @@
 """Image generation with a GAN: two parts (discriminator, then generator) in the one training loop.
 
 A batch is (images uint8 (B, C, H, W), labels (B,)); `prepare` scales images to [-1, 1] (the range of G's tanh),
-resizes them on the device when the model draws another size, and keeps the step's `Draws`, from which both
-turns take the same noise z (so accumulation and resume see exactly the noise of an unsplit, unstopped run).
-One step, as the engine runs it (engine/loop.py train_step), each turn with its own Adam(W) and the other net
-frozen:
+resizes them on the device when the model draws another size, and keeps the step's `Draws`, from which the
+noise z is drawn (so accumulation and resume see exactly the noise of an unsplit, unstopped run). One step is the
+family's step hook (manual optimization through engine.loop.Update), each turn with its own Adam(W):
     d: L_D = -log D(x) - log(1 - D(G(z)))    (hinge: relu(1 - D(x)) + relu(1 + D(G(z))))
     g: L_G = -log D(G(z))                   (the non-saturating loss; hinge: -D(G(z)))
 with D's target for real images set by model.real_label (one-sided smoothing), D's lr scaled by
@@ -112,22 +111,29 @@ class GAN(Family):
             x = augment(x, spec, draws)
         return x, y, draws  # the draws also give this step's noise
 
-    def loss(self, model: nn.Module, batch, cfg: Config, part: str):
-        x, y, draws = batch
-        M = cfg.model
-        x = fit(x, model.shape)
-        y = y if model.num_classes else None
-        z = draws.normal(len(x), model.latent)
-        fake = model(z, y)  # the generator (frozen in D's turn: no graph kept)
-        D = model.discriminator
-        if part == "d":
-            real_logit, fake_logit = D(x, y), D(fake, y)
-            logs = {
-                "d_real": torch.sigmoid(real_logit.float()).mean(),
-                "d_fake": torch.sigmoid(fake_logit.float()).mean(),
-            }
-            return d_loss(real_logit, fake_logit, M.loss, M.real_label), logs
-        return g_loss(D(fake, y), M.loss), {}
+    def step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:
+        """D's turn on every micro-batch (real images up, G's images down) and D's update; then G's turn through the
+        updated D, frozen, on the same images of G, and G's update. G draws each micro-batch's images once."""
+        M, D = cfg.model, model.discriminator
+        fakes = []
+        for k, (x, y, draws) in enumerate(batches):
+            y = y if model.num_classes else None
+            with update.micro(k):
+                with update.autocast():
+                    fake = model(draws.normal(len(x), model.latent), y)  # (B, C, H, W); its graph waits for G's turn
+                    real_logit, fake_logit = D(fit(x, model.shape), y), D(fake.detach(), y)
+                    loss = d_loss(real_logit, fake_logit, M.loss, M.real_label)
+                p_real, p_fake = torch.sigmoid(real_logit.float()).mean(), torch.sigmoid(fake_logit.float()).mean()
+                update.backward("d", loss, {"d_real": p_real, "d_fake": p_fake})
+            fakes.append((fake, y))
+        update.step("d")
+        with update.frozen("d"):
+            for k, (fake, y) in enumerate(fakes):
+                with update.micro(k):
+                    with update.autocast():
+                        loss = g_loss(D(fake, y), M.loss)
+                    update.backward("g", loss)
+        update.step("g")
 
     def _scorer(self, data: Data, split: str, cfg: Config, rt) -> gm.Evaluator | None:
         if split not in self._scorers:  # made once per split: it may train the domain feature net first
