@@ -3,31 +3,11 @@
 A family (image classification, language modelling, a GAN, ...) is one package under deeprecipe/families/ with a
 subclass of `Family`, registered by one line in deeprecipe/families/__init__.py. The engine, the checks, export
 and serve call hooks only through this class: a hook a family does not override runs the default written here.
-Hooks take typed values and return values; they never read argparse objects and never print (the CLI prints).
-
-    Family
-      METRIC                          the validation metric that picks the best weights and drives early stopping
-      -- training (engine/loop.py)
-      check_config(cfg)               refuse, with a ConfigError, any config field the family cannot honour
-      build_model(cfg, spec)          the nn.Module (default cfg.model.build(spec))
-      parts(model, cfg)               the networks updated in turn, each with its own optimizer (default: one)
-      prepare(batch, spec, draws)     a raw batch -> the batch as it enters the net (augmented when draws is set)
-      loss(model, batch, cfg, part)   (scalar loss, logs) of one micro-batch for one part
-      step(model, batches, cfg, update)              one optimizer step of every part (default: loss per part)
-      evaluate(model, data, split, cfg, rt, final)   metrics over a whole split
-      snapshot(model, data, cfg, rt)  pictures of the model at an evaluation, for plots/ and TensorBoard
-      finish(model, data, cfg, rt, run_dir, results) final metrics and plots of a finished run
-      nonfinite(cfg, run_dir, step, losses)          the error of a run stopped by a NaN/inf loss (a GAN's health note)
-      -- use (cli, serve/)
-      predict(model, spec, cfg, rt, files, opts)     files -> one result dict each
-      sample(model, spec, cfg, rt, opts)             text pieces to show (language models stream; GANs write files)
-      export_example(model, spec, batch)             what `export` feeds the net
-      serve(ctx)                                     the family's HTTP endpoints
-      add_verbs(subparsers)                          CLI verbs of the family's own (translate)
-      -- the recipe's checks (checks/)
-      CHECKS_SKIP, EXTRA_CHECKS, CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX
-      expected_init_loss(spec, cfg), per_example_loss(model, batch, cfg), batch_input(batch),
-      replace_input(batch, x), show_batch(batch, spec)
+Hooks take typed values and return values; they never read argparse objects and never print (the CLI prints;
+a note for the user is a warnings.warn, which the CLI shows as "note: ..."). The hooks, in the order a run meets
+them: training (check_config, build_model, parts, prepare, step, loss, evaluate, snapshot, finish, nonfinite),
+use (predict, sample, export_example, serve, add_verbs), and the recipe's checks (CHECKS_SKIP, EXTRA_CHECKS,
+CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX, expected_init_loss, per_example_loss, batch_input, replace_input, show_batch).
 
 `tests/test_family.py` checks every registered family against this class: the hook names it defines exist
 here, their signatures match, and METRIC is set.
