@@ -50,8 +50,10 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     return x, y
 
 
-def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, classes) in fp32 on the CPU, and labels (N,), over a whole split."""
+def predict_split(
+    model: nn.Module, data: Data, split: str, cfg: Config, rt, prepare=prepare
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, classes) in fp32 on the CPU, and labels (N,), over a whole split (batches through `prepare`)."""
     logits, labels = [], []
     for batch in eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval):
         x, y = prepare(batch, data.spec)

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from deeprecipe.config import Config
 from deeprecipe.core import DataSpec, UserError
-from deeprecipe.data.core import Data, eval_batches
+from deeprecipe.data.core import Data
 from deeprecipe.data.pairs import pad, read_lines
 from deeprecipe.data.text import tokenizer_from_spec
 from deeprecipe.data.textclass import PAD, encode
-from deeprecipe.families.classify import top_labels
+from deeprecipe.families.classify import predict_split, top_labels
 from deeprecipe.family import Family, PredictOptions
 
 
@@ -32,16 +32,6 @@ def prepare(batch, spec: DataSpec, draws=None):
     """Ids cut to the batch's longest text (at least one column); labels unchanged. No augmentation."""
     x, y = batch
     return x[:, : max(1, int((x != PAD).sum(1).max()))], y
-
-
-def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, classes) in fp32 on the CPU, and labels (N,), over a whole split."""
-    logits, labels = [], []
-    for batch in eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval):
-        x, y = prepare(batch, data.spec)
-        logits.append(model(x).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(labels)
 
 
 def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -85,7 +75,7 @@ class TextClassify(Family):
         return F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing), {}
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
-        return metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
+        return metrics(*predict_split(model, data, split, cfg, rt, prepare), data.spec.num_classes)
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Test metrics (val when there is no test split) and their confusion matrix."""
@@ -94,7 +84,7 @@ class TextClassify(Family):
         split = "test" if data.test is not None else "val" if data.val is not None else "train"
         model.eval()
         with torch.no_grad(), rt.autocast():
-            m = metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
+            m = metrics(*predict_split(model, data, split, cfg, rt, prepare), data.spec.num_classes)
         path = Path(run_dir) / "plots" / "confusion.png"
         plots.confusion(m["confusion"], data.spec.class_names, path, f"{split} confusion matrix")
         return {f"{split}_{k}": v for k, v in m.items() if k != "confusion"}
