@@ -144,6 +144,30 @@ def test_train_values_out_of_range_fail_early(override):
         config.load("digits-cnn", [override])
 
 
+@pytest.mark.parametrize(
+    "recipe, override, says",
+    [
+        ("digits-cnn", "optim.lr=-1", "optim.lr=-1.0: must be > 0"),
+        ("digits-cnn", "optim.lr=0", "optim.lr=0.0: must be > 0"),
+        ("digits-cnn", "optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be >= 0"),
+        ("digits-cnn", "optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0]: each value must be in [0, 1)"),
+        ("digits-cnn", "optim.label_smoothing=1", "optim.label_smoothing=1.0: must be in [0, 1)"),
+        ("digits-cnn", "model.dropout=1.0", "model.dropout=1.0: must be in [0, 1)"),
+        ("digits-cnn", "data.val_fraction=1.5", "data.val_fraction=1.5: must be in [0, 1)"),
+        ("digits-cnn", "model.channels=[32,0]", "model.channels=[32, 0]: each value must be > 0"),
+        ("moving-digits-c3d", "data.frames=0", "data.frames=0: must be > 0"),
+        ("scenes-unet", "data.size=[0,64]", "data.size=[0, 64]: each value must be > 0"),
+        ("shakespeare-char-gpt", "model.n_head=0", "model.n_head=0: must be > 0"),
+        ("digits-cnn", "finetune.head_lr=-1", "finetune.head_lr=-1.0: must be >= 0"),
+    ],
+)
+def test_values_out_of_range_fail_at_config_time(recipe, override, says):
+    """A value outside its range (config.RANGES) is a one-line ConfigError naming the field, not a torch error."""
+    with pytest.raises(ConfigError) as e:
+        config.load(recipe, [override])
+    assert str(e.value) == says and "\n" not in str(e.value)
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="section.key=value"):
         config.load("digits-cnn", ["optim.lr"])

@@ -245,16 +245,88 @@ def resolve(raw: dict, name: str = "") -> Config:
     cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
     cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
     check_train(cfg.train)
+    check_ranges(cfg)
     ft = cfg.finetune
     if not ft.init_from and (ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after):
         raise ConfigError(
             "finetune.freeze, head_lr, backbone_lr and unfreeze_after need finetune.init_from (--init-from)"
         )
-    if ft.head_lr < 0 or ft.backbone_lr < 0 or ft.unfreeze_after < 0:
-        raise ConfigError("finetune.head_lr, backbone_lr and unfreeze_after must be 0 or more")
     if cfg.optim.schedule not in ("cosine", "onecycle", "constant"):
         raise ConfigError(f"optim.schedule={cfg.optim.schedule}: use cosine, onecycle or constant")
     return cfg
+
+
+# The range of every numeric field where a value outside it would fail deep inside torch or mean nothing:
+# "section.field" -> "> 0", ">= 0" or an interval "[lo, hi)". A data or model field is named by its section
+# ("model.dropout" is the dropout of whichever model the recipe names); a list or tuple is checked item by item.
+RANGES: dict[str, str] = {
+    "optim.lr": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.betas": "[0, 1)",
+    "optim.warmup": ">= 0",
+    "optim.min_lr": "[0, 1]",
+    "optim.clip": ">= 0",
+    "optim.label_smoothing": "[0, 1)",
+    "finetune.head_lr": ">= 0",
+    "finetune.backbone_lr": ">= 0",
+    "finetune.unfreeze_after": ">= 0",
+    "data.val_fraction": "[0, 1)",
+    "data.test_fraction": "[0, 1)",
+    "data.image_size": ">= 0",
+    "data.crop_pad": ">= 0",
+    "data.limit": ">= 0",
+    "data.per_class": ">= 0",
+    "data.size": "> 0",
+    "data.scale": "> 0",
+    "data.frames": "> 0",
+    "data.stride": "> 0",
+    "data.eval_clips": "> 0",
+    "data.block_size": "> 0",
+    "data.max_len": "> 0",
+    "data.train_size": "> 0",
+    "data.val_size": ">= 0",
+    "data.test_size": ">= 0",
+    "model.dropout": "[0, 1)",
+    "model.attn_dropout": "[0, 1)",
+    "model.real_label": "(0, 1]",
+    "model.dice": ">= 0",
+    "model.d_lr_scale": "> 0",
+    "model.length_penalty": ">= 0",
+    "model.beam": "> 0",
+    "model.latent": "> 0",
+    "model.hidden": "> 0",
+    "model.channels": "> 0",
+    "model.dense": "> 0",
+    "model.width": "> 0",
+    "model.blocks": "> 0",
+    "model.depth": "> 0",
+    "model.stages": "> 0",
+    "model.n_layer": "> 0",
+    "model.n_head": "> 0",
+    "model.n_embd": "> 0",
+    "model.d_model": "> 0",
+}
+
+
+def _within(v: float, rule: str) -> bool:
+    if rule.startswith(">"):
+        lo = float(rule.lstrip(">= "))
+        return v >= lo if rule.startswith(">=") else v > lo
+    lo, hi = (float(t) for t in rule[1:-1].split(","))
+    return (v >= lo if rule[0] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every field named in RANGES that the config has lies in its range, else a one-line ConfigError."""
+    for key, rule in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _within(v, rule):
+                shown = list(value) if isinstance(value, (list, tuple)) else value
+                each = "each value " if isinstance(value, (list, tuple)) else ""
+                raise ConfigError(f"{key}={shown}: {each}must be {'in ' if rule[0] in '[(' else ''}{rule}")
 
 
 def check_train(t: TrainConfig) -> None:
