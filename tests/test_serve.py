@@ -4,9 +4,12 @@ the generic endpoints of the generative families, and the web page in headless C
 import asyncio
 import contextlib
 import io
+import re
 import socket
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -52,6 +55,15 @@ def flat_png(h, w) -> bytes:  # compresses to a few bytes whatever its size: the
     return buf.getvalue()
 
 
+def bomb(kind: str, w=20000, h=10000) -> bytes:
+    """A header claiming w x h pixels (over Pillow's own limit of 2 * 89.5 Mpixel) and almost nothing else."""
+    if kind == "png":
+        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    screen = struct.pack("<HHBBB", w, h, 0, 0, 0)
+    return b"GIF89a" + screen + b"," + struct.pack("<HHHHB", 0, 0, w, h, 0) + b"\x02\x02\x4c\x01\x00;"
+
+
 def upload(data: bytes, ctype="image/png"):
     return {"image": ("x.png", data, ctype)}
 
@@ -91,6 +103,9 @@ def test_rgb_and_other_sizes_are_converted(client):
         ("oversized body", 413, "larger than the limit"),
         ("oversized chunked body", 413, "larger than the limit"),
         ("too many pixels", 413, "pixels"),
+        ("a PNG past Pillow's bomb limit", 413, "pixels"),
+        ("a GIF past Pillow's bomb limit", 413, "pixels"),
+        ("two images", 422, "image: sent 2 times"),
         ("top too large", 422, "top"),
         ("top not a number", 422, "top"),
         ("missing file", 422, "image"),
@@ -109,6 +124,11 @@ def test_bad_requests_get_4xx_with_a_clear_message(client, case, status, words):
             headers={**AUTH, "content-type": "multipart/form-data; boundary=x"},
         ),
         "too many pixels": lambda: post(files=upload(flat_png(65, 65))),
+        "a PNG past Pillow's bomb limit": lambda: post(files=upload(bomb("png"))),
+        "a GIF past Pillow's bomb limit": lambda: post(files=upload(bomb("gif"), "image/gif")),
+        "two images": lambda: post(
+            files=[("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(), "image/png"))]
+        ),
         "top too large": lambda: client.post("/classify?top=5", files=upload(png()), headers=AUTH),
         "top not a number": lambda: client.post("/classify?top=abc", files=upload(png()), headers=AUTH),
         "missing file": lambda: post(),
@@ -129,6 +149,16 @@ def test_token_is_required_everywhere_but_health_and_static_pages(client):
         assert getattr(client, method)(path, headers=AUTH, **kw).status_code == 200
     info = client.get("/info", headers=AUTH).json()
     assert info["classes"] == SPEC.class_names and info["endpoints"][0]["path"] == "/classify"
+
+
+def test_api_docs_are_served_from_local_files_and_redoc_is_gone(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN: works offline
+    for a in assets:
+        assert client.get(a).status_code == 200, a
+    assert client.get("/redoc").status_code == 404
 
 
 def test_no_endpoint_takes_a_server_path(client):
@@ -220,6 +250,19 @@ def test_generic_generation_translation_and_sampling_endpoints():
         ]:
             r = c.post(path, json=body, headers=AUTH)
             assert r.status_code == 422 and r.json()["detail"].startswith("bad request"), (path, body, r.text)
+        for path, raw in [  # not JSON numbers a client may still send: a 422 whose body encodes, never a 500
+            ("/generate", '{"temperature": NaN}'),
+            ("/generate", '{"temperature": 1e999}'),
+            ("/generate", '{"top_p": -Infinity}'),
+            ("/generate", '{"seed": 18446744073709551616}'),  # 2**64: past what a torch.Generator takes
+            ("/sample", '{"seed": 18446744073709551616}'),
+            ("/sample", '{"seed": -1}'),
+        ]:
+            r = c.post(path, content=raw, headers={**AUTH, "content-type": "application/json"})
+            field = raw.split('"')[1]
+            assert r.status_code == 422 and r.json()["detail"].startswith(f"bad request: {field}"), (path, raw, r.text)
+        with c.stream("POST", "/generate", json={"prompt": "ab", "seed": 2**64 - 1}, headers=AUTH) as r:
+            assert r.status_code == 200 and "".join(r.iter_text()) == "ba"
         assert c.post("/translate", json={"text": "x"}).status_code == 401
         kinds = {w["path"]: w["kind"] for w in c.get("/info", headers=AUTH).json()["endpoints"]}
         assert kinds == {"/generate": "stream", "/translate": "text", "/sample": "sample"}
@@ -296,3 +339,17 @@ def test_web_page_uploads_an_image_and_shows_the_label(tmp_path):
         wait.until(lambda d: "%" in d.find_element(By.ID, "result-0").text, "no label shown")
         shown = driver.find_element(By.ID, "result-0").text
         assert shown.startswith(want["label"] + " ("), (shown, want)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_api_docs_page_renders_the_endpoints_offline(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, _ = make_app(token=TOKEN)
+    with browser(app, tmp_path) as (driver, url):
+        driver.get(url + "docs")
+        paths = lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+        WebDriverWait(driver, 30).until(lambda d: "/classify" in paths(d), "Swagger UI did not render")
+        assert "/info" in paths(driver)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,10 @@ def decode(data: bytes, channels: int = 0, where: str = "image", max_pixels: int
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only: check the size before decoding
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the check below is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only: check the size before decoding
+        with im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{where}: image is {w}x{h} pixels; the limit is {max_pixels} pixels", 413)
@@ -44,6 +48,10 @@ def decode(data: bytes, channels: int = 0, where: str = "image", max_pixels: int
             x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
     except ImageError:
         raise
+    except Image.DecompressionBombError:  # Pillow refuses to open more than 2 * MAX_IMAGE_PIXELS: too big as well
+        raise ImageError(
+            f"{where}: image has more than {2 * Image.MAX_IMAGE_PIXELS} pixels; the limit is {max_pixels} pixels", 413
+        ) from None
     except Exception as e:  # Pillow raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise ImageError(f"{where}: the file could not be decoded as an image ({type(e).__name__})") from None
     return x.contiguous()

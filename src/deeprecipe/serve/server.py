@@ -8,8 +8,10 @@ the family's `serve(ctx)` hook, which adds the family's endpoints in a few lines
     ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | text | stream | sample;
                                  an image widget uploads form field `field` (default image) of types `accept`)
     ctx.text_generation / ctx.translation / ctx.image_sampler   whole endpoints for the generative families
-Always there: GET /health (public), / (the page, static), /docs and /openapi.json (the API description),
-GET /info and /metrics (Prometheus text: request counts, latency quantiles, batch sizes).
+Always there: GET /health (public), / (the page, static), /docs (Swagger UI, its files served from the
+fastapi-offline package: no CDN) and /openapi.json (the API description), GET /info and /metrics (Prometheus
+text: request counts, latency quantiles, batch sizes). Every endpoint takes one file per form field: a field sent
+twice (two images to /classify) is a 422, not a silent answer for the last one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
 from deeprecipe.core import UserError
@@ -34,7 +36,8 @@ from deeprecipe.data import image_ops
 from deeprecipe.serve.schemas import GenerateRequest, SampleRequest, TextRequest
 
 log = logging.getLogger("deeprecipe.serve")
-PUBLIC = {"/health", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # static or liveness only
+DOCS_STATIC = "/docs/static"  # Swagger UI's own files (fastapi-offline bundles them)
+PUBLIC = {"/health", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect", DOCS_STATIC}  # static or liveness only
 IMAGE_TYPES = {
     "image/png",
     "image/jpeg",
@@ -388,10 +391,11 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
     endpoints (build_app makes one for a run folder)."""
     import hmac
 
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import Depends
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from fastapi.security import HTTPBearer
+    from fastapi_offline import FastAPIOffline
 
     options = options or ServeOptions()
     metrics = Metrics()
@@ -407,9 +411,21 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    async def one_file_per_field(request: Request) -> None:
+        """FastAPI keeps the last of two parts with the same name: refuse them instead of answering for one."""
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            form = await request.form()  # parsed once: FastAPI has read it already for the endpoint's parameters
+            for key in dict.fromkeys(form.keys()):
+                if (n := len(form.getlist(key))) > 1:
+                    raise HTTPException(
+                        422,
+                        f"bad request: {key}: sent {n} times; send one per request (requests sent together run as "
+                        "one batch)",
+                    )
+
     from fastapi import APIRouter
 
-    router = APIRouter(dependencies=[Depends(require_token)])
+    router = APIRouter(dependencies=[Depends(require_token), Depends(one_file_per_field)])
     ctx = ServeContext(model, spec, cfg, rt, options, router, metrics)
     family.serve(ctx)
 
@@ -432,7 +448,9 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
             log.info(line)
 
     title = f"deeprecipe: {cfg.task} ({cfg.model.name})"
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs from local files (Swagger UI from a CDN is a blank page offline); no /redoc
+        redoc_url=None,
+        static_url=DOCS_STATIC,
         title=title,
         lifespan=lifespan,
         description="Endpoints of a trained deeprecipe run. "
@@ -479,7 +497,11 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
         )
         return JSONResponse(
             status_code=422,
-            content={"detail": f"bad request: {msg}", "errors": json.loads(json.dumps(errs, default=str))},
+            # an input of NaN or 1e999 comes back as text: JSON has no such numbers (the body must encode)
+            content={
+                "detail": f"bad request: {msg}",
+                "errors": json.loads(json.dumps(errs, default=str), parse_constant=str),
+            },
         )
 
     app.include_router(router)
