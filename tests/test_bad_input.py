@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, sets
+from deeprecipe import config
 from test_data import write_csv, write_idx, write_mnist, write_pngs
 
 
@@ -109,6 +110,30 @@ def test_empty_data_sets(cli, tmp_path):
     ):
         write_idx(m / stem, np.zeros(shape))
     train_fails(cli, tmp_path, "data.name=mnist", f"data.path={m}", needles=("no training examples",))
+
+
+def test_a_csv_too_small_for_its_splits(cli, tmp_path):
+    """Two rows: val and test take one each and nothing is left to train on (was a ZeroDivisionError)."""
+    csv = write_csv(tmp_path / "c")
+    csv.write_text("\n".join(csv.read_text().splitlines()[:3]) + "\n")  # the header and two rows
+    train_fails(
+        cli,
+        tmp_path,
+        "data.name=csv",
+        f"data.path={csv}",
+        "data.image_size=8",
+        needles=("2 examples are too few", "at least 3", "data.val_fraction and data.test_fraction to 0"),
+    )
+
+
+def test_an_empty_class_folder_is_a_note_or_with_strict_an_error(cli, tmp_path):
+    write_pngs(tmp_path / "imgs", per_class=4)
+    (tmp_path / "imgs" / "emu").mkdir()
+    base = ("data.name=imagefolder", f"data.path={tmp_path / 'imgs'}", "data.image_size=8")
+    train_fails(cli, tmp_path, *base, "data.strict=true", needles=("without images", str(tmp_path / "imgs" / "emu")))
+    with pytest.warns(UserWarning, match=f"class folder without images: {tmp_path / 'imgs' / 'emu'}"):
+        data = config.load("digits-mlp", list(base)).data.build()  # the CLI shows the warning as "note: ..."
+    assert data.spec.class_names == ["cat", "dog", "emu", "fox"]
 
 
 def test_missing_data_files(cli, tmp_path):

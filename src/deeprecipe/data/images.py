@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class ImageData:
         default_factory=list
     )  # keep only these class ids, numbered 0.. in this order ([]: all)
     in_memory_mb: int = 2048  # folder sets smaller than this are decoded once into memory
+    strict: bool = False  # a class folder without images is an error (else a note)
 
     def build(self) -> Data:
         raise NotImplementedError
@@ -83,13 +85,19 @@ class ImageData:
                     f"0..{len(classes) - 1} (fix the labels or the class list)"
                 )
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
-        cut = 0
+        cut, held = 0, []
         if test is None and self.test_fraction > 0:
             k = max(1, int(len(x) * self.test_fraction))
-            test, cut = (x[perm[:k]], y[perm[:k]]), k
+            test, cut, held = (x[perm[:k]], y[perm[:k]]), k, ["test"]
         if val is None and self.val_fraction > 0:
             k = max(1, int(len(x) * self.val_fraction))
-            val, cut = (x[perm[cut : cut + k]], y[perm[cut : cut + k]]), cut + k
+            val, cut, held = (x[perm[cut : cut + k]], y[perm[cut : cut + k]]), cut + k, ["val", *held]
+        if cut >= len(x):  # each held-out split takes at least one example: nothing would be left to train on
+            raise DataError(
+                f"data set '{self.name}' {self.path}: {len(x)} examples are too few to hold out {' and '.join(held)} "
+                f"and still train (each split needs at least 1 example: give at least {cut + 1}, "
+                f"or set {' and '.join(f'data.{k}_fraction' for k in held)} to 0)"
+            )
         keep = perm[cut:].sort().values if cut else torch.arange(len(x))
         if self.per_class:  # the first N of each class in split-seed order: a random, balanced few-label set
             rest = perm[cut:]
@@ -210,11 +218,19 @@ class FileImages(Dataset):
         return read(path, self.channels, self.size), torch.tensor(label)
 
 
-def _scan_classes(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
+def _scan_classes(root: Path, strict: bool = False) -> tuple[list[tuple[str, int]], list[str]]:
+    """(file, class id) of every image under root/<class>/, and the class names. A class folder without images
+    is a class the net can never learn: a note (warnings.warn), or with `strict` an error, names it."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     items = [
         (str(f), i) for i, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if f.suffix.lower() in EXTS
     ]
+    empty = [str(root / c) for i, c in enumerate(classes) if not any(lab == i for _, lab in items)]
+    if empty and items:
+        what = f"class folder{'s' if len(empty) > 1 else ''} without images: {', '.join(empty)}"
+        if strict:
+            raise DataError(f"{what} (data.strict is set: add images or remove the folder)")
+        warnings.warn(f"{what} (the class is kept but never seen; data.strict=true makes this an error)", stacklevel=2)
     return items, classes
 
 
@@ -292,12 +308,12 @@ class ImageFolderData(ImageData):
             splits, classes = {}, None
             for name in ("train", "val", "test"):
                 if (root / name).is_dir():
-                    items, cls = _scan_classes(root / name)
+                    items, cls = _scan_classes(root / name, self.strict)
                     if classes is not None and cls != classes:
                         raise DataError(f"{root / name}: class folders {cls} differ from train's {classes}")
                     classes, splits[name] = classes or cls, items
         else:
-            items, classes = _scan_classes(root)
+            items, classes = _scan_classes(root, self.strict)
             splits = {"train": items}
         if not classes:
             raise DataError(f"{root}: no class folders found (expected {root}/<class>/<image files>)")
