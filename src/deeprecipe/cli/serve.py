@@ -15,7 +15,8 @@ def cmd_export(args) -> None:
     cfg, spec, model, _, family = open_run(args.run, "cpu", "fp32")
     s = export_run(args.run, family, model, spec, args.format, args.out, args.atol, args.rtol)
     shapes = ", ".join(f"{n} {v['shape']} ({v['dtype']})" for n, v in s["inputs"].items())
-    print(f"exported {s['file']} ({args.format}); inputs {shapes}; dynamic axes {s['dynamic']}")
+    print(f"exported {' + '.join(s['files'][:-1])} ({args.format}; summary {s['files'][-1]})")
+    print(f"inputs {shapes}; dynamic axes {s['dynamic']}")
     print(f"parity with PyTorch: max |diff| {s['max_abs_diff']:.2e} within atol {s['atol']:g} + rtol {s['rtol']:g}")
 
 

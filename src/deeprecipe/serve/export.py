@@ -6,6 +6,10 @@ What goes in comes from the family's hook `export_example(model, spec, batch) ->
     outputs: [names of the outputs]            (default: output, output1, ...)
     dynamic: {input name: {axis: axis name}}   (default: {0: "batch"} on every input)
 
+Files: ONNX writes one self-contained model.onnx while the weights fit in it (protobuf's 2 GB limit; small models),
+and model.onnx plus model.onnx.data (weights beside it: copy both) only beyond that; the summary's `files` and the
+printed line name every file written, with the summary model.json itself.
+
 Parity: after writing the file, both the exported model and PyTorch run on fresh inputs of another batch size
 (so the dynamic batch axis is exercised too) and the export fails unless every output satisfies
 |exported - torch| <= atol + rtol * |torch| (fp32 on the CPU; defaults atol 1e-4, rtol 1e-3).
@@ -23,6 +27,7 @@ import torch.nn as nn
 from deeprecipe.core import UserError
 
 ATOL, RTOL = 1e-4, 1e-3
+ONNX_INLINE_BYTES = 1_800_000_000  # weights up to this stay inside the .onnx (a protobuf holds at most 2 GB)
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
@@ -53,8 +58,13 @@ def _as_list(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def export_onnx(module: nn.Module, ex: dict, path: Path) -> None:
+def export_onnx(module: nn.Module, ex: dict, path: Path) -> list[Path]:
+    """Write `path` (and `path`.data when the weights do not fit in one file); returns the files written."""
     from torch.export import Dim
+
+    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # an earlier export's weights must not pass for this file's
 
     names = list(ex["inputs"])
     dims: dict[str, Dim] = {}
@@ -72,8 +82,10 @@ def export_onnx(module: nn.Module, ex: dict, path: Path) -> None:
             output_names=out_names,
             dynamic_shapes=(shapes,),  # one entry: TensorsOnly.forward takes *inputs
             dynamo=True,
+            external_data=weights > ONNX_INLINE_BYTES,
             verbose=False,
         )
+    return [path, data] if data.exists() else [path]
 
 
 def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -84,11 +96,12 @@ def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
 
 
-def export_torchscript(module: nn.Module, ex: dict, path: Path) -> None:
+def export_torchscript(module: nn.Module, ex: dict, path: Path) -> list[Path]:
     with warnings.catch_warnings():  # tracing is deprecated upstream but remains the way to get a .pt for C++
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, tuple(ex["inputs"].values()), check_trace=False)
         traced.save(str(path))
+    return [path]
 
 
 def run_torchscript(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -119,7 +132,7 @@ def export_run(
     path = Path(out) if out else Path(run) / "export" / f"model{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        (export_onnx if fmt == "onnx" else export_torchscript)(module, ex, path)
+        files = (export_onnx if fmt == "onnx" else export_torchscript)(module, ex, path)
     except UserError:
         raise
     except Exception as e:
@@ -145,6 +158,7 @@ def export_run(
             )
     summary = {
         "file": str(path),
+        "files": [str(f) for f in [*files, path.with_suffix(".json")]],  # every file written, this summary last
         "format": fmt,
         "task": family.name,
         "inputs": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in check.items()},
