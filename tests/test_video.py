@@ -91,13 +91,15 @@ def test_video_folder_clips_and_eval_clips(tmp_path):
     assert xv.shape == (2, 3, 3, 4, 16, 16)  # (videos, K clips, C, T, H, W)
 
 
-def test_bad_videos_are_skipped_and_counted_or_stop_the_build(tmp_path, capsys):
+def test_bad_videos_are_skipped_and_counted_or_stop_the_build(tmp_path):
     root = _folder(tmp_path)
     (root / "jump" / "empty.mp4").write_bytes(b"")
     (root / "jump" / "garbage.avi").write_bytes(bytes(range(256)) * 40)
     encode(root / "walk" / "short.mp4", ramp(3))
-    data = VideoFolderData(path=str(root), frames=4, stride=2, size=16, val_fraction=0).build()
-    assert "skipped 3 of 9 videos" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="skipped 3 of 9 videos") as notes:
+        data = VideoFolderData(path=str(root), frames=4, stride=2, size=16, val_fraction=0).build()
+    note = str(notes[0].message)
+    assert all(name in note for name in ("empty.mp4: empty file", "garbage.avi: cannot decode", "short.mp4: 3 frames"))
     assert len(data.train) == 6 * 3
     with pytest.raises(DataError, match="empty file"):
         VideoFolderData(path=str(root), frames=4, stride=2, size=16, strict=True).build()
@@ -105,6 +107,17 @@ def test_bad_videos_are_skipped_and_counted_or_stop_the_build(tmp_path, capsys):
         VideoFolderData(path=str(root), frames=4, stride=2, size=16, short="error").build()
     looped = VideoFolderData(path=str(root), frames=4, stride=2, size=16, short="loop", val_fraction=0).build()
     assert len(looped.train) == 6 * 3 + 1
+
+
+def test_the_skip_note_names_the_first_ten_and_counts_the_rest(tmp_path):
+    root = _folder(tmp_path)
+    for i in range(12):
+        (root / "walk" / f"bad{i:02d}.mp4").write_bytes(b"")
+    with pytest.warns(UserWarning) as notes:
+        VideoFolderData(path=str(root), frames=4, stride=2, size=16, val_fraction=0).build()
+    note = str(notes[0].message)
+    assert "skipped 12 of 18 videos" in note and "bad09.mp4" in note and "bad10.mp4" not in note
+    assert note.endswith("; and 2 more")
 
 
 def test_all_videos_unreadable_is_an_error(tmp_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from deeprecipe.data.image_ops import EXTS, read
 from deeprecipe.data.scenes import SPLIT_BASE, hash_ints, uniform
 
 MOTIONS = ["left", "right", "up", "down", "rotate-cw", "rotate-ccw", "zoom-in", "zoom-out", "bounce", "still"]
+SHOW_BAD = 10  # skipped videos named in the note (the rest counted)
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"}
 
 
@@ -167,7 +168,7 @@ def probe(path: str) -> int:
     except DataError:
         raise
     except Exception as e:  # av.error.* (invalid data, unsupported codec, ...)
-        why = str(e).splitlines()[0] if str(e) else ""
+        why = str(e).splitlines()[0].replace(f": '{path}'", "") if str(e) else ""  # PyAV repeats the path
         raise DataError(f"{path}: cannot decode ({type(e).__name__}: {why})") from None
 
 
@@ -374,9 +375,12 @@ class VideoFolderData:
             raise bad[0]
         if self.short == "error" and short:
             raise short[0]
-        if bad:
-            print(f"warning: skipped {len(bad)} of {len(items)} videos; first: {bad[0]}", file=sys.stderr)
         ok = [r for r, _ in results if r is not None]
         if items and not ok:
             raise DataError(f"none of the {len(items)} videos could be used; first problem: {bad[0]}")
+        if bad:  # every skipped file by name (the first few, then a count), with why
+            shown = "; ".join(str(e) for e in bad[:SHOW_BAD]) + (
+                f"; and {len(bad) - SHOW_BAD} more" if len(bad) > SHOW_BAD else ""
+            )
+            warnings.warn(f"skipped {len(bad)} of {len(items)} videos: {shown}", stacklevel=2)
         return ok
