@@ -1,6 +1,7 @@
 """Export: ONNX and TorchScript files compute what PyTorch computes, with a dynamic batch axis."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -54,6 +55,32 @@ def test_export_run_matches_pytorch_on_another_batch_size(run_dir, fmt, tmp_path
     x = Classify().export_example(model, spec, 5)["inputs"]["image"]
     got = (export.run_onnx if fmt == "onnx" else export.run_torchscript)(out, {"image": x})[0]
     torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_onnx_export_of_a_small_model_is_one_file_that_works_alone(run_dir, tmp_path, cli):
+    out = tmp_path / "a" / "m.onnx"
+    code, printed, _ = cli("export", str(run_dir), "--out", str(out))
+    assert code == 0 and sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.onnx"]  # no m.onnx.data
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["files"] == [str(out), str(out.with_suffix(".json"))]
+    assert all(f in printed for f in summary["files"])
+    alone = tmp_path / "b" / "m.onnx"  # copied without anything beside it, it still runs
+    alone.parent.mkdir()
+    alone.write_bytes(out.read_bytes())
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    x = Classify().export_example(model, spec, 4)["inputs"]["image"]
+    torch.testing.assert_close(export.run_onnx(alone, {"image": x})[0], model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_onnx_weights_past_the_protobuf_limit_go_beside_it_and_every_file_is_named(run_dir, tmp_path, monkeypatch, cli):
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 0)  # as if the weights were over 2 GB
+    out = tmp_path / "m.onnx"
+    code, printed, _ = cli("export", str(run_dir), "--out", str(out))
+    files = json.loads(out.with_suffix(".json").read_text())["files"]
+    assert code == 0 and files == [str(out), str(out) + ".data", str(out.with_suffix(".json"))]
+    assert all(f in printed for f in files) and all(os.path.isfile(f) for f in files)
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 10**12)  # exported again, small: the old .data goes
+    assert cli("export", str(run_dir), "--out", str(out))[0] == 0 and not os.path.exists(str(out) + ".data")
 
 
 def test_export_fails_when_the_file_differs(run_dir, tmp_path, monkeypatch):
