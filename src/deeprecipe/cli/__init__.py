@@ -28,11 +28,20 @@ def family_of(cfg):
 
 
 def open_run(run: str, device: str = "auto", precision: str = "auto"):
-    """(cfg, spec, model with inference weights, runtime, family) of a run folder."""
+    """(cfg, spec, model with inference weights, runtime, family) of a run folder; says on stderr which weights."""
     from deeprecipe.engine.run import load_run, read_config
 
     family = family_of(read_config(run))
-    return (*load_run(run, family, device, precision), family)
+    loaded = load_run(run, family, device, precision)
+    print(f"weights: {weights_of(run).text}", file=sys.stderr, flush=True)
+    return (*loaded, family)
+
+
+def weights_of(run: str | Path):
+    """Which weights are the model of a run (engine/checkpoint.py model_weights), without loading them."""
+    from deeprecipe.engine.checkpoint import model_weights
+
+    return model_weights(Path(run), load=False)[1]
 
 
 # ------------------------------------------------------------------------------------------ verbs
@@ -84,7 +93,8 @@ def cmd_train(args) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     shown = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-    print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print(f"weights: {weights_of(run_dir).text}")
+    print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()))  # every key names its split: val_acc, test_acc
     print(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
 
 
@@ -101,7 +111,8 @@ def cmd_eval(args) -> None:
     split = args.split or ("test" if data.test is not None else "val")
     out = evaluate(family, model, data, cfg, rt, split)
     if args.json:
-        print(json.dumps(out))
+        about = weights_of(args.run)
+        print(json.dumps(out | {"split": split, "weights": about.text, "step": about.step}))
         return
     for k, v in out.items():
         if isinstance(v, (int, float)):
@@ -168,8 +179,10 @@ def cmd_runs(args) -> None:
         return
     for p in found:
         s = read_status(p)
-        best = s.get("best") or {}
-        best_s = " ".join(f"{k}={v:.4f}" for k, v in best.items() if isinstance(v, (int, float)))
+        best = {k: v for k, v in (s.get("best") or {}).items() if isinstance(v, (int, float))}
+        best_s = " ".join(f"best val_{k}={v:.4f}" for k, v in best.items())
+        if best_s and s.get("best_step") is not None:
+            best_s += f" @ step {s['best_step']}"
         print(f"{str(p):<48} {s.get('status', '?'):<8} step {s.get('step', '?'):<7} {best_s}")
 
 

@@ -4,7 +4,10 @@ Layout of runs/NAME/checkpoints/:
     step-000500/model.safetensors   weights (and `ema.`-prefixed EMA weights)
     step-000500/state.pt            optimizer, RNG states, step, early-stopping state (torch.load weights_only)
     latest                          the name of the newest complete checkpoint folder
-    best.safetensors                weights of the evaluated model at the best validation metric
+    best.safetensors                weights of the evaluated model at the best validation metric (a tie keeps
+                                    the later step); its metadata holds the step, the metric and its value
+
+Which weights are "the model" (train's final report, eval, predict, sample, export, serve): `model_weights`.
 
 Every file is written to a temporary name, fsynced and renamed; `latest` is switched only after the folder
 is complete, so a crash (or a full disk) at any moment leaves the previous checkpoint intact and named.
@@ -15,11 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from deeprecipe.core import UserError
@@ -122,14 +125,50 @@ def split_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def inference_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The weights to evaluate, predict, export or serve: best if recorded, else the latest (EMA when kept)."""
+class About(NamedTuple):
+    """Which weights are the model of a run: the file, its training step, and a line for people."""
+
+    file: str  # "best.safetensors" or "step-0000600/model.safetensors"
+    step: int | None
+    text: str  # "best.safetensors (step 400, val acc 0.9721)" or "last checkpoint (step 600, EMA)"
+
+
+def model_weights(run_dir: Path, load: bool = True) -> tuple[dict[str, torch.Tensor] | None, About]:
+    """The one rule for which weights are "the model" of a run, used by train's final report and by every verb that
+    loads a run: the best on validation (best.safetensors; a tie keeps the later step), else, when the run has no
+    validation metric, the last checkpoint's (its EMA weights when kept). Returns (the weights, or None unless
+    `load`; what they are)."""
     ckpt = Path(run_dir) / "checkpoints"
-    if (ckpt / "best.safetensors").is_file():
-        return load_weights(ckpt / "best.safetensors")
+    best = ckpt / "best.safetensors"
+    if best.is_file():
+        meta, _ = _header(best)
+        step = int(meta["step"]) if meta.get("step", "").isdigit() else None
+        said = [f"step {step}"] if step is not None else []
+        if meta.get("metric") and meta.get("value"):
+            said.append(f"{meta.get('split', 'val')} {meta['metric']} {float(meta['value']):.4f}")
+        about = About(best.name, step, f"{best.name} ({', '.join(said)})" if said else best.name)
+        return (load_weights(best) if load else None), about
     folder = latest(ckpt)
     if folder is None:
         raise UserError(f"{run_dir}: no checkpoint found (is it a run folder? has it trained a step?)")
+    step = int(folder.name.removeprefix("step-")) if folder.name.removeprefix("step-").isdigit() else None
+    ema = any(k.startswith("ema.") for k in _header(folder / "model.safetensors")[1])
+    about = About(f"{folder.name}/model.safetensors", step, f"last checkpoint (step {step}{', EMA' if ema else ''})")
+    if not load:
+        return None, about
     w = load_weights(folder / "model.safetensors")
-    ema_w = split_prefix(w, "ema.")
-    return ema_w or split_prefix(w, "model.")
+    return split_prefix(w, "ema." if ema else "model."), about
+
+
+def _header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The metadata and tensor names of a safetensors file, without reading the tensors."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read weights {path}: {e} (the file is damaged or not safetensors)") from None
+
+
+def inference_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of the model of a run (see model_weights)."""
+    return model_weights(run_dir)[0]

@@ -196,7 +196,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
         raise UserError(f"task '{cfg.task}' updates {len(parts)} networks in turn: run it in one process (no torchrun)")
     ema = optim.ema(model, T.ema)
     ckpt_dir = run_dir / "checkpoints"
-    start, best, bad_evals = 0, None, 0
+    start, best, best_step, bad_evals = 0, None, None, 0
     folder = checkpoint.latest(ckpt_dir) if resume else None
     if resume:
         check_resume(run_dir, cfg)
@@ -212,6 +212,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             ema.n_averaged.fill_(int(state["ema_n"]))
         set_rng_state(state["rng"])
         start, best, bad_evals = int(state["step"]), state.get("best"), int(state.get("bad_evals", 0))
+        best_step = state.get("best_step")
     run = Run(run_dir, cfg, rt.main, start, command)
     if rt.main:  # what predict/export/serve need to rebuild the model without the data
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
@@ -228,7 +229,8 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
     )
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
     sums: dict[str, torch.Tensor] = {}
-    t0, seen, nlog, results = time.perf_counter(), 0, 0, {}
+    t0, seen, nlog, results, best_results = time.perf_counter(), 0, 0, {}, None
+    split = "val" if data.val else "train"  # without a val split, evaluations watch training: no best weights
     model.train()
     step = start
     for step in range(start, T.steps):
@@ -278,22 +280,24 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
         stop = False
         if (T.eval_every and done % T.eval_every == 0) or done == T.steps:
             shown = ema.module if ema else model
-            results = evaluate(family, shown, data, cfg, rt, "val" if data.val else "train", final=done == T.steps)
+            results = evaluate(family, shown, data, cfg, rt, split, final=done == T.steps)
             run.log(done, **{f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
             if rt.main:
                 snapshot(family, shown, data, cfg, rt, run, done)
             value = results.get(metric)
-            if value is not None and (best is None or (value > best if mode == "max" else value < best)):
-                best, bad_evals = value, 0
-                if rt.main:
-                    checkpoint.save_weights(
-                        ckpt_dir / "best.safetensors", checkpoint.plain_state(shown), {"step": str(done)}
-                    )
-            else:
+            better = value is not None and (best is None or (value > best if mode == "max" else value < best))
+            if better or (value is not None and value == best):  # a tie keeps the later weights
+                best, best_step, best_results = value, done, results
+                if rt.main and split == "val":
+                    meta = {"step": str(done), "split": split, "metric": metric, "value": repr(float(value))}
+                    checkpoint.save_weights(ckpt_dir / "best.safetensors", checkpoint.plain_state(shown), meta)
+            if better:
+                bad_evals = 0
+            else:  # a tie is no improvement for early stopping
                 bad_evals += 1
                 stop = bool(T.early_stop) and bad_evals >= T.early_stop
             model.train()
-            run.status("running", step=done, best={metric: best})
+            run.status("running", step=done, **_best(split, metric, best, best_step))
         if rt.main and (done % T.ckpt_every == 0 or done == T.steps or stop):
             weights = {f"model.{k}": v for k, v in checkpoint.plain_state(model).items()}
             if ema is not None:
@@ -303,6 +307,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
                 "optimizers": {part.name: part.opt.state_dict() for part in parts},
                 "rng": rng_state(),
                 "best": best,
+                "best_step": best_step,
                 "bad_evals": bad_evals,
                 "ema_n": int(ema.n_averaged) if ema is not None else 0,
             }
@@ -311,12 +316,19 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")
             break
     bar.close()
-    final = {f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+    about, shown = None, ema.module if ema else model
+    if rt.main:  # the final report is of the model every verb loads (checkpoint.model_weights): best, else last
+        weights, about = checkpoint.model_weights(run_dir)
+        shown.load_state_dict(weights)
+        if about.file == "best.safetensors":
+            kept = best_results is not None and best_step == about.step
+            results = best_results if kept else _logged(run_dir, about.step)
+    final = {f"{split}_{k}": v for k, v in results.items() if isinstance(v, (int, float))}
     if rt.main:
-        shown = (ema.module if ema else model).eval()
         with torch.no_grad():
-            final.update(family.finish(shown, data, cfg, rt, run_dir, results) or {})
-    run.status("done", step=step + 1 if T.steps > start else start, best={metric: best}, final=final)
+            final.update(family.finish(shown.eval(), data, cfg, rt, run_dir, results) or {})
+    last = step + 1 if T.steps > start else start
+    run.status("done", step=last, **_best(split, metric, best, best_step), weights=about and about.text, final=final)
     run.close()
     if rt.main:
         from deeprecipe.engine.report import write_report
@@ -347,6 +359,19 @@ def snapshot(family: Family, model: nn.Module, data: Data, cfg: Config, rt: Runt
         checkpoint.atomic_write(path, lambda p, img=img: save_image(img.float().cpu(), p, format="png"))
         if run.tb is not None:
             run.tb.add_image(name, img.float().cpu(), step)
+
+
+def _best(split: str, metric: str, best, step) -> dict:
+    """status.json's best validation metric and its step (none without a val split)."""
+    return {"best": {metric: best}, "best_step": step} if split == "val" else {}
+
+
+def _logged(run_dir: Path, step: int | None) -> dict:
+    """The val metrics logged at `step` (after a resume, the best weights' evaluation is no longer in memory)."""
+    from deeprecipe.engine.run import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r.get("step") == step]
+    return {k[4:]: v for r in rows for k, v in r.items() if k.startswith("val_")}
 
 
 def _micro_steps(start: int, steps: int, accum: int) -> range:

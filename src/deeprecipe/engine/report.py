@@ -40,12 +40,15 @@ def write_report(run_dir: Path) -> Path:
         f"<p>status: <b>{html.escape(str(status.get('status', '?')))}</b> · step {status.get('step', '?')} · "
         f"recipe {html.escape(str(status.get('recipe', '')))} · task {html.escape(str(status.get('task', '')))}</p>",
         "<h2>Command</h2><pre>" + html.escape("\n".join(cmds)) + "</pre>",
-        "<h2>Final metrics</h2><table>"
+        "<h2>Final metrics</h2>"
+        + (f"<p>weights: {html.escape(str(status['weights']))}</p>" if status.get("weights") else "")
+        + "<table>"
         + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in final.items())
         + "</table>",
     ]
     if status.get("best"):
-        parts.append("<p>best validation: " + html.escape(json.dumps(status["best"])) + "</p>")
+        at = f" at step {status['best_step']}" if status.get("best_step") is not None else ""
+        parts.append("<p>best validation: " + html.escape(json.dumps(status["best"])) + at + "</p>")
     parts.append("<h2>Plots</h2>" + "".join(f"<h3>{html.escape(p.stem)}</h3><img src='plots/{p.name}'>" for p in imgs))
     for s in samples:
         parts.append(f"<h3>{html.escape(s.stem)}</h3><pre>{html.escape(s.read_text()[:5000])}</pre>")

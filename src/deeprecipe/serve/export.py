@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from deeprecipe.core import UserError
+from deeprecipe.engine.checkpoint import model_weights
 
 ATOL, RTOL = 1e-4, 1e-3
 ONNX_INLINE_BYTES = 1_800_000_000  # weights up to this stay inside the .onnx (a protobuf holds at most 2 GB)
@@ -156,11 +157,14 @@ def export_run(
                 f"exported {path} differs from PyTorch: max |diff| {diff:.3g} exceeds "
                 f"atol {atol:g} + rtol {rtol:g} * |torch| (the file is kept for inspection)"
             )
+    about = model_weights(Path(run), load=False)[1]  # the weights load_run loaded
     summary = {
         "file": str(path),
         "files": [str(f) for f in [*files, path.with_suffix(".json")]],  # every file written, this summary last
         "format": fmt,
         "task": family.name,
+        "weights": about.text,
+        "step": about.step,
         "inputs": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in check.items()},
         "dynamic": {n: {str(a): d for a, d in axes.items()} for n, axes in ex["dynamic"].items()},
         "outputs": ex.get("outputs") or [f"output{i}" for i in range(len(want))],

@@ -512,6 +512,8 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
 
 def build_app(run: str, cfg, spec, model, rt, family, options: ServeOptions | None = None):
     """The app of run folder `run`, whose model the caller loaded (engine.run.load_run, with its family)."""
-    status = Path(run) / "status.json"
-    step = json.loads(status.read_text()).get("step") if status.is_file() else None
-    return create_app(model, spec, cfg, rt, family, options, info={"run": Path(run).name, "step": step})
+    from deeprecipe.engine.checkpoint import model_weights
+
+    about = model_weights(Path(run), load=False)[1]  # the weights load_run loaded, and their step
+    info = {"run": Path(run).name, "step": about.step, "weights": about.text}
+    return create_app(model, spec, cfg, rt, family, options, info=info)

@@ -1,0 +1,111 @@
+"""What a user sees agrees with itself: one rule for which weights are the model (train's final report, eval,
+runs, serve, export), labelled numbers, progress without a terminal, and a CLI whose every flag says what it does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, sets
+from deeprecipe.engine import checkpoint
+from deeprecipe.engine.run import read_status
+
+CNN = [*TINY, "model.channels=[8, 16]", "model.dense=[16]", "train.steps=6", "train.eval_every=2"]
+
+
+def train(cli, out: Path, *extra: str) -> str:
+    code, stdout, err = cli("train", "digits-cnn", "--out", out, *sets(*CNN, *extra))
+    assert code == 0, err
+    return stdout
+
+
+def line(text: str, start: str) -> str:
+    return next(ln for ln in text.splitlines() if ln.startswith(start))
+
+
+@pytest.fixture
+def val_accs(monkeypatch):
+    """fake(a, b, c): the val accuracies of the evaluations at steps 2, 4 and 6 (test and train are real)."""
+    from deeprecipe.families.classify import Classify
+
+    real = Classify.evaluate
+
+    def fake(*accs: float) -> None:
+        it = iter(accs)
+
+        def evaluate(self, model, data, split, cfg, rt, final):
+            out = real(self, model, data, split, cfg, rt, final)
+            return out | {"acc": next(it)} if split == "val" else out
+
+        monkeypatch.setattr(Classify, "evaluate", evaluate)
+
+    return fake
+
+
+# ---------------------------------------------------------------------------------------------- which weights
+
+
+def test_a_tie_keeps_the_later_step_and_every_verb_names_it(cli, tmp_path, val_accs):
+    val_accs(0.5, 0.5, 0.5)
+    out = tmp_path / "runs" / "tie"
+    stdout = train(cli, out)
+    _, about = checkpoint.model_weights(out, load=False)
+    assert about.file == "best.safetensors" and about.step == 6
+    val_acc = read_status(out)["final"]["val_acc"]
+    said = f"weights: best.safetensors (step 6, val acc {val_acc:.4f})"
+    assert line(stdout, "weights:") == said and val_acc == 0.5
+    code, _, err = cli("eval", out, "--device", "cpu")
+    assert code == 0 and said in err.splitlines()
+    code, stdout, _ = cli("runs", "--dir", out.parent)
+    assert code == 0 and f"best val_acc={val_acc:.4f} @ step 6" in stdout
+
+
+def test_train_reports_the_model_that_eval_serve_and_export_use(cli, tmp_path, val_accs):
+    """The best validation metric comes at step 2 of 6: train's final report (val and test), eval, runs, serve's
+    /info and export's summary are all of the step-2 weights, and each says so."""
+    from fastapi.testclient import TestClient
+
+    from deeprecipe.cli import open_run
+    from deeprecipe.serve.export import export_run
+    from deeprecipe.serve.server import ServeOptions, build_app
+
+    val_accs(0.9, 0.5, 0.5)
+    out = tmp_path / "runs" / "best2"
+    stdout = train(cli, out, "optim.lr=3e-3")
+    status = read_status(out)
+    final = status["final"]
+    assert status["best"] == {"acc": 0.9} and status["best_step"] == 2 and final["val_acc"] == 0.9
+    assert line(stdout, "weights:") == "weights: best.safetensors (step 2, val acc 0.9000)"
+    printed = dict(kv.split("=") for kv in line(stdout, "val_loss=").split())
+    assert set(printed) >= {"val_acc", "val_loss", "test_acc", "test_loss"}  # every number names its split
+    assert float(printed["test_loss"]) == pytest.approx(final["test_loss"], abs=1e-4)
+
+    code, stdout, err = cli("eval", out, "--json", "--device", "cpu")
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["loss"] == pytest.approx(final["test_loss"], rel=1e-5) and m["acc"] == pytest.approx(final["test_acc"])
+    assert m["split"] == "test" and m["step"] == 2 and "weights: best.safetensors (step 2" in err
+
+    code, stdout, _ = cli("runs", "--dir", out.parent)
+    assert "best val_acc=0.9000 @ step 2" in stdout
+
+    loaded = open_run(str(out), "cpu", "fp32")
+    with TestClient(build_app(str(out), *loaded, ServeOptions())) as c:
+        info = c.get("/info").json()
+    assert info["step"] == 2 and info["weights"].startswith("best.safetensors (step 2")
+    s = export_run(str(out), loaded[-1], loaded[2], loaded[1], "torchscript", str(tmp_path / "m.pt"))
+    summary = json.loads((tmp_path / "m.json").read_text())
+    assert s["step"] == summary["step"] == 2 and summary["weights"] == info["weights"]
+
+
+def test_without_a_val_split_the_model_is_the_last_checkpoint(cli, tmp_path):
+    out = tmp_path / "runs" / "noval"
+    stdout = train(cli, out, "data.val_fraction=0")
+    assert not (out / "checkpoints" / "best.safetensors").exists()  # no best chosen on training data
+    assert line(stdout, "weights:") == "weights: last checkpoint (step 6)"
+    final = read_status(out)["final"]
+    assert "train_acc" in final and "test_acc" in final and not any(k.startswith("val_") for k in final)
+    code, _, err = cli("eval", out, "--device", "cpu")
+    assert code == 0 and "weights: last checkpoint (step 6)" in err
