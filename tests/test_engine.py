@@ -174,6 +174,28 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, c
     assert (ckpt / "latest").read_text() == "step-0000004"
 
 
+def test_resume_removes_temporaries_a_killed_writer_left(tmp_path, cli):
+    """A writer killed mid-write leaves `.latest.tmp<PID>` (atomic_write) or a `.step-N.partial` folder (save):
+    a run that starts or resumes removes those of processes that are gone, and keeps a live process's."""
+    out = tmp_path / "run"
+    code, _, err = cli("train", "digits-mlp", "--out", out, *sets(*TINY, "model.hidden=[16]"))
+    assert code == 0, err
+    gone = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    ckpt = out / "checkpoints"
+    stale = [ckpt / f".latest.tmp{dead}", out / "plots" / f".loss.png.tmp{dead}", out / f".status.json.tmp{dead}"]
+    for p in stale:
+        p.write_text("half")
+    (ckpt / ".step-0000003.partial").mkdir()
+    (ckpt / ".step-0000003.partial" / "model.safetensors").write_bytes(b"\0")
+    live = out / "plots" / f".mine.png.tmp{os.getpid()}"  # this process: alive
+    live.write_text("being written")
+    code, _, err = cli("train", "--resume", out, "--set", "train.steps=6")
+    assert code == 0, err
+    assert not any(p.exists() for p in stale) and not (ckpt / ".step-0000003.partial").exists()
+    assert live.exists()
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     target = tmp_path / "f.txt"
     checkpoint.atomic_text(target, "old")

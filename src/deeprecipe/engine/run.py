@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -23,6 +25,34 @@ def new_run_dir(recipe: str, out: str | None) -> Path:
     return Path("runs") / f"{Path(recipe).stem}-{stamp}"
 
 
+def clean_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what a writer killed mid-write left behind in a run folder (a run starting or resuming calls it):
+    `.NAME.tmp<PID>` files of processes that are gone (checkpoint.atomic_write) and `.step-N.partial` folders
+    (checkpoint.save). A temporary of a live process (an `eval` writing a plot) is left alone."""
+    removed = []
+    for p in Path(run_dir).rglob(".*.tmp*"):
+        pid = p.name.rsplit(".tmp", 1)[-1]
+        if p.is_file() and pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    for p in (Path(run_dir) / "checkpoints").glob(".step-*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
 class Run:
     """Writes a run's files (only on the main process; elsewhere every method is a no-op)."""
 
@@ -32,6 +62,7 @@ class Run:
         if not main:
             return
         (self.path / "plots").mkdir(parents=True, exist_ok=True)
+        clean_temporaries(self.path)
         atomic_text(self.path / "config.yaml", dump(cfg))
         cmd = command or shlex.join(["deeprecipe", *sys.argv[1:]])
         history = self.path / "commands.txt"
