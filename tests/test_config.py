@@ -84,6 +84,19 @@ def test_unknown_key_suggests_nearest(override, expect):
         config.load("digits-cnn", [override])
 
 
+@pytest.mark.parametrize("override,key", [("optim.lrr=1", "optim.lrr"), ("optimm.lr=1", "optimm")])
+def test_unknown_key_reads_as_typed(override, key):
+    with pytest.raises(ConfigError) as e:
+        config.load("digits-cnn", [override])
+    assert str(e.value).startswith(f"unknown key '{key}':")  # no 'config.' in front
+
+
+def test_wrong_type_message_names_the_key_as_typed():
+    with pytest.raises(ConfigError) as e:
+        config.load("digits-cnn", ["train.steps=abc"])
+    assert str(e.value).startswith("train.steps: expected an integer")
+
+
 @pytest.mark.parametrize(
     "override,field",
     [

@@ -145,14 +145,15 @@ def from_dict(cls: type, raw: dict | None, where: str) -> Any:
     """Build dataclass `cls` from a mapping, failing on unknown keys and wrong types."""
     raw = raw or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{where or 'the config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else key  # keys as a user types them (optim.lr): the top level is ""
         if key not in names:
-            raise ConfigError(f"unknown key '{where}.{key}': {nearest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+            raise ConfigError(f"unknown key '{dotted}': {nearest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
 
@@ -241,7 +242,7 @@ def resolve(raw: dict, name: str = "") -> Config:
             raise ConfigError(f"{key}.name: expected a string, got {sec['name']!r}")
         sections[key] = dict(sec)
     raw.setdefault("recipe", name)
-    cfg = from_dict(Config, raw, "config")
+    cfg = from_dict(Config, raw, "")
     cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
     cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
     check_train(cfg.train)
