@@ -4,6 +4,7 @@ folder left behind."""
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -255,6 +256,25 @@ def test_predict_on_a_corrupt_file(cli, finished_run, tmp_path):
     assert_one_line_error(code, err, str(bad))
     code, _, err = cli("predict", finished_run, tmp_path / "absent.png")
     assert_one_line_error(code, err, "absent.png")
+
+
+def test_predict_on_many_files_reports_the_bad_ones_and_goes_on(cli, finished_run, tmp_path):
+    good = write_pngs(tmp_path / "imgs", classes=("x",), per_class=2, size=8)
+    bad, absent = tmp_path / "bad.png", tmp_path / "absent.png"
+    bad.write_bytes(b"nope")
+    files = [good[0], bad, absent, good[1]]
+    code, out, err = cli("predict", finished_run, *files)
+    assert code == 2
+    assert [ln.split(": ")[0] for ln in out.splitlines()] == [str(good[0]), str(good[1])]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 3 and str(bad) in errors[0] and str(absent) in errors[1], err
+    assert errors[2] == "error: 2 of 4 files could not be predicted (named above); the others were"
+    # the not-an-image error names the file and what to do, never a path inside a library
+    assert "could not be decoded as an image" in errors[0] and "site-packages" not in err and ".py" not in err
+    code, out, _ = cli("predict", finished_run, *files, "--json")
+    got = json.loads(out)
+    assert code == 2 and [r["file"] for r in got] == [str(f) for f in files]
+    assert ["error" in r for r in got] == [False, True, True, False] and str(bad) in got[1]["error"]
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):

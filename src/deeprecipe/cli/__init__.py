@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from deeprecipe.core import UserError
+from deeprecipe.core import DataError, UserError
 
 # modules of this package that add verbs: each defines add_parsers(subparsers); families add theirs (add_verbs)
 VERB_MODULES: list[str] = ["deeprecipe.cli.check", "deeprecipe.cli.serve"]
@@ -129,20 +129,45 @@ def cmd_eval(args) -> None:
         print(f"confusion matrix: {path}")
 
 
+PREDICT_CHUNK = 64  # files per call of the family's predict hook (one batch)
+
+
 def cmd_predict(args) -> None:
+    """Predict every file; a file that cannot be used is reported (error: ...) and the others go on, with a
+    non-zero exit at the end."""
     import torch
 
     from deeprecipe.family import PredictOptions
 
     cfg, spec, model, rt, family = open_run(args.run, args.device, args.precision)
     opts = PredictOptions(top=args.top, out=Path(args.out) if args.out else None)
-    with torch.no_grad():
-        results = family.predict(model, spec, cfg, rt, args.files, opts)
+    files, results, failed = args.files, [], 0
+    for i in range(0, len(files), PREDICT_CHUNK):
+        chunk = files[i : i + PREDICT_CHUNK]
+        try:
+            with torch.no_grad():
+                got = family.predict(model, spec, cfg, rt, chunk, opts)
+        except DataError:  # a file that cannot be used: the chunk again one file at a time, reporting the bad ones
+            if len(files) == 1:
+                raise
+            got = []
+            for f in chunk:
+                try:
+                    with torch.no_grad():
+                        got += family.predict(model, spec, cfg, rt, [f], opts)
+                except DataError as e:
+                    failed += 1
+                    print(f"error: {_one_line(e)}", file=sys.stderr)
+                    got.append({"file": f, "error": _one_line(e)})
+        results += got
+        if not args.json:
+            for r in got:
+                if "error" not in r:
+                    print(r.get("text") or json.dumps(r), flush=True)
     if args.json:
         print(json.dumps(results, indent=1))
-    else:
-        for r in results:
-            print(r.get("text") or json.dumps(r))
+    if failed:
+        raise UserError(f"{failed} of {len(files)} files could not be predicted (named above); the others were")
 
 
 def cmd_sample(args) -> None:
