@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import PYTHON, sets
 from deeprecipe import config
@@ -107,6 +108,10 @@ def test_cli_train_eval_sample(tmp_path):
         "0004.png",
         "grid.png",
     ]
+    for name, fmt in [("g.png", "PNG"), ("sub/g.jpg", "JPEG")]:  # an image path is the grid's file, not a folder
+        assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / name), "--device", "cpu"]) == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt and im.size == (70, 70)  # 2 x 2 images of 32 x 32, 2-pixel padding
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
+from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.families.classify import augment
 from deeprecipe.families.gan import checks, plots
@@ -187,15 +188,22 @@ class GAN(Family):
         return note
 
     def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt, opts: SampleOptions) -> Iterator[str]:
-        """`deeprecipe sample RUN --n 64`: a grid and one PNG per image (labels cycle over the classes)."""
+        """`deeprecipe sample RUN --n 64`: a grid and one PNG per image in a folder (default RUN/samples), or only the
+        grid when --out is an image file (s.png); labels cycle over the classes."""
         from torchvision.utils import save_image
 
         if opts.n < 1:
             raise UserError(f"--n {opts.n}: must be at least 1")
         out = Path(opts.out or Path(opts.run_dir or ".") / "samples")
-        out.mkdir(parents=True, exist_ok=True)
         images = torch.cat(list(generate(model, opts.n, opts.seed, rt)))
-        save_grid(images, out / "grid.png", nrow=max(1, int(len(images) ** 0.5)))
+        nrow = max(1, int(len(images) ** 0.5))
+        if out.suffix.lower() in image_ops.EXTS:  # a file, not a folder named s.png
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(images, out, nrow=nrow)
+            yield f"{len(images)} images: grid {out}\n"
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        save_grid(images, out / "grid.png", nrow=nrow)
         for i, img in enumerate(images):
             save_image((img.cpu() + 1) / 2, out / f"{i:04d}.png")
         yield f"{len(images)} images: {out}/0000.png ... ; grid: {out / 'grid.png'}\n"

@@ -24,11 +24,14 @@ def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> torch.Tensor:
-    """images in [-1, 1] -> a grid PNG at `path` (written atomically); returns the grid."""
+    """images in [-1, 1] -> a grid image at `path` (PNG, or the format its suffix names; written atomically);
+    returns the grid."""
+    from PIL import Image
     from torchvision.utils import save_image
 
     g = grid(images, nrow)
-    atomic_write(Path(path), lambda p: save_image(g, p, format="png"))
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")  # the temporary name has no suffix
+    atomic_write(Path(path), lambda p: save_image(g, p, format=fmt))
     return g
 
 
