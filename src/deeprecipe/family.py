@@ -49,7 +49,7 @@ class SampleOptions:
     top_p: float = 1.0
     n: int = 64  # images (GANs)
     seed: int = 0
-    out: Path | None = None  # output folder (images)
+    out: Path | None = None  # output folder (images), or an image file (s.png): the grid alone
     run_dir: Path | None = None  # the run sampled from (default output place)
 
 
