@@ -233,6 +233,35 @@ def test_dataset_builds(name, tmp_path):
         assert torch.equal(a, b)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A few dozen bytes of PNG whose header claims width x height pixels (decoding it would need w*h bytes)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + head + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("claims", [(20000, 20000), (5000, 5000)])  # above Pillow's own limit, and only above ours
+@pytest.mark.parametrize("name", ["imagefolder", "csv", "cityscapes", "maskfolder", "videofolder", "streamed"])
+def test_every_image_data_path_refuses_a_png_above_the_pixel_limit(tmp_path, name, claims):
+    """One pixel limit for training and serving (image_ops.MAX_PIXELS, checked from the header): a PNG that claims
+    20000 x 20000 pixels is refused by name, not decoded into 400 MB, on every path a data set reads images by."""
+    cfg = TINY["imagefolder" if name == "streamed" else name][0](tmp_path)
+    if name == "streamed":  # read by a DataLoader worker, file by file
+        cfg.in_memory_mb = 0
+    victim = sorted(tmp_path.rglob("*.png"))[1]
+    victim.write_bytes(png_claiming(*claims))
+    with pytest.raises(DataError) as e:
+        data = cfg.build()
+        for split in (data.train, data.val, data.test):
+            if split is not None:
+                split.take(torch.arange(len(split)))
+    assert str(victim) in str(e.value) and "the limit is 16777216 pixels" in str(e.value), e.value
+
+
 def test_mnist_reads_the_files_exactly(tmp_path):
     folder = write_mnist(tmp_path / "m", n=30)
     data = DATASETS["mnist"](path=str(folder), val_fraction=0.0).build()

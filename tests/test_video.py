@@ -125,6 +125,8 @@ def test_all_videos_unreadable_is_an_error(tmp_path):
     (tmp_path / "a" / "x.mp4").write_bytes(b"not a video at all")
     with pytest.raises(DataError, match="none of the 1 videos"):
         VideoFolderData(path=str(tmp_path), frames=4).build()
+    with pytest.raises(DataError, match="nope.mp4: file not found"):  # predict's path: a DataError, not an OSError
+        probe(str(tmp_path / "nope.mp4"))
 
 
 def test_frame_folders_and_ucf101_split_lists(tmp_path):

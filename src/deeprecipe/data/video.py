@@ -150,6 +150,8 @@ def probe(path: str) -> int:
     p = Path(path)
     if p.is_dir():
         return sum(1 for f in p.iterdir() if f.suffix.lower() in EXTS)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
     if p.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     av = _av()
