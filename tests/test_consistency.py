@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, sets
 from deeprecipe.engine import checkpoint
@@ -100,12 +101,24 @@ def test_train_reports_the_model_that_eval_serve_and_export_use(cli, tmp_path, v
     assert s["step"] == summary["step"] == 2 and summary["weights"] == info["weights"]
 
 
-def test_without_a_val_split_the_model_is_the_last_checkpoint(cli, tmp_path):
+def test_without_a_val_split_every_number_says_train(cli, tmp_path):
+    """Without a val split the evaluations watch the training split (as a GAN's FID does): the best weights are
+    chosen there, and the final report, the weights line and runs say train, not val."""
     out = tmp_path / "runs" / "noval"
     stdout = train(cli, out, "data.val_fraction=0")
-    assert not (out / "checkpoints" / "best.safetensors").exists()  # no best chosen on training data
-    assert line(stdout, "weights:") == "weights: last checkpoint (step 6)"
-    final = read_status(out)["final"]
+    final, status = read_status(out)["final"], read_status(out)
     assert "train_acc" in final and "test_acc" in final and not any(k.startswith("val_") for k in final)
+    said = f"weights: best.safetensors (step {status['best_step']}, train acc {status['best']['acc']:.4f})"
+    assert line(stdout, "weights:") == said
     code, _, err = cli("eval", out, "--device", "cpu")
-    assert code == 0 and "weights: last checkpoint (step 6)" in err
+    assert code == 0 and said in err.splitlines()
+    code, stdout, _ = cli("runs", "--dir", out.parent)
+    assert f"best train_acc={status['best']['acc']:.4f}" in stdout
+
+
+def test_without_an_evaluation_metric_the_model_is_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    checkpoint.save(out / "checkpoints", 7, {"model.w": torch.ones(2), "ema.w": torch.zeros(2)}, {"step": 7})
+    weights, about = checkpoint.model_weights(out)
+    assert about == ("step-0000007/model.safetensors", 7, "last checkpoint (step 7, EMA)")
+    assert torch.equal(weights["w"], torch.zeros(2))  # the EMA weights, as evaluated

@@ -205,7 +205,7 @@ def cmd_runs(args) -> None:
     for p in found:
         s = read_status(p)
         best = {k: v for k, v in (s.get("best") or {}).items() if isinstance(v, (int, float))}
-        best_s = " ".join(f"best val_{k}={v:.4f}" for k, v in best.items())
+        best_s = " ".join(f"best {s.get('best_split', 'val')}_{k}={v:.4f}" for k, v in best.items())
         if best_s and s.get("best_step") is not None:
             best_s += f" @ step {s['best_step']}"
         print(f"{str(p):<48} {s.get('status', '?'):<8} step {s.get('step', '?'):<7} {best_s}")

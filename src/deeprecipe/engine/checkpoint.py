@@ -135,8 +135,9 @@ class About(NamedTuple):
 
 def model_weights(run_dir: Path, load: bool = True) -> tuple[dict[str, torch.Tensor] | None, About]:
     """The one rule for which weights are "the model" of a run, used by train's final report and by every verb that
-    loads a run: the best on validation (best.safetensors; a tie keeps the later step), else, when the run has no
-    validation metric, the last checkpoint's (its EMA weights when kept). Returns (the weights, or None unless
+    loads a run: the best on the family's metric at the evaluations (best.safetensors: on the val split, or the
+    training split where the data has none, as a GAN's FID; a tie keeps the later step), else, when no evaluation
+    gave the metric, the last checkpoint's (its EMA weights when kept). Returns (the weights, or None unless
     `load`; what they are)."""
     ckpt = Path(run_dir) / "checkpoints"
     best = ckpt / "best.safetensors"

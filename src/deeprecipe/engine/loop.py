@@ -230,7 +230,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
     sums: dict[str, torch.Tensor] = {}
     t0, seen, nlog, results, best_results = time.perf_counter(), 0, 0, {}, None
-    split = "val" if data.val else "train"  # without a val split, evaluations watch training: no best weights
+    split = "val" if data.val else "train"  # without a val split, evaluations watch the training split (a GAN's FID)
     model.train()
     step = start
     for step in range(start, T.steps):
@@ -288,7 +288,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             better = value is not None and (best is None or (value > best if mode == "max" else value < best))
             if better or (value is not None and value == best):  # a tie keeps the later weights
                 best, best_step, best_results = value, done, results
-                if rt.main and split == "val":
+                if rt.main:
                     meta = {"step": str(done), "split": split, "metric": metric, "value": repr(float(value))}
                     checkpoint.save_weights(ckpt_dir / "best.safetensors", checkpoint.plain_state(shown), meta)
             if better:
@@ -362,8 +362,8 @@ def snapshot(family: Family, model: nn.Module, data: Data, cfg: Config, rt: Runt
 
 
 def _best(split: str, metric: str, best, step) -> dict:
-    """status.json's best validation metric and its step (none without a val split)."""
-    return {"best": {metric: best}, "best_step": step} if split == "val" else {}
+    """status.json's best evaluation metric, its split and its step."""
+    return {"best": {metric: best}, "best_split": split, "best_step": step}
 
 
 def _logged(run_dir: Path, step: int | None) -> dict:

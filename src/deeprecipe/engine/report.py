@@ -48,7 +48,8 @@ def write_report(run_dir: Path) -> Path:
     ]
     if status.get("best"):
         at = f" at step {status['best_step']}" if status.get("best_step") is not None else ""
-        parts.append("<p>best validation: " + html.escape(json.dumps(status["best"])) + at + "</p>")
+        split = status.get("best_split", "val")
+        parts.append(f"<p>best on {split}: " + html.escape(json.dumps(status["best"])) + at + "</p>")
     parts.append("<h2>Plots</h2>" + "".join(f"<h3>{html.escape(p.stem)}</h3><img src='plots/{p.name}'>" for p in imgs))
     for s in samples:
         parts.append(f"<h3>{html.escape(s.stem)}</h3><pre>{html.escape(s.read_text()[:5000])}</pre>")
