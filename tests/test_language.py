@@ -312,6 +312,32 @@ def tiny_seq2seq(vocab: int = 40):
     return Seq2Seq(vocab, vocab, d=32, n_head=2, enc_layers=1, dec_layers=1, ff=64, dropout=0.0).eval()
 
 
+def test_text_a_user_reads_has_no_special_tokens(monkeypatch):
+    """A barely trained translator or language model may emit <s>, </s> or <pad> anywhere: decode keeps them (an
+    exact round trip), but translations, samples and served text leave them out."""
+    from deeprecipe.data.pairs import BOS, EOS, PAD, SPECIAL
+    from deeprecipe.engine.device import Runtime
+    from deeprecipe.families import translate
+    from deeprecipe.families.lm import stream_text
+
+    tok = BPETokenizer.train(["ein haus und ein hund\n"] * 3, vocab_size=300, special=SPECIAL)
+    ids = tok.encode("ein haus")
+    assert tok.decode([BOS, *ids, EOS]) == "<s>ein haus</s>"
+    vocab = {"src_tokenizer": tok.to_extra(), "src_vocab": tok.vocab_size, "shared_vocab": True}
+    spec = DataSpec(vocab_size=tok.vocab_size, extra=vocab)
+    model = torch.nn.Module()
+    model.pos = torch.zeros(64)  # what translate_lines reads for the longest source
+    monkeypatch.setattr(translate, "decode", lambda m, src, beam, alpha: [[BOS, BOS, *ids, PAD]] * len(src))
+    assert translate.translate_lines(model, spec, ["a house"], Runtime(torch.device("cpu"), None)) == ["ein haus"]
+
+    class Babbler(torch.nn.Module):  # a language model's stream of next tokens
+        def stream(self, idx, n, **kw):
+            yield from (torch.tensor([t]) for t in [BOS, *ids, EOS, PAD][:n])
+
+    assert "".join(stream_text(Babbler(), tok, ids, 10)) == "ein haus"
+    assert tok.text([BOS, BOS, *ids, PAD]) == "ein haus"
+
+
 def test_beam_one_equals_greedy():
     model = tiny_seq2seq()
     src = torch.randint(3, 40, (6, 9))

@@ -10,6 +10,9 @@ batch is B windows of block_size + 1 tokens at offsets drawn from a generator se
 batch of step s is a pure function of (seed, s), which exact resume needs (see data/core.py). Evaluation
 walks the split in non-overlapping windows, so every token of it is predicted exactly once.
 
+`decode(ids)` gives every token back (an exact round trip); `text(ids)` is what a user reads: the same without
+special tokens (<pad>, <s>, </s>), which a barely trained model may emit anywhere.
+
 The tokenizer travels in `DataSpec.extra["tokenizer"]` (saved with the run as spec.json): sampling and
 serving need nothing but the run folder.
 """
@@ -139,6 +142,10 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def text(self, ids) -> str:
+        """What a user reads (a character vocabulary has no special tokens: decode)."""
+        return self.decode(ids)
+
     def to_extra(self) -> dict:
         return {"kind": "char", "chars": self.chars}
 
@@ -178,7 +185,12 @@ class BPETokenizer:
         return [e.ids for e in self.tok.encode_batch(texts)]
 
     def decode(self, ids) -> str:
+        """Every token back, special ones (<pad>, <s>, </s>) included: an exact round trip."""
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def text(self, ids) -> str:
+        """What a user reads (a translation, a sample, a served answer): the special tokens left out."""
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def to_extra(self) -> dict:
         return {"kind": "bpe", "json": self.tok.to_str()}

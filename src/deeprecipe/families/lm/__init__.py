@@ -54,12 +54,12 @@ def stream_text(
     out, shown = [], ""
     for nxt in model.stream(idx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=g):
         out.append(int(nxt[0]))
-        text = tok.decode(out)
+        text = tok.text(out)
         if text.endswith("\ufffd"):
             continue
         yield text[len(shown) :]
         shown = text
-    text = tok.decode(out)
+    text = tok.text(out)
     if len(text) > len(shown):
         yield text[len(shown) :]
 

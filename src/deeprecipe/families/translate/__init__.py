@@ -105,7 +105,7 @@ def translate_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, b
             logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=data.spec.extra["pad"], reduction="sum"
         ).item()
         count += int((tgt_out != data.spec.extra["pad"]).sum())
-        hyps += [tgt_tok.decode(ids) for ids in decode(model, src, beam, alpha)]
+        hyps += [tgt_tok.text(ids) for ids in decode(model, src, beam, alpha)]
     return hyps, sp.refs[: len(hyps)], nll, count
 
 
@@ -125,7 +125,7 @@ def translate_lines(
         with torch.no_grad(), rt.autocast():
             hyp = decode(model, pad([ids[i] for i in chunk], rt.device), beam, alpha)
         for i, h in zip(chunk, hyp):
-            out[i] = tgt_tok.decode(h)
+            out[i] = tgt_tok.text(h)  # no <s>, </s> or <pad> in what a user reads
     return out
 
 
