@@ -122,3 +122,52 @@ def test_without_an_evaluation_metric_the_model_is_the_last_checkpoint(tmp_path)
     weights, about = checkpoint.model_weights(out)
     assert about == ("step-0000007/model.safetensors", 7, "last checkpoint (step 7, EMA)")
     assert torch.equal(weights["w"], torch.zeros(2))  # the EMA weights, as evaluated
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def test_training_prints_progress_lines_without_a_terminal(cli, tmp_path, monkeypatch):
+    from deeprecipe.engine import loop
+
+    monkeypatch.setattr(loop, "PROGRESS_EVERY", 0.0)  # a line every step (the default: every 10 seconds)
+    code, _, err = cli("train", "digits-cnn", "--out", tmp_path / "r", *sets(*CNN))
+    assert code == 0, err  # capsys: stderr is not a terminal, so tqdm draws nothing
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == [f"{k}/6" for k in range(1, 7)]
+    assert "loss " in lines[-1] and " ex/s" in lines[-1] and lines[-1].endswith("ETA 0:00:00")
+
+
+def test_lr_find_prints_progress(cli, tmp_path):
+    code, _, err = cli("lr-find", "digits-mlp", "--out", tmp_path / "lr", "--steps", "20", *sets(*TINY))
+    assert code == 0, err
+    assert err.splitlines()[0].startswith("lr-find digits-mlp: 20 steps")
+    steps = [ln.split()[1] for ln in err.splitlines() if ln.startswith("  step ")]
+    assert steps[:3] == ["2/20", "4/20", "6/20"]
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def test_every_argument_of_every_verb_has_help():
+    import argparse
+
+    from deeprecipe.cli import build_parser
+
+    parser = build_parser()
+    [verbs] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{verb} {a.option_strings[0] if a.option_strings else a.dest}"
+        for verb, p in verbs.choices.items()
+        for a in p._actions
+        if not isinstance(a, argparse._HelpAction) and not a.help
+    ]
+    assert not missing, f"arguments without help=: {missing}"
+
+
+def test_version(capsys):
+    from deeprecipe.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == "deeprecipe 0.1.0"

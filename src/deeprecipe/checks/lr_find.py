@@ -38,7 +38,9 @@ def lr_range_test(
     clip: float = 0.0,
     beta: float = 0.9,
     diverge: float = 4.0,
+    progress: Callable[[int, float, float], None] | None = None,
 ) -> LRFind:
+    """`progress(step, lr, smoothed loss)` is called after every step that kept going."""
     devices = [p.device for p in model.parameters() if p.is_cuda][:1]
     with torch.random.fork_rng(devices=devices):
         # one deepcopy of both: the copied optimizer holds the copied parameters (and its own state)
@@ -63,6 +65,8 @@ def lr_range_test(
             lrs.append(lr)
             smooth.append(s)
             best = min(best, s)
+            if progress:
+                progress(k + 1, lr, s)
     diverged = len(lrs) < steps
     i_best = min(range(len(smooth)), key=smooth.__getitem__) if smooth else 0
     # slope per step of log-lr, on the way down to the lowest point

@@ -251,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deeprecipe", description="Train, check, evaluate, export and serve the classic deep-learning systems."
     )
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--version", action="version", version=f"deeprecipe {_version()}")
     sub = p.add_subparsers(dest="verb", required=True)
 
     s = sub.add_parser("recipes", help="list the built-in recipes")
     s.set_defaults(func=cmd_recipes)
 
     s = sub.add_parser("train", help="train a recipe (name or YAML path); --resume RUN continues a run exactly")
-    s.add_argument("recipe", nargs="?")
+    s.add_argument("recipe", nargs="?", help="recipe name (see 'deeprecipe recipes') or YAML path")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. optim.lr=1e-3")
     s.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
     s.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
@@ -272,43 +273,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", help="evaluate a run on its test split")
-    s.add_argument("run")
-    s.add_argument("--split", choices=["train", "val", "test"])
-    s.add_argument("--device", default="auto")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("eval", help="evaluate a run's model (its best weights) on its test split")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default test, else val)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="run a trained model on files")
-    s.add_argument("run")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--top", type=int, default=3)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("run", help="run folder")
+    s.add_argument("files", nargs="+", help="input files (images, videos or text files, as the task takes)")
+    s.add_argument("--top", type=int, default=3, help="how many labels to show, most probable first (default 3)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--out", help="folder for output files (segmentation masks, ...)")
     s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32 (the default, as serve answers)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("sample", help="generate from a run: text (language models) or images (GANs)")
-    s.add_argument("run")
+    s.add_argument("run", help="run folder")
     s.add_argument("--prompt", default="", help="text to continue (language models)")
-    s.add_argument("--max-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--max-tokens", type=int, default=500, help="tokens to generate (language models; default 500)")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
     s.add_argument("--n", type=int, default=64, help="how many images (GANs)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed (the same seed, the same sample)")
     s.add_argument("--out", help="output folder or file (GAN grids and images)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("runs", help="list runs with their status and best metric")
-    s.add_argument("--dir", default="runs")
+    s.add_argument("--dir", default="runs", help="folder holding the run folders (default runs)")
     s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("data", help="a data set's sizes, class balance and a grid of examples")
-    s.add_argument("recipe", nargs="?", default="digits-cnn")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("recipe", nargs="?", default="digits-cnn", help="recipe name or YAML path (default digits-cnn)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. data.path=...")
     s.add_argument("--out", help="PNG path of the example grid")
     s.set_defaults(func=cmd_data)
 
@@ -319,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FAMILIES:
         get_family(name).add_verbs(sub)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deeprecipe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,7 @@ def cmd_check(args) -> None:
             flush=True,
         )
 
-    print(f"checking {args.recipe} ({cfg.data.name}, {cfg.model.name}, task {cfg.task}) on {ctx.rt.device}")
+    print(f"checking {args.recipe} ({cfg.data.name}, {cfg.model.name}, task {cfg.task}) on {ctx.rt.device}", flush=True)
     verdicts = run_checks(ctx, _names(args.only), _names(args.skip), progress=show)
     counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "warn", "fail", "skip")}
     failed = counts["fail"] > 0 or (args.strict and counts["warn"] > 0)
@@ -123,7 +123,7 @@ def cmd_check(args) -> None:
         ),
     )
     page = write_page(run_dir, f"deeprecipe check {cfg.recipe}", verdicts, dump(cfg))
-    print(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"\nreport: {page}")
+    print(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"\nreport: {page}", flush=True)
     if failed:
         sys.exit(FAILED_EXIT)
 
@@ -141,7 +141,21 @@ def cmd_lr_find(args) -> None:
     ctx.cfg.optim.label_smoothing = cfg.optim.label_smoothing  # the loss the recipe trains with
     model = ctx.model()
     opt = optim.adamw(model, cfg.optim)
-    r = lr_range_test(model, opt, ctx.train_batch, ctx.loss, args.start, args.end, args.steps, cfg.optim.clip)
+    every = max(1, args.steps // 10)
+
+    def progress(k: int, lr: float, loss: float) -> None:  # ten lines on stderr while it runs
+        if k % every == 0 or k == args.steps:
+            print(f"  step {k}/{args.steps}  lr {lr:.2e}  loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    print(
+        f"lr-find {args.recipe}: {args.steps} steps, lr {args.start:g} to {args.end:g}, batch {ctx.batch_size}, "
+        f"on {ctx.rt.device}",
+        file=sys.stderr,
+        flush=True,
+    )
+    r = lr_range_test(
+        model, opt, ctx.train_batch, ctx.loss, args.start, args.end, args.steps, cfg.optim.clip, progress=progress
+    )
     if not r.lrs:
         from deeprecipe.core import UserError
 
@@ -168,7 +182,7 @@ def cmd_lr_find(args) -> None:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("check", help="run the training recipe's checks on a recipe (exit 3 when one fails)")
-    s.add_argument("recipe")
+    s.add_argument("recipe", help="recipe name (see 'deeprecipe recipes') or YAML path")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     s.add_argument("--out", help="run folder (default runs/check-<recipe>-<time>)")
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
@@ -186,12 +200,12 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("lr-find", help="learning-rate range test on a copy of the model; plot and suggested lr")
-    s.add_argument("recipe")
+    s.add_argument("recipe", help="recipe name (see 'deeprecipe recipes') or YAML path")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     s.add_argument("--out", help="run folder (default runs/lr-find-<recipe>-<time>)")
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
-    s.add_argument("--start", type=float, default=1e-6)
-    s.add_argument("--end", type=float, default=1.0)
-    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--start", type=float, default=1e-6, help="lowest learning rate, the first step's (default 1e-6)")
+    s.add_argument("--end", type=float, default=1.0, help="highest learning rate, the last step's (default 1)")
+    s.add_argument("--steps", type=int, default=100, help="steps from --start to --end, lr raised exponentially")
     s.add_argument("--batch", type=int, default=0, help="batch size (default the recipe's)")
     s.set_defaults(func=cmd_lr_find)

@@ -30,6 +30,8 @@ from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, s
 from deeprecipe.engine.run import Run
 from deeprecipe.family import Family
 
+PROGRESS_EVERY = 10.0  # seconds between plain progress lines when stderr is not a terminal (logs, CI, nohup)
+
 
 class NonFiniteLoss(UserError):
     pass
@@ -228,6 +230,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
         data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
     )
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
+    plain = Progress(start, T.steps, T.batch_size) if rt.main and bar.disable else None  # no terminal: lines
     sums: dict[str, torch.Tensor] = {}
     t0, seen, nlog, results, best_results = time.perf_counter(), 0, 0, {}, None
     split = "val" if data.val else "train"  # without a val split, evaluations watch the training split (a GAN's FID)
@@ -272,11 +275,14 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             norms = {"grad_norm" if single else f"{k}_grad_norm": float(v) for k, v in r.norms.items()}
             lr = parts[0].opt.param_groups[0]["lr"]
             run.log(done, **means, lr=lr, **norms, examples_per_s=seen / dt)
-            bar.set_postfix(
-                {k: f"{v:.4f}" for k, v in means.items() if k.endswith("loss")} | {"ex_s": f"{seen / dt:,.0f}"}
-            )
+            losses = {k: f"{v:.4f}" for k, v in means.items() if k.endswith("loss")}
+            bar.set_postfix(losses | {"ex_s": f"{seen / dt:,.0f}"})
+            if plain:
+                plain.losses = losses
             sums, t0, seen, nlog = {}, time.perf_counter(), 0, 0
         bar.update(1)
+        if plain:
+            plain.tick(done)
         stop = False
         if (T.eval_every and done % T.eval_every == 0) or done == T.steps:
             shown = ema.module if ema else model
@@ -335,6 +341,27 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
 
         write_report(run_dir)
     return final
+
+
+class Progress:
+    """A plain line on stderr every PROGRESS_EVERY seconds and at the last step, where tqdm draws no bar:
+    step/total, the last logged losses, examples per second and the time left."""
+
+    def __init__(self, start: int, total: int, batch: int):
+        self.start, self.total, self.batch = start, total, batch
+        self.t0 = self.last = time.perf_counter()
+        self.losses: dict[str, str] = {}
+
+    def tick(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY and done < self.total:
+            return
+        self.last, elapsed, n = now, now - self.t0, done - self.start
+        left = elapsed / n * (self.total - done) if n else 0.0
+        m, sec = divmod(int(left + 0.5), 60)
+        parts = [f"step {done}/{self.total} ({done / self.total:.0%})", *(f"{k} {v}" for k, v in self.losses.items())]
+        parts += [f"{n * self.batch / max(elapsed, 1e-9):,.0f} ex/s", f"ETA {m // 60}:{m % 60:02d}:{sec:02d}"]
+        print("  ".join(parts), file=sys.stderr, flush=True)
 
 
 def evaluate(
