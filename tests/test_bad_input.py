@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import TINY, sets
+from conftest import PYTHON, TINY, sets
 from deeprecipe import config
 from test_data import write_csv, write_idx, write_mnist, write_pngs
 
@@ -275,6 +276,33 @@ def test_predict_on_many_files_reports_the_bad_ones_and_goes_on(cli, finished_ru
     got = json.loads(out)
     assert code == 2 and [r["file"] for r in got] == [str(f) for f in files]
     assert ["error" in r for r in got] == [False, True, True, False] and str(bad) in got[1]["error"]
+
+
+def test_corrupt_pngs_print_only_our_lines(finished_run, tmp_path, subenv):
+    """Damaged PNGs of the kinds libpng complains about on its own stderr line (a bad CRC, a broken zlib stream, a
+    truncated file): the decoder stays silent, so stderr holds exactly the CLI's one line per file and the summary.
+    Checked at the file-descriptor level (a subprocess): a C library's print bypasses Python's sys.stderr."""
+    good = write_pngs(tmp_path / "imgs", classes=("x",), per_class=1, size=8)[0].read_bytes()
+    idat = good.index(b"IDAT")
+    damaged = {
+        "crc.png": good[: idat + 6] + bytes([good[idat + 6] ^ 0xFF]) + good[idat + 7 :],  # IDAT data, CRC now wrong
+        "zlib.png": good[: idat + 4] + b"\xff" * 8 + good[idat + 12 :],
+        "short.png": good[: len(good) // 2],
+        "ihdr.png": good[:20] + b"\xff" + good[21:],
+    }
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+    r = subprocess.run(
+        [PYTHON, "-m", "deeprecipe.cli", "predict", str(finished_run), *damaged],
+        cwd=tmp_path,
+        env=subenv,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and sum(ln.startswith("error: ") for ln in lines) == len(damaged) + 1, r.stderr
+    assert all(ln.startswith(("error: ", "note: ", "weights: ")) for ln in lines), r.stderr  # nothing of libpng's
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):
