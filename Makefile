@@ -2,21 +2,30 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# the CPU-only torch build (a few hundred MB instead of the default 6 GB with CUDA): make demo TORCH_INDEX=$(CPU_TORCH)
+TORCH_INDEX ?=
+CPU_TORCH := https://download.pytorch.org/whl/cpu
+DEMO := runs/demo-digits-cnn
 export DEEPRECIPE_DATA ?= $(abspath ../shared/data)
 
 .PHONY: setup demo test lint format bench clean
 
 $(BIN)/deeprecipe: pyproject.toml constraints-ci.txt
+	@echo "setting up $(VENV): deeprecipe, torch and the rest (the first time: a few minutes of downloads)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints-ci.txt -e '.[dev]'
+	$(if $(TORCH_INDEX),$(BIN)/pip install -c constraints-ci.txt --index-url $(TORCH_INDEX) torch torchvision)
+	$(BIN)/pip install -c constraints-ci.txt -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/deeprecipe
 
-demo: setup  ## train the default recipe on the bundled digits, evaluate, write the report
-	$(BIN)/deeprecipe train digits-cnn --out runs/demo-digits-cnn --set train.device=cpu
-	$(BIN)/deeprecipe eval runs/demo-digits-cnn
+demo: setup  ## train the default recipe on the bundled digits, evaluate, write the report (again: a fresh run)
+	@if [ -d $(DEMO) ]; then echo "removing the previous demo run $(DEMO)"; rm -rf $(DEMO); fi
+	$(BIN)/deeprecipe train digits-cnn --out $(DEMO) --set train.device=cpu
+	$(BIN)/deeprecipe eval $(DEMO)
+	@echo "the deeprecipe command is $(BIN)/deeprecipe ('. $(BIN)/activate' puts it on the PATH)"
+	@echo "report: $(DEMO)/report.html"
 
 test: setup  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -n 2 tests

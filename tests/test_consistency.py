@@ -4,6 +4,8 @@ runs, serve, export), labelled numbers, progress without a terminal, and a CLI w
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == "deeprecipe 0.1.0"
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
+def test_make_demo_says_what_it_does_runs_again_and_ends_with_the_report():
+    root = Path(__file__).resolve().parents[1]
+    cmd = ["make", "-n", "-B", "demo", "TORCH_INDEX=https://download.pytorch.org/whl/cpu"]
+    lines = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout.splitlines()
+    setup = lines[: next(i for i, ln in enumerate(lines) if "deeprecipe train" in ln)]
+    assert setup[0].startswith("echo ") and "--index-url https://download.pytorch.org/whl/cpu torch" in "\n".join(setup)
+    [install] = [ln for ln in setup if "-e '.[dev]'" in ln]
+    assert " -q" not in install  # pip shows what it downloads the first time
+    [train] = [ln for ln in lines if "deeprecipe train digits-cnn" in ln]
+    run = train.split("--out ")[1].split()[0]
+    assert f"rm -rf {run}" in lines[lines.index(train) - 1]  # a second make demo starts a fresh run
+    assert lines[-1] == f'echo "report: {run}/report.html"'
