@@ -109,7 +109,9 @@ class Family:
         return {}
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Any, run_dir: Path, results: dict) -> dict:
-        """Final metrics and plots (into run_dir/plots) of a finished run; `results` is its last evaluation."""
+        """Final metrics and plots (into run_dir/plots) of a finished run. `model` holds the run's model, the weights
+        every verb loads (engine/checkpoint.py model_weights: the best evaluated, else the last); `results` is the
+        evaluation of those weights."""
         return {}
 
     def nonfinite(self, cfg: Config, run_dir: Path, step: int, losses: dict[str, float]) -> str | None:
