@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -19,8 +20,18 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+FRACTIONS = ("acc", "top5", "iou")  # metrics named so are fractions in [0, 1]
+
+
+def fraction_ylim(values: list[float]) -> tuple[float, float]:
+    """The y range of a fraction's curve: up to 1 (perfect) from a tenth at or below its lowest value, at most 0.9,
+    so that 0.983 -> 0.989 reads as the small step it is rather than filling the plot."""
+    low = min(0.9, math.floor(min(values) * 10) / 10)
+    return low, 1 + 0.02 * (1 - low)  # a little room above 1 for the markers
+
+
 def curves(rows: list[dict], path: Path) -> None:
-    """Training loss and every val_* metric against the step."""
+    """Training loss and every val_* metric against the step (fractions such as accuracy on a fixed-scale axis)."""
     keys = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and isinstance(v, (int, float))})
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3), squeeze=False)
     for key in ("loss", "d_loss", "g_loss"):  # a GAN logs the losses of its two nets
@@ -35,6 +46,9 @@ def curves(rows: list[dict], path: Path) -> None:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot(*zip(*pts), "o-")
         ax.set_xlabel("step"), ax.set_title(k)
+        values = [v for _, v in pts]
+        if k.endswith(FRACTIONS) and 0 <= min(values) and max(values) <= 1:
+            ax.set_ylim(*fraction_ylim(values))
     save_figure(fig, path)
 
 

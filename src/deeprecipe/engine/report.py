@@ -12,11 +12,27 @@ from deeprecipe.engine.run import read_metrics, read_status
 
 
 def _fmt(v) -> str:
+    if v is None:  # a class absent from the split (segmentation IoU)
+        return "-"
     if isinstance(v, float):
         return f"{v:.4f}"
     if isinstance(v, list):
         return ", ".join(_fmt(x) for x in v[:20]) + (" ..." if len(v) > 20 else "")
     return html.escape(str(v))
+
+
+def per_class(final: dict, names: list[str]) -> tuple[str, set[str]]:
+    """The final metrics that hold one value per class (test_precision, test_recall, ...) as one table with a row
+    per class name, and the keys it shows; ("", set()) when there are none."""
+    keys = [k for k, v in final.items() if isinstance(v, list) and names and len(v) == len(names)]
+    if not keys:
+        return "", set()
+    head = "<tr><th>class</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
+    rows = "".join(
+        f"<tr><th>{html.escape(str(n))}</th>" + "".join(f"<td>{_fmt(final[k][i])}</td>" for k in keys) + "</tr>"
+        for i, n in enumerate(names)
+    )
+    return "<h3>Per class</h3><table>" + head + rows + "</table>", set(keys)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -30,6 +46,8 @@ def write_report(run_dir: Path) -> Path:
     cfg = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
     imgs = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.name != "curves.png", p.name))
     samples = sorted((run_dir / "plots").glob("*.txt"))
+    spec = json.loads((run_dir / "spec.json").read_text()) if (run_dir / "spec.json").exists() else {}
+    classes, shown = per_class(final, spec.get("class_names") or [])
     parts = [
         "<!doctype html><meta charset='utf-8'><title>deeprecipe run " + html.escape(run_dir.name) + "</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -43,8 +61,9 @@ def write_report(run_dir: Path) -> Path:
         "<h2>Final metrics</h2>"
         + (f"<p>weights: {html.escape(str(status['weights']))}</p>" if status.get("weights") else "")
         + "<table>"
-        + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in final.items())
-        + "</table>",
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in final.items() if k not in shown)
+        + "</table>"
+        + classes,
     ]
     if status.get("best"):
         at = f" at step {status['best_step']}" if status.get("best_step") is not None else ""
