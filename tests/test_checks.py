@@ -531,6 +531,114 @@ def test_gan_checks_catch_mixed_noise_and_a_frozen_generator(tmp_path):
     assert status["seed"] == "pass" and status["init_loss"] == "skip"
 
 
+# ---------------------------------------------------------------------------------------------- files on disk
+
+
+def _png(path: Path, img: torch.Tensor) -> str:
+    from deeprecipe.data.image_ops import png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png(img))
+    return str(path)
+
+
+def data_cfg(raw: dict):
+    from deeprecipe.data import data_config_class
+
+    return config.from_dict(data_config_class(raw["name"]), raw, "data")
+
+
+def _noise(g, *shape) -> torch.Tensor:
+    return torch.randint(0, 40, shape, generator=g)
+
+
+def learnable_images(root: Path, per_class: int = 24) -> list[tuple[str, str]]:
+    """Class 'a' is bright on the left, 'b' on the right, under noise: (file, class) of 8 x 8 RGB PNGs."""
+    g, out = torch.Generator().manual_seed(0), []
+    for c, cls in enumerate("ab"):
+        for i in range(per_class):
+            img = _noise(g, 3, 8, 8)
+            img[:, :, c * 4 : c * 4 + 4] += 180
+            out.append((_png(root / cls / f"{i}.png", img.to(torch.uint8)), cls))
+    return out
+
+
+def learnable_masks(n: int = 16, ids=(0, 1, 2)):
+    """(image, mask) pairs: 2 x 2 blocks of class k (mask value ids[k]) are bright in channel k."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        k = torch.randint(0, 3, (4, 4), generator=g).repeat_interleave(2, 0).repeat_interleave(2, 1)  # (8, 8)
+        img = (F.one_hot(k, 3).permute(2, 0, 1) * 180 + _noise(g, 3, 8, 8)).to(torch.uint8)
+        yield img, torch.tensor(ids, dtype=torch.uint8)[k][None]
+
+
+def imagefolder_case(tmp: Path):
+    learnable_images(tmp / "imgs")
+    return ("imagefolder-resnet", data_cfg(dict(name="imagefolder", path=str(tmp / "imgs"), image_size=8)), [])
+
+
+def csv_case(tmp: Path):
+    rows = learnable_images(tmp / "csv" / "img")
+    (tmp / "csv" / "list.csv").write_text("".join(f"{Path(f).relative_to(tmp / 'csv')},{c}\n" for f, c in rows))
+    return ("imagefolder-resnet", data_cfg(dict(name="csv", path=str(tmp / "csv" / "list.csv"), image_size=8)), [])
+
+
+def maskfolder_case(tmp: Path):
+    for i, (img, mask) in enumerate(learnable_masks()):
+        _png(tmp / "seg" / "images" / f"{i}.png", img)
+        _png(tmp / "seg" / "masks" / f"{i}.png", mask)
+    cfg = dict(name="maskfolder", path=str(tmp / "seg"), classes=["x", "y", "z"], size=[8, 8], crop=0, flip=False)
+    return ("scenes-unet", data_cfg(cfg), [])
+
+
+def cityscapes_case(tmp: Path):
+    root = tmp / "cityscapes"
+    for i, (img, mask) in enumerate(learnable_masks(ids=(7, 8, 26))):  # labelIds of road, sidewalk, car
+        split, city = ("val", "lindau") if i >= 13 else ("train", "aachen")
+        _png(root / "leftImg8bit" / split / city / f"{city}_{i:06d}_000019_leftImg8bit.png", img)
+        _png(root / "gtFine" / split / city / f"{city}_{i:06d}_000019_gtFine_labelIds.png", mask)
+    cfg = dict(name="cityscapes", path=str(root), size=[8, 8], crop=0, flip=False, val_fraction=0.2)
+    return ("cityscapes-unet", data_cfg(cfg), ["optim.lr=0.004"])  # 19 classes: the overfit check's 100 steps
+
+
+def videofolder_case(tmp: Path):
+    """Frame folders: a bright bar sweeps right (class 'right', upper half) or left ('left', lower half)."""
+    g = torch.Generator().manual_seed(0)
+    for c, cls in enumerate(("left", "right")):
+        for v in range(8):
+            for t in range(8):
+                frame = _noise(g, 3, 16, 16)
+                col = t * 2 if cls == "right" else 14 - t * 2
+                frame[:, c * 8 : c * 8 + 8, col : col + 2] += 200
+                _png(tmp / "videos" / cls / f"v{v}" / f"{t:03d}.png", frame.clamp(0, 255).to(torch.uint8))
+    cfg = dict(name="videofolder", path=str(tmp / "videos"), frames=4, stride=1, size=16, eval_clips=2)
+    data = data_cfg({**cfg, "crop_pad": 0, "flip": False, "val_fraction": 0.25})
+    return ("ucf101-r2plus1d", data, ["optim.lr=0.003"])  # the template's lr is for 30,000 steps, not 30
+
+
+FILE_CASES = {
+    "imagefolder": imagefolder_case,
+    "csv": csv_case,
+    "maskfolder": maskfolder_case,
+    "cityscapes": cityscapes_case,
+    "videofolder": videofolder_case,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILE_CASES))
+def test_checks_pass_on_good_file_backed_data(name, tmp_path):
+    """Good files from disk (class folders, a CSV, mask folders, a Cityscapes tree, video frame folders): every
+    check runs on them (labels and clip shapes through the data set and the family's hooks) and none fails."""
+    recipe, data, overrides = FILE_CASES[name](tmp_path)
+    cfg = config.load(recipe, ["train.device=cpu", *TINY_MODEL[config.load(recipe).model.name], *overrides])
+    cfg.data = data
+    verdicts = run_checks(Ctx(cfg, tmp_path / "out", get_family(cfg.task), steps=30, batch_size=16, overfit_steps=100))
+    failed = [v for v in verdicts if v.status == "fail"]
+    assert not failed, failed
+    status = {v.name: v.status for v in verdicts}
+    assert all(status[n] == "pass" for n in ("files", "labels", "duplicates", "leakage", "dependency")), status
+
+
 # ---------------------------------------------------------------------------------------------- user code
 
 

@@ -159,8 +159,9 @@ class Ctx:
 
 
 def labels_of(split) -> torch.Tensor | None:
-    """All labels of a split without decoding images: the last tensor of a TensorSplit when it is integer,
-    or the labels of a file list (StreamSplit over FileImages). None when the split has no such labels."""
+    """All labels of a split without decoding its inputs: the last tensor of a TensorSplit when it is integer,
+    or what a streamed split's dataset says (StreamSplit.labels: image files, video clips). None when the
+    split has no such labels."""
     if split is None:
         return None
     if isinstance(split, TensorSplit):
@@ -168,8 +169,8 @@ def labels_of(split) -> torch.Tensor | None:
         if len(split.tensors) > 1 and not y.is_floating_point():
             return y.cpu().long()
         return None
-    if isinstance(split, StreamSplit) and hasattr(split.dataset, "items"):
-        return torch.tensor([int(lab) for _, lab in split.dataset.items])
+    if isinstance(split, StreamSplit):
+        return split.labels()
     return None
 
 

@@ -30,15 +30,14 @@ def list_files(data_cfg) -> list[str] | None:
     """The files a data set reads, when it reads files: `files()` on the data config (a family's hook), else
     the image folder / CSV layouts of data/images.py. None: the data set is not made of files."""
     from deeprecipe.data.image_ops import EXTS
-    from deeprecipe.data.images import CSVData, ImageFolderData
+    from deeprecipe.data.images import CSVData
 
     if hasattr(data_cfg, "files"):
         return [str(p) for p in data_cfg.files()]
-    if isinstance(data_cfg, ImageFolderData):
-        root = Path(data_cfg.path)
-        if not data_cfg.path or not root.is_dir():
-            return None
-        return [str(f) for f in sorted(root.rglob("*")) if f.is_file() and f.suffix.lower() in EXTS]
+    path = getattr(data_cfg, "path", "")
+    if isinstance(path, str) and path and Path(path).is_dir():  # class folders, Cityscapes, mask folders, ...
+        found = [str(f) for f in sorted(Path(path).rglob("*")) if f.is_file() and f.suffix.lower() in EXTS]
+        return found or None
     if isinstance(data_cfg, CSVData):
         p = Path(data_cfg.path)
         if not p.is_file():
@@ -119,13 +118,13 @@ def balance(ctx: Ctx) -> Verdict:
     y = labels_of(ctx.data.train)
     if not C or y is None:
         return Verdict("balance", "skip", advice="no class labels to count")
+    per_example = y.ndim == 1  # a class per example, not per pixel (before the mask below flattens y)
     y = y[(y >= 0) & (y < C)]
     counts = torch.bincount(y.flatten(), minlength=C)[:C].float()
     from deeprecipe.checks.plots import bars
 
     path = ctx.plot_path("class_balance.png")
     bars(counts.tolist(), ctx.spec.class_names or [str(i) for i in range(C)], path, "training examples per class")
-    per_example = y.ndim == 1
     missing = [ctx.spec.class_names[i] if ctx.spec.class_names else str(i) for i in (counts == 0).nonzero().flatten()]
     ratio = float(counts.max() / counts.clamp_min(1).min())
     v = Verdict("balance", "pass", f"max/min = {ratio:.2f}", "<= 3", "", ratio, [str(path.relative_to(ctx.out))])
@@ -147,15 +146,26 @@ def balance(ctx: Ctx) -> Verdict:
 # ---------------------------------------------------------------------------------------------- duplicates
 
 
-def _keys(split) -> list[bytes] | None:
-    """One hash per example: its bytes (tensors) or its file's bytes (streamed files)."""
+def _file_hash(path: str) -> bytes:
+    """A file's bytes, or a frame folder's frames in order, hashed."""
+    h, p = hashlib.blake2b(digest_size=12), Path(path)
+    for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.digest()
+
+
+def _keys(split) -> tuple[list[bytes], torch.Tensor | None] | None:
+    """One hash per example (its bytes) with its label, or for a streamed split one per source file (an image
+    file, a video however many clips it gives) with the file's label. None: the split cannot be hashed."""
     if isinstance(split, TensorSplit):
         x = split.tensors[0].cpu().contiguous()
         rows = x.view(len(x), -1).numpy()
-        return [hashlib.blake2b(r.tobytes(), digest_size=12).digest() for r in rows]
-    if isinstance(split, StreamSplit) and hasattr(split.dataset, "items"):
-        return [hashlib.blake2b(Path(p).read_bytes(), digest_size=12).digest() for p, _ in split.dataset.items]
-    return None
+        return [hashlib.blake2b(r.tobytes(), digest_size=12).digest() for r in rows], labels_of(split)
+    sources = split.sources() if isinstance(split, StreamSplit) else None
+    if sources is None:
+        return None
+    return [_file_hash(p) for p, _ in sources], torch.tensor([int(lab) for _, lab in sources], dtype=torch.long)
 
 
 def _images(split) -> torch.Tensor | None:
@@ -196,10 +206,10 @@ def near_pairs(queries: torch.Tensor, pool: torch.Tensor, same: bool = False) ->
 def duplicates(ctx: Ctx) -> Verdict:
     """Exact duplicates inside the training split, the same example with two labels, and near duplicates."""
     train = ctx.data.train
-    keys = _keys(train)
-    if keys is None:
+    hashed = _keys(train)
+    if hashed is None:
         return Verdict("duplicates", "skip", advice="the training split cannot be hashed")
-    y = labels_of(train)
+    keys, y = hashed
     first: dict[bytes, int] = {}
     dups, conflicts = 0, 0
     for i, k in enumerate(keys):
@@ -242,16 +252,17 @@ def duplicates(ctx: Ctx) -> Verdict:
 def leakage(ctx: Ctx) -> Verdict:
     """Examples of val/test that also appear in train, exactly or nearly: the metric would be a lie."""
     d = ctx.data
-    tkeys = _keys(d.train)
-    if tkeys is None:
+    thashed = _keys(d.train)
+    if thashed is None:
         return Verdict("leakage", "skip", advice="the training split cannot be hashed")
-    tset, timgs = set(tkeys), _images(d.train)
+    tset, timgs = set(thashed[0]), _images(d.train)
     parts, worst = [], 0.0
     for name in ("val", "test"):
         s = getattr(d, name)
-        keys = _keys(s) if s is not None and len(s) else None
-        if keys is None:
+        hashed = _keys(s) if s is not None and len(s) else None
+        if hashed is None:
             continue
+        keys = hashed[0]
         exact = torch.tensor([k in tset for k in keys])
         leaked, n = int(exact.sum()), len(keys)
         imgs = _images(s)

@@ -38,10 +38,22 @@ class TensorSplit:
 
 
 class StreamSplit:
-    """A split read from disk example by example (a torch Dataset returning tuples of tensors)."""
+    """A split read from disk example by example (a torch Dataset returning tuples of tensors). A dataset may
+    also say, without decoding anything, every example's label (`labels()`) and the files it reads with their
+    labels (`sources()`: one entry per distinct file, e.g. one per video for many clips); the checks use them."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
+
+    def labels(self) -> torch.Tensor | None:
+        """(N,) labels of the examples, or None when the dataset cannot tell without decoding."""
+        known = getattr(self.dataset, "labels", None)
+        return torch.tensor([int(v) for v in known()], dtype=torch.long) if known else None
+
+    def sources(self) -> list[tuple[str, int]] | None:
+        """(file or frame folder, label) of each distinct source, or None when the dataset does not say."""
+        known = getattr(self.dataset, "sources", None)
+        return list(known()) if known else None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

@@ -217,6 +217,12 @@ class FileImages(Dataset):
         path, label = self.items[i]
         return read(path, self.channels, self.size), torch.tensor(label)
 
+    def labels(self) -> list[int]:
+        return [lab for _, lab in self.items]
+
+    def sources(self) -> list[tuple[str, int]]:
+        return list(self.items)
+
 
 def _scan_classes(root: Path, strict: bool = False) -> tuple[list[tuple[str, int]], list[str]]:
     """(file, class id) of every image under root/<class>/, and the class names. A class folder without images

@@ -247,6 +247,14 @@ class VideoClips(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def labels(self) -> list[int]:
+        """The label of every item (a clip, or a video's K clips) without decoding."""
+        return [self.videos[v][1] for v, _ in self.items]
+
+    def sources(self) -> list[tuple[str, int]]:
+        """(video file or frame folder, label) of each video, once however many clips it gives."""
+        return [(path, label) for path, label, _ in self.videos]
+
     def __getitem__(self, i: int):
         v, start = self.items[i]
         path, label, n = self.videos[v]
@@ -283,24 +291,36 @@ class VideoFolderData:
     crop_pad: int = 8  # augmentation: random shift by up to this many pixels
     workers: int = 8  # threads probing the videos
 
-    def build(self) -> Data:
+    def listing(self) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+        """(classes, train videos, test videos) as (path, label): the class folders or the split lists."""
         root = Path(self.path)
         if not self.path or not root.is_dir():
             raise DataError(f"data.path={self.path!r} is not a folder of class folders of videos")
+        if self.split_dir:
+            return self.read_lists(root, Path(self.split_dir))
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        train = [
+            (str(f), i)
+            for i, c in enumerate(classes)
+            for f in sorted((root / c).iterdir())
+            if f.suffix.lower() in VIDEO_EXTS or (f.is_dir() and any(g.suffix.lower() in EXTS for g in f.iterdir()))
+        ]
+        return classes, train, []
+
+    def files(self) -> list[str]:
+        """Every video the data set lists (the `files` check probes each with check_file)."""
+        _, train, test = self.listing()
+        return [p for p, _ in train + test]
+
+    def check_file(self, path: str) -> None:
+        probe(path)
+
+    def build(self) -> Data:
         if self.short not in ("skip", "loop", "error"):
             raise DataError(f"data.short={self.short!r}: use skip, loop or error")
-        if self.split_dir:
-            classes, train, test = self.read_lists(root, Path(self.split_dir))
-        else:
-            classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-            train = [
-                (str(f), i)
-                for i, c in enumerate(classes)
-                for f in sorted((root / c).iterdir())
-                if f.suffix.lower() in VIDEO_EXTS or (f.is_dir() and any(g.suffix.lower() in EXTS for g in f.iterdir()))
-            ]
-            test = []
+        classes, train, test = self.listing()
         if not train:
+            root = Path(self.path)
             raise DataError(f"{root}: no videos found (expected {root}/<class>/<video files or frame folders>)")
         train, test = self.check(train), self.check(test)
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()

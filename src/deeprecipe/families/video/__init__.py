@@ -117,10 +117,19 @@ class Video(Family):
         return imgs, caps
 
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
+        """Cross-entropy of clips (B, C, T, H, W); of an evaluation batch (B, K, C, T, H, W), that of the videos'
+        clip-averaged predictions (the checks measure held-out losses on evaluation batches)."""
         x, y = batch
+        if x.ndim == 6:
+            return F.nll_loss(clip_average(model, x), y), {}
         with fp32_on_cpu(x):
             logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing), {}
+
+    def per_example_loss(self, model: nn.Module, batch, cfg: Config) -> torch.Tensor:
+        """(B,) losses of clips, or of videos (K clips averaged) for an evaluation batch."""
+        x, y = batch
+        return F.nll_loss(clip_average(model, x), y, reduction="none")
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
         return metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
