@@ -322,6 +322,8 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")
             break
     bar.close()
+    if plain and plain.shown < T.steps == step + 1:  # trained to the end: the closing line
+        plain.tick(T.steps, force=True)
     about, shown = None, ema.module if ema else model
     if rt.main:  # the final report is of the model every verb loads (checkpoint.model_weights): best, else last
         weights, about = checkpoint.model_weights(run_dir)
@@ -344,19 +346,20 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
 
 
 class Progress:
-    """A plain line on stderr every PROGRESS_EVERY seconds and at the last step, where tqdm draws no bar:
+    """A plain line on stderr every PROGRESS_EVERY seconds and after the last step, where tqdm draws no bar:
     step/total, the last logged losses, examples per second and the time left."""
 
     def __init__(self, start: int, total: int, batch: int):
         self.start, self.total, self.batch = start, total, batch
         self.t0 = self.last = time.perf_counter()
         self.losses: dict[str, str] = {}
+        self.shown = start
 
-    def tick(self, done: int) -> None:
+    def tick(self, done: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if now - self.last < PROGRESS_EVERY and done < self.total:
+        if now - self.last < PROGRESS_EVERY and not force:
             return
-        self.last, elapsed, n = now, now - self.t0, done - self.start
+        self.last, self.shown, elapsed, n = now, done, now - self.t0, done - self.start
         left = elapsed / n * (self.total - done) if n else 0.0
         m, sec = divmod(int(left + 0.5), 60)
         parts = [f"step {done}/{self.total} ({done / self.total:.0%})", *(f"{k} {v}" for k, v in self.losses.items())]
