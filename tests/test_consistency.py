@@ -168,11 +168,14 @@ def test_every_argument_of_every_verb_has_help():
 
 
 def test_version(capsys):
+    from importlib.metadata import version
+
     from deeprecipe.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.strip() == "deeprecipe 0.1.0"
+    want = f"deeprecipe {version('deeprecipe')}"  # pyproject.toml's version, as installed
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == want
 
 
 @pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
