@@ -616,8 +616,40 @@ def videofolder_case(tmp: Path):
     return ("ucf101-r2plus1d", data, ["optim.lr=0.003"])  # the template's lr is for 30,000 steps, not 30
 
 
+def streamed_case(tmp: Path):
+    """Class folders too big for memory (in_memory_mb=0): read file by file through a DataLoader."""
+    learnable_images(tmp / "imgs")
+    return (
+        "imagefolder-resnet",
+        data_cfg(dict(name="imagefolder", path=str(tmp / "imgs"), image_size=8, in_memory_mb=0)),
+        [],
+    )
+
+
+def videofiles_case(tmp: Path):
+    """The frame folders of videofolder_case encoded as MPEG-4 files (PyAV)."""
+    av = pytest.importorskip("av")
+    from deeprecipe.data.image_ops import read
+
+    recipe, data, overrides = videofolder_case(tmp / "frames")
+    for folder in sorted((tmp / "frames" / "videos").glob("*/*")):
+        frames = [read(f, 3).permute(1, 2, 0).numpy() for f in sorted(folder.iterdir())]  # (H, W, 3) each
+        out = tmp / "videos" / folder.parent.name / f"{folder.name}.mp4"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with av.open(str(out), "w") as c:
+            st = c.add_stream("mpeg4", rate=10)
+            st.width, st.height, st.pix_fmt = 16, 16, "yuv420p"
+            for f in frames:
+                c.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            c.mux(st.encode())
+    data.path = str(tmp / "videos")
+    return recipe, data, overrides
+
+
 FILE_CASES = {
     "imagefolder": imagefolder_case,
+    "streamed": streamed_case,
+    "videofiles": videofiles_case,
     "csv": csv_case,
     "maskfolder": maskfolder_case,
     "cityscapes": cityscapes_case,
