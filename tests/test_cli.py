@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from conftest import TINY, sets
 from deeprecipe import config
+from deeprecipe.data import image_ops
 
 CNN = [*TINY, "model.channels=[8, 16]", "model.dense=[16]", "train.steps=6", "train.batch_size=32"]
 
@@ -112,6 +115,62 @@ def test_predict_on_png_files_matches_the_model(cli, run, tmp_path):
     assert [r["label"] for r in got] == [spec.class_names[i] for i in want]
     code, out, _ = cli("predict", run, files[0], "--device", "cpu")
     assert code == 0 and out.startswith(f"{files[0]}: ")
+
+
+def drawn_three(shift=(0, 0), width=5) -> np.ndarray:
+    """A '3' drawn in black on a white 64 x 64 canvas, as a user draws one in a paint program."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (64, 64), 255)
+    pen, (dx, dy) = ImageDraw.Draw(im), shift
+    pen.arc([14 + dx, 6 + dy, 44 + dx, 32 + dy], 200, 90, fill=0, width=width)
+    pen.arc([14 + dx, 28 + dy, 44 + dx, 58 + dy], 270, 160, fill=0, width=width)
+    return np.array(im)
+
+
+def as_drawing(digit: torch.Tensor, at=(4, 18)) -> torch.Tensor:
+    """A data set digit (1, 8, 8), light on black, as a drawing: 5x larger, black on white, off-centre in 64 x 64."""
+    big = F.interpolate(digit[None].float(), scale_factor=5, mode="bilinear")[0]
+    canvas = torch.full((1, 64, 64), 255.0)
+    canvas[:, at[0] : at[0] + 40, at[1] : at[1] + 40] = 255 - big
+    return canvas.round().clamp(0, 255).to(torch.uint8)
+
+
+def test_predict_and_serve_read_a_drawing_as_the_digits_were_made(cli, tmp_path):
+    """A 64 x 64 drawing of a '3' on white came back '1' (shrunk to 8 x 8 it is a grey smudge on white, where every
+    training digit is light ink on black filling the frame). The digits data set records that form in its spec
+    (ink_extent); predict and /classify both make a user's image so (image_ops.for_model)."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from deeprecipe.cli import open_run
+    from deeprecipe.data.images import DigitsData
+    from deeprecipe.serve.server import create_app
+
+    run = tmp_path / "mlp"
+    overrides = [*TINY, "train.steps=300", "train.batch_size=64", "train.ckpt_every=300"]
+    assert cli("train", "digits-mlp", "--out", run, *sets(*overrides))[0] == 0
+    threes = []
+    for i, (shift, width) in enumerate([((0, 0), 5), ((-8, -4), 3), ((10, 2), 7)]):
+        Image.fromarray(drawn_three(shift, width)).save(tmp_path / f"three{i}.png")
+        threes.append(tmp_path / f"three{i}.png")
+    code, out, err = cli("predict", run, *threes, "--json", "--device", "cpu")
+    assert code == 0, err
+    assert [r["label"] for r in json.loads(out)] == ["3", "3", "3"], out
+    # digits of the test split drawn black on white, 5x larger and off-centre: read as the model reads the originals
+    x = DigitsData().build().test.tensors[0][:40]
+    try:
+        cfg, spec, model, rt, family = open_run(str(run), "cpu")
+        with torch.no_grad():
+            want = model(family.prepare((x, None), spec, None)[0]).argmax(-1)
+            drawn = torch.stack([image_ops.for_model(as_drawing(d), spec) for d in x])
+            seen = model(family.prepare((drawn, None), spec, None)[0]).argmax(-1)
+        assert (seen == want).float().mean() >= 0.9
+        with TestClient(create_app(model, spec, cfg, rt, family)) as client:
+            r = client.post("/classify", files={"image": ("3.png", threes[0].read_bytes(), "image/png")})
+        assert r.status_code == 200 and r.json()["label"] == "3", r.text
+    finally:
+        torch.set_grad_enabled(True)
 
 
 def test_runs_lists_status_and_best_metric(cli, run):

@@ -262,6 +262,30 @@ def test_every_image_data_path_refuses_a_png_above_the_pixel_limit(tmp_path, nam
     assert str(victim) in str(e.value) and "the limit is 16777216 pixels" in str(e.value), e.value
 
 
+def test_as_ink_makes_a_drawing_look_like_the_ink_data_sets():
+    """image_ops.as_ink: dark ink on light or light on dark, anywhere on the canvas: the same centred image, the
+    ink's long side filling the recorded share of the frame; ink_extent measures that share (MNIST: 20 of 28)."""
+    from deeprecipe.data.image_ops import as_ink, for_model, ink_extent, resize
+
+    stroke = torch.zeros(1, 30, 12)
+    stroke[:, :, 4:8], stroke[:, 0:4] = 255, 255  # an upside-down T, 30 x 12 pixels
+    made = []
+    for top, left, dark_on_light in ((0, 0, True), (50, 70, True), (20, 5, False)):
+        canvas = torch.zeros(1, 90, 100)
+        canvas[:, top : top + 30, left : left + 12] = stroke
+        made.append(as_ink((255 - canvas if dark_on_light else canvas).to(torch.uint8), (28, 28), 20 / 28))
+    assert all(torch.equal(made[0], m) for m in made[1:])
+    rows, cols = (made[0][0] > 64).any(1).nonzero().flatten(), (made[0][0] > 64).any(0).nonzero().flatten()
+    assert rows[-1] - rows[0] + 1 == 20 and rows[0] == 4 and abs((cols[0] + cols[-1]) / 2 - 13.5) <= 1
+    assert ink_extent(torch.cat([made[0][None]] * 3)) == pytest.approx(20 / 28, abs=0.01)
+    digit = made[0]  # already in the data set's form (its size, a dark background): kept as it is
+    assert torch.equal(as_ink(digit, (28, 28), 0.5), digit)
+    blank = torch.full((1, 40, 40), 255, dtype=torch.uint8)
+    assert torch.equal(as_ink(blank, (28, 28), 0.7), resize(blank, 28))
+    plain = DataSpec(in_channels=1, image_size=(28, 28))  # a data set that is not ink: a plain resize
+    assert torch.equal(for_model(255 - stroke.to(torch.uint8), plain), resize(255 - stroke.to(torch.uint8), 28))
+
+
 def test_mnist_reads_the_files_exactly(tmp_path):
     folder = write_mnist(tmp_path / "m", n=30)
     data = DATASETS["mnist"](path=str(folder), val_fraction=0.0).build()

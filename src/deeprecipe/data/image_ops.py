@@ -80,6 +80,59 @@ def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return out[0] if x.ndim == 3 else out
 
 
+INK = 0.25  # a pixel is ink when it differs from the background by a quarter of the image's largest difference
+
+
+def _ink_box(ink: torch.Tensor) -> tuple[slice, slice] | None:
+    """Rows and columns of the bounding box of the ink mask (H, W); None when there is no ink."""
+    rows, cols = ink.any(1).nonzero().flatten(), ink.any(0).nonzero().flatten()
+    if not len(rows):
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def ink_extent(x: torch.Tensor) -> float:
+    """The typical share of the frame the ink's bounding box fills (long side), over uint8 images (N, C, H, W) of
+    light ink on black: what `as_ink` scales a user's drawing to (about 0.7 for MNIST's 20 px in 28)."""
+    g = x.float().amax(1)  # (N, H, W)
+    fracs = []
+    for img in g[: min(len(g), 2000)]:
+        box = _ink_box(img > INK * img.max()) if img.max() > 0 else None
+        if box is not None:
+            fracs.append(max((box[0].stop - box[0].start) / g.shape[1], (box[1].stop - box[1].start) / g.shape[2]))
+    return round(float(torch.tensor(fracs).median()), 3) if fracs else 1.0
+
+
+def as_ink(x: torch.Tensor, size: tuple[int, int], extent: float) -> torch.Tensor:
+    """A user's picture uint8 (C, H, W) -> the form of ink data sets (digits, MNIST): light ink on black (a light
+    background is inverted), the contrast stretched, cropped to the ink, padded to a centred square whose long
+    side the ink fills to `extent`, resized to `size`. An image already in that form (at `size`, on a dark
+    background: a file of the data set itself) is used as it is."""
+    g = x.float().mean(0)
+    background = torch.cat([g[0], g[-1], g[:, 0], g[:, -1]]).median()
+    if tuple(x.shape[-2:]) == tuple(size) and background < 128:
+        return x
+    ink = (g - background).abs()  # light ink on dark, or dark ink on light: the same after this
+    if ink.max() < 1:  # a blank picture: nothing to crop to
+        return resize(x, size)
+    ink = ink / ink.max()
+    rows, cols = _ink_box(ink > INK)
+    crop = ink[rows, cols]
+    side = max(1, round(max(crop.shape) / max(extent, 1e-3)))
+    canvas = torch.zeros(max(side, crop.shape[0]), max(side, crop.shape[1]))
+    top, left = (canvas.shape[0] - crop.shape[0]) // 2, (canvas.shape[1] - crop.shape[1]) // 2
+    canvas[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+    out = resize((canvas * 255).round().to(torch.uint8)[None], size)
+    return out.expand(x.shape[0], -1, -1).contiguous()
+
+
+def for_model(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """A user's image (C, H, W) as the training images were made, at the spec's size: what predict and serve feed
+    a classifier. An ink data set (spec.extra["ink_extent"]: digits, MNIST) gets `as_ink`; others a resize."""
+    extent = spec.extra.get("ink_extent")
+    return as_ink(x, tuple(spec.image_size), extent) if extent else resize(x, tuple(spec.image_size))
+
+
 def fit_long_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
     """Scale (C, H, W) down so that its long side is at most `max_side` (0: unchanged)."""
     h, w = x.shape[-2:]

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
-from deeprecipe.data.image_ops import EXTS, read, resize
+from deeprecipe.data.image_ops import EXTS, ink_extent, read, resize
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = [
@@ -57,6 +57,8 @@ class ImageData:
     )  # keep only these class ids, numbered 0.. in this order ([]: all)
     in_memory_mb: int = 2048  # folder sets smaller than this are decoded once into memory
     strict: bool = False  # a class folder without images is an error (else a note)
+    ink: bool = False  # light strokes on black filling a centred box (digits, MNIST): predict and serve turn a
+    # user's image into that form (invert a light background, crop to the ink, centre, resize: image_ops.as_ink)
 
     def build(self) -> Data:
         raise NotImplementedError
@@ -113,7 +115,7 @@ class ImageData:
             image_size=(x.shape[2], x.shape[3]),
             mean=tuple(xf.mean((0, 2, 3)).tolist()),
             std=tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()),
-            extra={"crop_pad": self.crop_pad, "flip": self.flip},
+            extra={"crop_pad": self.crop_pad, "flip": self.flip} | ({"ink_extent": ink_extent(x)} if self.ink else {}),
         )
         return Data(spec, TensorSplit(x, y), TensorSplit(*val) if val else None, TensorSplit(*test) if test else None)
 
@@ -125,6 +127,7 @@ class DigitsData(ImageData):
     name: str = "digits"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
+    ink: bool = True
 
     def build(self) -> Data:
         from sklearn.datasets import load_digits
@@ -165,6 +168,7 @@ class MNISTData(ImageData):
 
     name: str = "mnist"
     val_fraction: float = 1 / 12  # 5,000 of 60,000
+    ink: bool = True
 
     def build(self) -> Data:
         folder = Path(self.path)
@@ -188,6 +192,7 @@ class FashionMNISTData(MNISTData):
 
     name: str = "fashion-mnist"
     path: str = FASHION_DIR
+    ink: bool = False  # photos of clothes, not drawings
 
     def build(self) -> Data:
         if not Path(self.path).is_dir():

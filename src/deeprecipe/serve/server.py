@@ -308,14 +308,16 @@ class ServeContext:
     async def read_image(
         self, upload, channels: int | None = None, size: tuple[int, int] | None = None, max_side: int = 0
     ) -> torch.Tensor:
-        """Uploaded image -> uint8 (C, H, W) with the spec's channels, resized to the spec's size (or `size`;
-        (0, 0) keeps the image's own size, scaled down to a long side of `max_side` when that is set)."""
+        """Uploaded image -> uint8 (C, H, W) with the spec's channels, made as the training images were at the
+        spec's size (image_ops.for_model, as predict does: a drawing for a digits model is cropped to its ink), or
+        resized to `size` ((0, 0) keeps the image's own size, scaled down to a long side of `max_side` when set)."""
         data = await self.read_upload(upload, IMAGE_TYPES, "image")
         try:
             x = image_ops.decode(data, channels or self.spec.in_channels, "image", self.options.max_pixels)
         except image_ops.ImageError as e:
             raise HTTPException(e.status, str(e)) from None
-        return image_ops.fit_long_side(image_ops.resize(x, size or tuple(self.spec.image_size)), max_side)
+        x = image_ops.for_model(x, self.spec) if size is None else image_ops.resize(x, size)  # as predict does
+        return image_ops.fit_long_side(x, max_side)
 
     # ---- whole endpoints for the generative families: their serve(ctx) hooks are one call each
 

@@ -163,7 +163,7 @@ class Classify(Family):
         self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Image files -> top-k labels with probabilities."""
-        images = [image_ops.read(f, spec.in_channels, spec.image_size) for f in files]
+        images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
         probs = classify_images(model, spec, rt, images)
         return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
 
