@@ -296,6 +296,8 @@ def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], class
         std=(0.25,) * channels,
         extra={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
     )
+    if cfg.ink:  # measured on the first files (no pass over all of them)
+        spec.extra["ink_extent"] = ink_extent(torch.stack([read(f, channels, cfg.image_size) for f, _ in train[:256]]))
     s = cfg.image_size
 
     def mk(items):
