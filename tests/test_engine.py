@@ -309,8 +309,8 @@ def test_evaluation_uses_the_ema_weights(tmp_path):
 
 def test_early_stopping_after_evaluations_without_improvement(tmp_path):
     out = tmp_path / "run"
-    train(out, "optim.lr=0", "train.steps=20", "train.eval_every=1", "train.early_stop=2", "train.ckpt_every=10")
-    # lr 0: the metric of evaluation 1 is never beaten; evaluations 2 and 3 do not improve -> stop at step 3
+    train(out, "optim.lr=1e-12", "train.steps=20", "train.eval_every=1", "train.early_stop=2", "train.ckpt_every=10")
+    # lr ~0 (0 itself is refused): evaluation 1 is never beaten; evaluations 2 and 3 do not improve -> stop at step 3
     assert read_status(out)["status"] == "done" and read_status(out)["step"] == 3
     assert (out / "checkpoints" / "latest").read_text() == "step-0000003"
     assert max(r["step"] for r in read_metrics(out)) == 3
