@@ -181,7 +181,7 @@ def test_version(capsys):
 @pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
 def test_make_demo_says_what_it_does_runs_again_and_ends_with_the_report():
     root = Path(__file__).resolve().parents[1]
-    cmd = ["make", "-n", "-B", "demo", "TORCH_INDEX=https://download.pytorch.org/whl/cpu"]
+    cmd = ["make", "--no-print-directory", "-n", "-B", "demo", "TORCH_INDEX=https://download.pytorch.org/whl/cpu"]
     lines = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout.splitlines()
     setup = lines[: next(i for i, ln in enumerate(lines) if "deeprecipe train" in ln)]
     assert setup[0].startswith("echo ") and "--index-url https://download.pytorch.org/whl/cpu torch" in "\n".join(setup)
