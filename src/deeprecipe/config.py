@@ -20,6 +20,7 @@ import yaml
 from deeprecipe.core import ConfigError, nearest
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+TUNE_KEY = "tune"  # a recipe's search space for `deeprecipe tune` (path: range); not part of a run's Config
 
 
 @dataclass
@@ -233,6 +234,8 @@ def resolve(raw: dict, name: str = "") -> Config:
     from deeprecipe.models import model_config_class
 
     raw = dict(raw)
+    if not isinstance(raw.pop(TUNE_KEY, None) or {}, dict):  # read by `deeprecipe tune` only (engine/tune.py)
+        raise ConfigError(f"'{TUNE_KEY}' must map config paths to ranges or choices, e.g. optim.lr: log:1e-4:1e-2")
     sections = {}
     for key, default in (("data", "digits"), ("model", "cnn")):
         sec = raw.pop(key, None) or {}

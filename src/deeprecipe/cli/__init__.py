@@ -14,7 +14,7 @@ from pathlib import Path
 from deeprecipe.core import DataError, UserError
 
 # modules of this package that add verbs: each defines add_parsers(subparsers); families add theirs (add_verbs)
-VERB_MODULES: list[str] = ["deeprecipe.cli.check", "deeprecipe.cli.serve"]
+VERB_MODULES: list[str] = ["deeprecipe.cli.check", "deeprecipe.cli.serve", "deeprecipe.cli.tune"]
 
 
 # ------------------------------------------------------------------------------------------ runs and families

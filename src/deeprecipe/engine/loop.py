@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,7 +183,18 @@ def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, command: str = "") -> dict[str, float]:
+def train(
+    cfg: Config,
+    family: Family,
+    run_dir: Path,
+    resume: bool = False,
+    command: str = "",
+    monitor: Callable[[int, dict], bool] | None = None,
+) -> dict[str, float]:
+    """Train `cfg` into `run_dir` (a new run, or continue it from its last checkpoint with `resume`); the final
+    metrics. `monitor(step, results)` is called after every evaluation with the evaluated metrics (a tuner reports
+    them); when it returns True before the last step, the run stops there like an early stop, with status "pruned".
+    """
     family.check_config(cfg)
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
@@ -198,7 +210,7 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
         raise UserError(f"task '{cfg.task}' updates {len(parts)} networks in turn: run it in one process (no torchrun)")
     ema = optim.ema(model, T.ema)
     ckpt_dir = run_dir / "checkpoints"
-    start, best, best_step, bad_evals = 0, None, None, 0
+    start, best, best_step, bad_evals, pruned = 0, None, None, 0, False
     folder = checkpoint.latest(ckpt_dir) if resume else None
     if resume:
         check_resume(run_dir, cfg)
@@ -302,6 +314,8 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             else:  # a tie is no improvement for early stopping
                 bad_evals += 1
                 stop = bool(T.early_stop) and bad_evals >= T.early_stop
+            if monitor is not None and monitor(done, results) and done < T.steps:
+                stop = pruned = True
             model.train()
             run.status("running", step=done, **_best(split, metric, best, best_step))
         if rt.main and (done % T.ckpt_every == 0 or done == T.steps or stop):
@@ -319,7 +333,10 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
             }
             checkpoint.save(ckpt_dir, done, weights, state)
         if stop:
-            bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")
+            if pruned:
+                bar.write(f"pruned at step {done}: val {metric} {results.get(metric)} (the tuner's pruner stopped it)")
+            else:
+                bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")
             break
     bar.close()
     if plain and plain.shown < T.steps == step + 1:  # trained to the end: the closing line
@@ -336,7 +353,13 @@ def train(cfg: Config, family: Family, run_dir: Path, resume: bool = False, comm
         with torch.no_grad():
             final.update(family.finish(shown.eval(), data, cfg, rt, run_dir, results) or {})
     last = step + 1 if T.steps > start else start
-    run.status("done", step=last, **_best(split, metric, best, best_step), weights=about and about.text, final=final)
+    run.status(
+        "pruned" if pruned else "done",
+        step=last,
+        **_best(split, metric, best, best_step),
+        weights=about and about.text,
+        final=final,
+    )
     run.close()
     if rt.main:
         from deeprecipe.engine.report import write_report
