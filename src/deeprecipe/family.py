@@ -6,7 +6,7 @@ and serve call hooks only through this class: a hook a family does not override 
 Hooks take typed values and return values; they never read argparse objects and never print (the CLI prints;
 a note for the user is a warnings.warn, which the CLI shows as "note: ..."). The hooks, in the order a run meets
 them: training (check_config, build_model, parts, prepare, step, loss, evaluate, snapshot, finish, nonfinite),
-use (predict, sample, export_example, serve, add_verbs), and the recipe's checks (CHECKS_SKIP, EXTRA_CHECKS,
+use (predict, explain, sample, export_example, serve, add_verbs), and the recipe's checks (CHECKS_SKIP, EXTRA_CHECKS,
 CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX, expected_init_loss, per_example_loss, batch_input, replace_input, show_batch).
 
 `tests/test_family.py` checks every registered family against this class: the hook names it defines exist
@@ -36,6 +36,16 @@ class PredictOptions:
 
     top: int = 3  # labels to return (classifiers)
     out: Path | None = None  # folder for output files (segmentation masks, ...)
+
+
+@dataclass
+class ExplainOptions:
+    """`deeprecipe explain RUN FILES`: what a family's explain hook may use."""
+
+    method: str = "ig"  # "ig" (Integrated Gradients) | "gradcam" | "occlusion"; text: "ig" only
+    target: int | None = None  # class index to explain; None: the predicted class
+    out: Path | None = None  # folder for the overlays (default: next to each input file)
+    sanity: bool = False  # also run the parameter-randomisation sanity check (engine/explain.py sanity)
 
 
 @dataclass
@@ -125,6 +135,15 @@ class Family:
     ) -> list[dict]:
         """`deeprecipe predict`: one result per file; a result's "text" is the line the CLI prints."""
         raise UserError(f"task '{self.name}' has no predict; see its own verbs (deeprecipe --help)")
+
+    def explain(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, files: list[str], opts: ExplainOptions
+    ) -> list[dict]:
+        """`deeprecipe explain`: one result per file: {"file", "label" (explained class), "target" (its index),
+        "method", "score" (its probability), "out" (the overlay written, if any), "text" (the line the CLI
+        prints)}, and with opts.sanity "sanity" (engine/explain.py sanity's verdict) and "sanity_plot". Runs with
+        gradients enabled on a copy of the model (engine/explain.py); the model itself is left unchanged."""
+        raise UserError(f"task '{self.name}' has no explain (explain works for image classifiers)")
 
     def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample`: text pieces for the CLI to show as they come."""

@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.core import DataSpec
+from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions
 
 
 def random_crop(x: torch.Tensor, pad: int, draws: Draws) -> torch.Tensor:
@@ -105,6 +105,13 @@ def top_labels(name: str, probs: torch.Tensor, class_names: list[str], k: int = 
     }
 
 
+def _class_index(target: int | None, spec: DataSpec) -> int | None:
+    """explain --target N, checked against the classes (None: each input's predicted class)."""
+    if target is not None and not 0 <= target < spec.num_classes:
+        raise UserError(f"explain --target {target}: the model has classes 0..{spec.num_classes - 1}")
+    return target
+
+
 class Classify(Family):
     """Image classification (see the module docstring)."""
 
@@ -166,6 +173,31 @@ class Classify(Family):
         images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
         probs = classify_images(model, spec, rt, images)
         return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
+
+    def explain(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+    ) -> list[dict]:
+        """Image files -> the attribution of the predicted (or --target) class's logit: Integrated Gradients from
+        a black image, Grad-CAM on the last conv layer, or occlusion by black windows; an overlay PNG per file."""
+        from deeprecipe.engine import explain as ex
+
+        ex.check_method(opts.method, what="an image classifier")
+        target = _class_index(opts.target, spec)
+        images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
+        probs = classify_images(model, spec, rt, images)
+        baseline = prepare((torch.zeros(1, *images[0].shape, dtype=torch.uint8), None), spec)[0]  # black
+        results = []
+        for f, img, p in zip(files, images, probs):
+            c = int(p.argmax()) if target is None else target
+            x = prepare((img[None], None), spec)[0]
+            r = ex.explain_image(
+                model, f, img, x, baseline, lambda net: lambda z: net(z).float(), c, opts.method, opts.out, opts.sanity
+            )
+            label = spec.class_names[c]
+            r |= {"file": f, "label": label, "target": c, "score": round(float(p[c]), 4)}
+            r["text"] = f"{f}: {label} ({r['score']:.3f}) {opts.method} -> {r['out']}"
+            results.append(r)
+        return results
 
     def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
         """What `deeprecipe export` feeds the net: a normalized image batch (B, C, H, W), batch axis dynamic."""

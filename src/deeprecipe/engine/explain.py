@@ -1,0 +1,236 @@
+"""Attributions for `deeprecipe explain` (Captum), their overlays, and the saliency sanity check.
+
+What a family's explain hook shares: `image_attribution` (Integrated Gradients, Grad-CAM on the last conv layer
+before the head, occlusion) of a scalar output per example, `overlay` (the heat map over the image, as PNG bytes
+through data/image_ops), and `sanity` (Adebayo et al. 2018, "Sanity checks for saliency maps": the network's
+parametrised layers are re-initialised one by one, cascading from the head down, the attribution recomputed after
+each, and its Spearman rank correlation with the trained model's attribution (of absolute values) measured; an
+attribution that still correlates above `SANITY_THRESHOLD` with every layer randomised does not depend on what
+the model learnt and is flagged "uninformative").
+
+Everything here runs on a copy of the model with in-place activations turned off (Captum's layer hooks need the
+layer's output unmodified); the caller's model is never changed. Hooks never print: results are returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from deeprecipe.core import UserError
+
+METHODS = ("ig", "gradcam", "occlusion")
+SANITY_THRESHOLD = 0.5  # rank correlation with every layer randomised above this: "uninformative"
+IG_STEPS = 32
+
+
+def check_method(method: str, allowed: tuple[str, ...] = METHODS, what: str = "this task") -> None:
+    if method not in allowed:
+        raise UserError(f"explain --method {method}: {what} takes {', '.join(allowed)}")
+
+
+def safe_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode whose activations are not in place (the original is untouched)."""
+    m = copy.deepcopy(model).eval()
+    for mod in m.modules():
+        if getattr(mod, "inplace", False) is True:
+            mod.inplace = False
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def param_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules holding parameters of their own (conv, linear, norm, embedding, ...), in registration order."""
+    return [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def last_conv(model: nn.Module) -> nn.Conv2d:
+    """The last nn.Conv2d before the head (the last parametrised layer, which may itself be a 1x1 conv)."""
+    layers = param_layers(model)[:-1]
+    convs = [m for _, m in layers if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise UserError("explain --method gradcam needs a conv layer before the head; this model has none")
+    return convs[-1]
+
+
+def image_attribution(
+    forward: Callable, model: nn.Module, x: torch.Tensor, target, method: str, baseline: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attributions of forward(x)[:, target] (target None: forward returns (B,)) to x (B, C, H, W):
+    a map (B, H, W) at the input's size (IG: summed over channels, signed; Grad-CAM: non-negative, upsampled;
+    occlusion: the drop of the output when a window is blanked to `baseline`), and IG's convergence delta (B,)
+    (sum of attributions - (f(x) - f(baseline))), else None."""
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+
+    x = x.detach().float().contiguous()
+    baseline = baseline.expand_as(x).contiguous()
+    if method == "ig":
+        attr, delta = IntegratedGradients(forward).attribute(
+            x, baselines=baseline, target=target, n_steps=IG_STEPS, return_convergence_delta=True
+        )
+        return attr.sum(1).detach(), delta.detach()
+    if method == "gradcam":
+        cam = LayerGradCam(forward, last_conv(model)).attribute(x, target=target, relu_attributions=True)
+        up = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")  # (B, 1, H, W)
+        return up[:, 0].clamp_min(0).detach(), None
+    if method == "occlusion":
+        C, H, W = x.shape[1:]
+        k = max(2, round(min(H, W) / 7))
+        attr = Occlusion(forward).attribute(
+            x, sliding_window_shapes=(C, k, k), strides=(C, max(1, k // 2), max(1, k // 2)), baselines=baseline,
+            target=target,
+        )
+        return attr.sum(1).detach(), None
+    check_method(method)
+    raise AssertionError
+
+
+def heat(attr: torch.Tensor, method: str) -> torch.Tensor:
+    """A map (H, W) -> [0, 1] for the eye: |IG| (evidence for or against), others as they are (clamped at 0 for
+    occlusion: the windows whose removal lowers the score)."""
+    a = attr.abs() if method == "ig" else attr.clamp_min(0)
+    return a / a.max() if a.max() > 0 else a
+
+
+def overlay(image: torch.Tensor, attr: torch.Tensor, method: str, size: int = 256) -> bytes:
+    """uint8 image (C, H, W) and its map (H, W) -> PNG bytes: the image and the heat map over it, side by side,
+    scaled so the long side is about `size` pixels."""
+    import matplotlib
+
+    from deeprecipe.data import image_ops
+
+    img = image.float().cpu() / 255
+    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+    h = heat(attr.float().cpu(), method)
+    colour = torch.from_numpy(matplotlib.colormaps["jet"](h.numpy())[..., :3]).permute(2, 0, 1).float()
+    a = 0.6 * h[None]
+    mixed = (1 - a) * img + a * colour
+    both = torch.cat([img, torch.ones(3, img.shape[1], max(1, img.shape[2] // 16)), mixed.clamp(0, 1)], 2)
+    scale = max(1, size // max(both.shape[-2:]))
+    big = torch.nn.functional.interpolate(both[None], scale_factor=scale, mode="nearest")[0]
+    return image_ops.png(big)
+
+
+def out_path(file: str, method: str, out: Path | None, suffix: str = "") -> Path:
+    """Where the overlay of `file` goes: --out DIR/<stem>.<method>.png, else next to the input file."""
+    p = Path(file)
+    folder = Path(out) if out else p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{p.stem}.{method}{suffix}.png"
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of |a| and |b| (ties get their mean rank). Two constant maps are the same map
+    (1.0); one constant and one not share no order (0.0)."""
+    from scipy.stats import spearmanr
+
+    a, b = a.detach().abs().flatten().double().cpu().numpy(), b.detach().abs().flatten().double().cpu().numpy()
+    ca, cb = a.max() - a.min() <= 1e-12 * max(1.0, abs(a).max()), b.max() - b.min() <= 1e-12 * max(1.0, abs(b).max())
+    if ca or cb:
+        return 1.0 if ca and cb else 0.0
+    return float(spearmanr(a, b).statistic)
+
+
+def _reinit(module: nn.Module, gen: torch.Generator) -> None:
+    """Fresh random weights for one layer's own parameters (reset_parameters when it has one)."""
+    if hasattr(module, "reset_parameters"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            module.reset_parameters()
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)):
+            with torch.no_grad():  # a norm reset to identity would change nothing: give it random scale and shift
+                for p in module.parameters(recurse=False):
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p))
+        return
+    with torch.no_grad():
+        for p in module.parameters(recurse=False):
+            p.copy_((torch.randn(p.shape, generator=gen) * 0.1).to(p))
+
+
+def sanity(
+    model: nn.Module, attribute: Callable[[nn.Module], torch.Tensor], seed: int = 0, max_steps: int = 12
+) -> dict:
+    """The model-parameter randomisation test. `attribute(model) -> map` computes the attribution being judged on
+    a model (the same inputs and target each time). Layers are re-initialised cascading from the head (grouped
+    into at most `max_steps` steps); returns {"layers": names randomised at each step, "similarity": Spearman
+    correlation with the trained map after each step, "final": the last, "verdict": "informative" |
+    "uninformative", "threshold"}."""
+    m = safe_copy(model)
+    gen = torch.Generator().manual_seed(seed)
+    trained = attribute(m)
+    layers = list(reversed(param_layers(m)))
+    n = max(1, -(-len(layers) // max_steps))  # layers per step
+    steps = [layers[i : i + n] for i in range(0, len(layers), n)]
+    names, sims = [], []
+    for group in steps:
+        for _, mod in group:
+            _reinit(mod, gen)
+        names.append(",".join(name or "(model)" for name, _ in group))
+        sims.append(round(spearman(trained, attribute(m)), 4))
+    final = sims[-1] if sims else 1.0
+    return {
+        "layers": names,
+        "similarity": sims,
+        "final": final,
+        "threshold": SANITY_THRESHOLD,
+        "verdict": "uninformative" if final > SANITY_THRESHOLD else "informative",
+    }
+
+
+def sanity_plot(result: dict, path: Path, title: str) -> None:
+    """Similarity to the trained attribution after each cascading randomisation step (head first)."""
+    from deeprecipe.engine import plots
+
+    fig, ax = plots.plt.subplots(figsize=(max(4, 0.5 * len(result["layers"]) + 2), 3.2))
+    xs = list(range(1, len(result["similarity"]) + 1))
+    ax.plot(xs, result["similarity"], marker="o")
+    ax.axhline(result["threshold"], color="red", linestyle="--", linewidth=1, label="uninformative above")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(result["layers"], rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("Spearman rank correlation")
+    ax.set_xlabel("randomised down to (head first)")
+    ax.set_title(f"{title}: {result['verdict']}", fontsize=9)
+    ax.legend(fontsize=7)
+    plots.save_figure(fig, Path(path))
+
+
+def explain_image(
+    model: nn.Module,
+    file: str,
+    image: torch.Tensor,
+    x: torch.Tensor,
+    baseline: torch.Tensor,
+    forward_of: Callable[[nn.Module], Callable],
+    target: int | None,
+    method: str,
+    out: Path | None,
+    with_sanity: bool,
+) -> dict:
+    """One image file's explanation, shared by the image families: the map of `method` for
+    forward_of(model)(x)[:, target] (target None: forward returns (B,)), its overlay over `image` (uint8 (C, H, W),
+    the picture the net saw) written to out_path, and with `with_sanity` the randomisation check and its plot.
+    Returns {"method", "out", "map" (H, W), "delta" (IG only), "sanity", "sanity_plot"}."""
+    m = safe_copy(model)
+    dev = next(m.parameters()).device
+
+    def attribute(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.enable_grad():
+            return image_attribution(forward_of(net), net, x.to(dev), target, method, baseline.to(dev))
+
+    attr, delta = attribute(m)
+    path = out_path(file, method, out)
+    path.write_bytes(overlay(image, attr[0], method))
+    res = {"method": method, "out": str(path), "map": attr[0].cpu()}
+    if delta is not None:
+        res["delta"] = float(delta.flatten()[0])
+    if with_sanity:
+        res["sanity"] = sanity(m, lambda net: attribute(net)[0])
+        res["sanity_plot"] = str(out_path(file, method, out, ".sanity"))
+        sanity_plot(res["sanity"], Path(res["sanity_plot"]), f"{Path(file).name}, {method}")
+    return res
