@@ -154,3 +154,23 @@ def test_bad_input_is_a_one_line_error(cli, run_dir, tmp_path):
 def test_a_family_without_explain_refuses():
     with pytest.raises(UserError, match="no explain"):
         Family().explain(None, None, None, None, [], ExplainOptions())
+
+
+def test_a_segmenter_explains_the_mean_logit_of_its_predicted_class(cli, tmp_path):
+    over = ["data.size=[32, 48]", "data.train_size=8", "data.val_size=2", "data.test_size=2", "data.crop=24"]
+    over += ["train.steps=2", "train.batch_size=4", "train.eval_every=0", "train.device=cpu"]
+    code, _, err = cli(
+        "train", "scenes-unet", "--out", tmp_path / "seg", *sets(*over, "model.width=8", "model.depth=2")
+    )
+    assert code == 0, err
+    f = tmp_path / "street.png"
+    Image.fromarray((torch.rand(40, 50, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(f)
+    code, out, err = cli(
+        "explain", tmp_path / "seg", f, "--method", "gradcam", "--json", "--out", tmp_path, "--device", "cpu"
+    )
+    assert code == 0, err
+    (r,) = json.loads(out)
+    assert r["method"] == "gradcam" and 0 <= r["target"] < 8 and 0 < r["score"] <= 1
+    assert (tmp_path / "street.gradcam.png").is_file()
+    code, out, err = cli("explain", tmp_path / "seg", f, "--target", "8", "--device", "cpu")
+    assert code == 2 and "--target 8" in err

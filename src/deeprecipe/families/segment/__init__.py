@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.core import DataSpec
+from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions
 
 IGNORE = 255
 
@@ -258,6 +258,41 @@ class Segment(Family):
                     "text": f"{f}: {share} -> {labels}, {overlay}",
                 }
             )
+        return results
+
+    def explain(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+    ) -> list[dict]:
+        """Each image (at the model's size) -> the attribution of the mean logit of one class over the pixels
+        predicted as that class: --target, else the class predicted on most pixels; an overlay PNG per file."""
+        from deeprecipe.engine import explain as ex
+
+        ex.check_method(opts.method, what="a segmenter")
+        if opts.target is not None and not 0 <= opts.target < spec.num_classes:
+            raise UserError(f"explain --target {opts.target}: the model has classes 0..{spec.num_classes - 1}")
+        images = [image_ops.resize(image_ops.read(f, spec.in_channels), tuple(spec.image_size)) for f in files]
+        preds = segment_images(model, spec, rt, images)  # (H, W) each, at the model's size
+        baseline = prepare((torch.zeros(1, *images[0].shape), torch.zeros(1, 1, 1)), spec)[0]  # black
+        results = []
+        for f, img, pred in zip(files, images, preds):
+            c = (
+                int(pred.flatten().bincount(minlength=spec.num_classes).argmax())
+                if opts.target is None
+                else opts.target
+            )
+            mask = (pred == c).float().to(rt.device)
+            mask = mask if mask.sum() > 0 else torch.ones_like(mask)  # a class predicted nowhere: all pixels
+            share = float((pred == c).float().mean())
+
+            def forward_of(net, mask=mask, c=c):
+                return lambda z: (net(z).float()[:, c] * mask).sum((1, 2)) / mask.sum()  # (B,)
+
+            x = prepare((img[None].float(), torch.zeros(1, 1, 1)), spec)[0]
+            r = ex.explain_image(model, f, img, x, baseline, forward_of, None, opts.method, opts.out, opts.sanity)
+            label = spec.class_names[c]
+            r |= {"file": f, "label": label, "target": c, "score": round(share, 4)}
+            r["text"] = f"{f}: {label} ({share:.0%} of the pixels) {opts.method} -> {r['out']}"
+            results.append(r)
         return results
 
     def serve(self, ctx) -> None:
