@@ -174,3 +174,24 @@ def test_a_segmenter_explains_the_mean_logit_of_its_predicted_class(cli, tmp_pat
     assert (tmp_path / "street.gradcam.png").is_file()
     code, out, err = cli("explain", tmp_path / "seg", f, "--target", "8", "--device", "cpu")
     assert code == 2 and "--target 8" in err
+
+
+def test_a_text_classifier_explains_each_token(cli, tmp_path):
+    words = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "sad"]}
+    rows = [f"{words[lab][i % 4]} day {words[lab][(i + 1) % 4]},{lab}" for i in range(40) for lab in words]
+    (tmp_path / "data.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    over = [*TINY, "train.steps=30", "data.source=files", f"data.path={tmp_path / 'data.csv'}", "data.per_class=0"]
+    over += ["data.max_len=32", "model.hidden=16", "model.emb=16"]
+    code, _, err = cli("train", "multi30k-langid-lstm", "--out", tmp_path / "txt", *sets(*over))
+    assert code == 0, err
+    f = tmp_path / "t.txt"
+    f.write_text("great day nice\n")
+    code, out, err = cli("explain", tmp_path / "txt", f, "--json", "--sanity", "--out", tmp_path, "--device", "cpu")
+    assert code in (0, 3), err
+    (r,) = json.loads(out)
+    assert "".join(t for t, _ in r["tokens"]) == "great day nice" and r["method"] == "ig"
+    assert abs(r["delta"]) < 0.1 * max(1.0, abs(sum(s for _, s in r["tokens"])))  # complete: sums to f(x) - f(PAD)
+    assert r["sanity"]["verdict"] in ("informative", "uninformative") and (tmp_path / "t.ig.sanity.png").is_file()
+    code, out, err = cli("explain", tmp_path / "txt", f, "--method", "gradcam", "--device", "cpu")
+    lines = [ln for ln in err.splitlines() if not ln.startswith("weights:")]
+    assert code == 2 and len(lines) == 1 and "a text classifier takes ig" in lines[0], err

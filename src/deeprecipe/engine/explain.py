@@ -82,7 +82,10 @@ def image_attribution(
         C, H, W = x.shape[1:]
         k = max(2, round(min(H, W) / 7))
         attr = Occlusion(forward).attribute(
-            x, sliding_window_shapes=(C, k, k), strides=(C, max(1, k // 2), max(1, k // 2)), baselines=baseline,
+            x,
+            sliding_window_shapes=(C, k, k),
+            strides=(C, max(1, k // 2), max(1, k // 2)),
+            baselines=baseline,
             target=target,
         )
         return attr.sum(1).detach(), None
@@ -234,3 +237,24 @@ def explain_image(
         res["sanity_plot"] = str(out_path(file, method, out, ".sanity"))
         sanity_plot(res["sanity"], Path(res["sanity_plot"]), f"{Path(file).name}, {method}")
     return res
+
+
+def token_attribution(net: nn.Module, ids: torch.Tensor, target: int, baseline_id: int) -> tuple[torch.Tensor, float]:
+    """Integrated Gradients of net(ids)[:, target] at the output of the net's first nn.Embedding (the token
+    embedding), from a text of `baseline_id` tokens: a score per token (T,) (summed over the embedding) and the
+    convergence delta."""
+    from captum.attr import LayerIntegratedGradients
+
+    emb = next((m for m in net.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise UserError("explain needs a token embedding (nn.Embedding) in the model; this one has none")
+    ids = ids.long()
+    with torch.enable_grad():
+        attr, delta = LayerIntegratedGradients(lambda t: net(t).float(), emb).attribute(
+            ids,
+            baselines=torch.full_like(ids, baseline_id),
+            target=target,
+            n_steps=2 * IG_STEPS,
+            return_convergence_delta=True,
+        )
+    return attr.sum(-1)[0].detach(), float(delta.flatten()[0])

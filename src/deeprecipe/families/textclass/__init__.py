@@ -25,7 +25,7 @@ from deeprecipe.data.pairs import pad, read_lines
 from deeprecipe.data.text import tokenizer_from_spec
 from deeprecipe.data.textclass import PAD, encode
 from deeprecipe.families.classify import predict_split, top_labels
-from deeprecipe.family import Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions
 
 
 def prepare(batch, spec: DataSpec, draws=None):
@@ -97,6 +97,38 @@ class TextClassify(Family):
         ids = [text_ids(tok, spec, "\n".join(read_lines(Path(f))).strip(), f) for f in files]
         probs = classify_ids(model, rt, ids)
         return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
+
+    def explain(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+    ) -> list[dict]:
+        """Text files -> per-token attributions of the predicted (or --target) class: Integrated Gradients on the
+        token embedding's output from an all-PAD text; "tokens" is [(token, score), ...] in text order."""
+        from deeprecipe.engine import explain as ex
+
+        ex.check_method(opts.method, ("ig",), "a text classifier")
+        if opts.target is not None and not 0 <= opts.target < spec.num_classes:
+            raise UserError(f"explain --target {opts.target}: the model has classes 0..{spec.num_classes - 1}")
+        tok = tokenizer_from_spec(spec)
+        ids = [text_ids(tok, spec, "\n".join(read_lines(Path(f))).strip(), f) for f in files]
+        probs = classify_ids(model, rt, ids)
+        net = ex.safe_copy(model)
+        results = []
+        for f, t, p in zip(files, ids, probs):
+            c = int(p.argmax()) if opts.target is None else opts.target
+            x = torch.tensor([t], device=rt.device)
+            scores, delta = ex.token_attribution(net, x, c, PAD)
+            tokens = [[tok.decode([i]), round(float(s), 5)] for i, s in zip(t, scores)]
+            label = spec.class_names[c]
+            r = {"file": f, "label": label, "target": c, "method": "ig", "score": round(float(p[c]), 4)}
+            r |= {"tokens": tokens, "delta": delta}
+            top = sorted(tokens, key=lambda ts: -abs(ts[1]))[:5]
+            r["text"] = f"{f}: {label} ({r['score']:.3f}) ig: " + " ".join(f"{w!r} {s:+.3f}" for w, s in top)
+            if opts.sanity:
+                r["sanity"] = ex.sanity(net, lambda n, x=x, c=c: ex.token_attribution(n, x, c, PAD)[0])
+                r["sanity_plot"] = str(ex.out_path(f, "ig", opts.out, ".sanity"))
+                ex.sanity_plot(r["sanity"], Path(r["sanity_plot"]), f"{Path(f).name}, ig")
+            results.append(r)
+        return results
 
     def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
         """Token ids (B, T), batch and time dynamic; the first text is shorter (PAD after it)."""
