@@ -158,11 +158,16 @@ def open_storage(url: str):
     """An Optuna RDB storage, or a one-line UserError (bad URL, missing driver, unreachable server)."""
     import optuna
 
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-    except Exception as e:  # sqlalchemy's OperationalError, ArgumentError, a missing driver's ImportError ...
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise UserError(f"--storage {url}: cannot open the study database ({first.strip()[:200]})") from None
+    for attempt in range(4):  # workers starting together race to create the tables: the loser tries again
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        except Exception as e:  # a bad URL, a missing driver, sqlalchemy's OperationalError (unreachable) ...
+            error = e
+            if not any(w in str(e) for w in ("locked", "already exists", "UNIQUE constraint")):
+                break
+            time.sleep(0.25 * 2**attempt)
+    first = next((ln for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    raise UserError(f"--storage {url}: cannot open the study database ({first.strip()[:200]})") from None
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -224,8 +229,14 @@ def open_study(job: Tune, family: Family):
     metric, mode = family.METRIC
     direction = "maximize" if mode == "max" else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    made = not job.out.exists()
     job.out.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(storage_url(job))
+    try:
+        storage = open_storage(storage_url(job))
+    except UserError:
+        if made and not any(job.out.iterdir()):  # a tune that never opened its study leaves no folder
+            job.out.rmdir()
+        raise
     study = optuna.create_study(
         storage=storage,
         study_name=job.study or job.name,
@@ -369,6 +380,8 @@ def write_plots(study, out: Path) -> dict[str, str]:
     import optuna
     import optuna.visualization.matplotlib as vis
 
+    from deeprecipe.engine.checkpoint import atomic_write  # two workers may draw at once
+
     plots = {
         "history": (vis.plot_optimization_history, "optimisation history"),
         "importances": (vis.plot_param_importances, "parameter importances"),
@@ -387,7 +400,7 @@ def write_plots(study, out: Path) -> dict[str, str]:
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=90)
+            atomic_write(out / f"{name}.png", lambda p, fig=fig: fig.savefig(p, dpi=90, format="png"))
             plt.close(fig)
             written[name] = f"{name}.png"
         except Exception as e:  # e.g. importances of a space whose values never varied
@@ -400,12 +413,14 @@ def summary(study, metric: str) -> list[str]:
     """Plain lines: the counts, the best trial and its parameters, then one line per trial."""
     import optuna
 
-    trials = study.get_trials(deepcopy=False)
+    every = study.get_trials(deepcopy=False)
+    trials = [t for t in every if not t.user_attrs.get("over_budget")]  # a worker's ask past the budget: not run
     count = {s: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     S = optuna.trial.TrialState
     lines = [
         f"study '{study.study_name}' ({study.direction.name.lower()} val {metric}): {count[S.COMPLETE]} complete, "
         f"{count[S.PRUNED]} pruned, {count[S.FAIL]} failed, {count[S.RUNNING]} running"
+        + (f" ({len(every) - len(trials)} past the budget, not run)" if len(every) > len(trials) else "")
     ]
     t = best_trial(study)
     if t is not None:

@@ -1,0 +1,188 @@
+"""`deeprecipe tune`: search-space specs and their errors, a tiny study of run folders with a best.yaml that
+trains, pruning of a planted bad trial, a killed tune that resumes, and two processes sharing one SQLite study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, sets
+from deeprecipe.core import ConfigError
+from deeprecipe.engine import tune as T
+
+# tiny trials that evaluate (and so can be pruned) every 5 steps
+TRIAL = [*TINY, "train.steps=20", "train.eval_every=5", "train.ckpt_every=10"]
+
+
+def states(path: Path, name: str = "digits-mlp") -> list[tuple[int, str]]:
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{path.resolve()}")
+    return [(t.number, t.state.name) for t in study.get_trials(deepcopy=False)]
+
+
+# ---------------------------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize(
+    "text, kind, low, high, choices",
+    [
+        ("model.dropout=0:0.5", "float", 0.0, 0.5, []),
+        ("optim.lr=log:1e-4:1e-2", "log", 1e-4, 1e-2, []),
+        ("train.batch_size=int:32:256", "int", 32, 256, []),
+        ("model.width=int:log:8:64", "intlog", 8, 64, []),
+        ("model.name=cnn,resnet", "choice", 0, 0, ["cnn", "resnet"]),
+        ("train.ema=0, 0.999", "choice", 0, 0, [0, 0.999]),
+    ],
+)
+def test_parse_specs(text, kind, low, high, choices):
+    p = T.parse_param(text)
+    assert (p.path, p.kind, p.low, p.high, p.choices) == (text.split("=")[0], kind, low, high, choices)
+    if kind == "int":
+        assert isinstance(p.low, int) and p.distribution().high == 256
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("optim.lr", "must look like section.key=SPEC"),
+        ("optim.lr=", "give a config path and a range"),
+        ("optim.lr=1e-2:1e-4", "empty range"),
+        ("model.dropout=0.3:0.3", "empty range"),
+        ("optim.lr=log:0:1e-2", "log range needs bounds above 0"),
+        ("optim.lr=log:-1:1", "log range needs bounds above 0"),
+        ("optim.lr=abc", "not a range or choices"),
+        ("optim.lr=1:2:3", "not a range or choices"),
+        ("optim.lr=1:x", "must be numbers"),
+        ("train.steps=int:1.5:4", "integer bounds"),
+        ("model.name=cnn,cnn", "distinct"),
+    ],
+)
+def test_parse_errors(text, said):
+    with pytest.raises(ConfigError, match=said):
+        T.parse_param(text)
+
+
+def test_space_is_checked_before_any_trial(cli):
+    base = ["tune", "digits-mlp", "--trials", "1", "--out", "t", *sets(*TRIAL)]
+    for param, said in [
+        ("optim.lrr=log:1e-4:1e-2", "unknown key 'optim.lrr': did you mean 'lr'?"),
+        ("model.dropot=0:0.5", "did you mean 'dropout'?"),
+        ("model.name=mlp,cnnn", "did you mean 'cnn'?"),
+        ("model.dropout=0:1", "model.dropout=1.0: must be in [0, 1)"),
+        ("optim.lr=log:0:1", "a log range needs bounds above 0"),
+    ]:
+        code, out, err = cli(*base, "--param", param)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+        assert not Path("t").exists()
+    code, _, err = cli(*base, "--param", "optim.lr=1e-3:1e-2", "--storage", "sqlite:////no/such/dir/s.db")
+    assert code == 2 and err.startswith("error: --storage sqlite:////no/such/dir/s.db: cannot open")
+    assert not Path("t").exists()
+    code, _, err = cli(*base, "--param", "optim.lr=1e-3:1e-2", "--storage", "nosuchdb://x/y")
+    assert code == 2 and "cannot open the study database" in err
+
+
+# ---------------------------------------------------------------------------------------------- a study
+
+
+def test_tiny_tune_writes_runs_study_and_a_best_recipe_that_trains(cli):
+    Path("r.yaml").write_text(
+        "task: classify\ndata: {name: digits}\nmodel: {name: mlp, hidden: [32]}\ntune:\n  model.dropout: '0:0.5'\n"
+    )
+    code, out, err = cli(
+        "tune", "r.yaml", "--param", "optim.lr=log:1e-3:1e-2", "--trials", "3", "--out", "t",
+        "--pruner", "none", *sets(*TRIAL),
+    )  # fmt: skip
+    assert code == 0, err
+    assert [f"trial {i}: complete" in out for i in range(3)] == [True] * 3, out
+    t = Path("t")
+    assert (t / "study.db").is_file() and (t / "summary.txt").is_file() and (t / "report.html").is_file()
+    assert (t / "history.png").is_file() and (t / "parallel.png").is_file(), (t / "report.html").read_text()
+    for i in range(3):
+        status = json.loads((t / f"trial-{i:04d}" / "status.json").read_text())
+        assert status["status"] == "done" and status["step"] == 20
+    cfg0 = (t / "trial-0000" / "config.yaml").read_text()
+    assert "dropout" in cfg0 and "\ntune:" not in cfg0
+    assert states(t / "study.db", "r") == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+    code, out, _ = cli("runs", "--dir", "t")
+    assert code == 0 and out.count("done") == 3
+    # best.yaml is a recipe train accepts: the best trial's config, its lr and dropout
+    code, out, err = cli("train", "t/best.yaml", "--out", "again", "--set", "train.steps=2")
+    assert code == 0, err
+    best = int((t / "best.yaml").read_text().split("best trial ")[1].split()[0])
+    import yaml
+
+    want, got = (yaml.safe_load((d / "config.yaml").read_text()) for d in (t / f"trial-{best:04d}", Path("again")))
+    assert got["optim"]["lr"] == want["optim"]["lr"] and got["model"] == want["model"]
+    # a recipe with a tune: section still trains (the section is the tuner's); an unknown key still fails
+    assert cli("train", "r.yaml", "--out", "plain", *sets(*TINY))[0] == 0
+    Path("bad.yaml").write_text("task: classify\ntunes: {}\n")
+    code, _, err = cli("train", "bad.yaml", *sets(*TINY))
+    assert code == 2 and "unknown key 'tunes'" in err
+
+
+def test_median_pruner_prunes_a_planted_bad_trial():
+    from deeprecipe import config
+    from deeprecipe.engine.loop import train
+    from deeprecipe.families import get_family
+
+    raw, name = config.read_recipe("digits-mlp")
+    space = T.space_of(raw, ["optim.lr=1e-8:1e-2"])
+    job = T.Tune(raw, name, list(TRIAL), space, Path("t"), trials=3, pruner="median", startup=2, seed=0)
+    family = get_family("classify")
+    study = T.open_study(job, family)
+    for lr in (3e-3, 4e-3, 1e-8):  # two good trials, then one that cannot learn
+        study.enqueue_trial({"optim.lr": lr})
+    seen = []
+    T.tune(job, family, train, seen.append, study=study)
+    assert [i.state for i in seen] == ["complete", "complete", "pruned"], seen
+    status = json.loads(Path("t/trial-0002/status.json").read_text())
+    assert status["status"] == "pruned" and status["step"] < 20
+    assert states(Path("t/study.db"))[-1] == (2, "PRUNED")
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def tune_cmd(out: str, trials: int, *extra: str) -> list[str]:
+    args = ["tune", "digits-mlp", "--param", "optim.lr=log:1e-3:1e-2", "--trials", str(trials), "--out", out]
+    return [sys.executable, "-m", "deeprecipe.cli", *args, "--pruner", "none", *sets(*TRIAL), *extra]
+
+
+def test_a_killed_tune_resumes_its_study(cli, subenv):
+    cmd = tune_cmd("t", 3, "--set", "train.steps=400", "--set", "train.eval_every=100")
+    proc = subprocess.Popen(cmd, env=subenv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (Path("t/trial-0001/metrics.jsonl").exists() or proc.poll() is not None or time.time() > deadline):
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL during trial 1 (trial 0 finished): its trial stays RUNNING in the database
+    proc.wait()
+    before = states(Path("t/study.db"))
+    assert before[0] == (0, "COMPLETE") and (1, "RUNNING") in before, before
+    code, out, err = cli(*cmd[3:])  # the same command again, in this process
+    assert code == 0, err
+    assert "resuming study 'digits-mlp': 1 finished trials" in err
+    after = states(Path("t/study.db"))
+    assert after == [(0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE"), (3, "COMPLETE")], after
+    assert Path("t/trial-0000/commands.txt").read_text().count("\n") == 1  # trial 0 was not run again
+
+
+def test_two_processes_share_one_sqlite_study(subenv):
+    cmd = tune_cmd("t", 4)
+    procs = [subprocess.Popen(cmd + ["--seed", str(i)], env=subenv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.decode()[-500:] for _, e in outs]
+    got = states(Path("t/study.db"))
+    done = [n for n, s in got if s == "COMPLETE"]
+    assert len(done) == 4 and len(set(done)) == 4 and not [s for _, s in got if s == "RUNNING"], got
+    for n in done:
+        assert json.loads((Path("t") / f"trial-{n:04d}" / "status.json").read_text())["status"] == "done"
+        assert (Path("t") / f"trial-{n:04d}" / "commands.txt").read_text().count("\n") == 1
+    # both workers ran trials
+    assert all(b"trial " in o for o, _ in outs), outs
