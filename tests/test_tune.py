@@ -186,3 +186,18 @@ def test_two_processes_share_one_sqlite_study(subenv):
         assert (Path("t") / f"trial-{n:04d}" / "commands.txt").read_text().count("\n") == 1
     # both workers ran trials
     assert all(b"trial " in o for o, _ in outs), outs
+
+
+def test_the_loops_monitor_stops_a_run_as_pruned_but_not_at_its_last_step():
+    from deeprecipe import config
+    from deeprecipe.engine.loop import train
+    from deeprecipe.families import get_family
+
+    cfg = config.load("digits-mlp", TRIAL)
+    calls = []
+    train(cfg, get_family("classify"), Path("a"), monitor=lambda step, r: calls.append((step, r["acc"])) or step >= 10)
+    status = json.loads(Path("a/status.json").read_text())
+    assert [s for s, _ in calls] == [5, 10] and status["status"] == "pruned" and status["step"] == 10
+    calls.clear()
+    train(cfg, get_family("classify"), Path("b"), monitor=lambda step, r: calls.append(step) or step == 20)
+    assert calls == [5, 10, 15, 20] and json.loads(Path("b/status.json").read_text())["status"] == "done"
