@@ -171,6 +171,8 @@ def test_no_endpoint_takes_a_server_path(client):
 
 def test_metrics_count_requests_latency_and_batches(client):
     client.post("/classify", files=upload(png()), headers=AUTH)
+    client.post("/classify", files=upload(png()))  # 401: no token (this test must not rely on another's requests)
+    client.post("/classify", files=upload(b"x" * 5000), headers=AUTH)  # 413: over the module app's 4000 bytes
     text = client.get("/metrics", headers=AUTH).text
     assert 'deeprecipe_requests_total{route="/classify",status="200"}' in text
     assert 'deeprecipe_request_seconds{route="/classify",quantile="0.99"}' in text
