@@ -195,3 +195,52 @@ def test_a_text_classifier_explains_each_token(cli, tmp_path):
     code, out, err = cli("explain", tmp_path / "txt", f, "--method", "gradcam", "--device", "cpu")
     lines = [ln for ln in err.splitlines() if not ln.startswith("weights:")]
     assert code == 2 and len(lines) == 1 and "a text classifier takes ig" in lines[0], err
+
+
+def test_the_report_has_gradcam_of_the_worst_mistakes_and_an_mlp_has_none(cli, run_dir, tmp_path):
+    """The finish hook's plots/worst_mistakes_gradcam.png (the first 8 of worst_mistakes.png, Grad-CAM of the
+    predicted class) on the digits CNN; an MLP has no conv layer: no such plot, and its run still finishes."""
+    plots = run_dir / "plots"
+    assert (plots / "worst_mistakes.png").is_file()  # 40 steps leave mistakes
+    png = plots / "worst_mistakes_gradcam.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = cli("train", "digits-mlp", "--out", tmp_path / "mlp", *sets(*TINY, "model.hidden=[8]"))
+    assert code == 0, err
+    assert (tmp_path / "mlp" / "plots" / "worst_mistakes.png").is_file()
+    assert not (tmp_path / "mlp" / "plots" / "worst_mistakes_gradcam.png").exists()
+
+
+def test_the_served_explain_gives_the_overlay_that_explain_writes(cli, run_dir, tmp_path):
+    """POST /explain?method=gradcam answers the label, its probability and the overlay that `deeprecipe explain RUN
+    FILE --method gradcam` writes for the same file; a bad method is a 422 and no token a 401."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from deeprecipe.serve.server import ServeOptions, build_app
+
+    f = write_png(tmp_path / "d0.png", digit(0))
+    code, out, err = cli("explain", run_dir, f, "--method", "gradcam", "--json", "--out", tmp_path, "--device", "cpu")
+    assert code == 0, err
+    (want,) = json.loads(out)
+    app = build_app(str(run_dir), *open_run(str(run_dir), "cpu"), ServeOptions(token="tk"))  # as explain loads it
+    auth = {"Authorization": "Bearer tk"}
+    upload = {"image": ("d0.png", open(f, "rb").read(), "image/png")}
+    try:
+        with TestClient(app) as c:
+            r = c.post("/explain?method=gradcam", files=upload, headers=auth)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert (got["label"], got["prob"], got["method"]) == (want["label"], want["score"], "gradcam")
+            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["overlay"]))), dtype=np.int16)
+            written = np.asarray(Image.open(tmp_path / "d0.gradcam.png"), dtype=np.int16)
+            assert served.shape == written.shape and np.abs(served - written).max() <= 2
+            assert c.post("/explain?method=ig", files=upload, headers=auth).json()["method"] == "ig"
+            bad = c.post("/explain?method=shap", files=upload, headers=auth)
+            assert bad.status_code == 422 and "method" in bad.text
+            assert c.post("/explain?method=gradcam", files=upload).status_code == 401
+            widgets = {w["path"]: w for w in c.get("/info", headers=auth).json()["endpoints"]}
+            assert widgets["/explain"]["kind"] == "image" and widgets["/explain"]["methods"][0] == "gradcam"
+    finally:
+        torch.set_grad_enabled(True)  # in case loading a run turns autograd off for the process

@@ -100,12 +100,10 @@ def heat(attr: torch.Tensor, method: str) -> torch.Tensor:
     return a / a.max() if a.max() > 0 else a
 
 
-def overlay(image: torch.Tensor, attr: torch.Tensor, method: str, size: int = 256) -> bytes:
-    """uint8 image (C, H, W) and its map (H, W) -> PNG bytes: the image and the heat map over it, side by side,
-    scaled so the long side is about `size` pixels."""
+def overlay_image(image: torch.Tensor, attr: torch.Tensor, method: str) -> torch.Tensor:
+    """uint8 image (C, H, W) and its map (H, W) -> the image and the heat map over it, side by side: floats in
+    [0, 1] (3, H, W + W // 16 + W) (a thin white gap between them)."""
     import matplotlib
-
-    from deeprecipe.data import image_ops
 
     img = image.float().cpu() / 255
     img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
@@ -113,7 +111,14 @@ def overlay(image: torch.Tensor, attr: torch.Tensor, method: str, size: int = 25
     colour = torch.from_numpy(matplotlib.colormaps["jet"](h.numpy())[..., :3]).permute(2, 0, 1).float()
     a = 0.6 * h[None]
     mixed = (1 - a) * img + a * colour
-    both = torch.cat([img, torch.ones(3, img.shape[1], max(1, img.shape[2] // 16)), mixed.clamp(0, 1)], 2)
+    return torch.cat([img, torch.ones(3, img.shape[1], max(1, img.shape[2] // 16)), mixed.clamp(0, 1)], 2)
+
+
+def overlay(image: torch.Tensor, attr: torch.Tensor, method: str, size: int = 256) -> bytes:
+    """overlay_image as PNG bytes (through data/image_ops), scaled so the long side is about `size` pixels."""
+    from deeprecipe.data import image_ops
+
+    both = overlay_image(image, attr, method)
     scale = max(1, size // max(both.shape[-2:]))
     big = torch.nn.functional.interpolate(both[None], scale_factor=scale, mode="nearest")[0]
     return image_ops.png(big)
@@ -203,6 +208,36 @@ def sanity_plot(result: dict, path: Path, title: str) -> None:
     plots.save_figure(fig, Path(path))
 
 
+def image_explanation(
+    model: nn.Module,
+    image: torch.Tensor,
+    x: torch.Tensor,
+    baseline: torch.Tensor,
+    forward_of: Callable[[nn.Module], Callable],
+    target: int | None,
+    method: str,
+    with_sanity: bool = False,
+) -> dict:
+    """One image's explanation, in memory: the map of `method` for forward_of(model)(x)[:, target] (target None:
+    forward returns (B,)) and its overlay over `image` (uint8 (C, H, W), the picture the net saw). What both
+    `explain` (explain_image, which writes the overlay) and the served /explain run, so they agree.
+    Returns {"method", "map" (H, W), "png" (overlay bytes), "delta" (IG only), "sanity" (with_sanity)}."""
+    m = safe_copy(model)
+    dev = next(m.parameters()).device
+
+    def attribute(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.enable_grad():
+            return image_attribution(forward_of(net), net, x.to(dev), target, method, baseline.to(dev))
+
+    attr, delta = attribute(m)
+    res = {"method": method, "map": attr[0].cpu(), "png": overlay(image, attr[0], method)}
+    if delta is not None:
+        res["delta"] = float(delta.flatten()[0])
+    if with_sanity:
+        res["sanity"] = sanity(m, lambda net: attribute(net)[0])
+    return res
+
+
 def explain_image(
     model: nn.Module,
     file: str,
@@ -215,25 +250,21 @@ def explain_image(
     out: Path | None,
     with_sanity: bool,
 ) -> dict:
-    """One image file's explanation, shared by the image families: the map of `method` for
-    forward_of(model)(x)[:, target] (target None: forward returns (B,)), its overlay over `image` (uint8 (C, H, W),
-    the picture the net saw) written to out_path, and with `with_sanity` the randomisation check and its plot.
+    """One image file's explanation, shared by the image families: image_explanation with its overlay written to
+    out_path, and with `with_sanity` the randomisation check and its plot.
     Returns {"method", "out", "map" (H, W), "delta" (IG only), "sanity", "sanity_plot"}."""
-    m = safe_copy(model)
-    dev = next(m.parameters()).device
+    res = image_explanation(model, image, x, baseline, forward_of, target, method, with_sanity)
+    return save_explanation(res, file, out)
 
-    def attribute(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with torch.enable_grad():
-            return image_attribution(forward_of(net), net, x.to(dev), target, method, baseline.to(dev))
 
-    attr, delta = attribute(m)
+def save_explanation(res: dict, file: str, out: Path | None) -> dict:
+    """An image_explanation of input `file` to disk: its overlay ("png", taken out) written to out_path, and its
+    sanity result plotted next to it. Returns the result with "out" (and "sanity_plot") added."""
+    method = res["method"]
     path = out_path(file, method, out)
-    path.write_bytes(overlay(image, attr[0], method))
-    res = {"method": method, "out": str(path), "map": attr[0].cpu()}
-    if delta is not None:
-        res["delta"] = float(delta.flatten()[0])
-    if with_sanity:
-        res["sanity"] = sanity(m, lambda net: attribute(net)[0])
+    path.write_bytes(res.pop("png"))
+    res = {"method": method, "out": str(path)} | res
+    if "sanity" in res:
         res["sanity_plot"] = str(out_path(file, method, out, ".sanity"))
         sanity_plot(res["sanity"], Path(res["sanity_plot"]), f"{Path(file).name}, {method}")
     return res

@@ -112,6 +112,85 @@ def _class_index(target: int | None, spec: DataSpec) -> int | None:
     return target
 
 
+def explain_tensor(
+    model: nn.Module, spec: DataSpec, rt, image: torch.Tensor, method: str, target: int | None = None, sanity=False
+) -> dict:
+    """One uint8 image (C, H, W) at the spec's size -> the attribution of the predicted (or `target`) class's
+    logit: Integrated Gradients from a black image, Grad-CAM on the last conv layer, or occlusion by black windows
+    (engine/explain.py image_explanation: "map", "png" the overlay, "delta", "sanity"), with "target", "label" and
+    "score" (its probability). What `explain`, the served /explain and the report's Grad-CAM plot all run."""
+    from deeprecipe.engine import explain as ex
+
+    (p,) = classify_images(model, spec, rt, [image])
+    c = int(p.argmax()) if target is None else target
+    x = prepare((image[None], None), spec)[0]
+    baseline = prepare((torch.zeros(1, *image.shape, dtype=torch.uint8), None), spec)[0]  # black
+    r = ex.image_explanation(model, image, x, baseline, lambda net: lambda z: net(z).float(), c, method, sanity)
+    return r | {"target": c, "label": spec.class_names[c], "score": round(float(p[c]), 4)}
+
+
+def has_conv(model: nn.Module) -> bool:
+    """Whether Grad-CAM has a layer to look at (a conv layer before the head)."""
+    from deeprecipe.engine import explain as ex
+
+    try:
+        ex.last_conv(model)
+    except UserError:
+        return False
+    return True
+
+
+def gradcam_mistakes(
+    model: nn.Module, spec: DataSpec, rt, images: torch.Tensor, predicted: list[int], truth: list[int], path: Path
+) -> None:
+    """Grad-CAM of the predicted (wrong) class for each uint8 image (B, C, H, W) whose true class is in `truth`:
+    the images and their heat maps side by side in one grid at `path`. Nothing for a model without a conv layer
+    (an MLP)."""
+    from deeprecipe.engine import explain as ex
+    from deeprecipe.engine import plots
+
+    if not len(images) or not has_conv(model):
+        return
+    panels, captions = [], []
+    for img, c, t in zip(images.cpu(), predicted, truth):
+        r = explain_tensor(model, spec, rt, img, "gradcam", target=c)
+        panels.append(ex.overlay_image(img, r["map"], "gradcam"))
+        captions.append(f"{r['label']} ({r['score']:.2f})\ntrue: {spec.class_names[t]}")
+    plots.image_grid(torch.stack(panels), captions, path, "Grad-CAM of the predicted class, worst mistakes", cols=4)
+
+
+def serve_explain(ctx) -> None:
+    """POST /explain?method=gradcam|ig|occlusion: an image file -> the predicted class and the overlay of its
+    attribution (explain_tensor, as `deeprecipe explain` runs it), one request at a time in a worker thread."""
+    import asyncio
+    import base64
+    from typing import Literal
+
+    from fastapi import File, HTTPException, Query, UploadFile
+
+    spec = ctx.spec
+    methods = ["gradcam", "ig", "occlusion"] if has_conv(ctx.model) else ["ig", "occlusion"]
+
+    def run(image: torch.Tensor, method: str) -> dict:
+        with ctx.lock:  # one model call at a time, as the batched endpoints
+            return explain_tensor(ctx.model, spec, ctx.rt, image, method)
+
+    @ctx.router.post("/explain", summary="Explain an image's predicted class (attribution overlay)")
+    async def explain(
+        image: UploadFile = File(..., description="the image file"),
+        method: Literal["gradcam", "ig", "occlusion"] = Query(methods[0], description="attribution method"),
+    ):
+        img = await ctx.read_image(image)
+        try:
+            r = await asyncio.to_thread(run, img, method)
+        except UserError as e:  # Grad-CAM on a model without a conv layer
+            raise HTTPException(422, str(e)) from None
+        overlay = base64.b64encode(r["png"]).decode()
+        return {"label": r["label"], "prob": r["score"], "method": method, "overlay": overlay}
+
+    ctx.widget("/explain", "image", "Explain an image", methods=methods)
+
+
 class Classify(Family):
     """Image classification (see the module docstring)."""
 
@@ -161,6 +240,16 @@ class Classify(Family):
                 Path(run_dir) / "plots" / "worst_mistakes.png",
                 f"worst {split} mistakes: predicted (confidence) / true",
             )
+            worst = order[order < n][:8].to(torch.long)
+            gradcam_mistakes(
+                model,
+                data.spec,
+                rt,
+                imgs[: len(worst)],
+                probs[worst].argmax(-1).tolist(),
+                labels[worst].tolist(),
+                Path(run_dir) / "plots" / "worst_mistakes_gradcam.png",
+            )
         return {f"{split}_{k}": v for k, v in m.items() if k in ("acc", "top5", "loss")} | {
             f"{split}_precision": m["precision"],
             f"{split}_recall": m["recall"],
@@ -183,19 +272,12 @@ class Classify(Family):
 
         ex.check_method(opts.method, what="an image classifier")
         target = _class_index(opts.target, spec)
-        images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
-        probs = classify_images(model, spec, rt, images)
-        baseline = prepare((torch.zeros(1, *images[0].shape, dtype=torch.uint8), None), spec)[0]  # black
+        images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]  # all read first
         results = []
-        for f, img, p in zip(files, images, probs):
-            c = int(p.argmax()) if target is None else target
-            x = prepare((img[None], None), spec)[0]
-            r = ex.explain_image(
-                model, f, img, x, baseline, lambda net: lambda z: net(z).float(), c, opts.method, opts.out, opts.sanity
-            )
-            label = spec.class_names[c]
-            r |= {"file": f, "label": label, "target": c, "score": round(float(p[c]), 4)}
-            r["text"] = f"{f}: {label} ({r['score']:.3f}) {opts.method} -> {r['out']}"
+        for f, img in zip(files, images):
+            r = ex.save_explanation(explain_tensor(model, spec, rt, img, opts.method, target, opts.sanity), f, opts.out)
+            r |= {"file": f}
+            r["text"] = f"{f}: {r['label']} ({r['score']:.3f}) {opts.method} -> {r['out']}"
             results.append(r)
         return results
 
@@ -222,3 +304,4 @@ class Classify(Family):
             return {k: out[k] for k in ("label", "prob", "top")}  # as `predict` reports the same file
 
         ctx.widget("/classify", "image", "Classify an image")
+        serve_explain(ctx)
