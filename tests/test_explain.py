@@ -224,7 +224,7 @@ def test_the_served_explain_gives_the_overlay_that_explain_writes(cli, run_dir, 
     code, out, err = cli("explain", run_dir, f, "--method", "gradcam", "--json", "--out", tmp_path, "--device", "cpu")
     assert code == 0, err
     (want,) = json.loads(out)
-    app = build_app(str(run_dir), *open_run(str(run_dir), "cpu"), ServeOptions(token="tk"))  # as explain loads it
+    app = build_app(str(run_dir), *open_run(str(run_dir), "cpu", "fp32"), ServeOptions(token="tk"))  # as serve does
     auth = {"Authorization": "Bearer tk"}
     upload = {"image": ("d0.png", open(f, "rb").read(), "image/png")}
     try:

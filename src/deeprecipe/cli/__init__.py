@@ -178,7 +178,7 @@ def cmd_explain(args) -> None:
 
     if args.method not in METHODS:
         raise UserError(f"explain --method {args.method}: unknown method; choose one of {', '.join(METHODS)}")
-    cfg, spec, model, rt, family = open_run(args.run, args.device)
+    cfg, spec, model, rt, family = open_run(args.run, args.device, args.precision)
     opts = ExplainOptions(method=args.method, target=args.target, out=Path(args.out) if args.out else None)
     opts.sanity = args.sanity
     results = family.explain(model, spec, cfg, rt, list(args.files), opts)
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32 (the default, as serve answers)")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("sample", help="generate from a run: text (language models) or images (GANs)")
