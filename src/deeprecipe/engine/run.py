@@ -32,7 +32,7 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     removed = []
     for p in Path(run_dir).rglob(".*.tmp*"):
         pid = p.name.rsplit(".tmp", 1)[-1]
-        if p.is_file() and pid.isdigit() and not _alive(int(pid)):
+        if p.is_file() and pid.isdigit() and not process_alive(int(pid)):
             p.unlink(missing_ok=True)
             removed.append(p)
     for p in (Path(run_dir) / "checkpoints").glob(".step-*.partial"):
@@ -41,7 +41,7 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

@@ -264,12 +264,12 @@ def fail_dead_trials(study) -> list[int]:
     study runs a new trial in their place. Returns their numbers."""
     import optuna
 
-    from deeprecipe.engine.run import _alive
+    from deeprecipe.engine.run import process_alive
 
     host, gone = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
+        if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not process_alive(pid):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             gone.append(t.number)
     return gone
