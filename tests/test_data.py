@@ -333,6 +333,22 @@ def test_streamed_folder_matches_in_memory(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_streamed_folder_honours_test_fraction_class_ids_and_per_class(tmp_path):
+    """A streamed folder carves test and val out of the files as the in-memory path does, and keeps the asked
+    classes (renumbered) and at most per_class training files of each."""
+    write_pngs(tmp_path / "imgs", per_class=10, size=8)
+    kw = dict(path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2, test_fraction=0.1, in_memory_mb=0)
+    data = DATASETS["imagefolder"](**kw).build()
+    assert (len(data.train), len(data.val), len(data.test)) == (21, 6, 3)
+    files = [f for s in (data.train, data.val, data.test) for f, _ in s.dataset.items]
+    assert len(set(files)) == 30  # no file in two splits
+    some = DATASETS["imagefolder"](**kw, class_ids=[2, 0], per_class=3).build()
+    assert some.spec.class_names == ["fox", "cat"]
+    labels = [y for _, y in some.train.dataset.items]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1]
+    assert all(("fox" in f) == (y == 0) for f, y in some.train.dataset.items + some.test.dataset.items)
+
+
 def test_user_dataset_file(tmp_path):
     f = tmp_path / "mine.py"
     f.write_text(

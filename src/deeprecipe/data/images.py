@@ -281,11 +281,22 @@ def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], class
         val = fs.load(splits["val"], channels) if splits.get("val") else None
         test = fs.load(splits["test"], channels) if splits.get("test") else None
         return cfg.finish(x, y, classes, val=val, test=test)
-    # streamed: carve val/test out of the file list by the split seed, no pixel statistics pass
+    # streamed: carve test and val out of the file list by the split seed (as finish does), no pixel statistics pass
+    if cfg.class_ids:  # a subset of the classes, numbered 0.. in the order given
+        new = {c: i for i, c in enumerate(cfg.class_ids)}
+        splits = {k: [(f, new[y]) for f, y in v if y in new] for k, v in splits.items()}
+        classes, train = [classes[c] for c in cfg.class_ids], [(f, new[y]) for f, y in train if y in new]
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
-    k = int(len(train) * cfg.val_fraction) if not splits.get("val") else 0
-    val = splits.get("val") or [train[i] for i in perm[:k]]
-    train = [train[i] for i in sorted(perm[k:])][: cfg.limit or None]
+    held = {}
+    for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
+        k = int(len(train) * fraction) if not splits.get(name) else 0
+        held[name], perm = splits.get(name) or [train[i] for i in perm[:k]], perm[k:]
+    if cfg.per_class:  # the first N of each class in split-seed order, as finish does
+        perm = [i for c in range(len(classes)) for i in [j for j in perm if train[j][1] == c][: cfg.per_class]]
+    train = [train[i] for i in sorted(perm)][: cfg.limit or None]
+    if not train:
+        raise DataError(f"data set '{cfg.name}' at {cfg.path}: no training images left after the val/test carve-out")
+    val = held["val"]
     first = read(train[0][0], channels, cfg.image_size)
     spec = DataSpec(
         num_classes=len(classes),
@@ -303,7 +314,7 @@ def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], class
     def mk(items):
         return StreamSplit(FileImages(items, channels, s)) if items else None
 
-    return Data(spec, mk(train), mk(val), mk(splits.get("test", [])))
+    return Data(spec, mk(train), mk(val), mk(held["test"]))
 
 
 @dataclass
