@@ -315,3 +315,9 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 
     with pytest.raises(ConfigError):
         cli("--debug", "train", "digits-mlp", "--out", tmp_path / "r", "--set", "optim.lrr=1")
+
+
+def test_sample_refuses_a_seed_torch_cannot_take(cli, finished_run):
+    for seed in ("-1", str(2**64)):
+        code, _, err = cli("sample", finished_run, "--seed", seed)
+        assert_one_line_error(code, err, "--seed")

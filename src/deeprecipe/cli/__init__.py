@@ -210,6 +210,8 @@ def cmd_sample(args) -> None:
 
     from deeprecipe.family import SampleOptions
 
+    if not 0 <= args.seed < 2**64:  # what torch.Generator takes (the server refuses the same range)
+        raise UserError(f"--seed {args.seed}: must be in 0 .. 2**64 - 1")
     cfg, spec, model, rt, family = open_run(args.run, args.device)
     opts = SampleOptions(
         prompt=args.prompt,
