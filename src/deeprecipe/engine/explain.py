@@ -220,7 +220,7 @@ def image_explanation(
 ) -> dict:
     """One image's explanation, in memory: the map of `method` for forward_of(model)(x)[:, target] (target None:
     forward returns (B,)) and its overlay over `image` (uint8 (C, H, W), the picture the net saw). What both
-    `explain` (explain_image, which writes the overlay) and the served /explain run, so they agree.
+    `explain` (then save_explanation writes the overlay) and the served /explain run, so they agree.
     Returns {"method", "map" (H, W), "png" (overlay bytes), "delta" (IG only), "sanity" (with_sanity)}."""
     m = safe_copy(model)
     dev = next(m.parameters()).device
@@ -236,25 +236,6 @@ def image_explanation(
     if with_sanity:
         res["sanity"] = sanity(m, lambda net: attribute(net)[0])
     return res
-
-
-def explain_image(
-    model: nn.Module,
-    file: str,
-    image: torch.Tensor,
-    x: torch.Tensor,
-    baseline: torch.Tensor,
-    forward_of: Callable[[nn.Module], Callable],
-    target: int | None,
-    method: str,
-    out: Path | None,
-    with_sanity: bool,
-) -> dict:
-    """One image file's explanation, shared by the image families: image_explanation with its overlay written to
-    out_path, and with `with_sanity` the randomisation check and its plot.
-    Returns {"method", "out", "map" (H, W), "delta" (IG only), "sanity", "sanity_plot"}."""
-    res = image_explanation(model, image, x, baseline, forward_of, target, method, with_sanity)
-    return save_explanation(res, file, out)
 
 
 def save_explanation(res: dict, file: str, out: Path | None) -> dict:

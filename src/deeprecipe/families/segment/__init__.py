@@ -288,7 +288,8 @@ class Segment(Family):
                 return lambda z: (net(z).float()[:, c] * mask).sum((1, 2)) / mask.sum()  # (B,)
 
             x = prepare((img[None].float(), torch.zeros(1, 1, 1)), spec)[0]
-            r = ex.explain_image(model, f, img, x, baseline, forward_of, None, opts.method, opts.out, opts.sanity)
+            r = ex.image_explanation(model, img, x, baseline, forward_of, None, opts.method, opts.sanity)
+            r = ex.save_explanation(r, f, opts.out)
             label = spec.class_names[c]
             r |= {"file": f, "label": label, "target": c, "score": round(share, 4)}
             r["text"] = f"{f}: {label} ({share:.0%} of the pixels) {opts.method} -> {r['out']}"
