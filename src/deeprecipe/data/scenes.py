@@ -171,8 +171,17 @@ def _field(key: torch.Tensor, k: int, cells: int, H: int, W: int) -> torch.Tenso
     return F.interpolate(grid[:, None], size=(H, W), mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
 
 
-def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scene numbers (N,) int64 -> images uint8 (N, 3, H, W) and labels uint8 (N, H, W)."""
+LOOKS = ("any", "day", "night", "fog")
+
+
+def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scene numbers (N,) int64 -> images uint8 (N, 3, H, W) and labels uint8 (N, H, W).
+
+    `look` sets the weather and light of every image (the scene itself, its objects and labels, stay the same):
+    any (random light, fog in about 30%), day (clear: no fog, no rain), fog (dense fog), night (dark, bluish,
+    some windows lit, a haze of street light over the road)."""
+    if look not in LOOKS:
+        raise DataError(f"look={look!r}: use one of {', '.join(LOOKS)}")
     N, (H, W), dev = len(numbers), size, numbers.device
     key = hash_ints(numbers.long()).view(N, 1, 1)
     road, side, bld, veg, sky, person, car, sign = range(8)
@@ -312,10 +321,21 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int]) -> tuple[torch.T
         paint((legs | torso | head) & ~is_car & there, person, pcol)
 
     # light, weather and the sensor: brightness and tint, fog towards the horizon, rain streaks, noise
-    img.mul_(r(50, 0.5, 1.25).unsqueeze(1) * rgb(4, (0.9, 0.9, 0.9), (1.1, 1.1, 1.1)))
-    fog = (r(51) < 0.3) * r(52, 0.3, 0.7) * (1 - ((y - h).abs() * 2.5).clamp(0, 1))
+    if look == "night":  # dark and blue, the sky near black, windows and cars' lights glowing
+        cell = uniform(key, 56, (x * 60 + r(13) * 3).floor(), (y * 40 + r(14) * 3).floor())
+        lit = windows & (label == bld) & (cell < 0.4)
+        glow = torch.exp(-(((y - h - 0.1) / 0.25) ** 2))[:, None] * 0.12  # street light haze over the road
+        img.mul_(torch.tensor([0.22, 0.25, 0.4], device=dev).view(1, 3, 1, 1)).add_(glow)
+        img.copy_(torch.where((label == sky)[:, None], img * 0.35, img))
+        img.copy_(torch.where(lit[:, None], torch.tensor([1.0, 0.85, 0.45], device=dev).view(1, 3, 1, 1), img))
+    else:
+        img.mul_(r(50, 0.5, 1.25).unsqueeze(1) * rgb(4, (0.9, 0.9, 0.9), (1.1, 1.1, 1.1)))
+    foggy = {"any": r(51) < 0.3, "fog": torch.ones_like(r(51), dtype=torch.bool)}.get(look, r(51) < 0)
+    strength = r(52, 0.3, 0.7) if look != "fog" else r(52, 0.75, 0.95)
+    fog = foggy * strength * (1 - ((y - h).abs() * (2.5 if look != "fog" else 1.2)).clamp(0, 1))
     img.lerp_(torch.full_like(img, 0.7), fog.unsqueeze(1).expand_as(img))
-    img.add_((0.25 * (r(54) < 0.25)).unsqueeze(1) * streaks[:, None])
+    rain = (r(54) < 0.25) & (look == "any")
+    img.add_((0.25 * rain).unsqueeze(1) * streaks[:, None])
     img.add_(r(55, 0.0, 0.05).unsqueeze(1) * noise)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
