@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from deeprecipe.core import lookup
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
+from deeprecipe.data.img2img import Img2ImgData
 from deeprecipe.data.pairs import PairsData
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
 from deeprecipe.data.text import TextData
@@ -28,6 +29,7 @@ DATASETS: dict[str, type] = {
     "moving-digits": MovingDigitsData,
     "videofolder": VideoFolderData,
     "textclass": TextClassData,
+    "img2img": Img2ImgData,
 }
 
 

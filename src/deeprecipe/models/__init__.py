@@ -12,6 +12,7 @@ from deeprecipe.models.fcn import FCNConfig
 from deeprecipe.models.gan import DCGANConfig, GANConfig
 from deeprecipe.models.gpt import GPTConfig
 from deeprecipe.models.lstm import LSTMConfig
+from deeprecipe.models.pix2pix import CycleGANConfig, Pix2PixConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.models.textclass import TextLSTMConfig, TextTransformerConfig
@@ -34,6 +35,8 @@ MODELS: dict[str, type] = {
     "dcgan": DCGANConfig,
     "text-transformer": TextTransformerConfig,
     "text-lstm": TextLSTMConfig,
+    "pix2pix": Pix2PixConfig,
+    "cyclegan": CycleGANConfig,
 }
 
 

@@ -1,0 +1,89 @@
+"""The checks of an image-to-image net, which has no ln C and whose adversarial losses need not fall:
+
+- overfit: G alone (the L1 term, model.adv set to 0) on a few examples drives them to PSNR > 40 dB;
+- input_copy: after a short run of the loop's step, the output on held-out images must not be the net's own
+  input (the bicubic image, the image with its hole, A): a generator that learnt to copy is caught;
+- grad_flow: every parameter of G and D gets a nonzero gradient in a short run of both turns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deeprecipe.checks.core import Ctx, Verdict, fit
+from deeprecipe.checks.training import grad_flow_verdict
+from deeprecipe.families.img2img import metrics as im
+
+OVERFIT_DB = 40.0
+COPY_DB = 50.0  # output this close to the input (PSNR) is a copy
+
+
+def grad_flow(ctx: Ctx) -> Verdict:
+    f = fit(ctx, ctx.model(), 3, ctx.train_batch)
+    return grad_flow_verdict(f.got_grad, f.frozen)
+
+
+def _psnr(model, batch) -> float:
+    with torch.no_grad():
+        out = model(batch[0]).float()
+    return float(im.psnr(im.to_unit(out), im.to_unit(batch[1])).mean())
+
+
+def overfit(ctx: Ctx) -> Verdict:
+    """One batch, G's L1 only, no weight decay: PSNR on it > 40 dB within the step budget."""
+    b = ctx.train_batch(0, size=ctx.overfit_examples, augment=False)
+    model = ctx.model()
+    adv = ctx.cfg.model.adv
+    ctx.cfg.model.adv = 0.0
+    try:
+        lr = max(ctx.cfg.optim.lr, 1e-3)
+        until = ctx.cfg.model.l1 * 0.004 if ctx.cfg.model.name == "pix2pix" else 0.02
+        losses = fit(ctx, model, ctx.overfit_steps, lambda s: b, lr=lr, weight_decay=0.0, until=until).losses
+    finally:
+        ctx.cfg.model.adv = adv
+    model.train()  # BatchNorm on the batch's statistics, as it trained
+    value = _psnr(model, b)
+    measured = f"PSNR {value:.1f} dB after {len(losses) // 2} steps on {len(b[0])} examples"
+    if value > OVERFIT_DB:
+        return Verdict("overfit", "pass", measured, f"> {OVERFIT_DB:.0f} dB", "", value)
+    status = "warn" if value > 30 else "fail"
+    return Verdict(
+        "overfit",
+        status,
+        measured,
+        f"> {OVERFIT_DB:.0f} dB",
+        "G cannot memorize a few images: look for a clipped or detached output, a wrong target range, "
+        "or too few steps (--overfit-steps)",
+        value,
+    )
+
+
+def input_copy(ctx: Ctx) -> Verdict:
+    """After a short run, held-out outputs vs the net's own input: PSNR(output, input) >= 50 dB is a copy."""
+    from deeprecipe.families.img2img import input_image
+
+    mode = ctx.spec.extra["mode"]
+    model = ctx.model()
+    fit(ctx, model, ctx.steps, ctx.train_batch)
+    model.eval()
+    x, t = ctx.heldout_batch(16)
+    pic = input_image(x, mode)
+    if pic is None or pic.shape[1] != t.shape[1]:
+        return Verdict("input_copy", "skip", advice=f"{mode}: the input is not an image of the output's kind")
+    with torch.no_grad():
+        out = im.to_unit(model(x).float())
+    pic = im.to_unit(pic)
+    same = float(im.psnr(out, pic).mean())
+    gain = float(im.psnr(out, im.to_unit(t)).mean() - im.psnr(pic, im.to_unit(t)).mean())
+    measured = f"PSNR(output, input) {same:.1f} dB; output vs target {gain:+.2f} dB over the input"
+    if same >= COPY_DB:
+        return Verdict(
+            "input_copy",
+            "fail",
+            measured,
+            f"< {COPY_DB:.0f} dB",
+            "the net returns its input: a skip connection that bypasses G, a zero residual that never learns, "
+            "or a generator whose output is not used",
+            same,
+        )
+    return Verdict("input_copy", "pass", measured, f"< {COPY_DB:.0f} dB", "", same)

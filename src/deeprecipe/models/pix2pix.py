@@ -1,0 +1,169 @@
+"""Image-to-image nets: pix2pix (Isola et al., 2017) and CycleGAN (Zhu et al., 2017).
+
+Both generators are the shared U-Net (models/unet.py) with as many outputs as the image has channels; both
+discriminators are PatchGANs: a few stride-2 4x4 convolutions that give one real/fake logit per patch
+(B, 1, h, w) instead of one per image, so D judges texture and G's L1 loss keeps the layout.
+
+`Pix2Pix` holds G and D (one module for checkpoints, export and serve); calling it runs G on the input the
+img2img family prepares, in [-1, 1]:
+    sr           x = the low-res image upsampled (bicubic) to the output size (B, C, H, W); out = x + G(x)
+                 (G learns the residual the bicubic upsampling misses)
+    inpaint      x = the image with its holes zeroed and the mask (1 = hole) as a last channel (B, C + 1, H, W);
+                 out = the image outside the holes, tanh(G(x)) inside
+    label2image  x = one-hot labels (B, K, H, W); out = tanh(G(x))
+    paired       x = image A (B, Ca, H, W); out = tanh(G(x)) (B, Cb, H, W)
+D sees the input and an output stacked on the channels (a conditional PatchGAN).
+
+`CycleGAN` holds G_ab, G_ba (as `generators`) and D_a, D_b (as `discriminators`, unconditional PatchGANs);
+calling it translates A -> B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.unet import UNet
+
+MODES = ("sr", "inpaint", "label2image", "paired", "unpaired")
+
+
+class PatchGAN(nn.Module):
+    """(B, C, H, W) -> (B, 1, H / 2^layers, W / 2^layers) logits: layers x [Conv 4x4 stride 2, norm, LeakyReLU],
+    then a 3x3 conv to one logit per patch. InstanceNorm (no batch statistics) keeps examples apart."""
+
+    def __init__(self, channels: int, width: int = 64, layers: int = 3):
+        super().__init__()
+        seq, c = [], channels
+        for i in range(layers):
+            w = width * 2 ** min(i, 3)
+            seq += [nn.Conv2d(c, w, 4, 2, 1, bias=i == 0)]
+            seq += [nn.InstanceNorm2d(w, affine=True)] if i > 0 else []
+            seq += [nn.LeakyReLU(0.2, inplace=True)]
+            c = w
+        seq += [nn.Conv2d(c, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def channels_of(spec: DataSpec) -> tuple[int, int, str]:
+    """(input channels of G, output channels, mode) for an img2img data spec."""
+    mode = spec.extra.get("mode", "")
+    if mode not in MODES:
+        raise ConfigError(f"the pix2pix and cyclegan models need img2img data (data.name=img2img), not mode {mode!r}")
+    c = spec.in_channels
+    if mode in ("paired", "unpaired"):
+        ca = int(spec.extra["channels_a"])
+        return ca, c - ca, mode
+    if mode == "inpaint":
+        return c + 1, c, mode
+    if mode == "label2image":
+        return spec.num_classes, c, mode
+    return c, c, mode
+
+
+class Pix2Pix(nn.Module):
+    """G and D; forward(x) = G's image (see the module docstring)."""
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, mode: str, out_channels: int):
+        super().__init__()
+        self.generator, self.discriminator = generator, discriminator
+        self.mode, self.out_channels = mode, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.generator(x)
+        if self.mode == "sr":
+            return x + y
+        y = torch.tanh(y)
+        if self.mode == "inpaint":
+            hole = x[:, -1:]
+            return x[:, :-1] * (1 - hole) + y * hole
+        return y
+
+    def judge(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """D's patch logits for output y given input x."""
+        return self.discriminator(torch.cat([x, y], 1))
+
+
+@dataclass
+class Pix2PixConfig:
+    """pix2pix: a U-Net generator and a PatchGAN discriminator, trained with L1 + adversarial loss."""
+
+    name: str = "pix2pix"
+    width: int = 32  # U-Net width of the first level (doubled per level down)
+    depth: int = 4  # U-Net down-samplings
+    max_width: int = 256
+    d_width: int = 32  # PatchGAN width of its first layer
+    d_layers: int = 3  # PatchGAN stride-2 layers (the patch grows with them: 3 -> about 30 pixels)
+    l1: float = 100.0  # weight of the L1 loss of G
+    adv: float = 1.0  # weight of the adversarial loss of G (0: a plain L1 regression, D still trained)
+    loss: str = "nonsat"  # nonsat | hinge (families/gan/losses.py)
+    d_lr_scale: float = 1.0  # D's lr = optim.lr * this
+
+    def build(self, spec: DataSpec) -> Pix2Pix:
+        cin, cout, mode = channels_of(spec)
+        if mode == "unpaired":
+            raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
+        g = UNet(cin, cout, self.width, self.depth, self.max_width)
+        if mode == "sr":  # start as the bicubic upsampling: the residual is zero at init
+            nn.init.zeros_(g.head.weight)
+            nn.init.zeros_(g.head.bias)
+        return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout)
+
+
+class CycleGAN(nn.Module):
+    """G_ab, G_ba, D_a, D_b; forward(a) = G_ab(a) in [-1, 1]."""
+
+    def __init__(self, g_ab: nn.Module, g_ba: nn.Module, d_a: nn.Module, d_b: nn.Module):
+        super().__init__()
+        self.generators = nn.ModuleDict({"ab": g_ab, "ba": g_ba})
+        self.discriminators = nn.ModuleDict({"a": d_a, "b": d_b})
+        self.mode = "unpaired"
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.ab(a)
+
+    def ab(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.generators["ab"](a))
+
+    def ba(self, b: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.generators["ba"](b))
+
+
+@dataclass
+class CycleGANConfig:
+    """CycleGAN: two U-Net generators (A -> B, B -> A) and two PatchGANs, with cycle and identity losses."""
+
+    name: str = "cyclegan"
+    width: int = 32
+    depth: int = 4
+    max_width: int = 256
+    d_width: int = 32
+    d_layers: int = 3
+    cycle: float = 10.0  # weight of |G_ba(G_ab(a)) - a| + |G_ab(G_ba(b)) - b|
+    identity: float = 5.0  # weight of |G_ab(b) - b| + |G_ba(a) - a| (keeps colours; needs Ca == Cb)
+    adv: float = 1.0
+    loss: str = "nonsat"
+    d_lr_scale: float = 1.0
+
+    def build(self, spec: DataSpec) -> CycleGAN:
+        ca, cb, mode = channels_of(spec)
+        if mode not in ("paired", "unpaired"):
+            raise ConfigError(f"model.name=cyclegan translates between two image sets: data.mode={mode} is not one")
+        if self.identity and ca != cb:
+            raise ConfigError(f"model.identity={self.identity} needs as many channels in A ({ca}) as in B ({cb})")
+
+        def unet(cin, cout):
+            return UNet(cin, cout, self.width, self.depth, self.max_width)
+
+        return CycleGAN(
+            unet(ca, cb),
+            unet(cb, ca),
+            PatchGAN(ca, self.d_width, self.d_layers),
+            PatchGAN(cb, self.d_width, self.d_layers),
+        )
