@@ -272,6 +272,51 @@ def test_nonfinite_skip_keeps_going(tmp_path, cli, nan_model):
     assert read_status(out)["status"] == "done"
 
 
+def _device_check(monkeypatch) -> None:
+    """The loop's CUDA path on the CPU: fused AdamW (the CPU has the kernel too) and the non-finite check kept
+    on the device; no CUDA graph (that needs a GPU)."""
+    plain = optim.adamw
+
+    def fused(module, cfg, scale=None, mult=1.0):
+        opt = plain(module, cfg, scale, mult)
+        keep = ("params", "weight_decay", "lr_scale", "start_step")
+        groups = [{k: g[k] for k in keep} for g in opt.param_groups]
+        fused = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True, capturable=True)
+        optim.device_lr(fused)
+        return fused
+
+    monkeypatch.setattr(optim, "adamw", fused)
+    monkeypatch.setattr(loop, "on_device", lambda parts, rt: True)
+
+
+def test_device_side_nonfinite_check_matches_the_host_check(tmp_path, monkeypatch, nan_model):
+    """With no host sync per step (the CUDA path), a NaN step's update is dropped by the optimizer itself: the
+    run ends with exactly the weights of the host-checked run, and logs the dropped steps."""
+    common = [nan_model, "train.steps=6", "train.ckpt_every=3", "train.nonfinite=skip", "train.cuda_graph=false"]
+    train(tmp_path / "host", *common)
+    _device_check(monkeypatch)
+    train(tmp_path / "device", *common)
+    host, device = final_weights(tmp_path / "host"), final_weights(tmp_path / "device")
+    assert_same(host, device, exact=False)
+    assert sum(r.get("skipped_batch", 0) for r in read_metrics(tmp_path / "device")) == 3  # steps 4, 5, 6
+    assert read_status(tmp_path / "device")["status"] == "done"
+
+
+def test_device_side_nonfinite_check_stops_before_the_next_checkpoint(tmp_path, monkeypatch, nan_model):
+    _device_check(monkeypatch)
+    with pytest.raises(loop.NonFiniteLoss, match="NaN/inf at step 4"):
+        train(tmp_path / "run", nan_model, "train.steps=6", "train.cuda_graph=false")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000002"
+    assert read_status(tmp_path / "run")["status"] == "failed"
+
+
+def test_device_health_counts_without_reading_back():
+    h = loop.DeviceHealth(torch.device("cpu"))
+    weights = [h.add(torch.tensor(v), step) for step, v in enumerate([0.0, 1.0, 0.0, 1.0], 1)]
+    assert [float(w) for w in weights] == [1, 0, 1, 0]
+    assert h.read() == (2, 2) and h.read() == (0, -1)
+
+
 # ------------------------------------------------------------------------------------------ EMA, early stopping
 
 

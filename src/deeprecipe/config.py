@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     precision: str = "auto"  # auto (bf16 where supported, else fp16 on old GPUs, else fp32) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
+    cuda_graph: bool = True  # on CUDA, replay the whole training step from a CUDA graph where it can (engine/graph.py)
     channels_last: bool = True  # memory format for conv nets on 4D inputs
     ema: float = 0.0  # EMA decay of weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights
     early_stop: int = 0  # stop after N evaluations without improvement of the main metric; 0 disables

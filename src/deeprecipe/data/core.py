@@ -4,6 +4,11 @@ The batch of training step s is a pure function of (seed, s): the stream of exam
 of per-epoch permutations, each seeded by (seed, epoch), and step s takes the slice [s*B, (s+1)*B). So a
 resumed run only needs the step number to see exactly the data an uninterrupted run would have seen, and
 N processes that each take every N-th index of the global batch see together what one process sees.
+
+Targets whose number differs between examples (the boxes of a detection data set) are held padded:
+`pad_targets` makes (N, M, 4) boxes and (N, M) labels with label -1 on the padding (M: the most any example
+has), so a split stays a TensorSplit of equal-sized tensors and batches by indexing like any other;
+`trim_targets` drops the padding columns no example of a batch uses.
 """
 
 from __future__ import annotations
@@ -69,6 +74,28 @@ class StreamSplit:
 Split = TensorSplit | StreamSplit
 
 
+def pad_targets(
+    boxes: list[torch.Tensor], labels: list[torch.Tensor], width: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example boxes (k_i, 4) and labels (k_i,) -> boxes float (N, M, 4) and labels long (N, M), M =
+    max(k_i, width), label -1 (and box 0) on the padding; the real entries come first in each row."""
+    m = max([width, *(len(b) for b in boxes)])
+    out_b = torch.zeros(len(boxes), m, 4)
+    out_y = torch.full((len(boxes), m), -1, dtype=torch.long)
+    for i, (b, y) in enumerate(zip(boxes, labels)):
+        if len(b) != len(y):
+            raise DataError(f"example {i}: {len(b)} boxes but {len(y)} labels")
+        out_b[i, : len(b)], out_y[i, : len(y)] = b.float(), y.long()
+    return out_b, out_y
+
+
+def trim_targets(boxes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing padding columns of padded targets (see pad_targets) that no example of the batch uses."""
+    used = (labels >= 0).any(0).nonzero()
+    m = int(used[-1]) + 1 if len(used) else 0
+    return boxes[:, :m], labels[:, :m]
+
+
 @dataclass
 class Data:
     spec: DataSpec
@@ -83,16 +110,42 @@ class Data:
         return s
 
 
-def step_indices(n: int, seed: int, step: int, batch: int) -> torch.Tensor:
-    """Indices of the examples of global training step `step` (see the module docstring)."""
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the n examples in `epoch`: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def step_indices(n: int, seed: int, step: int, batch: int, order=epoch_order) -> torch.Tensor:
+    """Indices of the examples of global training step `step` (see the module docstring). `order(n, seed, epoch)`
+    gives an epoch's permutation (train_batches passes one that keeps it, on the device, for the whole epoch)."""
     start, out = step * batch, []
     while batch > 0:
         epoch, offset = divmod(start, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         take = min(batch, n - offset)
-        out.append(torch.randperm(n, generator=g)[offset : offset + take])
+        out.append(order(n, seed, epoch)[offset : offset + take])
         start, batch = start + take, batch - take
     return torch.cat(out)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait for the GPU: a plain copy from pageable memory
+    waits until the GPU has finished all queued work, which would stall every training step."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class EpochOrders:
+    """epoch_order with the current epoch's permutation kept on `device`: one permutation and one copy per epoch
+    instead of one per step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.key, self.perm = device, None, None
+
+    def __call__(self, n: int, seed: int, epoch: int) -> torch.Tensor:
+        if self.key != (n, seed, epoch):
+            self.key, self.perm = (n, seed, epoch), to_device(epoch_order(n, seed, epoch), self.device)
+        return self.perm
 
 
 class Draws:
@@ -162,8 +215,9 @@ def train_batches(
             yield tuple(t[rank::world] for t in split.step_batch(seed, s, batch))
         return
     if isinstance(split, TensorSplit):
+        orders = EpochOrders(split.tensors[0].device)
         for s in steps:
-            yield split.take(step_indices(len(split), seed, s, batch)[rank::world])
+            yield split.take(step_indices(len(split), seed, s, batch, orders)[rank::world])
         return
     loader = DataLoader(
         split.dataset,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from deeprecipe.data.core import Data, DataError, DataSpec
+from deeprecipe.data.core import Data, DataError, DataSpec, to_device
 from deeprecipe.data.text import BPETokenizer, resolve_path
 
 SPECIAL = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 in every vocabulary trained here
@@ -120,7 +120,7 @@ def pad(seqs: list[list[int]], device) -> torch.Tensor:
     out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device, non_blocking=True)
+    return to_device(out, torch.device(device))
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from deeprecipe.core import UserError
-from deeprecipe.data.core import Data, DataError, DataSpec
+from deeprecipe.data.core import Data, DataError, DataSpec, to_device
 
 CHUNK = 1 << 20  # bytes read (and tokenized) at a time: memory stays flat for corpora of any size
 
@@ -256,10 +256,11 @@ class WindowSplit:
     def windows(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.T
         if isinstance(self.tokens, torch.Tensor):
-            w = self.tokens[starts.to(self.tokens.device)[:, None] + torch.arange(T + 1, device=self.tokens.device)]
+            starts = to_device(starts, self.tokens.device)
+            w = self.tokens[starts[:, None] + torch.arange(T + 1, device=self.tokens.device)]
         else:  # memory-mapped: gather on the CPU, then move
             w = torch.from_numpy(self.tokens[starts.numpy()[:, None] + np.arange(T + 1)].astype(np.int64))
-        w = w.to(self.device, torch.long, non_blocking=True)  # (B, T+1)
+        w = to_device(w, self.device).long()  # (B, T+1)
         return w[:, :-1], w[:, 1:]
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,17 +86,22 @@ class StepResult:
     logs: dict[str, torch.Tensor]  # the family's logs, averaged over the micro-batches
     norms: dict[str, torch.Tensor]  # part -> gradient norm before clipping
     skipped: list[str]  # parts whose update was dropped (NaN/inf gradient)
+    bad: torch.Tensor | None = None  # on_device: 1.0 when some part's update was dropped, on the device
 
 
 class Update:
     """What a family's step hook drives (manual optimization): `backward(part, loss)` for the loss of each
     micro-batch, then `step(part)`, which clips the part's gradients, checks them for NaN/inf and applies its
     optimizer. It scales by the number of micro-batches (accumulation), uses the part's gradient scaler (fp16),
-    and records the losses and logs the loop reports."""
+    and records the losses and logs the loop reports.
 
-    def __init__(self, parts: list[Part], net: nn.Module, n: int, cfg: Config, rt: Runtime):
+    `on_device` (CUDA, fused optimizers, no fp16 scaler): the NaN/inf check stays on the device, with no host
+    sync: the fused optimizer skips a non-finite update itself (its found_inf input, as under a gradient
+    scaler) and `result.bad` says so; the loop reads it at its next log (see on_device)."""
+
+    def __init__(self, parts: list[Part], net: nn.Module, n: int, cfg: Config, rt: Runtime, on_device=False):
         self.parts, self.names = {p.name: p for p in parts}, [p.name for p in parts]
-        self.net, self.n, self.cfg, self.rt = net, n, cfg, rt
+        self.net, self.n, self.cfg, self.rt, self.on_device = net, n, cfg, rt, on_device
         self.result = StepResult({}, {}, {}, [])
 
     def micro(self, k: int):
@@ -133,7 +138,13 @@ class Update:
             p.scaler.unscale_(p.opt)
         params = [q for q in p.module.parameters() if q.requires_grad]
         norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip if self.cfg.optim.clip > 0 else float("inf"))
-        if not torch.isfinite(norm):  # a NaN/inf loss or gradient: never let it reach the weights
+        if self.on_device:  # the optimizer drops a non-finite update itself: no host sync
+            bad = (~torch.isfinite(norm)).float()
+            p.opt.found_inf = bad
+            p.opt.step()
+            r = self.result
+            r.bad = bad if r.bad is None else torch.maximum(r.bad, bad)
+        elif not torch.isfinite(norm):  # a NaN/inf loss or gradient: never let it reach the weights
             self.result.skipped.append(part)
             if p.scaler:  # an fp16 overflow with a finite loss is routine: the scaler lowers its scale
                 p.scaler.update()
@@ -147,13 +158,58 @@ class Update:
 
 
 def train_step(
-    family: Family, net: nn.Module, parts: list[Part], batches: list, cfg: Config, rt: Runtime
+    family: Family, net: nn.Module, parts: list[Part], batches: list, cfg: Config, rt: Runtime, on_device=False
 ) -> StepResult:
     """One optimizer step of every part over the micro-batches of a step (their mean gradient: accumulation),
     as the family's step hook drives it."""
-    update = Update(parts, net, len(batches), cfg, rt)
+    update = Update(parts, net, len(batches), cfg, rt, on_device)
     family.step(net, batches, cfg, update)
     return update.result
+
+
+def on_device(parts: list[Part], rt: Runtime) -> bool:
+    """Whether the step can keep its non-finite check on the device: CUDA, every optimizer fused, no scaler."""
+    return rt.device.type == "cuda" and all(p.scaler is None and p.opt.defaults.get("fused") for p in parts)
+
+
+def stepper(family: Family, net: nn.Module, parts: list[Part], cfg: Config, rt: Runtime) -> Callable:
+    """The loop's step function: `batches -> StepResult`; on CUDA replayed from a CUDA graph where it can be
+    (engine/graph.py, train.cuda_graph)."""
+    device_check = on_device(parts, rt)
+
+    def step(batches: list) -> StepResult:
+        return train_step(family, net, parts, batches, cfg, rt, device_check)
+
+    if not (device_check and cfg.train.cuda_graph and rt.world == 1):
+        return step
+    from deeprecipe.engine.graph import GraphedStep
+
+    def reset() -> None:
+        for part in parts:
+            part.opt.zero_grad(set_to_none=True)
+
+    return GraphedStep(step, reset)
+
+
+class DeviceHealth:
+    """Non-finite steps counted on the device (no host sync per step): the number since the last read, and the
+    first such step. `read()` is the one sync, at a log, evaluation or checkpoint step."""
+
+    def __init__(self, device: torch.device):
+        self.count = torch.zeros((), device=device)
+        self.first = torch.full((), -1.0, device=device)
+
+    def add(self, bad: torch.Tensor, step: int) -> torch.Tensor:
+        """Count this step's flag; the 0/1 weight of its losses in the logged means."""
+        self.first = torch.where((self.first < 0) & (bad > 0), float(step), self.first)
+        self.count += bad
+        return 1 - bad
+
+    def read(self) -> tuple[int, int]:
+        count, first = (int(v) for v in torch.stack([self.count, self.first]).tolist())
+        self.count.zero_()
+        self.first.fill_(-1)
+        return count, first
 
 
 def check_resume(run_dir: Path, cfg: Config) -> None:
@@ -221,6 +277,8 @@ def train(
         model.load_state_dict(checkpoint.split_prefix(weights, "model."))
         for part in parts:
             part.opt.load_state_dict(state["optimizers"][part.name])
+            if part.opt.defaults.get("fused"):
+                optim.device_lr(part.opt)
         if ema is not None:
             ema.module.load_state_dict(checkpoint.split_prefix(weights, "ema."))
             ema.n_averaged.fill_(int(state["ema_n"]))
@@ -238,6 +296,8 @@ def train(
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     metric, mode = family.METRIC
+    step_fn = stepper(family, net, parts, cfg, rt)
+    health = DeviceHealth(rt.device) if on_device(parts, rt) else None  # non-finite steps, read at each log
     batches = train_batches(
         data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
     )
@@ -256,15 +316,32 @@ def train(
             draws = micro_draws(step_generator(rt.device, T.seed, step), T.batch_size, micro, k, rt.rank, rt.world)
             micro_batches.append(family.prepare(next(batches), data.spec, draws))
             seen += len(micro_batches[-1][0]) * rt.world
-        r = train_step(family, net, parts, micro_batches, cfg, rt)
+        r = step_fn(micro_batches)
         single = len(parts) == 1
+        done = step + 1
+        weight = health.add(r.bad, done) if health is not None else 1  # a dropped step stays out of the means
         for name, v in r.losses.items():
             key = "loss" if single else f"{name}_loss"
-            sums[key] = sums.get(key, 0) + v
+            sums[key] = sums.get(key, 0) + (torch.where(weight > 0, v, 0.0) if health is not None else v)
         for key, v in r.logs.items():
-            sums[key] = sums.get(key, 0) + v
-        nlog += 1
-        done = step + 1
+            sums[key] = sums.get(key, 0) + (torch.where(weight > 0, v, 0.0) if health is not None else v)
+        nlog += weight
+        at_eval = bool(T.eval_every and done % T.eval_every == 0) or done == T.steps
+        at_log = done % T.log_every == 0 or done == T.steps
+        if health is not None and (at_log or at_eval or done % T.ckpt_every == 0):
+            count, first = health.read()  # the one host sync of these steps
+            if count and T.nonfinite != "skip":
+                run.status("failed", step=first, error="non-finite loss")
+                losses = {k: float("nan") for k in r.losses}
+                said = family.nonfinite(cfg, run_dir, first, losses) if rt.main else None
+                raise NonFiniteLoss(
+                    said
+                    or f"the loss or its gradient became NaN/inf at step {first} (the update was not applied); "
+                    "the last good checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
+                    "train.nonfinite=skip)"
+                )
+            if count:
+                run.log(done, skipped_batch=count)
         if r.skipped:
             lost = not all(torch.isfinite(v) for v in r.losses.values())
             if T.nonfinite != "skip" and (rt.dtype != torch.float16 or lost):
@@ -281,11 +358,12 @@ def train(
             sums, nlog = {}, 0  # the step still counts: evaluation and checkpoints below happen on schedule
         elif ema is not None:
             ema.update_parameters(model)
-        if not r.skipped and (done % T.log_every == 0 or done == T.steps):
+        if not r.skipped and at_log:
             dt = time.perf_counter() - t0
+            nlog = float(nlog)
             means = {k: float(v) / max(nlog, 1) for k, v in sums.items()}
             norms = {"grad_norm" if single else f"{k}_grad_norm": float(v) for k, v in r.norms.items()}
-            lr = parts[0].opt.param_groups[0]["lr"]
+            lr = float(parts[0].opt.param_groups[0]["lr"])
             run.log(done, **means, lr=lr, **norms, examples_per_s=seen / dt)
             losses = {k: f"{v:.4f}" for k, v in means.items() if k.endswith("loss")}
             bar.set_postfix(losses | {"ex_s": f"{seen / dt:,.0f}"})
@@ -296,7 +374,7 @@ def train(
         if plain:
             plain.tick(done)
         stop = False
-        if (T.eval_every and done % T.eval_every == 0) or done == T.steps:
+        if at_eval:
             shown = ema.module if ema else model
             results = evaluate(family, shown, data, cfg, rt, split, final=done == T.steps)
             run.log(done, **{f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))})

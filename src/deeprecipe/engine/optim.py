@@ -43,8 +43,19 @@ def adamw(
     if not groups:
         raise ConfigError("the model has no trainable parameters (everything is frozen)")
     fused = all(p.is_cuda for g in groups for p in g["params"])
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+    # on CUDA: the fused kernel, capturable (a CUDA graph of the whole step may replay it), each group's lr a
+    # 0-d tensor on the device that set_lr changes in place (a captured step reads the current value)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None, capturable=fused)
+    if fused:
+        device_lr(opt)
     return opt
+
+
+def device_lr(opt: torch.optim.Optimizer) -> None:
+    """Each param group's lr as its own 0-d tensor on the group's device (again after load_state_dict, which
+    brings the saved lr back as a CPU tensor)."""
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(float(g["lr"]), device=g["params"][0].device)
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
@@ -67,7 +78,11 @@ def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
 
 def set_lr(opt: torch.optim.Optimizer, lr: float, step: int = 0) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0) if step >= g.get("start_step", 0) else 0.0
+        value = lr * g.get("lr_scale", 1.0) if step >= g.get("start_step", 0) else 0.0
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(value)
+        else:
+            g["lr"] = value
 
 
 def ema(model: nn.Module, decay: float) -> AveragedModel | None:
