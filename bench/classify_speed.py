@@ -9,6 +9,10 @@ Each contender runs in its own subprocess (Keras needs its backend chosen before
 images/s over steps [10, N) (the first steps include warm-up); accuracy is on the 10k test split.
 
     python bench/classify_speed.py [--steps 1000] [--batch 128] [--only NAME]
+    python bench/classify_speed.py --device cuda --contenders deeprecipe,plain --set train.cuda_graph=false
+
+On a GPU the plain loop moves each batch to the device the usual way (`.to(device)` after the DataLoader);
+`--set` passes config overrides to deeprecipe's run (ablations: train.cuda_graph=false, train.precision=fp32).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def plain_tensors(spec, x):
     return (x.float() / 255 - mean) / std
 
 
-def run_deeprecipe(steps: int, batch: int) -> dict:
+def run_deeprecipe(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
     import tempfile
 
     from deeprecipe import config
@@ -70,7 +74,8 @@ def run_deeprecipe(steps: int, batch: int) -> dict:
             f"train.ckpt_every={steps}",
             "train.log_every=10",
             "data.val_fraction=0",
-            "train.device=cpu",
+            f"train.device={device}",
+            *sets,
         ],
     )
     with tempfile.TemporaryDirectory() as d:
@@ -82,18 +87,19 @@ def run_deeprecipe(steps: int, batch: int) -> dict:
     return {"images_per_s": ips, "test_acc": final["test_acc"]}
 
 
-def evaluate_torch(model, tx, ty) -> float:
+def evaluate_torch(model, tx, ty, device: str = "cpu") -> float:
     import torch
 
     model.eval()
     correct = 0
     with torch.no_grad():
         for i in range(0, len(tx), 1000):
-            correct += (model(tx[i : i + 1000]).argmax(-1) == ty[i : i + 1000]).sum().item()
+            logits = model(tx[i : i + 1000].to(device))
+            correct += (logits.argmax(-1).cpu() == ty[i : i + 1000]).sum().item()
     return correct / len(tx)
 
 
-def run_plain(steps: int, batch: int) -> dict:
+def run_plain(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
@@ -102,7 +108,7 @@ def run_plain(steps: int, batch: int) -> dict:
 
     spec, x, y, tx, ty = fashion()
     torch.manual_seed(0)
-    model = CNNConfig(dropout=0.1).build(spec)
+    model = CNNConfig(dropout=0.1).build(spec).to(device)
     loader = DataLoader(TensorDataset(plain_tensors(spec, x), y), batch_size=batch, shuffle=True, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
@@ -111,7 +117,10 @@ def run_plain(steps: int, batch: int) -> dict:
     while step < steps:
         for xb, yb in loader:
             if step == WARM:
+                if device != "cpu":
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
+            xb, yb = xb.to(device), yb.to(device)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad()
             loss.backward()
@@ -120,11 +129,13 @@ def run_plain(steps: int, batch: int) -> dict:
             step += 1
             if step == steps:
                 break
+    if device != "cpu":
+        torch.cuda.synchronize()
     ips = (steps - WARM) * batch / (time.perf_counter() - t0)
-    return {"images_per_s": ips, "test_acc": evaluate_torch(model, plain_tensors(spec, tx), ty)}
+    return {"images_per_s": ips, "test_acc": evaluate_torch(model, plain_tensors(spec, tx), ty, device)}
 
 
-def run_lightning(steps: int, batch: int) -> dict:
+def run_lightning(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
     import lightning as L
     import torch
     import torch.nn.functional as F
@@ -167,7 +178,7 @@ def run_lightning(steps: int, batch: int) -> dict:
     return {"images_per_s": ips, "test_acc": evaluate_torch(m.net, plain_tensors(spec, tx), ty)}
 
 
-def run_keras(steps: int, batch: int) -> dict:
+def run_keras(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
     os.environ["KERAS_BACKEND"] = "torch"
     import keras
     import numpy as np
@@ -238,17 +249,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--only", choices=list(RUNNERS))
     ap.add_argument("--contenders", default=",".join(RUNNERS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (lightning and keras: cpu only)")
+    ap.add_argument("--set", action="append", default=[], help="a config override for deeprecipe's run")
     a = ap.parse_args()
     if a.only:
-        print("RESULT " + json.dumps(RUNNERS[a.only](a.steps, a.batch)), flush=True)
+        print("RESULT " + json.dumps(RUNNERS[a.only](a.steps, a.batch, a.device, tuple(a.set))), flush=True)
         return
     print(f"machine: {machine()}")
-    print(f"command: python bench/classify_speed.py --steps {a.steps} --batch {a.batch}")
+    print(f"command: python {' '.join(sys.argv)}")
     results = {}
     for name in a.contenders.split(","):
         try:
             out = subprocess.run(
-                [sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--batch", str(a.batch)],
+                [sys.executable, __file__, "--only", name, "--steps", str(a.steps), "--batch", str(a.batch)]
+                + ["--device", a.device]
+                + [x for s in a.set for x in ("--set", s)],
                 capture_output=True,
                 text=True,
                 timeout=3600,

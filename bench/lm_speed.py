@@ -151,7 +151,7 @@ def main() -> None:
 
     t_plain = time_steps(baseline, dev, a.steps)
     t_ours = time_steps(ours, dev, a.steps, warmup=5 if a.compile else 2)
-    n = 4096 if dev.type == "cuda" else 1024
+    n = 8192 if dev.type == "cuda" else 1024
     peak32, peak16 = matmul_peak(dev, torch.float32, n), matmul_peak(dev, torch.bfloat16, n)
     weights = 12 * L * C * C + V * C  # blocks' matmuls + the head
     flops = (6 * weights + 12 * L * C * T) * B * T  # per training step

@@ -8,9 +8,12 @@ or a value of the wrong type fails with the nearest valid name.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from deeprecipe.core import ConfigError, nearest
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 TUNE_KEY = "tune"  # a recipe's search space for `deeprecipe tune` (path: range); not part of a run's Config
+GPU_KEY = "cuda"  # a recipe's settings for training on a GPU (path: value), applied when the run trains on CUDA
 
 
 @dataclass
@@ -229,12 +233,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def trains_on_cuda(raw: dict) -> bool:
+    """Whether a raw config's run will train on CUDA (train.device cuda, or auto on a machine with a GPU)."""
+    device = str((raw.get("train") or {}).get("device", "auto"))
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def with_overrides(raw: dict, overrides: list[str]) -> dict:
+    """The recipe with the --set overrides applied; on CUDA, with its `cuda` section applied first (a recipe
+    written for the CPU says there what changes on a GPU: a larger batch with fewer steps and a higher lr, say),
+    so an override still wins. The run's config.yaml records the values used."""
+    raw = dict(raw)
+    gpu = raw.pop(GPU_KEY, None) or {}
+    if not isinstance(gpu, dict):
+        raise ConfigError(f"'{GPU_KEY}' must map config paths to values, e.g. train.batch_size: 512")
+    plain = apply_overrides(copy.deepcopy(raw), list(overrides))
+    if not gpu or not trains_on_cuda(plain):
+        return plain
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    used = {str(k): v for k, v in gpu.items() if str(k) not in given}
+    if used:
+        shown = ", ".join(f"{k}={v}" for k, v in used.items())
+        warnings.warn(f"training on CUDA: the recipe's {GPU_KEY} section sets {shown}", stacklevel=2)
+    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in used.items()] + list(overrides))
+
+
 def resolve(raw: dict, name: str = "") -> Config:
     """Typed Config from a raw mapping: the registries pick the data and model config classes."""
     from deeprecipe.data import data_config_class
     from deeprecipe.models import model_config_class
 
     raw = dict(raw)
+    raw.pop(GPU_KEY, None)  # applied by with_overrides
     if not isinstance(raw.pop(TUNE_KEY, None) or {}, dict):  # read by `deeprecipe tune` only (engine/tune.py)
         raise ConfigError(f"'{TUNE_KEY}' must map config paths to ranges or choices, e.g. optim.lr: log:1e-4:1e-2")
     sections = {}
@@ -352,7 +386,7 @@ def check_train(t: TrainConfig) -> None:
 
 def load(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     raw, name = read_recipe(recipe)
-    return resolve(apply_overrides(raw, list(overrides)), name)
+    return resolve(with_overrides(raw, list(overrides)), name)
 
 
 def dump(cfg: Config) -> str:

@@ -134,7 +134,7 @@ def overrides_of(values: dict[str, Any]) -> list[str]:
 
 def config_of(raw: dict, name: str, overrides: list[str], values: dict[str, Any]) -> config.Config:
     """The typed config of one point of the space: the recipe, the --set overrides, then the sampled values."""
-    return config.resolve(config.apply_overrides(copy.deepcopy(raw), [*overrides, *overrides_of(values)]), name)
+    return config.resolve(config.with_overrides(copy.deepcopy(raw), [*overrides, *overrides_of(values)]), name)
 
 
 def check_space(raw: dict, name: str, overrides: list[str], space: list[Param]) -> None:
