@@ -150,6 +150,20 @@ def write_textclass(tmp: Path):
     return DATASETS["textclass"](path=str(tmp / "texts.csv"), val_fraction=0.2, test_fraction=0.2)
 
 
+def write_boxfiles(tmp: Path):
+    """Four YOLO-labelled images of two classes (one box each), 2 / 1 / 1 by the split fractions."""
+    from PIL import Image
+
+    (tmp / "yolo" / "images").mkdir(parents=True)
+    (tmp / "yolo" / "labels").mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 16), (40 * i, 90, 30)).save(tmp / "yolo" / "images" / f"{i}.png")
+        (tmp / "yolo" / "labels" / f"{i}.txt").write_text(f"{i % 2} 0.5 0.5 0.4 0.5\n")
+    return DATASETS["boxfiles"](
+        path=str(tmp / "yolo"), format="yolo", classes=["a", "b"], size=(16, 20), val_fraction=0.25, test_fraction=0.25
+    )
+
+
 # data set name -> (tmp folder) -> its config; the expected number of classes (0: token data)
 TINY = {
     "digits": (lambda tmp: DATASETS["digits"](), 10),
@@ -171,6 +185,8 @@ TINY = {
     ),
     "videofolder": (write_frame_folders, 2),
     "textclass": (write_textclass, 2),
+    "scenes-detect": (lambda tmp: DATASETS["scenes-detect"](size=(48, 48), train_size=4, val_size=2, test_size=2), 3),
+    "boxfiles": (write_boxfiles, 2),
 }
 
 
@@ -190,6 +206,14 @@ def check_examples(batch: tuple[torch.Tensor, ...], spec, classes: int) -> None:
         for t, vocab in zip(batch, (spec.extra.get("src_vocab", spec.vocab_size), spec.vocab_size)):
             assert t.dtype == torch.long and t.ndim == 2
             assert 0 <= int(t.min()) and int(t.max()) < vocab
+        return
+    if spec.extra.get("boxes"):  # detection: images, boxes (N, M, 4) xyxy pixels, labels (N, M) with -1 padding
+        x, b, y = batch
+        assert x.dtype == torch.uint8 and x.ndim == 4 and tuple(x.shape[-2:]) == tuple(spec.image_size)
+        assert b.is_floating_point() and b.shape == (*y.shape, 4) and y.dtype == torch.long
+        real = y >= 0
+        assert real.any() and int(y.max()) < classes and int(y.min()) >= -1
+        assert (b[real][:, 2:] > b[real][:, :2]).all() and b[real][:, 2].max() <= spec.image_size[1]
         return
     x, y = batch
     assert x.dtype == torch.uint8 and tuple(x.shape[-2:]) == tuple(spec.image_size)

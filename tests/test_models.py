@@ -113,8 +113,32 @@ def gan_case(cfg, classes: int = 3, channels: int = 1, size: int = 6) -> Case:
     return Case(cfg, spec, (4,), (4,), gan_step)
 
 
+def detect_case(cfg, classes: int = 3, size: int = 32) -> Case:
+    """A detector: images (B, 3, H, W) -> raw maps (B, classes + 4, H / 4, W / 4) (heat maps and box distances)."""
+    spec = DataSpec(
+        num_classes=classes,
+        class_names=[str(i) for i in range(classes)],
+        in_channels=3,
+        image_size=(size, size),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        extra={"boxes": "xyxy", "objects_per_image": [1.0] * classes},
+    )
+    return Case(cfg, spec, (torch.randn(2, 3, size, size),), (2, classes + 4, size // 4, size // 4))
+
+
+def tv_detect_case(cfg, size: int = 64) -> Case:
+    """A torchvision detector trains through its own losses: their sum for two images with boxes, shape (1,)."""
+    case = detect_case(cfg, size=size)
+    boxes = torch.tensor([[[4.0, 6.0, 30.0, 40.0], [0.0, 0.0, 0.0, 0.0]], [[10.0, 10.0, 50.0, 30.0], [2, 2, 12, 20]]])
+    labels = torch.tensor([[0, -1], [2, 1]])
+    return case._replace(shape=(1,), run=lambda m, x: m.loss(x, boxes, labels)[0].view(1))
+
+
 # model name -> () -> its Case
 TINY = {
+    "centernet": lambda: detect_case(MODELS["centernet"](width=4, neck=8, max_width=16)),
+    "tv-detector": lambda: tv_detect_case(MODELS["tv-detector"]()),
     "mlp": lambda: image_case(MODELS["mlp"](hidden=(16, 8))),
     "cnn": lambda: image_case(MODELS["cnn"](channels=(4, 8), dense=(8,)), channels=3),
     "resnet": lambda: image_case(MODELS["resnet"](layout="resnet8", width=4), channels=3, size=12),

@@ -48,6 +48,12 @@ def texts(tmp: Path) -> list[str]:
 
 # a tiny run of each task: (recipe, overrides, or a function of the temporary folder giving extra overrides)
 CASES = {
+    "detect": (
+        "scenes-detect",
+        ["data.size=[48, 48]", "data.train_size=8", "data.val_size=4", "data.test_size=4", "model.width=4"]
+        + ["model.neck=8", "model.max_width=16", "train.steps=2", "train.batch_size=4"],
+        None,
+    ),
     "classify": ("digits-cnn", ["model.channels=[4,8]", "model.dense=[8]", "train.steps=2"], None),
     "lm": ("shakespeare-char-gpt", ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "train.steps=2"], corpus),
     "translate": (

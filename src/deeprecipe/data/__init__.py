@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deeprecipe.core import lookup
+from deeprecipe.data.boxfiles import BoxFilesData
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
+from deeprecipe.data.detect import ScenesDetectData
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
 from deeprecipe.data.img2img import Img2ImgData
 from deeprecipe.data.pairs import PairsData
@@ -29,6 +31,8 @@ DATASETS: dict[str, type] = {
     "moving-digits": MovingDigitsData,
     "videofolder": VideoFolderData,
     "textclass": TextClassData,
+    "scenes-detect": ScenesDetectData,
+    "boxfiles": BoxFilesData,
     "img2img": Img2ImgData,
 }
 

@@ -174,8 +174,13 @@ def _field(key: torch.Tensor, k: int, cells: int, H: int, W: int) -> torch.Tenso
 LOOKS = ("any", "day", "night", "fog")
 
 
-def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
-    """Scene numbers (N,) int64 -> images uint8 (N, 3, H, W) and labels uint8 (N, H, W).
+def render_scenes(
+    numbers: torch.Tensor, size: tuple[int, int], look: str = "any", instances: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Scene numbers (N,) int64 -> images uint8 (N, 3, H, W) and labels uint8 (N, H, W); with `instances` also
+    an instance map int8 (N, H, W): the object each pixel shows (traffic-sign plates 0 and 1, cars and
+    pedestrians 2..6), -1 elsewhere, so the visible part of every object is known after occlusion, and the
+    pixels each object covered when it was painted, before nearer ones hid some (N, 7).
 
     `look` sets the weather and light of every image (the scene itself, its objects and labels, stay the same):
     any (random light, fog in about 30%), day (clear: no fog, no rain), fog (dense fog), night (dark, bluish,
@@ -198,10 +203,17 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any
     asp = W / H  # converts a width in W units into H units
     label = torch.full((N, H, W), sky, dtype=torch.uint8, device=dev)
     img = torch.zeros(N, 3, H, W, device=dev)
+    inst = torch.full((N, H, W), -1, dtype=torch.int8, device=dev) if instances else None
+    painted = torch.zeros(N, 7, device=dev)
 
-    def paint(mask, cls, colour):
+    def paint(mask, cls, colour, obj=-1):
         label.masked_fill_(mask, cls)
         img.copy_(torch.where(mask[:, None], colour, img))
+        if inst is not None:
+            obj = torch.as_tensor(obj, device=dev).expand(N, 1, 1)
+            inst.copy_(torch.where(mask, obj.to(torch.int8), inst))
+            if bool((obj >= 0).all()):
+                painted.scatter_add_(1, obj.view(N, 1).long(), mask.sum((1, 2)).float().view(N, 1))
 
     tex = _field(key.view(N), 1, 8, H, W)[:, None]  # low-frequency texture shared by the surfaces
     grain, noise, streaks = _banks(H, W, str(dev))
@@ -284,7 +296,7 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any
         )
         there = r(32 + k) < 0.7
         paint(pole & there, sign, pcol * 0 + 0.55)
-        paint(plate_mask & there, sign, pcol)
+        paint(plate_mask & there, sign, pcol, k)
 
     # cars (on the road) and pedestrians (on the sidewalks), painted far to near
     K = 5
@@ -308,7 +320,7 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any
         glass = cabin & ((x - cx).abs() < cw * 0.6) & (y > foot - 1.05 * ch)
         car_col = torch.where(glass[:, None], torch.full_like(ccol, 0.15), ccol)
         car_col = torch.where(wheels[:, None], torch.full_like(ccol, 0.05), car_col)
-        paint((body | cabin | wheels) & is_car & there, car, car_col)
+        paint((body | cabin | wheels) & is_car & there, car, car_col, 2 + k)
         # a pedestrian: legs, torso, head
         px = ck + torch.where(u(2) < 0.5, -1.0, 1.0) * (rw + sw * (0.3 + 0.4 * u(3))) * dk
         ph = 0.6 * dk * (1 - h) + 0.04
@@ -318,7 +330,7 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any
         head = ((x - px) * asp) ** 2 + (y - foot + 0.92 * ph) ** 2 < (0.1 * ph) ** 2
         pcol = torch.where(legs[:, None], ccol * 0.4, ccol)
         pcol = torch.where(head[:, None], torch.tensor([0.85, 0.65, 0.5], device=dev).view(1, 3, 1, 1), pcol)
-        paint((legs | torso | head) & ~is_car & there, person, pcol)
+        paint((legs | torso | head) & ~is_car & there, person, pcol, 2 + k)
 
     # light, weather and the sensor: brightness and tint, fog towards the horizon, rain streaks, noise
     if look == "night":  # dark and blue, the sky near black, windows and cars' lights glowing
@@ -337,7 +349,8 @@ def render_scenes(numbers: torch.Tensor, size: tuple[int, int], look: str = "any
     rain = (r(54) < 0.25) & (look == "any")
     img.add_((0.25 * rain).unsqueeze(1) * streaks[:, None])
     img.add_(r(55, 0.0, 0.05).unsqueeze(1) * noise)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
+    out = (img.clamp(0, 1) * 255).round().to(torch.uint8), label
+    return (*out, inst, painted) if inst is not None else out
 
 
 @functools.lru_cache(maxsize=4)

@@ -19,6 +19,7 @@ FAMILIES: dict[str, str] = {
     "video": "deeprecipe.families.video:Video",
     "gan": "deeprecipe.families.gan:GAN",
     "textclass": "deeprecipe.families.textclass:TextClassify",
+    "detect": "deeprecipe.families.detect:Detect",
     "img2img": "deeprecipe.families.img2img:Img2Img",
 }
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from deeprecipe.core import DataSpec, UserError, lookup
 from deeprecipe.models.cnn import CNNConfig, MLPConfig
+from deeprecipe.models.detect import CenterNetConfig, TVDetectorConfig
 from deeprecipe.models.fcn import FCNConfig
 from deeprecipe.models.gan import DCGANConfig, GANConfig
 from deeprecipe.models.gpt import GPTConfig
@@ -35,6 +36,8 @@ MODELS: dict[str, type] = {
     "dcgan": DCGANConfig,
     "text-transformer": TextTransformerConfig,
     "text-lstm": TextLSTMConfig,
+    "centernet": CenterNetConfig,
+    "tv-detector": TVDetectorConfig,
     "pix2pix": Pix2PixConfig,
     "cyclegan": CycleGANConfig,
 }

@@ -1,0 +1,312 @@
+"""Object detection: boxes from the renderer, box-aware augmentation, padded targets, the detector's loss at init,
+mAP against a hand-computed AP, NMS from the config, the box-format check, the file readers and predict."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deeprecipe import config
+from deeprecipe.checks.core import Ctx
+from deeprecipe.core import DataError, DataSpec
+from deeprecipe.data.boxfiles import BoxFilesData
+from deeprecipe.data.core import Data, Draws, TensorSplit, pad_targets, trim_targets
+from deeprecipe.data.detect import ScenesDetectData, boxes_from_instances
+from deeprecipe.families import get_family
+from deeprecipe.families.detect import augment, move_boxes
+from deeprecipe.families.detect.checks import boxes as box_check
+from deeprecipe.families.detect.metrics import DetectionMetrics, match_misses
+from deeprecipe.models import MODELS
+
+
+def test_boxes_are_the_visible_pixels_of_each_instance():
+    inst = torch.full((1, 10, 12), -1, dtype=torch.int8)
+    label = torch.zeros(1, 10, 12, dtype=torch.uint8)
+    inst[0, 2:5, 3:9], label[0, 2:5, 3:9] = 2, 6  # a car: rows 2..4, columns 3..8
+    inst[0, 6:10, 0:2], label[0, 6:10, 0:2] = 0, 7  # a sign plate in the corner
+    inst[0, 0, 11], label[0, 0, 11] = 4, 5  # one pixel of a pedestrian: too small to count
+    b, y = boxes_from_instances(inst, label, min_pixels=2, min_side=1)
+    assert y[0].tolist() == [2, 0, -1, -1, -1, -1, -1]  # sign (instance 0) first, then the car; padding last
+    assert b[0, 0].tolist() == [0, 6, 2, 10] and b[0, 1].tolist() == [3, 2, 9, 5]
+    assert (b[0, 2:] == 0).all()
+
+
+def test_scenes_detect_is_deterministic_and_has_varying_box_counts():
+    cfg = ScenesDetectData(size=(64, 64), train_size=24, val_size=4, test_size=4)
+    a, b = cfg.build(), cfg.build()
+    for s, t in zip(a.train.tensors, b.train.tensors):
+        assert torch.equal(s, t)
+    x, boxes, labels = a.train.tensors
+    counts = (labels >= 0).sum(1)
+    assert counts.min() < counts.max() and labels.max() == 2
+    real = labels >= 0
+    assert (boxes[real][:, 2:] > boxes[real][:, :2]).all() and boxes[real].max() <= 64
+    assert a.spec.extra["boxes"] == "xyxy" and len(a.spec.extra["objects_per_image"]) == 3
+
+
+def test_pad_and_trim_targets():
+    b, y = pad_targets(
+        [torch.ones(2, 4), torch.zeros(0, 4)], [torch.tensor([1, 0]), torch.tensor([], dtype=torch.long)], 5
+    )
+    assert b.shape == (2, 5, 4) and y.tolist() == [[1, 0, -1, -1, -1], [-1] * 5]
+    tb, ty = trim_targets(b, y)
+    assert tb.shape == (2, 2, 4) and ty.tolist() == [[1, 0], [-1, -1]]
+    with pytest.raises(DataError, match="2 boxes but 1 labels"):
+        pad_targets([torch.ones(2, 4)], [torch.tensor([1])])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_augmented_boxes_frame_the_moved_object(seed):
+    """A white rectangle on black, flipped, zoomed and shifted: its moved box is the white pixels' box."""
+    x = torch.zeros(6, 3, 40, 48, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 8.0, 30.0, 20.0]]).repeat(6, 1, 1)
+    for i in range(6):
+        x[i, :, 8:20, 10:30] = 255
+    spec = DataSpec(image_size=(40, 48), extra={"flip": True, "scale": [0.8, 1.3], "crop": 0, "min_visible": 0.0})
+    draws = Draws(torch.Generator().manual_seed(seed))
+    out, b, y = augment(x, boxes, torch.zeros(6, 1, dtype=torch.long), draws, spec)
+    for i in range(6):
+        white = out[i, 0] > 127
+        if not white.any():
+            assert y[i, 0] == -1
+            continue
+        rows, cols = white.any(1).nonzero().flatten(), white.any(0).nonzero().flatten()
+        want = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float()
+        assert y[i, 0] == 0 and (b[i, 0] - want).abs().max() <= 1.01, (b[i, 0], want)
+
+
+def test_a_box_mostly_cropped_away_loses_its_label():
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]])
+    # shift the view right by a quarter of the image (u_in = u_out + 0.5): x -> x - 10 for a 40 px image
+    one, half = torch.ones(1), torch.full((1,), 0.5)
+    out, y = move_boxes(boxes, torch.tensor([[0, 1]]), (40, 40), (40, 40), one, one, half, torch.zeros(1), 0.4)
+    assert y.tolist() == [[-1, 1]] and out[0, 1].tolist() == [10.0, 20.0, 20.0, 30.0]
+
+
+def test_map_equals_a_hand_computed_ap():
+    """Three true boxes; detections by score: hit, false alarm, hit (one truth never found). Precision at recall
+    1/3 is 1, at 2/3 it is 2/3: COCO's 101-point AP = (34 * 1 + 33 * 2/3) / 101 at every IoU threshold."""
+    g = torch.tensor(
+        [[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]], [[5.0, 5.0, 25.0, 25.0], [0.0, 0.0, 0.0, 0.0]]]
+    )
+    y = torch.tensor([[0, 0], [0, -1]])
+    dets = [
+        (
+            torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0]]),
+            torch.tensor([0.9, 0.8]),
+            torch.tensor([0, 0]),
+        ),
+        (torch.tensor([[5.0, 5.0, 25.0, 25.0]]), torch.tensor([0.7]), torch.tensor([0])),
+    ]
+    m = DetectionMetrics(1, extended=True)
+    m.update(dets, g, y)
+    r = m.compute()
+    want = (34 + 33 * 2 / 3) / 101
+    assert r["map"] == pytest.approx(want, abs=1e-4) and r["map_50"] == pytest.approx(want, abs=1e-4)
+    assert r["ap_per_class"] == [pytest.approx(want, abs=1e-4)]
+    rec, prec = r["pr_curves"][0]
+    assert prec[0] == pytest.approx(1.0) and prec[50] == pytest.approx(2 / 3) and prec[80] == 0
+    assert match_misses(dets[0], g[0], y[0], 0.5) == 1 and match_misses(dets[1], g[1, :1], y[1, :1], 0.5) == 0
+
+
+def tiny_spec(size: int = 32) -> DataSpec:
+    return DataSpec(
+        num_classes=3,
+        class_names=["car", "person", "traffic sign"],
+        in_channels=3,
+        image_size=(size, size),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        extra={"objects_per_image": [2.0, 1.0, 1.0], "box_wh_sample": [[8.0, 6.0], [4.0, 10.0], [5.0, 5.0]]},
+    )
+
+
+@pytest.mark.parametrize(
+    "peaks, nms_iou, want, logits",
+    [(True, 0.5, [0, 1], [5.0, 3.0]), (False, 0.5, [0, 0, 1], [5.0, 4.0, 3.0]), (False, 0.3, [0, 1], [5.0, 3.0])],
+)
+def test_decode_keeps_cells_above_the_score_threshold_and_nms_per_class(peaks, nms_iou, want, logits):
+    spec = tiny_spec()
+    cfg = MODELS["centernet"](width=4, neck=8, max_width=16, score_thresh=0.3, nms_iou=nms_iou, peaks=peaks)
+    model = cfg.build(spec).eval()
+    out = torch.full((1, 7, 8, 8), -10.0)
+    out[:, 3:] = 0.0  # every cell: a 8 x 8 square (2 x stride) around its centre
+    out[0, 0, 2, 2] = 5.0  # a car at cell (2, 2)
+    out[0, 0, 2, 3] = 4.0  # its neighbour (IoU 1/3): no local maximum; kept by NMS at IoU 0.5, not at 0.3
+    out[0, 1, 2, 3] = 3.0  # a person at the same place: another class, kept
+    out[0, 2, 6, 6] = -1.0  # a sign scoring 0.27: below score_thresh
+    ((b, s, y),) = model.decode(out)
+    assert y.tolist() == want and torch.allclose(s, torch.sigmoid(torch.tensor(logits)))
+    assert b[0].tolist() == [6.0, 6.0, 14.0, 14.0]
+
+
+def test_centernet_loss_at_init_matches_its_closed_form():
+    cfg = config.load("scenes-detect", ["data.size=[64,64]", "data.train_size=64", "model.width=8", "model.neck=16"])
+    family = get_family("detect")
+    data = ScenesDetectData(size=(64, 64), train_size=64, val_size=0, test_size=0).build()
+    torch.manual_seed(0)
+    model = family.build_model(cfg, data.spec).train()
+    batch = family.prepare(data.train.take(torch.arange(64)), data.spec, None)
+    with torch.no_grad():
+        loss = float(family.loss(model, batch, cfg, "model")[0])
+    want, why = family.expected_init_loss(data.spec, cfg)
+    assert abs(loss - want) / want < 0.1, (loss, want, why)
+
+
+def box_ctx(tmp_path, planted=None) -> Ctx:
+    cfg = config.load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16"])
+    data = ScenesDetectData(size=(64, 64), train_size=48, val_size=0, test_size=0).build()
+    x, b, y = data.train.tensors
+    if planted == "xywh":
+        b = torch.cat([b[..., :2], b[..., 2:] - b[..., :2]], -1) * (y >= 0)[..., None]
+    elif planted == "yx":
+        b = b[..., [1, 0, 3, 2]]
+    return Ctx(cfg, tmp_path, get_family("detect"), data=Data(data.spec, TensorSplit(x, b, y)))
+
+
+@pytest.mark.parametrize("planted", [None, "xywh", "yx"])
+def test_box_format_check_fails_on_xywh_and_swapped_axes(tmp_path, planted):
+    v = box_check(box_ctx(tmp_path, planted))
+    assert v.status == ("pass" if planted is None else "fail"), v
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def write_images(folder, names, w=40, h=30):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.new("RGB", (w, h), (90, 120, 30)).save(folder / n)
+
+
+def voc_xml(fname, objects, w=40, h=30):
+    objs = "".join(
+        f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for n, (a, b, c, d) in objects
+    )
+    size = f"<size><width>{w}</width><height>{h}</height></size>"
+    return f"<annotation><filename>{fname}</filename>{size}{objs}</annotation>"
+
+
+def make_voc(tmp, objects):
+    (tmp / "Annotations").mkdir(parents=True)
+    write_images(tmp / "JPEGImages", ["a.png", "b.png", "c.png"])
+    for i, n in enumerate("abc"):
+        (tmp / "Annotations" / f"{n}.xml").write_text(
+            voc_xml(f"{n}.png", objects if i == 0 else [("car", (1, 1, 4, 4))])
+        )
+    return BoxFilesData(
+        path=str(tmp), format="voc", classes=["car", "person"], size=(30, 40), val_fraction=0, test_fraction=0
+    )
+
+
+def first_boxes(data):
+    x, b, y = data.train.tensors
+    return b[0][y[0] >= 0].tolist(), y[0][y[0] >= 0].tolist()
+
+
+def test_voc_boxes_are_read_in_pixel_edges(tmp_path):
+    data = make_voc(tmp_path, [("person", (11, 6, 20, 25)), ("car", (1, 1, 40, 30))]).build()
+    assert first_boxes(data) == ([[10.0, 5.0, 20.0, 25.0], [0.0, 0.0, 40.0, 30.0]], [1, 0])
+
+
+def test_coco_yolo_and_kitti_give_the_same_boxes(tmp_path):
+    box = [10.0, 5.0, 20.0, 25.0]  # x1 y1 x2 y2 in a 40 x 30 image
+    coco = tmp_path / "coco"
+    write_images(coco / "images", ["a.png"])
+    doc = {
+        "images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 5, 10, 20]}],
+        "categories": [{"id": 1, "name": "car"}, {"id": 3, "name": "person"}],
+    }
+    (coco / "annotations.json").write_text(json.dumps(doc))
+    yolo = tmp_path / "yolo"
+    write_images(yolo / "images", ["a.png"])
+    (yolo / "labels").mkdir()
+    (yolo / "labels" / "a.txt").write_text(f"1 {15 / 40} {15 / 30} {10 / 40} {20 / 30}\n")
+    kitti = tmp_path / "kitti"
+    write_images(kitti / "image_2", ["a.png"])
+    (kitti / "label_2").mkdir()
+    (kitti / "label_2" / "a.txt").write_text(
+        "Pedestrian 0.00 0 -0.2 10 5 20 25 1.7 0.6 0.8 1 1 9 0.1\nDontCare -1 -1 -10 0 0 3 3 -1 -1 -1 -1 -1 -1 -1\n"
+    )
+    kw = dict(size=(30, 40), val_fraction=0, test_fraction=0)
+    for cfg in (
+        BoxFilesData(path=str(coco), format="coco", **kw),
+        BoxFilesData(path=str(yolo), format="yolo", classes=["car", "person"], **kw),
+        BoxFilesData(path=str(kitti), format="kitti", classes=["Car", "Pedestrian"], **kw),
+    ):
+        b, y = first_boxes(cfg.build())
+        assert y == [1] and b[0] == pytest.approx(box, abs=1e-4), cfg.format
+
+
+def test_yolo_bad_lines_name_the_file_and_line(tmp_path):
+    write_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "labels").mkdir()
+    lab = tmp_path / "labels" / "a.txt"
+    cfg = BoxFilesData(path=str(tmp_path), format="yolo", classes=["car"], val_fraction=0, test_fraction=0)
+    for text, msg in (
+        ("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2\n", "a.txt:2: 4 fields, expected 5"),
+        ("3 0.5 0.5 0.2 0.2\n", "a.txt:1: unknown class 3"),
+        ("0 0.5 0.5 -0.2 0.2\n", "a.txt:1: negative width"),
+    ):
+        lab.write_text(text)
+        with pytest.raises(DataError, match=msg.replace(".", r"\.")):
+            cfg.build()
+    lab.write_text("")  # an empty file: an image without objects, counted; strict refuses it
+    with pytest.warns(UserWarning, match="1 images without boxes"):
+        cfg.build()
+    cfg.strict = True
+    with pytest.raises(DataError, match="empty annotation file"):
+        cfg.build()
+
+
+def test_inverted_outside_and_unknown_boxes(tmp_path):
+    with pytest.raises(DataError, match=r"a\.xml: object 1 \(car\): box \[20, 5, 10, 25\] has x2 < x1"):
+        make_voc(tmp_path / "inv", [("car", (21, 6, 10, 25))]).build()
+    with pytest.raises(DataError, match=r"a\.xml: object 1 \(bus\): unknown class 'bus'"):
+        make_voc(tmp_path / "unk", [("bus", (1, 1, 5, 5))]).build()
+    cfg = make_voc(tmp_path / "out", [("car", (31, 1, 60, 10))])
+    with pytest.warns(UserWarning, match="1 boxes clipped"):
+        assert first_boxes(cfg.build())[0] == [[30.0, 0.0, 40.0, 10.0]]
+    cfg.strict = True
+    with pytest.raises(DataError, match="reaches outside the 40x30 image"):
+        cfg.build()
+    cfg.strict = False
+    (tmp_path / "out" / "Annotations" / "b.xml").write_text("")
+    with pytest.raises(DataError, match=r"b\.xml: empty annotation file"):
+        cfg.build()
+
+
+def test_kitti_wrong_field_count(tmp_path):
+    write_images(tmp_path / "image_2", ["a.png"])
+    (tmp_path / "label_2").mkdir()
+    (tmp_path / "label_2" / "a.txt").write_text("Car 0 0 0 1 2 3 4\n")
+    with pytest.raises(DataError, match=r"a\.txt:1: 8 fields, expected 15"):
+        BoxFilesData(path=str(tmp_path), format="kitti").build()
+
+
+# ------------------------------------------------------------------------------------------------ use
+
+
+def test_train_predict_writes_json_boxes_and_a_drawing(tmp_path, cli):
+    run, out = tmp_path / "run", tmp_path / "pred"
+    sets = ["data.size=[48,48]", "data.train_size=8", "data.val_size=4", "data.test_size=4", "model.width=4"]
+    sets += ["model.neck=8", "model.max_width=16", "train.steps=2", "train.batch_size=4", "train.eval_every=0"]
+    sets += ["train.device=cpu", "model.score_thresh=0.0"]
+    code, _, err = cli("train", "scenes-detect", "--out", str(run), *[a for s in sets for a in ("--set", s)])
+    assert code == 0, err
+    assert (run / "plots" / "detections.png").is_file() and (run / "plots" / "ap.txt").is_file()
+    write_images(tmp_path / "img", ["street.png"], w=96, h=64)
+    code, printed, err = cli("predict", str(run), str(tmp_path / "img" / "street.png"), "--out", str(out))
+    assert code == 0 and "street.json" in printed, err
+    got = json.loads((out / "street.json").read_text())
+    assert len(got["boxes"]) == len(got["scores"]) == len(got["labels"]) > 0
+    b = torch.tensor(got["boxes"])
+    assert (b[:, 2] <= 96).all() and (b[:, 3] <= 64).all() and (b[:, :2] >= 0).all()
+    assert (out / "street_boxes.png").is_file() and not math.isnan(got["scores"][0])
