@@ -187,6 +187,10 @@ TINY = {
     "textclass": (write_textclass, 2),
     "scenes-detect": (lambda tmp: DATASETS["scenes-detect"](size=(48, 48), train_size=4, val_size=2, test_size=2), 3),
     "boxfiles": (write_boxfiles, 2),
+    "img2img": (
+        lambda tmp: DATASETS["img2img"](mode="inpaint", size=(32, 40), train_size=4, val_size=2, test_size=2),
+        8,
+    ),
 }
 
 

@@ -118,7 +118,15 @@ def test_every_registered_model_exports_with_a_dynamic_batch(name, tmp_path):
     torch.testing.assert_close(got[0], want[0] if isinstance(want, tuple) else want, atol=1e-4, rtol=1e-3)
 
 
-FAMILY_EXPORTS = {"gan": "gan", "dcgan": "gan", "c3d": "video", "seq2seq": "translate", "tv-detector": "detect"}
+FAMILY_EXPORTS = {
+    "gan": "gan",
+    "dcgan": "gan",
+    "c3d": "video",
+    "seq2seq": "translate",
+    "tv-detector": "detect",
+    "pix2pix": "img2img",
+    "cyclegan": "img2img",
+}
 
 
 @pytest.mark.parametrize("model_name", sorted(FAMILY_EXPORTS))

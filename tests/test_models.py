@@ -113,6 +113,27 @@ def gan_case(cfg, classes: int = 3, channels: int = 1, size: int = 6) -> Case:
     return Case(cfg, spec, (4,), (4,), gan_step)
 
 
+def img2img_case(cfg, mode: str) -> Case:
+    """An image-to-image net trains G and D: D's patch logits on G's output, (4, 1, 4, 4) for 16 px images."""
+    two = mode == "unpaired"
+    spec = DataSpec(
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        in_channels=6 if two else 3,
+        image_size=(16, 16),
+        mean=(0.5,) * (6 if two else 3),
+        std=(0.25,) * (6 if two else 3),
+        extra={"mode": mode, "scale": 4, "channels_a": 3},
+    )
+
+    def run(model, x):
+        if two:  # both generators and both discriminators
+            return model.discriminators["b"](model.ab(x)) + model.discriminators["a"](model.ba(model.ab(x)))
+        return model.judge(x, model(x))
+
+    return Case(cfg, spec, (torch.randn(4, 3, 16, 16),), (4, 1, 4, 4), run)
+
+
 def detect_case(cfg, classes: int = 3, size: int = 32) -> Case:
     """A detector: images (B, 3, H, W) -> raw maps (B, classes + 4, H / 4, W / 4) (heat maps and box distances)."""
     spec = DataSpec(
@@ -153,6 +174,10 @@ TINY = {
     "dcgan": lambda: gan_case(MODELS["dcgan"](latent=8, g_width=4, d_width=4, conditional=True), size=28),
     "text-transformer": lambda: text_case(MODELS["text-transformer"](n_layer=2, n_head=2, d_model=16)),
     "text-lstm": lambda: text_case(MODELS["text-lstm"](n_layer=2, hidden=8, emb=8)),
+    "pix2pix": lambda: img2img_case(MODELS["pix2pix"](width=4, depth=2, max_width=8, d_width=4, d_layers=2), "sr"),
+    "cyclegan": lambda: img2img_case(
+        MODELS["cyclegan"](width=4, depth=2, max_width=8, d_width=4, d_layers=2), "unpaired"
+    ),
 }
 
 

@@ -70,6 +70,12 @@ CASES = {
         + ["model.width=8", "model.depth=2", "train.steps=2", "train.batch_size=2"],
         None,
     ),
+    "img2img": (
+        "scenes-sr4",
+        ["data.size=[32, 32]", "data.train_size=4", "data.val_size=2", "data.test_size=2", "model.width=4"]
+        + ["model.depth=2", "model.d_width=4", "model.d_layers=2", "train.steps=2", "train.batch_size=2"],
+        None,
+    ),
     "video": (
         "moving-digits-c3d",
         ["data.frames=8", "data.train_size=8", "data.val_size=4", "data.test_size=4", "train.steps=2"]

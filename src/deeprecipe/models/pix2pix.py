@@ -110,9 +110,6 @@ class Pix2PixConfig:
         if mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
         g = UNet(cin, cout, self.width, self.depth, self.max_width)
-        if mode == "sr":  # start as the bicubic upsampling: the residual is zero at init
-            nn.init.zeros_(g.head.weight)
-            nn.init.zeros_(g.head.bias)
         return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout)
 
 

@@ -89,7 +89,7 @@ class Img2Img(Family):
         "dynamics": "no per-example class loss to follow",
     }
     EXTRA_CHECKS = {"overfit": checks.overfit, "input_copy": checks.input_copy, "grad_flow": checks.grad_flow}
-    CHECK_DEFAULTS = {"steps": 20, "batch_size": 8, "overfit_examples": 4, "overfit_steps": 300}
+    CHECK_DEFAULTS = {"steps": 20, "batch_size": 8, "overfit_examples": 2, "overfit_steps": 600}
 
     # ------------------------------------------------------------------------------------------ training
     def check_config(self, cfg: Config) -> None:
@@ -171,7 +171,7 @@ class Img2Img(Family):
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def run_split(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, telea: bool = False):
+    def _run_split(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, telea: bool = False):
         """(scores, kept (input, output, target, extra) of the first `keep` examples) over a split."""
         spec, mode = data.spec, data.spec.extra["mode"]
         model.eval()
@@ -212,12 +212,12 @@ class Img2Img(Family):
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
         """PSNR and SSIM of the outputs (per image, averaged) and of the mode's baseline (see the docstring)."""
-        return self.run_split(model, data, split, cfg, rt)[0]
+        return self._run_split(model, data, split, cfg, rt)[0]
 
     def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor]:
         """Input / output / target of 4 held-out examples at each evaluation."""
         split = "val" if data.val is not None else "train"
-        _, kept = self.run_split(model, _head(data, split, 4), split, cfg, rt, keep=4)
+        _, kept = self._run_split(model, _head(data, split, 4), split, cfg, rt, keep=4)
         tiles = plots.rows(kept, data.spec)[0]
         return {"translations": plots.grid(tiles, 2 * (len(tiles) // max(1, len(kept))))}
 
@@ -226,7 +226,7 @@ class Img2Img(Family):
         (plots/img2img.png)."""
         split = "test" if data.test is not None else ("val" if data.val is not None else "train")
         with torch.no_grad(), rt.autocast():
-            m, kept = self.run_split(model, data, split, cfg, rt, keep=8, telea=True)
+            m, kept = self._run_split(model, data, split, cfg, rt, keep=8, telea=True)
         pdir = Path(run_dir) / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
         table = plots.quality_table(m, data.spec.extra["mode"], split, len(data.split(split)))

@@ -1,0 +1,240 @@
+"""The image-to-image family: degradations, metrics against closed forms, data errors, checks with planted bugs,
+predict on files of any size, and the unpaired (CycleGAN) step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from deeprecipe import config
+from deeprecipe.checks.core import Ctx
+from deeprecipe.core import DataError, UserError
+from deeprecipe.data.core import Draws
+from deeprecipe.data.img2img import Img2ImgData
+from deeprecipe.families.img2img import Img2Img, checks, degrade, enhance, inpaint, input_image, tiled
+from deeprecipe.families.img2img import metrics as im
+from deeprecipe.family import PredictOptions
+from deeprecipe.models.pix2pix import Pix2Pix
+
+TINY_MODEL = ["model.width=8", "model.depth=2", "model.max_width=16", "model.d_width=8", "model.d_layers=2"]
+TINY_SCENES = ["data.size=[32,32]", "data.train_size=16", "data.val_size=8", "data.test_size=8"]
+
+
+def draws(seed: int = 0) -> Draws:
+    return Draws(torch.Generator().manual_seed(seed))
+
+
+def family() -> Img2Img:
+    f = Img2Img()
+    f.name = "img2img"
+    return f
+
+
+# ------------------------------------------------------------------------------------------ metrics and degradations
+
+
+def test_psnr_and_ssim_match_closed_forms():
+    """A uniform error of d gives PSNR = 20 log10(1 / d); an exact image SSIM 1 and PSNR at the cap."""
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8
+    for d in (1 / 255, 0.05, 0.1):
+        got = im.psnr(x + d, x)
+        assert torch.allclose(got, torch.full((3,), 20 * math.log10(1 / d)), atol=1e-3)
+    assert torch.allclose(im.ssim(x, x), torch.ones(3), atol=1e-5)
+    assert (im.psnr(x, x) == im.MAX_PSNR).all()
+    mask = torch.zeros(3, 1, 16, 16)
+    mask[:, :, :8] = 1  # error only inside the mask: PSNR on the mask is that of the error alone
+    y = x + 0.1 * mask
+    assert torch.allclose(im.psnr_masked(y, x, mask), torch.full((3,), 20.0), atol=1e-3)
+    assert torch.allclose(im.psnr(y, x), torch.full((3,), 20 * math.log10(1 / 0.1) + 10 * math.log10(2)), atol=1e-3)
+
+
+def test_shrink_of_a_constant_image_is_constant_and_blur_keeps_the_mean():
+    x = torch.full((2, 3, 32, 32), 0.2)
+    lr = degrade.shrink(x, 4, 0.0, 0.0, draws())
+    assert lr.shape == (2, 3, 8, 8) and torch.allclose(lr, degrade.quantize(x[:, :, :8, :8]))
+    assert torch.allclose(degrade.enlarge(lr, 4), degrade.quantize(x), atol=1e-6)
+    img = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    b = degrade.blur(img, torch.tensor([0.0, 2.0]))
+    assert torch.equal(b[0], img[0])  # sigma 0 leaves the image
+    assert abs(float(b[1].mean() - img[1].mean())) < 0.02 and float(b[1].std()) < float(img[1].std())
+    noisy = degrade.shrink(img, 2, 0.0, 0.2, draws(3))
+    again = degrade.shrink(img, 2, 0.0, 0.2, draws(3))
+    assert torch.equal(noisy, again)  # the step's draws fix the noise
+
+
+def test_holes_cover_what_they_are_asked():
+    d = draws(5)
+    box = degrade.holes(64, 40, 40, "box", 0.25, d, "cpu")
+    assert box.shape == (64, 1, 40, 40) and set(box.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(box.mean()) - 0.25) < 0.03  # each box is a quarter of its image (up to pixel rounding)
+    strokes = degrade.holes(64, 64, 64, "strokes", 0.25, d, "cpu")
+    assert 0.1 < float(strokes.mean()) < 0.35
+    both = degrade.holes(64, 32, 32, "both", 0.25, draws(6), "cpu")
+    assert 0.1 < float(both.mean()) < 0.35
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def png(path, h, w, c=3, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(
+        torch.randint(0, 256, (c, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8), str(path)
+    )
+    return path
+
+
+def test_paired_folders_refuse_a_missing_partner_and_different_sizes(tmp_path):
+    for i in range(4):
+        png(tmp_path / "A" / f"{i}.png", 20, 24, seed=i)
+        png(tmp_path / "B" / f"{i}.png", 20, 24, seed=10 + i)
+    data = Img2ImgData(mode="paired", source="pairs", path=str(tmp_path), size=(16, 16), val_fraction=0.25).build()
+    assert data.spec.in_channels == 6 and data.spec.extra["channels_a"] == 3 and len(data.train) == 2
+    png(tmp_path / "A" / "lone.png", 20, 24)
+    with pytest.raises(DataError, match=r"lone\.png has no partner"):
+        Img2ImgData(mode="paired", source="pairs", path=str(tmp_path), size=(16, 16)).build()
+    png(tmp_path / "B" / "lone.png", 21, 24)
+    with pytest.raises(DataError, match=r"B/lone\.png is 24x21 but its partner .*A/lone\.png is 24x20"):
+        Img2ImgData(mode="paired", source="pairs", path=str(tmp_path), size=(16, 16)).build()
+    # unpaired: any two folders, no partner needed
+    png(tmp_path / "B" / "lone.png", 20, 24)
+    png(tmp_path / "B" / "extra.png", 30, 30)
+    Img2ImgData(mode="unpaired", source="pairs", path=str(tmp_path), size=(16, 16)).build()
+
+
+def test_an_image_smaller_than_the_scale_allows_is_named(tmp_path):
+    png(tmp_path / "big.png", 40, 40)
+    png(tmp_path / "tiny.png", 10, 12)
+    with pytest.raises(DataError, match=r"tiny\.png is 12x10: smaller than the scale factor allows"):
+        Img2ImgData(mode="sr", source="folder", path=str(tmp_path), size=(32, 32), scale=4).build()
+    with pytest.raises(DataError, match="multiples of the scale"):
+        Img2ImgData(mode="sr", source="scenes", size=(34, 34), scale=4, train_size=2, val_size=0, test_size=0).build()
+
+
+def test_unpaired_scenes_train_on_disjoint_halves_and_evaluate_on_true_pairs():
+    from deeprecipe.data.scenes import render_scenes
+
+    d = Img2ImgData(mode="unpaired", size=(32, 32), train_size=8, val_size=4, test_size=0).build()
+    x = d.train.tensors[0]
+    night_of_a = render_scenes(torch.arange(8)[:4], (32, 32), look="night")[0]
+    assert torch.equal(x[:4, 3:], render_scenes(torch.arange(4, 8), (32, 32), look="night")[0])
+    assert not torch.equal(x[:4, 3:], night_of_a)  # B of a training pair is another scene
+    v = d.val.tensors[0]
+    numbers = torch.arange(10_000_000, 10_000_004)
+    assert torch.equal(v[:, :3], render_scenes(numbers, (32, 32), look="day")[0])
+    assert torch.equal(v[:, 3:], render_scenes(numbers, (32, 32), look="night")[0])
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+class CopyNet(Pix2Pix):
+    """The planted bug: returns its input picture (with a zero-weight path through G so the step still runs)."""
+
+    def forward(self, x):
+        return input_image(x, self.mode) + 0 * self.generator(x)
+
+
+def ctx_for(recipe: str, sets: list[str], tmp_path, make_model=None, **work) -> Ctx:
+    cfg = config.load(recipe, ["train.device=cpu", *TINY_SCENES, *TINY_MODEL, *sets])
+    return Ctx(cfg, tmp_path, family(), make_model=make_model, **work)
+
+
+@pytest.mark.parametrize("recipe", ["scenes-sr4", "scenes-inpaint"])
+def test_input_copy_catches_a_generator_that_returns_its_input(recipe, tmp_path):
+    good = checks.input_copy(ctx_for(recipe, [], tmp_path, steps=8, batch_size=4))
+    assert good.status == "pass", good
+
+    def copy_net(spec):
+        m = family().build_model(ctx.cfg, spec)
+        return CopyNet(m.generator, m.discriminator, m.mode, m.out_channels)
+
+    ctx = ctx_for(recipe, [], tmp_path, make_model=copy_net, steps=8, batch_size=4)
+    bad = checks.input_copy(ctx)
+    assert bad.status == "fail" and bad.value >= checks.COPY_DB, bad
+
+
+def test_one_batch_overfits_past_40_db(tmp_path):
+    v = checks.overfit(ctx_for("scenes-inpaint", ["model.width=16"], tmp_path, overfit_examples=2, overfit_steps=600))
+    assert v.status == "pass" and v.value > 40, v
+
+
+# ------------------------------------------------------------------------------------------ use
+
+
+def trained(recipe: str, tmp_path, sets=()):
+    """A model of the recipe after 2 steps through the family's own step."""
+    from deeprecipe.checks.core import fit
+
+    ctx = ctx_for(recipe, list(sets), tmp_path, steps=2, batch_size=4)
+    model = ctx.model()
+    fit(ctx, model, 2, ctx.train_batch)
+    return ctx, model.eval()
+
+
+def test_predict_enlarges_files_of_any_size_and_tiles_agree(tmp_path):
+    ctx, model = trained("scenes-sr4", tmp_path)
+    f = family()
+    files = [str(png(tmp_path / "odd.png", 9, 13)), str(png(tmp_path / "wide.png", 20, 70))]
+    res = f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path / "out"))
+    assert [r["size"] for r in res] == [[52, 36], [280, 80]]
+    # tiles (their centres kept) give nearly the whole-image answer; the seams differ only by the net's border
+    x = degrade.enlarge(torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1, 4)
+    with torch.no_grad():
+        whole = model(x)
+        tiles = tiled(model, x, ctx.rt, tile=32, overlap=8)
+    assert tiles.shape == whole.shape and float((tiles - whole).abs().mean()) < 0.02
+    with pytest.raises(UserError, match="too small"):
+        enhance(model, ctx.spec, ctx.rt, torch.zeros(3, 1, 5, dtype=torch.uint8))
+
+
+def test_inpaint_keeps_the_pixels_outside_the_hole_and_refuses_a_bad_mask(tmp_path):
+    ctx, model = trained("scenes-inpaint", tmp_path)
+    img = torch.randint(0, 256, (3, 24, 30), dtype=torch.uint8)
+    hole = torch.zeros(24, 30)
+    hole[5:12, 4:20] = 1
+    out = inpaint(model, ctx.spec, ctx.rt, img, hole)
+    assert torch.equal(out[:, hole == 0], img[:, hole == 0])
+    f = family()
+    files = [str(png(tmp_path / "p.png", 24, 30))]
+    with pytest.raises(UserError, match=r"p\.png: inpaint needs its mask .*p_mask\.png"):
+        f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path))
+    png(tmp_path / "p_mask.png", 20, 30, c=1)
+    with pytest.raises(UserError, match=r"p_mask\.png: the mask is 30x20 but the image is 30x24"):
+        f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path))
+    (tmp_path / "p_mask.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"p_mask\.png: not a readable mask image"):
+        f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path))
+    png(tmp_path / "p_mask.png", 24, 30, c=1)
+    (r,) = f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path / "o"))
+    assert r["size"] == [30, 24]
+
+
+def test_label2image_and_cyclegan_train_and_score(tmp_path):
+    """A label map -> scene run and a day -> night CycleGAN run: both evaluate PSNR/SSIM against the truth, and
+    the unpaired run's parts are both generators and both discriminators."""
+    from deeprecipe.families.img2img import translate
+
+    for recipe in ("scenes-label2image", "scenes-day2night-cyclegan"):
+        ctx, model = trained(recipe, tmp_path / recipe)
+        f = family()
+        m = f.evaluate(model, ctx.data, "val", ctx.cfg, ctx.rt, True)
+        assert 0 < m["psnr"] < 60 and -1 <= m["ssim"] <= 1, m
+        if recipe.endswith("cyclegan"):
+            assert set(f.parts(model, ctx.cfg)) == {"d", "g"} and "psnr_input" in m
+            assert len(list(f.parts(model, ctx.cfg)["g"][0].children())) == 2
+            out = translate(model, ctx.spec, ctx.rt, torch.zeros(3, 20, 28, dtype=torch.uint8))
+        else:
+            out = translate(model, ctx.spec, ctx.rt, torch.zeros(20, 28, dtype=torch.uint8))
+        assert out.shape == (3, 20, 28) and out.dtype == torch.uint8
+
+
+def test_export_example_runs_the_generator(tmp_path):
+    ctx, model = trained("scenes-inpaint", tmp_path)
+    ex = family().export_example(model, ctx.spec, 2)
+    x = ex["inputs"]["image"]
+    assert x.shape == (2, 4, 32, 32) and set(x[:, -1].unique().tolist()) <= {0.0, 1.0}
+    assert model(x).shape == (2, 3, 32, 32)
