@@ -9,7 +9,8 @@
 #   4. GPT-2 small's layout (12 x 768, context 1024): tokens/s and MFU against the measured bf16 matmul peak
 #   5. every built-in recipe: 40 steps on CUDA from a cold start (a fresh process), wall time each
 #
-#   bash bench/gpu.sh [OUT_DIR]        env: DEEPRECIPE_DATA (required), NANOGPT, PYTHON, QUICK=1 (tiny, for a dry run)
+#   bash bench/gpu.sh [OUT_DIR]
+# env: DEEPRECIPE_DATA (required), NANOGPT, PYTHON, SECTIONS="2 3" (some only), DEVICE=cpu QUICK=1 (a dry run)
 set -u
 OUT=${1:-${OUT:-/tmp/deeprecipe-gpu}}
 mkdir -p "$OUT/runs"
@@ -31,7 +32,14 @@ train() {  # train RUN_NAME RECIPE [--set ...]: the whole command, timed
   [ $rc = 0 ] || tail -3 "$OUT/runs/$name.log"
   return $rc
 }
-timed() { local limit=$1; shift; timeout "$limit" bash -c 'train "$@"' _ "$@"; }  # timed SECONDS NAME RECIPE ...
+timed() {  # timed SECONDS NAME RECIPE [ARGS]: train under a time limit
+  local limit=$1; shift
+  timeout "$limit" bash -c 'train "$@"' _ "$@"
+  local rc=$?
+  [ $rc = 124 ] && echo "$1: stopped after $limit s (time limit)"
+  return $rc
+}
+want() { [ -z "${SECTIONS:-}" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
 export -f q now secs train
 export OUT PY DEV QUICK
 
@@ -40,9 +48,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], 'cuda', torch.cuda.is_available())"
 git log -1 --format='deeprecipe commit %h %s' 2>/dev/null || true
 
+if want 1; then
 section "1. CUDA tests"
 timeout 180 $PY -m pytest -q -p no:warnings -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
 
+fi
+if want 2; then
 section "2a. Fashion-MNIST CNN, batch 128: deeprecipe vs a plain PyTorch loop (images/s over steps 10..N)"
 timeout 150 $PY bench/classify_speed.py --device $DEV --steps $(q 2000 30) --contenders deeprecipe,plain
 echo "-- the engine without its CUDA graph (same steps):"
@@ -56,16 +67,22 @@ for v in "b128|" "b256|train.batch_size=256 train.steps=3500 optim.lr=0.0057" \
   timed 120 $name fashion-mnist-cnn $sets && $PY bench/gpu_figures.py "$OUT/runs/$name" --skip 100
 done
 
+fi
+if want 3; then
 section "3. nanoGPT's shakespeare_char config, 2000 steps: deeprecipe vs nanoGPT (same GPU, one after the other)"
 STEPS=$(q 2000 20)
-timed 150 char-gpt shakespeare-char-gpt-gpu --set train.steps=$STEPS && $PY bench/gpu_figures.py "$OUT/runs/char-gpt" --skip 200
+CHAR="--set train.steps=$STEPS $( [ "$QUICK" = 1 ] && echo --set train.batch_size=4 --set data.block_size=32 )"
+timed 150 char-gpt shakespeare-char-gpt-gpu $CHAR && $PY bench/gpu_figures.py "$OUT/runs/char-gpt" --skip 200
 if [ -n "${NANOGPT:-}" ] && [ -f "$NANOGPT/train.py" ]; then
   rm -rf /tmp/nanogpt && cp -r "$NANOGPT" /tmp/nanogpt && mkdir -p /tmp/nanogpt/data/shakespeare_char
   cp "$DEEPRECIPE_DATA/tinyshakespeare/input.txt" /tmp/nanogpt/data/shakespeare_char/
-  (cd /tmp/nanogpt && $PY data/shakespeare_char/prepare.py >/dev/null) || echo "nanoGPT data preparation failed"
+  # its prepare.py imports requests only to download input.txt, which is already there
+  (cd /tmp/nanogpt/data/shakespeare_char && $PY -c "import sys, types; sys.modules.setdefault('requests', \
+    types.ModuleType('requests')); __file__ = 'prepare.py'; exec(open('prepare.py').read())" >/dev/null) \
+    || echo "nanoGPT data preparation failed"
   t=$(now)
   (cd /tmp/nanogpt && timeout 240 $PY train.py config/train_shakespeare_char.py --max_iters=$STEPS --lr_decay_iters=$STEPS \
-      --out_dir=/tmp/nanogpt/out --device=$DEV $( [ "$DEV" = cpu ] && echo "--compile=False --eval_iters=2" ) \
+      --out_dir=/tmp/nanogpt/out --device=$DEV $( [ "$QUICK" = 1 ] && echo "--compile=False --eval_iters=2 --batch_size=4 --block_size=32" ) \
       >"$OUT/runs/nanogpt.log" 2>&1)
   echo "nanogpt: exit $?, wall $(secs "$t" "$(now)") s"
   grep "^step $STEPS:" "$OUT/runs/nanogpt.log" || tail -5 "$OUT/runs/nanogpt.log"
@@ -73,8 +90,10 @@ else
   echo "nanoGPT: not run (set NANOGPT to a checkout of it)"
 fi
 echo "-- deeprecipe with torch.compile:"
-timed 150 char-gpt-compiled shakespeare-char-gpt-gpu --set train.steps=$STEPS --set train.compile=true && $PY bench/gpu_figures.py "$OUT/runs/char-gpt-compiled" --skip 200
+timed 150 char-gpt-compiled shakespeare-char-gpt-gpu $CHAR --set train.compile=$( [ "$QUICK" = 1 ] && echo false || echo true ) && $PY bench/gpu_figures.py "$OUT/runs/char-gpt-compiled" --skip 200
 
+fi
+if want 4; then
 section "4. GPT-2 small layout: tokens/s and MFU"
 PEAK=$(timeout 60 $PY bench/gpu_figures.py --peak-only)
 echo "bf16 matmul peak (8192^3, best of 10): $PEAK TFLOP/s"
@@ -85,6 +104,8 @@ for b in $(q "16 32" 2); do
     && $PY bench/gpu_figures.py "$OUT/runs/gpt2-b$b" --skip $(q 40 0) --peak "$PEAK"
 done
 
+fi
+if want 5; then
 section "5. every built-in recipe: 40 steps on CUDA from a cold start (4 at a time, 4 CPU threads each)"
 $PY -m deeprecipe.cli recipes | awk '{print $1}' > "$OUT/recipes.txt"
 smoke() {
@@ -99,4 +120,5 @@ mkdir -p "$OUT/smoke"
 export -f smoke
 xargs -P 4 -I{} bash -c 'smoke {}' < "$OUT/recipes.txt"
 
+fi
 section "done"

@@ -186,3 +186,21 @@ def test_bad_override_syntax():
         config.load("digits-cnn", ["optim.lr"])
     with pytest.raises(ConfigError, match="not a section"):
         config.load("digits-cnn", ["optim.lr.x=1"])
+
+
+def test_a_recipes_cuda_section_applies_on_cuda_only_and_a_set_still_wins(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "task: classify\ndata: {name: digits}\nmodel: {name: cnn}\ntrain: {steps: 100, batch_size: 32}\n"
+        "cuda: {train.batch_size: 256, train.steps: 20, optim.lr: 0.01}\n"
+    )
+    cpu = config.load(str(recipe), ["train.device=cpu"])
+    assert (cpu.train.batch_size, cpu.train.steps, cpu.optim.lr) == (32, 100, config.OptimConfig().lr)
+    with pytest.warns(UserWarning, match="cuda section sets train.batch_size=256, optim.lr=0.01"):
+        gpu = config.load(str(recipe), ["train.device=cuda", "train.steps=50"])
+    assert (gpu.train.batch_size, gpu.train.steps, gpu.optim.lr) == (256, 50, 0.01)
+    again = config.resolve(yaml.safe_load(config.dump(gpu)))  # config.yaml holds the values used
+    assert again.train.batch_size == 256
+    recipe.write_text("task: classify\ncuda: [train.steps]\n")
+    with pytest.raises(ConfigError, match="'cuda' must map config paths to values"):
+        config.load(str(recipe), ["train.device=cuda"])

@@ -95,9 +95,18 @@ def feature_net(cfg, device: torch.device) -> DomainFeatures:
         )
         import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
+        # trained under a name of this process, then renamed: runs that start together (a sweep, a tuner's
+        # trials) never read each other's half-written net; the first rename wins, the others use it
+        work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(work, ignore_errors=True)
         with torch.enable_grad():  # `deeprecipe eval` runs with gradients off
-            train(fcfg, Classify(), folder, command="(domain feature net for FID/IS)")
+            train(fcfg, Classify(), work, command="(domain feature net for FID/IS)")
+        if not (folder / "checkpoints" / "best.safetensors").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder (an older, killed training)
+        try:
+            work.rename(folder)
+        except OSError:  # another run's net got there first
+            shutil.rmtree(work, ignore_errors=True)
     spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
     clf = Classify().build_model(fcfg, spec)
     clf.load_state_dict(checkpoint.inference_weights(folder))
