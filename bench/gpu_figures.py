@@ -64,6 +64,7 @@ def main() -> None:
     a = p.parse_args()
     if a.peak_only:
         import torch
+
         from lm_speed import matmul_peak
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
