@@ -60,8 +60,7 @@ echo "-- the engine without its CUDA graph (same steps):"
 timeout 90 $PY bench/classify_speed.py --device $DEV --steps $(q 2000 30) --contenders deeprecipe --set train.cuda_graph=false
 
 section "2b. Fashion-MNIST CNN recipe to test accuracy (train_s: from the first step to the last, evaluations included)"
-for v in "b128|" "b256|train.batch_size=256 train.steps=3500 optim.lr=0.0057" \
-         "b512|train.batch_size=512 train.steps=1750 optim.lr=0.008" "b1024|train.batch_size=1024 train.steps=875 optim.lr=0.011"; do
+for v in "b128|" "b512|train.batch_size=512 train.steps=1750 optim.lr=0.008" "b1024|train.batch_size=1024 train.steps=875 optim.lr=0.011"; do
   name=fm-${v%%|*}; sets=""
   for kv in ${v#*|} $( [ "$QUICK" = 1 ] && echo train.steps=20 ); do sets="$sets --set $kv"; done
   timed 120 $name fashion-mnist-cnn $sets && $PY bench/gpu_figures.py "$OUT/runs/$name" --skip 100
@@ -97,7 +96,7 @@ if want 4; then
 section "4. GPT-2 small layout: tokens/s and MFU"
 PEAK=$(timeout 60 $PY bench/gpu_figures.py --peak-only)
 echo "bf16 matmul peak (8192^3, best of 10): $PEAK TFLOP/s"
-for b in $(q "16 32" 2); do
+for b in $(q 32 2); do
   timed 200 gpt2-b$b shakespeare-bpe-gpt2-small --set train.steps=$(q 120 6) --set train.batch_size=$b \
     --set train.eval_every=0 --set train.log_every=10 $( [ "$QUICK" = 1 ] && echo --set model.n_layer=2 --set \
     model.n_embd=64 --set model.n_head=2 --set data.block_size=64 --set train.compile=false ) \
@@ -118,7 +117,9 @@ smoke() {
 }
 mkdir -p "$OUT/smoke"
 export -f smoke
-xargs -P 4 -I{} bash -c 'smoke {}' < "$OUT/recipes.txt"
+LEFT=$(( ${BUDGET:-570} - ($(date +%s) - START) ))  # the script ends within BUDGET seconds
+timeout $(( LEFT > 30 ? LEFT : 30 )) xargs -P 4 -I{} bash -c 'smoke {}' < "$OUT/recipes.txt"
+[ $? = 124 ] && echo "(the recipes not listed above did not finish within the script's ${BUDGET:-570} s)"
 
 fi
 section "done"
