@@ -310,3 +310,37 @@ def test_train_predict_writes_json_boxes_and_a_drawing(tmp_path, cli):
     b = torch.tensor(got["boxes"])
     assert (b[:, 2] <= 96).all() and (b[:, 3] <= 64).all() and (b[:, :2] >= 0).all()
     assert (out / "street_boxes.png").is_file() and not math.isnan(got["scores"][0])
+    # the endpoint answers the same boxes for the same file, with the drawing for the page
+    from fastapi.testclient import TestClient
+
+    from deeprecipe.cli import open_run
+    from deeprecipe.serve.server import ServeOptions, build_app
+
+    app = build_app(str(run), *open_run(str(run), "cpu", "fp32"), ServeOptions(token="tk"))
+    with TestClient(app) as c:
+        data = (tmp_path / "img" / "street.png").read_bytes()
+        r = c.post("/detect", files={"image": ("s.png", data, "image/png")}, headers={"Authorization": "Bearer tk"})
+        assert r.status_code == 200, r.text
+        served = r.json()
+        assert served["boxes"] == got["boxes"] and served["labels"] == got["labels"] and served["overlay"]
+        bad = c.post("/detect", files={"image": ("x.png", b"no", "image/png")}, headers={"Authorization": "Bearer tk"})
+        assert bad.status_code == 400
+    torch.set_grad_enabled(True)
+
+
+def test_tv_detector_loads_a_local_weights_file_and_detects(tmp_path):
+    from deeprecipe.core import ConfigError
+
+    spec = tiny_spec(64)
+    torch.manual_seed(0)
+    a = MODELS["tv-detector"]().build(spec)
+    torch.save(a.net.state_dict(), tmp_path / "w.pth")
+    torch.manual_seed(1)
+    b = MODELS["tv-detector"](weights_path=str(tmp_path / "w.pth")).build(spec)
+    assert all(torch.equal(v, b.net.state_dict()[k]) for k, v in a.net.state_dict().items())
+    with pytest.raises(ConfigError, match="no such file"):
+        MODELS["tv-detector"](weights_path=str(tmp_path / "none.pth")).build(spec)
+    with pytest.raises(ConfigError, match="is not one of"):
+        MODELS["tv-detector"](arch="yolo").build(spec)
+    dets = b.eval().detect(torch.randn(2, 3, 64, 64))
+    assert len(dets) == 2 and all(d[0].shape[-1] == 4 and len(d[1]) == len(d[2]) for d in dets)

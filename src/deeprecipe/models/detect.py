@@ -13,7 +13,8 @@ predicts a heat map per class (is this cell an object's centre?) and the distanc
 from the cell's centre to the box edges, as stride * exp(t).
 
     targets: each box puts a Gaussian (sigma = box size / 6 * 0.54 per axis, peak 1 at its centre cell) into
-             its class's heat map; the cells inside a box regress it, weighted by that Gaussian
+             its class's heat map; the cells inside a box (and its centre cell) regress it, weighted by that
+             Gaussian
     loss:    penalty-reduced focal loss on the heat maps (CenterNet: alpha 2, beta 4), per positive centre,
              + box_weight * (1 - GIoU) of the regressed boxes, Gaussian-weighted mean
     init:    the heat bias is the prior log-odds of a centre cell per class (objects per image / cells), the
@@ -175,6 +176,7 @@ class CenterNet(nn.Module):
         pc = (jj + 0.5) * s, (ii + 0.5) * s
         inside_x = (pc[0] > v(boxes[..., 0])) & (pc[0] < v(boxes[..., 2]))
         inside = inside_x & (pc[1] > v(boxes[..., 1])) & (pc[1] < v(boxes[..., 3]))
+        inside |= (ii == v(ci)) & (jj == v(cj))  # a box narrower than a cell still has its centre cell
         gi = torch.where(inside, g, torch.zeros_like(g))
         area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp_min(1)
         weight_box, which = gi.max(1) if labels.shape[1] else (g.new_zeros(B, h, w), None)
