@@ -114,7 +114,7 @@ def gan_case(cfg, classes: int = 3, channels: int = 1, size: int = 6) -> Case:
 
 
 def img2img_case(cfg, mode: str) -> Case:
-    """An image-to-image net trains G and D: D's patch logits on G's output, (4, 1, 4, 4) for 16 px images."""
+    """An image-to-image net trains G and D: D's patch logits on G's output, (4, 1, 2, 2) for 16 px images."""
     two = mode == "unpaired"
     spec = DataSpec(
         num_classes=3,
@@ -123,7 +123,8 @@ def img2img_case(cfg, mode: str) -> Case:
         image_size=(16, 16),
         mean=(0.5,) * (6 if two else 3),
         std=(0.25,) * (6 if two else 3),
-        extra={"mode": mode, "scale": 4, "channels_a": 3},
+        extra={"mode": mode, "scale": 4, "blur": 0.0, "noise": 0.0, "holes": "box", "hole_fraction": 0.25}
+        | {"channels_a": 3},
     )
 
     def run(model, x):
@@ -131,7 +132,7 @@ def img2img_case(cfg, mode: str) -> Case:
             return model.discriminators["b"](model.ab(x)) + model.discriminators["a"](model.ba(model.ab(x)))
         return model.judge(x, model(x))
 
-    return Case(cfg, spec, (torch.randn(4, 3, 16, 16),), (4, 1, 4, 4), run)
+    return Case(cfg, spec, (torch.randn(4, 3, 16, 16),), (4, 1, 2, 2), run)
 
 
 def detect_case(cfg, classes: int = 3, size: int = 32) -> Case:
@@ -174,9 +175,9 @@ TINY = {
     "dcgan": lambda: gan_case(MODELS["dcgan"](latent=8, g_width=4, d_width=4, conditional=True), size=28),
     "text-transformer": lambda: text_case(MODELS["text-transformer"](n_layer=2, n_head=2, d_model=16)),
     "text-lstm": lambda: text_case(MODELS["text-lstm"](n_layer=2, hidden=8, emb=8)),
-    "pix2pix": lambda: img2img_case(MODELS["pix2pix"](width=4, depth=2, max_width=8, d_width=4, d_layers=2), "sr"),
+    "pix2pix": lambda: img2img_case(MODELS["pix2pix"](width=4, depth=2, max_width=8, d_width=4, d_layers=3), "sr"),
     "cyclegan": lambda: img2img_case(
-        MODELS["cyclegan"](width=4, depth=2, max_width=8, d_width=4, d_layers=2), "unpaired"
+        MODELS["cyclegan"](width=4, depth=2, max_width=8, d_width=4, d_layers=3), "unpaired"
     ),
 }
 
