@@ -310,11 +310,13 @@ def test_device_side_nonfinite_check_stops_before_the_next_checkpoint(tmp_path, 
     assert read_status(tmp_path / "run")["status"] == "failed"
 
 
-def test_device_health_counts_without_reading_back():
-    h = loop.DeviceHealth(torch.device("cpu"))
-    weights = [h.add(torch.tensor(v), step) for step, v in enumerate([0.0, 1.0, 0.0, 1.0], 1)]
-    assert [float(w) for w in weights] == [1, 0, 1, 0]
-    assert h.read() == (2, 2) and h.read() == (0, -1)
+def test_device_health_names_the_dropped_steps_at_the_read():
+    h = loop.DeviceHealth(torch.device("cpu"), 4)
+    for step, v in enumerate([0.0, 1.0, 0.0, 1.0], 1):
+        h.add(torch.tensor(v), step)
+    assert h.read() == [2, 4] and h.read() == []
+    h.add(torch.tensor(1.0), 5)
+    assert h.read() == [5]
 
 
 # ------------------------------------------------------------------------------------------ EMA, early stopping

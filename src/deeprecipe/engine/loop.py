@@ -180,7 +180,8 @@ def stepper(family: Family, net: nn.Module, parts: list[Part], cfg: Config, rt: 
     def step(batches: list) -> StepResult:
         return train_step(family, net, parts, batches, cfg, rt, device_check)
 
-    if not (device_check and cfg.train.cuda_graph and rt.world == 1):
+    # torch.compile's dropout draws its seeds outside a capture's control: compiled steps are not captured
+    if not (device_check and cfg.train.cuda_graph and rt.world == 1 and not cfg.train.compile):
         return step
     from deeprecipe.engine.graph import GraphedStep
 
@@ -192,24 +193,23 @@ def stepper(family: Family, net: nn.Module, parts: list[Part], cfg: Config, rt: 
 
 
 class DeviceHealth:
-    """Non-finite steps counted on the device (no host sync per step): the number since the last read, and the
-    first such step. `read()` is the one sync, at a log, evaluation or checkpoint step."""
+    """Which steps since the last read dropped their update, recorded on the device (one small copy per step, no
+    host sync); `read()` is the one sync, at a log, evaluation or checkpoint step (at most `size` steps apart)."""
 
-    def __init__(self, device: torch.device):
-        self.count = torch.zeros((), device=device)
-        self.first = torch.full((), -1.0, device=device)
+    def __init__(self, device: torch.device, size: int):
+        self.flags = torch.zeros(size, device=device)
+        self.steps: list[int] = []
 
-    def add(self, bad: torch.Tensor, step: int) -> torch.Tensor:
-        """Count this step's flag; the 0/1 weight of its losses in the logged means."""
-        self.first = torch.where((self.first < 0) & (bad > 0), float(step), self.first)
-        self.count += bad
-        return 1 - bad
+    def add(self, bad: torch.Tensor, step: int) -> None:
+        self.flags[len(self.steps)].copy_(bad)
+        self.steps.append(step)
 
-    def read(self) -> tuple[int, int]:
-        count, first = (int(v) for v in torch.stack([self.count, self.first]).tolist())
-        self.count.zero_()
-        self.first.fill_(-1)
-        return count, first
+    def read(self) -> list[int]:
+        """The steps since the last read whose update was dropped."""
+        flags = self.flags[: len(self.steps)].tolist()
+        bad = [s for s, f in zip(self.steps, flags) if f]
+        self.steps = []
+        return bad
 
 
 def check_resume(run_dir: Path, cfg: Config) -> None:
@@ -297,7 +297,8 @@ def train(
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     metric, mode = family.METRIC
     step_fn = stepper(family, net, parts, cfg, rt)
-    health = DeviceHealth(rt.device) if on_device(parts, rt) else None  # non-finite steps, read at each log
+    health = DeviceHealth(rt.device, T.log_every) if on_device(parts, rt) else None  # dropped steps, read at logs
+    masked = health is not None and T.nonfinite == "skip"  # a dropped step stays out of the logged means
     batches = train_batches(
         data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
     )
@@ -319,17 +320,20 @@ def train(
         r = step_fn(micro_batches)
         single = len(parts) == 1
         done = step + 1
-        weight = health.add(r.bad, done) if health is not None else 1  # a dropped step stays out of the means
+        if health is not None:
+            health.add(r.bad, done)
+        good = 1 - r.bad if masked else 1  # (under nonfinite=stop a dropped step ends the run at the next read)
         for name, v in r.losses.items():
             key = "loss" if single else f"{name}_loss"
-            sums[key] = sums.get(key, 0) + (torch.where(weight > 0, v, 0.0) if health is not None else v)
+            sums[key] = sums.get(key, 0) + (torch.where(good > 0, v, 0.0) if masked else v)
         for key, v in r.logs.items():
-            sums[key] = sums.get(key, 0) + (torch.where(weight > 0, v, 0.0) if health is not None else v)
-        nlog += weight
+            sums[key] = sums.get(key, 0) + (torch.where(good > 0, v, 0.0) if masked else v)
+        nlog += good
         at_eval = bool(T.eval_every and done % T.eval_every == 0) or done == T.steps
         at_log = done % T.log_every == 0 or done == T.steps
         if health is not None and (at_log or at_eval or done % T.ckpt_every == 0):
-            count, first = health.read()  # the one host sync of these steps
+            dropped = health.read()  # the one host sync of these steps
+            count, first = len(dropped), dropped[0] if dropped else 0
             if count and T.nonfinite != "skip":
                 run.status("failed", step=first, error="non-finite loss")
                 losses = {k: float("nan") for k in r.losses}
