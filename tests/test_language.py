@@ -254,6 +254,20 @@ def test_lm_recipe_tiny_run(recipe, corpus, tmp_path):
     with torch.enable_grad():  # in case loading a run switches gradients off for the process
         args = ["sample", str(tmp_path / "run"), "--prompt", "First", "--max-tokens", "20", "--device", "cpu"]
         assert main(args) == 0
+    # `deeprecipe explain`: Integrated Gradients of the predicted next token over the prompt's tokens
+    from deeprecipe.engine.run import load_run
+    from deeprecipe.family import ExplainOptions
+
+    family = get_family("lm")
+    cfg, spec, model, rt = load_run(tmp_path / "run", family, "cpu")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("First, we\n")
+    (r,) = family.explain(model, spec, cfg, rt, [str(prompt)], ExplainOptions())
+    assert "".join(t for t, _ in r["tokens"]) == "First, we"  # every prompt token, in order
+    total = sum(v for _, v in r["tokens"])
+    assert abs(r["delta"]) < 0.05 * (1 + abs(total)), r  # completeness: the scores add up to f(x) - f(baseline)
+    with pytest.raises(UserError, match="token ids 0.."):
+        family.explain(model, spec, cfg, rt, [str(prompt)], ExplainOptions(target=spec.vocab_size))
 
 
 def test_char_bpc_equals_loss_in_bits(corpus, tmp_path):

@@ -143,7 +143,7 @@ class Family:
         "method", "score" (its probability), "out" (the overlay written, if any), "text" (the line the CLI
         prints)}, and with opts.sanity "sanity" (engine/explain.py sanity's verdict) and "sanity_plot". Runs with
         gradients enabled on a copy of the model (engine/explain.py); the model itself is left unchanged."""
-        raise UserError(f"task '{self.name}' has no explain (explain works for image classifiers)")
+        raise UserError(f"task '{self.name}' has no explain (it works for classifiers, segmenters and language models)")
 
     def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample`: text pieces for the CLI to show as they come."""

@@ -24,7 +24,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data.core import Data, eval_batches
 from deeprecipe.data.text import tokenizer_from_spec
-from deeprecipe.family import Family, SampleOptions
+from deeprecipe.family import ExplainOptions, Family, SampleOptions
 
 
 def start_ids(tok, prompt: str, where: str = "--prompt") -> list[int]:
@@ -71,6 +71,17 @@ def _check_model(model: nn.Module, tok) -> None:
             f"the tokenizer has {tok.vocab_size} tokens but the model has {v}: "
             "the tokenizer and the checkpoint do not belong together"
         )
+
+
+class NextToken(nn.Module):
+    """A language model seen as a classifier of the next token: ids (B, T) -> logits (B, V) at the last position."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids)[0][:, -1]
 
 
 class LanguageModel(Family):
@@ -132,6 +143,47 @@ class LanguageModel(Family):
         (Path(run_dir) / "plots").mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "plots" / "sample.txt").write_text(text)
         return {}
+
+    def explain(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+    ) -> list[dict]:
+        """Text files (a prompt each) -> how much each prompt token drives the predicted next token (or --target,
+        a token id): Integrated Gradients on the token embedding's output from a prompt of newline tokens;
+        "tokens" is [(token, score), ...] in prompt order, "label" the explained next token."""
+        from deeprecipe.engine import explain as ex
+
+        ex.check_method(opts.method, ("ig",), "a language model")
+        if opts.target is not None and not 0 <= opts.target < spec.vocab_size:
+            raise UserError(f"explain --target {opts.target}: the vocabulary has token ids 0..{spec.vocab_size - 1}")
+        tok = tokenizer_from_spec(spec)
+        block = int(spec.extra.get("block_size") or 0)
+        net = NextToken(ex.safe_copy(model))
+        base = start_ids(tok, "")[0]  # the newline token: a prompt that says nothing
+        results = []
+        for f in files:
+            try:
+                text = Path(f).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{f}: cannot read it as UTF-8 text ({type(e).__name__}): give a text file") from None
+            ids = start_ids(tok, text.removesuffix("\n"), where=f)  # the file's last newline is not the prompt's
+            ids = ids[-block:] if block else ids  # as sample does: the last block_size tokens
+            x = torch.tensor([ids], device=rt.device)
+            with torch.no_grad():
+                p = net(x).float().softmax(-1)[0]
+            c = int(p.argmax()) if opts.target is None else opts.target
+            scores, delta = ex.token_attribution(net, x, c, base)
+            tokens = [[tok.decode([i]), round(float(v), 5)] for i, v in zip(ids, scores)]
+            r = {"file": f, "label": tok.decode([c]), "target": c, "method": "ig", "score": round(float(p[c]), 4)}
+            r |= {"tokens": tokens, "delta": delta}
+            top = sorted(tokens, key=lambda ts: -abs(ts[1]))[:5]
+            shown = " ".join(f"{w!r} {v:+.3f}" for w, v in top)
+            r["text"] = f"{f}: next {r['label']!r} ({r['score']:.3f}) ig: {shown}"
+            if opts.sanity:
+                r["sanity"] = ex.sanity(net, lambda n, x=x, c=c: ex.token_attribution(n, x, c, base)[0])
+                r["sanity_plot"] = str(ex.out_path(f, "ig", opts.out, ".sanity"))
+                ex.sanity_plot(r["sanity"], Path(r["sanity_plot"]), f"{Path(f).name}, ig")
+            results.append(r)
+        return results
 
     def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample RUN`: the prompt, then the generated text piece by piece as it is sampled."""
