@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder")
     s.add_argument("files", nargs="+", help="input files (images, or text files for text classification)")
     s.add_argument("--method", default="ig", help="ig (Integrated Gradients, the default) | gradcam | occlusion")
-    s.add_argument("--target", type=int, help="class index (a language model: token id) to explain (default: predicted)")
+    s.add_argument("--target", type=int, help="class index (a language model: token id); default: the predicted one")
     s.add_argument("--out", help="folder for the overlays (default: next to each input file)")
     s.add_argument(
         "--sanity", action="store_true", help="check that the attributions change with the weights randomised"

@@ -322,7 +322,8 @@ def train(
         done = step + 1
         if health is not None and r.bad is not None:
             health.add(r.bad, done)
-        good = 1 - r.bad if masked and r.bad is not None else 1  # (under nonfinite=stop a dropped step ends the run at the next read)
+        # under nonfinite=stop a dropped step ends the run at the next read: nothing to mask
+        good = 1 - r.bad if masked and r.bad is not None else 1
         for name, v in r.losses.items():
             key = "loss" if single else f"{name}_loss"
             sums[key] = sums.get(key, 0) + (torch.where(good > 0, v, 0.0) if masked else v)
