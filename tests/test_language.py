@@ -424,6 +424,23 @@ def test_translate_recipe_tiny_run(parallel, tmp_path):
 
     with torch.enable_grad():
         assert main(["translate", str(tmp_path / "run"), "a big dog", "the man sits", "--device", "cpu"]) == 0
+    # `deeprecipe explain`: the greedy translation and where its decoder looked in the source
+    from deeprecipe.engine.run import load_run
+    from deeprecipe.families.translate import translate_lines
+    from deeprecipe.family import ExplainOptions
+
+    family = get_family("translate")
+    cfg, spec, model, rt = load_run(tmp_path / "run", family, "cpu")
+    sentence = tmp_path / "s.txt"
+    sentence.write_text("a big dog\n")
+    (r,) = family.explain(model, spec, cfg, rt, [str(sentence)], ExplainOptions(out=tmp_path / "ex"))
+    assert r["label"] == translate_lines(model, spec, ["a big dog"], rt, beam=1)[0]  # the hooks change nothing
+    att = torch.tensor(r["attention"])
+    assert att.shape == (len(r["tgt_tokens"]), len(r["src_tokens"])) and r["tgt_tokens"][-1] == "</s>"
+    torch.testing.assert_close(att.sum(1), torch.ones(len(att)), atol=1e-3, rtol=0)  # each row a distribution
+    assert "".join(r["src_tokens"]).strip() == "a big dog" and (tmp_path / "ex" / "s.attention.png").stat().st_size
+    with pytest.raises(UserError, match="a translation model takes attention"):
+        family.explain(model, spec, cfg, rt, [str(sentence)], ExplainOptions(method="ig"))
 
 
 def test_checkpoint_tokenizer_mismatch(corpus, tmp_path, capsys):

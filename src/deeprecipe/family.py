@@ -42,7 +42,7 @@ class PredictOptions:
 class ExplainOptions:
     """`deeprecipe explain RUN FILES`: what a family's explain hook may use."""
 
-    method: str = "ig"  # "ig" (Integrated Gradients) | "gradcam" | "occlusion"; text: "ig" only
+    method: str = ""  # "ig" (Integrated Gradients) | "gradcam" | "occlusion" | "attention"; "": the family's first
     target: int | None = None  # class index to explain; None: the predicted class
     out: Path | None = None  # folder for the overlays (default: next to each input file)
     sanity: bool = False  # also run the parameter-randomisation sanity check (engine/explain.py sanity)

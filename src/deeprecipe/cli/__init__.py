@@ -176,10 +176,10 @@ def cmd_explain(args) -> None:
     from deeprecipe.engine.explain import METHODS
     from deeprecipe.family import ExplainOptions
 
-    if args.method not in METHODS:
+    if args.method and args.method not in METHODS:
         raise UserError(f"explain --method {args.method}: unknown method; choose one of {', '.join(METHODS)}")
     cfg, spec, model, rt, family = open_run(args.run, args.device, args.precision)
-    opts = ExplainOptions(method=args.method, target=args.target, out=Path(args.out) if args.out else None)
+    opts = ExplainOptions(method=args.method or "", target=args.target, out=Path(args.out) if args.out else None)
     opts.sanity = args.sanity
     results = family.explain(model, spec, cfg, rt, list(args.files), opts)
     flagged = 0
@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("explain", help="explain a run's predictions on files: attribution overlays (Captum)")
     s.add_argument("run", help="run folder")
-    s.add_argument("files", nargs="+", help="input files (images, or text files for text classification)")
-    s.add_argument("--method", default="ig", help="ig (Integrated Gradients, the default) | gradcam | occlusion")
+    s.add_argument("files", nargs="+", help="input files: images, or text files (texts, prompts, sentences)")
+    s.add_argument("--method", help="ig | gradcam | occlusion (images), ig (text), attention (translation)")
     s.add_argument("--target", type=int, help="class index (a language model: token id); default: the predicted one")
     s.add_argument("--out", help="folder for the overlays (default: next to each input file)")
     s.add_argument(

@@ -23,14 +23,17 @@ import torch.nn as nn
 
 from deeprecipe.core import UserError
 
-METHODS = ("ig", "gradcam", "occlusion")
+IMAGE_METHODS = ("ig", "gradcam", "occlusion")
+METHODS = (*IMAGE_METHODS, "attention")  # attention: a translation model's decoder-to-source attention
 SANITY_THRESHOLD = 0.5  # rank correlation with every layer randomised above this: "uninformative"
 IG_STEPS = 32
 
 
-def check_method(method: str, allowed: tuple[str, ...] = METHODS, what: str = "this task") -> None:
-    if method not in allowed:
+def check_method(method: str, allowed: tuple[str, ...] = IMAGE_METHODS, what: str = "this task") -> str:
+    """The method to run: `method`, or "" for the family's default (the first it allows)."""
+    if method and method not in allowed:
         raise UserError(f"explain --method {method}: {what} takes {', '.join(allowed)}")
+    return method or allowed[0]
 
 
 def safe_copy(model: nn.Module) -> nn.Module:

@@ -270,14 +270,14 @@ class Classify(Family):
         a black image, Grad-CAM on the last conv layer, or occlusion by black windows; an overlay PNG per file."""
         from deeprecipe.engine import explain as ex
 
-        ex.check_method(opts.method, what="an image classifier")
+        method = ex.check_method(opts.method, what="an image classifier")
         target = _class_index(opts.target, spec)
         images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]  # all read first
         results = []
         for f, img in zip(files, images):
-            r = ex.save_explanation(explain_tensor(model, spec, rt, img, opts.method, target, opts.sanity), f, opts.out)
+            r = ex.save_explanation(explain_tensor(model, spec, rt, img, method, target, opts.sanity), f, opts.out)
             r |= {"file": f}
-            r["text"] = f"{f}: {r['label']} ({r['score']:.3f}) {opts.method} -> {r['out']}"
+            r["text"] = f"{f}: {r['label']} ({r['score']:.3f}) {method} -> {r['out']}"
             results.append(r)
         return results
 

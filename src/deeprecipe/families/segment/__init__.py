@@ -267,7 +267,7 @@ class Segment(Family):
         predicted as that class: --target, else the class predicted on most pixels; an overlay PNG per file."""
         from deeprecipe.engine import explain as ex
 
-        ex.check_method(opts.method, what="a segmenter")
+        method = ex.check_method(opts.method, what="a segmenter")
         if opts.target is not None and not 0 <= opts.target < spec.num_classes:
             raise UserError(f"explain --target {opts.target}: the model has classes 0..{spec.num_classes - 1}")
         images = [image_ops.resize(image_ops.read(f, spec.in_channels), tuple(spec.image_size)) for f in files]
@@ -288,11 +288,11 @@ class Segment(Family):
                 return lambda z: (net(z).float()[:, c] * mask).sum((1, 2)) / mask.sum()  # (B,)
 
             x = prepare((img[None].float(), torch.zeros(1, 1, 1)), spec)[0]
-            r = ex.image_explanation(model, img, x, baseline, forward_of, None, opts.method, opts.sanity)
+            r = ex.image_explanation(model, img, x, baseline, forward_of, None, method, opts.sanity)
             r = ex.save_explanation(r, f, opts.out)
             label = spec.class_names[c]
             r |= {"file": f, "label": label, "target": c, "score": round(share, 4)}
-            r["text"] = f"{f}: {label} ({share:.0%} of the pixels) {opts.method} -> {r['out']}"
+            r["text"] = f"{f}: {label} ({share:.0%} of the pixels) {method} -> {r['out']}"
             results.append(r)
         return results
 

@@ -19,7 +19,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.text import tokenizer_from_extra
-from deeprecipe.family import Family
+from deeprecipe.family import ExplainOptions, Family
 
 
 def tokenizers(spec: DataSpec):
@@ -129,6 +129,50 @@ def translate_lines(
     return out
 
 
+def cross_attention(model: nn.Module, src: torch.Tensor, hyp: list[int]) -> torch.Tensor:
+    """Where the decoder looks while writing `hyp` (token ids, without <s> and </s>) from `src` (1, S): (T, S)
+    weights, row t the attention over the source tokens when predicting target token t (the last row: </s>),
+    averaged over the heads and the decoder layers. Read from the decoder layers' source attention, asked for
+    its weights by a hook; the model is not changed."""
+    from deeprecipe.data.pairs import BOS
+
+    m = _model(model)
+    maps: list[torch.Tensor] = []
+
+    def ask(mod, args, kwargs):
+        return args, kwargs | {"need_weights": True, "average_attn_weights": True}
+
+    def keep(mod, args, kwargs, out):
+        maps.append(out[1][0].float())  # (T, S)
+
+    hooks = []
+    for layer in m.decoder.layers:
+        hooks.append(layer.multihead_attn.register_forward_pre_hook(ask, with_kwargs=True))
+        hooks.append(layer.multihead_attn.register_forward_hook(keep, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            m(src, torch.tensor([[BOS, *hyp]], device=src.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(maps).mean(0)
+
+
+def save_attention(att: torch.Tensor, src: list[str], tgt: list[str], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from deeprecipe.engine.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(src), 1.2 + 0.35 * len(tgt)))
+    ax.imshow(att.cpu().numpy(), cmap="viridis", vmin=0, aspect="auto")
+    ax.set_xticks(range(len(src)), src, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tgt)), tgt, fontsize=8)
+    ax.set_xlabel("source")
+    ax.set_ylabel("translation")
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
 class Translate(Family):
     """Translation (see the module docstring)."""
 
@@ -193,6 +237,43 @@ class Translate(Family):
         )
         (Path(run_dir) / "plots" / "translations.txt").write_text(head + "\n".join(lines))
         return {f"{split}_bleu_beam{beam}": s["bleu"], f"{split}_chrf_beam{beam}": s["chrf"]}
+
+    def explain(
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+    ) -> list[dict]:
+        """Text files (a source sentence each) -> the greedy translation and its decoder-to-source attention map
+        (`cross_attention`): "attention" [[...] per target token], "src_tokens", "tgt_tokens", and a heat map
+        written to <stem>.attention.png (in --out, else next to the file)."""
+        from deeprecipe.data.pairs import EOS, pad, read_lines
+        from deeprecipe.engine import explain as ex
+
+        method = ex.check_method(opts.method, ("attention",), "a translation model")
+        if opts.target is not None:
+            raise UserError("explain --target: a translation is explained as a whole (drop --target)")
+        if opts.sanity:
+            raise UserError("explain --sanity: the randomisation check is for attributions, not attention maps")
+        src_tok, tgt_tok = tokenizers(spec)
+        max_src = len(_model(model).pos) - 1
+        results = []
+        for f in files:
+            text = " ".join(read_lines(Path(f))).strip()
+            if not text:
+                raise UserError(f"{f}: no sentence in it (give a text file with the sentence to translate)")
+            ids = (src_tok.encode(text) or [EOS])[:max_src]
+            src = pad([ids], rt.device)
+            with torch.no_grad():
+                hyp = decode(model, src, beam=1)[0]
+            att = cross_attention(model, src, hyp)
+            src_names = [src_tok.decode([i]) for i in ids]
+            tgt_names = [tgt_tok.decode([i]) for i in hyp] + ["</s>"]
+            out = ex.out_path(f, method, opts.out)
+            save_attention(att, src_names, tgt_names, out, f"{Path(f).name}: decoder attention over the source")
+            translation = tgt_tok.text(hyp)
+            r = {"file": f, "label": translation, "method": method, "out": str(out)}
+            r |= {"src_tokens": src_names, "tgt_tokens": tgt_names, "attention": att.round(decimals=4).tolist()}
+            r["text"] = f"{f}: {translation!r} attention -> {out}"
+            results.append(r)
+        return results
 
     def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
         """One teacher-forced decoder pass: source ids (B, S) and target-so-far ids (B, T) in, logits (B, T, V) out."""
