@@ -326,6 +326,9 @@ def test_train_predict_writes_json_boxes_and_a_drawing(tmp_path, cli):
         bad = c.post("/detect", files={"image": ("x.png", b"no", "image/png")}, headers={"Authorization": "Bearer tk"})
         assert bad.status_code == 400
     torch.set_grad_enabled(True)
+    # export: the raw maps to ONNX, checked against PyTorch (decoding and NMS stay in Python)
+    code, printed, err = cli("export", str(run), "--format", "onnx")
+    assert code == 0 and "model.onnx" in printed, err
 
 
 def test_tv_detector_loads_a_local_weights_file_and_detects(tmp_path):

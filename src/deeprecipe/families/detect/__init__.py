@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.core import DataSpec, UserError
+from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches, trim_targets
 from deeprecipe.data.image_ops import denormalize, normalize
@@ -161,7 +161,7 @@ class Detect(Family):
 
     def check_config(self, cfg: Config) -> None:
         if cfg.model.name not in ("centernet", "tv-detector") and ":" not in cfg.model.name:
-            raise UserError(f"model.name={cfg.model.name}: task detect needs a detector (centernet or tv-detector)")
+            raise ConfigError(f"model.name={cfg.model.name}: task detect needs a detector (centernet or tv-detector)")
 
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         x, boxes, labels = batch
