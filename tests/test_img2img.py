@@ -14,7 +14,7 @@ from deeprecipe.checks.core import Ctx
 from deeprecipe.core import DataError, UserError
 from deeprecipe.data.core import Draws
 from deeprecipe.data.img2img import Img2ImgData
-from deeprecipe.families.img2img import Img2Img, checks, degrade, enhance, inpaint, input_image, tiled
+from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, input_image, tiled
 from deeprecipe.families.img2img import metrics as im
 from deeprecipe.family import PredictOptions
 from deeprecipe.models.pix2pix import Pix2Pix
@@ -187,8 +187,10 @@ def test_predict_enlarges_files_of_any_size_and_tiles_agree(tmp_path):
         whole = model(x)
         tiles = tiled(model, x, ctx.rt, tile=32, overlap=8)
     assert tiles.shape == whole.shape and float((tiles - whole).abs().mean()) < 0.02
-    with pytest.raises(UserError, match="too small"):
-        enhance(model, ctx.spec, ctx.rt, torch.zeros(3, 1, 5, dtype=torch.uint8))
+    with pytest.raises(UserError, match=r"dot\.png is 5x1: too small to enlarge"):
+        f.predict(
+            model, ctx.spec, ctx.cfg, ctx.rt, [str(png(tmp_path / "dot.png", 1, 5))], PredictOptions(out=tmp_path)
+        )
 
 
 def test_inpaint_keeps_the_pixels_outside_the_hole_and_refuses_a_bad_mask(tmp_path):
@@ -229,6 +231,16 @@ def test_label2image_and_cyclegan_train_and_score(tmp_path):
             out = translate(model, ctx.spec, ctx.rt, torch.zeros(3, 20, 28, dtype=torch.uint8))
         else:
             out = translate(model, ctx.spec, ctx.rt, torch.zeros(20, 28, dtype=torch.uint8))
+            labels = torch.zeros(1, 20, 28, dtype=torch.uint8)
+            write_png(labels, str(tmp_path / "lab.png"))
+            (r,) = f.predict(
+                model, ctx.spec, ctx.cfg, ctx.rt, [str(tmp_path / "lab.png")], PredictOptions(out=tmp_path)
+            )
+            assert r["size"] == [28, 20]
+            labels[0, 3, 4] = 9
+            write_png(labels, str(tmp_path / "lab.png"))
+            with pytest.raises(UserError, match=r"lab\.png: label id 9 is not one of the 8 classes"):
+                f.predict(model, ctx.spec, ctx.cfg, ctx.rt, [str(tmp_path / "lab.png")], PredictOptions(out=tmp_path))
         assert out.shape == (3, 20, 28) and out.dtype == torch.uint8
 
 
@@ -238,3 +250,55 @@ def test_export_example_runs_the_generator(tmp_path):
     x = ex["inputs"]["image"]
     assert x.shape == (2, 4, 32, 32) and set(x[:, -1].unique().tolist()) <= {0.0, 1.0}
     assert model(x).shape == (2, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------ serve and export
+
+
+def test_served_inpaint_fills_only_the_hole_refuses_a_bad_mask_and_exports(tmp_path):
+    """A tiny inpainting run, served as `deeprecipe serve` serves it: /inpaint with a mask keeps the pixels
+    outside the hole and gives predict's answer; a mask of another size is a 400 naming it; the ONNX export
+    passes its parity check."""
+    import base64
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from deeprecipe.cli import main, open_run
+    from deeprecipe.serve.server import ServeOptions, build_app
+
+    run = tmp_path / "run"
+    sets = ["train.device=cpu", "train.precision=fp32", "train.eval_every=0", "train.steps=2", "train.batch_size=2"]
+    sets += [*TINY_SCENES, *TINY_MODEL]
+    assert main(["train", "scenes-inpaint", "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+    image = png(tmp_path / "p.png", 24, 30)
+    mask = torch.zeros(1, 24, 30, dtype=torch.uint8)
+    mask[:, 4:14, 6:20] = 255
+    write_png(mask, str(tmp_path / "p_mask.png"))
+    cfg, spec, model, rt, fam = open_run(str(run), "cpu", "fp32")
+    (want,) = fam.predict(model, spec, cfg, rt, [str(image)], PredictOptions(out=tmp_path / "o"))
+    with TestClient(build_app(str(run), *open_run(str(run), "cpu", "fp32"), ServeOptions(token="tk"))) as c:
+        c.headers["Authorization"] = "Bearer tk"
+        files = {"image": ("p.png", image.read_bytes(), "image/png")}
+        r = c.post("/inpaint", files={**files, "mask": ("m.png", (tmp_path / "p_mask.png").read_bytes(), "image/png")})
+        assert r.status_code == 200, r.text
+        got = np.array(Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))))
+        assert np.array_equal(got, np.array(Image.open(want["out"])))
+        assert np.array_equal(got[mask[0].numpy() == 0], np.array(Image.open(image))[mask[0].numpy() == 0])
+        write_png(mask[:, :20], str(tmp_path / "small_mask.png"))
+        bad = c.post(
+            "/inpaint", files={**files, "mask": ("small.png", (tmp_path / "small_mask.png").read_bytes(), "image/png")}
+        )
+        assert bad.status_code == 400 and "small.png: the mask is 30x20 but the image is 30x24" in bad.text
+        assert c.post("/inpaint", files=files).status_code == 200  # no mask: a centred box (the page's demo)
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+
+
+def test_telea_fills_a_flat_image_nearly_exactly():
+    pytest.importorskip("cv2")
+    img = torch.full((2, 3, 20, 20), 0.4)
+    hole = degrade.holes(2, 20, 20, "box", 0.25, draws(1), "cpu")
+    filled = im.telea(img * (1 - hole), hole)
+    assert filled.shape == img.shape and (filled - img).abs().max() <= 4 / 255

@@ -110,6 +110,10 @@ class Pix2PixConfig:
         if mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
         g = UNet(cin, cout, self.width, self.depth, self.max_width)
+        if mode == "sr":  # start near the bicubic up-sampling: a small residual
+            with torch.no_grad():
+                g.head.weight.mul_(0.1)
+                g.head.bias.zero_()
         return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout)
 
 

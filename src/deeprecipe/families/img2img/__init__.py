@@ -18,10 +18,9 @@ the updated D, frozen, on the same images of G (engine.loop.Update):
 with L_D, L_G from families/gan/losses.py. Evaluation scores PSNR and SSIM (metrics.py) on held-out images
 next to the classic baseline of the mode: bicubic up-sampling for sr, the PSNR on the hole (and OpenCV's Telea
 inpainting when installed) for inpaint, the untranslated input for paired data, the cycle reconstruction for
-unpaired data without known pairs.
+unpaired data without known pairs. (No `from __future__ import annotations` here: FastAPI reads the serve
+hook's annotations at run time.)
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 
@@ -258,7 +257,7 @@ class Img2Img(Family):
                 out = translate(model, spec, rt, read_labels(f, spec))
             else:
                 img = image_ops.read(f, input_channels(spec))
-                out = enhance(model, spec, rt, img) if mode == "sr" else translate(model, spec, rt, img)
+                out = enhance(model, spec, rt, img, f) if mode == "sr" else translate(model, spec, rt, img)
             dest = out_dir / f"{p.stem}_{mode}.png"
             write_png(out, str(dest))
             h, w = out.shape[-2:]
@@ -323,7 +322,10 @@ class Img2Img(Family):
                     hole = centre_box(img.shape[-2:], spec.extra["hole_fraction"])
                 else:
                     m = await ctx.read_image(mask, channels=1, size=(0, 0))
-                    hole = mask_of(m, tuple(img.shape[-2:]), mask.filename or "mask")
+                    try:
+                        hole = mask_of(m, tuple(img.shape[-2:]), mask.filename or "mask")
+                    except UserError as e:
+                        raise HTTPException(400, str(e)) from None
                 return await go(img, hole)
 
             ctx.widget("/inpaint", "image", "Fill a hole (a centred box unless a mask is sent)")
@@ -334,7 +336,11 @@ class Img2Img(Family):
             async def translate_endpoint(image: UploadFile = File(..., description="the image")):
                 if mode == "label2image":
                     raw = await ctx.read_image(image, channels=1, size=(0, 0), max_side=0)
-                    return await go(check_labels(raw[0], spec, image.filename or "labels"))
+                    try:
+                        labels = check_labels(raw[0], spec, image.filename or "labels")
+                    except UserError as e:
+                        raise HTTPException(400, str(e)) from None
+                    return await go(labels)
                 return await go(
                     await ctx.read_image(image, channels=input_channels(spec), size=(0, 0), max_side=MAX_SIDE)
                 )
@@ -371,14 +377,14 @@ def input_channels(spec: DataSpec) -> int:
 
 
 @torch.no_grad()
-def enhance(model: nn.Module, spec: DataSpec, rt, lr: torch.Tensor) -> torch.Tensor:
+def enhance(model: nn.Module, spec: DataSpec, rt, lr: torch.Tensor, where: str = "the image") -> torch.Tensor:
     """A low-res image uint8 (C, h, w) -> the image `scale` times larger, uint8 (C, h*s, w*s), made in tiles."""
     s = int(spec.extra["scale"])
     h, w = lr.shape[-2:]
     if min(h, w) < 2:
-        raise UserError(f"the image is {w}x{h}: too small to enlarge (at least 2x2 pixels)")
+        raise UserError(f"{where} is {w}x{h}: too small to enlarge (at least 2x2 pixels)")
     if h * w * s * s > image_ops.MAX_PIXELS:
-        raise UserError(f"{w}x{h} enlarged x{s} is over {image_ops.MAX_PIXELS} pixels: send a smaller image")
+        raise UserError(f"{where} is {w}x{h}: x{s} would be over {image_ops.MAX_PIXELS} pixels, send a smaller image")
     model.eval()
     x = degrade.enlarge(unit(lr[None].to(rt.device)), s)  # (1, C, H, W)
     return _to_uint8(tiled(model, x, rt))
