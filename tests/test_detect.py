@@ -347,3 +347,20 @@ def test_tv_detector_loads_a_local_weights_file_and_detects(tmp_path):
         MODELS["tv-detector"](arch="yolo").build(spec)
     dets = b.eval().detect(torch.randn(2, 3, 64, 64))
     assert len(dets) == 2 and all(d[0].shape[-1] == 4 and len(d[1]) == len(d[2]) for d in dets)
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_init_loss_check_catches_a_heat_head_not_started_at_the_prior(tmp_path, planted):
+    from deeprecipe.checks.training import init_loss
+
+    cfg = config.load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16", "model.max_width=32"])
+    data = ScenesDetectData(size=(64, 64), train_size=32, val_size=0, test_size=0).build()
+
+    def make(spec):
+        model = cfg.model.build(spec)
+        if planted:  # a zero bias: every cell starts at p = 0.5 instead of the class prior
+            torch.nn.init.zeros_(model.head.bias)
+        return model
+
+    v = init_loss(Ctx(cfg, tmp_path, get_family("detect"), data=data, make_model=make, batch_size=16))
+    assert v.status == ("fail" if planted else "pass"), v
