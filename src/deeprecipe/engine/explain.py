@@ -273,3 +273,21 @@ def token_attribution(net: nn.Module, ids: torch.Tensor, target: int, baseline_i
             return_convergence_delta=True,
         )
     return attr.sum(-1)[0].detach(), float(delta.flatten()[0])
+
+
+def token_explanation(
+    net: nn.Module, file: str, ids: list[int], target: int, baseline_id: int, decode, with_sanity: bool, out
+) -> dict:
+    """A text's explanation (a text classifier's class, a language model's next token): token_attribution of
+    net(ids)[:, target], {"tokens": [(token, score), ...] in text order, "delta", "top" (the 5 strongest, as
+    text)}, and with_sanity the randomisation check ("sanity", "sanity_plot" next to `file` or in `out`)."""
+    x = torch.tensor([ids], device=next(net.parameters()).device)
+    scores, delta = token_attribution(net, x, target, baseline_id)
+    tokens = [[decode([i]), round(float(v), 5)] for i, v in zip(ids, scores)]
+    top = sorted(tokens, key=lambda ts: -abs(ts[1]))[:5]
+    r = {"tokens": tokens, "delta": delta, "top": " ".join(f"{w!r} {v:+.3f}" for w, v in top)}
+    if with_sanity:
+        r["sanity"] = sanity(net, lambda n: token_attribution(n, x, target, baseline_id)[0])
+        r["sanity_plot"] = str(out_path(file, "ig", out, ".sanity"))
+        sanity_plot(r["sanity"], Path(r["sanity_plot"]), f"{Path(file).name}, ig")
+    return r

@@ -171,17 +171,9 @@ class LanguageModel(Family):
             with torch.no_grad():
                 p = net(x).float().softmax(-1)[0]
             c = int(p.argmax()) if opts.target is None else opts.target
-            scores, delta = ex.token_attribution(net, x, c, base)
-            tokens = [[tok.decode([i]), round(float(v), 5)] for i, v in zip(ids, scores)]
             r = {"file": f, "label": tok.decode([c]), "target": c, "method": "ig", "score": round(float(p[c]), 4)}
-            r |= {"tokens": tokens, "delta": delta}
-            top = sorted(tokens, key=lambda ts: -abs(ts[1]))[:5]
-            shown = " ".join(f"{w!r} {v:+.3f}" for w, v in top)
-            r["text"] = f"{f}: next {r['label']!r} ({r['score']:.3f}) ig: {shown}"
-            if opts.sanity:
-                r["sanity"] = ex.sanity(net, lambda n, x=x, c=c: ex.token_attribution(n, x, c, base)[0])
-                r["sanity_plot"] = str(ex.out_path(f, "ig", opts.out, ".sanity"))
-                ex.sanity_plot(r["sanity"], Path(r["sanity_plot"]), f"{Path(f).name}, ig")
+            r |= ex.token_explanation(net, f, ids, c, base, tok.decode, opts.sanity, opts.out)
+            r["text"] = f"{f}: next {r['label']!r} ({r['score']:.3f}) ig: {r.pop('top')}"
             results.append(r)
         return results
 

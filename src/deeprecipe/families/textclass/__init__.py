@@ -115,18 +115,10 @@ class TextClassify(Family):
         results = []
         for f, t, p in zip(files, ids, probs):
             c = int(p.argmax()) if opts.target is None else opts.target
-            x = torch.tensor([t], device=rt.device)
-            scores, delta = ex.token_attribution(net, x, c, PAD)
-            tokens = [[tok.decode([i]), round(float(s), 5)] for i, s in zip(t, scores)]
             label = spec.class_names[c]
             r = {"file": f, "label": label, "target": c, "method": "ig", "score": round(float(p[c]), 4)}
-            r |= {"tokens": tokens, "delta": delta}
-            top = sorted(tokens, key=lambda ts: -abs(ts[1]))[:5]
-            r["text"] = f"{f}: {label} ({r['score']:.3f}) ig: " + " ".join(f"{w!r} {s:+.3f}" for w, s in top)
-            if opts.sanity:
-                r["sanity"] = ex.sanity(net, lambda n, x=x, c=c: ex.token_attribution(n, x, c, PAD)[0])
-                r["sanity_plot"] = str(ex.out_path(f, "ig", opts.out, ".sanity"))
-                ex.sanity_plot(r["sanity"], Path(r["sanity_plot"]), f"{Path(f).name}, ig")
+            r |= ex.token_explanation(net, f, t, c, PAD, tok.decode, opts.sanity, opts.out)
+            r["text"] = f"{f}: {label} ({r['score']:.3f}) ig: {r.pop('top')}"
             results.append(r)
         return results
 
