@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
-from deeprecipe.data.scenes import SPLIT_BASE, render_scenes
+from deeprecipe.data.scenes import render_scenes, render_splits
 
 DETECT_CLASSES = ["car", "person", "traffic sign"]
 DETECT_PALETTE = [(0, 0, 142), (220, 20, 60), (220, 220, 0)]
@@ -130,15 +130,7 @@ class ScenesDetectData(BoxData):
     chunk: int = 64
 
     def build(self) -> Data:
-        H, W = self.size
-        if min(H, W) < 32:
-            raise DataError(f"data.size={list(self.size)}: scenes need at least 32 pixels per side")
-        splits = {}
-        for name, n in (("train", self.train_size), ("val", self.val_size), ("test", self.test_size)):
-            if n >= 10_000_000:
-                raise DataError(f"data.{name}_size={n}: at most 9,999,999 images per split")
-            first = SPLIT_BASE[name] + self.seed * 30_000_000
-            splits[name] = self.render(torch.arange(first, first + n)) if n else None
+        splits = render_splits(self, self.render)
         return self.finish(DETECT_CLASSES, DETECT_PALETTE, splits["train"], splits["val"], splits["test"])
 
     def render(self, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -366,6 +366,20 @@ def _banks(H: int, W: int, device: str, n: int = 32) -> tuple[torch.Tensor, torc
     return grain.to(device), noise.to(device), streaks.to(device)
 
 
+def render_splits(cfg, render) -> dict:
+    """train / val / test of a scenes data config (size, seed, *_size): each split `render(scene numbers)` of its
+    own disjoint range of numbers, or None when empty."""
+    if min(cfg.size) < 32:
+        raise DataError(f"data.size={list(cfg.size)}: scenes need at least 32 pixels per side")
+    splits = {}
+    for name, n in (("train", cfg.train_size), ("val", cfg.val_size), ("test", cfg.test_size)):
+        if n >= 10_000_000:
+            raise DataError(f"data.{name}_size={n}: at most 9,999,999 images per split")
+        first = SPLIT_BASE[name] + cfg.seed * 30_000_000
+        splits[name] = render(torch.arange(first, first + n)) if n else None
+    return splits
+
+
 @dataclass
 class ScenesData(SegData):
     """Generated driving scenes with per-pixel labels; see the module docstring."""
@@ -379,15 +393,7 @@ class ScenesData(SegData):
     chunk: int = 64  # images drawn per tensor batch (64 keeps the tensors in cache: fastest on CPU)
 
     def build(self) -> Data:
-        H, W = self.size
-        if min(H, W) < 32:
-            raise DataError(f"data.size={list(self.size)}: scenes need at least 32 pixels per side")
-        splits = {}
-        for name, n in (("train", self.train_size), ("val", self.val_size), ("test", self.test_size)):
-            if n >= 10_000_000:
-                raise DataError(f"data.{name}_size={n}: at most 9,999,999 images per split")
-            first = SPLIT_BASE[name] + self.seed * 30_000_000
-            splits[name] = self.render(torch.arange(first, first + n)) if n else None
+        splits = render_splits(self, self.render)
         return self.finish(SCENE_CLASSES, SCENE_PALETTE, splits["train"], splits["val"], splits["test"])
 
     def render(self, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
