@@ -18,7 +18,7 @@ import torch
 from deeprecipe import config
 from deeprecipe.data.core import Draws
 from deeprecipe.engine.device import setup
-from deeprecipe.engine.loop import build, train
+from deeprecipe.engine.loop import build, make_parts, train, train_step
 from deeprecipe.families import get_family
 
 
@@ -40,13 +40,14 @@ def machine() -> str:
 
 
 def step_time(cfg, probes: int = 4) -> tuple[float, float]:
-    """(seconds to build the data, seconds per training step) measured on the recipe's own model and batch."""
+    """(seconds to build the data, seconds per training step) measured with the loop's own step (every part of
+    the family: a GAN's D and G turns too) on the recipe's model and batch."""
     rt = setup(cfg.train.device, cfg.train.precision)
     t0 = time.perf_counter()
     family = get_family(cfg.task)
     data, model = build(cfg, family, rt)
     t_data = time.perf_counter() - t0
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    parts = make_parts(family, model, cfg, rt)
     times = []
     for s in range(probes + 1):
         if hasattr(data.train, "step_batch"):  # text windows, length-bucketed sentence pairs
@@ -56,11 +57,7 @@ def step_time(cfg, probes: int = 4) -> tuple[float, float]:
             raw = data.train.take(idx)
         batch = family.prepare(raw, data.spec, Draws(torch.Generator().manual_seed(s)))
         t = time.perf_counter()
-        with rt.autocast():
-            loss, _ = family.loss(model, batch, cfg, "model")
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(family, model, parts, [batch], cfg, rt)
         times.append(time.perf_counter() - t)
     return t_data, sorted(times[1:])[len(times[1:]) // 2]
 

@@ -18,13 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from _budget import machine
+from _budget import machine, step_time
 from deeprecipe import config
-from deeprecipe.data.core import Draws
-from deeprecipe.engine.device import setup
-from deeprecipe.engine.loop import build, make_parts, train, train_step
+from deeprecipe.engine.loop import train
 from deeprecipe.families import get_family
 
 TASKS = {  # name: (recipe, overrides, model metric, baseline metric, target gain in dB)
@@ -38,24 +34,6 @@ TASKS = {  # name: (recipe, overrides, model metric, baseline metric, target gai
         3.0,
     ),
 }
-
-
-def step_time(cfg, probes: int = 3) -> tuple[float, float]:
-    """(seconds to build the data, seconds per full training step: D's and G's turns)."""
-    rt = setup(cfg.train.device, cfg.train.precision)
-    family = get_family(cfg.task)
-    t0 = time.perf_counter()
-    data, model = build(cfg, family, rt)
-    t_data = time.perf_counter() - t0
-    parts = make_parts(family, model, cfg, rt)
-    times = []
-    for s in range(probes + 1):
-        idx = torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
-        batch = family.prepare(data.train.take(idx), data.spec, Draws(torch.Generator().manual_seed(s)))
-        t = time.perf_counter()
-        train_step(family, model, parts, [batch], cfg, rt)
-        times.append(time.perf_counter() - t)
-    return t_data, sorted(times[1:])[len(times[1:]) // 2]
 
 
 def run(name: str, budget: float, extra: list[str]) -> tuple[bool, str]:
