@@ -70,6 +70,7 @@ def run_deeprecipe(steps: int, batch: int, device: str = "cpu", sets: tuple = ()
         [
             f"train.steps={steps}",
             f"train.batch_size={batch}",
+            "optim.lr=0.004",  # the plain loop's (on CUDA the recipe's cuda section would raise it)
             "train.eval_every=0",
             f"train.ckpt_every={steps}",
             "train.log_every=10",
