@@ -8,6 +8,7 @@ from deeprecipe.core import lookup
 from deeprecipe.data.boxfiles import BoxFilesData
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.detect import ScenesDetectData
+from deeprecipe.data.drive import DriveData
 from deeprecipe.data.images import CSVData, DigitsData, FashionMNISTData, ImageFolderData, MNISTData
 from deeprecipe.data.img2img import Img2ImgData
 from deeprecipe.data.pairs import PairsData
@@ -34,6 +35,7 @@ DATASETS: dict[str, type] = {
     "scenes-detect": ScenesDetectData,
     "boxfiles": BoxFilesData,
     "img2img": Img2ImgData,
+    "driving": DriveData,
 }
 
 

@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "textclass": "deeprecipe.families.textclass:TextClassify",
     "detect": "deeprecipe.families.detect:Detect",
     "img2img": "deeprecipe.families.img2img:Img2Img",
+    "drive": "deeprecipe.families.drive:Drive",
 }
 
 

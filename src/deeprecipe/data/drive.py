@@ -1,0 +1,211 @@
+"""Driving data: expert rollouts recorded to disk as shards, split by episode seed, never by frame.
+
+A shard is one safetensors file (no pickle) of the frames a policy saw and what the expert would do there:
+`frames` uint8 (N, S, H, W) (S stacked grayscale frames, see data/sim.py), `label` (N,) the expert's action
+(int64 meta-action index, or float32 steering in [-1, 1]), `action` (N,) what was executed (the expert itself
+when recording, the learner in DAgger rounds), `episode` (N,) int64 the episode's seed, `step` (N,) int64;
+its metadata names the environment, the control and the action names. Shards of `path` (recorded with the
+expert, `episodes` episodes from seed `seed`, the first time the folder is used) and of every folder or file in
+`include` (DAgger rounds) are read together.
+
+Splits: an episode's seed decides its split (val when hash(seed) % 10 == 0, test when == 1, else train), so
+every frame of an episode lands in the same split. The closed-loop evaluation drives fresh seeds from 20,000,000
+on (`EVAL_SEED`), which no recording uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deeprecipe.core import DataError, DataSpec
+from deeprecipe.data.core import Data, TensorSplit
+from deeprecipe.data.scenes import hash_ints
+
+EVAL_SEED = 20_000_000  # first seed of the closed-loop evaluation episodes (never recorded)
+DAGGER_SEED = 10_000_000  # first seed of the DAgger rounds' episodes
+SHARD_KEYS = {"frames": torch.uint8, "episode": torch.int64, "step": torch.int64}
+SHARD_EPISODES = 25  # episodes per shard when recording
+
+
+class EpisodeSplit(TensorSplit):
+    """A TensorSplit (frames, label) that also knows each example's episode seed (the leakage check reads it)."""
+
+    def __init__(self, frames: torch.Tensor, label: torch.Tensor, episode: torch.Tensor):
+        super().__init__(frames, label)
+        self.episodes = episode
+
+
+def episode_split(seeds: torch.Tensor) -> torch.Tensor:
+    """0 train, 1 val, 2 test for each episode seed (a hash of the seed, so the split never looks at frames)."""
+    h = hash_ints(seeds.long()) % 10
+    return torch.where(h == 0, 1, torch.where(h == 1, 2, 0))
+
+
+def write_shard(path: Path, episodes: list, meta: dict) -> None:
+    """Episodes (data/sim.py Episode with frames and labels) -> one shard, written under a temporary name and
+    renamed, so a killed recording never leaves a half-written shard."""
+    from safetensors.torch import save_file
+
+    frames = np.stack([f for ep in episodes for f in ep.frames])
+    steer = meta["control"] == "steer"
+    dtype = torch.float32 if steer else torch.int64
+
+    def col(name: str) -> torch.Tensor:
+        return torch.tensor([v for ep in episodes for v in getattr(ep, name)], dtype=dtype)
+
+    tensors = {
+        "frames": torch.from_numpy(frames),
+        "label": col("labels"),
+        "action": col("actions"),
+        "episode": torch.tensor([ep.seed for ep in episodes for _ in ep.frames], dtype=torch.int64),
+        "step": torch.tensor([i for ep in episodes for i in range(len(ep.frames))], dtype=torch.int64),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> tuple[dict, dict]:
+    """One shard's tensors and metadata, checked; a corrupt or foreign file is a DataError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise DataError(
+            f"{path}: not a readable rollout shard ({str(e).splitlines()[0][:120]}); delete it and record again"
+        ) from None
+    if not isinstance(meta, dict) or "env" not in meta:
+        raise DataError(f"{path}: a safetensors file without rollout metadata (env, control, actions)")
+    missing = [k for k in (*SHARD_KEYS, "label", "action") if k not in tensors]
+    if missing:
+        raise DataError(f"{path}: rollout shard without {', '.join(missing)}")
+    n = len(tensors["frames"])
+    bad = [k for k, t in tensors.items() if len(t) != n]
+    if bad or tensors["frames"].ndim != 4:
+        raise DataError(f"{path}: rollout shard with inconsistent tensors ({', '.join(bad) or 'frames not 4-D'})")
+    for k, dt in SHARD_KEYS.items():
+        if tensors[k].dtype != dt:
+            raise DataError(f"{path}: '{k}' is {tensors[k].dtype}, expected {dt}")
+    return tensors, meta
+
+
+def shards_of(where: Path) -> list[Path]:
+    return sorted(where.glob("*.safetensors")) if where.is_dir() else [where]
+
+
+def record(
+    env: str, folder: Path, episodes: int, first_seed: int, frames: int, size: tuple[int, int], log=None
+) -> None:
+    """Drive `episodes` expert episodes (seeds first_seed..) and write them as shards into `folder`."""
+    from deeprecipe.data import sim
+
+    s = sim.make_env(env, frames, size)
+    try:
+        drive = sim.expert(s)
+        meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
+        for start in range(0, episodes, SHARD_EPISODES):
+            seeds = range(first_seed + start, first_seed + min(episodes, start + SHARD_EPISODES))
+            eps = []
+            for seed in seeds:
+                ep = sim.rollout(s, drive, seed, keep=True)
+                ep.labels = list(ep.actions)  # the expert drove: its labels are its actions
+                eps.append(ep)
+            write_shard(folder / f"expert-{seeds[0]:08d}.safetensors", eps, meta)
+            if log:
+                log(f"recorded {seeds[-1] - first_seed + 1}/{episodes} expert episodes of {env}")
+    finally:
+        s.close()
+
+
+@dataclass
+class DriveData:
+    """Expert rollouts of a driving simulator (see the module docstring); recorded on first use."""
+
+    name: str = "driving"
+    env: str = "highway-fast-v0"  # a highway-env scene (data/sim.py SCENES) or a gymnasium id
+    path: str = ""  # the rollout folder ("": $DEEPRECIPE_DATA/driving/<env>-<episodes>ep-seed<seed>)
+    episodes: int = 200  # expert episodes recorded when `path` holds no shard yet
+    seed: int = 0  # first episode seed of the recording
+    frames: int = 4  # stacked frames per observation
+    size: tuple[int, int] = (64, 128)  # frame (H, W)
+    include: list[str] = field(default_factory=list)  # more shard files or folders (DAgger rounds)
+    eval_episodes: int = 20  # closed-loop episodes of a final evaluation (held-out seeds)
+
+    def folder(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        root = Path(os.environ.get("DEEPRECIPE_DATA", "data")).expanduser()
+        return root / "driving" / f"{self.env}-{self.episodes}ep-seed{self.seed}-{self.size[0]}x{self.size[1]}"
+
+    def build(self) -> Data:
+        folder = self.folder()
+        if not list(folder.glob("*.safetensors")):
+            if self.path and folder.exists() and any(folder.iterdir()):
+                raise DataError(f"data.path {folder}: no rollout shards (*.safetensors) in it")
+            warnings.warn(f"recording {self.episodes} expert episodes of {self.env} into {folder} (once)")
+            record(self.env, folder, self.episodes, self.seed, self.frames, tuple(self.size))
+        files = shards_of(folder)
+        for extra in self.include:
+            p = Path(extra).expanduser()
+            if not p.exists():
+                raise DataError(f"data.include {extra}: no such file or folder")
+            files += shards_of(p)
+        parts, meta0 = [], None
+        for f in files:
+            t, meta = read_shard(f)
+            if meta0 is None:
+                meta0 = (f, meta)
+            elif (meta["env"], meta["control"], meta["actions"]) != (
+                meta0[1]["env"],
+                meta0[1]["control"],
+                meta0[1]["actions"],
+            ):
+                raise DataError(
+                    f"{f}: rollouts of {meta['env']} ({meta['control']}), but {meta0[0]} has {meta0[1]['env']}"
+                )
+            if t["frames"].shape[1:] != (self.frames, *self.size):
+                raise DataError(
+                    f"{f}: frames {tuple(t['frames'].shape[1:])}, but the data config asks for "
+                    f"({self.frames}, {self.size[0]}, {self.size[1]}): set data.frames / data.size to match"
+                )
+            parts.append(t)
+        if not parts or meta0 is None:
+            raise DataError(f"{folder}: no rollout shards")
+        meta = meta0[1]
+        if meta["env"] != self.env:
+            raise DataError(f"{meta0[0]}: rollouts of {meta['env']}, but data.env is {self.env}")
+        cat = {k: torch.cat([p[k] for p in parts]) for k in ("frames", "label", "episode")}
+        which = episode_split(cat["episode"])
+        steer = meta["control"] == "steer"
+        label = cat["label"].float() if steer else cat["label"].long()
+        splits = [
+            EpisodeSplit(cat["frames"][which == i], label[which == i], cat["episode"][which == i]) for i in range(3)
+        ]
+        train = splits[0]
+        if len(train) == 0:
+            raise DataError(f"{folder}: every recorded episode fell in val/test: record more episodes")
+        x = train.tensors[0][:: max(1, len(train) // 2000)].float() / 255
+        mean = tuple(float(v) for v in x.mean((0, 2, 3)))
+        std = tuple(max(float(v), 1e-3) for v in x.std((0, 2, 3)))
+        names = list(meta["actions"])
+        spec = DataSpec(
+            num_classes=1 if steer else len(names),
+            class_names=["steering"] if steer else names,
+            in_channels=self.frames,
+            image_size=tuple(self.size),
+            mean=mean,
+            std=std,
+            extra={"env": self.env, "control": meta["control"], "episodes": int(cat["episode"].unique().numel())},
+        )
+        return Data(spec, train, splits[1] if len(splits[1]) else None, splits[2] if len(splits[2]) else None)
