@@ -153,7 +153,7 @@ class DriveData:
         if not list(folder.glob("*.safetensors")):
             if self.path and folder.exists() and any(folder.iterdir()):
                 raise DataError(f"data.path {folder}: no rollout shards (*.safetensors) in it")
-            warnings.warn(f"recording {self.episodes} expert episodes of {self.env} into {folder} (once)")
+            warnings.warn(f"recording {self.episodes} expert episodes of {self.env} into {folder} (once)", stacklevel=2)
             record(self.env, folder, self.episodes, self.seed, self.frames, tuple(self.size))
         files = shards_of(folder)
         for extra in self.include:

@@ -26,8 +26,8 @@ from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import Family, PredictOptions
 from deeprecipe.families.drive import checks
+from deeprecipe.family import Family, PredictOptions
 
 STEER_TOLERANCE = 0.1  # a steering command within this of the expert's counts as agreeing
 

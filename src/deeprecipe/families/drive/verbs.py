@@ -66,10 +66,8 @@ def dagger_round(run: str, out: Path, episodes: int, first_seed: int, device: st
     finally:
         s.close()
     crashes = sum(ep.crashed for ep in eps)
-    print(
-        f"{run} drove {episodes} episodes ({crashes} collisions); the expert labelled {sum(len(e.frames) for e in eps)} frames -> {path}",
-        file=sys.stderr,
-    )
+    frames = sum(len(e.frames) for e in eps)
+    print(f"{run} drove {episodes} episodes, {crashes} collisions, {frames} frames labelled: {path}", file=sys.stderr)
     return path
 
 
