@@ -46,6 +46,7 @@ def write_report(run_dir: Path) -> Path:
     cfg = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
     imgs = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.name != "curves.png", p.name))
     samples = sorted((run_dir / "plots").glob("*.txt"))
+    videos = sorted((run_dir / "plots").glob("*.mp4"))
     spec = json.loads((run_dir / "spec.json").read_text()) if (run_dir / "spec.json").exists() else {}
     classes, shown = per_class(final, spec.get("class_names") or [])
     parts = [
@@ -72,6 +73,8 @@ def write_report(run_dir: Path) -> Path:
     parts.append("<h2>Plots</h2>" + "".join(f"<h3>{html.escape(p.stem)}</h3><img src='plots/{p.name}'>" for p in imgs))
     for s in samples:
         parts.append(f"<h3>{html.escape(s.stem)}</h3><pre>{html.escape(s.read_text()[:5000])}</pre>")
+    for v in videos:  # episodes of a driving run
+        parts.append(f"<h3>{html.escape(v.stem)}</h3><video controls src='plots/{v.name}'></video>")
     parts.append("<h2>Config</h2><pre>" + html.escape(cfg) + "</pre>")
     out = run_dir / "report.html"
     atomic_text(out, "\n".join(parts))
