@@ -271,12 +271,16 @@ class Drive(Family):
             except UserError as e:
                 raise HTTPException(422, str(e)) from None
             r = await batch(stack)
-            out = {"action": r["action"], "label": action_text(r["action"], names)}
-            if "probs" in r:
-                out["probs"] = {n: round(p, 4) for n, p in zip(names, r["probs"])}
-            return out
+            if "probs" not in r:  # steering: the page shows `text`
+                return {"action": r["action"], "text": action_text(r["action"], names)}
+            probs = {n: round(p, 4) for n, p in zip(names, r["probs"])}
+            top = sorted(({"label": n, "prob": p} for n, p in probs.items()), key=lambda t: -t["prob"])
+            label = action_text(r["action"], names)
+            return {"action": r["action"], "label": label, "prob": probs[label], "probs": probs, "top": top}
 
-        ctx.widget("/act", "image", "Drive: which action for this frame stack?")
+        ctx.widget(
+            "/act", "image", "Drive: the action for a frame stack (S frames one above the other)", field="frames"
+        )
 
     def add_verbs(self, subparsers) -> None:
         from deeprecipe.families.drive import verbs
