@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,16 @@ class DriveData:
             if self.path and folder.exists() and any(folder.iterdir()):
                 raise DataError(f"data.path {folder}: no rollout shards (*.safetensors) in it")
             warnings.warn(f"recording {self.episodes} expert episodes of {self.env} into {folder} (once)", stacklevel=2)
-            record(self.env, folder, self.episodes, self.seed, self.frames, tuple(self.size))
+            # recorded under a name of this process, then renamed: a killed recording never passes for a whole one
+            work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+            shutil.rmtree(work, ignore_errors=True)
+            record(self.env, work, self.episodes, self.seed, self.frames, tuple(self.size))
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            try:
+                work.rename(folder)
+            except OSError:  # another process recorded the same episodes first
+                shutil.rmtree(work, ignore_errors=True)
         files = shards_of(folder)
         for extra in self.include:
             p = Path(extra).expanduser()
