@@ -1,7 +1,7 @@
 """Driving simulators: gymnasium environments that show a policy camera-like pixels, the experts that drive them
 from the simulator's own state, and the closed-loop rollout that both recording and evaluation run.
 
-The world is highway-env (gymnasium): its scenes render top-down frames headless through pygame, and
+The world is highway-env (gymnasium): its scenes render top-down frames headless (SDL's offscreen driver), and
 `make_env` asks for stacked grayscale frames of `size` (H, W) as the observation, so a policy perceives from
 pixels only. Frames are handed out as uint8 (S, H, W) in the usual image orientation (highway-env's own array is
 (S, W, H)). Any other gymnasium environment id whose observation is a uint8 image stack plugs in by name.
@@ -24,6 +24,7 @@ Experts, from privileged state (never from pixels):
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,11 +53,19 @@ SCENES: dict[str, tuple[str, dict]] = {
 }
 GRAY = [0.2989, 0.5870, 0.1140]  # RGB -> luma weights
 META_NAMES = ["lane left", "idle", "lane right", "faster", "slower"]  # highway-env's DiscreteMetaAction order
+PREFERENCE = [1, 3, 4, 0, 2]  # among equally good meta-actions: idle, faster, slower, lane left, lane right
 
 
 def highway():
     """Import gymnasium with highway-env's scenes registered (headless), or say how to install them."""
-    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    # SDL's offscreen driver draws without a display; highway-env turns its drawing off under the "dummy" driver
+    # (every frame would be black), so that one is replaced
+    if os.environ.get("SDL_VIDEODRIVER", "offscreen") == "dummy":
+        warnings.warn(
+            "SDL_VIDEODRIVER=dummy makes highway-env draw nothing: using SDL's offscreen driver", stacklevel=2
+        )
+    if os.environ.get("SDL_VIDEODRIVER", "dummy") == "dummy":
+        os.environ["SDL_VIDEODRIVER"] = "offscreen"
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     try:
         import gymnasium
@@ -78,7 +87,13 @@ class Sim:
 
     def reset(self, seed: int) -> np.ndarray:
         obs, _ = self.env.reset(seed=int(seed))
-        return self.frames(obs)
+        frames = self.frames(obs)
+        if not frames.any():
+            raise UserError(
+                f"{self.name} rendered a black frame: the simulator draws nothing (with highway-env, unset "
+                "SDL_VIDEODRIVER=dummy; SDL's offscreen driver draws without a display)"
+            )
+        return frames
 
     def step(self, action) -> tuple[np.ndarray, float, bool, dict]:
         a = np.asarray([float(action)], dtype=np.float32) if self.control == "steer" else int(action)
@@ -183,7 +198,11 @@ def plan_action(sim: Sim, caution: float = 5.0, gamma: float = 0.9, horizon: flo
     state = np.ravel_multi_index((int(ego.speed_index), lane, 0), grid.shape)
     offered = env.action_type.actions_indexes  # name -> index in this scene's action space
     names = ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"]
-    best = max((k for k in range(n) if names[k] in offered), key=lambda k: q[state, k])
+    allowed = [k for k in PREFERENCE if names[k] in offered]
+    top = max(q[state, k] for k in allowed)
+    # ties (faster at top speed is idle, a lane change off the road stays put) go to the plainest action, so the
+    # labels are a function of the state that a network can learn
+    best = next(k for k in allowed if q[state, k] >= top - 1e-9)
     return int(offered[names[best]])
 
 
