@@ -164,6 +164,12 @@ def write_boxfiles(tmp: Path):
     )
 
 
+def record_driving(tmp: Path):
+    """Three expert episodes of highway-fast-v0 (2 frames of 32x32) recorded into the temporary folder, never
+    into $DEEPRECIPE_DATA: seed 0 falls in val, 1 and 2 in train."""
+    return DATASETS["driving"](path=str(tmp / "rollouts"), episodes=3, frames=2, size=(32, 32), eval_episodes=1)
+
+
 # data set name -> (tmp folder) -> its config; the expected number of classes (0: token data)
 TINY = {
     "digits": (lambda tmp: DATASETS["digits"](), 10),
@@ -191,6 +197,7 @@ TINY = {
         lambda tmp: DATASETS["img2img"](mode="inpaint", size=(32, 40), train_size=4, val_size=2, test_size=2),
         8,
     ),
+    "driving": (record_driving, 5),
 }
 
 

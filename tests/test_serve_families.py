@@ -76,6 +76,12 @@ CASES = {
         + ["model.depth=2", "model.d_width=4", "model.d_layers=2", "train.steps=2", "train.batch_size=2"],
         None,
     ),
+    "drive": (
+        "highway-fast-cnn",
+        ["data.episodes=3", "data.frames=2", "data.size=[32, 32]", "data.eval_episodes=0", "model.channels=[4,8]"]
+        + ["model.dense=[8]", "train.steps=2", "train.batch_size=8"],
+        lambda tmp: [f"data.path={tmp / 'rollouts'}"],  # three expert episodes recorded here
+    ),
     "video": (
         "moving-digits-c3d",
         ["data.frames=8", "data.train_size=8", "data.val_size=4", "data.test_size=4", "train.steps=2"]

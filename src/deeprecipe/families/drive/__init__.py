@@ -11,9 +11,9 @@ and a random policy in one table, with an MP4 of an episode and the action drawn
 
 A batch is (frames uint8 (B, S, H, W), label (B,) long meta-action or float steering). The offline metric is
 `agreement`: the fraction of frames where the learner's action is the expert's (steering: within 0.1 of it).
+(No `from __future__ import annotations` here: FastAPI reads the serve hook's endpoint annotations at runtime,
+and UploadFile is imported inside that hook.)
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 
