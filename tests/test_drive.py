@@ -9,6 +9,7 @@ One recording (5 expert episodes, 2 frames of 32x64) and one tiny run are shared
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -174,6 +175,7 @@ def test_train_writes_the_closed_loop_table_and_a_decodable_video(run):
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
     assert len(frames) == int(table["learner"]["length"])  # one video frame per decision of the learner
     assert frames[0].shape == (SIZE[0] * 4, SIZE[1] * 4, 3)
+    assert "src='plots/episode.mp4'" in (run / "report.html").read_text()  # the episode plays in the report
 
 
 def test_eval_reports_the_closed_loop_and_drive_reproduces_the_learner_row(run, cli):
@@ -289,7 +291,7 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_serve_act_answers_what_predict_and_the_network_give(run, rollouts, tmp_path):
+def test_serve_act_answers_what_predict_and_the_network_give(run, rollouts, tmp_path, cli):
     from fastapi.testclient import TestClient
 
     from deeprecipe.family import PredictOptions
@@ -317,6 +319,15 @@ def test_serve_act_answers_what_predict_and_the_network_give(run, rollouts, tmp_
                 p = model(x).softmax(-1)[0]
             assert want["action"] == int(p.argmax())
             np.testing.assert_allclose(want["probs"], p.numpy(), atol=1e-5)
+        code, out, _ = cli("predict", run, str(tmp_path / "stack0.png"), "--device", "cpu", "--json")
+        [first] = json.loads(out)
+        assert (
+            code == 0
+            and first["action"]
+            == c.post(
+                "/act", files={"frames": ("a.png", png_bytes(drive.stack_image(stacks[0].numpy())), "image/png")}
+            ).json()["action"]
+        )
         wrong = c.post("/act", files={"frames": ("x.png", png_bytes(np.zeros((32, 32), np.uint8)), "image/png")})
         assert wrong.status_code == 422
         detail = wrong.json()["detail"]
@@ -374,6 +385,23 @@ def test_a_shard_of_another_frame_size_names_the_file_and_the_fix(rollouts, tmp_
     msg = str(e.value)
     assert str(folder / shards_of(rollouts)[0].name) in msg and f"({FRAMES}, 32, 64)" in msg
     assert "data.size" in msg and "(2, 32, 32)" in msg
+
+
+def test_a_missing_include_and_a_shard_of_another_scene_are_named(rollouts, tmp_path):
+    from deeprecipe.data.drive import write_shard
+
+    with pytest.raises(DataError, match="data.include .*nope: no such file or folder"):
+        data_cfg(rollouts, include=[str(tmp_path / "nope")]).build()
+    t, meta = read_shard(shards_of(rollouts)[0])
+    ep = sim.Episode(seed=7, frames=list(t["frames"][:3].numpy()), actions=[1, 1, 1], labels=[1, 1, 1])
+    other = tmp_path / "merge.safetensors"
+    write_shard(other, [ep], meta | {"env": "merge-v0"})
+    with pytest.raises(DataError) as e:
+        data_cfg(rollouts, include=[str(other)]).build()
+    assert str(other) in str(e.value) and "merge-v0" in str(e.value) and ENV in str(e.value)
+    write_shard(other, [ep], meta)  # the same scene: its frames join the data
+    data = data_cfg(rollouts, include=[str(other)]).build()
+    assert int((data.train.episodes == 7).sum()) == 3  # seed 7 falls in train
 
 
 def test_highway_env_missing_gives_the_install_hint(monkeypatch, tmp_path):
