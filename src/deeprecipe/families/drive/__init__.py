@@ -188,8 +188,9 @@ class Drive(Family):
         return None if is_steer(spec) else super().expected_init_loss(spec, cfg)
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
-        """Offline agreement with the expert on `split`; at a final evaluation also the closed loop over
-        data.eval_episodes held-out seeds (collision rate, speed, distance, return, length, ...)."""
+        """Offline agreement with the expert on `split`; at a final evaluation of the test split (val when there is
+        none) also the closed loop over data.eval_episodes held-out seeds (collision rate, speed, distance, return,
+        length, ...)."""
         from deeprecipe.data.drive import EVAL_SEED
 
         spec = data.spec
@@ -205,7 +206,8 @@ class Drive(Family):
             m["agreement"] = (err <= STEER_TOLERANCE).float().mean().item()
         else:
             m = {"loss": F.cross_entropy(out, y).item(), "agreement": (out.argmax(-1) == y).float().mean().item()}
-        if final and cfg.data.eval_episodes > 0:
+        last = "test" if data.test is not None else "val"  # the closed loop is one, whatever the split: drive once
+        if final and cfg.data.eval_episodes > 0 and split == last:
             loop = closed_loop(cfg.data.env, spec, {"learner": model}, cfg.data.eval_episodes, EVAL_SEED, rt=rt)
             m |= {k: v for k, v in loop["learner"].items() if k != "episodes"}
         return m

@@ -89,7 +89,7 @@ def cmd_dagger(args) -> None:
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: give another --out")
         shard = dagger_round(prev, out, args.episodes, DAGGER_SEED + 100_000 * r, args.device)
-        include.append(str(shard))
+        include.append(str(shard.resolve()))
         overrides = [f"data.include={json.dumps(include)}", f"finetune.init_from={prev}"]
         if args.steps:
             overrides.append(f"train.steps={args.steps}")
