@@ -109,6 +109,37 @@ def test_sanity_passes_gradcam_on_the_trained_model(cli, run_dir, tmp_path):
     assert (tmp_path / "d0.gradcam.sanity.png").is_file()
 
 
+@pytest.fixture(scope="module")
+def trained_well(tmp_path_factory):
+    """The module's digits CNN trained for 300 steps (a few seconds; test accuracy about 0.95)."""
+    out = tmp_path_factory.mktemp("runs") / "digits300"
+    over = [*TINY, "train.steps=300", "train.batch_size=32", "model.channels=[8,16]", "model.dense=[32]"]
+    assert main(["train", "digits-cnn", "--out", str(out), *sets(*over)]) == 0
+    return open_run(str(out), "cpu")
+
+
+def test_sanity_passes_gradcam_of_the_trained_net_and_flags_untrained_ones(trained_well):
+    """The oracle is training itself: the same architecture trained for a few seconds against freshly built
+    (it has learnt nothing). Grad-CAM's map of the trained net stands out from untrained copies' maps on every
+    image; an untrained net's map is one of them, so it is flagged on most images (the rank test lets an
+    untrained net through on an image with probability at most 1/13; the draws share the copies, so three nets)."""
+    from deeprecipe.families.classify import explain_tensor
+
+    cfg, spec, model, rt, family = trained_well
+    images = [digit(i) for i in range(6)]
+    trained = [explain_tensor(model, spec, rt, img, "gradcam", sanity=True)["sanity"] for img in images]
+    assert all(r["verdict"] == "informative" and r["ratio"] > 1 for r in trained), trained
+    assert min(r["ratio"] for r in trained) > 5, trained  # far outside the untrained maps, not at the edge
+    fresh = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        untrained = family.build_model(cfg, spec).eval()
+        fresh += [explain_tensor(untrained, spec, rt, img, "gradcam", sanity=True)["sanity"] for img in images]
+    flagged = [r for r in fresh if r["verdict"] == "uninformative"]
+    assert len(flagged) >= 2 * len(fresh) // 3, [(r["ratio"], r["final"]) for r in fresh]
+    assert all(r["why"] for r in flagged)
+
+
 def test_sanity_fails_the_command_when_it_flags(capsys, run_dir, tmp_path):
     """Integrated Gradients from a black image on digits is mostly the input's own ink (Adebayo et al. found the
     same of gradient x input): randomising every layer leaves its ranking nearly unchanged, and explain says so."""

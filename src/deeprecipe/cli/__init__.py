@@ -191,8 +191,9 @@ def cmd_explain(args) -> None:
             flagged += s["verdict"] == "uninformative"
             if not args.json:
                 print(
-                    f"  sanity: {s['verdict']} (rank correlation {s['final']:.3f} with every layer randomised; "
-                    f"uninformative above {s['threshold']}) -> {r['sanity_plot']}",
+                    f"  sanity: {s['verdict']} (rank correlation {s['final']:.3f} with every layer randomised, "
+                    f"uninformative above {s['threshold']}; distance to untrained maps {s['ratio']:.2f}x theirs, "
+                    f"uninformative at or below 1) -> {r['sanity_plot']}",
                     flush=True,
                 )
     if args.json:
@@ -200,7 +201,7 @@ def cmd_explain(args) -> None:
         print(json.dumps([{k: v for k, v in r.items() if isinstance(v, plain)} for r in results]))
     if flagged:
         n = f"{flagged} of {len(results)}"
-        print(f"sanity check failed: {n} explanations barely change with the weights randomised", file=sys.stderr)
+        print(f"sanity check failed: {n} explanations are uninformative (see each file's sanity line)", file=sys.stderr)
         sys.exit(3)
 
 

@@ -1,12 +1,12 @@
 """Attributions for `deeprecipe explain` (Captum), their overlays, and the saliency sanity check.
 
-What a family's explain hook shares: `image_attribution` (Integrated Gradients, Grad-CAM on the last conv layer
+What a family's explain hook shares: `image_attribution` (Integrated Gradients, Grad-CAM on the last conv block
 before the head, occlusion) of a scalar output per example, `overlay` (the heat map over the image, as PNG bytes
-through data/image_ops), and `sanity` (Adebayo et al. 2018, "Sanity checks for saliency maps": the network's
-parametrised layers are re-initialised one by one, cascading from the head down, the attribution recomputed after
-each, and its Spearman rank correlation with the trained model's attribution (of absolute values) measured; an
-attribution that still correlates above `SANITY_THRESHOLD` with every layer randomised does not depend on what
-the model learnt and is flagged "uninformative").
+through data/image_ops), and `sanity`: the map must depend on the weights (Adebayo et al. 2018, "Sanity checks
+for saliency maps": the parametrised layers re-initialised cascading from the head down, the map's Spearman rank
+correlation with the model's measured; above `SANITY_THRESHOLD` with every layer randomised it is "uninformative")
+and must tell the model apart from untrained copies of itself (its distance to their maps larger than theirs to
+each other), so that the map of a network that learnt nothing is flagged too.
 
 Everything here runs on a copy of the model with in-place activations turned off (Captum's layer hooks need the
 layer's output unmodified); the caller's model is never changed. Hooks never print: results are returned.
@@ -26,6 +26,7 @@ from deeprecipe.core import UserError
 IMAGE_METHODS = ("ig", "gradcam", "occlusion")
 METHODS = (*IMAGE_METHODS, "attention")  # attention: a translation model's decoder-to-source attention
 SANITY_THRESHOLD = 0.5  # rank correlation with every layer randomised above this: "uninformative"
+SANITY_COPIES = 12  # independent re-initialisations the model's map is compared with (sanity, question 2)
 IG_STEPS = 32
 
 
@@ -61,13 +62,44 @@ def last_conv(model: nn.Module) -> nn.Conv2d:
     return convs[-1]
 
 
+def cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The layer Grad-CAM looks at: the module that last produces a feature map (a 4-D output with more than one
+    position) before the head (the last parametrised layer) runs, called once in the forward pass. That is the
+    rectified output of the last conv block (conv -> norm -> ReLU, a residual block, a U-Net's last decoder
+    block), as Selvaraju et al. take it: the conv layer's own output comes before its norm and ReLU, and its
+    gradient-weighted sum is mostly negative, which Grad-CAM's ReLU empties."""
+    last_conv(model)  # an MLP has no feature map: a one-line error
+    head = param_layers(model)[-1][1]
+    calls: dict[nn.Module, int] = {}
+    maps: list[nn.Module] = []
+    head_started = []
+
+    def seen(module, args, out):
+        calls[module] = calls.get(module, 0) + 1
+        if not head_started and isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-2:].numel() > 1:
+            maps.append(module)
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules() if m is not model and m is not head]
+    hooks.append(head.register_forward_pre_hook(lambda *_: head_started.append(True)))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    once = [m for m in maps if calls[m] == 1]
+    if not once:
+        raise UserError("explain --method gradcam needs a feature map before the head; this model makes none")
+    return once[-1]
+
+
 def image_attribution(
     forward: Callable, model: nn.Module, x: torch.Tensor, target, method: str, baseline: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attributions of forward(x)[:, target] (target None: forward returns (B,)) to x (B, C, H, W):
-    a map (B, H, W) at the input's size (IG: summed over channels, signed; Grad-CAM: non-negative, upsampled;
-    occlusion: the drop of the output when a window is blanked to `baseline`), and IG's convergence delta (B,)
-    (sum of attributions - (f(x) - f(baseline))), else None."""
+    a map (B, H, W) at the input's size (IG: summed over channels, signed; Grad-CAM at cam_layer: non-negative,
+    upsampled; occlusion: the drop of the output when a window is blanked to `baseline`), and IG's convergence
+    delta (B,) (sum of attributions - (f(x) - f(baseline))), else None."""
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
     x = x.detach().float().contiguous()
@@ -78,7 +110,7 @@ def image_attribution(
         )
         return attr.sum(1).detach(), delta.detach()
     if method == "gradcam":
-        cam = LayerGradCam(forward, last_conv(model)).attribute(x, target=target, relu_attributions=True)
+        cam = LayerGradCam(forward, cam_layer(model, x)).attribute(x, target=target, relu_attributions=True)
         up = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")  # (B, 1, H, W)
         return up[:, 0].clamp_min(0).detach(), None
     if method == "occlusion":
@@ -163,17 +195,63 @@ def _reinit(module: nn.Module, gen: torch.Generator) -> None:
             p.copy_((torch.randn(p.shape, generator=gen) * 0.1).to(p))
 
 
+def _fresh(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of `model` with every parametrised layer back at its own initialisation (reset_parameters, norms
+    to identity with fresh running statistics), drawn from `seed`: the model as it was before it learnt."""
+    m = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    for _, mod in param_layers(m):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+            else:
+                with torch.no_grad():
+                    for p in mod.parameters(recurse=False):
+                        p.copy_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def _loo_distance(x: torch.Tensor, others: list[torch.Tensor]) -> float:
+    """The median L2 distance from map x to each of `others`."""
+    d = sorted(float((x.float() - o.float()).norm()) for o in others)
+    return (d[(len(d) - 1) // 2] + d[len(d) // 2]) / 2
+
+
 def sanity(
-    model: nn.Module, attribute: Callable[[nn.Module], torch.Tensor], seed: int = 0, max_steps: int = 12
+    model: nn.Module,
+    attribute: Callable[[nn.Module], torch.Tensor],
+    seed: int = 0,
+    max_steps: int = 12,
+    copies: int = SANITY_COPIES,
 ) -> dict:
-    """The model-parameter randomisation test. `attribute(model) -> map` computes the attribution being judged on
-    a model (the same inputs and target each time). Layers are re-initialised cascading from the head (grouped
-    into at most `max_steps` steps); returns {"layers": names randomised at each step, "similarity": Spearman
-    correlation with the trained map after each step, "final": the last, "verdict": "informative" |
-    "uninformative", "threshold"}."""
+    """The saliency sanity check. `attribute(model) -> map` computes the attribution being judged on a model (the
+    same inputs and target each time). Two questions, both must be answered yes for "informative":
+
+    1. Does the map's *shape* depend on the weights? (Adebayo et al.'s model-parameter randomisation.) Layers are
+       re-initialised cascading from the head (grouped into at most `max_steps` steps) and the Spearman rank
+       correlation with the model's map measured after each step; above SANITY_THRESHOLD with every layer
+       randomised, the map is the input's or the architecture's (gradient x input on digits), not the model's.
+    2. Does the map tell the model apart from an untrained one? A network that learnt nothing also passes 1 (its
+       map changes when its random weights are redrawn), so the map is compared with those of `copies`
+       independent re-initialisations of the same network (each layer's own init, as before training): if the
+       model is itself such a draw, its map is exchangeable with theirs, and its median L2 distance to the
+       others is distributed like each copy's median distance to all the other maps (the model's included). The
+       map counts as distinguishable when its distance exceeds every copy's (a rank test: an untrained network
+       passes with probability at most 1 / (copies + 1)). The distance keeps the map's units, so a learnt class
+       evidence, large and shaped, stands out, while random networks' maps are small and differ among themselves.
+
+    Returns {"layers": names randomised at each cascade step, "similarity": Spearman correlation with the model's
+    map after each step, "final": the last, "threshold", "distance": the model map's median distance to the
+    re-initialised maps, "null": the largest of the copies' own (the bar it must clear), "ratio" (distance /
+    null: above 1 distinguishable), "verdict": "informative" | "uninformative", "why" (empty when informative)}."""
     m = safe_copy(model)
     gen = torch.Generator().manual_seed(seed)
-    trained = attribute(m)
+    trained = attribute(m).detach()
+    fresh = [attribute(safe_copy(_fresh(model, seed * 1000 + 1 + k))).detach() for k in range(copies)]
+    distance = _loo_distance(trained, fresh)
+    every = [trained, *fresh]  # each copy's statistic over all the other maps, the model's included: exchangeable
+    null = max(_loo_distance(f, every[: k + 1] + every[k + 2 :]) for k, f in enumerate(fresh)) if copies else 0.0
     layers = list(reversed(param_layers(m)))
     n = max(1, -(-len(layers) // max_steps))  # layers per step
     steps = [layers[i : i + n] for i in range(0, len(layers), n)]
@@ -184,12 +262,24 @@ def sanity(
         names.append(",".join(name or "(model)" for name, _ in group))
         sims.append(round(spearman(trained, attribute(m)), 4))
     final = sims[-1] if sims else 1.0
+    why = []
+    if final > SANITY_THRESHOLD:
+        why.append(f"its ranking survives randomising every layer (rank correlation {final:.2f})")
+    if not distance > null:
+        why.append(
+            f"it is no farther from untrained networks' maps than they are from each other ({distance:.3g}"
+            f" vs {null:.3g})"
+        )
     return {
         "layers": names,
         "similarity": sims,
         "final": final,
         "threshold": SANITY_THRESHOLD,
-        "verdict": "uninformative" if final > SANITY_THRESHOLD else "informative",
+        "distance": round(distance, 6),
+        "null": round(null, 6),
+        "ratio": round(distance / null, 4) if null > 0 else float("inf") if distance > 0 else 0.0,
+        "verdict": "uninformative" if why else "informative",
+        "why": "; ".join(why),
     }
 
 
