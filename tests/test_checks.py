@@ -212,6 +212,31 @@ def test_labels_shuffled_apart_from_inputs(cfg, digits, tmp_path, check):
     assert CHECKS[check](ctx_for(cfg, tmp_path, digits, Net)).status == "pass"
 
 
+def test_saliency_warns_on_an_explanation_that_shows_nothing_learnt(digits, tmp_path):
+    """The oracle is what the net can have learnt in the short run: the registry's CNN on the digits' labels
+    passes (Grad-CAM stands out from untrained copies' maps); with the labels shuffled apart from the inputs, or
+    the same CNN blind to its input, Grad-CAM is one of an untrained net's maps on most images: warn. An MLP has
+    no feature map: skipped with its reason."""
+    cnn = config.load("digits-cnn", ["train.device=cpu", "model.channels=[8,16]", "model.dense=[32]"])
+
+    class Blind(nn.Module):
+        def __init__(self, spec):
+            super().__init__()
+            self.net = cnn.model.build(spec)
+
+        def forward(self, x):
+            return self.net(torch.zeros_like(x))
+
+    work = dict(steps=60, batch_size=32)
+    good = tchecks.saliency(ctx_for(cnn, tmp_path, digits, **work))
+    assert good.status == "pass" and good.value <= 0.25, good
+    for data, net in ((shuffled_labels(digits), None), (digits, Blind)):
+        bad = tchecks.saliency(ctx_for(cnn, tmp_path, data, net, **work))
+        assert bad.status == "warn" and bad.value > 0.5 and "uninformative on" in bad.measured, bad
+    mlp = tchecks.saliency(ctx_for(cnn, tmp_path, digits, Net))
+    assert mlp.status == "skip" and "no conv feature map" in mlp.advice, mlp
+
+
 def test_leakage_test_images_copied_into_train(cfg, digits, tmp_path):
     (x, y), (tx, ty) = digits.train.tensors, digits.test.tensors
     leaky = clone(digits, train=TensorSplit(torch.cat([x, tx[:40]]), torch.cat([y, ty[:40]])))

@@ -7,7 +7,8 @@ Hooks take typed values and return values; they never read argparse objects and 
 a note for the user is a warnings.warn, which the CLI shows as "note: ..."). The hooks, in the order a run meets
 them: training (check_config, build_model, parts, prepare, step, loss, evaluate, snapshot, finish, nonfinite),
 use (predict, explain, sample, export_example, serve, add_verbs), and the recipe's checks (CHECKS_SKIP, EXTRA_CHECKS,
-CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX, expected_init_loss, per_example_loss, batch_input, replace_input, show_batch).
+CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX, expected_init_loss, per_example_loss, batch_input, replace_input, show_batch,
+saliency_score).
 
 `tests/test_family.py` checks every registered family against this class: the hook names it defines exist
 here, their signatures match, and METRIC is set.
@@ -204,6 +205,25 @@ class Family:
     def show_batch(self, batch: tuple, spec: DataSpec) -> tuple[torch.Tensor, list[str]] | str | None:
         """A prepared batch for the eye: (images in [0, 1], captions), a text, or None for no picture."""
         return None
+
+    def saliency_score(self, model: nn.Module, batch: tuple, cfg: Config) -> torch.Tensor | None:
+        """(B,) the score of each example's label whose Grad-CAM the saliency check judges (a classifier's logit
+        of the true class, a segmenter's mean true-class logit over its labelled pixels: label_score); None: the
+        check does not apply to this family (the default)."""
+        return None
+
+
+def label_score(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The logit of each example's label: (B, C) vs (B,) -> (B,); (B, C, H, W) vs (B, H, W) -> (B,) (the mean
+    of the true class's logit over the pixels that are not ignore_index)."""
+    y = y.long()
+    if logits.ndim == 2 and y.shape == logits.shape[:1]:
+        return logits.gather(1, y[:, None])[:, 0]
+    if logits.ndim == 4 and logits.shape[0] == y.shape[0] and logits.shape[2:] == y.shape[1:]:
+        keep = y != ignore_index
+        per = logits.gather(1, y.clamp(0, logits.shape[1] - 1)[:, None])[:, 0] * keep
+        return per.flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
+    raise UserError(f"no label score for model output {tuple(logits.shape)} and targets {tuple(y.shape)}")
 
 
 def per_example_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

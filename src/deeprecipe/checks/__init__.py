@@ -27,6 +27,7 @@ CHECKS: dict[str, Callable[[Ctx], Verdict]] = {
     "baseline": _t.baseline,  # real inputs beat zeroed inputs
     "dynamics": _t.dynamics,  # predictions on a fixed held-out batch improve
     "grad_flow": _t.grad_flow,  # every parameter trains
+    "saliency": _t.saliency,  # Grad-CAM after the short run passes the saliency sanity check
 }
 DATA_FREE = {"files"}  # checks that run even when the data set does not build
 

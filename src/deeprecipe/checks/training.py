@@ -298,6 +298,66 @@ def grad_flow_verdict(got_grad: dict[str, bool], frozen: list[str]) -> Verdict:
     return Verdict("grad_flow", "pass", measured, "0", "", 0)
 
 
+# ---------------------------------------------------------------------------------------------- saliency
+
+SALIENCY_IMAGES = 8  # held-out images whose explanation is judged
+
+
+def saliency(ctx: Ctx) -> Verdict:
+    """After the short run, Grad-CAM of the true label's score (the family's saliency_score) on a few held-out
+    images must pass the saliency sanity check (engine/explain.py sanity): its map changes when the weights are
+    randomised, and it stands out from the maps of untrained copies of the net. An explanation that does not is
+    uninformative: the net has learnt nothing it can show yet, or the explainer looks at the wrong layer."""
+    from deeprecipe.core import UserError
+    from deeprecipe.engine import explain as ex
+
+    held = ctx.heldout_batch(SALIENCY_IMAGES)
+    x = ctx.get_input(held)
+    if not (x.is_floating_point() and x.ndim == 4):
+        return Verdict("saliency", "skip", advice="Grad-CAM needs image inputs (B, C, H, W)")
+    probe = ctx.model()
+    if ctx.family.saliency_score(probe, held, ctx.cfg) is None:
+        return Verdict("saliency", "skip", advice=f"task '{ctx.cfg.task}' names no score to explain (saliency_score)")
+    try:
+        ex.cam_layer(probe, x)
+    except UserError:
+        return Verdict("saliency", "skip", advice="the model has no conv feature map for Grad-CAM (an MLP)")
+    real_run(ctx)
+    model = ctx.memo["real"][2]
+    results = []
+    for i in range(len(x)):
+        one = tuple(t[i : i + 1] if isinstance(t, torch.Tensor) else t for t in held)
+        xi = ctx.get_input(one)
+
+        def attribute(net, one=one, xi=xi):
+            def forward(z):
+                return ctx.family.saliency_score(net, ctx.put_input(one, z), ctx.cfg)
+
+            with torch.enable_grad():
+                return ex.image_attribution(forward, net, xi, None, "gradcam", torch.zeros_like(xi))[0][0]
+
+        results.append(ex.sanity(model, attribute))
+    flagged = [r for r in results if r["verdict"] == "uninformative"]
+    ratios = sorted(r["ratio"] for r in results)
+    measured = (
+        f"Grad-CAM uninformative on {len(flagged)} of {len(results)} held-out images (distance to untrained "
+        f"nets' maps {ratios[len(ratios) // 2]:.2f}x theirs, median; rank correlation with every layer "
+        f"randomised {max(r['final'] for r in results):.2f} at most)"
+    )
+    expected = f"at most half flagged (distance > 1x, correlation <= {ex.SANITY_THRESHOLD})"
+    if 2 * len(flagged) > len(results):
+        return Verdict(
+            "saliency",
+            "warn",
+            measured,
+            expected,
+            "the explanation shows nothing the net learnt: train longer (the short run may be too short), "
+            "or the net does not use its input (see baseline); `deeprecipe explain RUN FILES --sanity` tells more",
+            len(flagged) / len(results),
+        )
+    return Verdict("saliency", "pass", measured, expected, "", len(flagged) / len(results))
+
+
 # ---------------------------------------------------------------------------------------------- dependency
 
 
@@ -443,6 +503,7 @@ __all__ = [
     "dynamics",
     "grad_flow",
     "dependency",
+    "saliency",
     "dependency_verdict",
     "awake",
     "seed_verdict",

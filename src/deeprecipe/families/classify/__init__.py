@@ -15,7 +15,7 @@ from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import ExplainOptions, Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, label_score
 
 
 def random_crop(x: torch.Tensor, pad: int, draws: Draws) -> torch.Tensor:
@@ -197,6 +197,10 @@ class Classify(Family):
     prepare = staticmethod(prepare)
 
     METRIC = ("acc", "max")
+
+    def saliency_score(self, model: nn.Module, batch, cfg: Config) -> torch.Tensor:
+        """The saliency check's score: the true class's logit."""
+        return label_score(model(batch[0]).float(), batch[1])
 
     def show_batch(self, batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
         """A prepared batch for the eye (deeprecipe check): images de-normalized to [0, 1], captioned by label."""

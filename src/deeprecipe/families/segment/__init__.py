@@ -17,7 +17,7 @@ from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import ExplainOptions, Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, label_score
 
 IGNORE = 255
 
@@ -176,6 +176,10 @@ class Segment(Family):
     IGNORE_INDEX = IGNORE
 
     CHECK_DEFAULTS = {"overfit_examples": 2}  # memorizing is per pixel: two images are thousands of labels
+
+    def saliency_score(self, model: nn.Module, batch, cfg: Config) -> torch.Tensor:
+        """The saliency check's score: the mean of the true class's logit over the labelled pixels."""
+        return label_score(model(batch[0]).float(), batch[1], IGNORE)
 
     def show_batch(self, batch, spec: DataSpec) -> tuple[torch.Tensor, list[str]]:
         """Images de-normalized next to their masks in colour (black: ignored), as the net sees them."""
