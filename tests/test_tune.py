@@ -173,19 +173,34 @@ def test_a_killed_tune_resumes_its_study(cli, subenv):
 
 
 def test_two_processes_share_one_sqlite_study(subenv):
+    """Two workers on one study file finish exactly the budget together: 4 complete trials, each run by one
+    worker once (its folder's commands.txt has one line, the workers' printed trials are disjoint and cover the
+    4), both workers ran some, and the only other trials are ones a worker gave back unrun (FAIL, over_budget,
+    no folder). Nothing is left RUNNING."""
+    import optuna
+
     cmd = tune_cmd("t", 4)
     procs = [subprocess.Popen(cmd + ["--seed", str(i)], env=subenv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in range(2)]  # fmt: skip
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e.decode()[-500:] for _, e in outs]
-    got = states(Path("t/study.db"))
-    done = [n for n, s in got if s == "COMPLETE"]
-    assert len(done) == 4 and len(set(done)) == 4 and not [s for _, s in got if s == "RUNNING"], got
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{Path('t/study.db').resolve()}")
+    trials = study.get_trials(deepcopy=False)
+    done = {t.number for t in trials if t.state.name == "COMPLETE"}
+    assert len(done) == 4, [(t.number, t.state.name) for t in trials]
+    for t in trials:
+        if t.number not in done:  # given back unrun: no folder, no training
+            assert t.state.name == "FAIL" and t.user_attrs.get("over_budget"), (t.number, t.state, t.user_attrs)
+    folders = {int(p.name.split("-")[1]) for p in Path("t").glob("trial-*")}
+    assert folders == done, (folders, done)
     for n in done:
         assert json.loads((Path("t") / f"trial-{n:04d}" / "status.json").read_text())["status"] == "done"
         assert (Path("t") / f"trial-{n:04d}" / "commands.txt").read_text().count("\n") == 1
-    # both workers ran trials
-    assert all(b"trial " in o for o, _ in outs), outs
+    ran = [
+        {int(line.split()[1].rstrip(":")) for line in o.decode().splitlines() if line.startswith("trial ")}
+        for o, _ in outs
+    ]
+    assert ran[0] and ran[1] and not ran[0] & ran[1] and ran[0] | ran[1] == done, ran
 
 
 def test_the_loops_monitor_stops_a_run_as_pruned_but_not_at_its_last_step():
