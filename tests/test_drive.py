@@ -38,12 +38,7 @@ SMALL_DATA = [f"data.episodes={EPISODES}", f"data.frames={FRAMES}", f"data.size=
 SMALL_MODEL = ["model.channels=[4,8]", "model.dense=[16]", "model.dropout=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

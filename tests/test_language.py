@@ -35,13 +35,7 @@ def train(cfg: config.Config, run_dir: Path, resume: bool = False) -> dict:
     return loop.train(cfg, get_family(cfg.task), run_dir, resume=resume)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids oversubscription stalls (tens of times faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture
