@@ -109,17 +109,17 @@ def record(
     env: str, folder: Path, episodes: int, first_seed: int, frames: int, size: tuple[int, int], log=None
 ) -> None:
     """Drive `episodes` expert episodes (seeds first_seed..) and write them as shards into `folder`."""
-    from deeprecipe.data import sim
+    from deeprecipe.data.sim import expert, make_env, rollout
 
-    s = sim.make_env(env, frames, size)
+    s = make_env(env, frames, size)
     try:
-        drive = sim.expert(s)
+        drive = expert(s)
         meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
         for start in range(0, episodes, SHARD_EPISODES):
             seeds = range(first_seed + start, first_seed + min(episodes, start + SHARD_EPISODES))
             eps = []
             for seed in seeds:
-                ep = sim.rollout(s, drive, seed, keep=True)
+                ep = rollout(s, drive, seed, keep=True)
                 ep.labels = list(ep.actions)  # the expert drove: its labels are its actions
                 eps.append(ep)
             write_shard(folder / f"expert-{seeds[0]:08d}.safetensors", eps, meta)

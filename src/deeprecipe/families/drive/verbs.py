@@ -85,7 +85,7 @@ def cmd_dagger(args) -> None:
         raise UserError(f"{prev} is a '{base.task}' run; dagger needs a driving run (task: drive)")
     include = list(base.data.include)
     for r in range(1, args.rounds + 1):
-        out = Path(f"{args.out or args.run}-dagger{r}")
+        out = Path(f"{Path(args.out or args.run)}-dagger{r}")  # runs/x/ -> runs/x-dagger1
         if (out / "config.yaml").exists():
             raise UserError(f"{out} already holds a run: give another --out")
         shard = dagger_round(prev, out, args.episodes, DAGGER_SEED + 100_000 * r, args.device)
