@@ -399,6 +399,33 @@ def test_a_missing_include_and_a_shard_of_another_scene_are_named(rollouts, tmp_
     assert int((data.train.episodes == 7).sum()) == 3  # seed 7 falls in train
 
 
+def test_a_shard_drawn_at_another_scale_names_the_file_and_the_fix(rollouts, tmp_path):
+    """Frames drawn at another pixels-per-metre than the scene renders now would train a policy on pictures the
+    closed loop never shows it: refused, naming the shard and saying how to record again."""
+    from deeprecipe.data.drive import write_shard
+
+    t, meta = read_shard(shards_of(rollouts)[0])
+    assert meta["scaling"] == sim.scaling_of(ENV) == sim.DEFAULT_SCALING
+    ep = sim.Episode(seed=7, frames=list(t["frames"][:3].numpy()), actions=[1, 1, 1], labels=[1, 1, 1])
+    other = tmp_path / "old.safetensors"
+    write_shard(other, [ep], meta | {"scaling": 3.0})
+    with pytest.raises(DataError) as e:
+        data_cfg(rollouts, include=[str(other)]).build()
+    assert str(other) in str(e.value) and "3.0 px/m" in str(e.value) and "record it again" in str(e.value)
+
+
+def test_lane_keeping_frames_resolve_the_lane():
+    """The track scenes render at SCALING px/m: the ego's lane (5 m) spans 20 px of a 64 px frame, so an offset of
+    half a metre moves the car by 2 px; the highway scenes keep their long view ahead."""
+    s = sim.make_env("racetrack-v0", 1, (64, 64))
+    try:
+        assert s.scaling == sim.SCALING["racetrack-v0"] == 4.0
+        assert s.state.config["observation"]["scaling"] == 4.0
+    finally:
+        s.close()
+    assert sim.scaling_of("highway-fast-v0") == 1.75 and sim.scaling_of("CartPole-v1") == 0.0
+
+
 def test_highway_env_missing_gives_the_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "highway_env", None)  # `import highway_env` now raises ImportError
     for call in (sim.highway, lambda: sim.make_env(ENV), lambda: data_cfg(tmp_path / "none").build()):

@@ -28,6 +28,7 @@ import torch
 from deeprecipe.core import DataError, DataSpec
 from deeprecipe.data.core import Data, TensorSplit
 from deeprecipe.data.scenes import hash_ints
+from deeprecipe.data.sim import DEFAULT_SCALING, scaling_of
 
 EVAL_SEED = 20_000_000  # first seed of the closed-loop evaluation episodes (never recorded)
 DAGGER_SEED = 10_000_000  # first seed of the DAgger rounds' episodes
@@ -115,6 +116,7 @@ def record(
     try:
         drive = expert(s)
         meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
+        meta |= {"scaling": s.scaling}
         for start in range(0, episodes, SHARD_EPISODES):
             seeds = range(first_seed + start, first_seed + min(episodes, start + SHARD_EPISODES))
             eps = []
@@ -183,6 +185,12 @@ class DriveData:
             ):
                 raise DataError(
                     f"{f}: rollouts of {meta['env']} ({meta['control']}), but {meta0[0]} has {meta0[1]['env']}"
+                )
+            want = scaling_of(self.env)
+            if want and meta.get("scaling", DEFAULT_SCALING) != want:
+                raise DataError(
+                    f"{f}: frames drawn at {meta.get('scaling', DEFAULT_SCALING)} px/m, but {self.env} is now "
+                    f"rendered at {want} px/m: delete {f.parent} to record it again"
                 )
             if t["frames"].shape[1:] != (self.frames, *self.size):
                 raise DataError(

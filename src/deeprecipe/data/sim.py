@@ -51,6 +51,10 @@ SCENES: dict[str, tuple[str, dict]] = {
     ),
     "lane-keeping-v0": ("steer", {}),
 }
+# pixels per metre of the rendered frames: the highway scenes need a long view ahead (64x128 px at 1.75 px/m sees
+# 73 m); lane keeping needs the ego's offset in its lane to span pixels (at 4 px/m a 5 m lane is 20 px wide)
+SCALING = {"racetrack-v0": 4.0, "lane-keeping-v0": 4.0}
+DEFAULT_SCALING = 1.75
 GRAY = [0.2989, 0.5870, 0.1140]  # RGB -> luma weights
 META_NAMES = ["lane left", "idle", "lane right", "faster", "slower"]  # highway-env's DiscreteMetaAction order
 PREFERENCE = [1, 3, 4, 0, 2]  # among equally good meta-actions: idle, faster, slower, lane left, lane right
@@ -84,6 +88,7 @@ class Sim:
     control: str  # "meta" | "steer" | "discrete" (another gymnasium env with discrete actions)
     actions: list[str] = field(default_factory=list)  # names of the discrete actions ([] for steering)
     frequency: float = 1.0  # policy decisions per simulated second
+    scaling: float = 0.0  # pixels per metre of the frames (highway-env scenes; 0: the environment's own)
 
     def reset(self, seed: int) -> np.ndarray:
         obs, _ = self.env.reset(seed=int(seed))
@@ -115,17 +120,24 @@ class Sim:
         self.env.close()
 
 
+def scaling_of(name: str) -> float:
+    """Pixels per metre that `make_env(name)` renders at (0 for environments that draw their own frames)."""
+    return SCALING.get(name, DEFAULT_SCALING) if name in SCENES else 0.0
+
+
 def known_envs() -> list[str]:
     return list(SCENES)
 
 
-def make_env(name: str, frames: int = 4, size: tuple[int, int] = (64, 128), scaling: float = 1.75) -> Sim:
+def make_env(name: str, frames: int = 4, size: tuple[int, int] = (64, 128), scaling: float = 0.0) -> Sim:
     """The environment `name` with stacked grayscale frames of `size` (H, W) as observations: a highway-env
-    scene, or any registered gymnasium id whose observation is a uint8 image stack (S, H, W)."""
+    scene (at `scaling` pixels per metre, 0: the scene's SCALING), or any registered gymnasium id whose
+    observation is a uint8 image stack (S, H, W)."""
     gym = highway()
     h, w = int(size[0]), int(size[1])
     if name in SCENES:
         control, extra = SCENES[name]
+        scaling = float(scaling or scaling_of(name))
         config: dict = {
             "observation": {
                 "type": "GrayscaleObservation",
@@ -138,12 +150,13 @@ def make_env(name: str, frames: int = 4, size: tuple[int, int] = (64, 128), scal
         }
         env = gym.make(name, config=config)
         u = env.unwrapped
+        freq = float(u.config["policy_frequency"])
         if control == "steer":
-            return Sim(env, name, control, [], float(u.config["policy_frequency"]))
+            return Sim(env, name, control, [], freq, scaling)
         names = [u.action_type.actions[i] for i in range(env.action_space.n)]
         pretty = {"LANE_LEFT": "lane left", "IDLE": "idle", "LANE_RIGHT": "lane right"}
         names = [pretty.get(n, n.lower()) for n in names]
-        return Sim(env, name, control, names, float(u.config["policy_frequency"]))
+        return Sim(env, name, control, names, freq, scaling)
     if name not in gym.registry:
         raise UserError(
             f"unknown environment '{name}': highway-env scenes are {', '.join(SCENES)}; any registered gymnasium "
