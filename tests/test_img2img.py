@@ -18,6 +18,7 @@ from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, input
 from deeprecipe.families.img2img import metrics as im
 from deeprecipe.family import PredictOptions
 from deeprecipe.models.pix2pix import Pix2Pix
+from test_serve import needs_chromium
 
 TINY_MODEL = ["model.width=8", "model.depth=2", "model.max_width=16", "model.d_width=8", "model.d_layers=2"]
 TINY_SCENES = ["data.size=[32,32]", "data.train_size=16", "data.val_size=8", "data.test_size=8"]
@@ -292,8 +293,74 @@ def test_served_inpaint_fills_only_the_hole_refuses_a_bad_mask_and_exports(tmp_p
             "/inpaint", files={**files, "mask": ("small.png", (tmp_path / "small_mask.png").read_bytes(), "image/png")}
         )
         assert bad.status_code == 400 and "small.png: the mask is 30x20 but the image is 30x24" in bad.text
-        assert c.post("/inpaint", files=files).status_code == 200  # no mask: a centred box (the page's demo)
+        assert c.post("/inpaint", files=files).status_code == 200  # no mask: a centred box
+        wide = png(tmp_path / "wide.png", 30, 1100)  # past MAX_SIDE: image and mask scaled down alike
+        write_png(torch.full((1, 30, 1100), 255, dtype=torch.uint8), str(tmp_path / "wide_mask.png"))
+        r = c.post(
+            "/inpaint",
+            files={
+                "image": ("wide.png", wide.read_bytes(), "image/png"),
+                "mask": ("wide_mask.png", (tmp_path / "wide_mask.png").read_bytes(), "image/png"),
+            },
+        )
+        assert r.status_code == 200 and r.json()["size"] == [1024, 28], r.text
     assert main(["export", str(run), "--format", "onnx"]) == 0
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_page_paints_a_mask_over_the_image_and_shows_before_and_after(tmp_path):
+    """In headless Chromium: the /inpaint widget is a canvas over the uploaded image; a brush stroke on its left
+    part is sent as the mask (at the image's size, else the server says 400), and the answer shown as `after`
+    differs from the image only there; Clear wipes the strokes, and sending nothing painted is refused."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from deeprecipe.cli import main, open_run
+    from deeprecipe.serve.server import ServeOptions, build_app
+    from test_serve import browser
+
+    run = tmp_path / "run"
+    sets = ["train.device=cpu", "train.precision=fp32", "train.eval_every=0", "train.steps=2", "train.batch_size=2"]
+    sets += [*TINY_SCENES, *TINY_MODEL]
+    assert main(["train", "scenes-inpaint", "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+    image = png(tmp_path / "p.png", 40, 48, seed=5)
+    app = build_app(str(run), *open_run(str(run), "cpu", "fp32"), ServeOptions())
+    with browser(app, tmp_path) as (driver, url):
+        driver.get(url)
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.ID, "canvas-0"), "no mask widget")
+        assert driver.find_element(By.CSS_SELECTOR, "section").get_attribute("data-path") == "/inpaint"
+        driver.find_element(By.ID, "file-0").send_keys(str(image))
+        canvas = driver.find_element(By.ID, "canvas-0")
+        wait.until(lambda d: canvas.get_attribute("width") == "48", "the canvas did not take the image's size")
+        w, h = canvas.size["width"], canvas.size["height"]  # 320 px wide on the page
+
+        def paint():  # press 30 px from the left, a quarter up, drag 60 px right and 20 down (a fresh chain)
+            chain = ActionChains(driver).move_to_element_with_offset(canvas, -w // 2 + 30, -h // 4)
+            chain.click_and_hold().move_by_offset(60, 20).release().perform()
+
+        paint()
+        driver.find_element(By.ID, "clear-0").click()
+        driver.find_element(By.ID, "go-0").click()
+        wait.until(lambda d: "paint over" in d.find_element(By.ID, "result-0").text, "an empty mask was sent")
+        paint()
+        driver.find_element(By.ID, "go-0").click()
+        wait.until(lambda d: d.find_elements(By.ID, "after-0"), "no answer shown")
+        assert driver.find_element(By.ID, "result-0").text == "48x40"
+        assert driver.find_element(By.ID, "before-0").get_attribute("src").startswith("data:image/png")
+        src = driver.find_element(By.ID, "after-0").get_attribute("src").split(",", 1)[1]
+    after = np.array(Image.open(io.BytesIO(base64.b64decode(src)))).astype(int)
+    changed = np.abs(after - np.array(Image.open(image)).astype(int)).max(-1) > 0  # (40, 48)
+    ys, xs = changed.nonzero()
+    assert changed.sum() > 10, "the painted pixels were not filled"
+    assert xs.max() < 24 and ys.max() < 30, "pixels outside the stroke changed"  # the stroke: about x 3..15, y 8..15
 
 
 def test_telea_fills_a_flat_image_nearly_exactly():

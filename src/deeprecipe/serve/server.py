@@ -5,8 +5,9 @@ the family's `serve(ctx)` hook, which adds the family's endpoints in a few lines
     ctx.batcher(name, fn)        requests arriving together run as one batch: fn(list of items) -> list of results
     ctx.router                   a FastAPI APIRouter whose routes require the token (when one is set)
     await ctx.read_image(file)   an uploaded image, validated, as uint8 (C, H, W) with the spec's channels/size
-    ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | text | stream | sample;
-                                 an image widget uploads form field `field` (default image) of types `accept`)
+    ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | mask | text | stream |
+                                 sample; an image widget uploads form field `field` (default image) of types
+                                 `accept`; a mask widget sends `image` and the `mask` painted over it, same size)
     ctx.text_generation / ctx.translation / ctx.image_sampler   whole endpoints for the generative families
 Always there: GET /health (public), / (the page, static), /docs (Swagger UI, its files served from the
 fastapi-offline package: no CDN) and /openapi.json (the API description), GET /info and /metrics (Prometheus

@@ -273,10 +273,11 @@ class Img2Img(Family):
         return {"inputs": {"image": inp}, "outputs": ["output"]}
 
     def serve(self, ctx) -> None:
-        """The endpoint of the model's mode: POST /enhance (sr), /inpaint (image, mask: white = fill; without a mask
-        a centred box of the training hole fraction is cut, for the page), /translate-image (label2image: a label
-        PNG; paired, unpaired: an image). The answer: the output PNG (base64) as `overlay` (the page shows it
-        next to the upload) and `image`, and its size."""
+        """The endpoint of the model's mode: POST /enhance (sr), /inpaint (image, mask: white = fill, the image's
+        size; both scaled down alike past MAX_SIDE; without a mask a centred box of the training hole fraction is
+        cut), /translate-image (label2image: a label PNG; paired, unpaired: an image). The answer: the output PNG
+        (base64) as `overlay` (the page shows it next to the upload) and `image`, and its size. The page's
+        /inpaint widget (kind mask) paints the mask over the uploaded image and shows before and after."""
         from fastapi import File, HTTPException, UploadFile
 
         spec, mode = ctx.spec, ctx.spec.extra["mode"]
@@ -317,18 +318,19 @@ class Img2Img(Family):
                 image: UploadFile = File(..., description="the image"),
                 mask: UploadFile | None = File(None, description="white = the pixels to fill (same size)"),
             ):
-                img = await ctx.read_image(image, size=(0, 0), max_side=MAX_SIDE)
+                img = await ctx.read_image(image, size=(0, 0))
                 if mask is None:
                     hole = centre_box(img.shape[-2:], spec.extra["hole_fraction"])
                 else:
                     m = await ctx.read_image(mask, channels=1, size=(0, 0))
-                    try:
-                        hole = mask_of(m, tuple(img.shape[-2:]), mask.filename or "mask")
+                    try:  # sizes compared as sent, then both scaled down alike
+                        mask_of(m, tuple(img.shape[-2:]), mask.filename or "mask")
                     except UserError as e:
                         raise HTTPException(400, str(e)) from None
-                return await go(img, hole)
+                    hole = mask_of(image_ops.fit_long_side(m, MAX_SIDE), None, "")
+                return await go(image_ops.fit_long_side(img, MAX_SIDE), hole)
 
-            ctx.widget("/inpaint", "image", "Fill a hole (a centred box unless a mask is sent)")
+            ctx.widget("/inpaint", "mask", "Fill what you paint over an image")
         else:
             go = run(lambda img: translate(ctx.model, spec, ctx.rt, img))
 
@@ -436,9 +438,10 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def mask_of(m: torch.Tensor, size: tuple[int, int], where: str) -> torch.Tensor:
-    """A mask image uint8 (1, h, w) -> hole (H, W) in {0, 1} (white, >= 128, = fill); its size must be `size`."""
-    if tuple(m.shape[-2:]) != tuple(size):
+def mask_of(m: torch.Tensor, size: tuple[int, int] | None, where: str) -> torch.Tensor:
+    """A mask image uint8 (1, h, w) -> hole (H, W) in {0, 1} (white, >= 128, = fill); its size must be `size`
+    (None: any)."""
+    if size is not None and tuple(m.shape[-2:]) != tuple(size):
         raise UserError(
             f"{where}: the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {size[1]}x{size[0]}: "
             "a mask must have its image's size"
