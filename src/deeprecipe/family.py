@@ -44,7 +44,7 @@ class ExplainOptions:
     """`deeprecipe explain RUN FILES`: what a family's explain hook may use."""
 
     method: str = ""  # "ig" (Integrated Gradients) | "gradcam" | "occlusion" | "attention"; "": the family's first
-    target: int | None = None  # class index to explain; None: the predicted class
+    target: int | None = None  # class index to explain; None: the predicted class (detectors: the N-th detection)
     out: Path | None = None  # folder for the overlays (default: next to each input file)
     sanity: bool = False  # also run the parameter-randomisation sanity check (engine/explain.py sanity)
 
@@ -144,7 +144,9 @@ class Family:
         "method", "score" (its probability), "out" (the overlay written, if any), "text" (the line the CLI
         prints)}, and with opts.sanity "sanity" (engine/explain.py sanity's verdict) and "sanity_plot". Runs with
         gradients enabled on a copy of the model (engine/explain.py); the model itself is left unchanged."""
-        raise UserError(f"task '{self.name}' has no explain (it works for classifiers, segmenters and language models)")
+        raise UserError(
+            f"task '{self.name}' has no explain (it works for classifiers, segmenters, detectors and language models)"
+        )
 
     def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample`: text pieces for the CLI to show as they come."""

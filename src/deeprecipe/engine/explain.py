@@ -94,12 +94,13 @@ def cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def image_attribution(
-    forward: Callable, model: nn.Module, x: torch.Tensor, target, method: str, baseline: torch.Tensor
+    forward: Callable, model: nn.Module, x: torch.Tensor, target, method: str, baseline: torch.Tensor, layer: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attributions of forward(x)[:, target] (target None: forward returns (B,)) to x (B, C, H, W):
-    a map (B, H, W) at the input's size (IG: summed over channels, signed; Grad-CAM at cam_layer: non-negative,
-    upsampled; occlusion: the drop of the output when a window is blanked to `baseline`), and IG's convergence
-    delta (B,) (sum of attributions - (f(x) - f(baseline))), else None."""
+    a map (B, H, W) at the input's size (IG: summed over channels, signed; Grad-CAM at cam_layer, or at the
+    submodule named `layer` for a model with several heads: non-negative, upsampled; occlusion: the drop of the
+    output when a window is blanked to `baseline`), and IG's convergence delta (B,) (sum of attributions -
+    (f(x) - f(baseline))), else None."""
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
     x = x.detach().float().contiguous()
@@ -110,7 +111,8 @@ def image_attribution(
         )
         return attr.sum(1).detach(), delta.detach()
     if method == "gradcam":
-        cam = LayerGradCam(forward, cam_layer(model, x)).attribute(x, target=target, relu_attributions=True)
+        at = model.get_submodule(layer) if layer else cam_layer(model, x)
+        cam = LayerGradCam(forward, at).attribute(x, target=target, relu_attributions=True)
         up = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")  # (B, 1, H, W)
         return up[:, 0].clamp_min(0).detach(), None
     if method == "occlusion":
@@ -310,17 +312,19 @@ def image_explanation(
     target: int | None,
     method: str,
     with_sanity: bool = False,
+    layer: str = "",
 ) -> dict:
     """One image's explanation, in memory: the map of `method` for forward_of(model)(x)[:, target] (target None:
-    forward returns (B,)) and its overlay over `image` (uint8 (C, H, W), the picture the net saw). What both
-    `explain` (then save_explanation writes the overlay) and the served /explain run, so they agree.
+    forward returns (B,)) and its overlay over `image` (uint8 (C, H, W), the picture the net saw); `layer`: as
+    image_attribution's. What both `explain` (then save_explanation writes the overlay) and the served /explain
+    run, so they agree.
     Returns {"method", "map" (H, W), "png" (overlay bytes), "delta" (IG only), "sanity" (with_sanity)}."""
     m = safe_copy(model)
     dev = next(m.parameters()).device
 
     def attribute(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.enable_grad():
-            return image_attribution(forward_of(net), net, x.to(dev), target, method, baseline.to(dev))
+            return image_attribution(forward_of(net), net, x.to(dev), target, method, baseline.to(dev), layer)
 
     attr, delta = attribute(m)
     res = {"method": method, "map": attr[0].cpu(), "png": overlay(image, attr[0], method)}

@@ -54,12 +54,12 @@ def giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return inter / (union + eps) - (enc - union) / (enc + eps)
 
 
-def nms(boxes, scores, labels, iou: float, keep: int):
-    """Per-class NMS (torchvision.ops.batched_nms), the best `keep` boxes."""
+def nms(boxes, scores, labels, iou: float, keep: int, *more):
+    """Per-class NMS (torchvision.ops.batched_nms), the best `keep` boxes (and the same rows of each of `more`)."""
     from torchvision.ops import batched_nms
 
     idx = batched_nms(boxes.float(), scores.float(), labels, iou)[:keep]
-    return boxes[idx], scores[idx], labels[idx]
+    return boxes[idx], scores[idx], labels[idx], *(m[idx] for m in more)
 
 
 # ------------------------------------------------------------------------------------------------ centernet
@@ -212,7 +212,10 @@ class CenterNet(nn.Module):
         return hl + self.cfg.box_weight * bl, {"heat": hl.detach(), "box": bl.detach()}
 
     @torch.no_grad()
-    def decode(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def decode(self, out: torch.Tensor, cells: bool = False) -> list[tuple[torch.Tensor, ...]]:
+        """Raw maps (B, classes + 4, h, w) -> (boxes, scores, labels) per image; with `cells` also, per box, the
+        flat index (into h * w) of the cell that made it: its score is sigmoid(out[i, label].flatten()[cell]), the
+        one logit that stands for the box (what families/detect explain attributes)."""
         C, cfg = self.num_classes, self.cfg
         heat = out[:, :C].float().sigmoid()
         peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat) if cfg.peaks else heat
@@ -229,7 +232,8 @@ class CenterNet(nn.Module):
         results = []
         for i in range(B):
             keep = scores[i] >= cfg.score_thresh
-            results.append(nms(bx[i][keep], scores[i][keep], cls[i][keep], cfg.nms_iou, cfg.max_det))
+            more = (cell[i][keep],) if cells else ()
+            results.append(nms(bx[i][keep], scores[i][keep], cls[i][keep], cfg.nms_iou, cfg.max_det, *more))
         return results
 
     def detect(self, x: torch.Tensor):

@@ -45,8 +45,8 @@ class DetectionMetrics:
         return out
 
 
-def draw_boxes(img: torch.Tensor, boxes: torch.Tensor, captions: list[str], colour) -> torch.Tensor:
-    """uint8 (3, h, w) with the boxes (k, 4) xyxy drawn and captioned."""
+def draw_boxes(img: torch.Tensor, boxes: torch.Tensor, captions: list[str] | None, colour) -> torch.Tensor:
+    """uint8 (3, h, w) with the boxes (k, 4) xyxy drawn and captioned (None: not)."""
     from torchvision.utils import draw_bounding_boxes
 
     if len(boxes) == 0:
