@@ -216,18 +216,21 @@ def test_inpaint_keeps_the_pixels_outside_the_hole_and_refuses_a_bad_mask(tmp_pa
     assert r["size"] == [30, 24]
 
 
-def test_label2image_and_cyclegan_train_and_score(tmp_path):
-    """A label map -> scene run and a day -> night CycleGAN run: both evaluate PSNR/SSIM against the truth, and
-    the unpaired run's parts are both generators and both discriminators."""
+def test_label2image_and_cyclegan_train_and_score(tmp_path, monkeypatch):
+    """A label map -> scene run and a day -> night CycleGAN run: both evaluate PSNR/SSIM against the truth and,
+    at the final evaluation, the domain FID (the CycleGAN's untranslated input too); the unpaired run's parts are
+    both generators and both discriminators."""
     from deeprecipe.families.img2img import translate
 
+    monkeypatch.setenv("DEEPRECIPE_CACHE", str(tmp_path / "cache"))
     for recipe in ("scenes-label2image", "scenes-day2night-cyclegan"):
-        ctx, model = trained(recipe, tmp_path / recipe)
+        ctx, model = trained(recipe, tmp_path / recipe, ["model.feature_steps=2"])
         f = family()
+        assert "fid" not in f.evaluate(model, ctx.data, "val", ctx.cfg, ctx.rt, False)
         m = f.evaluate(model, ctx.data, "val", ctx.cfg, ctx.rt, True)
-        assert 0 < m["psnr"] < 60 and -1 <= m["ssim"] <= 1, m
+        assert 0 < m["psnr"] < 60 and -1 <= m["ssim"] <= 1 and m["fid"] > 0, m
         if recipe.endswith("cyclegan"):
-            assert set(f.parts(model, ctx.cfg)) == {"d", "g"} and "psnr_input" in m
+            assert set(f.parts(model, ctx.cfg)) == {"d", "g"} and "psnr_input" in m and m["fid_input"] > 0
             assert len(list(f.parts(model, ctx.cfg)["g"][0].children())) == 2
             out = translate(model, ctx.spec, ctx.rt, torch.zeros(3, 20, 28, dtype=torch.uint8))
         else:
@@ -243,6 +246,29 @@ def test_label2image_and_cyclegan_train_and_score(tmp_path):
             with pytest.raises(UserError, match=r"lab\.png: label id 9 is not one of the 8 classes"):
                 f.predict(model, ctx.spec, ctx.cfg, ctx.rt, [str(tmp_path / "lab.png")], PredictOptions(out=tmp_path))
         assert out.shape == (3, 20, 28) and out.dtype == torch.uint8
+
+
+def test_scene_fid_is_zero_on_the_real_images_and_sees_a_change_of_look(tmp_path, monkeypatch):
+    """The domain FID on the scene segmenter's features: real scenes against themselves score ~0, against the same
+    scenes at night far more, and the feature net trains on the run's scenes (size, seed, training images)."""
+    from deeprecipe.data.scenes import render_scenes
+
+    monkeypatch.setenv("DEEPRECIPE_CACHE", str(tmp_path / "cache"))
+    cfg = config.load("scenes-label2image", ["train.device=cpu", *TINY_SCENES, "model.feature_steps=20"])
+    fcfg = im.scene_feature_config(cfg)
+    assert (fcfg.task, fcfg.model.name, fcfg.data.name) == ("segment", "unet", "scenes")
+    assert list(fcfg.data.size) == [32, 32] and fcfg.data.train_size == 16 and fcfg.train.steps == 20
+    feats = im.scene_features(cfg, torch.device("cpu"))
+    assert feats(torch.zeros(3, 3, 48, 40)).shape == (3, feats.num_features)
+    numbers = torch.arange(20_000_000, 20_000_040)
+    day, night = (render_scenes(numbers, (32, 32), look)[0].float() / 127.5 - 1 for look in ("day", "night"))
+    fid = im.SceneFID(feats, inputs=True)
+    for i in range(0, 40, 16):
+        fid.add(day[i : i + 16], day[i : i + 16], night[i : i + 16])
+    got = fid.compute()
+    assert abs(got["fid"]) < 1e-3 * got["fid_input"] and got["fid_input"] > 0, got
+    with pytest.raises(UserError, match="model.feature_recipe=fashion-mnist-cnn: the scene feature net is a segment"):
+        im.scene_feature_config(config.load("scenes-label2image", ["model.feature_recipe=fashion-mnist-cnn"]))
 
 
 def test_export_example_runs_the_generator(tmp_path):

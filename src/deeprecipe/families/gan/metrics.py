@@ -78,20 +78,33 @@ def feature_net(cfg, device: torch.device) -> DomainFeatures:
     """Load the domain feature net of `cfg` from the cache, training it there first if needed."""
     import json
 
-    from deeprecipe import config
     from deeprecipe.core import DataSpec
     from deeprecipe.engine import checkpoint
-    from deeprecipe.engine.loop import train
     from deeprecipe.families.classify import Classify
 
     fcfg = feature_config(cfg)
+    folder = cached_run(fcfg, Classify(), cfg.data.name)
+    spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
+    clf = Classify().build_model(fcfg, spec)
+    clf.load_state_dict(checkpoint.inference_weights(folder))
+    net = DomainFeatures(clf, spec.mean, spec.std, tuple(spec.image_size)).to(device)
+    net.accuracy = _best_acc(folder)
+    return net
+
+
+def cached_run(fcfg, family, data_name: str) -> Path:
+    """The run folder of a feature net's config `fcfg` in the cache (named by a hash of the config), trained there
+    with `family` first when it is not there yet; every later run on the same data reuses it."""
+    from deeprecipe import config
+    from deeprecipe.engine.loop import train
+
     key = hashlib.sha1(config.dump(fcfg).encode()).hexdigest()[:10]
-    folder = cache_dir() / f"{cfg.data.name}-{fcfg.recipe}-{key}"
+    folder = cache_dir() / f"{data_name}-{fcfg.recipe}-{key}"
     if not (folder / "checkpoints" / "best.safetensors").is_file():
         warnings.warn(
             f"training the domain feature net ({fcfg.recipe}, {fcfg.train.steps} steps) into {folder}; "
             "it is reused by every later run on this data",
-            stacklevel=2,
+            stacklevel=3,
         )
         import shutil
 
@@ -100,19 +113,14 @@ def feature_net(cfg, device: torch.device) -> DomainFeatures:
         work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(work, ignore_errors=True)
         with torch.enable_grad():  # `deeprecipe eval` runs with gradients off
-            train(fcfg, Classify(), work, command="(domain feature net for FID/IS)")
+            train(fcfg, family, work, command="(domain feature net for FID/IS)")
         if not (folder / "checkpoints" / "best.safetensors").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder (an older, killed training)
         try:
             work.rename(folder)
         except OSError:  # another run's net got there first
             shutil.rmtree(work, ignore_errors=True)
-    spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
-    clf = Classify().build_model(fcfg, spec)
-    clf.load_state_dict(checkpoint.inference_weights(folder))
-    net = DomainFeatures(clf, spec.mean, spec.std, tuple(spec.image_size)).to(device)
-    net.accuracy = _best_acc(folder)
-    return net
+    return folder
 
 
 def _best_acc(folder: Path) -> float:

@@ -18,8 +18,10 @@ the updated D, frozen, on the same images of G (engine.loop.Update):
 with L_D, L_G from families/gan/losses.py. Evaluation scores PSNR and SSIM (metrics.py) on held-out images
 next to the classic baseline of the mode: bicubic up-sampling for sr, the PSNR on the hole (and OpenCV's Telea
 inpainting when installed) for inpaint, the untranslated input for paired data, the cycle reconstruction for
-unpaired data without known pairs. (No `from __future__ import annotations` here: FastAPI reads the serve
-hook's annotations at run time.)
+unpaired data without known pairs; translations of scenes (label2image, paired, unpaired) also get the domain
+FID of their outputs against the real targets (metrics.SceneFID), at the final evaluation and on the test split,
+with the untranslated input's FID as the baseline of a change of look. (No `from __future__ import annotations`
+here: FastAPI reads the serve hook's annotations at run time.)
 """
 
 from pathlib import Path
@@ -89,6 +91,9 @@ class Img2Img(Family):
     }
     EXTRA_CHECKS = {"overfit": checks.overfit, "input_copy": checks.input_copy, "grad_flow": checks.grad_flow}
     CHECK_DEFAULTS = {"steps": 20, "batch_size": 8, "overfit_examples": 2, "overfit_steps": 600}
+
+    def __init__(self):
+        self._scene_features = None  # the domain FID's feature net, loaded (or trained) at its first use
 
     # ------------------------------------------------------------------------------------------ training
     def check_config(self, cfg: Config) -> None:
@@ -169,9 +174,23 @@ class Img2Img(Family):
         return (model(x).float() - t.float()).abs().flatten(1).mean(1)
 
     # ------------------------------------------------------------------------------------------ evaluation
+    def _fid(self, cfg: Config, spec: DataSpec, rt) -> im.SceneFID | None:
+        """A new domain FID of the outputs against the targets (translations of scenes), else None."""
+        mode = spec.extra["mode"]
+        if mode not in ("label2image", "paired", "unpaired") or cfg.data.source != "scenes":
+            return None
+        if cfg.model.feature_recipe == "none":
+            return None
+        if self._scene_features is None:
+            self._scene_features = im.scene_features(cfg, rt.device)
+        return im.SceneFID(self._scene_features, inputs=mode != "label2image")
+
     @torch.no_grad()
-    def _run_split(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, telea: bool = False):
-        """(scores, kept (input, output, target, extra) of the first `keep` examples) over a split."""
+    def _run_split(
+        self, model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, telea: bool = False, fid=None
+    ):
+        """(scores, kept (input, output, target, extra) of the first `keep` examples) over a split; with `fid` (a
+        SceneFID), the scores include its FIDs."""
         spec, mode = data.spec, data.spec.extra["mode"]
         model.eval()
         scores, kept = im.Scores(), []
@@ -205,13 +224,17 @@ class Img2Img(Family):
             elif mode in ("paired", "unpaired") and paired_eval and x.shape[1] == t.shape[1]:
                 scores.add("psnr_input", im.psnr(im.to_unit(x), tt))
                 scores.add("ssim_input", im.ssim(im.to_unit(x), tt))
+            if fid is not None:
+                fid.add(out, t.float(), x.float() if mode != "label2image" else None)
             for i in range(min(len(x), keep - len(kept))):
                 kept.append((x[i].cpu(), out[i].cpu(), t[i].cpu(), None if extra is None else extra[i].cpu()))
-        return scores.means(), kept
+        return scores.means() | (fid.compute() if fid is not None else {}), kept
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
-        """PSNR and SSIM of the outputs (per image, averaged) and of the mode's baseline (see the docstring)."""
-        return self._run_split(model, data, split, cfg, rt)[0]
+        """PSNR and SSIM of the outputs (per image, averaged) and of the mode's baseline (see the docstring); at the
+        final evaluation the domain FID of translated scenes too."""
+        fid = self._fid(cfg, data.spec, rt) if final else None
+        return self._run_split(model, data, split, cfg, rt, fid=fid)[0]
 
     def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor]:
         """Input / output / target of 4 held-out examples at each evaluation."""
@@ -221,11 +244,12 @@ class Img2Img(Family):
         return {"translations": plots.grid(tiles, 2 * (len(tiles) // max(1, len(kept))))}
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
-        """Test scores with the baselines in one table (plots/quality.txt) and rows of input / output / target
-        (plots/img2img.png)."""
+        """Test scores (the domain FID included) with the baselines in one table (plots/quality.txt) and rows of
+        input / output / target (plots/img2img.png)."""
         split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        fid = self._fid(cfg, data.spec, rt)
         with torch.no_grad(), rt.autocast():
-            m, kept = self._run_split(model, data, split, cfg, rt, keep=8, telea=True)
+            m, kept = self._run_split(model, data, split, cfg, rt, keep=8, telea=True, fid=fid)
         pdir = Path(run_dir) / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
         table = plots.quality_table(m, data.spec.extra["mode"], split, len(data.split(split)))

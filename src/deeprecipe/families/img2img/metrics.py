@@ -4,11 +4,27 @@ Images are scored as they would be saved: in [0, 1], rounded to 8 bit. PSNR is p
 perfect image counts as MAX_PSNR dB); `psnr_masked` is the PSNR over the pixels of a mask (an inpainting's
 hole). The inpainting baseline is OpenCV's Telea fast marching (opencv-python-headless, an optional extra:
 `telea` returns None without it).
+
+Translations of scenes (label2image, day -> night, clear -> fog) are also scored by a domain FID (`SceneFID`):
+the Frechet distance between the features of generated and of real target images, on the encoder of a scene
+segmenter that deeprecipe trains on the same scenes (`scene_features`; cached like the GAN family's classifier,
+families/gan/metrics.py). Why a segmenter and not a classifier: a scene has no one class to learn, but every pixel
+has one, so a U-Net trained on the renderer's label maps learns what each kind of thing looks like and where it
+is, which is what a label map -> scene generator must get right; its features are each encoder level's channel
+means (as Inception's FID pools its last level), the shallow levels keeping colour, brightness and contrast
+(what a look such as night or fog changes), the deep ones the objects. FID values compare only between runs
+that share the feature net (the same cache folder) and the same number of images.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deeprecipe.core import UserError
 
 MAX_PSNR = 100.0  # dB given to an exact image (whose PSNR is infinite)
 
@@ -82,3 +98,106 @@ class Scores:
 
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / max(1, self.n[k]) for k in self.sums}
+
+
+# ------------------------------------------------------------------------------------------ domain FID of scenes
+
+
+class SceneFeatures(nn.Module):
+    """A scene U-Net's encoder as a feature extractor: images in [-1, 1] (B, 3, H, W) (resized to the size it was
+    trained at) -> (B, F): the spatial mean of each encoder level and of the bottleneck, concatenated (F = the sum
+    of their widths). Always in eval mode and fp32 (BatchNorm's running statistics, full-precision features)."""
+
+    def __init__(self, unet: nn.Module, mean, std, size: tuple[int, int]):
+        super().__init__()
+        self.unet, self.size = unet.eval(), tuple(size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        with torch.no_grad():
+            self.num_features = self(torch.zeros(1, len(mean), *self.size)).shape[1]
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if tuple(x.shape[-2:]) != self.size:
+                x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+            x = ((x + 1) / 2 - self.mean) / self.std
+            feats = []
+            for block in self.unet.down:
+                x = block(x)  # (B, w_i, H / 2^i, W / 2^i)
+                feats.append(x.mean((2, 3)))
+                x = F.max_pool2d(x, 2)
+            feats.append(self.unet.bottleneck(x).mean((2, 3)))
+            return torch.cat(feats, 1)
+
+
+def scene_feature_config(cfg):
+    """The segment Config of the scene feature net of img2img config `cfg`: its recipe (a U-Net on the scenes data
+    set) on the scenes of `cfg` (size, seed, training images), without crops (it sees whole images, as FID does)."""
+    from deeprecipe import config
+
+    name = "scenes-unet" if cfg.model.feature_recipe == "auto" else cfg.model.feature_recipe
+    raw, rname = config.read_recipe(name)
+    data, model = raw.get("data") or {}, raw.get("model") or {}
+    if raw.get("task") != "segment" or data.get("name") != "scenes" or model.get("name") != "unet":
+        raise UserError(f"model.feature_recipe={name}: the scene feature net is a segment recipe of a unet on scenes")
+    D = cfg.data
+    raw["data"] = {**data, "size": list(D.size), "seed": D.seed, "train_size": D.train_size, "test_size": 0, "crop": 0}
+    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0)
+    if cfg.model.feature_steps:
+        s = cfg.model.feature_steps
+        raw["train"].update(steps=s, eval_every=s, ckpt_every=s)
+    return config.resolve(raw, rname)
+
+
+def scene_features(cfg, device: torch.device) -> SceneFeatures:
+    """The scene feature net of `cfg` from the cache, trained there first if needed; `.miou` is its val mIoU."""
+    import json
+
+    from deeprecipe.core import DataSpec
+    from deeprecipe.engine import checkpoint
+    from deeprecipe.engine.run import read_status
+    from deeprecipe.families.gan.metrics import cached_run
+    from deeprecipe.families.segment import Segment
+
+    fcfg = scene_feature_config(cfg)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        folder = cached_run(fcfg, Segment(), "scenes")  # training it must not move the run's random streams
+    spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
+    unet = Segment().build_model(fcfg, spec)
+    unet.load_state_dict(checkpoint.inference_weights(folder))
+    net = SceneFeatures(unet, spec.mean, spec.std, tuple(spec.image_size)).to(device)
+    net.miou = float((read_status(folder).get("best") or {}).get("miou") or float("nan"))
+    return net
+
+
+class SceneFID:
+    """Domain FID of generated against real images (both (B, 3, H, W) in [-1, 1], added batch by batch) on one
+    feature net; with `inputs`, also of the untranslated inputs against the same real images (`fid_input`: the
+    baseline a translation must beat, and a test that the features see the change of look at all)."""
+
+    def __init__(self, feats: nn.Module, inputs: bool = False):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        def make():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return FrechetInceptionDistance(feature=feats).to(feats.mean.device)
+
+        self.fids = {"fid": make(), **({"fid_input": make()} if inputs else {})}
+        self.n = 0
+
+    def add(self, fake: torch.Tensor, real: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+        for name, m in self.fids.items():
+            m.update(real, real=True)
+            m.update(fake if name == "fid" else inputs, real=False)
+        self.n += len(fake)
+
+    def compute(self) -> dict[str, float]:
+        """{"fid": ..., "fid_input": ...}; {} with fewer than 2 images (no covariance)."""
+        if self.n < 2:
+            return {}
+        return {name: float(m.compute()) for name, m in self.fids.items()}

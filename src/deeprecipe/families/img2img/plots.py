@@ -85,4 +85,7 @@ def quality_table(m: dict, mode: str, split: str, n: int) -> str:
         lines.append(row(base, m.get(f"psnr_{base}"), m.get(f"ssim_{base}"), m.get(f"psnr_hole_{base}")))
     if mode == "unpaired" and "psnr_input" not in m:
         lines.append("(no known pairs: PSNR / SSIM of the cycle A -> B -> A)")
+    if "fid" in m:
+        inp = f", of the untranslated input {m['fid_input']:.2f}" if "fid_input" in m else ""
+        lines.append(f"domain FID against the real targets (scene U-Net features): model {m['fid']:.2f}{inp}")
     return "\n".join(lines)
