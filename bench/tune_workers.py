@@ -50,12 +50,15 @@ def run_arm(args, name: str, workers: int, threads: int | None) -> dict:
         raise SystemExit(f"{name}: a worker failed: {errors}")
     with sqlite3.connect(out / "study.db") as db:
         states = [s for (s,) in db.execute("select state from trials")]
+        # a worker that asked for a trial after the other took the budget's last one gives it back (FAIL, marked)
+        back = db.execute("select count(*) from trial_user_attributes where key = 'over_budget'").fetchone()[0]
     done = [d for d in sorted(out.glob("trial-*")) if (d / "status.json").exists()]
     finished = [d for d in done if json.loads((d / "status.json").read_text()).get("status") == "done"]
     return {
         "wall": wall,
         "complete": states.count("COMPLETE"),
-        "states": len(states),
+        "states": len(states) - back,
+        "given_back": back,
         "folders": len(done),
         "finished": len(finished),
     }
@@ -76,7 +79,8 @@ def main() -> None:
         r = rows[name] = run_arm(args, name, workers, threads)
         ok = r["complete"] == r["states"] == r["folders"] == r["finished"] == args.trials
         print(
-            f"{name:<20} wall {r['wall']:7.1f} s  trials: {r['complete']} complete of {r['states']} in the study, "
+            f"{name:<20} wall {r['wall']:7.1f} s  trials: {r['complete']} complete of {r['states']} run "
+            f"({r['given_back']} asked over budget and given back), "
             f"{r['folders']} folders, {r['finished']} finished runs -> {'none lost or doubled' if ok else 'MISMATCH'}",
             flush=True,
         )

@@ -154,6 +154,26 @@ def test_the_steering_expert_keeps_the_car_on_the_track():
     assert rand.offroad or rand.stats()["lane_offset"] > 2 * expert.stats()["lane_offset"]
 
 
+def test_steering_recordings_execute_noise_but_label_the_clean_expert(tmp_path):
+    """On a track the recorder executes the expert's command plus correlated noise (so the data leaves the expert's
+    line), and each label is the expert's clean command in the state reached: replaying the executed commands from
+    the episode's seed, the expert asked in every replayed state answers the recorded label."""
+    record("racetrack-v0", tmp_path, 1, 3, 1, (16, 16))
+    t, meta = read_shard(shards_of(tmp_path)[0])
+    label, action = t["label"].numpy(), t["action"].numpy()
+    assert "noise" in meta["policy"] and len(label) > 50
+    gap = action - label
+    assert 0.1 < gap.std() < 0.4 and np.corrcoef(gap[:-1], gap[1:])[0, 1] > 0.5  # correlated drift, not jitter
+    s = sim.make_env("racetrack-v0", 1, (16, 16))
+    try:
+        s.reset(3)
+        for k in range(len(label)):
+            assert sim.steer_action(s) == pytest.approx(float(label[k]), abs=1e-6)
+            s.step(float(action[k]))
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------------------------------------- a tiny run
 
 

@@ -2,11 +2,11 @@
 
 A shard is one safetensors file (no pickle) of the frames a policy saw and what the expert would do there:
 `frames` uint8 (N, S, H, W) (S stacked grayscale frames, see data/sim.py), `label` (N,) the expert's action
-(int64 meta-action index, or float32 steering in [-1, 1]), `action` (N,) what was executed (the expert itself
-when recording, the learner in DAgger rounds), `episode` (N,) int64 the episode's seed, `step` (N,) int64;
-its metadata names the environment, the control and the action names. Shards of `path` (recorded with the
-expert, `episodes` episodes from seed `seed`, the first time the folder is used) and of every folder or file in
-`include` (DAgger rounds) are read together.
+(int64 meta-action index, or float32 steering in [-1, 1]), `action` (N,) what was executed (the expert when
+recording, with steering noise on the track scenes; the learner in DAgger rounds), `episode` (N,) int64 the
+episode's seed, `step` (N,) int64; its metadata names the environment, the control, the action names and the
+pixels per metre. Shards of `path` (recorded with the expert, `episodes` episodes from seed `seed`, the first
+time the folder is used) and of every folder or file in `include` (DAgger rounds) are read together.
 
 Splits: an episode's seed decides its split (val when hash(seed) % 10 == 0, test when == 1, else train), so
 every frame of an episode lands in the same split. The closed-loop evaluation drives fresh seeds from 20,000,000
@@ -106,10 +106,29 @@ def shards_of(where: Path) -> list[Path]:
     return sorted(where.glob("*.safetensors")) if where.is_dir() else [where]
 
 
+STEER_NOISE, NOISE_MEMORY = 0.25, 0.8  # recording noise on steering: stationary std, AR(1) coefficient
+
+
+def noisy(policy, seed: int, std: float = STEER_NOISE, memory: float = NOISE_MEMORY):
+    """`policy` plus AR(1) Gaussian noise of stationary std `std` (the episode's seed draws it), clipped to
+    [-1, 1]: a correlated drift that takes the car off the expert's line for a few steps at a time."""
+    rng, state = np.random.default_rng(seed), [0.0]
+
+    def act(frames: np.ndarray) -> float:
+        state[0] = memory * state[0] + float(np.sqrt(1 - memory**2)) * std * rng.standard_normal()
+        return float(np.clip(policy(frames) + state[0], -1.0, 1.0))
+
+    return act
+
+
 def record(
     env: str, folder: Path, episodes: int, first_seed: int, frames: int, size: tuple[int, int], log=None
 ) -> None:
-    """Drive `episodes` expert episodes (seeds first_seed..) and write them as shards into `folder`."""
+    """Drive `episodes` expert episodes (seeds first_seed..) and write them as shards into `folder`.
+
+    On steering scenes the expert's executed command carries noise (`noisy`) while its label stays the clean
+    command of the state reached: every episode of a track would otherwise follow one line, and a learner that
+    drifts off it meets states no label covers (noise injection into the demonstrator, as DART does)."""
     from deeprecipe.data.sim import expert, make_env, rollout
 
     s = make_env(env, frames, size)
@@ -117,12 +136,17 @@ def record(
         drive = expert(s)
         meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
         meta |= {"scaling": s.scaling}
+        if s.control == "steer":
+            meta["policy"] = f"expert, executed with AR(1) steering noise of std {STEER_NOISE}"
         for start in range(0, episodes, SHARD_EPISODES):
             seeds = range(first_seed + start, first_seed + min(episodes, start + SHARD_EPISODES))
             eps = []
             for seed in seeds:
-                ep = rollout(s, drive, seed, keep=True)
-                ep.labels = list(ep.actions)  # the expert drove: its labels are its actions
+                if s.control == "steer":
+                    ep = rollout(s, noisy(drive, seed), seed, label=drive, keep=True)
+                else:
+                    ep = rollout(s, drive, seed, keep=True)
+                    ep.labels = list(ep.actions)  # the expert drove: its labels are its actions
                 eps.append(ep)
             write_shard(folder / f"expert-{seeds[0]:08d}.safetensors", eps, meta)
             if log:
