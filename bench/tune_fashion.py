@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from _budget import machine
 
 SPACE = [
     "optim.lr=log:1e-3:2e-2",
@@ -61,8 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-tune")
     args = ap.parse_args()
     out = Path(args.out)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    print(f"machine: {cpu or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {machine()}, python {platform.python_version()}")
 
     from deeprecipe import config
 

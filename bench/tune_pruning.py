@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from _budget import machine
+
 
 def trial_seconds(folder: Path) -> float:
     """Summed training time of a tune's trials: last minus first metrics line's time, per trial folder."""
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--out", default="runs/bench-prune")
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"machine: {machine()}, python {platform.python_version()}")
     print(f"{args.recipe}: {args.trials} trials of {args.steps} steps (eval every {args.eval_every}) per arm")
     rows = []
     for seed in args.seeds:

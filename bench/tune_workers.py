@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _budget import machine
+
 
 def command(args, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "deeprecipe.cli", "tune", args.recipe, "--param", "optim.lr=log:1e-3:1e-2"]
@@ -71,8 +73,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="runs/bench-workers")
     args = ap.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    print(f"machine: {cpu or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {machine()}, python {platform.python_version()}")
     print(f"{args.recipe}: {args.trials} trials of {args.steps} steps, no pruning", flush=True)
     rows = {}
     for name, workers, threads in (("one-worker", 1, None), ("one-worker-1thread", 1, 1), ("two-workers", 2, 1)):
