@@ -3,6 +3,7 @@ predict on files of any size, and the unpaired (CycleGAN) step."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -176,18 +177,28 @@ def trained(recipe: str, tmp_path, sets=()):
     return ctx, model.eval()
 
 
+def _short_reach(model, reach: int):
+    m = copy.copy(model)
+    m.reach = reach
+    return m
+
+
 def test_predict_enlarges_files_of_any_size_and_tiles_agree(tmp_path):
     ctx, model = trained("scenes-sr4", tmp_path)
     f = family()
     files = [str(png(tmp_path / "odd.png", 9, 13)), str(png(tmp_path / "wide.png", 20, 70))]
     res = f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path / "out"))
     assert [r["size"] for r in res] == [[52, 36], [280, 80]]
-    # tiles (their centres kept) give nearly the whole-image answer; the seams differ only by the net's border
-    x = degrade.enlarge(torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1, 4)
+    # tiles give exactly the whole image's answer, seams included: blocks of 16 px, 5 x 9 tiles
+    x = degrade.enlarge(torch.rand(1, 3, 19, 35, generator=torch.Generator().manual_seed(0)) * 2 - 1, 4)
     with torch.no_grad():
+        model = copy.deepcopy(model)
+        model.generator.head.weight.mul_(30)  # the sr residual starts near 0: make G's part of the answer large
         whole = model(x)
-        tiles = tiled(model, x, ctx.rt, tile=32, overlap=8)
-    assert tiles.shape == whole.shape and float((tiles - whole).abs().mean()) < 0.02
+        tiles = tiled(model, x, ctx.rt, tile=16)
+        short = tiled(_short_reach(model, 8), x, ctx.rt, tile=16)  # the oracle's power: too short a reach shows
+    assert tiles.shape == whole.shape and float((tiles - whole).abs().max()) < 1e-5  # float rounding only
+    assert float((short - whole).abs().max()) > 1e-4  # a reach of 8 px leaves seams (measured 4e-4)
     with pytest.raises(UserError, match=r"dot\.png is 5x1: too small to enlarge"):
         f.predict(
             model, ctx.spec, ctx.cfg, ctx.rt, [str(png(tmp_path / "dot.png", 1, 5))], PredictOptions(out=tmp_path)

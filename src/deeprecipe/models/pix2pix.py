@@ -74,6 +74,8 @@ class Pix2Pix(nn.Module):
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
         self.mode, self.out_channels = mode, out_channels
+        # G's reach and size multiple (models/unet.py): what exact tiling needs (families/img2img.tiled)
+        self.reach, self.multiple = generator.reach, generator.multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.generator(x)

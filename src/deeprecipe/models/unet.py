@@ -68,6 +68,10 @@ class UNet(nn.Module):
             cin = w
         self.head = nn.Conv2d(cin, num_classes, 1)
         self.multiple = 2**depth
+        # How far (input pixels) an output pixel sees, a bound: per level of scale s = 2^i the double conv adds
+        # 2s going down and again going up, the max-pool s, the bilinear up-sampling 2s; the bottleneck 2 * 2^depth.
+        # Tiles aligned to `multiple` that overlap by `reach` give exactly the whole image's output (families/img2img).
+        self.reach = 7 * (self.multiple - 1) + 2 * self.multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes, H, W)
         H, W = x.shape[-2:]

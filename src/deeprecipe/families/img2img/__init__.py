@@ -39,8 +39,7 @@ from deeprecipe.families.img2img import checks, degrade, plots
 from deeprecipe.families.img2img import metrics as im
 from deeprecipe.family import Family, PredictOptions
 
-TILE = 256  # predict and serve run sr on tiles of this size (output pixels) with OVERLAP, so any size works
-OVERLAP = 16
+TILE = 256  # predict and serve run sr on tiles that keep blocks of this size (output pixels): any size works
 MAX_SIDE = 1024  # inpaint and translate answer at most this long side (sr: the input's long side)
 
 
@@ -416,18 +415,23 @@ def enhance(model: nn.Module, spec: DataSpec, rt, lr: torch.Tensor, where: str =
     return _to_uint8(tiled(model, x, rt))
 
 
-def tiled(model: nn.Module, x: torch.Tensor, rt, tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
-    """model(x) of a (1, C, H, W) input computed on overlapping tiles (the centre of each kept): any size."""
+def tiled(model: nn.Module, x: torch.Tensor, rt, tile: int = TILE) -> torch.Tensor:
+    """model(x) of a (1, C, H, W) input, computed on tiles so any size fits in memory, and exactly the whole
+    image's answer: each tile keeps a block of about `tile` pixels a side, starts on a multiple of the net's size
+    multiple (so its poolings see the same pixel grid) and reaches past its block by the net's reach (so every
+    kept pixel sees what it would see in the whole image; the image's own borders are borders in both)."""
     H, W = x.shape[-2:]
-    if H <= tile and W <= tile:
+    m = model.multiple
+    reach = -(-model.reach // m) * m  # a multiple of m, so every window starts on the grid
+    step = max(m, tile // m * m)
+    if H <= step + reach and W <= step + reach:
         with rt.autocast():
             return model(x).float()
-    out = torch.zeros(1, x.shape[1], H, W, device=x.device) if True else None
-    step = tile - 2 * overlap
+    out = torch.zeros(1, model.out_channels, H, W, device=x.device)
     for top in range(0, H, step):
         for left in range(0, W, step):
-            t0, l0 = max(0, top - overlap), max(0, left - overlap)
-            t1, l1 = min(H, top + step + overlap), min(W, left + step + overlap)
+            t0, l0 = max(0, top - reach), max(0, left - reach)
+            t1, l1 = min(H, top + step + reach), min(W, left + step + reach)
             with rt.autocast():
                 y = model(x[..., t0:t1, l0:l1]).float()
             bh, bw = min(step, H - top), min(step, W - left)
