@@ -159,6 +159,45 @@ def test_input_copy_catches_a_generator_that_returns_its_input(recipe, tmp_path)
     assert bad.status == "fail" and bad.value >= checks.COPY_DB, bad
 
 
+class BlindNet(Pix2Pix):
+    """The planted bug of label2image: the label map never reaches G (zeroed), so every map gets one image."""
+
+    def forward(self, x):
+        return super().forward(0 * x)
+
+
+def test_input_copy_catches_a_label2image_generator_blind_to_its_labels(tmp_path):
+    sets = ["model.feature_recipe=none"]
+    good = checks.input_copy(ctx_for("scenes-label2image", sets, tmp_path, steps=8, batch_size=4))
+    assert good.status == "pass" and good.value < checks.COPY_DB, good
+
+    def blind_net(spec):
+        m = family().build_model(ctx.cfg, spec)
+        return BlindNet(m.generator, m.discriminator, m.mode, m.out_channels)
+
+    ctx = ctx_for("scenes-label2image", sets, tmp_path, make_model=blind_net, steps=8, batch_size=4)
+    bad = checks.input_copy(ctx)
+    assert bad.status == "fail" and "same image for every label map" in bad.advice, bad
+
+
+def test_crop_cuts_the_same_square_of_image_and_labels_and_data_refuses_a_bad_crop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (5, 3, 20, 24), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 7, (5, 20, 24), generator=g)
+    cx, cy = degrade.crop(x, y, 8, Draws(torch.Generator().manual_seed(1)))
+    assert cx.shape == (5, 3, 8, 8) and cy.shape == (5, 8, 8)
+    tops = set()
+    for i in range(5):  # each example's crop is a square of its own image, and its labels' the same square
+        hits = [(r, c) for r in range(13) for c in range(17) if torch.equal(x[i, :, r : r + 8, c : c + 8], cx[i])]
+        assert hits and torch.equal(y[i, hits[0][0] : hits[0][0] + 8, hits[0][1] : hits[0][1] + 8], cy[i])
+        tops.add(hits[0])
+    assert len(tops) > 1  # not one place for the whole batch
+    with pytest.raises(DataError, match=r"data\.crop=18: .* multiple of the scale"):
+        Img2ImgData(mode="sr", size=(32, 32), scale=4, crop=18, train_size=2, val_size=0, test_size=0).build()
+    with pytest.raises(DataError, match=r"data\.crop=40: .* 16 \.\. 32 pixels"):
+        Img2ImgData(mode="sr", size=(32, 32), scale=4, crop=40, train_size=2, val_size=0, test_size=0).build()
+
+
 def test_one_batch_overfits_past_40_db(tmp_path):
     v = checks.overfit(ctx_for("scenes-inpaint", ["model.width=16"], tmp_path, overfit_examples=2, overfit_steps=600))
     assert v.status == "pass" and v.value > 40, v

@@ -56,6 +56,8 @@ class Img2ImgData:
     noise: float = 0.0  # sr: noise on the low-res image, std (of [0, 1] pixels) drawn in [0, noise] per image
     holes: str = "box"  # inpaint: box | strokes | both (each image draws one)
     hole_fraction: float = 0.25  # inpaint: area of a box hole (strokes cover about as much)
+    crop: int = 0  # train on random square crops of this many pixels a side (0: whole images); evaluation,
+    #                predict and serve see whole images. sr: a multiple of the scale
 
     def build(self) -> Data:
         if self.mode not in MODES:
@@ -202,6 +204,13 @@ class Img2ImgData:
                 f"data.size={H}x{W} with data.scale={self.scale}: the sides must be multiples of the scale and "
                 f"at least {4 * self.scale} pixels"
             )
+        least = 4 * (self.scale if self.mode == "sr" else 1)
+        if self.crop and not least <= self.crop <= min(H, W):
+            raise DataError(f"data.crop={self.crop}: use 0 (whole images) or a side of {least} .. {min(H, W)} pixels")
+        if self.crop and self.mode == "sr" and self.crop % self.scale:
+            raise DataError(
+                f"data.crop={self.crop}: with data.scale={self.scale} a crop must be a multiple of the scale"
+            )
         xf = x[:512].float() / 255
         extra = {
             **extra,
@@ -212,6 +221,7 @@ class Img2ImgData:
             "noise": self.noise,
             "holes": self.holes,
             "hole_fraction": self.hole_fraction,
+            "crop": self.crop,
         }
         spec = DataSpec(
             num_classes=len(classes),

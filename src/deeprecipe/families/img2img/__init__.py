@@ -114,6 +114,8 @@ class Img2Img(Family):
 
     def prepare(self, batch, spec: DataSpec, draws: Draws | None):
         x, y = batch[0], batch[1]
+        if draws is not None and spec.extra.get("crop"):  # training on patches (data.crop)
+            x, y = degrade.crop(x, y, int(spec.extra["crop"]), draws)
         return make_input(x, y, spec, draws if draws is not None else degrade.eval_draws(x.device))
 
     def step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:

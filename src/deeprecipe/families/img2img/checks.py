@@ -3,7 +3,8 @@
 - overfit: G alone (the L1 term, model.adv set to 0) on a few examples drives them to PSNR > 40 dB (a warning
   below, a failure when G does not even beat its own input);
 - input_copy: after a short run of the loop's step, the output on held-out images must not be the net's own
-  input (the bicubic image, the image with its hole, A) at 8 bit: a generator that copies is caught;
+  input (the bicubic image, the image with its hole, A) at 8 bit: a generator that copies is caught; label2image,
+  whose input is no picture, fails when different label maps give the same image (a net blind to its input);
 - grad_flow: every parameter of G and D gets a nonzero gradient in a short run of both turns.
 """
 
@@ -75,6 +76,8 @@ def input_copy(ctx: Ctx) -> Verdict:
     model.eval()
     x, t = ctx.heldout_batch(16)
     pic = input_image(x, mode)
+    if mode == "label2image":
+        return _label_blind(model, x, t)
     if pic is None or pic.shape[1] != t.shape[1]:
         return Verdict("input_copy", "skip", advice=f"{mode}: the input is not an image of the output's kind")
     with torch.no_grad():
@@ -91,6 +94,27 @@ def input_copy(ctx: Ctx) -> Verdict:
             f"< {COPY_DB:.0f} dB",
             "the net returns its input: a skip connection that bypasses G, a zero residual that never learns, "
             "or a generator whose output is not used",
+            same,
+        )
+    return Verdict("input_copy", "pass", measured, f"< {COPY_DB:.0f} dB", "", same)
+
+
+def _label_blind(model, x: torch.Tensor, t: torch.Tensor) -> Verdict:
+    """label2image has no picture to copy; its silent bug is the other way round: a net that ignores its label
+    map answers every map with the same image. Outputs of different maps at PSNR >= 60 dB to each other fail."""
+    with torch.no_grad():
+        out = im.to_unit(model(x).float())
+    same = float(im.psnr(out, out.roll(1, 0)).mean())
+    tt = im.to_unit(t)
+    gain = float(im.psnr(out, tt).mean() - im.psnr(out, tt.roll(1, 0)).mean())
+    measured = f"PSNR between outputs of different label maps {same:.1f} dB; own scene vs another's {gain:+.2f} dB"
+    if same >= COPY_DB:
+        return Verdict(
+            "input_copy",
+            "fail",
+            measured,
+            f"< {COPY_DB:.0f} dB",
+            "the net draws the same image for every label map: its input is zeroed, detached or not used",
             same,
         )
     return Verdict("input_copy", "pass", measured, f"< {COPY_DB:.0f} dB", "", same)

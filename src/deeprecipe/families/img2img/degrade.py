@@ -7,6 +7,8 @@ a fixed generator, so every evaluation scores the same degraded images.
 - shrink: optional Gaussian blur (sigma per image in [0, blur]), antialiased bicubic down-sampling by `scale`,
   optional Gaussian noise (std per image in [0, noise] of the [0, 1] range), then 8-bit quantization: the
   low-res image a user would have as a PNG. `enlarge` is the bicubic up-sampling (the classic baseline).
+- crop: the same random square of every image of the batch and of its label map (training on patches: as many
+  steps for a fraction of the pixels, what super-resolution learns from, a local task).
 - holes: a mask (B, 1, H, W), 1 = missing: one box of `fraction` of the area (aspect 0.6 .. 1.6, anywhere),
   or free-form strokes (4 strokes of 3 thick segments, about as much area), or either per image ("both").
 """
@@ -64,6 +66,19 @@ def shrink(x: torch.Tensor, scale: int, blur_max: float, noise_max: float, draws
 def enlarge(lr: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic up-sampling by `scale`, clamped to [-1, 1] (the baseline, and the sr generator's input)."""
     return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def crop(x: torch.Tensor, y: torch.Tensor, size: int, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random size x size square per example of images (B, C, H, W) and, when y is a label map (B, H, W), of y."""
+    B, _, H, W = x.shape
+    if size >= min(H, W):
+        return x, y
+    top = draws.randint(H - size + 1, B).to(x.device).view(B, 1, 1)
+    left = draws.randint(W - size + 1, B).to(x.device).view(B, 1, 1)
+    r = torch.arange(size, device=x.device)
+    b, ys, xs = torch.arange(B, device=x.device).view(B, 1, 1), top + r.view(1, -1, 1), left + r.view(1, 1, -1)
+    x = x[b, :, ys, xs].permute(0, 3, 1, 2).contiguous()  # (B, size, size, C) -> (B, C, size, size)
+    return x, (y[b, ys, xs] if y.dim() == 3 else y)
 
 
 def box_holes(n: int, H: int, W: int, fraction: float, draws: Draws, device) -> torch.Tensor:
