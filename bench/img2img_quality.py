@@ -115,7 +115,7 @@ def run_fid(name: str, budget: float, extra: list[str], images: int) -> tuple[bo
     real, other = (held.split(s).tensors[0][:, target : target + 3].float() / 127.5 - 1 for s in ("test", "val"))
 
     def fid_of(fakes) -> float:  # batches of images in [-1, 1] against the held-out test scenes
-        f, n = im.SceneFID(feats), 0
+        f, n = im.DomainFID(feats), 0
         for fake in fakes:
             f.add(fake.float(), real[n : n + len(fake)])
             n += len(fake)
@@ -156,16 +156,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000, help="fid-*: held-out scenes the FID compares")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args()
-    print(f"machine: {machine()}, {cpu_model()}")
+    print(f"machine: {machine()}")
     lines = [run(n, a.budget, a.set, a.images)[1] for n in a.only.split(",")]
     print("\n".join(lines))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "cpu model unknown"
 
 
 if __name__ == "__main__":

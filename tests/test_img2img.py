@@ -312,13 +312,43 @@ def test_scene_fid_is_zero_on_the_real_images_and_sees_a_change_of_look(tmp_path
     assert feats(torch.zeros(3, 3, 48, 40)).shape == (3, feats.num_features)
     numbers = torch.arange(20_000_000, 20_000_040)
     day, night = (render_scenes(numbers, (32, 32), look)[0].float() / 127.5 - 1 for look in ("day", "night"))
-    fid = im.SceneFID(feats, inputs=True)
+    fid = im.DomainFID(feats, inputs=True)
     for i in range(0, 40, 16):
         fid.add(day[i : i + 16], day[i : i + 16], night[i : i + 16])
     got = fid.compute()
     assert abs(got["fid"]) < 1e-3 * got["fid_input"] and got["fid_input"] > 0, got
     with pytest.raises(UserError, match="model.feature_recipe=fashion-mnist-cnn: the scene feature net is a segment"):
         im.scene_feature_config(config.load("scenes-label2image", ["model.feature_recipe=fashion-mnist-cnn"]))
+
+
+def test_folder_translations_get_a_domain_fid_from_an_a_versus_b_classifier(tmp_path, monkeypatch):
+    """Two folders of the user's (day scenes in A/, the same scenes at night in B/): the feature net is a classifier
+    of A vs B; real B against itself scores ~0, A against B far more; a paired run's final evaluation reports both."""
+    from deeprecipe.data.scenes import render_scenes
+
+    monkeypatch.setenv("DEEPRECIPE_CACHE", str(tmp_path / "cache"))
+    numbers = torch.arange(20_000_000, 20_000_040)
+    day, night = (render_scenes(numbers, (32, 32), look)[0] for look in ("day", "night"))
+    for i in range(24):
+        for part, img in (("A", day[i]), ("B", night[i])):
+            (tmp_path / "pairs" / part).mkdir(parents=True, exist_ok=True)
+            write_png(img, str(tmp_path / "pairs" / part / f"{i}.png"))
+    sets = [f"data.path={tmp_path / 'pairs'}", "data.size=[32,32]", "model.feature_steps=30"]
+    cfg = config.load("folder-pix2pix", ["train.device=cpu", *sets])
+    fcfg = im.pair_feature_config(cfg)
+    assert (fcfg.task, fcfg.data.name, fcfg.train.steps) == ("classify", "imagefolder", 30)
+    feats = im.pair_features(cfg, torch.device("cpu"))
+    assert feats.accuracy > 0.9  # day and night tell apart at once
+    fid = im.DomainFID(feats, inputs=True)
+    unit = [v[24:].float() / 127.5 - 1 for v in (day, night)]  # scenes no file holds
+    fid.add(unit[1], unit[1], unit[0])
+    got = fid.compute()
+    assert abs(got["fid"]) < 1e-3 * got["fid_input"] and got["fid_input"] > 0, got
+    ctx, model = trained("folder-pix2pix", tmp_path / "run", sets)
+    m = family().evaluate(model, ctx.data, "val", ctx.cfg, ctx.rt, True)
+    assert m["fid"] > 0 and m["fid_input"] > 0, m
+    with pytest.raises(UserError, match="model.feature_recipe=scenes-unet: the feature net of folder translations"):
+        im.pair_feature_config(config.load("folder-pix2pix", [*sets, "model.feature_recipe=scenes-unet"]))
 
 
 def test_export_example_runs_the_generator(tmp_path):

@@ -106,8 +106,9 @@ class Pix2PixConfig:
     adv: float = 1.0  # weight of the adversarial loss of G (0: a plain L1 regression, D still trained)
     loss: str = "nonsat"  # nonsat | hinge (families/gan/losses.py)
     d_lr_scale: float = 1.0  # D's lr = optim.lr * this
-    feature_recipe: str = "auto"  # domain FID of label2image on scenes: a segment recipe (a U-Net) trained on the
-    #                               scenes, its encoder the feature net (auto: scenes-unet; none: no FID)
+    feature_recipe: str = "auto"  # domain FID of translations. Scenes: a segment recipe (a U-Net) trained on the
+    #                               scenes, its encoder the feature net (auto: scenes-unet); two folders (pairs): a
+    #                               classify recipe trained on A vs B (auto: imagefolder-resnet); none: no FID
     feature_steps: int = 0  # train the feature net this many steps (0: as its recipe says)
 
     def build(self, spec: DataSpec) -> Pix2Pix:
@@ -156,7 +157,7 @@ class CycleGANConfig:
     adv: float = 1.0
     loss: str = "nonsat"
     d_lr_scale: float = 1.0
-    feature_recipe: str = "auto"  # domain FID of translations of scenes (as for pix2pix; none: no FID)
+    feature_recipe: str = "auto"  # domain FID of translations (as for pix2pix; none: no FID)
     feature_steps: int = 0
 
     def build(self, spec: DataSpec) -> CycleGAN:

@@ -76,14 +76,19 @@ def feature_config(cfg):
 
 def feature_net(cfg, device: torch.device) -> DomainFeatures:
     """Load the domain feature net of `cfg` from the cache, training it there first if needed."""
+    return classifier_features(feature_config(cfg), cfg.data.name, device)
+
+
+def classifier_features(fcfg, data_name: str, device: torch.device) -> DomainFeatures:
+    """The classifier of classify config `fcfg` as a DomainFeatures, from the cache (trained there if needed);
+    `.accuracy` is its best val accuracy."""
     import json
 
     from deeprecipe.core import DataSpec
     from deeprecipe.engine import checkpoint
     from deeprecipe.families.classify import Classify
 
-    fcfg = feature_config(cfg)
-    folder = cached_run(fcfg, Classify(), cfg.data.name)
+    folder = cached_run(fcfg, Classify(), data_name)
     spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
     clf = Classify().build_model(fcfg, spec)
     clf.load_state_dict(checkpoint.inference_weights(folder))

@@ -18,9 +18,9 @@ the updated D, frozen, on the same images of G (engine.loop.Update):
 with L_D, L_G from families/gan/losses.py. Evaluation scores PSNR and SSIM (metrics.py) on held-out images
 next to the classic baseline of the mode: bicubic up-sampling for sr, the PSNR on the hole (and OpenCV's Telea
 inpainting when installed) for inpaint, the untranslated input for paired data, the cycle reconstruction for
-unpaired data without known pairs; translations of scenes (label2image, paired, unpaired) also get the domain
-FID of their outputs against the real targets (metrics.SceneFID), at the final evaluation and on the test split,
-with the untranslated input's FID as the baseline of a change of look. (No `from __future__ import annotations`
+unpaired data without known pairs; translations (label2image, paired, unpaired; of scenes or between two
+folders) also get the domain FID of their outputs against the real targets (metrics.DomainFID), at the final
+evaluation and on the test split, with the untranslated input's FID as the baseline of a change of look. (No `from __future__ import annotations`
 here: FastAPI reads the serve hook's annotations at run time.)
 """
 
@@ -92,7 +92,7 @@ class Img2Img(Family):
     CHECK_DEFAULTS = {"steps": 20, "batch_size": 8, "overfit_examples": 2, "overfit_steps": 600}
 
     def __init__(self):
-        self._scene_features = None  # the domain FID's feature net, loaded (or trained) at its first use
+        self._features = None  # the domain FID's feature net, loaded (or trained) at its first use
 
     # ------------------------------------------------------------------------------------------ training
     def check_config(self, cfg: Config) -> None:
@@ -175,23 +175,25 @@ class Img2Img(Family):
         return (model(x).float() - t.float()).abs().flatten(1).mean(1)
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def _fid(self, cfg: Config, spec: DataSpec, rt) -> im.SceneFID | None:
-        """A new domain FID of the outputs against the targets (translations of scenes), else None."""
+    def _fid(self, cfg: Config, spec: DataSpec, rt) -> im.DomainFID | None:
+        """A new domain FID of the outputs against the targets (translations of scenes or between two folders),
+        else None."""
         mode = spec.extra["mode"]
-        if mode not in ("label2image", "paired", "unpaired") or cfg.data.source != "scenes":
+        if mode not in ("label2image", "paired", "unpaired") or cfg.data.source not in ("scenes", "pairs"):
             return None
         if cfg.model.feature_recipe == "none":
             return None
-        if self._scene_features is None:
-            self._scene_features = im.scene_features(cfg, rt.device)
-        return im.SceneFID(self._scene_features, inputs=mode != "label2image")
+        if self._features is None:
+            make = im.scene_features if cfg.data.source == "scenes" else im.pair_features
+            self._features = make(cfg, rt.device)
+        return im.DomainFID(self._features, inputs=mode != "label2image")
 
     @torch.no_grad()
     def _run_split(
         self, model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, telea: bool = False, fid=None
     ):
         """(scores, kept (input, output, target, extra) of the first `keep` examples) over a split; with `fid` (a
-        SceneFID), the scores include its FIDs."""
+        DomainFID), the scores include its FIDs."""
         spec, mode = data.spec, data.spec.extra["mode"]
         model.eval()
         scores, kept = im.Scores(), []

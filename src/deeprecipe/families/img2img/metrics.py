@@ -5,15 +5,18 @@ perfect image counts as MAX_PSNR dB); `psnr_masked` is the PSNR over the pixels 
 hole). The inpainting baseline is OpenCV's Telea fast marching (opencv-python-headless, an optional extra:
 `telea` returns None without it).
 
-Translations of scenes (label2image, day -> night, clear -> fog) are also scored by a domain FID (`SceneFID`):
+Translations of scenes (label2image, day -> night, clear -> fog) are also scored by a domain FID (`DomainFID`):
 the Frechet distance between the features of generated and of real target images, on the encoder of a scene
 segmenter that deeprecipe trains on the same scenes (`scene_features`; cached like the GAN family's classifier,
 families/gan/metrics.py). Why a segmenter and not a classifier: a scene has no one class to learn, but every pixel
 has one, so a U-Net trained on the renderer's label maps learns what each kind of thing looks like and where it
 is, which is what a label map -> scene generator must get right; its features are each encoder level's channel
 means (as Inception's FID pools its last level), the shallow levels keeping colour, brightness and contrast
-(what a look such as night or fog changes), the deep ones the objects. FID values compare only between runs
-that share the feature net (the same cache folder) and the same number of images.
+(what a look such as night or fog changes), the deep ones the objects. Translations between two folders of the
+user's (data.source=pairs, paired or unpaired) have no label maps: their feature net is a classifier trained to tell
+A's images from B's (`pair_features`, the GAN family's DomainFeatures on a classify recipe), whose penultimate
+features must see whatever makes B look like B. FID values compare only between runs that share the feature net
+(the same cache folder) and the same number of images.
 """
 
 from __future__ import annotations
@@ -174,9 +177,41 @@ def scene_features(cfg, device: torch.device) -> SceneFeatures:
     return net
 
 
-class SceneFID:
+PAIR_FEATURE_STEPS = 500  # the A-vs-B classifier's steps unless model.feature_steps says (two classes learn fast)
+
+
+def pair_feature_config(cfg):
+    """The classify Config of the feature net of translations between two folders (data.source=pairs): a classify
+    recipe (auto: imagefolder-resnet) trained to tell data.path/A's images from data.path/B's, its two classes."""
+    from pathlib import Path
+
+    from deeprecipe import config
+
+    name = "imagefolder-resnet" if cfg.model.feature_recipe == "auto" else cfg.model.feature_recipe
+    raw, rname = config.read_recipe(name)
+    if raw.get("task", "classify") != "classify":
+        raise UserError(f"model.feature_recipe={name}: the feature net of folder translations is a classify recipe")
+    keep = {k: v for k, v in (raw.get("data") or {}).items() if k in ("crop_pad", "flip", "image_size")}
+    root = Path(cfg.data.path).resolve()
+    raw["data"] = {"name": "imagefolder", "path": str(root), "channels": 3, "image_size": 32, **keep}
+    raw.setdefault("optim", {})["label_smoothing"] = 0.0
+    s = cfg.model.feature_steps or PAIR_FEATURE_STEPS
+    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0, steps=s, eval_every=s, ckpt_every=s)
+    return config.resolve(raw, rname)
+
+
+def pair_features(cfg, device: torch.device) -> nn.Module:
+    """The A-vs-B classifier of `cfg` (pair_feature_config) as a feature net, from the cache (trained there first
+    if needed): its penultimate features, as the GAN family's domain FID reads them."""
+    from deeprecipe.families.gan.metrics import classifier_features
+
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        return classifier_features(pair_feature_config(cfg), "pairs", device)
+
+
+class DomainFID:
     """Domain FID of generated against real images (both (B, 3, H, W) in [-1, 1], added batch by batch) on one
-    feature net; with `inputs`, also of the untranslated inputs against the same real images (`fid_input`: the
+    feature net (SceneFeatures, or a classifier's DomainFeatures); with `inputs`, also of the untranslated inputs against the same real images (`fid_input`: the
     baseline a translation must beat, and a test that the features see the change of look at all)."""
 
     def __init__(self, feats: nn.Module, inputs: bool = False):
@@ -191,9 +226,10 @@ class SceneFID:
         self.n = 0
 
     def add(self, fake: torch.Tensor, real: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
-        for name, m in self.fids.items():
-            m.update(real, real=True)
-            m.update(fake if name == "fid" else inputs, real=False)
+        with torch.autocast(real.device.type, enabled=False):  # features in fp32
+            for name, m in self.fids.items():
+                m.update(real.float(), real=True)
+                m.update((fake if name == "fid" else inputs).float(), real=False)
         self.n += len(fake)
 
     def compute(self) -> dict[str, float]:
