@@ -20,8 +20,8 @@ next to the classic baseline of the mode: bicubic up-sampling for sr, the PSNR o
 inpainting when installed) for inpaint, the untranslated input for paired data, the cycle reconstruction for
 unpaired data without known pairs; translations (label2image, paired, unpaired; of scenes or between two
 folders) also get the domain FID of their outputs against the real targets (metrics.DomainFID), at the final
-evaluation and on the test split, with the untranslated input's FID as the baseline of a change of look. (No `from __future__ import annotations`
-here: FastAPI reads the serve hook's annotations at run time.)
+evaluation and on the test split, with the untranslated input's FID as the baseline of a change of look.
+(No `from __future__ import annotations` here: FastAPI reads the serve hook's annotations at run time.)
 """
 
 from pathlib import Path

@@ -211,8 +211,9 @@ def pair_features(cfg, device: torch.device) -> nn.Module:
 
 class DomainFID:
     """Domain FID of generated against real images (both (B, 3, H, W) in [-1, 1], added batch by batch) on one
-    feature net (SceneFeatures, or a classifier's DomainFeatures); with `inputs`, also of the untranslated inputs against the same real images (`fid_input`: the
-    baseline a translation must beat, and a test that the features see the change of look at all)."""
+    feature net (SceneFeatures, or a classifier's DomainFeatures); with `inputs`, also of the untranslated inputs
+    against the same real images (`fid_input`: the baseline a translation must beat, and a test that the features
+    see the change of look at all)."""
 
     def __init__(self, feats: nn.Module, inputs: bool = False):
         from torchmetrics.image.fid import FrechetInceptionDistance
