@@ -137,7 +137,7 @@ class CopyNet(Pix2Pix):
     """The planted bug: returns its input picture (with a zero-weight path through G so the step still runs)."""
 
     def forward(self, x):
-        return input_image(x, self.mode, self.scale) + 0 * self.generator(x).mean()
+        return input_image(x, self.mode) + 0 * self.generator(x)
 
 
 def ctx_for(recipe: str, sets: list[str], tmp_path, make_model=None, **work) -> Ctx:
@@ -152,7 +152,7 @@ def test_input_copy_catches_a_generator_that_returns_its_input(recipe, tmp_path)
 
     def copy_net(spec):
         m = family().build_model(ctx.cfg, spec)
-        return CopyNet(m.generator, m.discriminator, m.mode, m.out_channels, m.scale)
+        return CopyNet(m.generator, m.discriminator, m.mode, m.out_channels)
 
     ctx = ctx_for(recipe, [], tmp_path, make_model=copy_net, steps=8, batch_size=4)
     bad = checks.input_copy(ctx)
@@ -228,8 +228,8 @@ def test_predict_enlarges_files_of_any_size_and_tiles_agree(tmp_path):
     files = [str(png(tmp_path / "odd.png", 9, 13)), str(png(tmp_path / "wide.png", 20, 70))]
     res = f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path / "out"))
     assert [r["size"] for r in res] == [[52, 36], [280, 80]]
-    # tiles give exactly the whole image's answer, seams included: blocks of 8 low-res px, 3 x 5 tiles
-    x = torch.rand(1, 3, 19, 35, generator=torch.Generator().manual_seed(0)) * 2 - 1  # a low-res image
+    # tiles give exactly the whole image's answer, seams included: blocks of 16 px, 5 x 9 tiles
+    x = degrade.enlarge(torch.rand(1, 3, 19, 35, generator=torch.Generator().manual_seed(0)) * 2 - 1, 4)
     with torch.no_grad():
         model = copy.deepcopy(model)
         model.generator.head.weight.mul_(30)  # the sr residual starts near 0: make G's part of the answer large

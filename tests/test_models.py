@@ -132,8 +132,7 @@ def img2img_case(cfg, mode: str) -> Case:
             return model.discriminators["b"](model.ab(x)) + model.discriminators["a"](model.ba(model.ab(x)))
         return model.judge(x, model(x))
 
-    side = 4 if mode == "sr" else 16  # sr's input is the low-res image, its output 4x larger
-    return Case(cfg, spec, (torch.randn(4, 3, side, side),), (4, 1, 2, 2), run)
+    return Case(cfg, spec, (torch.randn(4, 3, 16, 16),), (4, 1, 2, 2), run)
 
 
 def detect_case(cfg, classes: int = 3, size: int = 32) -> Case:

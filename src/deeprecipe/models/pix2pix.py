@@ -6,14 +6,13 @@ discriminators are PatchGANs: a few stride-2 4x4 convolutions that give one real
 
 `Pix2Pix` holds G and D (one module for checkpoints, export and serve); calling it runs G on the input the
 img2img family prepares, in [-1, 1]:
-    sr           x = the low-res image (B, C, H / s, W / s); out = bicubic(x) + pixel_shuffle(G(x)), G giving
-                 C * s^2 channels at the low resolution (ESPCN's sub-pixel layer): G learns the residual the
-                 bicubic up-sampling misses, at s^2 times fewer pixels than working on the large image
+    sr           x = the low-res image upsampled (bicubic) to the output size (B, C, H, W); out = x + G(x)
+                 (G learns the residual the bicubic upsampling misses)
     inpaint      x = the image with its holes zeroed and the mask (1 = hole) as a last channel (B, C + 1, H, W);
                  out = the image outside the holes, tanh(G(x)) inside
     label2image  x = one-hot labels (B, K, H, W); out = tanh(G(x))
     paired       x = image A (B, Ca, H, W); out = tanh(G(x)) (B, Cb, H, W)
-D sees the input (sr: its bicubic up-sampling) and an output stacked on the channels (a conditional PatchGAN).
+D sees the input and an output stacked on the channels (a conditional PatchGAN).
 
 `CycleGAN` holds G_ab, G_ba (as `generators`) and D_a, D_b (as `discriminators`, unconditional PatchGANs);
 calling it translates A -> B.
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.unet import UNet
@@ -69,40 +67,29 @@ def channels_of(spec: DataSpec) -> tuple[int, int, str]:
     return c, c, mode
 
 
-def bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """Bicubic up-sampling by `scale` of images in [-1, 1], clamped to [-1, 1] (sr's baseline and G's start)."""
-    return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
 class Pix2Pix(nn.Module):
     """G and D; forward(x) = G's image (see the module docstring)."""
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, mode: str, out_channels: int, scale: int = 1):
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, mode: str, out_channels: int):
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
-        self.mode, self.out_channels, self.scale = mode, out_channels, scale
-        # what exact tiling needs (families/img2img.tiled), in input pixels: G's size multiple, and its reach
-        # (models/unet.py) plus, for sr, the bicubic kernel's 2 pixels
-        self.multiple = generator.multiple
-        self.reach = generator.reach + (2 if mode == "sr" else 0)
+        self.mode, self.out_channels = mode, out_channels
+        # G's reach and size multiple (models/unet.py): what exact tiling needs (families/img2img.tiled)
+        self.reach, self.multiple = generator.reach, generator.multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.generator(x)
         if self.mode == "sr":
-            return bicubic(x, self.scale) + F.pixel_shuffle(y, self.scale)
+            return x + y
         y = torch.tanh(y)
         if self.mode == "inpaint":
             hole = x[:, -1:]
             return x[:, :-1] * (1 - hole) + y * hole
         return y
 
-    def condition(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as D sees it beside an output: sr's low-res image up-sampled to the output's size."""
-        return bicubic(x, self.scale) if self.mode == "sr" else x
-
     def judge(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """D's patch logits for output y given input x."""
-        return self.discriminator(torch.cat([self.condition(x), y], 1))
+        return self.discriminator(torch.cat([x, y], 1))
 
 
 @dataclass
@@ -128,13 +115,12 @@ class Pix2PixConfig:
         cin, cout, mode = channels_of(spec)
         if mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
-        scale = int(spec.extra.get("scale", 1)) if mode == "sr" else 1
-        g = UNet(cin, cout * scale * scale, self.width, self.depth, self.max_width)
+        g = UNet(cin, cout, self.width, self.depth, self.max_width)
         if mode == "sr":  # start near the bicubic up-sampling: a small residual
             with torch.no_grad():
                 g.head.weight.mul_(0.1)
                 g.head.bias.zero_()
-        return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout, scale)
+        return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout)
 
 
 class CycleGAN(nn.Module):

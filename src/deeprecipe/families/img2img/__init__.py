@@ -3,7 +3,7 @@
 The data (data/img2img.py) is images and labels as for every image family; `prepare` makes the pair the net
 learns, on the batch and on its device (degrade.py), from the mode the data spec records:
 
-    sr           input = the image shrunk by `scale` (blur, noise: the low-res image), target = the image
+    sr           input = the bicubic up-sampling of the image shrunk by `scale` (blur, noise), target = the image
     inpaint      input = the image with holes zeroed + the mask channel,                   target = the image
     label2image  input = the one-hot label map,                                           target = the scene
     paired       input = A,                                                               target = B
@@ -53,7 +53,7 @@ def make_input(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, draws: Draws) -
     e, mode = spec.extra, spec.extra["mode"]
     img = unit(x)
     if mode == "sr":
-        return degrade.shrink(img, e["scale"], e["blur"], e["noise"], draws), img
+        return degrade.enlarge(degrade.shrink(img, e["scale"], e["blur"], e["noise"], draws), e["scale"]), img
     if mode == "inpaint":
         B, _, H, W = img.shape
         hole = degrade.holes(B, H, W, e["holes"], e["hole_fraction"], draws, img.device)
@@ -67,11 +67,9 @@ def make_input(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, draws: Draws) -
     return img[:, :ca], img[:, ca:]
 
 
-def input_image(model_input: torch.Tensor, mode: str, scale: int = 1) -> torch.Tensor:
-    """The picture in a net's input ([-1, 1], what a copying net would return): the low-res image up-sampled by
-    bicubic (sr), the image with its holes zeroed (inpaint), A (paired, unpaired); label2image has none (None)."""
-    if mode == "sr":
-        return degrade.enlarge(model_input, scale)
+def input_image(model_input: torch.Tensor, mode: str) -> torch.Tensor:
+    """The picture in a net's input ([-1, 1], what a copying net would return): the bicubic image (sr), the image
+    with its holes zeroed (inpaint), A (paired, unpaired); label2image has none (None)."""
     if mode == "inpaint":
         return model_input[:, :-1]
     if mode == "label2image":
@@ -214,7 +212,7 @@ class Img2Img(Family):
                 scores.add("psnr", im.psnr(o, tt))
                 scores.add("ssim", im.ssim(o, tt))
             if mode == "sr":
-                base = im.to_unit(degrade.enlarge(x, spec.extra["scale"]))
+                base = im.to_unit(x)
                 scores.add("psnr_bicubic", im.psnr(base, tt))
                 scores.add("ssim_bicubic", im.ssim(base, tt))
             elif mode == "inpaint":
@@ -417,32 +415,31 @@ def enhance(model: nn.Module, spec: DataSpec, rt, lr: torch.Tensor, where: str =
     if h * w * s * s > image_ops.MAX_PIXELS:
         raise UserError(f"{where} is {w}x{h}: x{s} would be over {image_ops.MAX_PIXELS} pixels, send a smaller image")
     model.eval()
-    return _to_uint8(tiled(model, unit(lr[None].to(rt.device)), rt))
+    x = degrade.enlarge(unit(lr[None].to(rt.device)), s)  # (1, C, H, W)
+    return _to_uint8(tiled(model, x, rt))
 
 
 def tiled(model: nn.Module, x: torch.Tensor, rt, tile: int = TILE) -> torch.Tensor:
-    """model(x) of a (1, C, h, w) input (sr: the output is `model.scale` times larger), computed on tiles so any
-    size fits in memory, and exactly the whole image's answer: each tile keeps a block of about `tile` output
-    pixels a side, starts on a multiple of the net's size multiple (so its poolings see the same pixel grid) and
-    reaches past its block by the net's reach (so every kept pixel sees what it would see in the whole image; the
-    image's own borders are borders in both)."""
+    """model(x) of a (1, C, H, W) input, computed on tiles so any size fits in memory, and exactly the whole
+    image's answer: each tile keeps a block of about `tile` pixels a side, starts on a multiple of the net's size
+    multiple (so its poolings see the same pixel grid) and reaches past its block by the net's reach (so every
+    kept pixel sees what it would see in the whole image; the image's own borders are borders in both)."""
     H, W = x.shape[-2:]
-    s, m = model.scale, model.multiple
-    reach = -(-model.reach // m) * m  # in input pixels, a multiple of m: every window starts on the grid
-    step = max(m, tile // s // m * m)
+    m = model.multiple
+    reach = -(-model.reach // m) * m  # a multiple of m, so every window starts on the grid
+    step = max(m, tile // m * m)
     if H <= step + reach and W <= step + reach:
         with rt.autocast():
             return model(x).float()
-    out = torch.zeros(1, model.out_channels, H * s, W * s, device=x.device)
+    out = torch.zeros(1, model.out_channels, H, W, device=x.device)
     for top in range(0, H, step):
         for left in range(0, W, step):
             t0, l0 = max(0, top - reach), max(0, left - reach)
             t1, l1 = min(H, top + step + reach), min(W, left + step + reach)
             with rt.autocast():
                 y = model(x[..., t0:t1, l0:l1]).float()
-            bh, bw = min(step, H - top) * s, min(step, W - left) * s
-            dt, dl = (top - t0) * s, (left - l0) * s
-            out[..., top * s : top * s + bh, left * s : left * s + bw] = y[..., dt : dt + bh, dl : dl + bw]
+            bh, bw = min(step, H - top), min(step, W - left)
+            out[..., top : top + bh, left : left + bw] = y[..., top - t0 : top - t0 + bh, left - l0 : left - l0 + bw]
     return out
 
 

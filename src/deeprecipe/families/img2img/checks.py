@@ -48,7 +48,7 @@ def overfit(ctx: Ctx) -> Verdict:
         ctx.cfg.model.adv = adv
     model.train()  # BatchNorm on the batch's statistics, as it trained
     value = _psnr(model, b)
-    pic = input_image(b[0], ctx.spec.extra["mode"], int(ctx.spec.extra["scale"]))
+    pic = input_image(b[0], ctx.spec.extra["mode"])
     floor = 15.0
     if pic is not None and pic.shape[1] == b[1].shape[1]:
         floor = float(im.psnr(im.to_unit(pic), im.to_unit(b[1])).mean()) + 1.0
@@ -75,7 +75,7 @@ def input_copy(ctx: Ctx) -> Verdict:
     fit(ctx, model, ctx.steps, ctx.train_batch)
     model.eval()
     x, t = ctx.heldout_batch(16)
-    pic = input_image(x, mode, int(ctx.spec.extra["scale"]))
+    pic = input_image(x, mode)
     if mode == "label2image":
         return _label_blind(model, x, t)
     if pic is None or pic.shape[1] != t.shape[1]:

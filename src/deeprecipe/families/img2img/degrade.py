@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from deeprecipe.data.core import Draws
-from deeprecipe.models.pix2pix import bicubic
 
 EVAL_SEED = 20_240_601  # the generator of evaluation degradations: the same holes and noise at every evaluation
 
@@ -65,9 +64,8 @@ def shrink(x: torch.Tensor, scale: int, blur_max: float, noise_max: float, draws
 
 
 def enlarge(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    """Bicubic up-sampling by `scale`, clamped to [-1, 1]: the baseline, and what the sr generator adds to (the
-    model's own function, so both are the same numbers)."""
-    return bicubic(lr, int(scale))
+    """Bicubic up-sampling by `scale`, clamped to [-1, 1] (the baseline, and the sr generator's input)."""
+    return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def crop(x: torch.Tensor, y: torch.Tensor, size: int, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,9 +32,7 @@ def input_picture(x: torch.Tensor, spec: DataSpec) -> tuple[torch.Tensor, str]:
         hole = x[-1:]
         return _rgb(x[:-1]) * (1 - hole) + 0.5 * hole, "with hole"
     if mode == "sr":
-        from deeprecipe.families.img2img.degrade import enlarge
-
-        return _rgb(enlarge(x[None].float(), spec.extra["scale"])[0]), f"bicubic x{spec.extra['scale']}"
+        return _rgb(x), f"bicubic x{spec.extra['scale']}"
     return _rgb(x), "input"
 
 
