@@ -12,7 +12,7 @@ from torchvision.io import write_png
 
 from deeprecipe import config
 from deeprecipe.checks.core import Ctx
-from deeprecipe.core import DataError, UserError
+from deeprecipe.core import ConfigError, DataError, UserError
 from deeprecipe.data.core import Draws
 from deeprecipe.data.img2img import Img2ImgData
 from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, input_image, tiled
@@ -264,6 +264,27 @@ def test_inpaint_keeps_the_pixels_outside_the_hole_and_refuses_a_bad_mask(tmp_pa
     png(tmp_path / "p_mask.png", 24, 30, c=1)
     (r,) = f.predict(model, ctx.spec, ctx.cfg, ctx.rt, files, PredictOptions(out=tmp_path / "o"))
     assert r["size"] == [30, 24]
+
+
+def test_unshuffled_generator_sees_pixel_blocks_and_answers_any_size(tmp_path):
+    """model.unshuffle=2: G's raw output is pixel_shuffle(U-Net(pixel_unshuffle(x))) on the image padded to even
+    sides and cropped back; an odd-sized inpainting keeps every pixel outside its hole."""
+    import torch.nn.functional as F
+
+    ctx, model = trained("scenes-inpaint", tmp_path, ["model.unshuffle=2"])
+    assert model.generator.down[0][0].in_channels == 4 * 4  # RGB + mask, 2 x 2 blocks
+    x = torch.rand(2, 4, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = F.pixel_shuffle(model.generator(F.pixel_unshuffle(x, 2)), 2)
+        assert torch.allclose(model.g(x), want)
+    img = torch.randint(0, 256, (3, 23, 31), dtype=torch.uint8)
+    hole = torch.zeros(23, 31)
+    hole[5:12, 4:20] = 1
+    out = inpaint(model, ctx.spec, ctx.rt, img, hole)
+    assert out.shape == img.shape and torch.equal(out[:, hole == 0], img[:, hole == 0])
+    assert not torch.equal(out[:, hole == 1], img[:, hole == 1])
+    with pytest.raises(ConfigError, match=r"model.unshuffle=3: use 1 \(G on pixels\), 2 or 4"):
+        config.load("scenes-inpaint", ["model.unshuffle=3"]).model.build(ctx.spec)
 
 
 def test_label2image_and_cyclegan_train_and_score(tmp_path, monkeypatch):

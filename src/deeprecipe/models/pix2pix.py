@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.unet import UNet
@@ -70,15 +71,26 @@ def channels_of(spec: DataSpec) -> tuple[int, int, str]:
 class Pix2Pix(nn.Module):
     """G and D; forward(x) = G's image (see the module docstring)."""
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, mode: str, out_channels: int):
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, mode: str, out_channels: int, unshuffle=1):
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
-        self.mode, self.out_channels = mode, out_channels
-        # G's reach and size multiple (models/unet.py): what exact tiling needs (families/img2img.tiled)
-        self.reach, self.multiple = generator.reach, generator.multiple
+        self.mode, self.out_channels, self.unshuffle = mode, out_channels, unshuffle
+        # what exact tiling needs (families/img2img.tiled): G's size multiple and reach (models/unet.py), in pixels
+        self.multiple = generator.multiple * unshuffle
+        self.reach = generator.reach * unshuffle
+
+    def g(self, x: torch.Tensor) -> torch.Tensor:
+        """G's raw output; with `unshuffle` f > 1, G works on the input's f x f blocks stacked on the channels
+        (pixel_unshuffle: nothing lost, f^2 fewer pixels) and its output is unstacked (pixel_shuffle)."""
+        f = self.unshuffle
+        if f == 1:
+            return self.generator(x)
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, -W % f, 0, -H % f), mode="replicate") if H % f or W % f else x
+        return F.pixel_shuffle(self.generator(F.pixel_unshuffle(x, f)), f)[..., :H, :W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.generator(x)
+        y = self.g(x)
         if self.mode == "sr":
             return x + y
         y = torch.tanh(y)
@@ -102,8 +114,9 @@ class Pix2PixConfig:
     max_width: int = 256
     d_width: int = 32  # PatchGAN width of its first layer
     d_layers: int = 3  # PatchGAN stride-2 layers (the patch grows with them: 3 -> about 30 pixels)
+    unshuffle: int = 1  # G works on f x f pixel blocks stacked on the channels (f^2 fewer pixels, nothing lost)
     l1: float = 100.0  # weight of the L1 loss of G
-    adv: float = 1.0  # weight of the adversarial loss of G (0: a plain L1 regression, D still trained)
+    adv: float = 1.0  # weight of the adversarial loss of G (0: a plain L1 regression, D neither run nor trained)
     loss: str = "nonsat"  # nonsat | hinge (families/gan/losses.py)
     d_lr_scale: float = 1.0  # D's lr = optim.lr * this
     feature_recipe: str = "auto"  # domain FID of translations. Scenes: a segment recipe (a U-Net) trained on the
@@ -115,12 +128,15 @@ class Pix2PixConfig:
         cin, cout, mode = channels_of(spec)
         if mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
-        g = UNet(cin, cout, self.width, self.depth, self.max_width)
+        f = self.unshuffle
+        if f not in (1, 2, 4):
+            raise ConfigError(f"model.unshuffle={f}: use 1 (G on pixels), 2 or 4 (G on 2 x 2 or 4 x 4 pixel blocks)")
+        g = UNet(cin * f * f, cout * f * f, self.width, self.depth, self.max_width)
         if mode == "sr":  # start near the bicubic up-sampling: a small residual
             with torch.no_grad():
                 g.head.weight.mul_(0.1)
                 g.head.bias.zero_()
-        return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout)
+        return Pix2Pix(g, PatchGAN(cin + cout, self.d_width, self.d_layers), mode, cout, f)
 
 
 class CycleGAN(nn.Module):

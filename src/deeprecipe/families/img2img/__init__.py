@@ -110,6 +110,8 @@ class Img2Img(Family):
     def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
         if model.mode == "unpaired":
             return {"d": (model.discriminators, cfg.model.d_lr_scale), "g": (model.generators, 1.0)}
+        if not cfg.model.adv:  # a plain L1 regression: D would judge for nobody, so it is not trained (nor run)
+            return {"g": (model.generator, 1.0)}
         return {"d": (model.discriminator, cfg.model.d_lr_scale), "g": (model.generator, 1.0)}
 
     def prepare(self, batch, spec: DataSpec, draws: Draws | None):
@@ -124,6 +126,13 @@ class Img2Img(Family):
         if model.mode == "unpaired":
             return self._cycle_step(model, batches, cfg, update)
         M, made = cfg.model, []
+        if not M.adv:
+            for k, (x, t) in enumerate(batches):
+                with update.micro(k):
+                    with update.autocast():
+                        l1 = (model(x).float() - t.float()).abs().mean()
+                    update.backward("g", M.l1 * l1, {"l1": l1})
+            return update.step("g")
         for k, (x, t) in enumerate(batches):
             with update.micro(k):
                 with update.autocast():
