@@ -194,8 +194,27 @@ def test_crop_cuts_the_same_square_of_image_and_labels_and_data_refuses_a_bad_cr
     assert len(tops) > 1  # not one place for the whole batch
     with pytest.raises(DataError, match=r"data\.crop=18: .* multiple of the scale"):
         Img2ImgData(mode="sr", size=(32, 32), scale=4, crop=18, train_size=2, val_size=0, test_size=0).build()
-    with pytest.raises(DataError, match=r"data\.crop=40: .* 16 \.\. 32 pixels"):
-        Img2ImgData(mode="sr", size=(32, 32), scale=4, crop=40, train_size=2, val_size=0, test_size=0).build()
+    with pytest.raises(DataError, match=r"data\.crop=8: .* at least 16 pixels"):
+        Img2ImgData(mode="sr", size=(32, 32), scale=4, crop=8, train_size=2, val_size=0, test_size=0).build()
+    x32, y32 = degrade.crop(x, y, 24, draws())  # a crop at least the image's side: the whole images
+    assert x32 is x and y32 is y
+
+
+@pytest.mark.parametrize("adv", [0.0, 0.05])
+def test_l1_only_trains_g_alone_and_grad_flow_judges_what_trains(adv, tmp_path):
+    """model.adv=0: D is neither run nor trained (its weights stay as built) while G learns; grad_flow passes
+    both ways (it does not ask D for gradients it never gets)."""
+    from deeprecipe.checks.core import fit
+
+    ctx = ctx_for("scenes-sr4", [f"model.adv={adv}"], tmp_path, steps=3, batch_size=4)
+    model = ctx.model()
+    d0 = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    g0 = {k: v.clone() for k, v in model.generator.state_dict().items()}
+    fit(ctx, model, 2, ctx.train_batch)
+    d_same = all(torch.equal(v, model.discriminator.state_dict()[k]) for k, v in d0.items())
+    assert d_same == (adv == 0.0)
+    assert not all(torch.equal(v, model.generator.state_dict()[k]) for k, v in g0.items())
+    assert checks.grad_flow(ctx).status == "pass"
 
 
 def test_one_batch_overfits_past_40_db(tmp_path):

@@ -56,8 +56,8 @@ class Img2ImgData:
     noise: float = 0.0  # sr: noise on the low-res image, std (of [0, 1] pixels) drawn in [0, noise] per image
     holes: str = "box"  # inpaint: box | strokes | both (each image draws one)
     hole_fraction: float = 0.25  # inpaint: area of a box hole (strokes cover about as much)
-    crop: int = 0  # train on random square crops of this many pixels a side (0: whole images); evaluation,
-    #                predict and serve see whole images. sr: a multiple of the scale
+    crop: int = 0  # train on random square crops of this many pixels a side (0, or a side at least the image's:
+    #                whole images); evaluation, predict and serve see whole images. sr: a multiple of the scale
 
     def build(self) -> Data:
         if self.mode not in MODES:
@@ -205,8 +205,8 @@ class Img2ImgData:
                 f"at least {4 * self.scale} pixels"
             )
         least = 4 * (self.scale if self.mode == "sr" else 1)
-        if self.crop and not least <= self.crop <= min(H, W):
-            raise DataError(f"data.crop={self.crop}: use 0 (whole images) or a side of {least} .. {min(H, W)} pixels")
+        if self.crop and self.crop < least:
+            raise DataError(f"data.crop={self.crop}: use 0 (whole images) or a side of at least {least} pixels")
         if self.crop and self.mode == "sr" and self.crop % self.scale:
             raise DataError(
                 f"data.crop={self.crop}: with data.scale={self.scale} a crop must be a multiple of the scale"

@@ -5,7 +5,8 @@
 - input_copy: after a short run of the loop's step, the output on held-out images must not be the net's own
   input (the bicubic image, the image with its hole, A) at 8 bit: a generator that copies is caught; label2image,
   whose input is no picture, fails when different label maps give the same image (a net blind to its input);
-- grad_flow: every parameter of G and D gets a nonzero gradient in a short run of both turns.
+- grad_flow: every parameter of G and D gets a nonzero gradient in a short run of both turns (G alone when
+  model.adv=0, whose D is never run).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ COPY_DB = 60.0  # output this close to the input (PSNR) is a copy: both are the 
 
 def grad_flow(ctx: Ctx) -> Verdict:
     f = fit(ctx, ctx.model(), 3, ctx.train_batch)
-    return grad_flow_verdict(f.got_grad, f.frozen)
+    got = f.got_grad
+    if ctx.cfg.model.name == "pix2pix" and not ctx.cfg.model.adv:  # L1 only: D is neither run nor trained
+        got = {n: g for n, g in got.items() if not n.startswith("discriminator.")}
+    return grad_flow_verdict(got, f.frozen)
 
 
 def _psnr(model, batch) -> float:

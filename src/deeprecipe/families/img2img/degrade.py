@@ -7,8 +7,8 @@ a fixed generator, so every evaluation scores the same degraded images.
 - shrink: optional Gaussian blur (sigma per image in [0, blur]), antialiased bicubic down-sampling by `scale`,
   optional Gaussian noise (std per image in [0, noise] of the [0, 1] range), then 8-bit quantization: the
   low-res image a user would have as a PNG. `enlarge` is the bicubic up-sampling (the classic baseline).
-- crop: the same random square of every image of the batch and of its label map (training on patches: as many
-  steps for a fraction of the pixels, what super-resolution learns from, a local task).
+- crop: a random square of each image of the batch, and the same square of its label map (training on patches:
+  a step for a fraction of the pixels, enough for a local task such as super-resolution).
 - holes: a mask (B, 1, H, W), 1 = missing: one box of `fraction` of the area (aspect 0.6 .. 1.6, anywhere),
   or free-form strokes (4 strokes of 3 thick segments, about as much area), or either per image ("both").
 """
