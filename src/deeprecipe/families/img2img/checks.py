@@ -48,6 +48,7 @@ def overfit(ctx: Ctx) -> Verdict:
         lr = max(ctx.cfg.optim.lr, 3e-3)
         until = ctx.cfg.model.l1 * 0.003 if ctx.cfg.model.name == "pix2pix" else 0.01
         losses = fit(ctx, model, ctx.overfit_steps, lambda s: b, lr=lr, weight_decay=0.0, until=until).losses
+        steps = len(losses) // len(ctx.family.parts(model, ctx.cfg))  # a loss per trained part and step
     finally:
         ctx.cfg.model.adv = adv
     model.train()  # BatchNorm on the batch's statistics, as it trained
@@ -56,7 +57,7 @@ def overfit(ctx: Ctx) -> Verdict:
     floor = 15.0
     if pic is not None and pic.shape[1] == b[1].shape[1]:
         floor = float(im.psnr(im.to_unit(pic), im.to_unit(b[1])).mean()) + 1.0
-    measured = f"PSNR {value:.1f} dB after {len(losses) // 2} steps on {len(b[0])} examples"
+    measured = f"PSNR {value:.1f} dB after {steps} steps on {len(b[0])} examples"
     if value > OVERFIT_DB:
         return Verdict("overfit", "pass", measured, f"> {OVERFIT_DB:.0f} dB", "", value)
     return Verdict(
