@@ -217,6 +217,18 @@ def test_l1_only_trains_g_alone_and_grad_flow_judges_what_trains(adv, tmp_path):
     assert checks.grad_flow(ctx).status == "pass"
 
 
+def test_pixel_loss_is_the_mean_absolute_or_squared_error_and_mse_trains(tmp_path):
+    from deeprecipe.families.img2img import pixel_loss
+
+    out, t = torch.tensor([[0.5, -0.5], [1.0, 0.0]]), torch.zeros(2, 2)
+    assert float(pixel_loss(out, t, "l1")) == pytest.approx(0.5)
+    assert float(pixel_loss(out, t, "mse")) == pytest.approx(0.375)
+    ctx, model = trained("scenes-inpaint", tmp_path, ["model.pixel_loss=mse", "model.adv=0.05"])
+    assert model(ctx.heldout_batch(2)[0]).isfinite().all()
+    with pytest.raises(ConfigError, match="model.pixel_loss=l2: use l1 or mse"):
+        family().check_config(config.load("scenes-inpaint", ["model.pixel_loss=l2"]))
+
+
 def test_one_batch_overfits_past_40_db(tmp_path):
     sets = ["model.width=32", "model.max_width=64"]  # the recipe's width: G on 2 x 2 blocks at width 16 got 38 dB
     v = checks.overfit(ctx_for("scenes-inpaint", sets, tmp_path, overfit_examples=2, overfit_steps=600))

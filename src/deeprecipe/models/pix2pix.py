@@ -115,7 +115,8 @@ class Pix2PixConfig:
     d_width: int = 32  # PatchGAN width of its first layer
     d_layers: int = 3  # PatchGAN stride-2 layers (the patch grows with them: 3 -> about 30 pixels)
     unshuffle: int = 1  # G works on f x f pixel blocks stacked on the channels (f^2 fewer pixels, nothing lost)
-    l1: float = 100.0  # weight of the L1 loss of G
+    l1: float = 100.0  # weight of the pixel loss of G
+    pixel_loss: str = "l1"  # l1 (pix2pix's: sharper) | mse (the conditional mean: what PSNR scores best)
     adv: float = 1.0  # weight of the adversarial loss of G (0: a plain L1 regression, D neither run nor trained)
     loss: str = "nonsat"  # nonsat | hinge (families/gan/losses.py)
     d_lr_scale: float = 1.0  # D's lr = optim.lr * this

@@ -12,6 +12,7 @@ learns, on the batch and on its device (degrade.py), from the mode the data spec
 A prepared batch is (input, target), both in [-1, 1]. One step is the GAN family's: D's turn, then G's through
 the updated D, frozen, on the same images of G (engine.loop.Update):
     pix2pix   d: L_D(D(x, y), D(x, G(x)))        g: model.l1 * |G(x) - y| + model.adv * L_G(D(x, G(x)))
+              (model.pixel_loss=mse: (G(x) - y)^2 in place of |G(x) - y|, the mean PSNR scores)
     cyclegan  d: L_D for D_b (b vs G_ab(a)) + for D_a (a vs G_ba(b))
               g: adv * (L_G(D_b(G_ab(a))) + L_G(D_a(G_ba(b)))) + cycle * (|G_ba(G_ab(a)) - a| + |G_ab(G_ba(b)) - b|)
                  + identity * (|G_ab(b) - b| + |G_ba(a) - a|)
@@ -67,6 +68,12 @@ def make_input(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, draws: Draws) -
     return img[:, :ca], img[:, ca:]
 
 
+def pixel_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The mean absolute (l1) or squared (mse) error of G's output, in fp32."""
+    d = out.float() - target.float()
+    return d.abs().mean() if kind == "l1" else d.square().mean()
+
+
 def input_image(model_input: torch.Tensor, mode: str) -> torch.Tensor:
     """The picture in a net's input ([-1, 1], what a copying net would return): the bicubic image (sr), the image
     with its holes zeroed (inpaint), A (paired, unpaired); label2image has none (None)."""
@@ -102,6 +109,8 @@ class Img2Img(Family):
             raise ConfigError(f"task img2img needs model.name=pix2pix or cyclegan, not {cfg.model.name}")
         if cfg.model.name == "pix2pix" and cfg.data.mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
+        if cfg.model.name == "pix2pix" and cfg.model.pixel_loss not in ("l1", "mse"):
+            raise ConfigError(f"model.pixel_loss={cfg.model.pixel_loss}: use l1 or mse")
         if cfg.model.loss not in ("nonsat", "hinge"):
             raise ConfigError(f"model.loss={cfg.model.loss}: use nonsat or hinge")
         if cfg.optim.label_smoothing:
@@ -130,8 +139,8 @@ class Img2Img(Family):
             for k, (x, t) in enumerate(batches):
                 with update.micro(k):
                     with update.autocast():
-                        l1 = (model(x).float() - t.float()).abs().mean()
-                    update.backward("g", M.l1 * l1, {"l1": l1})
+                        l1 = pixel_loss(model(x), t, M.pixel_loss)
+                    update.backward("g", M.l1 * l1, {M.pixel_loss: l1})
             return update.step("g")
         for k, (x, t) in enumerate(batches):
             with update.micro(k):
@@ -145,10 +154,10 @@ class Img2Img(Family):
             for k, (x, t, fake) in enumerate(made):
                 with update.micro(k):
                     with update.autocast():
-                        l1 = (fake.float() - t.float()).abs().mean()
+                        l1 = pixel_loss(fake, t, M.pixel_loss)
                         adv = g_loss(model.judge(x, fake), M.loss) if M.adv else l1.new_zeros(())
                         loss = M.l1 * l1 + M.adv * adv
-                    update.backward("g", loss, {"l1": l1, "g_adv": adv})
+                    update.backward("g", loss, {M.pixel_loss: l1, "g_adv": adv})
         update.step("g")
 
     def _cycle_step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:
