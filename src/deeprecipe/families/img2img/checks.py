@@ -92,16 +92,18 @@ def input_copy(ctx: Ctx) -> Verdict:
     same = float(im.psnr(out, pic).mean())
     gain = float(im.psnr(out, im.to_unit(t)).mean() - im.psnr(pic, im.to_unit(t)).mean())
     measured = f"PSNR(output, input) {same:.1f} dB; output vs target {gain:+.2f} dB over the input"
+    return _copy_verdict(
+        same,
+        measured,
+        "the net returns its input: a skip connection that bypasses G, a zero residual that never learns, "
+        "or a generator whose output is not used",
+    )
+
+
+def _copy_verdict(same: float, measured: str, advice: str) -> Verdict:
+    """input_copy fails when two images that should differ are `same` >= COPY_DB dB alike."""
     if same >= COPY_DB:
-        return Verdict(
-            "input_copy",
-            "fail",
-            measured,
-            f"< {COPY_DB:.0f} dB",
-            "the net returns its input: a skip connection that bypasses G, a zero residual that never learns, "
-            "or a generator whose output is not used",
-            same,
-        )
+        return Verdict("input_copy", "fail", measured, f"< {COPY_DB:.0f} dB", advice, same)
     return Verdict("input_copy", "pass", measured, f"< {COPY_DB:.0f} dB", "", same)
 
 
@@ -114,13 +116,5 @@ def _label_blind(model, x: torch.Tensor, t: torch.Tensor) -> Verdict:
     tt = im.to_unit(t)
     gain = float(im.psnr(out, tt).mean() - im.psnr(out, tt.roll(1, 0)).mean())
     measured = f"PSNR between outputs of different label maps {same:.1f} dB; own scene vs another's {gain:+.2f} dB"
-    if same >= COPY_DB:
-        return Verdict(
-            "input_copy",
-            "fail",
-            measured,
-            f"< {COPY_DB:.0f} dB",
-            "the net draws the same image for every label map: its input is zeroed, detached or not used",
-            same,
-        )
-    return Verdict("input_copy", "pass", measured, f"< {COPY_DB:.0f} dB", "", same)
+    advice = "the net draws the same image for every label map: its input is zeroed, detached or not used"
+    return _copy_verdict(same, measured, advice)
