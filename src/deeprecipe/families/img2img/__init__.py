@@ -119,7 +119,7 @@ class Img2Img(Family):
     def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
         if model.mode == "unpaired":
             return {"d": (model.discriminators, cfg.model.d_lr_scale), "g": (model.generators, 1.0)}
-        if not cfg.model.adv:  # a plain L1 regression: D would judge for nobody, so it is not trained (nor run)
+        if not cfg.model.adv:  # a plain pixel regression: D would judge for nobody, so it is neither run nor trained
             return {"g": (model.generator, 1.0)}
         return {"d": (model.discriminator, cfg.model.d_lr_scale), "g": (model.generator, 1.0)}
 
@@ -139,8 +139,8 @@ class Img2Img(Family):
             for k, (x, t) in enumerate(batches):
                 with update.micro(k):
                     with update.autocast():
-                        l1 = pixel_loss(model(x), t, M.pixel_loss)
-                    update.backward("g", M.l1 * l1, {M.pixel_loss: l1})
+                        pix = pixel_loss(model(x), t, M.pixel_loss)
+                    update.backward("g", M.l1 * pix, {M.pixel_loss: pix})
             return update.step("g")
         for k, (x, t) in enumerate(batches):
             with update.micro(k):
@@ -154,10 +154,10 @@ class Img2Img(Family):
             for k, (x, t, fake) in enumerate(made):
                 with update.micro(k):
                     with update.autocast():
-                        l1 = pixel_loss(fake, t, M.pixel_loss)
-                        adv = g_loss(model.judge(x, fake), M.loss) if M.adv else l1.new_zeros(())
-                        loss = M.l1 * l1 + M.adv * adv
-                    update.backward("g", loss, {M.pixel_loss: l1, "g_adv": adv})
+                        pix = pixel_loss(fake, t, M.pixel_loss)
+                        adv = g_loss(model.judge(x, fake), M.loss)
+                        loss = M.l1 * pix + M.adv * adv
+                    update.backward("g", loss, {M.pixel_loss: pix, "g_adv": adv})
         update.step("g")
 
     def _cycle_step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:
