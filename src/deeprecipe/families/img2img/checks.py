@@ -1,6 +1,6 @@
 """The checks of an image-to-image net, which has no ln C and whose adversarial losses need not fall:
 
-- overfit: G alone (the L1 term, model.adv set to 0) on a few examples drives them to PSNR > 40 dB (a warning
+- overfit: G alone (the pixel loss, model.adv set to 0) on a few examples drives them to PSNR > 40 dB (a warning
   below, a failure when G does not even beat its own input);
 - input_copy: after a short run of the loop's step, the output on held-out images must not be the net's own
   input (the bicubic image, the image with its hole, A) at 8 bit: a generator that copies is caught; label2image,
@@ -24,7 +24,7 @@ COPY_DB = 60.0  # output this close to the input (PSNR) is a copy: both are the 
 def grad_flow(ctx: Ctx) -> Verdict:
     f = fit(ctx, ctx.model(), 3, ctx.train_batch)
     got = f.got_grad
-    if ctx.cfg.model.name == "pix2pix" and not ctx.cfg.model.adv:  # L1 only: D is neither run nor trained
+    if ctx.cfg.model.name == "pix2pix" and not ctx.cfg.model.adv:  # a pixel regression: D is neither run nor trained
         got = {n: g for n, g in got.items() if not n.startswith("discriminator.")}
     return grad_flow_verdict(got, f.frozen)
 
@@ -36,7 +36,7 @@ def _psnr(model, batch) -> float:
 
 
 def overfit(ctx: Ctx) -> Verdict:
-    """One batch, G's L1 only, no weight decay: PSNR on it > 40 dB within the step budget (a warning below; a
+    """One batch, G's pixel loss only, no weight decay: PSNR on it > 40 dB within the step budget (a warning below; a
     failure when G does not even beat its own input, or stays under 15 dB where the input is no picture)."""
     from deeprecipe.families.img2img import input_image
 
