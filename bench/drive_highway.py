@@ -136,7 +136,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="drive-bench-"))
     data_dir = Path(args.data) if args.data else tmp / "rollouts"
     t0 = time.time()
-    cfg = config.load(args.recipe, [f"data.path={data_dir}", f"data.episodes={args.episodes}", f"data.env={args.env}"])
+    cfg = config.load(
+        args.recipe, [f"data.path={data_dir}", f"data.episodes={args.episodes}", f"data.env={args.env}", *args.set]
+    )
     cfg.data.build()
     log(f"expert data: {args.episodes} episodes in {data_dir} ({time.time() - t0:.0f} s, not in the budget)")
     run, wall = bc_and_dagger(args, data_dir, tmp)

@@ -27,7 +27,14 @@ from deeprecipe.cli import main, open_run
 from deeprecipe.core import DataError, UserError
 from deeprecipe.data import DATASETS, sim
 from deeprecipe.data.core import Data
-from deeprecipe.data.drive import DAGGER_SEED, EpisodeSplit, episode_split, read_shard, record, shards_of
+from deeprecipe.data.drive import (
+    DAGGER_SEED,
+    EpisodeSplit,
+    episode_split,
+    read_shard,
+    record,
+    shards_of,
+)
 from deeprecipe.families import drive, get_family
 from deeprecipe.families.drive import checks as drive_checks
 
@@ -86,7 +93,7 @@ def test_shards_hold_uint8_frame_stacks_labels_and_seeds_split_by_episode(rollou
     assert t["frames"].dtype == torch.uint8 and tuple(t["frames"].shape) == (n, FRAMES, *SIZE)
     assert meta["env"] == ENV and meta["control"] == "meta" and len(meta["actions"]) == 5
     assert t["label"].dtype == torch.int64 and 0 <= int(t["label"].min()) and int(t["label"].max()) < 5
-    assert torch.equal(t["label"], t["action"])  # the expert drove: its labels are its actions
+    assert meta["noise"] == 0 and torch.equal(t["label"], t["action"])  # no noise on the highway: the expert drove
     assert sorted(t["episode"].unique().tolist()) == list(range(EPISODES))
     for seed in range(EPISODES):  # steps 0..len-1 of each episode, in order
         steps = t["step"][t["episode"] == seed]
@@ -139,6 +146,36 @@ def test_the_expert_drives_better_than_a_random_policy():
     assert mean(expert, "collision") < mean(rand, "collision") or mean(expert, "distance") > mean(rand, "distance")
 
 
+def test_the_camera_sees_five_frames_a_second_while_the_car_moves_as_the_scene_steps():
+    """Decisions come at the scene's 1 Hz, frames at CAMERA_HZ: driven with the same actions, the wrapped scene and
+    highway-env's own (one frame per 1 s step) reach the same ego positions, rewards and end, and the newest frame
+    of each stack is the same picture; the frame before it is 0.2 s old, not 1 s."""
+    gym = sim.highway()
+    obs_cfg = {"type": "GrayscaleObservation", "observation_shape": (32, 16), "stack_size": 2, "weights": sim.GRAY}
+    own = gym.make(ENV, config={"observation": obs_cfg | {"scaling": sim.DEFAULT_SCALING}})
+    s = sim.make_env(ENV, 2, (16, 32))
+    try:
+        assert s.frequency == 1 and s.frame_hz == sim.CAMERA_HZ == sim.frame_hz_of(ENV)
+        frames, (theirs, _) = s.reset(5), own.reset(seed=5)
+        drive, steps = sim.expert(s), 0
+        while True:
+            a = drive(frames)
+            frames, reward, done, _ = s.step(a)
+            theirs, r, term, trunc, _ = own.step(a)
+            steps += 1
+            assert done == (term or trunc)
+            if done:
+                break
+            assert np.allclose(s.state.vehicle.position, own.unwrapped.vehicle.position)
+            assert reward == pytest.approx(r, abs=1e-12)
+            assert np.array_equal(frames[-1], np.asarray(theirs)[-1].T)
+            assert not np.array_equal(frames[0], np.asarray(theirs)[0].T)  # 0.2 s ago, not the last decision's
+        assert steps == 30 or s.state.vehicle.crashed
+    finally:
+        s.close()
+        own.close()
+
+
 def test_the_steering_expert_keeps_the_car_on_the_track():
     """racetrack-v0: the lane-following steering law stays on the road near the lane centre; random steering
     leaves it (50 decisions of each on the same seed)."""
@@ -172,6 +209,37 @@ def test_steering_recordings_execute_noise_but_label_the_clean_expert(tmp_path):
             s.step(float(action[k]))
     finally:
         s.close()
+
+
+def test_meta_action_recordings_execute_random_actions_but_label_the_expert(tmp_path):
+    """With data.noise = p on the highway the recorder executes a random meta-action instead of the expert's with
+    probability p, so the car strays into states the expert never drives into, and labels the expert's choice:
+    replaying the executed actions, the planner asked in every replayed state answers the recorded label."""
+    p = 0.2
+    record(ENV, tmp_path, 3, 0, 1, (16, 32), noise=p)
+    t, meta = read_shard(shards_of(tmp_path)[0])
+    assert meta["noise"] == p and "random action" in meta["policy"]
+    agree = float((t["label"] == t["action"]).float().mean())  # a random action differs 4 times in 5
+    assert 1 - 2 * p < agree < 1.0, agree
+    s = sim.make_env(ENV, 1, (16, 32))
+    try:
+        for seed in range(3):
+            mine = t["episode"] == seed
+            s.reset(seed)
+            for a, lab in zip(t["action"][mine].tolist(), t["label"][mine].tolist(), strict=True):
+                assert sim.plan_action(s) == lab
+                s.step(a)
+    finally:
+        s.close()
+
+
+def test_a_recording_of_another_noise_names_the_file_and_the_fix(rollouts):
+    """Expert rollouts recorded with another noise than data.noise asks for are refused, not mixed silently."""
+    with pytest.raises(DataError) as e:
+        data_cfg(rollouts, noise=0.2).build()
+    msg = str(e.value)
+    assert str(shards_of(rollouts)[0]) in msg and "data.noise=0.0" in msg
+    assert data_cfg(rollouts, noise=0.0).build().spec.num_classes == 5  # the noise it was recorded with
 
 
 # ---------------------------------------------------------------------------------------------- a tiny run
@@ -432,6 +500,21 @@ def test_a_shard_drawn_at_another_scale_names_the_file_and_the_fix(rollouts, tmp
     with pytest.raises(DataError) as e:
         data_cfg(rollouts, include=[str(other)]).build()
     assert str(other) in str(e.value) and "3.0 px/m" in str(e.value) and "record it again" in str(e.value)
+
+
+def test_a_shard_of_another_camera_rate_names_the_file_and_the_fix(rollouts, tmp_path):
+    """Frame stacks of one frame per decision (shards of older versions) would train a policy on motion the closed
+    loop never shows it: refused, naming the shard and saying how to record again."""
+    from deeprecipe.data.drive import write_shard
+
+    t, meta = read_shard(shards_of(rollouts)[0])
+    assert meta["frame_hz"] == sim.CAMERA_HZ
+    ep = sim.Episode(seed=7, frames=list(t["frames"][:3].numpy()), actions=[1, 1, 1], labels=[1, 1, 1])
+    old = tmp_path / "old.safetensors"
+    write_shard(old, [ep], {k: v for k, v in meta.items() if k != "frame_hz"})
+    with pytest.raises(DataError) as e:
+        data_cfg(rollouts, include=[str(old)]).build()
+    assert str(old) in str(e.value) and "1.0 Hz" in str(e.value) and "record it again" in str(e.value)
 
 
 def test_lane_keeping_frames_resolve_the_lane():

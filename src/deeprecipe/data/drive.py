@@ -28,7 +28,7 @@ import torch
 from deeprecipe.core import DataError, DataSpec
 from deeprecipe.data.core import Data, TensorSplit
 from deeprecipe.data.scenes import hash_ints
-from deeprecipe.data.sim import DEFAULT_SCALING, scaling_of
+from deeprecipe.data.sim import DEFAULT_SCALING, SCENES, frame_hz_of, scaling_of
 
 EVAL_SEED = 20_000_000  # first seed of the closed-loop evaluation episodes (never recorded)
 DAGGER_SEED = 10_000_000  # first seed of the DAgger rounds' episodes
@@ -121,33 +121,74 @@ def noisy(policy, seed: int, std: float = STEER_NOISE, memory: float = NOISE_MEM
     return act
 
 
+def jittered(policy, seed: int, actions: int, p: float):
+    """`policy`, except that with probability `p` per step (the episode's seed draws it) a uniformly random one of
+    `actions` discrete actions is executed: the car tailgates, brakes or changes lane when the expert would not."""
+    rng = np.random.default_rng(seed)
+
+    def act(frames: np.ndarray) -> int:
+        a = policy(frames)
+        return int(rng.integers(actions)) if rng.random() < p else int(a)
+
+    return act
+
+
+def default_noise(env: str) -> float:
+    """The recording noise of `env`'s control (see `record`): STEER_NOISE on the track scenes, none on the others
+    (on highway-fast, behaviour cloning on 600 episodes recorded with random actions at p = 0.2 drove no better
+    in closed loop than on 600 clean ones: bench/RESULTS.md)."""
+    return STEER_NOISE if SCENES.get(env, ("",))[0] == "steer" else 0.0
+
+
+def shard_noise(meta: dict) -> float:
+    """The noise a shard was recorded with (shards of older versions say it only in words)."""
+    if "noise" in meta:
+        return float(meta["noise"])
+    return STEER_NOISE if "noise" in meta.get("policy", "") else 0.0
+
+
 def record(
-    env: str, folder: Path, episodes: int, first_seed: int, frames: int, size: tuple[int, int], log=None
+    env: str,
+    folder: Path,
+    episodes: int,
+    first_seed: int,
+    frames: int,
+    size: tuple[int, int],
+    log=None,
+    noise: float | None = None,
 ) -> None:
     """Drive `episodes` expert episodes (seeds first_seed..) and write them as shards into `folder`.
 
-    On steering scenes the expert's executed command carries noise (`noisy`) while its label stays the clean
-    command of the state reached: every episode of a track would otherwise follow one line, and a learner that
-    drifts off it meets states no label covers (noise injection into the demonstrator, as DART does)."""
+    The expert's executed action carries noise while its label stays the expert's choice in the state reached
+    (noise injection into the demonstrator, as DART does): every episode would otherwise follow the expert's own
+    line, and a learner that strays from it meets states no label covers (close behind a slower car, half a lane
+    off). On steering scenes the noise is correlated (`noisy`, stationary std `noise`); on meta-action scenes a
+    random action replaces the expert's with probability `noise` (`jittered`). `noise=0` records the expert as it
+    drives; None takes the scene's default (`default_noise`)."""
     from deeprecipe.data.sim import expert, make_env, rollout
 
     s = make_env(env, frames, size)
     try:
         drive = expert(s)
+        steer = s.control == "steer"
+        noise = default_noise(env) if noise is None else float(noise)
         meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
-        meta |= {"scaling": s.scaling}
-        if s.control == "steer":
-            meta["policy"] = f"expert, executed with AR(1) steering noise of std {STEER_NOISE}"
+        meta |= {"scaling": s.scaling, "frame_hz": s.frame_hz, "noise": noise}
+        if noise and steer:
+            meta["policy"] = f"expert, executed with AR(1) steering noise of std {noise}"
+        elif noise:
+            meta["policy"] = f"expert, a random action executed instead with probability {noise}"
         for start in range(0, episodes, SHARD_EPISODES):
             seeds = range(first_seed + start, first_seed + min(episodes, start + SHARD_EPISODES))
             eps = []
             for seed in seeds:
-                if s.control == "steer":
-                    ep = rollout(s, noisy(drive, seed), seed, label=drive, keep=True)
+                if not noise:
+                    act = drive
+                elif steer:
+                    act = noisy(drive, seed, noise)
                 else:
-                    ep = rollout(s, drive, seed, keep=True)
-                    ep.labels = list(ep.actions)  # the expert drove: its labels are its actions
-                eps.append(ep)
+                    act = jittered(drive, seed, len(s.actions), noise)
+                eps.append(rollout(s, act, seed, label=drive, keep=True))
             write_shard(folder / f"expert-{seeds[0]:08d}.safetensors", eps, meta)
             if log:
                 log(f"recorded {seeds[-1] - first_seed + 1}/{episodes} expert episodes of {env}")
@@ -167,13 +208,20 @@ class DriveData:
     frames: int = 4  # stacked frames per observation
     size: tuple[int, int] = (64, 128)  # frame (H, W)
     include: list[str] = field(default_factory=list)  # more shard files or folders (DAgger rounds)
+    noise: float | None = None  # recording noise (data.drive.record; None: the control's default, 0: none)
     eval_episodes: int = 20  # closed-loop episodes of a final evaluation (held-out seeds)
 
     def folder(self) -> Path:
         if self.path:
             return Path(self.path).expanduser()
         root = Path(os.environ.get("DEEPRECIPE_DATA", "data")).expanduser()
-        return root / "driving" / f"{self.env}-{self.episodes}ep-seed{self.seed}-{self.size[0]}x{self.size[1]}"
+        name = f"{self.env}-{self.episodes}ep-seed{self.seed}-{self.size[0]}x{self.size[1]}"
+        if self.recording_noise() != default_noise(self.env):
+            name += f"-noise{self.recording_noise()}"
+        return root / "driving" / name
+
+    def recording_noise(self) -> float:
+        return default_noise(self.env) if self.noise is None else float(self.noise)
 
     def build(self) -> Data:
         folder = self.folder()
@@ -184,7 +232,7 @@ class DriveData:
             # recorded under a name of this process, then renamed: a killed recording never passes for a whole one
             work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
             shutil.rmtree(work, ignore_errors=True)
-            record(self.env, work, self.episodes, self.seed, self.frames, tuple(self.size))
+            record(self.env, work, self.episodes, self.seed, self.frames, tuple(self.size), noise=self.noise)
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
             try:
@@ -192,14 +240,24 @@ class DriveData:
             except OSError:  # another process recorded the same episodes first
                 shutil.rmtree(work, ignore_errors=True)
         files = shards_of(folder)
+        recorded = len(files)
         for extra in self.include:
             p = Path(extra).expanduser()
             if not p.exists():
                 raise DataError(f"data.include {extra}: no such file or folder")
             files += shards_of(p)
         parts, meta0 = [], None
-        for f in files:
+        for i, f in enumerate(files):
             t, meta = read_shard(f)
+            if (
+                i < recorded
+                and meta.get("policy", "").startswith("expert")
+                and shard_noise(meta) != self.recording_noise()
+            ):
+                raise DataError(
+                    f"{f}: expert rollouts recorded with noise {shard_noise(meta)}, but data.noise is "
+                    f"{self.recording_noise()}: set data.noise={shard_noise(meta)}, or point data.path at a new folder"
+                )
             if meta0 is None:
                 meta0 = (f, meta)
             elif (meta["env"], meta["control"], meta["actions"]) != (
@@ -215,6 +273,12 @@ class DriveData:
                 raise DataError(
                     f"{f}: frames drawn at {meta.get('scaling', DEFAULT_SCALING)} px/m, but {self.env} is now "
                     f"rendered at {want} px/m: delete {f.parent} to record it again"
+                )
+            hz = frame_hz_of(self.env)
+            if hz and meta.get("frame_hz", 1.0) != hz:  # shards of older versions: one frame per 1 Hz decision
+                raise DataError(
+                    f"{f}: frames stacked at {meta.get('frame_hz', 1.0)} Hz, but {self.env} is now observed at "
+                    f"{hz} Hz: delete {f.parent} to record it again"
                 )
             if t["frames"].shape[1:] != (self.frames, *self.size):
                 raise DataError(

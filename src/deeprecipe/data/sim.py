@@ -4,7 +4,9 @@ from the simulator's own state, and the closed-loop rollout that both recording 
 The world is highway-env (gymnasium): its scenes render top-down frames headless (SDL's offscreen driver), and
 `make_env` asks for stacked grayscale frames of `size` (H, W) as the observation, so a policy perceives from
 pixels only. Frames are handed out as uint8 (S, H, W) in the usual image orientation (highway-env's own array is
-(S, W, H)). Any other gymnasium environment id whose observation is a uint8 image stack plugs in by name.
+(S, W, H)). On the meta-action scenes the camera runs at CAMERA_HZ while decisions keep the scene's 1 Hz
+(`decisions_every`: the car moves exactly as under the scene's own steps). Any other gymnasium environment id
+whose observation is a uint8 image stack plugs in by name.
 
 The chain of a driving system, as this module splits it:
 - perception: the policy network, from the stacked frames (trained by the `drive` family);
@@ -51,6 +53,10 @@ SCENES: dict[str, tuple[str, dict]] = {
     ),
     "lane-keeping-v0": ("steer", {}),
 }
+# frames per second of the camera on the meta-action scenes, whose decisions come at 1 Hz: stacked 1 s apart, the
+# frames hide the ego's own speed (the lane dashes repeat every 7.33 m, so 22 and 29.3 m/s look the same) that the
+# expert's choice between idle, faster and slower rests on; 0.2 s apart, a dash moves 4-6 m at 20-30 m/s
+CAMERA_HZ = 5
 # pixels per metre of the rendered frames: the highway scenes need a long view ahead (64x128 px at 1.75 px/m sees
 # 73 m); lane keeping needs the ego's offset in its lane to span pixels (at 4 px/m a 5 m lane is 20 px wide)
 SCALING = {"racetrack-v0": 4.0, "lane-keeping-v0": 4.0}
@@ -79,6 +85,26 @@ def highway():
     return gymnasium
 
 
+def decisions_every(gym, every: int, idle: int):
+    """A gymnasium wrapper that decides once every `every` camera frames: the env runs at the camera's rate (its
+    policy_frequency raised to it, one frame observed per step) and a decision is the action on the first frame
+    and `idle` (keep the targets) on the rest, as highway-env applies a meta-action on the first simulation frame
+    of its step only, so the car moves exactly as at the scene's own rate; the reward is the scene's for the
+    decision's action, in the state reached."""
+
+    class Decisions(gym.Wrapper):
+        def step(self, action):
+            u = self.env.unwrapped
+            for i in range(every):
+                obs, _, terminated, truncated, info = self.env.step(action if i == 0 else idle)
+                if terminated or truncated:
+                    break
+            u.time = round(u.time, 6)  # 1/5 s added five times is not 1 s in floating point
+            return obs, float(u._reward(action)), terminated, truncated or u._is_truncated(), info
+
+    return Decisions
+
+
 @dataclass
 class Sim:
     """One environment as the driving family sees it: frames uint8 (S, H, W), the action space as names."""
@@ -89,6 +115,7 @@ class Sim:
     actions: list[str] = field(default_factory=list)  # names of the discrete actions ([] for steering)
     frequency: float = 1.0  # policy decisions per simulated second
     scaling: float = 0.0  # pixels per metre of the frames (highway-env scenes; 0: the environment's own)
+    frame_hz: float = 0.0  # camera frames per simulated second (0: one per decision)
 
     def reset(self, seed: int) -> np.ndarray:
         obs, _ = self.env.reset(seed=int(seed))
@@ -125,6 +152,11 @@ def scaling_of(name: str) -> float:
     return SCALING.get(name, DEFAULT_SCALING) if name in SCENES else 0.0
 
 
+def frame_hz_of(name: str) -> float:
+    """Camera frames per second that `make_env(name)` stacks (0 where frames come once per decision)."""
+    return float(CAMERA_HZ) if SCENES.get(name, ("",))[0] == "meta" else 0.0
+
+
 def known_envs() -> list[str]:
     return list(SCENES)
 
@@ -153,10 +185,17 @@ def make_env(name: str, frames: int = 4, size: tuple[int, int] = (64, 128), scal
         freq = float(u.config["policy_frequency"])
         if control == "steer":
             return Sim(env, name, control, [], freq, scaling)
+        every, sim_hz = CAMERA_HZ / freq, u.config["simulation_frequency"]
+        if every != int(every) or sim_hz % CAMERA_HZ:
+            raise UserError(
+                f"{name}: decisions at {freq} Hz and simulation at {sim_hz} Hz do not fit a {CAMERA_HZ} Hz camera"
+            )
+        u.configure({"policy_frequency": CAMERA_HZ})
+        env = decisions_every(gym, int(every), u.action_type.actions_indexes["IDLE"])(env)
         names = [u.action_type.actions[i] for i in range(env.action_space.n)]
         pretty = {"LANE_LEFT": "lane left", "IDLE": "idle", "LANE_RIGHT": "lane right"}
         names = [pretty.get(n, n.lower()) for n in names]
-        return Sim(env, name, control, names, freq, scaling)
+        return Sim(env, name, control, names, freq, scaling, float(CAMERA_HZ))
     if name not in gym.registry:
         raise UserError(
             f"unknown environment '{name}': highway-env scenes are {', '.join(SCENES)}; any registered gymnasium "

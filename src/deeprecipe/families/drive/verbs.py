@@ -61,7 +61,7 @@ def dagger_round(run: str, out: Path, episodes: int, first_seed: int, device: st
         learner, expert = drive.policy_of(model, spec, rt), sim.expert(s)
         eps = [sim.rollout(s, learner, first_seed + i, label=expert, keep=True) for i in range(episodes)]
         meta = {"env": cfg.data.env, "control": s.control, "actions": s.actions, "policy": f"learner of {run}"}
-        meta |= {"scaling": s.scaling}
+        meta |= {"scaling": s.scaling, "frame_hz": s.frame_hz}
         path = out / "rollouts" / f"learner-{first_seed:08d}.safetensors"
         write_shard(path, eps, meta)
     finally:
