@@ -59,7 +59,7 @@ def bc_and_dagger(args, data_dir: Path, out: Path) -> tuple[str, float]:
         nxt = out / f"dagger{r}"
         shard = dagger_round(run, nxt, args.dagger_episodes, DAGGER_SEED + 100_000 * r, "cpu")
         include.append(str(shard))
-        over = [*base, f"data.include={json.dumps(include)}", f"finetune.init_from={run}"]
+        over = [*base, f"data.include={json.dumps(include)}", f"finetune.init_from={run}", *args.dagger_set]
         cfg = config.load(args.recipe, over)
         steps = fit_steps(cfg, per_round - (time.time() - t1))
         cfg = config.load(args.recipe, [*over, f"train.steps={steps}", f"train.eval_every={steps}"])
@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--dqn", action="store_true", help="also train SB3 DQN for the same wall time")
     p.add_argument("--data", help="rollout folder (default: a temporary one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dagger-set", action="append", default=[], metavar="KEY=VALUE", help="for the DAgger rounds only")
     args = p.parse_args()
     print(f"machine: {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="drive-bench-"))
@@ -149,6 +150,7 @@ def main() -> None:
         args.env, spec, {"learner": model, "expert": "expert", "random": "random"}, args.eval, EVAL_SEED, rt=rt
     )
     log(f"closed loop: {time.time() - t1:.0f} s")
+    print(drive.table(res), flush=True)
     if args.dqn:
         res["sb3-dqn"] = dqn(args, wall, spec)
     print(drive.table(res))

@@ -24,7 +24,7 @@ from conftest import TINY, sets
 from deeprecipe import config
 from deeprecipe.checks import CHECKS, Ctx
 from deeprecipe.cli import main, open_run
-from deeprecipe.core import DataError, UserError
+from deeprecipe.core import ConfigError, DataError, UserError
 from deeprecipe.data import DATASETS, sim
 from deeprecipe.data.core import Data
 from deeprecipe.data.drive import (
@@ -233,13 +233,18 @@ def test_meta_action_recordings_execute_random_actions_but_label_the_expert(tmp_
         s.close()
 
 
-def test_a_recording_of_another_noise_names_the_file_and_the_fix(rollouts):
+def test_a_recording_of_another_noise_names_the_file_and_the_fix(rollouts, tmp_path):
     """Expert rollouts recorded with another noise than data.noise asks for are refused, not mixed silently."""
     with pytest.raises(DataError) as e:
         data_cfg(rollouts, noise=0.2).build()
     msg = str(e.value)
     assert str(shards_of(rollouts)[0]) in msg and "data.noise=0.0" in msg
     assert data_cfg(rollouts, noise=0.0).build().spec.num_classes == 5  # the noise it was recorded with
+    with pytest.raises(ConfigError, match=r"data.noise=-0.1: must be >= 0"):
+        config.load("highway-fast-cnn", ["data.noise=-0.1"])
+    with pytest.raises(DataError, match=r"data.noise=1.5: on highway-fast-v0 it is the probability"):
+        record(ENV, tmp_path / "never", 1, 0, 1, (16, 32), noise=1.5)
+    assert not (tmp_path / "never").exists()
 
 
 # ---------------------------------------------------------------------------------------------- a tiny run

@@ -325,6 +325,7 @@ RANGES: dict[str, str] = {
     "data.train_size": "> 0",
     "data.val_size": ">= 0",
     "data.test_size": ">= 0",
+    "data.noise": ">= 0",
     "model.dropout": "[0, 1)",
     "model.attn_dropout": "[0, 1)",
     "model.real_label": "(0, 1]",

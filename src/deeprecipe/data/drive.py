@@ -172,6 +172,8 @@ def record(
         drive = expert(s)
         steer = s.control == "steer"
         noise = default_noise(env) if noise is None else float(noise)
+        if not steer and noise > 1:
+            raise DataError(f"data.noise={noise}: on {env} it is the probability of a random action, in [0, 1]")
         meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
         meta |= {"scaling": s.scaling, "frame_hz": s.frame_hz, "noise": noise}
         if noise and steer:
