@@ -185,12 +185,12 @@ def record(
             eps = []
             for seed in seeds:
                 if not noise:
-                    act = drive
-                elif steer:
-                    act = noisy(drive, seed, noise)
+                    ep = rollout(s, drive, seed, keep=True)
+                    ep.labels = list(ep.actions)  # the expert drove: its labels are its actions
                 else:
-                    act = jittered(drive, seed, len(s.actions), noise)
-                eps.append(rollout(s, act, seed, label=drive, keep=True))
+                    act = noisy(drive, seed, noise) if steer else jittered(drive, seed, len(s.actions), noise)
+                    ep = rollout(s, act, seed, label=drive, keep=True)
+                eps.append(ep)
             write_shard(folder / f"expert-{seeds[0]:08d}.safetensors", eps, meta)
             if log:
                 log(f"recorded {seeds[-1] - first_seed + 1}/{episodes} expert episodes of {env}")
