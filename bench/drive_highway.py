@@ -153,7 +153,7 @@ def main() -> None:
     print(drive.table(res), flush=True)
     if args.dqn:
         res["sb3-dqn"] = dqn(args, wall, spec)
-    print(drive.table(res))
+        print(drive.table(res))
     le, ex = res["learner"], res["expert"]
     ok_c = le["collision_rate"] <= 1.5 * ex["collision_rate"]
     ok_r = le["return"] >= 0.9 * ex["return"]

@@ -75,6 +75,12 @@ def write_shard(path: Path, episodes: list, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def shard_meta(s, policy: str) -> dict:
+    """A shard's metadata for rollouts of the Sim `s` (data/sim.py) driven by `policy`."""
+    meta = {"env": s.name, "control": s.control, "actions": s.actions, "policy": policy}
+    return meta | {"scaling": s.scaling, "frame_hz": s.frame_hz}
+
+
 def read_shard(path: Path) -> tuple[dict, dict]:
     """One shard's tensors and metadata, checked; a corrupt or foreign file is a DataError naming it."""
     from safetensors import safe_open
@@ -174,8 +180,7 @@ def record(
         noise = default_noise(env) if noise is None else float(noise)
         if not steer and noise > 1:
             raise DataError(f"data.noise={noise}: on {env} it is the probability of a random action, in [0, 1]")
-        meta = {"env": env, "control": s.control, "actions": s.actions, "policy": "expert", "size": list(size)}
-        meta |= {"scaling": s.scaling, "frame_hz": s.frame_hz, "noise": noise}
+        meta = shard_meta(s, "expert") | {"size": list(size), "noise": noise}
         if noise and steer:
             meta["policy"] = f"expert, executed with AR(1) steering noise of std {noise}"
         elif noise:

@@ -52,7 +52,7 @@ def cmd_drive(args) -> None:
 def dagger_round(run: str, out: Path, episodes: int, first_seed: int, device: str) -> Path:
     """The learner of `run` drives, the expert labels: one shard in out/rollouts; the shard's path."""
     from deeprecipe.data import sim
-    from deeprecipe.data.drive import write_shard
+    from deeprecipe.data.drive import shard_meta, write_shard
     from deeprecipe.families import drive
 
     cfg, spec, model, rt = _load(run, device)
@@ -60,10 +60,8 @@ def dagger_round(run: str, out: Path, episodes: int, first_seed: int, device: st
     try:
         learner, expert = drive.policy_of(model, spec, rt), sim.expert(s)
         eps = [sim.rollout(s, learner, first_seed + i, label=expert, keep=True) for i in range(episodes)]
-        meta = {"env": cfg.data.env, "control": s.control, "actions": s.actions, "policy": f"learner of {run}"}
-        meta |= {"scaling": s.scaling, "frame_hz": s.frame_hz}
         path = out / "rollouts" / f"learner-{first_seed:08d}.safetensors"
-        write_shard(path, eps, meta)
+        write_shard(path, eps, shard_meta(s, f"learner of {run}"))
     finally:
         s.close()
     crashes = sum(ep.crashed for ep in eps)
