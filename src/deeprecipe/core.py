@@ -1,14 +1,17 @@
 """The leaf of the package: the error types and DataSpec. Imports nothing from deeprecipe; everything may import it.
 
 Errors a user can fix derive from UserError: the CLI prints them as one line and exits 2 (`--debug` shows the
-traceback). DataSpec is what a model builder needs to know about the data; it is saved as `spec.json` in a run
-folder so that predict, export and serve rebuild the model without the data.
+traceback); `require` imports an optional dependency or names the extra that installs it. DataSpec is what a model
+builder needs to know about the data; it is saved as `spec.json` in a run folder so that predict, export and serve
+rebuild the model without the data.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 
@@ -54,3 +57,15 @@ def lookup(registry: dict[str, Any], name: str, what: str, key: str, user_entry:
         hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(registry)}"
         raise ConfigError(f"unknown {what} '{key}={name}': {hint}")
     return registry[name]
+
+
+def require(module: str, extra: str, purpose: str = "") -> ModuleType:
+    """The optional dependency `module` (e.g. "uvicorn"), imported; if it or one of its own dependencies is
+    missing, a UserError naming the extra of pyproject.toml that installs it (e.g. "serve")."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        # e.name is the module that failed to import: `module` itself or something it needs
+        missing = e.name or module
+        need = f" (needed for {purpose})" if purpose else ""
+        raise UserError(f"{missing} is not installed{need}: pip install 'deeprecipe[{extra}]'") from None
