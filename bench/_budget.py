@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from deeprecipe import config
 from deeprecipe.data.core import Draws
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.loop import build, make_parts, train, train_step
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 
 def cli_train(args: list[str]) -> tuple[dict, float]:
@@ -82,7 +82,7 @@ def budget_args(recipe: str, budget: float) -> argparse.Namespace:
 
 
 def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.12, no_cap: bool = False) -> dict:
-    cfg = config.load(recipe, overrides)
+    cfg = load(recipe, overrides)
     t_data, t_step = step_time(cfg)
     # what is left after building the data (twice: probe and run), evaluations and the final test pass
     usable = (budget - 2 * t_data) * (1 - eval_share)
@@ -93,7 +93,7 @@ def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.
     print(f"machine: {machine()}")
     print(f"recipe {recipe} {' '.join(overrides)}")
     print(f"data build {t_data:.1f}s, step {t_step:.3f}s -> {steps} steps for a {budget:.0f}s budget", flush=True)
-    cfg = config.load(recipe, overrides)
+    cfg = load(recipe, overrides)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         final = train(cfg, get_family(cfg.task), Path(d) / "run")

@@ -60,12 +60,12 @@ def plain_tensors(spec, x):
 def run_deeprecipe(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
     import tempfile
 
-    from deeprecipe import config
     from deeprecipe.engine.loop import train
     from deeprecipe.engine.run import read_metrics
     from deeprecipe.families import get_family
+    from deeprecipe.recipe import load
 
-    cfg = config.load(
+    cfg = load(
         "fashion-mnist-cnn",
         [
             f"train.steps={steps}",

@@ -24,25 +24,25 @@ from pathlib import Path
 import torch
 
 from _budget import machine, step_time
-from deeprecipe import config
 from deeprecipe.engine.loop import train
 from deeprecipe.families import get_family
 from deeprecipe.families.detect import detect_images
 from deeprecipe.families.detect.metrics import DetectionMetrics
+from deeprecipe.recipe import load
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
 def ours(budget: float, overrides: list[str]) -> tuple[list, dict, object]:
     """The recipe, its step count fitted to the budget; (curve [(seconds, val mAP, val mAP@.5)], test metrics)."""
-    cfg = config.load("scenes-detect", overrides)
+    cfg = load("scenes-detect", overrides)
     t_data, t_step = step_time(cfg)
     usable = (budget - t_data) * 0.9  # evaluations and the final test pass take the rest
     steps = max(50, int(usable / t_step))
     every = max(1, steps // 6)
     sets = [*overrides, f"train.steps={steps}", f"train.eval_every={every}", f"train.ckpt_every={steps}"]
     print(f"centernet: data {t_data:.1f}s, step {t_step:.3f}s -> {steps} steps; {' '.join(sets)}", flush=True)
-    cfg = config.load("scenes-detect", sets)
+    cfg = load("scenes-detect", sets)
     curve, t0 = [], time.perf_counter()
 
     def monitor(step, results):

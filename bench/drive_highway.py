@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from _budget import machine, step_time
-from deeprecipe import config
 from deeprecipe.data import sim
 from deeprecipe.data.drive import DAGGER_SEED, EVAL_SEED
 from deeprecipe.engine.loop import train
 from deeprecipe.engine.run import load_run
 from deeprecipe.families import drive, get_family
 from deeprecipe.families.drive.verbs import dagger_round
+from deeprecipe.recipe import load
 
 
 def log(msg: str) -> None:
@@ -44,9 +44,9 @@ def bc_and_dagger(args, data_dir: Path, out: Path) -> tuple[str, float]:
     base = [f"data.path={data_dir}", "data.eval_episodes=0", "train.device=cpu", *args.set]
     t0 = time.time()
     bc_share = args.budget * (1.0 if args.rounds == 0 else args.bc_share)
-    cfg = config.load(args.recipe, base)
+    cfg = load(args.recipe, base)
     steps = fit_steps(cfg, bc_share - (time.time() - t0))
-    cfg = config.load(args.recipe, [*base, f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}"])
+    cfg = load(args.recipe, [*base, f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}"])
     log(f"behaviour cloning: {steps} steps")
     run = str(out / "bc")
     final = train(cfg, family, Path(run))
@@ -60,9 +60,9 @@ def bc_and_dagger(args, data_dir: Path, out: Path) -> tuple[str, float]:
         shard = dagger_round(run, nxt, args.dagger_episodes, DAGGER_SEED + 100_000 * r, "cpu")
         include.append(str(shard))
         over = [*base, f"data.include={json.dumps(include)}", f"finetune.init_from={run}", *args.dagger_set]
-        cfg = config.load(args.recipe, over)
+        cfg = load(args.recipe, over)
         steps = fit_steps(cfg, per_round - (time.time() - t1))
-        cfg = config.load(args.recipe, [*over, f"train.steps={steps}", f"train.eval_every={steps}"])
+        cfg = load(args.recipe, [*over, f"train.steps={steps}", f"train.eval_every={steps}"])
         log(f"dagger round {r}: {steps} steps on {len(include)} learner shard(s)")
         train(cfg, family, nxt)
         run = str(nxt)
@@ -137,7 +137,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="drive-bench-"))
     data_dir = Path(args.data) if args.data else tmp / "rollouts"
     t0 = time.time()
-    cfg = config.load(
+    cfg = load(
         args.recipe, [f"data.path={data_dir}", f"data.episodes={args.episodes}", f"data.env={args.env}", *args.set]
     )
     cfg.data.build()

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from classify_speed import machine
-from deeprecipe import config
 from deeprecipe.engine.loop import train
 from deeprecipe.engine.run import read_metrics
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="fashion-mnist-cnn")
     ap.add_argument("--set", action="append", default=[])
     a = ap.parse_args()
-    cfg = config.load(a.recipe, a.set)
+    cfg = load(a.recipe, a.set)
     print(f"machine: {machine()}")
     print(f"command: python bench/fashion_accuracy.py --recipe {a.recipe} " + " ".join(f"--set {s}" for s in a.set))
     t0 = time.perf_counter()

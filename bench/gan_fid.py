@@ -36,9 +36,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deeprecipe import config  # noqa: E402
 from deeprecipe.engine.device import setup  # noqa: E402
 from deeprecipe.families import gan as gan_task  # noqa: E402
+from deeprecipe.recipe import load  # noqa: E402
 
 
 def plain_dcgan(minutes: float, threads: int, seed: int = 0) -> tuple[nn.Module, int]:
@@ -132,7 +132,7 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {args.threads}, load {os.getloadavg()[0]:.1f}\ncommand: {shlex.join(sys.argv)}"
     )
-    cfg = config.load("fashion-mnist-dcgan")
+    cfg = load("fashion-mnist-dcgan")
     rt = setup("cpu", "fp32")
     t = time.perf_counter()
     data = cfg.data.build()

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from _budget import machine, step_time
-from deeprecipe import config
 from deeprecipe.engine.loop import train
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 TASKS = {  # name: (recipe, overrides, model metric, baseline metric, target gain in dB)
     "sr-fashion": ("fashion-mnist-sr4", [], "test_psnr", "test_psnr_bicubic", 2.5),
@@ -54,7 +54,7 @@ DCGAN = "imagefolder-dcgan"  # the DCGAN of the label2image comparison: this rec
 
 def fitted(name: str, recipe: str, sets: list[str], budget: float) -> list[str]:
     """`sets` plus the step count (and one evaluation, one checkpoint) that fits the recipe into `budget` seconds."""
-    t_data, t_step = step_time(config.load(recipe, sets))
+    t_data, t_step = step_time(load(recipe, sets))
     usable = (budget - 2 * t_data) * 0.85  # evaluations and the final test pass take the rest
     steps = max(20, int(usable / t_step))
     print(f"[{name}] recipe {recipe} {' '.join(sets)}")
@@ -64,7 +64,7 @@ def fitted(name: str, recipe: str, sets: list[str], budget: float) -> list[str]:
 
 def trained(recipe: str, sets: list[str], keep: Path | None = None) -> tuple[dict, str, float]:
     """(final metrics, plots/quality.txt or "", wall seconds) of a run of `recipe` (kept in `keep` when given)."""
-    cfg = config.load(recipe, sets)
+    cfg = load(recipe, sets)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         run_dir = keep or Path(d) / "run"
@@ -102,7 +102,7 @@ def run_fid(name: str, budget: float, extra: list[str], images: int) -> tuple[bo
 
     recipe = FID_TASKS[name]
     sets = ["train.device=cpu", f"data.test_size={images}", *extra]
-    cfg = config.load(recipe, sets)
+    cfg = load(recipe, sets)
     t0 = time.perf_counter()
     feats = im.scene_features(cfg, torch.device("cpu"))
     print(
@@ -137,7 +137,7 @@ def run_fid(name: str, budget: float, extra: list[str], images: int) -> tuple[bo
     gsets = fitted(f"{name}/dcgan", DCGAN, ["train.device=cpu", *gsets, *extra], budget)
     with tempfile.TemporaryDirectory() as d:
         _, _, gwall = trained(DCGAN, gsets, Path(d) / "dcgan")
-        gcfg = config.load(DCGAN, gsets)
+        gcfg = load(DCGAN, gsets)
         _, _, model, rt = load_run(Path(d) / "dcgan", get_family(gcfg.task), "cpu", "fp32")
         dcgan = fid_of(generate(model, images, 1234, rt, batch=250))
     ok = got <= dcgan / 2 and max(wall, gwall) <= budget * 1.05

@@ -24,6 +24,7 @@ from deeprecipe import config
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.loop import train
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 
 def step_time(cfg: config.Config, n: int = 4) -> float:
@@ -66,7 +67,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = config.load(a.recipe, a.set)
+    cfg = load(a.recipe, a.set)
     dt = step_time(cfg)
     cfg.train.steps = max(10, int(a.budget * 0.95 / dt))  # 5% for the final evaluation and checkpoints
     cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.limit_eval = 0, cfg.train.steps, 0

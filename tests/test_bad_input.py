@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON, TINY, sets
-from deeprecipe import config
+from deeprecipe.recipe import load
 from test_data import write_csv, write_idx, write_mnist, write_pngs
 
 
@@ -134,7 +134,7 @@ def test_an_empty_class_folder_is_a_note_or_with_strict_an_error(cli, tmp_path):
     base = ("data.name=imagefolder", f"data.path={tmp_path / 'imgs'}", "data.image_size=8")
     train_fails(cli, tmp_path, *base, "data.strict=true", needles=("without images", str(tmp_path / "imgs" / "emu")))
     with pytest.warns(UserWarning, match=f"class folder without images: {tmp_path / 'imgs' / 'emu'}"):
-        data = config.load("digits-mlp", list(base)).data.build()  # the CLI shows the warning as "note: ..."
+        data = load("digits-mlp", list(base)).data.build()  # the CLI shows the warning as "note: ..."
     assert data.spec.class_names == ["cat", "dog", "emu", "fox"]
 
 

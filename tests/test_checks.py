@@ -27,6 +27,7 @@ from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
 from deeprecipe.families import get_family
 from deeprecipe.families.classify import Classify
 from deeprecipe.families.lm import LanguageModel
+from deeprecipe.recipe import load
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return config.load("digits-mlp", ["train.device=cpu"])
+    return load("digits-mlp", ["train.device=cpu"])
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_saliency_warns_on_an_explanation_that_shows_nothing_learnt(digits, tmp_
     passes (Grad-CAM stands out from untrained copies' maps); with the labels shuffled apart from the inputs, or
     the same CNN blind to its input, Grad-CAM is one of an untrained net's maps on most images: warn. An MLP has
     no feature map: skipped with its reason."""
-    cnn = config.load("digits-cnn", ["train.device=cpu", "model.channels=[8,16]", "model.dense=[32]"])
+    cnn = load("digits-cnn", ["train.device=cpu", "model.channels=[8,16]", "model.dense=[32]"])
 
     class Blind(nn.Module):
         def __init__(self, spec):
@@ -240,7 +241,7 @@ def test_leakage_test_images_copied_into_train(cfg, digits, tmp_path):
 
 
 def test_leakage_finds_near_copies(cfg, tmp_path):
-    fashion = config.load("fashion-mnist-cnn")
+    fashion = load("fashion-mnist-cnn")
     try:
         d = fashion.data.build()
     except DataError as e:
@@ -310,7 +311,7 @@ def test_files_check_names_the_corrupt_file_and_the_verb_exits_3(tmp_path, capsy
     for corrupt in (False, True):
         root = tmp_path / f"imgs{int(corrupt)}"
         write_folder(root, corrupt)
-        icfg = config.load("imagefolder-resnet", [f"data.path={root}", "data.image_size=8"])
+        icfg = load("imagefolder-resnet", [f"data.path={root}", "data.image_size=8"])
         v = dchecks.files(Ctx(icfg, tmp_path, get_family(icfg.task)))
         assert v.status == ("fail" if corrupt else "pass"), v
         if corrupt:
@@ -523,7 +524,7 @@ def test_gan_checks_catch_mixed_noise_and_a_frozen_generator(tmp_path):
     from deeprecipe.families.gan import checks as gchecks
     from deeprecipe.models.gan import GANConfig
 
-    gcfg = config.load("digits-gan", ["train.device=cpu", "model.hidden=[16,32]"])
+    gcfg = load("digits-gan", ["train.device=cpu", "model.hidden=[16,32]"])
     data = gcfg.data.build()
 
     def mixed(spec):  # each image is drawn from the whole batch's noise
@@ -681,7 +682,7 @@ def test_checks_pass_on_good_file_backed_data(name, tmp_path):
     """Good files from disk (class folders, a CSV, mask folders, a Cityscapes tree, video frame folders): every
     check runs on them (labels and clip shapes through the data set and the family's hooks) and none fails."""
     recipe, data, overrides = FILE_CASES[name](tmp_path)
-    cfg = config.load(recipe, ["train.device=cpu", *TINY_MODEL[config.load(recipe).model.name], *overrides])
+    cfg = load(recipe, ["train.device=cpu", *TINY_MODEL[load(recipe).model.name], *overrides])
     cfg.data = data
     verdicts = run_checks(Ctx(cfg, tmp_path / "out", get_family(cfg.task), steps=30, batch_size=16, overfit_steps=100))
     failed = [v for v in verdicts if v.status == "fail"]
@@ -873,12 +874,12 @@ TINY_WORK = {
 
 @pytest.mark.parametrize("recipe", sorted(config.list_recipes()))
 def test_every_builtin_recipe_passes_check(recipe, tmp_path):
-    cfg = config.load(recipe, ["train.device=cpu"])
+    cfg = load(recipe, ["train.device=cpu"])
     small = ["train.device=cpu"] + TINY_DATA[cfg.data.name] + TINY_MODEL[cfg.model.name]
     if cfg.data.name == "driving":  # recorded into the test's own folder, never into $DEEPRECIPE_DATA
         small.append(f"data.path={tmp_path / 'rollouts'}")
     try:
-        cfg = config.load(recipe, small)
+        cfg = load(recipe, small)
         data = cfg.data.build()
     except DataError as e:
         pytest.skip(f"data of {recipe} is not on this machine: {e}")

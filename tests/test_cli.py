@@ -14,6 +14,7 @@ import yaml
 from conftest import TINY, sets
 from deeprecipe import config
 from deeprecipe.data import image_ops
+from deeprecipe.recipe import resolve
 
 CNN = [*TINY, "model.channels=[8, 16]", "model.dense=[16]", "train.steps=6", "train.batch_size=32"]
 
@@ -49,7 +50,7 @@ def test_data_shows_sizes_balance_and_a_grid(cli, tmp_path):
 
 
 def test_train_writes_the_run_folder(run):
-    cfg = config.resolve(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = resolve(yaml.safe_load((run / "config.yaml").read_text()))
     assert cfg.train.steps == 6 and cfg.model.channels == (8, 16)
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))

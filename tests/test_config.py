@@ -11,17 +11,18 @@ from deeprecipe import config
 from deeprecipe.config import ConfigError
 from deeprecipe.data import DATASETS
 from deeprecipe.models import MODELS
+from deeprecipe.recipe import load, resolve
 
 
 @pytest.mark.parametrize("recipe", sorted(config.list_recipes()))
 def test_builtin_recipe_resolves(recipe):
     desc = config.list_recipes()[recipe]
     assert desc and "\n" not in desc, f"recipe {recipe} needs a one-line description"
-    cfg = config.load(recipe)
+    cfg = load(recipe)
     assert cfg.recipe == recipe
     assert dataclasses.is_dataclass(cfg.data) and dataclasses.is_dataclass(cfg.model)
     # the saved form resolves back to the same config (what resume and eval rely on)
-    again = config.resolve(yaml.safe_load(config.dump(cfg)))
+    again = resolve(yaml.safe_load(config.dump(cfg)))
     assert config.to_dict(again) == config.to_dict(cfg)
 
 
@@ -40,12 +41,12 @@ def test_registry_defaults_pass_their_own_type_checks(registry, section):
 def test_yaml_path_recipe(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text("description: mine\ndata: {name: digits}\nmodel: {name: mlp, hidden: [8]}\ntrain: {steps: 7}\n")
-    cfg = config.load(str(p))
+    cfg = load(str(p))
     assert (cfg.recipe, cfg.model.hidden, cfg.train.steps) == ("mine", (8,), 7)
 
 
 def test_set_overrides_any_field():
-    cfg = config.load(
+    cfg = load(
         "digits-cnn",
         [
             "optim.lr=1e-4",
@@ -64,9 +65,9 @@ def test_set_overrides_any_field():
 
 
 def test_set_switches_model_and_data_class():
-    cfg = config.load("digits-cnn", ["model.name=resnet", "model.layout=resnet8"])
+    cfg = load("digits-cnn", ["model.name=resnet", "model.layout=resnet8"])
     assert type(cfg.model) is MODELS["resnet"] and cfg.model.layout == "resnet8"
-    assert config.load("digits-cnn", ["model.name=cnn"]).model.dense == (64,)  # same name: the recipe's keys stay
+    assert load("digits-cnn", ["model.name=cnn"]).model.dense == (64,)  # same name: the recipe's keys stay
 
 
 @pytest.mark.parametrize(
@@ -81,19 +82,19 @@ def test_set_switches_model_and_data_class():
 )
 def test_unknown_key_suggests_nearest(override, expect):
     with pytest.raises(ConfigError, match=expect):
-        config.load("digits-cnn", [override])
+        load("digits-cnn", [override])
 
 
 @pytest.mark.parametrize("override,key", [("optim.lrr=1", "optim.lrr"), ("optimm.lr=1", "optimm")])
 def test_unknown_key_reads_as_typed(override, key):
     with pytest.raises(ConfigError) as e:
-        config.load("digits-cnn", [override])
+        load("digits-cnn", [override])
     assert str(e.value).startswith(f"unknown key '{key}':")  # no 'config.' in front
 
 
 def test_wrong_type_message_names_the_key_as_typed():
     with pytest.raises(ConfigError) as e:
-        config.load("digits-cnn", ["train.steps=abc"])
+        load("digits-cnn", ["train.steps=abc"])
     assert str(e.value).startswith("train.steps: expected an integer")
 
 
@@ -112,7 +113,7 @@ def test_wrong_type_message_names_the_key_as_typed():
 )
 def test_wrong_type_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
-        config.load("digits-cnn", [override])
+        load("digits-cnn", [override])
     assert field in str(e.value)
 
 
@@ -130,12 +131,12 @@ def test_wrong_type_names_the_field(override, field):
 )
 def test_unknown_names_suggest_nearest(override, expect):
     with pytest.raises(ConfigError, match=expect):
-        config.load("digits-cnn", [override])
+        load("digits-cnn", [override])
 
 
 def test_unknown_recipe_suggests_nearest():
     with pytest.raises(ConfigError, match="did you mean 'digits-cnn'"):
-        config.load("digits-cnnn")
+        load("digits-cnnn")
 
 
 @pytest.mark.parametrize(
@@ -154,7 +155,7 @@ def test_unknown_recipe_suggests_nearest():
 )
 def test_train_values_out_of_range_fail_early(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
-        config.load("digits-cnn", [override])
+        load("digits-cnn", [override])
 
 
 @pytest.mark.parametrize(
@@ -177,15 +178,15 @@ def test_train_values_out_of_range_fail_early(override):
 def test_values_out_of_range_fail_at_config_time(recipe, override, says):
     """A value outside its range (config.RANGES) is a one-line ConfigError naming the field, not a torch error."""
     with pytest.raises(ConfigError) as e:
-        config.load(recipe, [override])
+        load(recipe, [override])
     assert str(e.value) == says and "\n" not in str(e.value)
 
 
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="section.key=value"):
-        config.load("digits-cnn", ["optim.lr"])
+        load("digits-cnn", ["optim.lr"])
     with pytest.raises(ConfigError, match="not a section"):
-        config.load("digits-cnn", ["optim.lr.x=1"])
+        load("digits-cnn", ["optim.lr.x=1"])
 
 
 def test_a_recipes_cuda_section_applies_on_cuda_only_and_a_set_still_wins(tmp_path):
@@ -194,13 +195,13 @@ def test_a_recipes_cuda_section_applies_on_cuda_only_and_a_set_still_wins(tmp_pa
         "task: classify\ndata: {name: digits}\nmodel: {name: cnn}\ntrain: {steps: 100, batch_size: 32}\n"
         "cuda: {train.batch_size: 256, train.steps: 20, optim.lr: 0.01}\n"
     )
-    cpu = config.load(str(recipe), ["train.device=cpu"])
+    cpu = load(str(recipe), ["train.device=cpu"])
     assert (cpu.train.batch_size, cpu.train.steps, cpu.optim.lr) == (32, 100, config.OptimConfig().lr)
     with pytest.warns(UserWarning, match="cuda section sets train.batch_size=256, optim.lr=0.01"):
-        gpu = config.load(str(recipe), ["train.device=cuda", "train.steps=50"])
+        gpu = load(str(recipe), ["train.device=cuda", "train.steps=50"])
     assert (gpu.train.batch_size, gpu.train.steps, gpu.optim.lr) == (256, 50, 0.01)
-    again = config.resolve(yaml.safe_load(config.dump(gpu)))  # config.yaml holds the values used
+    again = resolve(yaml.safe_load(config.dump(gpu)))  # config.yaml holds the values used
     assert again.train.batch_size == 256
     recipe.write_text("task: classify\ncuda: [train.steps]\n")
     with pytest.raises(ConfigError, match="'cuda' must map config paths to values"):
-        config.load(str(recipe), ["train.device=cuda"])
+        load(str(recipe), ["train.device=cuda"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import TINY
-from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop
 from deeprecipe.engine.device import setup
 from deeprecipe.engine.graph import GraphedStep
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,7 +22,7 @@ CNN = ["model.channels=[8, 16]", "model.dense=[32]", "model.dropout=0"]
 
 
 def _train(out: Path, *overrides: str, recipe: str = "digits-cnn") -> dict:
-    cfg = config.load(recipe, [*CUDA, *overrides])
+    cfg = load(recipe, [*CUDA, *overrides])
     return loop.train(cfg, get_family(cfg.task), out)
 
 
@@ -61,7 +61,7 @@ def test_graphed_training_equals_eager_training(tmp_path, steppers):
 def test_graphed_dropout_draws_new_masks_at_every_replay():
     """Dropout inside a replayed graph is not frozen: with lr 0 and the same batch, each replay's loss differs."""
     small = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.block_size=32"]
-    cfg = config.load("shakespeare-char-gpt", [*CUDA, *small, "optim.lr=1e-12", "model.dropout=0.5", "optim.clip=0"])
+    cfg = load("shakespeare-char-gpt", [*CUDA, *small, "optim.lr=1e-12", "model.dropout=0.5", "optim.clip=0"])
     family, rt = get_family(cfg.task), setup("cuda", "fp32")
     data, model = loop.build(cfg, family, rt)
     parts = loop.make_parts(family, model, cfg, rt)

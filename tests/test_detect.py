@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from deeprecipe import config
 from deeprecipe.checks.core import Ctx
 from deeprecipe.core import DataError, DataSpec
 from deeprecipe.data.boxfiles import BoxFilesData
@@ -20,6 +19,7 @@ from deeprecipe.families.detect import augment, move_boxes
 from deeprecipe.families.detect.checks import boxes as box_check
 from deeprecipe.families.detect.metrics import DetectionMetrics, match_misses
 from deeprecipe.models import MODELS
+from deeprecipe.recipe import load
 
 
 def test_boxes_are_the_visible_pixels_of_each_instance():
@@ -144,7 +144,7 @@ def test_decode_keeps_cells_above_the_score_threshold_and_nms_per_class(peaks, n
 
 
 def test_centernet_loss_at_init_matches_its_closed_form():
-    cfg = config.load("scenes-detect", ["data.size=[64,64]", "data.train_size=64", "model.width=8", "model.neck=16"])
+    cfg = load("scenes-detect", ["data.size=[64,64]", "data.train_size=64", "model.width=8", "model.neck=16"])
     family = get_family("detect")
     data = ScenesDetectData(size=(64, 64), train_size=64, val_size=0, test_size=0).build()
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_centernet_loss_at_init_matches_its_closed_form():
 
 
 def box_ctx(tmp_path, planted=None) -> Ctx:
-    cfg = config.load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16"])
+    cfg = load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16"])
     data = ScenesDetectData(size=(64, 64), train_size=48, val_size=0, test_size=0).build()
     x, b, y = data.train.tensors
     if planted == "xywh":
@@ -353,7 +353,7 @@ def test_tv_detector_loads_a_local_weights_file_and_detects(tmp_path):
 def test_init_loss_check_catches_a_heat_head_not_started_at_the_prior(tmp_path, planted):
     from deeprecipe.checks.training import init_loss
 
-    cfg = config.load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16", "model.max_width=32"])
+    cfg = load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16", "model.max_width=32"])
     data = ScenesDetectData(size=(64, 64), train_size=32, val_size=0, test_size=0).build()
 
     def make(spec):

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, TINY, sets
-from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop
 from deeprecipe.engine.run import read_metrics
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 # no dropout (each process would draw its own masks); augmentation draws depend on an example's place in the step's
 # batch only (data.core.Draws), so with crops and flips the gradients averaged by DDP are still the global batch's
@@ -40,7 +40,7 @@ def test_two_processes_equal_one(tmp_path, subenv):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one = tmp_path / "one"
-    cfg = config.load("digits-mlp", DDP)
+    cfg = load("digits-mlp", DDP)
     loop.train(cfg, get_family(cfg.task), one)
     a = load_file(str(checkpoint.latest(out / "checkpoints") / "model.safetensors"))
     b = load_file(str(checkpoint.latest(one / "checkpoints") / "model.safetensors"))

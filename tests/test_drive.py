@@ -21,7 +21,6 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import TINY, sets
-from deeprecipe import config
 from deeprecipe.checks import CHECKS, Ctx
 from deeprecipe.cli import main, open_run
 from deeprecipe.core import ConfigError, DataError, UserError
@@ -37,6 +36,7 @@ from deeprecipe.data.drive import (
 )
 from deeprecipe.families import drive, get_family
 from deeprecipe.families.drive import checks as drive_checks
+from deeprecipe.recipe import load
 
 ENV = "highway-fast-v0"
 FRAMES, SIZE = 2, (32, 64)
@@ -241,7 +241,7 @@ def test_a_recording_of_another_noise_names_the_file_and_the_fix(rollouts, tmp_p
     assert str(shards_of(rollouts)[0]) in msg and "data.noise=0.0" in msg
     assert data_cfg(rollouts, noise=0.0).build().spec.num_classes == 5  # the noise it was recorded with
     with pytest.raises(ConfigError, match=r"data.noise=-0.1: must be >= 0"):
-        config.load("highway-fast-cnn", ["data.noise=-0.1"])
+        load("highway-fast-cnn", ["data.noise=-0.1"])
     with pytest.raises(DataError, match=r"data.noise=1.5: on highway-fast-v0 it is the probability"):
         record(ENV, tmp_path / "never", 1, 0, 1, (16, 32), noise=1.5)
     assert not (tmp_path / "never").exists()
@@ -327,7 +327,7 @@ def test_a_dagger_round_trains_on_the_learners_states_labelled_by_the_expert(run
 
 
 def test_leakage_check_fails_on_a_frame_level_split_and_passes_by_episode(rollouts, tmp_path):
-    cfg = config.load("highway-fast-cnn", [*SMALL_DATA, f"data.path={rollouts}", "train.device=cpu"])
+    cfg = load("highway-fast-cnn", [*SMALL_DATA, f"data.path={rollouts}", "train.device=cpu"])
     data = cfg.data.build()
     fam = get_family("drive")
     assert fam.EXTRA_CHECKS["leakage"] is drive_checks.leakage  # replaces the near-duplicate scan
@@ -359,7 +359,7 @@ class Blind(nn.Module):
 
 
 def test_baseline_check_fails_for_a_policy_that_ignores_the_pixels(rollouts, tmp_path):
-    cfg = config.load("highway-fast-cnn", [*SMALL_DATA, f"data.path={rollouts}", "train.device=cpu"])
+    cfg = load("highway-fast-cnn", [*SMALL_DATA, f"data.path={rollouts}", "train.device=cpu"])
     data, fam = cfg.data.build(), get_family("drive")
     ctx = lambda make: Ctx(cfg, tmp_path, fam, data=data, make_model=make, steps=30)  # noqa: E731
     blind = CHECKS["baseline"](ctx(lambda spec: Blind(fam.build_model(cfg, spec))))

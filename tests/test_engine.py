@@ -19,10 +19,11 @@ from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop, optim
 from deeprecipe.engine.run import read_metrics, read_status
 from deeprecipe.families import get_family
+from deeprecipe.recipe import load
 
 
 def train(out: Path, *overrides: str, recipe: str = "digits-mlp") -> dict:
-    cfg = config.load(recipe, TINY + ["model.hidden=[32]"] * (recipe == "digits-mlp") + list(overrides))
+    cfg = load(recipe, TINY + ["model.hidden=[32]"] * (recipe == "digits-mlp") + list(overrides))
     return loop.train(cfg, get_family(cfg.task), Path(out))
 
 
@@ -125,7 +126,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, subenv):
     assert proc.returncode == 0, err[-2000:]
 
     ref = tmp_path / "ref"
-    cfg = config.load("digits-cnn", RESUME)
+    cfg = load("digits-cnn", RESUME)
     loop.train(cfg, get_family(cfg.task), ref)
     assert_same(final_weights(ref), final_weights(run))
     assert any(k.startswith("ema.") for k in final_weights(run))

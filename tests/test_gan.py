@@ -24,6 +24,7 @@ from deeprecipe.families import gan
 from deeprecipe.families.gan import GAN
 from deeprecipe.families.gan import metrics as gan_metrics
 from deeprecipe.models.gan import DCGANConfig, GANConfig
+from deeprecipe.recipe import load, resolve
 
 FAST = ["model.eval_samples=0", "train.log_every=1", "train.eval_every=0", "train.precision=fp32"]
 
@@ -134,15 +135,15 @@ def test_cli_train_eval_sample(tmp_path):
 def test_resume_is_exact(tmp_path, recipe, extra):
     sets = [*FAST, *extra, "train.batch_size=16", "train.ckpt_every=2", "train.ema=0.9"]
 
-    def load(steps):
+    def cfg_at(steps):
         raw, name = config.read_recipe(recipe)
         raw = config.apply_overrides(raw, [*sets, f"train.steps={steps}"])
         raw["model"] = {k: v for k, v in raw["model"].items() if v is not None}
-        return config.resolve(raw, name)
+        return resolve(raw, name)
 
-    loop.train(load(4), GAN(), tmp_path / "a")
-    loop.train(load(2), GAN(), tmp_path / "b")
-    loop.train(load(4), GAN(), tmp_path / "b", resume=True)
+    loop.train(cfg_at(4), GAN(), tmp_path / "a")
+    loop.train(cfg_at(2), GAN(), tmp_path / "b")
+    loop.train(cfg_at(4), GAN(), tmp_path / "b", resume=True)
     wa, _ = checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))
     wb, _ = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
     assert wa.keys() == wb.keys()
@@ -153,7 +154,7 @@ def test_resume_is_exact(tmp_path, recipe, extra):
 def test_nan_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(gan, "g_loss", lambda fake, kind: fake.float().mean() * float("nan"))
     with pytest.raises(loop.NonFiniteLoss, match="NaN"):
-        loop.train(config.load("digits-gan", [*FAST, "train.steps=3", "model.hidden=[16]"]), GAN(), tmp_path / "r")
+        loop.train(load("digits-gan", [*FAST, "train.steps=3", "model.hidden=[16]"]), GAN(), tmp_path / "r")
     assert "NaN" in (tmp_path / "r" / "plots" / "health.txt").read_text()
 
 
@@ -165,7 +166,7 @@ CPU = [*FAST, "train.device=cpu", "train.workers=0"]
 
 
 def gan_run(out: Path, *overrides: str, family: GAN | None = None) -> dict:
-    return loop.train(config.load("digits-gan", [*CPU, *overrides]), family or GAN(), out)
+    return loop.train(load("digits-gan", [*CPU, *overrides]), family or GAN(), out)
 
 
 def weights_at(run: Path, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -308,7 +309,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, subenv):
     assert proc.returncode == 0, err[-2000:]
 
     ref = tmp_path / "ref"
-    loop.train(config.load("digits-gan", KILL), GAN(), ref)
+    loop.train(load("digits-gan", KILL), GAN(), ref)
     a, b = weights_at(ref), weights_at(run)
     assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
     for k in a:
@@ -327,7 +328,7 @@ def digits():
     """Real digits in [-1, 1] and a tiny, fixed random conv net as the feature extractor (fast)."""
     from deeprecipe.models.cnn import CNNConfig
 
-    data = config.load("digits-gan").data.build()
+    data = load("digits-gan").data.build()
     torch.manual_seed(0)
     clf = CNNConfig(channels=(8, 16), dense=(16,), dropout=0.0).build(data.spec).eval()
     feats = gan_metrics.DomainFeatures(clf, data.spec.mean, data.spec.std, data.spec.image_size)
@@ -417,6 +418,6 @@ def test_slerp_ends_and_norm():
 
 def test_recipes_resolve():
     for name in ("digits-gan", "fashion-mnist-dcgan", "fashion-mnist-cdcgan", "imagefolder-dcgan"):
-        cfg = config.load(name)
+        cfg = load(name)
         assert cfg.task == "gan" and cfg.model.name in ("gan", "dcgan")
     assert Path(config.RECIPES_DIR / "fashion-mnist-cdcgan.yaml").is_file()

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from deeprecipe import config
 from deeprecipe.checks.core import Ctx
 from deeprecipe.core import ConfigError, DataError, UserError
 from deeprecipe.data.core import Draws
@@ -19,6 +18,7 @@ from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, input
 from deeprecipe.families.img2img import metrics as im
 from deeprecipe.family import PredictOptions
 from deeprecipe.models.pix2pix import Pix2Pix
+from deeprecipe.recipe import load
 from test_serve import needs_chromium
 
 TINY_MODEL = ["model.width=8", "model.depth=2", "model.max_width=16", "model.d_width=8", "model.d_layers=2"]
@@ -141,7 +141,7 @@ class CopyNet(Pix2Pix):
 
 
 def ctx_for(recipe: str, sets: list[str], tmp_path, make_model=None, **work) -> Ctx:
-    cfg = config.load(recipe, ["train.device=cpu", *TINY_SCENES, *TINY_MODEL, *sets])
+    cfg = load(recipe, ["train.device=cpu", *TINY_SCENES, *TINY_MODEL, *sets])
     return Ctx(cfg, tmp_path, family(), make_model=make_model, **work)
 
 
@@ -226,7 +226,7 @@ def test_pixel_loss_is_the_mean_absolute_or_squared_error_and_mse_trains(tmp_pat
     ctx, model = trained("scenes-inpaint", tmp_path, ["model.pixel_loss=mse", "model.adv=0.05"])
     assert model(ctx.heldout_batch(2)[0]).isfinite().all()
     with pytest.raises(ConfigError, match="model.pixel_loss=l2: use l1 or mse"):
-        family().check_config(config.load("scenes-inpaint", ["model.pixel_loss=l2"]))
+        family().check_config(load("scenes-inpaint", ["model.pixel_loss=l2"]))
 
 
 def test_one_batch_overfits_past_40_db(tmp_path):
@@ -316,7 +316,7 @@ def test_unshuffled_generator_sees_pixel_blocks_and_answers_any_size(tmp_path):
     assert out.shape == img.shape and torch.equal(out[:, hole == 0], img[:, hole == 0])
     assert not torch.equal(out[:, hole == 1], img[:, hole == 1])
     with pytest.raises(ConfigError, match=r"model.unshuffle=3: use 1 \(G on pixels\), 2 or 4"):
-        config.load("scenes-inpaint", ["model.unshuffle=3"]).model.build(ctx.spec)
+        load("scenes-inpaint", ["model.unshuffle=3"]).model.build(ctx.spec)
 
 
 def test_label2image_and_cyclegan_train_and_score(tmp_path, monkeypatch):
@@ -357,7 +357,7 @@ def test_scene_fid_is_zero_on_the_real_images_and_sees_a_change_of_look(tmp_path
     from deeprecipe.data.scenes import render_scenes
 
     monkeypatch.setenv("DEEPRECIPE_CACHE", str(tmp_path / "cache"))
-    cfg = config.load("scenes-label2image", ["train.device=cpu", *TINY_SCENES, "model.feature_steps=20"])
+    cfg = load("scenes-label2image", ["train.device=cpu", *TINY_SCENES, "model.feature_steps=20"])
     fcfg = im.scene_feature_config(cfg)
     assert (fcfg.task, fcfg.model.name, fcfg.data.name) == ("segment", "unet", "scenes")
     assert list(fcfg.data.size) == [32, 32] and fcfg.data.train_size == 16 and fcfg.train.steps == 20
@@ -371,7 +371,7 @@ def test_scene_fid_is_zero_on_the_real_images_and_sees_a_change_of_look(tmp_path
     got = fid.compute()
     assert abs(got["fid"]) < 1e-3 * got["fid_input"] and got["fid_input"] > 0, got
     with pytest.raises(UserError, match="model.feature_recipe=fashion-mnist-cnn: the scene feature net is a segment"):
-        im.scene_feature_config(config.load("scenes-label2image", ["model.feature_recipe=fashion-mnist-cnn"]))
+        im.scene_feature_config(load("scenes-label2image", ["model.feature_recipe=fashion-mnist-cnn"]))
 
 
 def test_folder_translations_get_a_domain_fid_from_an_a_versus_b_classifier(tmp_path, monkeypatch):
@@ -387,7 +387,7 @@ def test_folder_translations_get_a_domain_fid_from_an_a_versus_b_classifier(tmp_
             (tmp_path / "pairs" / part).mkdir(parents=True, exist_ok=True)
             write_png(img, str(tmp_path / "pairs" / part / f"{i}.png"))
     sets = [f"data.path={tmp_path / 'pairs'}", "data.size=[32,32]", "model.feature_steps=30"]
-    cfg = config.load("folder-pix2pix", ["train.device=cpu", *sets])
+    cfg = load("folder-pix2pix", ["train.device=cpu", *sets])
     fcfg = im.pair_feature_config(cfg)
     assert (fcfg.task, fcfg.data.name, fcfg.train.steps) == ("classify", "imagefolder", 30)
     feats = im.pair_features(cfg, torch.device("cpu"))
@@ -401,7 +401,7 @@ def test_folder_translations_get_a_domain_fid_from_an_a_versus_b_classifier(tmp_
     m = family().evaluate(model, ctx.data, "val", ctx.cfg, ctx.rt, True)
     assert m["fid"] > 0 and m["fid_input"] > 0, m
     with pytest.raises(UserError, match="model.feature_recipe=scenes-unet: the feature net of folder translations"):
-        im.pair_feature_config(config.load("folder-pix2pix", [*sets, "model.feature_recipe=scenes-unet"]))
+        im.pair_feature_config(load("folder-pix2pix", [*sets, "model.feature_recipe=scenes-unet"]))
 
 
 def test_export_example_runs_the_generator(tmp_path):

@@ -18,6 +18,7 @@ from deeprecipe.engine import checkpoint, loop
 from deeprecipe.families import get_family
 from deeprecipe.models.gpt import GPT, sample_next
 from deeprecipe.models.lstm import CharRNN
+from deeprecipe.recipe import load, resolve
 
 DATA = os.environ.get("DEEPRECIPE_DATA", "")
 needs_data = pytest.mark.skipif(
@@ -185,7 +186,7 @@ def lm_config(recipe: str, corpus: Path, tmp: Path, steps: int, **model) -> conf
         log_every=5,
     )
     raw["optim"].update(warmup=2, lr=0.01)
-    return config.resolve(raw, name)
+    return resolve(raw, name)
 
 
 def test_lm_exact_resume(corpus, tmp_path):
@@ -217,7 +218,7 @@ def test_tokenizer_from_a_run_lets_fine_tuning_load_every_tensor(corpus, tmp_pat
     saved = __import__("json").loads((tmp_path / "src" / "spec.json").read_text())
     assert tuned.spec.extra["tokenizer"] == saved["extra"]["tokenizer"]
     assert fresh.spec.vocab_size < tuned.spec.vocab_size == saved["vocab_size"]
-    model = config.resolve(
+    model = resolve(
         {
             **config.read_recipe("shakespeare-char-gpt")[0],
             "model": {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 32},
@@ -272,7 +273,7 @@ def test_char_bpc_equals_loss_in_bits(corpus, tmp_path):
 
 @needs_data
 def test_shakespeare_data():
-    cfg = config.load("shakespeare-char-gpt")
+    cfg = load("shakespeare-char-gpt")
     data = cfg.data.build()
     assert data.spec.vocab_size == 65
     assert data.spec.extra["tokens"]["train"] + data.spec.extra["tokens"]["val"] == 1_115_394
@@ -411,7 +412,7 @@ def test_translate_recipe_tiny_run(parallel, tmp_path):
     raw["model"].update(d_model=64, n_head=2, enc_layers=1, dec_layers=1, beam=2, dropout=0.0)
     raw["train"].update(steps=150, batch_size=32, eval_every=0, ckpt_every=150, device="cpu", log_every=50)
     raw["optim"].update(lr=0.003, warmup=10)
-    final = train(config.resolve(raw, name), tmp_path / "run")
+    final = train(resolve(raw, name), tmp_path / "run")
     assert final["val_chrf"] > 30 and "test_bleu_beam2" in final  # chance is about 15
     assert (tmp_path / "run" / "plots" / "translations.txt").read_text().startswith("test: BLEU")
     from deeprecipe.cli import main
@@ -460,7 +461,7 @@ def test_checkpoint_tokenizer_mismatch(corpus, tmp_path, capsys):
 
 @needs_data
 def test_multi30k_data():
-    cfg = config.load("multi30k-en-de", ["data.vocab_size=2000"])
+    cfg = load("multi30k-en-de", ["data.vocab_size=2000"])
     data = cfg.data.build()
     assert (len(data.train), len(data.val), len(data.test)) == (29000, 1014, 1000)
     assert data.test.refs[0] == data.test.refs[0].strip() and data.spec.extra["src_vocab"] == data.spec.vocab_size

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torchvision.io import decode_png, write_png
 
-from deeprecipe import config
 from deeprecipe.data import DATASETS, DataError
 from deeprecipe.data.core import DataSpec, Draws
 from deeprecipe.data.scenes import CityscapesData, MaskFolderData, ScenesData
 from deeprecipe.families import get_family, segment
 from deeprecipe.family import PredictOptions
 from deeprecipe.models import MODELS
+from deeprecipe.recipe import load
 
 SEG_MODELS = ["unet", "fcn"]
 SEG_DATA = ["scenes", "cityscapes", "maskfolder"]
@@ -193,7 +193,7 @@ def test_tiny_training_run_then_predict(tmp_path, name):
     from deeprecipe.engine.loop import train
 
     small = {"unet": ["model.width=8", "model.depth=2"], "fcn": ["model.width=8", "model.stages=3", "model.skips=1"]}
-    cfg = config.load(
+    cfg = load(
         f"scenes-{name}",
         [
             "data.size=[32, 48]",

@@ -277,8 +277,8 @@ def test_check_baseline_fails_a_model_that_ignores_its_text(shared_data, cli, ca
 def test_family_is_registered_with_its_recipes():
     family = get_family("textclass")
     assert family.METRIC == ("acc", "max")
-    from deeprecipe import config
+    from deeprecipe.recipe import load
 
     for recipe in ("multi30k-langid-transformer", "multi30k-langid-lstm"):
-        cfg = config.load(recipe, [])
+        cfg = load(recipe, [])
         assert cfg.task == "textclass" and cfg.data.name == "textclass" and cfg.data.source == "multi30k"

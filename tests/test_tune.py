@@ -204,11 +204,11 @@ def test_two_processes_share_one_sqlite_study(subenv):
 
 
 def test_the_loops_monitor_stops_a_run_as_pruned_but_not_at_its_last_step():
-    from deeprecipe import config
     from deeprecipe.engine.loop import train
     from deeprecipe.families import get_family
+    from deeprecipe.recipe import load
 
-    cfg = config.load("digits-mlp", TRIAL)
+    cfg = load("digits-mlp", TRIAL)
     calls = []
     train(cfg, get_family("classify"), Path("a"), monitor=lambda step, r: calls.append((step, r["acc"])) or step >= 10)
     status = json.loads(Path("a/status.json").read_text())

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from deeprecipe import config
 from deeprecipe.data import DATASETS, DataError
 from deeprecipe.data.core import DataSpec
 from deeprecipe.data.video import MOTIONS, MovingDigitsData, VideoFolderData, probe, read_frames
 from deeprecipe.families import video
 from deeprecipe.family import PredictOptions
 from deeprecipe.models import MODELS
+from deeprecipe.recipe import load
 
 av = pytest.importorskip("av")
 VIDEO_MODELS = ["c3d", "r2plus1d"]
@@ -181,7 +181,7 @@ def test_tiny_training_run_then_predict_a_video_file(tmp_path, name):
     from deeprecipe.engine.loop import train
     from deeprecipe.families import get_family
 
-    cfg = config.load(
+    cfg = load(
         f"moving-digits-{name}",
         [
             "data.frames=8",
@@ -214,7 +214,7 @@ def test_training_step_on_cpu_has_finite_gradients_under_bf16_autocast():
     the 3D nets in fp32 there, so a (2+1)D net whose last stage sees 2 frames trains."""
     spec = DataSpec(num_classes=10, in_channels=1, image_size=(32, 32), mean=(0.5,), std=(0.25,))
     model = MODELS["r2plus1d"]().build(spec)
-    cfg = config.load("moving-digits-r2plus1d")
+    cfg = load("moving-digits-r2plus1d")
     x, y = torch.randn(8, 1, 8, 16, 16), torch.randint(0, 10, (8,))
     for _ in range(3):  # the NaN showed up in about 5 of 6 steps without the fix
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -262,39 +262,6 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
     return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in used.items()] + list(overrides))
 
 
-def resolve(raw: dict, name: str = "") -> Config:
-    """Typed Config from a raw mapping: the registries pick the data and model config classes."""
-    from deeprecipe.data import data_config_class
-    from deeprecipe.models import model_config_class
-
-    raw = dict(raw)
-    raw.pop(GPU_KEY, None)  # applied by with_overrides
-    if not isinstance(raw.pop(TUNE_KEY, None) or {}, dict):  # read by `deeprecipe tune` only (engine/tune.py)
-        raise ConfigError(f"'{TUNE_KEY}' must map config paths to ranges or choices, e.g. optim.lr: log:1e-4:1e-2")
-    sections = {}
-    for key, default in (("data", "digits"), ("model", "cnn")):
-        sec = raw.pop(key, None) or {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"'{key}' must be a mapping with a name (e.g. {key}.name={default}), got {sec!r}")
-        if not isinstance(sec.get("name", default), str):
-            raise ConfigError(f"{key}.name: expected a string, got {sec['name']!r}")
-        sections[key] = dict(sec)
-    raw.setdefault("recipe", name)
-    cfg = from_dict(Config, raw, "")
-    cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
-    cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
-    check_train(cfg.train)
-    check_ranges(cfg)
-    ft = cfg.finetune
-    if not ft.init_from and (ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after):
-        raise ConfigError(
-            "finetune.freeze, head_lr, backbone_lr and unfreeze_after need finetune.init_from (--init-from)"
-        )
-    if cfg.optim.schedule not in ("cosine", "onecycle", "constant"):
-        raise ConfigError(f"optim.schedule={cfg.optim.schedule}: use cosine, onecycle or constant")
-    return cfg
-
-
 # The range of every numeric field where a value outside it would fail deep inside torch or mean nothing:
 # "section.field" -> "> 0", ">= 0" or an interval "[lo, hi)". A data or model field is named by its section
 # ("model.dropout" is the dropout of whichever model the recipe names); a list or tuple is checked item by item.
@@ -383,11 +350,6 @@ def check_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.nonfinite={t.nonfinite}: use stop or skip")
     if not 0 <= t.ema < 1:
         raise ConfigError(f"train.ema={t.ema}: an EMA decay is in [0, 1) (e.g. 0.999; 0 disables)")
-
-
-def load(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    raw, name = read_recipe(recipe)
-    return resolve(with_overrides(raw, list(overrides)), name)
 
 
 def dump(cfg: Config) -> str:

@@ -57,9 +57,9 @@ def cmd_recipes(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from deeprecipe import config
     from deeprecipe.engine.loop import train
     from deeprecipe.engine.run import new_run_dir, read_config
+    from deeprecipe.recipe import load
 
     overrides = list(args.set or [])
     if args.device:
@@ -79,7 +79,7 @@ def cmd_train(args) -> None:
     else:
         if not args.recipe:
             raise UserError("train needs a recipe (see 'deeprecipe recipes') or --resume RUN")
-        cfg = config.load(args.recipe, overrides)
+        cfg = load(args.recipe, overrides)
         run_dir = new_run_dir(args.recipe, args.out)
         if (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
@@ -251,10 +251,10 @@ def cmd_runs(args) -> None:
 def cmd_data(args) -> None:
     import torch
 
-    from deeprecipe import config
     from deeprecipe.engine import plots
+    from deeprecipe.recipe import load
 
-    cfg = config.load(args.recipe, args.set or [])
+    cfg = load(args.recipe, args.set or [])
     data = cfg.data.build()
     spec = data.spec
     print(f"data set: {cfg.data.name}")

@@ -22,12 +22,12 @@ def _run_dir(kind: str, recipe: str, out: str | None) -> Path:
 
 
 def _load(args):
-    from deeprecipe import config
+    from deeprecipe.recipe import load
 
     overrides = list(args.set or [])
     if args.device:
         overrides.append(f"train.device={args.device}")
-    return config.load(args.recipe, overrides)
+    return load(args.recipe, overrides)
 
 
 def _names(text: str | None) -> list[str]:

@@ -16,6 +16,7 @@ from deeprecipe import config
 from deeprecipe.config import Config, dump
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.engine.checkpoint import atomic_text
+from deeprecipe.recipe import resolve
 
 
 def new_run_dir(recipe: str, out: str | None) -> Path:
@@ -126,7 +127,7 @@ def read_config(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run}: not a run folder (no config.yaml); list runs with 'deeprecipe runs'")
     raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
-    return config.resolve(config.apply_overrides(raw, list(overrides)), raw.get("recipe", ""))
+    return resolve(config.apply_overrides(raw, list(overrides)), raw.get("recipe", ""))
 
 
 def load_run(run: str | Path, family, device: str = "auto", precision: str = "auto"):

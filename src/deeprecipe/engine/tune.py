@@ -28,6 +28,7 @@ import yaml
 from deeprecipe import config
 from deeprecipe.core import ConfigError, UserError
 from deeprecipe.family import Family
+from deeprecipe.recipe import resolve
 
 TRIAL_DIR = "trial-{:04d}"
 PRUNERS = ("median", "halving", "none")
@@ -134,7 +135,7 @@ def overrides_of(values: dict[str, Any]) -> list[str]:
 
 def config_of(raw: dict, name: str, overrides: list[str], values: dict[str, Any]) -> config.Config:
     """The typed config of one point of the space: the recipe, the --set overrides, then the sampled values."""
-    return config.resolve(config.with_overrides(copy.deepcopy(raw), [*overrides, *overrides_of(values)]), name)
+    return resolve(config.with_overrides(copy.deepcopy(raw), [*overrides, *overrides_of(values)]), name)
 
 
 def check_space(raw: dict, name: str, overrides: list[str], space: list[Param]) -> None:

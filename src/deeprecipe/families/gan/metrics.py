@@ -21,10 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import UserError
+from deeprecipe.core import cache_dir as core_cache_dir
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DEEPRECIPE_CACHE", Path.home() / ".cache" / "deeprecipe")) / "features"
+    return core_cache_dir() / "features"
 
 
 class DomainFeatures(nn.Module):
@@ -57,6 +58,7 @@ class DomainFeatures(nn.Module):
 def feature_config(cfg):
     """The classify Config of the domain feature net of GAN config `cfg` (its data, a classify recipe)."""
     from deeprecipe import config
+    from deeprecipe.recipe import resolve
 
     M = cfg.model
     name = M.feature_recipe
@@ -71,7 +73,7 @@ def feature_config(cfg):
     raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0)
     if M.feature_steps:
         raw["train"].update(steps=M.feature_steps, eval_every=M.feature_steps, ckpt_every=M.feature_steps)
-    return config.resolve(raw, rname)
+    return resolve(raw, rname)
 
 
 def feature_net(cfg, device: torch.device) -> DomainFeatures:

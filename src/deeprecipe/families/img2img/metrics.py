@@ -141,6 +141,7 @@ def scene_feature_config(cfg):
     """The segment Config of the scene feature net of img2img config `cfg`: its recipe (a U-Net on the scenes data
     set) on the scenes of `cfg` (size, seed, training images), without crops (it sees whole images, as FID does)."""
     from deeprecipe import config
+    from deeprecipe.recipe import resolve
 
     name = "scenes-unet" if cfg.model.feature_recipe == "auto" else cfg.model.feature_recipe
     raw, rname = config.read_recipe(name)
@@ -153,7 +154,7 @@ def scene_feature_config(cfg):
     if cfg.model.feature_steps:
         s = cfg.model.feature_steps
         raw["train"].update(steps=s, eval_every=s, ckpt_every=s)
-    return config.resolve(raw, rname)
+    return resolve(raw, rname)
 
 
 def scene_features(cfg, device: torch.device) -> SceneFeatures:
@@ -186,6 +187,7 @@ def pair_feature_config(cfg):
     from pathlib import Path
 
     from deeprecipe import config
+    from deeprecipe.recipe import resolve
 
     name = "imagefolder-resnet" if cfg.model.feature_recipe == "auto" else cfg.model.feature_recipe
     raw, rname = config.read_recipe(name)
@@ -197,7 +199,7 @@ def pair_feature_config(cfg):
     raw.setdefault("optim", {})["label_smoothing"] = 0.0
     s = cfg.model.feature_steps or PAIR_FEATURE_STEPS
     raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0, steps=s, eval_every=s, ckpt_every=s)
-    return config.resolve(raw, rname)
+    return resolve(raw, rname)
 
 
 def pair_features(cfg, device: torch.device) -> nn.Module:
