@@ -70,6 +70,16 @@ def test_set_switches_model_and_data_class():
     assert load("digits-cnn", ["model.name=cnn"]).model.dense == (64,)  # same name: the recipe's keys stay
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_name_override_applies_before_its_sections_other_keys_in_any_order(order):
+    sets = ["data.path=/some/boxes", "data.name=boxfiles", "model.width=8", "model.name=resnet", "model.dropout=0.1"]
+    raw = config.apply_overrides(config.read_recipe("digits-cnn")[0], sets[::order])
+    assert raw["data"] == {"name": "boxfiles", "path": "/some/boxes"}  # the recipe's digits keys are gone
+    assert raw["model"] == {"name": "resnet", "width": 8, "dropout": 0.1}
+    cfg = load("digits-cnn", sets[::order])
+    assert (cfg.data.path, cfg.model.width, cfg.model.dropout) == ("/some/boxes", 8, 0.1)
+
+
 @pytest.mark.parametrize(
     "override,expect",
     [

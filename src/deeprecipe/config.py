@@ -211,8 +211,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` strings (values parsed as YAML) onto a raw mapping.
 
     Changing `data.name` or `model.name` drops the recipe's other keys of that section (they belong to the
-    old data set or model), so `--set model.name=resnet` works on any recipe; later overrides still apply."""
-    for item in overrides:
+    old data set or model), so `--set model.name=resnet` works on any recipe. A name is applied before the other
+    overrides, whatever their order, so `data.path=X data.name=boxfiles` keeps data.path."""
+    # a stable sort: the names first, everything else in the order given
+    for item in sorted(overrides, key=lambda o: o.split("=", 1)[0].strip() not in ("data.name", "model.name")):
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr=3e-4")
         key, text = item.split("=", 1)
