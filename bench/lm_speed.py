@@ -123,7 +123,8 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = pick_device(a.device)
-    dtype = pick_dtype(dev, "auto")
+    dtype, why = pick_dtype(dev, "auto")
+    print(why)  # what auto chose on this machine, and why
     L, H, C, T, B, V = a.layers, a.heads, a.width, a.context, a.batch, a.vocab
     x = torch.randint(0, V, (B, T), device=dev)
     y = torch.randint(0, V, (B, T), device=dev)

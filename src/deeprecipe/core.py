@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -69,3 +71,9 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
         missing = e.name or module
         need = f" (needed for {purpose})" if purpose else ""
         raise UserError(f"{missing} is not installed{need}: pip install 'deeprecipe[{extra}]'") from None
+
+
+def cache_dir() -> Path:
+    """The folder for what deeprecipe measures or trains once per machine and reuses (the precision probe, the
+    GAN families' feature nets): $DEEPRECIPE_CACHE, else ~/.cache/deeprecipe."""
+    return Path(os.environ.get("DEEPRECIPE_CACHE") or Path.home() / ".cache" / "deeprecipe")

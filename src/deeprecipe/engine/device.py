@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from deeprecipe.core import UserError
+from deeprecipe.core import UserError, cache_dir
 
 
 @dataclass
@@ -18,6 +23,7 @@ class Runtime:
     dtype: torch.dtype | None  # autocast dtype (None: fp32)
     rank: int = 0
     world: int = 1
+    why: str = ""  # how the dtype was chosen, one line (engine/device.py pick_dtype)
 
     @property
     def main(self) -> bool:  # only the main process writes files
@@ -52,25 +58,160 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def cpu_has_bf16() -> bool:
+# ------------------------------------------------------------------------------------------ precision
+# `precision: auto` must never be slower than plain fp32. On a CPU, oneDNN reports bf16 as "supported" where it
+# only emulates it (Intel Skylake to Ice Lake, AMD Zen 2/3: about 4x slower than fp32), so the CPU's answer is
+# measured once per machine (CPU model and torch version) and cached in cache_dir()/precision.json.
+
+PROBE_KEY_VERSION = 1
+BF16_MARGIN = 1.10  # bf16 must be at least this much faster than fp32 to be chosen: a tie is not worth the rounding
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """(CPU model name, instruction-set flags) from /proc/cpuinfo; elsewhere the platform's processor name."""
+    name, flags = "", set()
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model", "CPU part") and not name:
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), flags
 
 
-def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision in ("bf16", "fp16"):
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision != "auto":
+def native_bf16(flags: set[str]) -> bool:
+    """Whether the CPU has bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def probe_cpu_bf16(budget: float = 0.6) -> dict[str, float]:
+    """Time fp32 against bf16 on this CPU, alternating so that a neighbour's load hits both alike: a 512^3 matmul
+    (GFLOP/s) and a training step (forward + backward) of a small conv + linear net under autocast, the shape of
+    the work every family does. About `budget` seconds in all."""
+    with torch.random.fork_rng(devices=[]):  # the layers' init must not move the run's global RNG
+        return _probe(budget)
+
+
+def _probe(budget: float) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 512, generator=gen), torch.randn(512, 512, generator=gen)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 16 * 16, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+    x, y = torch.randn(32, 16, 16, 16, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+
+    def matmul(bf16: bool) -> None:
+        (a16 @ b16) if bf16 else (a @ b)
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+
+    best = {}
+    for name, fn in (("matmul", matmul), ("step", step)):
+        fn(False), fn(True)  # warm up: oneDNN builds its kernels on first use
+        times = {False: float("inf"), True: float("inf")}
+        end = time.perf_counter() + budget / 2
+        while time.perf_counter() < end or min(times.values()) == float("inf"):
+            for bf16 in (False, True):
+                t = time.perf_counter()
+                fn(bf16)
+                times[bf16] = min(times[bf16], time.perf_counter() - t)
+        best[name] = times
+    flop = 2 * 512**3
+    return {
+        "fp32_gflops": flop / best["matmul"][False] / 1e9,
+        "bf16_gflops": flop / best["matmul"][True] / 1e9,
+        "step_speedup": best["step"][False] / best["step"][True],  # > 1: bf16 is faster
+    }
+
+
+def cpu_bf16_verdict(probe=None) -> tuple[bool, str]:
+    """(whether bf16 is faster than fp32 on this CPU, why), measured by `probe` once per CPU model and torch
+    version and then read from cache_dir()/precision.json. Where measuring is unsafe (several processes of one
+    torchrun job would time each other) and nothing is cached, the CPU's native-bf16 flags decide."""
+    name, flags = cpu_info()
+    isa = "native bf16" if native_bf16(flags) else "no native bf16"
+    key = f"v{PROBE_KEY_VERSION} | {name} | {isa} | torch {torch.__version__}"
+    path = cache_dir() / "precision.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    got, how = cache.get(key), "cached"
+    if not isinstance(got, dict) or not {"fp32_gflops", "bf16_gflops", "step_speedup"} <= set(got):
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            fast = native_bf16(flags)
+            return (
+                fast,
+                f"{'native' if fast else 'no native'} bf16 instructions on {name} (not measured under torchrun)",
+            )
+        got, how = (probe or probe_cpu_bf16)(), "measured"
+        cache[key] = got
+        try:  # a cache that cannot be written only costs a probe next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass
+    fast = got["step_speedup"] >= BF16_MARGIN
+    why = (
+        f"a training step {got['step_speedup']:.2f}x the speed of fp32 in bf16, matmul bf16 {got['bf16_gflops']:.0f}"
+        f" vs fp32 {got['fp32_gflops']:.0f} GFLOP/s on {name} ({how})"
+    )
+    return fast, why
+
+
+def cuda_native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware (Ampere and newer); torch's is_bf16_supported() also says yes where it is emulated."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no such argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def pick_dtype(device: torch.device, precision: str = "auto", probe=None) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype of a run (None: fp32) and one line saying why (the run's note and config.yaml).
+    `auto` picks the fastest of what is safe: bf16 where this machine runs it faster than fp32, fp16 (with loss
+    scaling) on GPUs without native bf16, fp32 otherwise."""
+    names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"train.precision={precision}: use auto, bf16, fp16 or fp32")
+    if precision != "auto":
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        why = f"precision {precision}: as asked"
+        if precision == "bf16" and device.type == "cpu":
+            fast, measured = cpu_bf16_verdict(probe)
+            if not fast:
+                why += f" (auto would pick fp32 here: {measured})"
+                warnings.warn(
+                    f"precision bf16 kept as asked, though fp32 is faster on this CPU: {measured}", stacklevel=2
+                )
+        return dtype, why
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16
-    return None
+        name = torch.cuda.get_device_name(device)
+        if cuda_native_bf16(device):
+            return torch.bfloat16, f"precision auto -> bf16: native bf16 on {name}"
+        return torch.float16, f"precision auto -> fp16: no native bf16 on {name} (fp16 with loss scaling)"
+    if device.type == "cpu":
+        fast, why = cpu_bf16_verdict(probe)
+        dtype = torch.bfloat16 if fast else None
+        return dtype, f"precision auto -> {names[dtype]}: {why}"
+    return None, f"precision auto -> fp32: autocast on {device.type} is not measured, fp32 is the safe choice"
 
 
 def setup(device: str = "auto", precision: str = "auto") -> Runtime:
@@ -87,7 +228,8 @@ def setup(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return Runtime(dev, pick_dtype(dev, precision), rank, world)
+    dtype, why = pick_dtype(dev, precision)
+    return Runtime(dev, dtype, rank, world, why)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,8 @@ def train(
     """
     family.check_config(cfg)
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
+    if rt.main and cfg.train.precision == "auto":
+        warnings.warn(rt.why, stacklevel=2)  # the CLI's `note:` line: what auto chose on this machine, and why
     micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
     if micro % rt.world:
         raise ConfigError(
@@ -285,7 +288,7 @@ def train(
         set_rng_state(state["rng"])
         start, best, bad_evals = int(state["step"]), state.get("best"), int(state.get("bad_evals", 0))
         best_step = state.get("best_step")
-    run = Run(run_dir, cfg, rt.main, start, command)
+    run = Run(run_dir, cfg, rt.main, start, command, rt.why)
     if rt.main:  # what predict/export/serve need to rebuild the model without the data
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
     if T.compile:  # in place: parameter names, checkpoints and the parts' modules stay as they are

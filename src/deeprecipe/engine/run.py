@@ -57,14 +57,17 @@ def process_alive(pid: int) -> bool:
 class Run:
     """Writes a run's files (only on the main process; elsewhere every method is a no-op)."""
 
-    def __init__(self, path: Path, cfg: Config, main: bool = True, resume_step: int = 0, command: str = ""):
+    def __init__(
+        self, path: Path, cfg: Config, main: bool = True, resume_step: int = 0, command: str = "", why: str = ""
+    ):
         self.path, self.cfg, self.main = Path(path), cfg, main
         self.tb = None
         if not main:
             return
         (self.path / "plots").mkdir(parents=True, exist_ok=True)
         clean_temporaries(self.path)
-        atomic_text(self.path / "config.yaml", dump(cfg))
+        # `why`: the choices the engine made for this machine (precision auto -> ...), as a comment the loader skips
+        atomic_text(self.path / "config.yaml", "".join(f"# {line}\n" for line in why.splitlines() if line) + dump(cfg))
         cmd = command or shlex.join(["deeprecipe", *sys.argv[1:]])
         history = self.path / "commands.txt"
         with open(history, "a") as f:
