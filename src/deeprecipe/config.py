@@ -50,7 +50,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
-    precision: str = "auto"  # auto (bf16 where measured faster, fp16 on GPUs without native bf16, else fp32) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 where measured faster; docs: Automatic choices) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
     cuda_graph: bool = True  # on CUDA, replay the whole training step from a CUDA graph where it can (engine/graph.py)
     channels_last: bool = True  # memory format for conv nets on 4D inputs
