@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -169,15 +170,48 @@ def test_no_endpoint_takes_a_server_path(client):
                 assert p["name"] not in ("path", "file", "filename", "run"), (path, p)
 
 
-def test_metrics_count_requests_latency_and_batches(client):
-    client.post("/classify", files=upload(png()), headers=AUTH)
-    client.post("/classify", files=upload(png()))  # 401: no token (this test must not rely on another's requests)
-    client.post("/classify", files=upload(b"x" * 5000), headers=AUTH)  # 413: over the module app's 4000 bytes
-    text = client.get("/metrics", headers=AUTH).text
-    assert 'deeprecipe_requests_total{route="/classify",status="200"}' in text
-    assert 'deeprecipe_request_seconds{route="/classify",quantile="0.99"}' in text
-    assert 'deeprecipe_batch_size_bucket{endpoint="classify",le="+Inf"}' in text
-    assert 'status="401"' in text and 'status="413"' in text
+def parse(text: str) -> list:
+    """Prometheus text parsed by prometheus_client's own parser: its samples (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def value(samples: list, name: str, **labels: str) -> float:
+    """The sum over the samples called `name` whose labels include `labels`."""
+    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+def scrape(client, **kw) -> list:
+    r = client.get("/metrics", **kw)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return parse(r.text)
+
+
+def test_metrics_count_every_request_by_route_and_status_and_every_batch():
+    app, _ = make_app(token=TOKEN, max_bytes=4000)  # its own app: the counts are exactly this test's requests
+    with TestClient(app) as c:
+        for seed in range(3):
+            assert c.post("/classify", files=upload(png(seed=seed)), headers=AUTH).status_code == 200
+        for _ in range(2):
+            assert c.post("/classify", files=upload(png())).status_code == 401  # no token
+        assert c.post("/classify", files=upload(b"x" * 5000), headers=AUTH).status_code == 413
+        assert c.get("/info", headers=AUTH).status_code == 200
+        m = scrape(c, headers=AUTH)
+        again = scrape(c, headers=AUTH)  # the first scrape is counted once it is answered
+    total = lambda **labels: value(m, "deeprecipe_requests_total", **labels)
+    assert total(route="/classify", status="200") == 3 and total(route="/classify", status="401") == 2
+    assert total(route="/info", status="200") == 1 and total(status="413") == 1 and total() == 7
+    assert value(m, "deeprecipe_request_seconds_count", route="/classify") == 5  # every answer, refusals too
+    assert value(m, "deeprecipe_request_seconds_bucket", route="/classify", le="+Inf") == 5
+    assert value(m, "deeprecipe_request_seconds_sum", route="/classify") > 0
+    assert value(m, "deeprecipe_batch_size_sum", endpoint="classify") == 3  # every answered image, in a batch
+    assert 1 <= value(m, "deeprecipe_batch_size_count", endpoint="classify") <= 3
+    assert value(m, "deeprecipe_queue_depth", endpoint="classify") == 0
+    names = {s.name for s in m}
+    assert {"process_cpu_seconds_total", "python_info", "python_gc_collections_total"} <= names  # default collectors
+    assert value(again, "deeprecipe_requests_total", route="/metrics", status="200") == 1
+    assert c.get("/metrics").status_code == 401  # the token guards the metrics too
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly():
@@ -195,9 +229,52 @@ def test_concurrent_requests_are_batched_and_answered_correctly():
     assert [r.status_code for r in together] == [200] * 12
     for r, a in zip(together, alone):  # a request gets its own answer, batched or not
         assert r.json() == a.json()
-    m = app.state.ctx.metrics
-    assert max(i for i, n in enumerate(m.batches["classify"]) if n) >= 2  # some batch held >= 3 requests
-    assert m.batch_items["classify"] == 15 and m.batch_count["classify"] < 15
+    m = parse(app.state.ctx.metrics.prometheus().decode())
+    batches = value(m, "deeprecipe_batch_size_count", endpoint="classify")
+    assert value(m, "deeprecipe_batch_size_sum", endpoint="classify") == 15 and batches < 15
+    assert value(m, "deeprecipe_batch_size_bucket", endpoint="classify", le="2.0") < batches  # a batch held >= 3
+
+
+class Slow(torch.nn.Module):
+    """The model, made slow on purpose: requests pile up while one batch runs."""
+
+    def __init__(self, model, seconds):
+        super().__init__()
+        self.model, self.seconds = model, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.model(x)
+
+
+def test_a_burst_past_the_queue_gets_503_with_retry_after_and_nothing_is_lost():
+    app, model = make_app(max_batch=2, max_queue=4, wait_ms=1)
+    app.state.ctx.model = Slow(model, 0.2)  # the family's batch function reads ctx.model at each call
+    n = 10 * 4
+    images = [png(seed=s) for s in range(n)]
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            burst = await asyncio.gather(*[c.post("/classify", files=upload(b)) for b in images])
+            return burst, await c.get("/metrics")
+
+    burst, metrics = asyncio.run(go())
+    codes = Counter(r.status_code for r in burst)
+    assert set(codes) == {200, 503} and sum(codes.values()) == n, codes  # every request answered, no other code
+    assert codes[200] >= 4 and codes[503] >= n // 2, codes  # the queue's worth (and what ran) got through
+    for r in burst:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and "--max-queue" in r.json()["detail"]
+    with TestClient(app) as c:  # the answers that got through are the model's, as when asked alone
+        for b, r in zip(images, burst):
+            if r.status_code == 200:
+                assert r.json() == c.post("/classify", files=upload(b)).json()
+                break
+    m = parse(metrics.text)
+    assert value(m, "deeprecipe_requests_total", route="/classify", status="503") == codes[503]
+    assert value(m, "deeprecipe_requests_total", route="/classify", status="200") == codes[200]
+    assert value(m, "deeprecipe_batch_size_sum", endpoint="classify") == codes[200]
 
 
 def test_batcher_keeps_order_and_max_batch():

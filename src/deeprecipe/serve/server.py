@@ -11,7 +11,9 @@ the family's `serve(ctx)` hook, which adds the family's endpoints in a few lines
     ctx.text_generation / ctx.translation / ctx.image_sampler   whole endpoints for the generative families
 Always there: GET /health (public), / (the page, static), /docs (Swagger UI, its files served from the
 fastapi-offline package: no CDN) and /openapi.json (the API description), GET /info and /metrics (Prometheus
-text: request counts, latency quantiles, batch sizes). Every endpoint takes one file per form field: a field sent
+text from prometheus_client: request counts by route and status, latency and batch-size histograms, queue depths,
+process metrics). A batched endpoint holds at most max_queue waiting requests; past that it answers 503 with
+Retry-After. Every endpoint takes one file per form field: a field sent
 twice (two images to /classify) is a 422, not a silent answer for the last one.
 """
 
@@ -22,7 +24,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,17 @@ from typing import Any
 import torch
 from fastapi import HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from deeprecipe.core import UserError
 from deeprecipe.data import image_ops
@@ -53,6 +65,7 @@ IMAGE_TYPES = {
 @dataclass
 class ServeOptions:
     max_batch: int = 32  # most requests run together in one forward pass
+    max_queue: int = 256  # most requests waiting per batched endpoint; past that 503 with Retry-After
     wait_ms: float = 5.0  # how long the first request of a batch waits for others to join it
     max_bytes: int = 8 * 2**20  # largest request body
     max_pixels: int = image_ops.MAX_PIXELS  # largest decoded image (a small PNG can claim a huge size)
@@ -64,92 +77,85 @@ class ServeOptions:
 
 
 class Metrics:
-    """Request counts by route and status, latency quantiles over a recent window, batch-size histograms."""
+    """Prometheus metrics of one app, in a registry of its own (several apps in one process do not clash):
+    request counts by route and status, latency histograms by route, batch-size histograms and queue depths by
+    batched endpoint, and prometheus_client's process, platform and garbage-collector collectors."""
 
-    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+    LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # seconds; streams run long
+    BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
-    def __init__(self, window: int = 10_000):
-        self.lock = threading.Lock()
-        self.requests: Counter = Counter()
-        self.latency: dict[str, deque] = {}
-        self.lat_sum: Counter = Counter()
-        self.batches: dict[str, list[int]] = {}  # name -> sizes of recent batches
-        self.batch_count: Counter = Counter()
-        self.batch_items: Counter = Counter()
-        self.window = window
-        self.last_logged = 0
+    def __init__(self):
+        self.registry = reg = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=reg)
+        self.requests = Counter(
+            "deeprecipe_requests",
+            "HTTP requests by route and status code.",
+            ["route", "status"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            "deeprecipe_request_seconds",
+            "Time from a request's arrival to the end of its answer, by route.",
+            ["route"],
+            buckets=self.LATENCY,
+            registry=reg,
+        )
+        self.batches = Histogram(
+            "deeprecipe_batch_size",
+            "Requests per model call, by batched endpoint.",
+            ["endpoint"],
+            buckets=self.BATCH,
+            registry=reg,
+        )
+        self.queued = Gauge(
+            "deeprecipe_queue_depth",
+            "Requests waiting for a batch, by batched endpoint.",
+            ["endpoint"],
+            registry=reg,
+        )
+        self.last_logged = 0.0
 
     def request(self, route: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(route, status)] += 1
-            self.latency.setdefault(route, deque(maxlen=self.window)).append(seconds)
-            self.lat_sum[route] += seconds
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def batch(self, name: str, size: int) -> None:
-        with self.lock:
-            hist = self.batches.setdefault(name, [0] * (len(self.BUCKETS) + 1))
-            hist[next((i for i, b in enumerate(self.BUCKETS) if size <= b), len(self.BUCKETS))] += 1
-            self.batch_count[name] += 1
-            self.batch_items[name] += size
+        self.batches.labels(name).observe(size)
 
-    @staticmethod
-    def quantile(values: list[float], q: float) -> float:
-        if not values:
-            return 0.0
-        s = sorted(values)
-        return s[min(len(s) - 1, int(q * len(s)))]
+    def queue(self, name: str, depth: Callable[[], int]) -> None:
+        """Report `depth()` as the queue depth of batched endpoint `name` at each scrape."""
+        self.queued.labels(name).set_function(depth)
 
-    def prometheus(self) -> str:
-        with self.lock:
-            out = [
-                "# HELP deeprecipe_requests_total HTTP requests by route and status code.",
-                "# TYPE deeprecipe_requests_total counter",
-            ]
-            for (route, status), n in sorted(self.requests.items()):
-                out.append(f'deeprecipe_requests_total{{route="{route}",status="{status}"}} {n}')
-            out += [
-                "# HELP deeprecipe_request_seconds Latency (quantiles over the last requests of each route).",
-                "# TYPE deeprecipe_request_seconds summary",
-            ]
-            for route, lat in sorted(self.latency.items()):
-                values = list(lat)
-                for q in (0.5, 0.9, 0.99):
-                    out.append(
-                        f'deeprecipe_request_seconds{{route="{route}",quantile="{q}"}} {self.quantile(values, q):.6f}'
-                    )
-                total = sum(n for (r, _), n in self.requests.items() if r == route)
-                out.append(f'deeprecipe_request_seconds_sum{{route="{route}"}} {self.lat_sum[route]:.6f}')
-                out.append(f'deeprecipe_request_seconds_count{{route="{route}"}} {total}')
-            out += [
-                "# HELP deeprecipe_batch_size Requests per model call, by batched endpoint.",
-                "# TYPE deeprecipe_batch_size histogram",
-            ]
-            for name, hist in sorted(self.batches.items()):
-                cum = 0
-                for b, n in zip((*self.BUCKETS, "+Inf"), hist):
-                    cum += n
-                    out.append(f'deeprecipe_batch_size_bucket{{endpoint="{name}",le="{b}"}} {cum}')
-                out.append(f'deeprecipe_batch_size_sum{{endpoint="{name}"}} {self.batch_items[name]}')
-                out.append(f'deeprecipe_batch_size_count{{endpoint="{name}"}} {self.batch_count[name]}')
-            return "\n".join(out) + "\n"
+    def prometheus(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def samples(self, name: str) -> dict[tuple, float]:
+        """{(sample name, *label values): value} of metric `name` (the log line and tests read them)."""
+        return {
+            (smp.name, *smp.labels.values()): smp.value
+            for metric in self.registry.collect()
+            if metric.name == name
+            for smp in metric.samples
+        }
 
     def summary(self) -> str | None:
         """One log line since the last one, or None when nothing happened."""
-        with self.lock:
-            total = sum(self.requests.values())
-            if total == self.last_logged:
-                return None
-            new, self.last_logged = total - self.last_logged, total
-            errors = sum(n for (_, s), n in self.requests.items() if s >= 400)
-            parts = [f"requests +{new} (total {total}, 4xx/5xx {errors})"]
-            for route, lat in sorted(self.latency.items()):
-                v = list(lat)
-                parts.append(
-                    f"{route} p50 {1000 * self.quantile(v, 0.5):.1f} ms p99 {1000 * self.quantile(v, 0.99):.1f} ms"
-                )
-            for name in sorted(self.batch_count):
-                parts.append(f"{name} mean batch {self.batch_items[name] / self.batch_count[name]:.1f}")
-            return "; ".join(parts)
+        counts = self.samples("deeprecipe_requests")
+        total = sum(v for (n, *_), v in counts.items() if n.endswith("_total"))
+        if total == self.last_logged:
+            return None
+        new, self.last_logged = total - self.last_logged, total
+        errors = sum(v for (n, _, status), v in counts.items() if n.endswith("_total") and int(status) >= 400)
+        parts = [f"requests +{new:.0f} (total {total:.0f}, 4xx/5xx {errors:.0f})"]
+        for metric, say in [
+            ("deeprecipe_request_seconds", lambda key, mean: f"{key} mean {1000 * mean:.1f} ms"),
+            ("deeprecipe_batch_size", lambda key, mean: f"{key} mean batch {mean:.1f}"),
+        ]:
+            s = self.samples(metric)
+            for (_, key), count in sorted((k, v) for k, v in s.items() if k[0] == metric + "_count"):
+                parts.append(say(key, s[(metric + "_sum", key)] / max(count, 1)))
+        return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -158,23 +164,45 @@ class Metrics:
 class Batcher:
     """An asyncio queue and one worker: it takes what is waiting (up to max_batch), waits up to wait_ms for
     more when the batch is not full, and runs fn on the whole batch in a thread so the server keeps accepting.
-    Under load, requests pile up while the model runs, so batches grow with the load by themselves."""
+    Under load, requests pile up while the model runs, so batches grow with the load by themselves. At most
+    max_queue requests wait: past that a request is answered at once with 503 and Retry-After (the client
+    comes back later) rather than waiting without bound while memory and latency grow."""
 
-    def __init__(self, name: str, fn: Callable[[list], list], max_batch: int, wait_ms: float, metrics: Metrics):
+    RETRY_AFTER = "1"  # seconds: a full queue drains in a few batches
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[list], list],
+        max_batch: int,
+        wait_ms: float,
+        metrics: Metrics,
+        max_queue: int = 256,
+    ):
         self.name, self.fn, self.max_batch, self.wait = name, fn, max(1, max_batch), wait_ms / 1000
+        self.max_queue = max(1, max_queue)
         self.metrics = metrics
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue | None = None
+        metrics.queue(name, lambda: self.queue.qsize() if self.queue is not None else 0)
 
     def _start(self) -> None:  # one queue and worker per event loop (test clients may make several)
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
-            self.loop, self.queue = loop, asyncio.Queue()
+            self.loop, self.queue = loop, asyncio.Queue(self.max_queue)
             self.worker = loop.create_task(self._work())
 
     async def __call__(self, item: Any) -> Any:
         self._start()
         fut = self.loop.create_future()  # type: ignore[union-attr]
-        await self.queue.put((item, fut))
+        try:
+            self.queue.put_nowait((item, fut))  # type: ignore[union-attr]
+        except asyncio.QueueFull:
+            raise HTTPException(
+                503,
+                f"{self.name}: {self.max_queue} requests are already waiting (the server's --max-queue); retry later",
+                headers={"Retry-After": self.RETRY_AFTER},
+            ) from None
         return await fut
 
     async def _work(self) -> None:
@@ -288,7 +316,14 @@ class ServeContext:
             with self.lock, torch.no_grad():
                 return fn(items)
 
-        b = Batcher(name, locked, max_batch or self.options.max_batch, self.options.wait_ms, self.metrics)
+        b = Batcher(
+            name,
+            locked,
+            max_batch or self.options.max_batch,
+            self.options.wait_ms,
+            self.metrics,
+            self.options.max_queue,
+        )
         self.batchers[name] = b
         return b
 
@@ -396,7 +431,7 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
 
     from fastapi import Depends
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from fastapi.security import HTTPBearer
     from fastapi_offline import FastAPIOffline
 
@@ -468,6 +503,7 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
         "image_size": list(spec.image_size),
         "endpoints": ctx.widgets,
         "max_batch": options.max_batch,
+        "max_queue": options.max_queue,
         "wait_ms": options.wait_ms,
         "max_bytes": options.max_bytes,
         "token_required": options.token is not None,
@@ -480,7 +516,7 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
 
     @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.prometheus(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", summary="Liveness (no token needed)")
     async def health():
