@@ -14,8 +14,9 @@ from deeprecipe.checks.core import Ctx
 from deeprecipe.core import ConfigError, DataError, UserError
 from deeprecipe.data.core import Draws
 from deeprecipe.data.img2img import Img2ImgData
-from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, input_image, tiled
+from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, tiled
 from deeprecipe.families.img2img import metrics as im
+from deeprecipe.families.img2img.degrade import input_image
 from deeprecipe.family import PredictOptions
 from deeprecipe.models.pix2pix import Pix2Pix
 from deeprecipe.recipe import load

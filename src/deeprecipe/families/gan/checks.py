@@ -15,7 +15,7 @@ import torch
 
 from deeprecipe.checks.core import Ctx, Verdict, fit
 from deeprecipe.checks.training import awake, combined, dependency_verdict, grad_flow_verdict
-from deeprecipe.families.gan import losses
+from deeprecipe.families.gan.losses import fit as fit_real
 
 
 def grad_flow(ctx: Ctx) -> Verdict:
@@ -29,7 +29,7 @@ def dependency(ctx: Ctx) -> Verdict:
     model = awake(ctx.model()).eval()
     G, D = model.generator, model.discriminator
     x, y = ctx.train_batch(0, size=4, augment=False)[:2]
-    x, y = losses.fit(x, model.shape), y if model.num_classes else None
+    x, y = fit_real(x, model.shape), y if model.num_classes else None
     z = torch.randn(len(x), model.latent, generator=torch.Generator().manual_seed(ctx.cfg.train.seed)).to(x.device)
     w = torch.randn(model.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
 

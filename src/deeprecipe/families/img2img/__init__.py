@@ -74,16 +74,6 @@ def pixel_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     return d.abs().mean() if kind == "l1" else d.square().mean()
 
 
-def input_image(model_input: torch.Tensor, mode: str) -> torch.Tensor:
-    """The picture in a net's input ([-1, 1], what a copying net would return): the bicubic image (sr), the image
-    with its holes zeroed (inpaint), A (paired, unpaired); label2image has none (None)."""
-    if mode == "inpaint":
-        return model_input[:, :-1]
-    if mode == "label2image":
-        return None
-    return model_input
-
-
 class Img2Img(Family):
     """pix2pix (sr, inpaint, label2image, paired) and CycleGAN (unpaired)."""
 

@@ -15,7 +15,8 @@ import torch
 
 from deeprecipe.checks.core import Ctx, Verdict, fit
 from deeprecipe.checks.training import grad_flow_verdict
-from deeprecipe.families.img2img import metrics as im
+from deeprecipe.families.img2img.degrade import input_image
+from deeprecipe.families.img2img.metrics import psnr, to_unit
 
 OVERFIT_DB = 40.0
 COPY_DB = 60.0  # output this close to the input (PSNR) is a copy: both are the same 8-bit image (capped 100 dB)
@@ -32,14 +33,12 @@ def grad_flow(ctx: Ctx) -> Verdict:
 def _psnr(model, batch) -> float:
     with torch.no_grad():
         out = model(batch[0]).float()
-    return float(im.psnr(im.to_unit(out), im.to_unit(batch[1])).mean())
+    return float(psnr(to_unit(out), to_unit(batch[1])).mean())
 
 
 def overfit(ctx: Ctx) -> Verdict:
     """One batch, G's pixel loss only, no weight decay: PSNR on it > 40 dB within the step budget (a warning below; a
     failure when G does not even beat its own input, or stays under 15 dB where the input is no picture)."""
-    from deeprecipe.families.img2img import input_image
-
     b = ctx.train_batch(0, size=ctx.overfit_examples, augment=False)
     model = ctx.model()
     adv = ctx.cfg.model.adv
@@ -57,7 +56,7 @@ def overfit(ctx: Ctx) -> Verdict:
     pic = input_image(b[0], ctx.spec.extra["mode"])
     floor = 15.0
     if pic is not None and pic.shape[1] == b[1].shape[1]:
-        floor = float(im.psnr(im.to_unit(pic), im.to_unit(b[1])).mean()) + 1.0
+        floor = float(psnr(to_unit(pic), to_unit(b[1])).mean()) + 1.0
     measured = f"PSNR {value:.1f} dB after {steps} steps on {len(b[0])} examples"
     if value > OVERFIT_DB:
         return Verdict("overfit", "pass", measured, f"> {OVERFIT_DB:.0f} dB", "", value)
@@ -74,8 +73,6 @@ def overfit(ctx: Ctx) -> Verdict:
 
 def input_copy(ctx: Ctx) -> Verdict:
     """After a short run, held-out outputs vs the net's own input: PSNR(output, input) >= 60 dB is a copy."""
-    from deeprecipe.families.img2img import input_image
-
     mode = ctx.spec.extra["mode"]
     model = ctx.model()
     fit(ctx, model, ctx.steps, ctx.train_batch)
@@ -87,10 +84,10 @@ def input_copy(ctx: Ctx) -> Verdict:
     if pic is None or pic.shape[1] != t.shape[1]:
         return Verdict("input_copy", "skip", advice=f"{mode}: the input is not an image of the output's kind")
     with torch.no_grad():
-        out = im.to_unit(model(x).float())
-    pic = im.to_unit(pic)
-    same = float(im.psnr(out, pic).mean())
-    gain = float(im.psnr(out, im.to_unit(t)).mean() - im.psnr(pic, im.to_unit(t)).mean())
+        out = to_unit(model(x).float())
+    pic = to_unit(pic)
+    same = float(psnr(out, pic).mean())
+    gain = float(psnr(out, to_unit(t)).mean() - psnr(pic, to_unit(t)).mean())
     measured = f"PSNR(output, input) {same:.1f} dB; output vs target {gain:+.2f} dB over the input"
     return _copy_verdict(
         same,
@@ -111,10 +108,10 @@ def _label_blind(model, x: torch.Tensor, t: torch.Tensor) -> Verdict:
     """label2image has no picture to copy; its silent bug is the other way round: a net that ignores its label
     map answers every map with the same image. Outputs of different maps at PSNR >= 60 dB to each other fail."""
     with torch.no_grad():
-        out = im.to_unit(model(x).float())
-    same = float(im.psnr(out, out.roll(1, 0)).mean())
-    tt = im.to_unit(t)
-    gain = float(im.psnr(out, tt).mean() - im.psnr(out, tt.roll(1, 0)).mean())
+        out = to_unit(model(x).float())
+    same = float(psnr(out, out.roll(1, 0)).mean())
+    tt = to_unit(t)
+    gain = float(psnr(out, tt).mean() - psnr(out, tt.roll(1, 0)).mean())
     measured = f"PSNR between outputs of different label maps {same:.1f} dB; own scene vs another's {gain:+.2f} dB"
     advice = "the net draws the same image for every label map: its input is zeroed, detached or not used"
     return _copy_verdict(same, measured, advice)

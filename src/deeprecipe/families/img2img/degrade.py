@@ -129,3 +129,13 @@ def holes(n: int, H: int, W: int, kind: str, fraction: float, draws: Draws, devi
     return torch.where(
         pick, box_holes(n, H, W, fraction, draws, device), stroke_holes(n, H, W, fraction, draws, device)
     )
+
+
+def input_image(model_input: torch.Tensor, mode: str) -> torch.Tensor:
+    """The picture in a net's input ([-1, 1], what a copying net would return): the bicubic image (sr), the image
+    with its holes zeroed (inpaint), A (paired, unpaired); label2image has none (None)."""
+    if mode == "inpaint":
+        return model_input[:, :-1]
+    if mode == "label2image":
+        return None
+    return model_input
