@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from _budget import machine, step_time
+from deeprecipe.cli.drive import dagger_round
 from deeprecipe.data import sim
 from deeprecipe.data.drive import DAGGER_SEED, EVAL_SEED
 from deeprecipe.engine.loop import train
 from deeprecipe.engine.run import load_run
 from deeprecipe.families import drive, get_family
-from deeprecipe.families.drive.verbs import dagger_round
 from deeprecipe.recipe import load
 
 

@@ -181,3 +181,19 @@ def test_runs_lists_status_and_best_metric(cli, run):
     assert "done" in line and "acc=" in line
     code, out, _ = cli("runs", "--dir", "nowhere")
     assert code == 0 and "no runs" in out
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["train", "--help"], ["translate", "--help"]])
+def test_the_parser_imports_neither_torch_nor_a_family(argv, subenv):
+    """Starting the command stays light: building the parser (every verb's arguments) and answering --version or
+    --help import no torch and no family; a verb imports them when it runs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom deeprecipe.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print([m for m in sys.modules if m == 'torch' or m.startswith('deeprecipe.families')])"
+    )
+    r = subprocess.run([sys.executable, "-c", probe, *argv], env=subenv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout

@@ -6,7 +6,7 @@ and serve call hooks only through this class: a hook a family does not override 
 Hooks take typed values and return values; they never read argparse objects and never print (the CLI prints;
 a note for the user is a warnings.warn, which the CLI shows as "note: ..."). The hooks, in the order a run meets
 them: training (check_config, build_model, parts, prepare, step, loss, evaluate, snapshot, finish, nonfinite),
-use (predict, explain, sample, export_example, serve, add_verbs), and the recipe's checks (CHECKS_SKIP, EXTRA_CHECKS,
+use (predict, explain, sample, export_example, serve), and the recipe's checks (CHECKS_SKIP, EXTRA_CHECKS,
 CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX, expected_init_loss, per_example_loss, batch_input, replace_input, show_batch,
 saliency_score).
 
@@ -171,9 +171,6 @@ class Family:
     def serve(self, ctx: Any) -> None:
         """Add the family's endpoints to a serve.server.ServeContext (ctx.router, ctx.batcher, ctx.widget, ...)."""
         raise UserError(f"task '{self.name}' has no serve hook yet (see docs/architecture.md)")
-
-    def add_verbs(self, subparsers: Any) -> None:
-        """Add CLI verbs of the family's own (argparse subparsers); their handlers may print."""
 
     # ------------------------------------------------------------------------------------------ checks
     CHECKS_SKIP: dict[str, str] = {}  # built-in checks that do not apply: name -> why

@@ -13,8 +13,16 @@ from pathlib import Path
 
 from deeprecipe.core import DataError, UserError
 
-# modules of this package that add verbs: each defines add_parsers(subparsers); families add theirs (add_verbs)
-VERB_MODULES: list[str] = ["deeprecipe.cli.check", "deeprecipe.cli.serve", "deeprecipe.cli.tune"]
+# modules of this package that add verbs: each defines add_parsers(subparsers) and imports nothing heavy at module
+# level (torch and the families are imported by its cmd functions), so building the parser stays light
+VERB_MODULES: list[str] = [
+    "deeprecipe.cli.check",
+    "deeprecipe.cli.serve",
+    "deeprecipe.cli.tune",
+    "deeprecipe.cli.translate",
+    "deeprecipe.cli.drive",
+]
+DEVICES = "auto | cpu | cuda | cuda:N | mps"
 
 
 # ------------------------------------------------------------------------------------------ runs and families
@@ -27,11 +35,15 @@ def family_of(cfg):
     return get_family(cfg.task)
 
 
-def open_run(run: str, device: str = "auto", precision: str = "auto"):
-    """(cfg, spec, model with inference weights, runtime, family) of a run folder; says on stderr which weights."""
+def open_run(run: str, device: str = "auto", precision: str = "auto", task: str = ""):
+    """(cfg, spec, model with inference weights, runtime, family) of a run folder; says on stderr which weights.
+    With `task`, a run of another task is refused before anything is loaded."""
     from deeprecipe.engine.run import load_run, read_config
 
-    family = family_of(read_config(run))
+    cfg = read_config(run)
+    if task and cfg.task != task:
+        raise UserError(f"{run} is a '{cfg.task}' run; this verb needs a run of task '{task}'")
+    family = family_of(cfg)
     loaded = load_run(run, family, device, precision)
     print(f"weights: {weights_of(run).text}", file=sys.stderr, flush=True)
     return (*loaded, family)
@@ -42,6 +54,24 @@ def weights_of(run: str | Path):
     from deeprecipe.engine.checkpoint import model_weights
 
     return model_weights(Path(run), load=False)[1]
+
+
+def add_run_args(
+    s: argparse.ArgumentParser,
+    run: str = "run folder",
+    device: str | None = "auto",
+    precision: str = "",
+    overrides: str = "",
+) -> None:
+    """The arguments of a verb that opens a run folder, in one place: RUN (helped by `run`), --device (None: the
+    verb has none), and where the verb takes them --precision (its default) and --set (its help)."""
+    s.add_argument("run", help=run)
+    if device is not None:
+        s.add_argument("--device", default=device, help=f"{DEVICES} (default {device})")
+    if precision:
+        s.add_argument("--precision", default=precision, help=f"auto | bf16 | fp16 | fp32 (default {precision})")
+    if overrides:
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help=overrides)
 
 
 # ------------------------------------------------------------------------------------------ verbs
@@ -311,24 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run's model (its best weights) on its test split")
-    s.add_argument("run", help="run folder")
+    add_run_args(s)
     s.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default test, else val)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="run a trained model on files")
-    s.add_argument("run", help="run folder")
+    add_run_args(s, precision="fp32")  # fp32 by default, as serve answers
     s.add_argument("files", nargs="+", help="input files (images, videos or text files, as the task takes)")
     s.add_argument("--top", type=int, default=3, help="how many labels to show, most probable first (default 3)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.add_argument("--out", help="folder for output files (segmentation masks, ...)")
-    s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32 (the default, as serve answers)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("explain", help="explain a run's predictions on files: attribution overlays (Captum)")
-    s.add_argument("run", help="run folder")
+    add_run_args(s, precision="fp32")
     s.add_argument("files", nargs="+", help="input files: images, or text files (texts, prompts, sentences)")
     s.add_argument("--method", help="ig | gradcam | occlusion (images), ig (text), attention (translation)")
     s.add_argument("--target", type=int, help="class index (a language model: token id); default: the predicted one")
@@ -336,13 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sanity", action="store_true", help="check that the attributions change with the weights randomised"
     )
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
-    s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32 (the default, as serve answers)")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("sample", help="generate from a run: text (language models) or images (GANs)")
-    s.add_argument("run", help="run folder")
+    add_run_args(s)
     s.add_argument("--prompt", default="", help="text to continue (language models)")
     s.add_argument("--max-tokens", type=int, default=500, help="tokens to generate (language models; default 500)")
     s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
@@ -351,7 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64, help="how many images (GANs)")
     s.add_argument("--seed", type=int, default=0, help="random seed (the same seed, the same sample)")
     s.add_argument("--out", help="output folder or file (GAN grids and images)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("runs", help="list runs with their status and best metric")
@@ -366,10 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in VERB_MODULES:
         importlib.import_module(mod).add_parsers(sub)
-    from deeprecipe.families import FAMILIES, get_family
-
-    for name in FAMILIES:
-        get_family(name).add_verbs(sub)
     return p
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import os
 
+from deeprecipe.cli import add_run_args, open_run
 from deeprecipe.core import UserError
 
 
 def cmd_export(args) -> None:
-    from deeprecipe.cli import open_run
     from deeprecipe.serve.export import export_run
 
     cfg, spec, model, _, family = open_run(args.run, "cpu", "fp32")
@@ -25,7 +25,6 @@ def cmd_serve(args) -> None:
 
     import uvicorn
 
-    from deeprecipe.cli import open_run
     from deeprecipe.serve.server import ServeOptions, build_app
 
     token = args.token or os.environ.get("DEEPRECIPE_TOKEN") or None
@@ -53,7 +52,7 @@ def cmd_serve(args) -> None:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("export", help="export a run to ONNX or TorchScript and check it against PyTorch")
-    s.add_argument("run", help="run folder (its model: the weights 'eval' uses)")
+    add_run_args(s, run="run folder (its model: the weights 'eval' uses)", device=None)  # exported from the CPU
     s.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="file format (default onnx)")
     s.add_argument("--out", help="output file (default RUN/export/model.onnx or model.pt)")
     s.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: absolute")
@@ -61,7 +60,7 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve a run over HTTP: JSON endpoints, a web page, metrics")
-    s.add_argument("run", help="run folder (its model: the weights 'eval' uses)")
+    add_run_args(s, run="run folder (its model: the weights 'eval' uses)", device="cpu", precision="fp32")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--token", help="bearer token required on every endpoint but /health (or DEEPRECIPE_TOKEN)")
@@ -69,7 +68,5 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-batch", type=int, default=32, help="most requests per model call")
     s.add_argument("--wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     s.add_argument("--max-mb", type=float, default=8.0, help="largest request body in MiB")
-    s.add_argument("--device", default="cpu", help="cpu (the default) | auto | cuda | cuda:N | mps")
-    s.add_argument("--precision", default="fp32", help="auto | bf16 | fp16 | fp32 (default fp32)")
     s.add_argument("--access-log", action="store_true", help="log every request (the summary is logged anyway)")
     s.set_defaults(func=cmd_serve)

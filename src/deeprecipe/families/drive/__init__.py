@@ -114,6 +114,25 @@ def closed_loop(
     return out
 
 
+def record_learner(
+    model: nn.Module, spec: DataSpec, rt, env: str, path: Path, episodes: int, first_seed: int, source: str
+):
+    """DAgger's data: the learner drives `episodes` seeds (first_seed..), the expert labels every state it visited;
+    the labelled frames are written as one shard at `path` (data/drive.py write_shard, its policy named `source`).
+    Returns the episodes (sim.Episode: frames, actions, labels, crashed)."""
+    from deeprecipe.data import sim
+    from deeprecipe.data.drive import shard_meta, write_shard
+
+    s = sim.make_env(env, spec.in_channels, tuple(spec.image_size))
+    try:
+        learner, expert = policy_of(model, spec, rt), sim.expert(s)
+        eps = [sim.rollout(s, learner, first_seed + i, label=expert, keep=True) for i in range(episodes)]
+        write_shard(path, eps, shard_meta(s, source))
+    finally:
+        s.close()
+    return eps
+
+
 def action_text(a, names: list[str]) -> str:
     return f"steer {float(a):+.2f}" if not names else names[int(a)]
 
@@ -283,11 +302,6 @@ class Drive(Family):
         ctx.widget(
             "/act", "image", "Drive: the action for a frame stack (S frames one above the other)", field="frames"
         )
-
-    def add_verbs(self, subparsers) -> None:
-        from deeprecipe.families.drive import verbs
-
-        verbs.add_parsers(subparsers)
 
 
 def stack_of(img: torch.Tensor, spec: DataSpec, where: str) -> torch.Tensor:

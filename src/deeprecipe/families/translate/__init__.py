@@ -283,11 +283,6 @@ class Translate(Family):
         dynamic = {"src": {0: "batch", 1: "src_len"}, "tgt": {0: "batch", 1: "tgt_len"}}
         return {"inputs": {"src": src, "tgt": tgt}, "outputs": ["logits"], "dynamic": dynamic}
 
-    def add_verbs(self, subparsers) -> None:
-        from deeprecipe.families.translate.verb import add_parsers
-
-        add_parsers(subparsers)
-
     def serve(self, ctx) -> None:
         """POST /translate: a sentence in, its translation out (beam search as the recipe says; batched)."""
         beam, alpha = getattr(ctx.cfg.model, "beam", 4), getattr(ctx.cfg.model, "length_penalty", 0.6)

@@ -14,17 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from deeprecipe.cli import add_run_args, family_of, open_run
 from deeprecipe.core import UserError
-
-
-def _load(run: str, device: str):
-    from deeprecipe.engine.run import load_run, read_config
-    from deeprecipe.families import get_family
-
-    cfg = read_config(run)
-    if cfg.task != "drive":
-        raise UserError(f"{run} is a '{cfg.task}' run; this verb needs a driving run (task: drive)")
-    return load_run(run, get_family("drive"), device)
 
 
 def cmd_drive(args) -> None:
@@ -33,7 +24,7 @@ def cmd_drive(args) -> None:
 
     if args.episodes < 1:
         raise UserError(f"--episodes {args.episodes}: drive at least one episode")
-    cfg, spec, model, rt = _load(args.run, args.device)
+    cfg, spec, model, rt, _ = open_run(args.run, args.device, task="drive")
     env = args.env or cfg.data.env
     policies = {"learner": model}
     if not args.no_baselines:
@@ -51,19 +42,11 @@ def cmd_drive(args) -> None:
 
 def dagger_round(run: str, out: Path, episodes: int, first_seed: int, device: str) -> Path:
     """The learner of `run` drives, the expert labels: one shard in out/rollouts; the shard's path."""
-    from deeprecipe.data import sim
-    from deeprecipe.data.drive import shard_meta, write_shard
     from deeprecipe.families import drive
 
-    cfg, spec, model, rt = _load(run, device)
-    s = sim.make_env(cfg.data.env, spec.in_channels, tuple(spec.image_size))
-    try:
-        learner, expert = drive.policy_of(model, spec, rt), sim.expert(s)
-        eps = [sim.rollout(s, learner, first_seed + i, label=expert, keep=True) for i in range(episodes)]
-        path = out / "rollouts" / f"learner-{first_seed:08d}.safetensors"
-        write_shard(path, eps, shard_meta(s, f"learner of {run}"))
-    finally:
-        s.close()
+    cfg, spec, model, rt, _ = open_run(run, device, task="drive")
+    path = out / "rollouts" / f"learner-{first_seed:08d}.safetensors"
+    eps = drive.record_learner(model, spec, rt, cfg.data.env, path, episodes, first_seed, f"learner of {run}")
     crashes = sum(ep.crashed for ep in eps)
     frames = sum(len(e.frames) for e in eps)
     print(f"{run} drove {episodes} episodes, {crashes} collisions, {frames} frames labelled: {path}", file=sys.stderr)
@@ -74,7 +57,6 @@ def cmd_dagger(args) -> None:
     from deeprecipe.data.drive import DAGGER_SEED
     from deeprecipe.engine.loop import train
     from deeprecipe.engine.run import read_config
-    from deeprecipe.families import get_family
 
     if args.rounds < 1 or args.episodes < 1:
         raise UserError("--rounds and --episodes must be at least 1")
@@ -95,7 +77,7 @@ def cmd_dagger(args) -> None:
         overrides += list(args.set or [])
         cfg = read_config(prev, overrides)
         command = shlex.join(["deeprecipe", "dagger", args.run, "--rounds", str(args.rounds)])
-        final = train(cfg, get_family("drive"), out, command=command)
+        final = train(cfg, family_of(cfg), out, command=command)
         shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float) and "closed_loop" in k}
         print(f"round {r}: {out} {shown}")
         prev = str(out)
@@ -103,7 +85,7 @@ def cmd_dagger(args) -> None:
 
 def add_parsers(sub) -> None:
     d = sub.add_parser("drive", help="drive held-out seeds with a driving run: closed-loop table and an MP4")
-    d.add_argument("run", help="a driving run folder (task: drive)")
+    add_run_args(d, run="a driving run folder (task: drive)")
     d.add_argument("--episodes", type=int, default=20, help="held-out episodes per policy (default 20)")
     d.add_argument("--seed", type=int, help="first episode seed (default 20,000,000: never recorded)")
     d.add_argument("--env", help="another environment with the same frames (default: the run's data.env)")
@@ -111,15 +93,16 @@ def add_parsers(sub) -> None:
     d.add_argument("--no-video", action="store_true", help="write no MP4")
     d.add_argument("--no-baselines", action="store_true", help="drive the learner only (no expert, no random)")
     d.add_argument("--json", action="store_true", help="print the results as one JSON line")
-    d.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     d.set_defaults(func=cmd_drive)
 
     g = sub.add_parser("dagger", help="DAgger rounds on a driving run: the learner drives, the expert labels")
-    g.add_argument("run", help="a driving run folder (task: drive), e.g. behaviour cloning's")
+    add_run_args(
+        g,
+        run="a driving run folder (task: drive), e.g. behaviour cloning's",
+        overrides="config override for the rounds' runs, e.g. optim.lr=1e-3",
+    )
     g.add_argument("--rounds", type=int, default=2, help="DAgger rounds, each a run folder RUN-daggerK (default 2)")
     g.add_argument("--episodes", type=int, default=40, help="episodes the learner drives per round (default 40)")
     g.add_argument("--steps", type=int, default=0, help="training steps per round (default: the run's train.steps)")
     g.add_argument("--out", help="prefix of the rounds' run folders (default: RUN)")
-    g.add_argument("--set", action="append", help="config override for the rounds' runs, e.g. optim.lr=1e-3")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     g.set_defaults(func=cmd_dagger)

@@ -7,23 +7,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from deeprecipe.cli import add_run_args, open_run
 from deeprecipe.core import UserError
 
 
 def cmd_translate(args) -> None:
-    from deeprecipe.engine.checkpoint import model_weights
-    from deeprecipe.engine.run import load_run
+    from deeprecipe.data.pairs import read_lines
     from deeprecipe.families import translate
 
-    cfg, spec, model, rt = load_run(args.run, translate.Translate(), args.device)
-    if cfg.task != "translate":
-        raise UserError(f"{args.run} is a '{cfg.task}' run; translate needs a translation run (task: translate)")
-    print(f"weights: {model_weights(Path(args.run), load=False)[1].text}", file=sys.stderr, flush=True)
+    cfg, spec, model, rt, _ = open_run(args.run, args.device, task="translate")
     if args.sentences:
         lines = list(args.sentences)
     elif args.file:
-        from deeprecipe.data.pairs import read_lines
-
         lines = read_lines(Path(args.file))
     else:
         lines = sys.stdin.read().splitlines()
@@ -35,8 +30,6 @@ def cmd_translate(args) -> None:
     for line in out:
         print(line)
     if args.ref:
-        from deeprecipe.data.pairs import read_lines
-
         refs = read_lines(Path(args.ref))
         if len(refs) != len(out):
             raise UserError(f"--ref {args.ref} has {len(refs)} lines but there are {len(out)} sentences")
@@ -46,11 +39,10 @@ def cmd_translate(args) -> None:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("translate", help="translate sentences with a trained translation run")
-    s.add_argument("run", help="a translation run folder")
+    add_run_args(s, run="a translation run folder")
     s.add_argument("sentences", nargs="*", help="sentences to translate (default: --file, else stdin)")
     s.add_argument("--file", help="a text file, one sentence per line (.gz ok)")
     s.add_argument("--ref", help="reference translations, one per line: print BLEU and chrF to stderr")
     s.add_argument("--beam", type=int, help="beam width (1: greedy; default: the run's model.beam)")
     s.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: model.length_penalty)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     s.set_defaults(func=cmd_translate)
