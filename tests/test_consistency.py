@@ -98,7 +98,7 @@ def test_train_reports_the_model_that_eval_serve_and_export_use(cli, tmp_path, v
     with TestClient(build_app(str(out), *loaded, ServeOptions())) as c:
         info = c.get("/info").json()
     assert info["step"] == 2 and info["weights"].startswith("best.safetensors (step 2")
-    s = export_run(str(out), loaded[-1], loaded[2], loaded[1], "torchscript", str(tmp_path / "m.pt"))
+    s = export_run(str(out), loaded[-1], loaded[2], loaded[1], "pt2", str(tmp_path / "m.pt2"))
     summary = json.loads((tmp_path / "m.json").read_text())
     assert s["step"] == summary["step"] == 2 and summary["weights"] == info["weights"]
 

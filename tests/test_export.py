@@ -1,4 +1,4 @@
-"""Export: ONNX and TorchScript files compute what PyTorch computes, with a dynamic batch axis."""
+"""Export: ONNX and torch.export (.pt2) files compute what PyTorch computes, with a dynamic batch axis."""
 
 import json
 import os
@@ -44,7 +44,7 @@ def export_run(run_dir, fmt: str, out: str) -> dict:
     return export.export_run(str(run_dir), family, model, spec, fmt, out)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_run_matches_pytorch_on_another_batch_size(run_dir, fmt, tmp_path):
     out = tmp_path / f"m.{fmt}"
     s = export_run(run_dir, fmt, str(out))
@@ -53,7 +53,7 @@ def test_export_run_matches_pytorch_on_another_batch_size(run_dir, fmt, tmp_path
     # the oracle, independently of export_run: run the file on a batch of 5 against the PyTorch model
     cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
     x = Classify().export_example(model, spec, 5)["inputs"]["image"]
-    got = (export.run_onnx if fmt == "onnx" else export.run_torchscript)(out, {"image": x})[0]
+    got = (export.run_onnx if fmt == "onnx" else export.run_pt2)(out, {"image": x})[0]
     torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-3)
 
 
@@ -84,21 +84,43 @@ def test_onnx_weights_past_the_protobuf_limit_go_beside_it_and_every_file_is_nam
 
 
 def test_export_fails_when_the_file_differs(run_dir, tmp_path, monkeypatch):
-    real = export.run_torchscript
-    monkeypatch.setattr(export, "run_torchscript", lambda p, inputs: [t + 1e-2 for t in real(p, inputs)])
+    real = export.run_pt2
+    monkeypatch.setattr(export, "run_pt2", lambda p, inputs: [t + 1e-2 for t in real(p, inputs)])
     with pytest.raises(UserError, match="differs from PyTorch"):
-        export_run(run_dir, "torchscript", str(tmp_path / "m.pt"))
+        export_run(run_dir, "pt2", str(tmp_path / "m.pt2"))
 
 
 def test_cli_export_exit_codes(run_dir, tmp_path, capsys):
-    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    assert main(["export", str(run_dir), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
     assert "parity with PyTorch" in capsys.readouterr().out
-    assert main(["export", str(tmp_path / "not-a-run"), "--format", "torchscript"]) == 2
+    assert main(["export", str(tmp_path / "not-a-run"), "--format", "pt2"]) == 2
+
+
+class FixedBatch(nn.Module):
+    """A net whose code bakes the batch size in (a reshape to the example's batch of 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x.reshape(2, 4))
+
+
+def test_pt2_of_a_net_that_fixes_the_batch_keeps_the_example_shapes_and_says_so(tmp_path):
+    x = torch.randn(2, 2, 2)
+    ex = {"inputs": {"x": x}, "dynamic": {"x": {0: "batch"}}}
+    module = export.TensorsOnly(FixedBatch()).eval()
+    with pytest.warns(UserWarning, match="example's shapes only"):
+        export.export_pt2(module, ex, tmp_path / "m.pt2")
+    assert ex["dynamic"] == {}
+    torch.testing.assert_close(export.run_pt2(tmp_path / "m.pt2", {"x": x})[0], module(x))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_exports_with_a_dynamic_batch(name, tmp_path):
-    """Each model's tiny case (tests/test_models.py) traces at batch 2 and agrees with PyTorch at batch 4.
+    """Each model's tiny case (tests/test_models.py) exports (torch.export) at batch 2 and agrees with PyTorch at
+    batch 4.
     GANs export their generator through the family hook (test below)."""
     from test_models import TINY
 
@@ -111,10 +133,11 @@ def test_every_registered_model_exports_with_a_dynamic_batch(name, tmp_path):
     model = cfg.build(spec).eval()
     names = [f"input{i}" for i in range(len(inputs))]
     ex = {"inputs": {n: t[:2] for n, t in zip(names, inputs)}, "dynamic": {n: {0: "batch"} for n in names}}
-    export.export_torchscript(export.TensorsOnly(model).eval(), ex, tmp_path / "m.pt")
+    export.export_pt2(export.TensorsOnly(model).eval(), ex, tmp_path / "m.pt2")
+    assert ex["dynamic"] == {n: {0: "batch"} for n in names}  # torch.export kept the batch axis dynamic
     with torch.no_grad():
         want = export.TensorsOnly(model)(*inputs)
-    got = export.run_torchscript(tmp_path / "m.pt", dict(zip(names, inputs)))
+    got = export.run_pt2(tmp_path / "m.pt2", dict(zip(names, inputs)))
     torch.testing.assert_close(got[0], want[0] if isinstance(want, tuple) else want, atol=1e-4, rtol=1e-3)
 
 

@@ -37,9 +37,15 @@ def cmd_serve(args) -> None:
             f"--host {args.host} exposes the model beyond this machine: set --token (or "
             "DEEPRECIPE_TOKEN), or pass --insecure to serve without one"
         )
-    if args.max_batch < 1 or args.wait_ms < 0 or args.max_mb <= 0:
-        raise UserError("--max-batch must be >= 1, --wait-ms >= 0 and --max-mb > 0")
-    opts = ServeOptions(max_batch=args.max_batch, wait_ms=args.wait_ms, max_bytes=int(args.max_mb * 2**20), token=token)
+    if args.max_batch < 1 or args.max_queue < 1 or args.wait_ms < 0 or args.max_mb <= 0:
+        raise UserError("--max-batch and --max-queue must be >= 1, --wait-ms >= 0 and --max-mb > 0")
+    opts = ServeOptions(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        wait_ms=args.wait_ms,
+        max_bytes=int(args.max_mb * 2**20),
+        token=token,
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = build_app(args.run, *open_run(args.run, args.device, args.precision), opts)
     print(
@@ -51,10 +57,10 @@ def cmd_serve(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    s = sub.add_parser("export", help="export a run to ONNX or TorchScript and check it against PyTorch")
+    s = sub.add_parser("export", help="export a run to ONNX or torch.export (.pt2) and check it against PyTorch")
     add_run_args(s, run="run folder (its model: the weights 'eval' uses)", device=None)  # exported from the CPU
-    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="file format (default onnx)")
-    s.add_argument("--out", help="output file (default RUN/export/model.onnx or model.pt)")
+    s.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (default) | pt2 (torch.export.save)")
+    s.add_argument("--out", help="output file (default RUN/export/model.onnx or model.pt2)")
     s.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: absolute")
     s.add_argument("--rtol", type=float, default=1e-3, help="parity tolerance: relative")
     s.set_defaults(func=cmd_export)
@@ -66,6 +72,12 @@ def add_parsers(sub) -> None:
     s.add_argument("--token", help="bearer token required on every endpoint but /health (or DEEPRECIPE_TOKEN)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
     s.add_argument("--max-batch", type=int, default=32, help="most requests per model call")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="most requests waiting per batched endpoint; past that 503 with Retry-After (default 256)",
+    )
     s.add_argument("--wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     s.add_argument("--max-mb", type=float, default=8.0, help="largest request body in MiB")
     s.add_argument("--access-log", action="store_true", help="log every request (the summary is logged anyway)")

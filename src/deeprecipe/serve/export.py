@@ -1,4 +1,4 @@
-"""Export a trained run to ONNX or TorchScript, then prove the file computes what PyTorch computes.
+"""Export a trained run to ONNX or a torch.export program (.pt2), then prove the file computes what PyTorch computes.
 
 What goes in comes from the family's hook `export_example(model, spec, batch) -> dict` (deeprecipe/family.py):
     inputs:  {name: example tensor}           (required; the first axis is the batch)
@@ -8,16 +8,22 @@ What goes in comes from the family's hook `export_example(model, spec, batch) ->
 
 Files: ONNX writes one self-contained model.onnx while the weights fit in it (protobuf's 2 GB limit; small models),
 and model.onnx plus model.onnx.data (weights beside it: copy both) only beyond that; the summary's `files` and the
-printed line name every file written, with the summary model.json itself.
+printed line name every file written, with the summary model.json itself. pt2 is `torch.export.export` saved by
+`torch.export.save` (model.pt2: the graph and its weights; `torch.export.load(path).module()` runs it). Its dynamic
+axes are `torch.export.Dim`s; a net whose code fixes one of them (a shape baked into a reshape) is exported with
+the example's shapes instead, and the summary's `dynamic` says so ({}).
 
 Parity: after writing the file, both the exported model and PyTorch run on fresh inputs of another batch size
-(so the dynamic batch axis is exercised too) and the export fails unless every output satisfies
-|exported - torch| <= atol + rtol * |torch| (fp32 on the CPU; defaults atol 1e-4, rtol 1e-3).
+(so the dynamic batch axis is exercised too; the example batch itself when the axes are fixed) and the export fails
+unless every output satisfies |exported - torch| <= atol + rtol * |torch| (fp32 on the CPU; defaults atol 1e-4,
+rtol 1e-3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -29,7 +35,7 @@ from deeprecipe.engine.checkpoint import model_weights
 
 ATOL, RTOL = 1e-4, 1e-3
 ONNX_INLINE_BYTES = 1_800_000_000  # weights up to this stay inside the .onnx (a protobuf holds at most 2 GB)
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 
 
 class TensorsOnly(nn.Module):
@@ -59,29 +65,34 @@ def _as_list(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def export_onnx(module: nn.Module, ex: dict, path: Path) -> list[Path]:
-    """Write `path` (and `path`.data when the weights do not fit in one file); returns the files written."""
+def dynamic_shapes(ex: dict) -> tuple:
+    """The `dynamic_shapes` of torch.export (and the ONNX exporter) for an example: one torch.export.Dim per axis
+    name, shared by the inputs that name it (a seq2seq's source and target share "batch")."""
     from torch.export import Dim
 
+    dims: dict[str, Dim] = {}
+    shapes = tuple(
+        {ax: dims.setdefault(n, Dim(n, min=1)) for ax, n in ex["dynamic"].get(name, {}).items()}
+        for name in ex["inputs"]
+    )
+    return (shapes,)  # one entry: TensorsOnly.forward takes *inputs
+
+
+def export_onnx(module: nn.Module, ex: dict, path: Path) -> list[Path]:
+    """Write `path` (and `path`.data when the weights do not fit in one file); returns the files written."""
     weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # an earlier export's weights must not pass for this file's
 
-    names = list(ex["inputs"])
-    dims: dict[str, Dim] = {}
-    shapes = tuple(
-        {ax: dims.setdefault(n, Dim(n, min=1)) for ax, n in ex["dynamic"].get(name, {}).items()} for name in names
-    )
-    out_names = ex.get("outputs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             tuple(ex["inputs"].values()),
             str(path),
-            input_names=names,
-            output_names=out_names,
-            dynamic_shapes=(shapes,),  # one entry: TensorsOnly.forward takes *inputs
+            input_names=list(ex["inputs"]),
+            output_names=ex.get("outputs"),
+            dynamic_shapes=dynamic_shapes(ex),
             dynamo=True,
             external_data=weights > ONNX_INLINE_BYTES,
             verbose=False,
@@ -97,20 +108,50 @@ def run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
 
 
-def export_torchscript(module: nn.Module, ex: dict, path: Path) -> list[Path]:
-    with warnings.catch_warnings():  # tracing is deprecated upstream but remains the way to get a .pt for C++
+def export_pt2(module: nn.Module, ex: dict, path: Path) -> list[Path]:
+    """torch.export.export of the module on the example, saved to `path`; the batch (and any other axis the example
+    names) stays dynamic where the net allows it, else `ex["dynamic"]` is emptied: the file takes the example's
+    shapes only."""
+    args, fixed = tuple(ex["inputs"].values()), None
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module, tuple(ex["inputs"].values()), check_trace=False)
-        traced.save(str(path))
+        try:
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(ex))
+        except Exception as e:  # a shape the net's code fixes: export what the example has
+            fixed = first_line(e)
+            program = torch.export.export(module, args)
+        torch.export.save(program, str(path))
+    if fixed is not None:
+        ex["dynamic"] = {}
+        warnings.warn(f"the pt2 file takes the example's shapes only (no dynamic axes): {fixed}", stacklevel=2)
     return [path]
 
 
-def run_torchscript(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = torch.jit.load(str(path), map_location="cpu")
+@contextlib.contextmanager
+def weights_only_loads():
+    """torch.load inside is weights-only whatever its caller asks (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD)."""
+    keep = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in keep.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def run_pt2(path: Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Run a .pt2 file. torch.export.load falls back to unpickling arbitrary objects when a weights-only load
+    fails; forcing weights-only loads makes such a file an error instead (a plain net's file holds tensors only)."""
+    with weights_only_loads():
+        program = torch.export.load(str(path))
     with torch.no_grad():
-        return _as_list(m(*inputs.values()))
+        return _as_list(program.module()(*inputs.values()))
+
+
+def first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def export_run(
@@ -123,7 +164,7 @@ def export_run(
     atol: float = ATOL,
     rtol: float = RTOL,
 ) -> dict:
-    """Export the model of run folder `run` (loaded on the CPU) to `out` (default RUN/export/model.onnx|.pt) and
+    """Export the model of run folder `run` (loaded on the CPU) to `out` (default RUN/export/model.onnx|.pt2) and
     check parity; returns the summary."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
@@ -133,17 +174,16 @@ def export_run(
     path = Path(out) if out else Path(run) / "export" / f"model{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        files = (export_onnx if fmt == "onnx" else export_torchscript)(module, ex, path)
+        files = (export_onnx if fmt == "onnx" else export_pt2)(module, ex, path)
     except UserError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{fmt} export of {run} failed: {msg}") from e
-    # parity on fresh inputs with another batch size (the dynamic axis)
-    check = example(family, model, spec, batch=3)["inputs"]
+        raise UserError(f"{fmt} export of {run} failed: {first_line(e)}") from e
+    # parity on fresh inputs with another batch size (the dynamic axis), or on the example when the axes are fixed
+    check = example(family, model, spec, batch=3 if ex["dynamic"] else 2)["inputs"]
     with torch.no_grad():
         want = [t.float() for t in _as_list(module(*check.values()))]
-    got = (run_onnx if fmt == "onnx" else run_torchscript)(path, check)
+    got = (run_onnx if fmt == "onnx" else run_pt2)(path, check)
     if len(got) != len(want):
         raise UserError(f"exported {path} returns {len(got)} outputs, PyTorch {len(want)}")
     diff = 0.0
