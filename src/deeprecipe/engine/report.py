@@ -75,6 +75,8 @@ def write_report(run_dir: Path) -> Path:
         parts.append(f"<h3>{html.escape(s.stem)}</h3><pre>{html.escape(s.read_text()[:5000])}</pre>")
     for v in videos:  # episodes of a driving run
         parts.append(f"<h3>{html.escape(v.stem)}</h3><video controls src='plots/{v.name}'></video>")
+    # sections that verbs run after training add (robustness, embedding, drift): HTML they wrote, escaped there
+    parts += [p.read_text() for p in sorted(run_dir.glob("report-*.html"))]
     parts.append("<h2>Config</h2><pre>" + html.escape(cfg) + "</pre>")
     out = run_dir / "report.html"
     atomic_text(out, "\n".join(parts))

@@ -219,7 +219,7 @@ class Classify(Family):
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Test metrics, confusion matrix and the worst mistakes of the finished run."""
-        from deeprecipe.engine import plots
+        from deeprecipe.engine import drift, plots
 
         split = "test" if data.test is not None else ("val" if data.val is not None else "train")
         model.eval()
@@ -254,6 +254,7 @@ class Classify(Family):
                 labels[worst].tolist(),
                 Path(run_dir) / "plots" / "worst_mistakes_gradcam.png",
             )
+        drift.save_reference(self, model, data, cfg, rt, run_dir)  # for `deeprecipe monitor`
         return {f"{split}_{k}": v for k, v in m.items() if k in ("acc", "top5", "loss")} | {
             f"{split}_precision": m["precision"],
             f"{split}_recall": m["recall"],

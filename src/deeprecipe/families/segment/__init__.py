@@ -206,7 +206,7 @@ class Segment(Family):
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Test metrics, a table of per-class IoU, and overlays: image, truth, prediction side by side."""
-        from deeprecipe.engine import plots
+        from deeprecipe.engine import drift, plots
 
         split = "test" if data.test is not None else ("val" if data.val is not None else "train")
         model.eval()
@@ -234,6 +234,7 @@ class Segment(Family):
         lines += [f"{n:<16} {'-' if v is None else f'{v:.4f}'}" for n, v in zip(spec.class_names, m["iou"])]
         plots_dir.mkdir(parents=True, exist_ok=True)
         (plots_dir / "iou.txt").write_text("\n".join(lines) + "\n")
+        drift.save_reference(self, model, data, cfg, rt, run_dir)  # for `deeprecipe monitor`
         return {f"{split}_{k}": v for k, v in m.items()}
 
     def predict(
