@@ -157,6 +157,8 @@ def tv_detect_case(cfg, size: int = 64) -> Case:
     return case._replace(shape=(1,), run=lambda m, x: m.loss(x, boxes, labels)[0].view(1))
 
 
+TV_NAMES = ("tv-resnet18", "tv-resnet50", "tv-mobilenet-v3", "tv-efficientnet-b0", "tv-convnext-tiny")
+
 # model name -> () -> its Case
 TINY = {
     "centernet": lambda: detect_case(MODELS["centernet"](width=4, neck=8, max_width=16)),
@@ -179,6 +181,8 @@ TINY = {
     "cyclegan": lambda: img2img_case(
         MODELS["cyclegan"](width=4, depth=2, max_width=8, d_width=4, d_layers=3), "unpaired"
     ),
+    # torchvision's classifiers at their published sizes (RGB, downsampling 32x): 32 px is the smallest input
+    **{n: (lambda n=n: image_case(MODELS[n](), channels=3, size=32)) for n in TV_NAMES},
 }
 
 

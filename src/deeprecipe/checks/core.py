@@ -28,6 +28,7 @@ from deeprecipe.engine import optim
 from deeprecipe.engine.device import Runtime, setup, step_generator
 from deeprecipe.engine.loop import make_parts, place, train_step
 from deeprecipe.family import Family
+from deeprecipe.models.pretrained import classifier
 
 # the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
 # a family's CHECK_DEFAULTS overrides some, the caller's arguments (--steps, --batch, ...) override both
@@ -175,8 +176,9 @@ def labels_of(split) -> torch.Tensor | None:
 
 
 def output_layer(model: nn.Module, num_classes: int) -> nn.Module | None:
-    """The layer that makes the logits: model.head, else the last Linear/1x1 Conv with num_classes outputs."""
-    head = getattr(model, "head", None)
+    """The layer that makes the logits: the model's classifier (`get_classifier()` or `model.head`), else the last
+    Linear/1x1 Conv with num_classes outputs."""
+    head = classifier(model)
     if isinstance(head, (nn.Linear, nn.Conv2d)) and head.bias is not None and head.bias.shape == (num_classes,):
         return head
     found = None

@@ -142,7 +142,9 @@ def fit_long_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
-    """uint8 images (B, C, ...) -> floats standardized by the train split's per-channel mean/std."""
+    """uint8 images (B, C, ...) -> floats standardized by the spec's per-channel mean/std: the train split's, or
+    those of a net's pretrained weights (models/pretrained.py follow_weights). Gray images (C = 1) under a
+    three-channel mean/std come out as (B, 3, ...), the gray image in every channel (broadcasting)."""
     shape = (1, -1) + (1,) * (x.ndim - 2)
     mean = torch.tensor(spec.mean, device=x.device).view(shape)
     std = torch.tensor(spec.std, device=x.device).view(shape)

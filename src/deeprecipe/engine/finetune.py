@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
+from deeprecipe.models.pretrained import classifier
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -134,10 +135,11 @@ def top_level(model: nn.Module) -> list[str]:
 
 
 def head_name(model: nn.Module) -> str:
-    """The top-level layer that is the head: `model.head` when the model exposes it, else its last layer."""
-    head = getattr(model, "head", None)
+    """The top-level layer that holds the head, as the model names it (`get_classifier()`, timm's API, or
+    `model.head`: models/pretrained.py classifier), else its last layer."""
+    head = classifier(model)
     for n, m in model.named_children():
-        if m is head:
+        if head is not None and any(sub is head for sub in m.modules()):
             return n
     return top_level(model)[-1]
 

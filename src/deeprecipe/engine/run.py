@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -133,6 +134,14 @@ def read_config(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return resolve(config.apply_overrides(raw, list(overrides)), raw.get("recipe", ""))
 
 
+def without_start(cfg: Config) -> Config:
+    """The config with no pretrained start (model.weights ""): the run's checkpoint holds every tensor, so a run
+    is loaded without the weights file or a download, on any machine (spec.json keeps the inputs they asked)."""
+    if "weights" not in {f.name for f in dataclasses.fields(cfg.model)} or not cfg.model.weights:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=""))
+
+
 def load_run(run: str | Path, family, device: str = "auto", precision: str = "auto"):
     """(cfg, spec, model with its inference weights in eval mode, runtime) of a finished or running run folder.
     `family` (deeprecipe/family.py) builds the model; the caller resolves it from cfg.task."""
@@ -146,7 +155,7 @@ def load_run(run: str | Path, family, device: str = "auto", precision: str = "au
     spec = DataSpec(**json.loads(spec_path.read_text()))
     spec.image_size = tuple(spec.image_size)
     rt = setup(device, precision)
-    model = family.build_model(cfg, spec)
+    model = family.build_model(without_start(cfg), spec)
     weights = checkpoint.inference_weights(Path(run))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)

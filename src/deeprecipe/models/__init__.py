@@ -19,6 +19,14 @@ from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.models.textclass import TextLSTMConfig, TextTransformerConfig
 from deeprecipe.models.unet import UNetConfig
 from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
+from deeprecipe.models.zoo import (
+    TimmConfig,
+    TVConvNeXtTinyConfig,
+    TVEfficientNetB0Config,
+    TVMobileNetV3Config,
+    TVResNet18Config,
+    TVResNet50Config,
+)
 from deeprecipe.util import call_with, load_object
 
 MODELS: dict[str, type] = {
@@ -40,6 +48,11 @@ MODELS: dict[str, type] = {
     "tv-detector": TVDetectorConfig,
     "pix2pix": Pix2PixConfig,
     "cyclegan": CycleGANConfig,
+    "tv-resnet18": TVResNet18Config,  # torchvision's classifiers as published (models/zoo.py)
+    "tv-resnet50": TVResNet50Config,
+    "tv-mobilenet-v3": TVMobileNetV3Config,
+    "tv-efficientnet-b0": TVEfficientNetB0Config,
+    "tv-convnext-tiny": TVConvNeXtTinyConfig,
 }
 
 
@@ -66,4 +79,6 @@ class UserModel:
 
 
 def model_config_class(name: str) -> type:
+    if name.startswith("timm:"):  # any timm model by its name (models/zoo.py)
+        return TimmConfig
     return lookup(MODELS, name, "model", "model.name", UserModel)

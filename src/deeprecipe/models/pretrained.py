@@ -1,0 +1,213 @@
+"""Pretrained starts: published weights into a registered model, and the inputs those weights expect.
+
+`model.weights` names where a model's first weights come from:
+
+- a local file: `.safetensors`, or a `.pth`/`.pt` state dict read with `torch.load(weights_only=True)` (never
+  unpickled); a training checkpoint's `state_dict` / `model` / `state_dict_ema` entry is unwrapped and wrapper
+  prefixes (`module.`, `_orig_mod.`) dropped, so torchvision's and timm's published files load as they are;
+- a published name (`IMAGENET1K_V1`, `DEFAULT`, ... for a torchvision model; a pretrained tag for a timm one),
+  fetched by that library's own mechanism into its usual cache (torchvision: torch.hub's
+  `$TORCH_HOME/hub/checkpoints/<file>`; timm: the Hugging Face hub cache) when the machine is online. Offline
+  with no cached file, one line names the file expected and where to put it.
+
+Tensors load by name and shape (`load`); every load is reported as a warning (the CLI's `note:` line) with the
+counts of loaded, missing, unexpected and shape-mismatched tensors: a new head sized to the data's classes is the
+expected mismatch. `follow_weights` records in the DataSpec the inputs the weights were trained on (mean/std, RGB
+channels, gray data repeated to three channels, their crop size), and the run saves that spec as spec.json, so
+predict, serve and export prepare images the same way.
+
+A classifier exposes its head through timm's API, `get_classifier()` / `reset_classifier(n)` (torchvision nets
+get it from `with_classifier_api`); `classifier(model)` is what fine-tuning and the checks ask.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from deeprecipe.core import ConfigError, DataSpec, UserError
+
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_state_dict")  # keys checkpoints keep a state dict under
+PREFIXES = ("module.", "_orig_mod.")  # what DDP and torch.compile add to parameter names
+
+
+def is_file(weights: str) -> bool:
+    """Whether model.weights names a file (a path or a weights suffix) rather than a published name."""
+    return weights.endswith(FILE_SUFFIXES) or os.sep in weights or "/" in weights or Path(weights).is_file()
+
+
+def read_file(path: str, where: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A weights file -> name -> tensor, read without unpickling (a checkpoint dict's state dict unwrapped)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{where}={path}: no such file (give a .safetensors/.pth file or a published weights name)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return strip(load_file(str(p)))
+        except Exception as e:
+            raise UserError(f"{where}={path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"{where}={path}: not a weights-only PyTorch file ({str(e).strip().splitlines()[0][:160]}); "
+            "save it with torch.save(model.state_dict(), path) or as .safetensors"
+        ) from None
+    for key in WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{where}={path}: expected a mapping of parameter names to tensors (a state dict)")
+    return strip(obj)
+
+
+def strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for pre in PREFIXES:
+            k = k.removeprefix(pre)
+        out[k] = v
+    return out
+
+
+def hub_file(url: str) -> Path:
+    """Where torch.hub keeps (and looks for) the file of `url`: $TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def torchvision_state(arch: str, name: str, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's published weights `name` for `arch`, through torchvision's own mechanism
+    (torch.hub's cache; a download, hash-checked, when the file is not there yet)."""
+    w = torchvision_weights(arch, name)
+    path = hub_file(w.url)
+    try:
+        state = w.get_state_dict(progress=progress, check_hash=True, map_location="cpu", weights_only=True)
+    except Exception as e:  # offline (URLError, OSError, ...) or a damaged download: say which file is expected
+        if path.is_file():
+            raise UserError(f"model.weights={name}: cannot read {path} ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"model.weights={name}: {path.name} is not in torch.hub's cache and could not be downloaded "
+            f"({type(e).__name__}); put {w.url} at {path}, or give the file itself as model.weights"
+        ) from None
+    return strip(state)
+
+
+def torchvision_weights(arch: str, name: str):
+    """The torchvision weights entry `name` (IMAGENET1K_V1, DEFAULT, ...) of `arch`."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    try:
+        return enum[name]
+    except KeyError:
+        raise ConfigError(
+            f"model.weights={name}: not a file, nor a published weights name of torchvision's {arch} "
+            f"(one of {', '.join(['DEFAULT', *(w.name for w in enum)])})"
+        ) from None
+
+
+def torchvision_inputs(arch: str, name: str) -> dict:
+    """What the weights' images looked like (torchvision's weights.transforms()): mean, std, crop size."""
+    w = torchvision_weights(arch, name)
+    t = w.transforms()
+    return {"mean": list(t.mean), "std": list(t.std), "size": int(t.crop_size[0]), "resize": int(t.resize_size[0])}
+
+
+def load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list]:
+    """Copy the tensors of `state` that match `model` by name and shape, in place; warn the counts (loaded,
+    missing, unexpected, shape-mismatched) and return the names of each."""
+    own = model.state_dict()
+    fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    report = {
+        "loaded": list(fit),
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+        "mismatched": [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and k not in fit],
+    }
+    if not fit:
+        raise UserError(
+            f"model.weights={source}: no tensor matches this model by name and shape (the file's names look like "
+            f"{list(state)[:3]}, the model's like {list(own)[:3]})"
+        )
+    model.load_state_dict(fit, strict=False)
+    mism = ", ".join(f"{k} {list(a)}->{list(b)}" for k, a, b in report["mismatched"][:4])
+    warnings.warn(
+        f"model.weights {source}: loaded {len(fit)} tensors, missing {len(report['missing'])}, unexpected "
+        f"{len(report['unexpected'])}, shape-mismatched {len(report['mismatched'])}"
+        + (f" ({mism}{' ...' if len(report['mismatched']) > 4 else ''}: kept fresh)" if mism else "")
+        + (f"; missing {', '.join(report['missing'][:4])}" if report["missing"] else ""),
+        stacklevel=2,
+    )
+    return report
+
+
+def follow_weights(spec: DataSpec, inputs: dict | None, weights: str) -> None:
+    """Make the spec ask for three-channel inputs (gray data is repeated to RGB by image_ops.normalize) and, with
+    `inputs` (the weights' mean, std and size), normalize the way the weights were trained; the run saves the
+    spec as spec.json, so predict, serve and export do the same."""
+    if inputs:
+        spec.mean, spec.std = tuple(inputs["mean"]), tuple(inputs["std"])
+        spec.extra["inputs"] = {"weights": weights, "channels": "RGB", **inputs}
+        size = inputs.get("size")
+        if size and spec.image_size and max(spec.image_size) and tuple(spec.image_size) != (size, size):
+            warnings.warn(
+                f"model.weights {weights} were trained on {size} x {size} RGB crops; the data's images are "
+                f"{spec.image_size[0]} x {spec.image_size[1]} (data.image_size={size} gives the weights the size "
+                "they know)",
+                stacklevel=2,
+            )
+    elif len(spec.mean) == 1:  # a three-channel net on gray data: the gray image in every channel
+        spec.mean, spec.std = spec.mean * 3, spec.std * 3
+
+
+# ------------------------------------------------------------------------------------------ the head
+
+
+class ClassifierAPI:
+    """timm's classifier API for a torchvision net (mixed into its class): the head is its last nn.Linear."""
+
+    @property
+    def head_path(self) -> str:
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)][-1]
+
+    def get_classifier(self) -> nn.Linear:
+        return self.get_submodule(self.head_path)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes` classes (small weights, zero bias: the loss starts at ln C)."""
+        old = self.get_classifier()
+        new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+        nn.init.trunc_normal_(new.weight, std=0.01)
+        nn.init.zeros_(new.bias)
+        self.set_submodule(self.head_path, new)
+
+
+_WITH_API: dict[type, type] = {}
+
+
+def with_classifier_api(net: nn.Module) -> nn.Module:
+    """The same net (same modules, same state-dict names) whose class also has ClassifierAPI."""
+    cls = type(net)
+    if cls not in _WITH_API:
+        _WITH_API[cls] = type(cls.__name__, (cls, ClassifierAPI), {"__module__": cls.__module__})
+    net.__class__ = _WITH_API[cls]
+    return net
+
+
+def classifier(model: nn.Module) -> nn.Module | None:
+    """The layer that makes a classifier's logits, as the model says: `get_classifier()` (timm's API), else
+    `model.head`; None when the model names none."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        return get()
+    head = getattr(model, "head", None)
+    return head if isinstance(head, nn.Module) else None

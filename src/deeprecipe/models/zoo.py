@@ -1,0 +1,142 @@
+"""Model-zoo classifiers: torchvision's own builders (`tv-resnet18`, ...) and any timm model (`timm:NAME`).
+
+Each is the library's network as published (same modules, same state-dict names, so its published weights load
+by name), with the classifier sized to the data's classes and timm's head API (`get_classifier()`,
+`reset_classifier(n)`). Input: RGB images (B, 3, H, W) normalized the way the weights were trained (mean/std of
+their metadata: models/pretrained.py follow_weights records them in the spec; gray data is repeated to three
+channels); output: logits (B, classes). These nets downsample 32x, so images of at least 32 pixels a side.
+
+`model.weights` gives the first weights (models/pretrained.py): a local file, or a published name fetched by the
+library into its cache (torchvision: IMAGENET1K_V1, DEFAULT, ...; timm: a pretrained tag, or `pretrained` for the
+model's default tag). The classifier's tensors are the expected mismatch and stay fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from deeprecipe.core import ConfigError, DataSpec, UserError, require
+from deeprecipe.models.pretrained import (
+    follow_weights,
+    is_file,
+    load,
+    read_file,
+    strip,
+    torchvision_inputs,
+    torchvision_state,
+    with_classifier_api,
+)
+
+TV_ARCHS = {  # registry name -> torchvision.models.get_model name
+    "tv-resnet18": "resnet18",
+    "tv-resnet50": "resnet50",
+    "tv-mobilenet-v3": "mobilenet_v3_large",
+    "tv-efficientnet-b0": "efficientnet_b0",
+    "tv-convnext-tiny": "convnext_tiny",
+}
+
+
+@dataclass
+class TVClassifierConfig:
+    name: str = "tv-resnet18"  # one of TV_ARCHS
+    weights: str = ""  # a .pth/.pt/.safetensors file or a published name (IMAGENET1K_V1, DEFAULT); "": none
+    progress: bool = True  # show torch.hub's progress bar while the weights download
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        from torchvision.models import get_model
+
+        if self.name not in TV_ARCHS:
+            raise ConfigError(f"model.name={self.name}: not a torchvision classifier ({', '.join(TV_ARCHS)})")
+        arch = TV_ARCHS[self.name]
+        # residual branches start at zero (their last BatchNorm's scale), as our own ResNet's: at random init
+        # the blocks are identities and a 50-layer net's activations stay in range (ln C at init, not ~3x that)
+        extra = {"zero_init_residual": True} if arch.startswith("resnet") else {}
+        net = with_classifier_api(get_model(arch, weights=None, **extra))
+        net.reset_classifier(spec.num_classes)
+        file = is_file(self.weights) if self.weights else False
+        # a file carries no metadata: it is taken for torchvision's ImageNet weights of this arch (what its layout
+        # says), whose inputs the DEFAULT entry describes
+        inputs = torchvision_inputs(arch, "DEFAULT" if file else self.weights) if self.weights else None
+        follow_weights(spec, inputs, self.weights)
+        if self.weights:
+            state = read_file(self.weights) if file else torchvision_state(arch, self.weights, self.progress)
+            load(net, state, self.weights)
+        return net
+
+
+@dataclass
+class TVResNet18Config(TVClassifierConfig):
+    name: str = "tv-resnet18"
+
+
+@dataclass
+class TVResNet50Config(TVClassifierConfig):
+    name: str = "tv-resnet50"
+
+
+@dataclass
+class TVMobileNetV3Config(TVClassifierConfig):
+    name: str = "tv-mobilenet-v3"
+
+
+@dataclass
+class TVEfficientNetB0Config(TVClassifierConfig):
+    name: str = "tv-efficientnet-b0"
+
+
+@dataclass
+class TVConvNeXtTinyConfig(TVClassifierConfig):
+    name: str = "tv-convnext-tiny"
+
+
+@dataclass
+class TimmConfig:
+    """`model.name: timm:NAME` (pip install 'deeprecipe[timm]'): timm.create_model(NAME, num_classes=...)."""
+
+    name: str = "timm:resnet18"
+    weights: str = ""  # a .pth/.safetensors file, a pretrained tag of NAME (a1_in1k, ...), or "pretrained"; "": none
+    args: dict | None = None  # more keyword arguments of timm.create_model (drop_rate, drop_path_rate, ...)
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        timm = import_timm()
+        arch = self.name.removeprefix("timm:")
+        if not timm.is_model(arch):
+            near = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:5]
+            raise ConfigError(f"model.name={self.name}: timm has no model {arch!r} (similar: {', '.join(near)})")
+        net = timm.create_model(arch, pretrained=False, num_classes=spec.num_classes, **(self.args or {}))
+        file = is_file(self.weights) if self.weights else False
+        cfg = net.pretrained_cfg
+        inputs = None
+        if self.weights:
+            inputs = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "size": int(cfg["input_size"][-1])}
+        follow_weights(spec, inputs, self.weights)
+        if self.weights:
+            state = read_file(self.weights) if file else timm_state(timm, arch, self.weights)
+            load(net, state, self.weights)
+        return net
+
+
+def import_timm():
+    return require("timm", "timm", "model.name timm:NAME")
+
+
+def timm_state(timm, arch: str, tag: str) -> dict:
+    """The published weights of `arch` with pretrained tag `tag` ("pretrained": its default), fetched by timm's own
+    hub mechanism (the Hugging Face hub cache) with the original head; load() then keeps the data's head."""
+    name = arch if tag == "pretrained" else f"{arch.split('.')[0]}.{tag}"
+    try:
+        return strip(timm.create_model(name, pretrained=True).state_dict())
+    except Exception as e:  # offline without a cached copy, an unknown tag, ...
+        cache = "$HF_HOME/hub (default ~/.cache/huggingface/hub)"
+        try:
+            hub = timm.models.get_pretrained_cfg(name).hf_hub_id
+        except Exception:
+            hub = None
+        where = f"the Hugging Face hub repository {hub} in {cache}" if hub else f"timm's cache ({cache})"
+        raise UserError(
+            f"model.weights={tag}: timm could not fetch the weights of {name} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}); expected {where}, or give "
+            "a downloaded file as model.weights"
+        ) from None

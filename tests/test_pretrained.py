@@ -1,0 +1,268 @@
+"""Pretrained starts (models/pretrained.py, models/zoo.py): published weight layouts load by name into the zoo's
+models, a published name is read from torch.hub's cache with the network unreachable, an offline miss names the
+file it needs, and the inputs follow the weights (their mean/std, RGB) through train, eval, predict, serve and
+export. The weights are made here (random init, the real layout): nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image
+
+from deeprecipe.core import ConfigError, DataSpec, UserError
+from deeprecipe.data import image_ops
+from deeprecipe.engine.finetune import head_name
+from deeprecipe.models import MODELS, model_config_class
+from deeprecipe.models.pretrained import classifier, hub_file
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # torchvision's published ImageNet transforms
+RESNET18_FILE = "resnet18-f37072fd.pth"  # the published file name of ResNet18_Weights.IMAGENET1K_V1
+
+
+def spec(classes: int = 3, channels: int = 3, size: int = 32) -> DataSpec:
+    return DataSpec(
+        num_classes=classes,
+        class_names=[f"c{i}" for i in range(classes)],
+        in_channels=channels,
+        image_size=(size, size),
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
+
+
+def tv_resnet18_state() -> dict[str, torch.Tensor]:
+    """A torchvision ResNet-18's state dict exactly as published (1000 classes), with random weights."""
+    torch.manual_seed(1)
+    return torchvision.models.resnet18(weights=None).state_dict()
+
+
+def build(name: str, weights: str, s: DataSpec) -> tuple[nn.Module, list[str]]:
+    """The model and the notes its build gave (warnings: what the CLI prints as note: lines)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = model_config_class(name)(name=name, weights=weights).build(s)
+    return model, [str(x.message) for x in w]
+
+
+def assert_loaded_all_but_the_head(model: nn.Module, state: dict, notes: list[str]) -> None:
+    head = {k for k in model.state_dict() if k.startswith("fc.")}
+    assert head == {"fc.weight", "fc.bias"}
+    for k, v in model.state_dict().items():
+        if k not in head:
+            assert torch.equal(v, state[k]), k
+    assert set(model.state_dict()) == set(state)  # the published layout, name for name
+    note = next(n for n in notes if "loaded" in n)
+    assert f"loaded {len(state) - 2} tensors, missing 0, unexpected 0, shape-mismatched 2" in note, note
+    assert "fc.weight [1000, 512]->[3, 512]" in note
+
+
+@pytest.mark.parametrize("layout", ["plain", "checkpoint", "safetensors"])
+def test_torchvision_file_loads_into_tv_resnet18_with_only_the_head_mismatched(tmp_path, layout):
+    state = tv_resnet18_state()
+    if layout == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "r18.safetensors"
+        save_file(state, str(path))
+    else:  # a training checkpoint: the state dict under "state_dict", names prefixed by DDP's module.
+        path = tmp_path / "r18.pth"
+        obj = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 90} if layout != "plain" else state
+        torch.save(obj, path)
+    model, notes = build("tv-resnet18", str(path), spec())
+    assert_loaded_all_but_the_head(model, state, notes)
+    assert tuple(model(torch.randn(2, 3, 32, 32)).shape) == (2, 3)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """An empty TORCH_HOME and no network: any download attempt fails loudly."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    return home
+
+
+def test_published_name_loads_from_the_torch_hub_cache_without_the_network(offline):
+    state = tv_resnet18_state()
+    cached = offline / "hub" / "checkpoints" / RESNET18_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    assert hub_file(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url) == cached
+    s = spec()
+    model, notes = build("tv-resnet18", "IMAGENET1K_V1", s)
+    assert_loaded_all_but_the_head(model, state, notes)
+    assert (list(s.mean), list(s.std)) == IMAGENET  # the inputs follow the weights' metadata
+    assert s.extra["inputs"]["size"] == 224 and s.extra["inputs"]["channels"] == "RGB"
+    assert any("224 x 224" in n for n in notes)  # the data's 32 px images are not the weights' size
+
+
+def test_offline_miss_is_one_line_naming_the_cache_path(offline, monkeypatch):
+    import urllib.error
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(UserError) as e:
+        build("tv-resnet18", "IMAGENET1K_V1", spec())
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(offline / "hub" / "checkpoints" / RESNET18_FILE) in msg
+    assert "https://download.pytorch.org/models/" + RESNET18_FILE in msg
+
+
+def test_unknown_published_name_and_missing_file_are_config_errors(offline):
+    with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
+        build("tv-resnet18", "IMAGENET9K", spec())
+    with pytest.raises(ConfigError, match="no such file"):
+        build("tv-resnet18", "nowhere/r18.pth", spec())
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": tv_resnet18_state(), "cfg": Path("x")}, path)  # a non-tensor object: needs unpickling
+    with pytest.raises(UserError, match="weights-only"):
+        build("tv-resnet18", str(path), spec())
+
+
+@pytest.mark.parametrize(
+    "name, head, top",
+    [("tv-resnet18", "fc", "fc"), ("tv-mobilenet-v3", "classifier.3", "classifier")],
+)
+def test_zoo_models_name_their_head(name, head, top):
+    """timm's API on torchvision nets: get_classifier is the last Linear, sized to the classes; fine-tuning and the
+    checks find it there; reset_classifier gives a fresh head for another class count, and ln C at init."""
+    torch.manual_seed(0)
+    model = MODELS[name]().build(spec(classes=4))
+    assert model.get_classifier() is model.get_submodule(head) and classifier(model) is model.get_submodule(head)
+    assert model.get_classifier().out_features == 4
+    assert head_name(model) == top
+    model.reset_classifier(7)
+    assert model.get_submodule(head).out_features == 7
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(16, 3, 32, 32))
+    loss = nn.functional.cross_entropy(logits, torch.randint(0, 7, (16,)))
+    assert abs(loss.item() - np.log(7)) < 0.05  # a small head: every class equally likely at init
+
+
+def test_gray_data_is_repeated_to_rgb_and_normalized_per_channel(offline):
+    s = spec(channels=1)
+    MODELS["tv-resnet18"]().build(s)  # no weights: the data's own gray statistics in each channel
+    assert s.mean == (0.5,) * 3 and s.std == (0.25,) * 3
+    cached = offline / "hub" / "checkpoints" / RESNET18_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save(tv_resnet18_state(), cached)
+    s = spec(channels=1)
+    build("tv-resnet18", "IMAGENET1K_V1", s)
+    gray = torch.randint(0, 256, (2, 1, 5, 5), dtype=torch.uint8)
+    # oracle: torchvision's normalize of the gray image copied into R, G and B
+    want = torchvision.transforms.functional.normalize(gray.repeat(1, 3, 1, 1).float() / 255, *IMAGENET)
+    assert torch.allclose(image_ops.normalize(gray, s), want, atol=1e-6)
+    assert s.in_channels == 1  # files are still read as gray, as the data set read them
+
+
+def test_timm_model_loads_a_timm_layout_file(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    src = timm.create_model("resnet18", pretrained=False)  # 1000 classes, timm's names
+    path = tmp_path / "timm-r18.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), str(path))
+    s = spec(classes=5)
+    model, notes = build("timm:resnet18", str(path), s)
+    own = model.state_dict()
+    assert set(own) == set(src.state_dict())
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in own.items() if not k.startswith("fc."))
+    assert model.get_classifier().out_features == 5 and head_name(model) == "fc"
+    assert "missing 0, unexpected 0, shape-mismatched 2" in next(n for n in notes if "loaded" in n)
+    assert (list(s.mean), [round(v, 3) for v in s.std]) == (IMAGENET[0], IMAGENET[1])
+    with pytest.raises(ConfigError, match="timm has no model"):
+        model_config_class("timm:no_such_net")(name="timm:no_such_net").build(spec())
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def squares(root: Path, n: int = 8, size: int = 32) -> None:
+    """red/ and blue/: n images each of a coloured square on a random dark background."""
+    g = torch.Generator().manual_seed(0)
+    for name, rgb in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = torch.randint(0, 60, (size, size, 3), dtype=torch.uint8, generator=g)
+            a, b = (int(v) for v in torch.randint(0, size // 2, (2,), generator=g))
+            img[a : a + size // 2, b : b + size // 2] = torch.tensor(rgb, dtype=torch.uint8)
+            Image.fromarray(img.numpy()).save(root / name / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_fine_tuning_tv_resnet18_from_a_weights_file_runs_through_every_verb(tmp_path, cli):
+    """train from a test-made torchvision file; the run's spec says ImageNet's mean/std; eval, predict, serve
+    and the ONNX export all prepare an image that way (the oracle: the model fed torchvision's own
+    normalization by hand), and none needs the weights file once the run exists."""
+    from fastapi.testclient import TestClient
+
+    from deeprecipe.cli import open_run
+    from deeprecipe.serve.export import run_onnx
+    from deeprecipe.serve.server import ServeOptions, build_app
+
+    squares(tmp_path / "img")
+    weights = tmp_path / "resnet18.pth"
+    torch.save(tv_resnet18_state(), weights)
+    run = tmp_path / "run"
+    args = ["data.path=" + str(tmp_path / "img"), "data.image_size=32", "data.val_fraction=0.25", "data.flip=true"]
+    args += ["model.name=tv-resnet18", f"model.weights={weights}", "train.device=cpu", "train.precision=fp32"]
+    args += ["train.steps=3", "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "train.workers=0"]
+    code, out, err = cli("train", "imagefolder-resnet", "--out", run, *[a for s in args for a in ("--set", s)])
+    assert code == 0, err
+    assert "loaded 120 tensors, missing 0, unexpected 0, shape-mismatched 2" in err
+    saved = json.loads((run / "spec.json").read_text())
+    assert [saved["mean"], saved["std"]] == list(IMAGENET) and saved["in_channels"] == 3
+    weights.unlink()  # a finished run needs only its own folder
+
+    code, out, err = cli("eval", run, "--json")
+    assert code == 0, err
+    files = [tmp_path / "img" / "red" / "0.png", tmp_path / "img" / "blue" / "1.png"]
+    code, out, err = cli("predict", run, *files, "--json", "--top", "2")
+    assert code == 0, err
+    predicted = json.loads(out)
+    cfg, s, model, rt, family = open_run(str(run), "cpu", "fp32")
+    for f, p in zip(files, predicted):
+        rgb = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255
+        x = torchvision.transforms.functional.normalize(rgb, *IMAGENET)[None]
+        with torch.no_grad():
+            want = model(x).softmax(-1)[0]
+        got = {t["label"]: t["prob"] for t in p["top"]}
+        assert got == pytest.approx({n: float(want[i]) for i, n in enumerate(s.class_names)}, abs=1e-4)
+
+    with TestClient(build_app(str(run), cfg, s, model, rt, family, ServeOptions())) as c:
+        r = c.post("/classify", files={"image": ("x.png", files[0].read_bytes(), "image/png")}, params={"top": 2})
+        assert r.status_code == 200, r.text
+        assert {t["label"]: t["prob"] for t in r.json()["top"]} == {t["label"]: t["prob"] for t in predicted[0]["top"]}
+
+    code, out, err = cli("export", run)
+    assert code == 0, err
+    about = json.loads((run / "export" / "model.json").read_text())
+    assert [about["mean"], about["std"]] == list(IMAGENET)
+    rgb = torch.from_numpy(np.array(Image.open(files[1]).convert("RGB"))).permute(2, 0, 1).float() / 255
+    x = torchvision.transforms.functional.normalize(rgb, *IMAGENET)[None].contiguous()
+    (logits,) = run_onnx(run / "export" / "model.onnx", {"image": x})
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-4)
+    best = predicted[1]["top"][0]
+    assert float(logits.softmax(-1)[0, s.class_names.index(best["label"])]) == pytest.approx(best["prob"], abs=1e-4)
+    torch.set_grad_enabled(True)
