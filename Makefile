@@ -8,7 +8,7 @@ CPU_TORCH := https://download.pytorch.org/whl/cpu
 DEMO := runs/demo-digits-cnn
 export DEEPRECIPE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean constraints
 
 $(BIN)/deeprecipe: pyproject.toml constraints-ci.txt
 	@echo "setting up $(VENV): deeprecipe, torch and the rest (the first time: a few minutes of downloads)"
@@ -40,6 +40,20 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/classify_speed.py
+
+# constraints-ci.txt pins every package `make setup` and CI install, the transitive ones too: pip-compile (pip-tools,
+# in the dev extra) resolves pyproject.toml with all its extras through pip's own index configuration, on Linux x86-64
+# with the venv's Python. torch and torchvision stay at the releases CI machines hold as local wheels (TORCH_PINS); the
+# CUDA build's nvidia-* packages are pinned with them; pip (`make setup` upgrades it) and deeprecipe itself (the dev
+# extra names it) are left out. Existing pins are kept where they still fit:
+# `make constraints COMPILE_ARGS=--upgrade` moves every pin to the newest release.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+COMPILE_ARGS ?=
+constraints: setup
+	printf '%s\n' $(TORCH_PINS) | CUSTOM_COMPILE_COMMAND="make constraints" $(BIN)/pip-compile -q $(COMPILE_ARGS) \
+		--all-extras --strip-extras --unsafe-package pip --unsafe-package deeprecipe \
+		--no-emit-index-url --no-emit-find-links \
+		--output-file constraints-ci.txt pyproject.toml -
 
 clean:
 	rm -rf runs .pytest_cache
