@@ -364,3 +364,303 @@ def test_init_loss_check_catches_a_heat_head_not_started_at_the_prior(tmp_path, 
 
     v = init_loss(Ctx(cfg, tmp_path, get_family("detect"), data=data, make_model=make, batch_size=16))
     assert v.status == ("fail" if planted else "pass"), v
+
+
+# ------------------------------------------------------------------------------------------------ files at scale
+
+
+def draw_set(folder, n, w=40, h=30, box=(8, 6, 20, 18)):
+    """n images w x h, each a black picture with one bright rectangle at `box` (pixel edges, shifted by i % 5)
+    in a colour of its own: (image paths, YOLO lines)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        img = Image.new("RGB", (w, h), (0, 0, 0))
+        x1, y1, x2, y2 = (v + i % 5 for v in box)
+        img.paste((255, (37 * i) % 256, 200), (x1, y1, x2, y2))
+        img.save(folder / f"{i:03d}.png")
+        lines.append(f"{i % 2} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n")
+    return lines
+
+
+def yolo_set(root, n, **kw):
+    lines = draw_set(root / "images", n, **kw)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for i, line in enumerate(lines):
+        (root / "labels" / f"{i:03d}.txt").write_text(line)
+    return root
+
+
+def yolo_cfg(root, **kw):
+    base = dict(path=str(root), format="yolo", classes=["a", "b"], size=(24, 32), val_fraction=0.25, test_fraction=0)
+    return BoxFilesData(**(base | kw))
+
+
+def test_a_streamed_set_gives_the_batches_of_the_in_memory_one_and_resumes_exactly(tmp_path):
+    from deeprecipe.data.core import StreamSplit, train_batches
+
+    yolo_set(tmp_path, 12)
+    held, streamed = yolo_cfg(tmp_path).build(), yolo_cfg(tmp_path, in_memory_mb=0).build()
+    assert isinstance(held.train, TensorSplit) and isinstance(streamed.train, StreamSplit)
+    assert held.spec.extra["objects_per_image"] == streamed.spec.extra["objects_per_image"]
+    cpu = torch.device("cpu")
+    want = list(train_batches(held.train, 3, range(4), 5, cpu))
+    got = list(train_batches(streamed.train, 3, range(4), 5, cpu, workers=2))
+    resumed = list(train_batches(streamed.train, 3, range(2, 4), 5, cpu, workers=2))
+    for a, b in zip(want, got):
+        assert all(torch.equal(s, t) for s, t in zip(a, b))
+    for a, b in zip(want[2:], resumed):
+        assert all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def test_building_a_streamed_set_decodes_only_the_statistics_sample(tmp_path, monkeypatch):
+    from deeprecipe.data import boxfiles
+
+    yolo_set(tmp_path, 90, w=16, h=16, box=(2, 2, 8, 8))
+    decoded = []
+    monkeypatch.setattr(boxfiles, "read", lambda p, c, read=boxfiles.read: decoded.append(p) or read(p, c))
+    with pytest.warns(UserWarning, match="90 images streamed from disk"):
+        data = yolo_cfg(tmp_path, size=(16, 16), val_fraction=0, in_memory_mb=0).build()
+    assert len(data.train) == 90 and len(decoded) == 64
+
+
+def test_the_image_cache_is_written_once_reused_and_replaced_when_files_change(tmp_path, monkeypatch):
+    import os
+
+    from deeprecipe.data import boxfiles
+
+    yolo_set(tmp_path, 6)
+    cfg = yolo_cfg(tmp_path, val_fraction=0, in_memory_mb=0, cache=True)
+    plain = yolo_cfg(tmp_path, val_fraction=0, in_memory_mb=0).build().train.dataset
+    first = cfg.build().train.dataset
+    want = [first[i][0] for i in range(6)]  # decoded and written
+    assert all(torch.equal(a, plain[i][0]) for i, a in enumerate(want))
+    decoded = []
+    monkeypatch.setattr(boxfiles, "read", lambda p, c, read=boxfiles.read: decoded.append(p) or read(p, c))
+    again = cfg.build().train.dataset
+    assert all(torch.equal(again[i][0], w) for i, w in enumerate(want)) and decoded == []
+    cache_dir = tmp_path / ".deeprecipe-cache"
+    before = sorted(p.name for p in cache_dir.iterdir())
+    st = os.stat(tmp_path / "images" / "002.png")
+    os.utime(tmp_path / "images" / "002.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cfg.build()
+    after = sorted(p.name for p in cache_dir.iterdir())
+    assert len(after) == len(before) == 2 and after != before  # a new cache replaces the old one
+    cfg.size = (16, 16)
+    assert cfg.build().train.dataset[0][0].shape == (3, 16, 16)
+
+
+def test_letterbox_keeps_the_aspect_and_boxes_come_back_at_their_pixels(tmp_path):
+    """An 80 x 40 image with a bright rectangle over columns 20..39, rows 10..29, letterboxed into 32 x 32: the
+    image is scaled by 0.4 and centred (8 rows of padding above); a detector that reports the bright pixels'
+    box in the model's image gets it back at the rectangle's own pixels through predict's mapping."""
+    from deeprecipe.data.detect import placement, to_image_boxes, to_model_boxes
+    from deeprecipe.families.detect import detect_images
+
+    yolo_set(tmp_path, 1, w=80, h=40, box=(20, 10, 40, 30))
+    data = yolo_cfg(tmp_path, size=(32, 32), letterbox=True, val_fraction=0).build()
+    x, b, y = data.train.tensors
+    assert b[0, 0].tolist() == pytest.approx([8.0, 12.0, 16.0, 20.0]) and y[0, 0] == 0
+    assert (x[0, :, :8] == 114).all() and (x[0, :, 24:] == 114).all()  # the padding, above and below
+    place = placement(80, 40, (32, 32), True)
+    assert place == (0.4, 0.4, 0.0, 8.0)
+    back = to_image_boxes(to_model_boxes(torch.tensor([[20.0, 10.0, 40.0, 30.0]]), place), place, 80, 40)
+    assert back.tolist() == [[20.0, 10.0, 40.0, 30.0]]
+
+    class Bright(torch.nn.Module):  # "detects" the red pixels of the (normalized) image
+        def detect(self, x):
+            rows, cols = (x[0, 0] > 1.0).any(1).nonzero().flatten(), (x[0, 0] > 1.0).any(0).nonzero().flatten()
+            box = torch.tensor([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]]).float()
+            return [(box, torch.ones(1), torch.zeros(1, dtype=torch.long))]
+
+    class Runtime:
+        device = torch.device("cpu")
+
+        def autocast(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    spec = DataSpec(image_size=(32, 32), class_names=["a", "b"], mean=(0.2,) * 3, std=(0.3,) * 3, extra=data.spec.extra)
+    from deeprecipe.data.image_ops import read
+
+    got = detect_images(Bright(), spec, Runtime(), [read(tmp_path / "images" / "000.png", 3)])[0]["boxes"][0]
+    assert got == pytest.approx([20.0, 10.0, 40.0, 30.0], abs=2.5)
+    squashed = yolo_cfg(tmp_path, size=(32, 32), val_fraction=0).build()
+    assert squashed.train.tensors[1][0, 0].tolist() == pytest.approx([8.0, 8.0, 16.0, 24.0])
+
+
+def voc_split_set(root, difficult_in_test=True):
+    """A VOC folder with official lists: train a b, val c, test d; d's person is difficult, test has no car."""
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    write_images(root / "JPEGImages", [f"{n}.png" for n in "abcd"], w=48, h=48)
+    objs = {
+        "a": [("car", (3, 3, 20, 20)), ("person", (25, 5, 40, 40))],
+        "b": [("car", (5, 5, 30, 30))],
+        "c": [("person", (5, 5, 30, 30))],
+        "d": [("person", (5, 5, 30, 30)), ("person", (32, 32, 46, 46))],
+    }
+    for n, o in objs.items():
+        xml = voc_xml(f"{n}.png", o, w=48, h=48)
+        if n == "d" and difficult_in_test:
+            xml = xml.replace("</name>", "</name><difficult>1</difficult>", 1)
+        (root / "Annotations" / f"{n}.xml").write_text(xml)
+    for k, ids in (("train", "a\nb\n"), ("val", "c\n"), ("test", "d\n")):
+        (root / "ImageSets" / "Main" / f"{k}.txt").write_text(ids)
+    return root
+
+
+def test_voc_official_lists_and_difficult_boxes_mAP_ignores(tmp_path):
+    voc_split_set(tmp_path)
+    data = BoxFilesData(path=str(tmp_path), format="voc", classes=["car", "person"], size=(48, 48)).build()
+    assert (len(data.train), len(data.val), len(data.test)) == (2, 1, 1)
+    x, b, y = data.test.tensors
+    assert y[0].tolist() == [-3, 1]  # the difficult person: ignored(1) = -3
+    truth = b[0, 1]
+    m = DetectionMetrics(2)
+    hit = (truth[None], torch.tensor([0.5]), torch.tensor([1]))
+    m.update([hit], b, y)
+    assert m.compute()["map"] == pytest.approx(1.0)  # the difficult one is not a miss
+    m = DetectionMetrics(2)
+    on_difficult = (torch.stack([b[0, 0], truth]), torch.tensor([0.9, 0.5]), torch.tensor([1, 1]))
+    m.update([on_difficult], b, y)
+    assert m.compute()["map"] == pytest.approx(1.0)  # nor is a detection on it a false alarm
+    counted = DetectionMetrics(2)
+    counted.update([hit], b, y.clamp_min(-1).abs())  # the same box counted as a person: missed
+    assert counted.compute()["map_50"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_coco_official_layout_maps_category_ids_and_keeps_its_split(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    for split, names in (("train2017", ["a.png", "b.png"]), ("val2017", ["c.png"])):
+        write_images(tmp_path / split, names)
+        doc = {
+            "images": [{"id": i, "file_name": n, "width": 40, "height": 30} for i, n in enumerate(names)],
+            "annotations": [
+                {"id": i, "image_id": i, "category_id": 7 if i else 3, "bbox": [1, 2, 10, 10], "iscrowd": int(i == 1)}
+                for i in range(len(names))
+            ],
+            "categories": [{"id": 7, "name": "bus"}, {"id": 3, "name": "car"}],
+        }
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+    data = BoxFilesData(path=str(tmp_path), format="coco", size=(30, 40)).build()
+    assert data.spec.class_names == ["car", "bus"] and len(data.train) == 2 and len(data.val) == 1
+    assert data.test is None and data.train.tensors[2][:, 0].tolist() == [0, -3]  # b's bus is a crowd region
+
+
+def test_yolo_split_folders_and_a_label_without_its_image(tmp_path):
+    for k, n in (("train", 4), ("val", 2)):
+        lines = draw_set(tmp_path / "images" / k, n)
+        (tmp_path / "labels" / k).mkdir(parents=True)
+        for i, line in enumerate(lines):
+            (tmp_path / "labels" / k / f"{i:03d}.txt").write_text(line)
+    (tmp_path / "labels" / "train" / "lost.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    cfg = yolo_cfg(tmp_path)
+    with pytest.warns(UserWarning, match=r"1 label files without an image skipped \(e\.g\. .*lost\.txt"):
+        data = cfg.build()
+    assert (len(data.train), len(data.val), data.test) == (4, 2, None)
+    cfg.strict = True
+    with pytest.raises(DataError, match=r"lost\.txt: a label file without its image .*images/train/lost"):
+        cfg.build()
+
+
+def test_kitti_split_lists(tmp_path):
+    write_images(tmp_path / "image_2", [f"{i:06d}.png" for i in range(3)])
+    (tmp_path / "label_2").mkdir()
+    for i in range(3):
+        (tmp_path / "label_2" / f"{i:06d}.txt").write_text("Car 0.00 0 -0.2 10 5 20 25 1.7 0.6 0.8 1 1 9 0.1\n")
+    (tmp_path / "ImageSets").mkdir()
+    (tmp_path / "ImageSets" / "train.txt").write_text("000000\n000002\n")
+    (tmp_path / "ImageSets" / "val.txt").write_text("000001\n")
+    data = BoxFilesData(path=str(tmp_path), format="kitti", size=(30, 40)).build()
+    assert (len(data.train), len(data.val), data.test) == (2, 1, None)
+    (tmp_path / "ImageSets" / "val.txt").write_text("000001\n000009\n")
+    with pytest.raises(DataError, match=r"val\.txt:2: no image .*000009"):
+        BoxFilesData(path=str(tmp_path), format="kitti", size=(30, 40)).build()
+
+
+def test_map_with_crowd_regions_equals_pycocotools_cocoeval(tmp_path):
+    """A COCO set of 4 images (two categories with ids 2 and 9, crowd regions, boxes of every size) and
+    detections near them, some on crowd regions, some false: the family's mAP numbers (the file read by
+    boxfiles, the metric by DetectionMetrics) equal COCOeval's on the same JSON within 1e-4."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    g = torch.Generator().manual_seed(0)
+    W, H = 240, 200
+    write_images(tmp_path / "images", [f"{i}.png" for i in range(4)], w=W, h=H)
+    anns, dets, k = [], [], 0
+    for i in range(4):
+        for j in range(5):
+            w, h = (6 + 110 * torch.rand(2, generator=g)).tolist()
+            x, y = float(torch.rand(1, generator=g)) * (W - w), float(torch.rand(1, generator=g)) * (H - h)
+            cat, crowd = (2, 9)[(i + j) % 2], int(j == 4)
+            k += 1
+            anns.append(
+                {"id": k, "image_id": i, "category_id": cat, "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd}
+            )
+            for _ in range(2):  # two noisy detections per object, one sometimes of the wrong class
+                n = (torch.randn(4, generator=g) * 0.12 * torch.tensor([w, h, w, h])).tolist()
+                wrong = float(torch.rand(1, generator=g)) < 0.2
+                dets.append(
+                    {
+                        "image_id": i,
+                        "category_id": (9, 2)[(i + j) % 2] if wrong else cat,
+                        "bbox": [x + n[0], y + n[1], max(w + n[2], 2.0), max(h + n[3], 2.0)],
+                        "score": round(float(torch.rand(1, generator=g)), 4),
+                    }
+                )
+        dets.append({"image_id": i, "category_id": 2, "bbox": [5.0, 5.0, 30.0, 30.0], "score": 0.55})
+    doc = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in range(4)],
+        "annotations": anns,
+        "categories": [{"id": 9, "name": "bus"}, {"id": 2, "name": "car"}],
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(doc))
+    data = BoxFilesData(path=str(tmp_path), format="coco", size=(H, W), val_fraction=0, test_fraction=0).build()
+    _, boxes, labels = data.train.tensors
+    contiguous = {2: 0, 9: 1}
+    per_image = []
+    for i in range(4):
+        d = [e for e in dets if e["image_id"] == i]
+        b = torch.tensor(
+            [[e["bbox"][0], e["bbox"][1], e["bbox"][0] + e["bbox"][2], e["bbox"][1] + e["bbox"][3]] for e in d]
+        )
+        per_image.append(
+            (b, torch.tensor([e["score"] for e in d]), torch.tensor([contiguous[e["category_id"]] for e in d]))
+        )
+    m = DetectionMetrics(2)
+    m.update(per_image, boxes, labels)
+    ours = m.compute()
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "annotations.json"))
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    names = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large"]
+    for name, ref in zip(names, ev.stats[:6]):
+        assert ours[name] == pytest.approx(ref, abs=1e-4), name
+    assert ours["mar_100"] == pytest.approx(ev.stats[8], abs=1e-4)
+    for c, cat in ((0, 2), (1, 9)):  # per class: COCOeval's precision table at that category
+        p = ev.eval["precision"][:, :, ev.params.catIds.index(cat), 0, -1]
+        assert ours["ap_per_class"][c] == pytest.approx(float(p[p > -1].mean()), abs=1e-4)
+    assert 0.1 < ours["map"] < 0.9  # neither trivial nor empty
+
+
+def test_a_class_without_test_boxes_is_reported_not_a_crash(tmp_path, cli):
+    """Train on a streamed VOC set whose test split holds no car: the run finishes and says so."""
+    root = voc_split_set(tmp_path / "voc", difficult_in_test=False)
+    run = tmp_path / "run"
+    sets = ["data.name=boxfiles", f"data.path={root}", "data.format=voc", "data.classes=[car,person]"]
+    sets += ["data.size=[48,48]", "data.in_memory_mb=0", "model.width=4", "model.neck=8", "model.max_width=16"]
+    sets += ["train.steps=2", "train.batch_size=2", "train.eval_every=0", "train.device=cpu", "train.workers=0"]
+    code, _, err = cli("train", "scenes-detect", "--out", str(run), *[a for s in sets for a in ("--set", s)])
+    assert code == 0, err
+    ap = (run / "plots" / "ap.txt").read_text()
+    assert "car              AP n/a (no boxes of class car in test)" in ap and "person           AP 0." in ap
+    assert "no boxes of class car in test" in err

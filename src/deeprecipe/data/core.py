@@ -90,8 +90,9 @@ def pad_targets(
 
 
 def trim_targets(boxes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the trailing padding columns of padded targets (see pad_targets) that no example of the batch uses."""
-    used = (labels >= 0).any(0).nonzero()
+    """Drop the trailing padding columns of padded targets (see pad_targets) that no example of the batch uses
+    (label -1; labels below it are boxes, data/detect.py ignored)."""
+    used = (labels != -1).any(0).nonzero()
     m = int(used[-1]) + 1 if len(used) else 0
     return boxes[:, :m], labels[:, :m]
 

@@ -13,6 +13,12 @@ occluded"), is not labelled. Image i of a split is a pure function of its number
 
 Augmentation (flip, zoom, shift, crop) is applied per batch on the device by families/detect, moving and
 clipping the boxes with the image.
+
+A box that evaluation ignores (a VOC `difficult` object, a COCO `iscrowd` region) has label -2 - c for its class
+c (`ignored`, `ignored_class`): it is neither padding nor a target of the loss, and mAP neither counts it missed
+nor counts a detection on it a false alarm (COCOeval's crowd rule). An image enters the net at `data.size` either
+resized (squashed) or letterboxed (its aspect kept, padded): `placement` gives the map from the image's pixels to
+the model's, `to_model_boxes` / `to_image_boxes` move boxes along it and back.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
+from deeprecipe.data.image_ops import resize
 from deeprecipe.data.scenes import render_scenes, render_splits
 
 DETECT_CLASSES = ["car", "person", "traffic sign"]
@@ -66,8 +73,71 @@ def boxes_from_instances(
     return boxes.gather(1, order[..., None].expand(-1, -1, 4)) * keep.gather(1, order)[..., None], cls.gather(1, order)
 
 
-def box_spec(classes: list[str], palette, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, extra):
-    """The DataSpec of a detection data set (statistics from its train split)."""
+PAD_VALUE = 114  # letterbox padding: YOLO's grey, near the mean of natural images (normalizes to about 0)
+
+
+def ignored(c: int) -> int:
+    """The label of a box of class c that evaluation ignores (VOC difficult, COCO iscrowd)."""
+    return -2 - c
+
+
+def ignored_class(labels: torch.Tensor) -> torch.Tensor:
+    """Labels (any shape) -> the class of each ignored box (label <= -2), -1 elsewhere."""
+    return torch.where(labels <= -2, -2 - labels, -1)
+
+
+def placement(w: float, h: float, size: tuple[int, int], letterbox: bool) -> tuple[float, float, float, float]:
+    """(sx, sy, px, py): a point (u, v) of a w x h image lies at (u * sx + px, v * sy + py) in the model's H x W
+    image. Resize: sx = W / w, sy = H / h. Letterbox: one scale, the image centred, the rest padded."""
+    H, W = size
+    if not letterbox:
+        return W / w, H / h, 0.0, 0.0
+    nw, nh = letterbox_size(w, h, size)
+    return nw / w, nh / h, float((W - nw) // 2), float((H - nh) // 2)
+
+
+def letterbox_size(w: float, h: float, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a w x h image scaled to fit H x W with its aspect kept."""
+    H, W = size
+    s = min(W / w, H / h)
+    return max(1, min(W, round(w * s))), max(1, min(H, round(h * s)))
+
+
+def to_model_image(img: torch.Tensor, size: tuple[int, int], letterbox: bool) -> torch.Tensor:
+    """uint8 (C, h, w) -> (C, H, W) as `placement` says: resized, or letterboxed (padded with PAD_VALUE)."""
+    if not letterbox:
+        return resize(img, tuple(size))
+    H, W = size
+    h, w = img.shape[-2:]
+    nw, nh = letterbox_size(w, h, size)
+    _, _, px, py = placement(w, h, size, True)
+    out = torch.full((img.shape[0], H, W), PAD_VALUE, dtype=torch.uint8)
+    out[:, int(py) : int(py) + nh, int(px) : int(px) + nw] = resize(img, (nh, nw))
+    return out
+
+
+def to_model_boxes(boxes: torch.Tensor, place) -> torch.Tensor:
+    """Boxes (..., 4) xyxy in an image's pixels -> the model's pixels (place: `placement`)."""
+    sx, sy, px, py = place
+    return boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([px, py, px, py])
+
+
+def to_image_boxes(boxes: torch.Tensor, place, w: float, h: float) -> torch.Tensor:
+    """Boxes (..., 4) in the model's pixels -> the w x h image's pixels, clipped to it (inverse of to_model_boxes)."""
+    sx, sy, px, py = place
+    out = (boxes - boxes.new_tensor([px, py, px, py])) / boxes.new_tensor([sx, sy, sx, sy])
+    return torch.stack(
+        [out[..., 0].clamp(0, w), out[..., 1].clamp(0, h), out[..., 2].clamp(0, w), out[..., 3].clamp(0, h)], -1
+    )
+
+
+def box_spec(
+    classes: list[str], palette, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, extra, n_images=0
+):
+    """The DataSpec of a detection data set (statistics from its train split): `images` all of it or a sample
+    (n, 3, H, W), boxes (..., 4) and labels (...) of the whole split (-1 padding), n_images its size (default
+    len(images))."""
+    n_images = n_images or len(images)
     xf = images[:512].float() / 255
     valid = labels >= 0
     counts = torch.bincount(labels[valid], minlength=len(classes))[: len(classes)]
@@ -85,7 +155,7 @@ def box_spec(classes: list[str], palette, images: torch.Tensor, boxes: torch.Ten
             "boxes": "xyxy",
             "palette": [list(map(int, c)) for c in palette],
             # objects of each class per training image (the detector's heat-map prior at init)
-            "objects_per_image": [float(c) / max(len(images), 1) for c in counts.tolist()],
+            "objects_per_image": [float(c) / max(n_images, 1) for c in counts.tolist()],
             "box_wh_sample": [[round(float(a), 2), round(float(b), 2)] for a, b in sample.tolist()],
             **extra,
         },

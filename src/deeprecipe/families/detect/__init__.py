@@ -1,5 +1,6 @@
 """Object detection: a batch is (images uint8 (B, 3, H, W), boxes float (B, M, 4) xyxy pixels, labels (B, M)),
-label -1 on padding (data/core.py pad_targets; data/detect.py makes such splits).
+label -1 on padding (data/core.py pad_targets; data/detect.py makes such splits), -2 - c on a box of class c that
+mAP ignores (VOC difficult, COCO iscrowd; data/detect.py ignored) and the loss skips.
 
 `prepare` normalizes and, when training, flips, zooms and shifts (or crops) each image with one affine map
 on the device and moves its boxes by the same map: a box is clipped to the new image, and one with less than
@@ -14,6 +15,7 @@ Integrated Gradients, Grad-CAM (at the neck's feature map, which both heads read
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches, trim_targets
+from deeprecipe.data.detect import placement, to_image_boxes, to_model_image
 from deeprecipe.data.image_ops import denormalize, normalize
 from deeprecipe.families.detect import checks as detect_checks
 from deeprecipe.families.detect.metrics import DetectionMetrics, draw_boxes, match_misses
@@ -112,23 +115,28 @@ def _caption_boxes(img: torch.Tensor, truth, dets, spec: DataSpec) -> torch.Tens
 
 
 def at_model_size(img: torch.Tensor, spec: DataSpec) -> torch.Tensor:
-    """uint8 (C, h, w) of any size -> (3, H, W) at the model's size (grey repeated to three channels)."""
-    return image_ops.resize(img[:3] if img.shape[0] >= 3 else img.expand(3, -1, -1), tuple(spec.image_size))
+    """uint8 (C, h, w) of any size -> (3, H, W) at the model's size (grey repeated to three channels), resized or
+    letterboxed as the training images were (spec.extra["letterbox"])."""
+    rgb = img[:3] if img.shape[0] >= 3 else img.expand(3, -1, -1)
+    return to_model_image(rgb, tuple(spec.image_size), bool(spec.extra.get("letterbox")))
+
+
+def to_image(boxes: torch.Tensor, spec: DataSpec, w: int, h: int) -> torch.Tensor:
+    """Boxes (k, 4) in the model's pixels -> those of the w x h image at_model_size was given."""
+    place = placement(w, h, tuple(spec.image_size), bool(spec.extra.get("letterbox")))
+    return to_image_boxes(boxes.float().cpu(), place, w, h)
 
 
 @torch.no_grad()
 def detect_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[dict]:
     """uint8 images (C, h, w) of any sizes -> per image {"boxes": [[x1, y1, x2, y2], ...] in the image's own
     pixels, "labels", "scores"}: each is resized to the model's size, all run as one batch."""
-    H, W = spec.image_size
     x = normalize(torch.stack([at_model_size(img, spec) for img in images]).to(rt.device), spec)
     with rt.autocast():
         dets = model.detect(x)
     out = []
     for img, (b, s, y) in zip(images, dets):
-        h, w = img.shape[-2:]
-        scale = torch.tensor([w / W, h / H, w / W, h / H])
-        b = (b.float().cpu() * scale).round(decimals=1)
+        b = to_image(b, spec, img.shape[-1], img.shape[-2]).round(decimals=1)
         out.append(
             {
                 "boxes": b.tolist(),
@@ -205,8 +213,7 @@ def explain_detection(
     shown = draw_boxes(img, box[None], None, (255, 255, 255))  # no caption over the heat; the text names it
     baseline = torch.zeros_like(x)  # the data's mean colour (a grey like the road); black boxes look like tyres
     r = ex.image_explanation(model, shown, x, baseline, forward_of, None, method, sanity, CAM_LAYER)
-    (H, W), (h, w) = spec.image_size, image.shape[-2:]
-    own = [round(v, 1) for v in (box * torch.tensor([w / W, h / H, w / W, h / H])).tolist()]
+    own = [round(v, 1) for v in to_image(box[None], spec, image.shape[-1], image.shape[-2])[0].tolist()]
     return r | {"target": target or 0, "label": label, "score": round(score, 4), "box": own}
 
 
@@ -251,7 +258,7 @@ class Detect(Family):
     CHECKS_SKIP = {
         "init_prior": "the heat maps are one sigmoid per class and cell, started at the prior (init_loss checks it)"
     }
-    EXTRA_CHECKS = {"overfit": detect_checks.overfit, "boxes": detect_checks.boxes}
+    EXTRA_CHECKS = {"overfit": detect_checks.overfit, "boxes": detect_checks.boxes, "labels": detect_checks.labels}
     CHECK_DEFAULTS = {"overfit_examples": 4, "overfit_steps": 150}
 
     def check_config(self, cfg: Config) -> None:
@@ -326,7 +333,16 @@ class Detect(Family):
             pr_plot(m["pr_curves"], spec.class_names, plots_dir / "pr_curves.png")
         lines = [f"{split}: mAP@[.5:.95] {m['map']:.4f}, mAP@.5 {m['map_50']:.4f}, mAP@.75 {m['map_75']:.4f}"]
         lines += [f"by size: small {m['map_small']:.4f}, medium {m['map_medium']:.4f}, large {m['map_large']:.4f}"]
-        lines += [f"{n:<16} AP {v:.4f}" for n, v in zip(spec.class_names, m["ap_per_class"])]
+        absent = [n for n, v in zip(spec.class_names, m["ap_per_class"]) if v is None]
+        lines += [
+            f"{n:<16} AP {v:.4f}" if v is not None else f"{n:<16} AP n/a (no boxes of class {n} in {split})"
+            for n, v in zip(spec.class_names, m["ap_per_class"])
+        ]
+        if absent:
+            warnings.warn(
+                f"no boxes of class {', '.join(absent)} in {split}: AP n/a (mAP averages the other classes)",
+                stacklevel=2,
+            )
         (plots_dir / "ap.txt").write_text("\n".join(lines) + "\n")
         out = {f"{split}_{k}": v for k, v in m.items() if k != "pr_curves"}
         out[f"{split}_ap_per_class"] = dict(zip(spec.class_names, m["ap_per_class"]))

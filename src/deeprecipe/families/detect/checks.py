@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from deeprecipe.checks.core import Ctx, Verdict, batch_stats_eval, fit
+from deeprecipe.checks.core import Ctx, Verdict, batch_stats_eval, fit, labels_of
 from deeprecipe.core import DataSpec
 from deeprecipe.models.detect import giou
 
@@ -77,6 +77,24 @@ def overfit(ctx: Ctx) -> Verdict:
         "and the score threshold"
     )
     return Verdict("overfit", status, measured, "mAP@.5 = 1.0", advice, r["map_50"])
+
+
+def labels(ctx: Ctx) -> Verdict:
+    """Box classes in 0..C-1 in every split: -1 is padding, -2 - c a box of class c that mAP ignores."""
+    C, problems = ctx.spec.num_classes, []
+    for name in ("train", "val", "test"):
+        y = labels_of(getattr(ctx.data, name))
+        if y is None:
+            continue
+        y = torch.where(y <= -2, -2 - y, y)
+        bad = (y != -1) & ((y < 0) | (y >= C))
+        if bad.any():
+            problems.append(f"{name}: {int(bad.sum())} (e.g. {int(y[bad][0])})")
+    if problems:
+        return Verdict(
+            "labels", "fail", "; ".join(problems), f"0..{C - 1}", "box classes out of range: fix the class list", 1
+        )
+    return Verdict("labels", "pass", "all in range", f"0..{C - 1}", "", 0)
 
 
 def edge_score(images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, points: int = 8) -> float:

@@ -20,8 +20,15 @@ class DetectionMetrics:
         )
 
     def update(self, dets, boxes: torch.Tensor, labels: torch.Tensor) -> None:
+        """dets: (boxes (k, 4), scores (k,), labels (k,)) per image; boxes (B, M, 4) and labels (B, M) of the
+        truth, -1 padding, ignored(c) = -2 - c a box of class c that counts as COCO's iscrowd (VOC difficult)."""
         preds = [{"boxes": b.float().cpu(), "scores": s.float().cpu(), "labels": y.long().cpu()} for b, s, y in dets]
-        target = [{"boxes": b[y >= 0].float().cpu(), "labels": y[y >= 0].long().cpu()} for b, y in zip(boxes, labels)]
+        target = []
+        for b, y in zip(boxes.cpu(), labels.cpu().long()):
+            real = y != -1
+            crowd = y[real] <= -2
+            c = torch.where(crowd, -2 - y[real], y[real])
+            target.append({"boxes": b[real].float(), "labels": c, "iscrowd": crowd.long()})
         self.m.update(preds, target)
 
     def compute(self) -> dict:
