@@ -19,6 +19,7 @@ from PIL import Image
 
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
+from deeprecipe.engine import checkpoint
 from deeprecipe.engine.finetune import head_name
 from deeprecipe.models import MODELS, model_config_class
 from deeprecipe.models.pretrained import classifier, hub_file
@@ -209,6 +210,26 @@ def squares(root: Path, n: int = 8, size: int = 32) -> None:
             Image.fromarray(img.numpy()).save(root / name / f"{i}.png")
 
 
+def test_checks_make_batches_as_the_weights_expect(tmp_path):
+    """deeprecipe check's batches (the batch check runs before any model is built) are normalized as the
+    pretrained weights ask: gray files repeated to RGB, ImageNet's mean/std (oracle: torchvision's normalize)."""
+    from deeprecipe.checks.core import Ctx
+    from deeprecipe.families import get_family
+    from deeprecipe.recipe import load
+
+    squares(tmp_path / "img", n=3)
+    weights = tmp_path / "r18.pth"
+    torch.save(tv_resnet18_state(), weights)
+    args = [f"data.path={tmp_path / 'img'}", "data.image_size=32", "data.channels=1", "data.val_fraction=0"]
+    cfg = load("imagefolder-resnet", [*args, "model.name=tv-resnet18", f"model.weights={weights}", "train.device=cpu"])
+    ctx = Ctx(cfg, tmp_path / "checks", get_family("classify"))
+    x, _ = ctx.train_batch(0, augment=False)
+    raw = ctx.data.train.take(torch.arange(len(ctx.data.train)))[0]  # (N, 1, 32, 32) uint8
+    assert raw.shape[1] == 1 and x.shape[1] == 3
+    want = torchvision.transforms.functional.normalize(raw.repeat(1, 3, 1, 1).float() / 255, *IMAGENET)
+    assert any(torch.allclose(x[0], w, atol=1e-6) for w in want)
+
+
 @pytest.mark.slow
 def test_fine_tuning_tv_resnet18_from_a_weights_file_runs_through_every_verb(tmp_path, cli):
     """train from a test-made torchvision file; the run's spec says ImageNet's mean/std; eval, predict, serve
@@ -227,9 +248,14 @@ def test_fine_tuning_tv_resnet18_from_a_weights_file_runs_through_every_verb(tmp
     args = ["data.path=" + str(tmp_path / "img"), "data.image_size=32", "data.val_fraction=0.25", "data.flip=true"]
     args += ["model.name=tv-resnet18", f"model.weights={weights}", "train.device=cpu", "train.precision=fp32"]
     args += ["train.steps=3", "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "train.workers=0"]
-    code, out, err = cli("train", "imagefolder-resnet", "--out", run, *[a for s in args for a in ("--set", s)])
+    freeze = ["--init-from", weights, "--freeze", "backbone", "--head-lr", "10"]  # the README's way to freeze
+    code, out, err = cli("train", "imagefolder-resnet", "--out", run, *freeze, *[a for s in args for a in ("--set", s)])
     assert code == 0, err
     assert "loaded 120 tensors, missing 0, unexpected 0, shape-mismatched 2" in err
+    trained = checkpoint.inference_weights(run)
+    source = tv_resnet18_state()
+    for name, _ in torchvision.models.resnet18().named_parameters():  # the frozen backbone is the file's
+        assert torch.equal(trained[name], source[name]) == (not name.startswith("fc.")), name
     saved = json.loads((run / "spec.json").read_text())
     assert [saved["mean"], saved["std"]] == list(IMAGENET) and saved["in_channels"] == 3
     weights.unlink()  # a finished run needs only its own folder

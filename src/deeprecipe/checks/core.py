@@ -87,6 +87,10 @@ class Ctx:
     def data(self) -> Data:
         if self._data is None:
             self._data = self.cfg.data.build()
+            if self._make_model is None and getattr(self.cfg.model, "weights", ""):
+                # pretrained weights set the inputs they expect in the spec when their model is built
+                # (models/pretrained.py follow_weights), as in the loop: before any batch is made
+                self.family.build_model(self.cfg, self._data.spec)
         if not self.memo.get("moved"):
             for name in ("train", "val", "test"):
                 s = getattr(self._data, name)
