@@ -828,6 +828,7 @@ def test_lr_find_verb_writes_plot_and_suggestion(tmp_path, capsys):
 # tiny settings of the registry test, by data set and by model: a new entry must add its line here (KeyError)
 TINY_DATA = {
     "scenes-detect": ["data.size=[64,64]", "data.train_size=128", "data.val_size=32", "data.test_size=32"],
+    "boxfiles": [],  # the voc/coco/yolo/kitti-detect templates: data.path to fill in (skipped until then)
     "digits": [],
     "fashion-mnist": ["data.image_size=14", "data.limit=4000"],
     "text": ["data.block_size=32", "data.vocab_size=320"],  # (BPE only: a vocabulary that learns context fast)
