@@ -6,12 +6,11 @@ import argparse
 import importlib
 import json
 import shlex
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
-from deeprecipe.core import DataError, UserError
+from deeprecipe.core import UserError
 
 # modules of this package that add verbs: each defines add_parsers(subparsers) and imports nothing heavy at module
 # level (torch and the families are imported by its cmd functions), so building the parser stays light
@@ -21,6 +20,7 @@ VERB_MODULES: list[str] = [
     "deeprecipe.cli.tune",
     "deeprecipe.cli.translate",
     "deeprecipe.cli.drive",
+    "deeprecipe.cli.robust",
 ]
 DEVICES = "auto | cpu | cuda | cuda:N | mps"
 
@@ -47,6 +47,15 @@ def open_run(run: str, device: str = "auto", precision: str = "auto", task: str 
     loaded = load_run(run, family, device, precision)
     print(f"weights: {weights_of(run).text}", file=sys.stderr, flush=True)
     return (*loaded, family)
+
+
+def load_run_api(run: str, device: str = "auto", precision: str | None = None):
+    """deeprecipe.load(run) (the Python API's Run, its model loaded); says on stderr which weights."""
+    from deeprecipe import api
+
+    loaded = api.load(run, device, precision)
+    print(f"weights: {loaded.weights.text}", file=sys.stderr, flush=True)
+    return loaded
 
 
 def weights_of(run: str | Path):
@@ -87,61 +96,46 @@ def cmd_recipes(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from deeprecipe.engine.loop import train
-    from deeprecipe.engine.run import new_run_dir, read_config
-    from deeprecipe.recipe import load
+    from deeprecipe import api
 
     overrides = list(args.set or [])
-    if args.device:
-        overrides.append(f"train.device={args.device}")
     flags = {"init_from": args.init_from, "freeze": args.freeze, "head_lr": args.head_lr}
     flags |= {"backbone_lr": args.backbone_lr, "unfreeze_after": args.unfreeze_after}
     overrides += [f"finetune.{k}={v}" for k, v in flags.items() if v is not None]  # shortcuts for the section
-    if args.resume:
-        if args.init_from:
-            raise UserError(
-                "--init-from starts a new run and --resume continues one (it keeps its fine-tuning plan): use one"
-            )
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml)")
-        cfg = read_config(run_dir, overrides)
-    else:
-        if not args.recipe:
-            raise UserError("train needs a recipe (see 'deeprecipe recipes') or --resume RUN")
-        cfg = load(args.recipe, overrides)
-        run_dir = new_run_dir(args.recipe, args.out)
-        if (run_dir / "config.yaml").exists():
-            raise UserError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --out")
-    existed = run_dir.exists()
-    try:
-        command = shlex.join(["deeprecipe", *args.argv])
-        final = train(cfg, family_of(cfg), run_dir, resume=bool(args.resume), command=command)
-    except BaseException:
-        # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
-        if not existed and not (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    shown = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-    print(f"weights: {weights_of(run_dir).text}")
+    if args.resume and args.init_from:
+        raise UserError(
+            "--init-from starts a new run and --resume continues one (it keeps its fine-tuning plan): use one"
+        )
+    command = shlex.join(["deeprecipe", *args.argv])
+    run = api.train(
+        args.resume or args.recipe, overrides, args.out, args.device, resume=bool(args.resume), command=command
+    )
+    shown = {k: v for k, v in run.final.items() if isinstance(v, (int, float))}
+    print(f"weights: {run.weights.text}")
     print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()))  # every key names its split: val_acc, test_acc
-    print(f"run folder: {run_dir}\nreport: {run_dir / 'report.html'}")
+    print(f"run folder: {run.dir}\nreport: {run.dir / 'report.html'}")
 
 
 def cmd_eval(args) -> None:
-    from deeprecipe.engine.loop import evaluate
     from deeprecipe.engine.plots import confusion
 
-    cfg, spec, model, rt, family = open_run(args.run, args.device)
-    data = cfg.data.build()
-    for name in ("train", "val", "test"):
-        s = getattr(data, name)
-        if s is not None:
-            s.to(rt.device)
-    split = args.split or ("test" if data.test is not None else "val")
-    out = evaluate(family, model, data, cfg, rt, split)
+    if args.shift or args.attack or args.eps:  # robustness under shift and attack (cli/robust.py)
+        from deeprecipe.cli.robust import eval_robust, robust_options
+
+        robust_options(args)  # bad flags fail in one line before the run loads
+        cfg, spec, model, rt, family = open_run(args.run, args.device)
+        data = cfg.data.build()
+        for name in ("train", "val", "test"):
+            s = getattr(data, name)
+            if s is not None:
+                s.to(rt.device)
+        split = args.split or ("test" if data.test is not None else "val")
+        return eval_robust(args, cfg, model, rt, family, data, split)
+    run = load_run_api(args.run, args.device)
+    out = run.evaluate(args.split)
+    split, spec = out.pop("split"), run.spec
     if args.json:
-        about = weights_of(args.run)
+        about = run.weights
         print(json.dumps(out | {"split": split, "weights": about.text, "step": about.step}))
         return
     for k, v in out.items():
@@ -159,41 +153,19 @@ def cmd_eval(args) -> None:
         print(f"confusion matrix: {path}")
 
 
-PREDICT_CHUNK = 64  # files per call of the family's predict hook (one batch)
-
-
 def cmd_predict(args) -> None:
     """Predict every file; a file that cannot be used is reported (error: ...) and the others go on, with a
     non-zero exit at the end."""
-    import torch
-
-    from deeprecipe.family import PredictOptions
-
-    cfg, spec, model, rt, family = open_run(args.run, args.device, args.precision)
-    opts = PredictOptions(top=args.top, out=Path(args.out) if args.out else None)
-    files, results, failed = args.files, [], 0
-    for i in range(0, len(files), PREDICT_CHUNK):
-        chunk = files[i : i + PREDICT_CHUNK]
-        try:
-            with torch.no_grad():
-                got = family.predict(model, spec, cfg, rt, chunk, opts)
-        except DataError:  # a file that cannot be used: the chunk again one file at a time, reporting the bad ones
-            if len(files) == 1:
-                raise
-            got = []
-            for f in chunk:
-                try:
-                    with torch.no_grad():
-                        got += family.predict(model, spec, cfg, rt, [f], opts)
-                except DataError as e:
-                    failed += 1
-                    print(f"error: {_one_line(e)}", file=sys.stderr)
-                    got.append({"file": f, "error": _one_line(e)})
-        results += got
-        if not args.json:
-            for r in got:
-                if "error" not in r:
-                    print(r.get("text") or json.dumps(r), flush=True)
+    run = load_run_api(args.run, args.device, args.precision)
+    files, results, failed = [Path(f) for f in args.files], [], 0  # Paths: a missing file is no text to classify
+    errors = "raise" if len(files) == 1 else "record"
+    for r in run.predict(files, top=args.top, out=args.out, errors=errors, stream=True):
+        results.append(r)
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(r.get("text") or json.dumps(r), flush=True)
     if args.json:
         print(json.dumps(results, indent=1))
     if failed:
@@ -237,14 +209,10 @@ def cmd_explain(args) -> None:
 
 def cmd_sample(args) -> None:
     """Generate from a trained run: text from a language model, images from a GAN (the family's sample hook)."""
-    import torch
-
-    from deeprecipe.family import SampleOptions
-
-    if not 0 <= args.seed < 2**64:  # what torch.Generator takes (the server refuses the same range)
+    if not 0 <= args.seed < 2**64:  # checked before the model loads (the API checks it again)
         raise UserError(f"--seed {args.seed}: must be in 0 .. 2**64 - 1")
-    cfg, spec, model, rt, family = open_run(args.run, args.device)
-    opts = SampleOptions(
+    run = load_run_api(args.run, args.device)
+    pieces = run.sample(
         prompt=args.prompt,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -252,13 +220,12 @@ def cmd_sample(args) -> None:
         top_p=args.top_p,
         n=args.n,
         seed=args.seed,
-        out=Path(args.out) if args.out else None,
-        run_dir=Path(args.run),
+        out=args.out,
+        stream=True,
     )
-    with torch.no_grad():
-        for piece in family.sample(model, spec, cfg, rt, opts):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
 
 
 def cmd_runs(args) -> None:
@@ -344,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(s)
     s.add_argument("--split", choices=["train", "val", "test"], help="split to evaluate (default test, else val)")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    s.add_argument("--shift", help="image shifts, e.g. fog,night,blur,noise,jpeg,brightness: the metric per severity")
+    s.add_argument("--severity", default="1,2,3,4,5", help="severities of --shift, 1..5 (default 1,2,3,4,5)")
+    s.add_argument("--attack", choices=["fgsm", "pgd"], help="adversarial attack in pixel space (needs --eps)")
+    s.add_argument("--eps", help="attack radii in pixel levels of 1/255, e.g. 2,8 or 2/255,8/255")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="run a trained model on files")
