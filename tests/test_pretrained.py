@@ -195,6 +195,32 @@ def test_timm_model_loads_a_timm_layout_file(tmp_path):
         model_config_class("timm:no_such_net")(name="timm:no_such_net").build(spec())
 
 
+def test_timm_tag_comes_from_timms_hub_cache_and_an_offline_miss_names_it(tmp_path, monkeypatch, offline):
+    timm = pytest.importorskip("timm")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub's own offline switch: no request leaves
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    with pytest.raises(UserError) as e:
+        build("timm:resnet18", "a1_in1k", spec())
+    assert "\n" not in str(e.value) and str(repo) in str(e.value)
+    with pytest.raises(ConfigError, match="a1_in1k"):  # an unknown tag lists the published ones
+        build("timm:resnet18", "b9_in1k", spec())
+    torch.manual_seed(0)
+    src = timm.create_model("resnet18", pretrained=False)
+    rev = "0" * 40  # the hub cache's layout: refs/main names the snapshot that holds the files
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file(src.state_dict(), str(repo / "snapshots" / rev / "model.safetensors"))
+    model, notes = build("timm:resnet18", "a1_in1k", spec(classes=5))
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
+    assert "missing 0, unexpected 0, shape-mismatched 2" in next(n for n in notes if "loaded" in n)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

@@ -14,6 +14,7 @@ model's default tag). The classifier's tensors are the expected mismatch and sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -124,19 +125,23 @@ def import_timm():
 
 def timm_state(timm, arch: str, tag: str) -> dict:
     """The published weights of `arch` with pretrained tag `tag` ("pretrained": its default), fetched by timm's own
-    hub mechanism (the Hugging Face hub cache) with the original head; load() then keeps the data's head."""
-    name = arch if tag == "pretrained" else f"{arch.split('.')[0]}.{tag}"
+    hub mechanism (the Hugging Face hub, its cache) with the original head; load() then keeps the data's head."""
+    base = arch.split(".")[0]
+    name = arch if tag == "pretrained" else f"{base}.{tag}"
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
+        raise ConfigError(f"model.weights={tag}: timm publishes no weights {name} (tags of {base}: {', '.join(tags)})")
     try:
         return strip(timm.create_model(name, pretrained=True).state_dict())
-    except Exception as e:  # offline without a cached copy, an unknown tag, ...
-        cache = "$HF_HOME/hub (default ~/.cache/huggingface/hub)"
-        try:
-            hub = timm.models.get_pretrained_cfg(name).hf_hub_id
-        except Exception:
-            hub = None
-        where = f"the Hugging Face hub repository {hub} in {cache}" if hub else f"timm's cache ({cache})"
+    except Exception as e:  # offline without a cached copy, a damaged download, ...
+        constants = require("huggingface_hub.constants", "timm")  # where timm's hub downloads go
+        repo = Path(constants.HF_HUB_CACHE) / ("models--" + (cfg.hf_hub_id or "").replace("/", "--"))
+        where = f"the hub repository {cfg.hf_hub_id} in {repo}" if cfg.hf_hub_id else f"{cfg.url} in timm's cache"
         raise UserError(
-            f"model.weights={tag}: timm could not fetch the weights of {name} ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}); expected {where}, or give "
-            "a downloaded file as model.weights"
+            f"model.weights={tag}: timm could not fetch the weights of {name} ({type(e).__name__}); expected "
+            f"{where} (fetched when online), or give a downloaded file as model.weights"
         ) from None
