@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from deeprecipe.cli import main, open_run
 from deeprecipe.core import UserError
-from deeprecipe.data.core import DataSpec
+from deeprecipe.data.core import Data, DataSpec, TensorSplit
 from deeprecipe.families import get_family
 from deeprecipe.families.classify import Classify
 from deeprecipe.family import Family
@@ -193,3 +193,38 @@ def test_default_example_exports_a_language_model_forward_with_dynamic_batch_and
     ids = torch.randint(0, 11, (3, 5))  # another batch size and length
     got = export.run_onnx(tmp_path / "lm.onnx", {"tokens": ids})[0]
     torch.testing.assert_close(got, model(ids)[0], atol=1e-4, rtol=1e-3)
+
+
+def test_int8_file_is_smaller_and_scores_close_to_float_on_the_test_split(run_dir, tmp_path):
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    data = cfg.data.build()
+    r = export.quantize_run(str(run_dir), family, model, spec, data, str(tmp_path / "m.onnx"), 64, timing_s=0)
+    f, q = r["float"], r["int8"]
+    assert q["file"] == str(tmp_path / "m.int8.onnx") and os.path.isfile(q["file"])
+    assert q["bytes"] < f["bytes"] and r["metric"] == "acc" and r["split"] == "test" and r["calibration"] == 64
+    # the oracle for the float figure: the PyTorch model's accuracy on the same split
+    with torch.no_grad():
+        want = family.evaluate(model.eval(), data, "test", cfg, rt, True)["acc"]
+    assert f["score"] == pytest.approx(want, abs=1e-6)
+    assert abs(q["score"] - f["score"]) <= 0.1, r
+    assert {1, 32} <= set(q["latency_ms"]) and all(v > 0 for v in q["latency_ms"].values())
+    assert json.loads((tmp_path / "m.int8.json").read_text())["int8"]["bytes"] == q["bytes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.json", "m.int8.onnx", "m.json", "m.onnx"]
+
+
+def test_int8_refuses_nets_it_does_not_apply_to_in_one_line(run_dir, cli):
+    spec = DataSpec(vocab_size=11)
+    with pytest.raises(UserError, match="one float input") as e:
+        export.int8_inputs(Family(), TinyLM().eval(), spec)  # token ids in: nothing to calibrate activations on
+    assert "\n" not in str(e.value) and "tokens (int64)" in str(e.value)
+    code, out, err = cli("export", run_dir, "--format", "pt2", "--int8")
+    assert code == 2 and "--int8" in err and "use --format onnx" in err and not out
+
+    class Generator(Family):  # a GAN's export: noise in, though its training data are images
+        def export_example(self, model, spec, batch):
+            return {"inputs": {"noise": torch.randn(batch, 16)}}
+
+    images = DataSpec(num_classes=2, in_channels=1, image_size=(8, 8))
+    split = TensorSplit(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UserError, match=r"net input is \[1, 8, 8\] .* exports noise \[16\]"):
+        export.quantize_run(str(run_dir), Generator(), nn.Linear(16, 64), images, Data(images, split, test=split))

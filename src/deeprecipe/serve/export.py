@@ -24,9 +24,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -218,3 +222,167 @@ def export_run(
     }
     path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# ------------------------------------------------------------------------------------------ int8
+
+
+def int8_inputs(family, model: nn.Module, spec) -> str:
+    """The input name of a net that static int8 quantization applies to here, or a UserError saying why not: one
+    float input (token ids and several inputs are refused; quantize_run also checks that the training data's
+    prepared batches (family.batch_input) have the input's shape)."""
+    ex = example(family, model, spec, batch=2)
+    ins = {n: str(t.dtype).removeprefix("torch.") for n, t in ex["inputs"].items()}
+    if len(ins) != 1 or not next(iter(ex["inputs"].values())).is_floating_point():
+        raise UserError(
+            f"--int8 calibrates a net with one float input on its training data; task '{family.name}' exports "
+            f"{', '.join(f'{n} ({d})' for n, d in ins.items())}: export without --int8"
+        )
+    return next(iter(ins))
+
+
+def prepared_batches(family, split, spec, idx: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """(net input as float32 (B, ...), labels: the prepared batch's last entry) of the examples `idx`, in order."""
+    for i in range(0, len(idx), batch):
+        prepared = family.prepare(split.take(idx[i : i + batch]), spec, None)
+        yield family.batch_input(prepared).float().contiguous().cpu(), prepared[-1]
+
+
+class Calibration:
+    """onnxruntime's CalibrationDataReader over prepared batches of the training split: get_next() -> feeds."""
+
+    def __init__(self, name: str, batches: Iterator[tuple[torch.Tensor, Any]]):
+        self.name, self.batches = name, batches
+
+    def get_next(self) -> dict | None:
+        x = next(self.batches, None)
+        return None if x is None else {self.name: x[0].numpy()}
+
+
+def latency_ms(session, name: str, x: np.ndarray, budget_s: float = 1.0) -> float:
+    """Median milliseconds of one onnxruntime run on `x`, after warm-up, over up to `budget_s` seconds (>= 5 runs)."""
+    for _ in range(3):
+        session.run(None, {name: x})
+    times: list[float] = []
+    end = time.perf_counter() + budget_s
+    while len(times) < 5 or (time.perf_counter() < end and len(times) < 200):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def quantize_run(
+    run: str,
+    family,
+    model: nn.Module,
+    spec,
+    data,
+    out: str | None = None,
+    calibration: int = 256,
+    batch: int = 64,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    timing_s: float = 1.0,
+) -> dict:
+    """Export the run's model to float ONNX (parity-checked, as export_run), quantize it to int8 with
+    onnxruntime's static post-training quantization (QDQ, per-channel weights, activation ranges from
+    `calibration` examples of the training split), and compare both on the test split (val when there is none):
+    accuracy for classifiers, mIoU for segmenters, else the int8 output's agreement with float. Returns
+    {"float": summary, "int8": summary, "metric", "split", "calibration"}, each summary {file, bytes, score,
+    latency_ms: {1, 32}} (the median of runs over up to `timing_s` seconds each); the int8 file is `out` with
+    .int8.onnx (default RUN/export/model.int8.onnx), these figures in model.int8.json."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    name = int8_inputs(family, model, spec)
+    test_name = "test" if data.test is not None and len(data.test) else "val"
+    test = data.split(test_name)
+    train = data.split("train")
+    ex = example(family, model, spec, batch=2)
+    want, fed = ex["inputs"][name], next(prepared_batches(family, train, spec, torch.arange(min(2, len(train))), 2))[0]
+    dynamic = ex["dynamic"].get(name, {})
+    if want.ndim != fed.ndim or any(a != b for i, (a, b) in enumerate(zip(want.shape, fed.shape)) if i not in dynamic):
+        raise UserError(  # a GAN's generator takes noise, not the training images
+            f"--int8 calibrates on the training data, whose net input is {list(fed.shape)[1:]} per example, while "
+            f"task '{family.name}' exports {name} {list(want.shape)[1:]}: export without --int8"
+        )
+    flt = export_run(run, family, model, spec, "onnx", out, atol, rtol)
+    if len(flt["files"]) > 2:
+        raise UserError("--int8 needs the float model in one .onnx file (its weights are over the 2 GB of one file)")
+    fpath = Path(flt["file"])
+    qpath = fpath.with_suffix(".int8.onnx")
+    files = {"float": fpath, "int8": qpath}
+    tmp = qpath.with_name(qpath.name + ".tmp")
+    pre = fpath.with_name(fpath.stem + ".pre.onnx.tmp")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: max(1, calibration)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fpath), str(pre), skip_symbolic_shape=True)  # shapes and fusions ORT advises
+            quantize_static(
+                str(pre),
+                str(tmp),
+                Calibration(name, prepared_batches(family, train, spec, pick, batch)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+            )
+        os.replace(tmp, qpath)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"int8 quantization of {fpath} failed: {first_line(e)}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        pre.unlink(missing_ok=True)
+
+    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
+    order = torch.arange(len(test))
+    scores: dict[str, Score] = {}
+    for x, y in prepared_batches(family, test, spec, order, batch):
+        got = {k: torch.from_numpy(s.run(None, {name: x.numpy()})[0]) for k, s in sessions.items()}
+        for k, out in got.items():
+            scores.setdefault(k, Score(out, y, spec.num_classes, family.IGNORE_INDEX)).update(out, y, got["float"])
+    x32 = next(prepared_batches(family, test, spec, order.repeat(32 // len(order) + 1)[:32], 32))[0].numpy()
+    result: dict = {"metric": scores["float"].metric, "split": test_name, "examples": len(test)}
+    result["calibration"] = len(pick)
+    for k, p in files.items():
+        result[k] = {
+            "file": str(p),
+            "bytes": p.stat().st_size,
+            "score": scores[k].compute(),
+            "latency_ms": {n: latency_ms(sessions[k], name, x32[:n], timing_s) for n in (1, 32)},
+        }
+    qpath.with_suffix(".json").write_text(json.dumps(result, indent=1))  # model.int8.onnx -> model.int8.json
+    return result
+
+
+class Score:
+    """A figure of a model's outputs over a split, batch by batch: "acc" (accuracy) for (B, C) logits of (B,)
+    labels, "miou" (torchmetrics' macro Jaccard index: classes never seen do not count) for (B, C, H, W) logits of
+    (B, H, W) masks, else "agreement" with the float model's outputs (1 - relative L2 error: 1.0 when equal)."""
+
+    def __init__(self, out: torch.Tensor, labels: Any, num_classes: int, ignore_index: int | None):
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+        self.metric, kw = "agreement", {"num_classes": num_classes, "ignore_index": ignore_index}
+        if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and num_classes:
+            if out.ndim == 2 and labels.shape == out.shape[:1]:
+                self.metric, self.m = "acc", MulticlassAccuracy(average="micro", **kw)
+            elif out.ndim == 4 and labels.shape == (out.shape[0], *out.shape[2:]):
+                self.metric, self.m = "miou", MulticlassJaccardIndex(average="macro", **kw)
+        self.err, self.ref = 0.0, 0.0
+
+    def update(self, out: torch.Tensor, labels: Any, ref: torch.Tensor) -> None:
+        if self.metric == "agreement":
+            self.err += float((out.double() - ref.double()).square().sum())
+            self.ref += float(ref.double().square().sum())
+        else:
+            self.m.update(out.argmax(1), labels.long().cpu())
+
+    def compute(self) -> float:
+        if self.metric == "agreement":
+            return 1 - (self.err / max(self.ref, 1e-30)) ** 0.5
+        return float(self.m.compute())
