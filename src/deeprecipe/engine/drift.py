@@ -13,7 +13,8 @@ train), up to REF_EXAMPLES examples' statistics in drift_reference.safetensors:
 - features: the maximum mean discrepancy (MMD^2, biased estimate) with a Gaussian kernel whose bandwidth is the
   median pairwise distance (the median heuristic), its p-value by permutation (Gretton et al. 2012);
 - inputs: scipy's two-sample Kolmogorov-Smirnov test on each channel's image means (Bonferroni over channels);
-- predictions: scipy's chi-square test of the window's predicted-class counts against the reference's shares.
+- predictions: scipy's chi-square test of independence of the (sample, predicted class) counts table, two
+  samples, so the reference's own sampling noise counts too.
 A window drifts when its smallest p-value is below alpha / 3 (Bonferroni over the three tests); its score is the
 features' MMD^2 (0 for identical distributions).
 """
@@ -131,9 +132,9 @@ def score(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor], alpha: flo
     p_cls = None
     pred = new["predicted"]
     if ref["classes"].sum() > 0 and (pred >= 0).all():
-        counts = np.bincount(pred.numpy(), minlength=len(ref["classes"])).astype(float)
-        share = (ref["classes"].double().numpy() + 0.5) / float(ref["classes"].sum() + 0.5 * len(ref["classes"]))
-        p_cls = float(stats.chisquare(counts, share * counts.sum()).pvalue)
+        table = np.stack([ref["classes"].double().numpy(), np.bincount(pred.numpy(), minlength=len(ref["classes"]))])
+        table = table[:, table.sum(0) > 0]  # classes neither sample predicted say nothing
+        p_cls = float(stats.chi2_contingency(table).pvalue) if table.shape[1] > 1 else 1.0
     ps = [p for p in (p_f, p_in, p_cls) if p is not None]
     return {
         "n": len(pred),

@@ -27,7 +27,6 @@ split, so memory does not grow with the split.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import html
 import json
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
 
 from deeprecipe.config import Config
-from deeprecipe.core import UserError
+from deeprecipe.core import UserError, nearest
 from deeprecipe.data.core import Data
 from deeprecipe.data.detect import ScenesDetectData
 from deeprecipe.data.scenes import SPLIT_BASE, ScenesData, render_scenes
@@ -113,9 +112,7 @@ def shift_images(x: torch.Tensor, name: str, s: int, seed: int = 0) -> torch.Ten
 def check_shifts(names: list[str]) -> list[str]:
     for n in names:
         if n not in SHIFTS:
-            near = difflib.get_close_matches(n, SHIFTS, n=1)
-            hint = f"did you mean '{near[0]}'? " if near else ""
-            raise UserError(f"--shift {n}: unknown shift; {hint}choose from {', '.join(SHIFTS)}")
+            raise UserError(f"--shift {n}: unknown shift; {nearest(n, list(SHIFTS))} (shifts: {', '.join(SHIFTS)})")
     return names
 
 
@@ -252,7 +249,7 @@ def robustness(
     clean = float(evaluate(family, model, data, cfg, rt, split)[metric])
     out = {"metric": metric, "split": split, "clean": clean, "shift": {}, "attack": {}}
     for name in shifts:
-        out["shift"][name] = {0: clean} | {s: score(_shifted(base, name, s, look)) for s in severities}
+        out["shift"][name] = {s: score(_shifted(base, name, s, look)) for s in (0, *severities)}
     for a in attacks:
         out["attack"][a] = {e: score(_attacked(base, family, model, data.spec, cfg, a, e)) for e in eps}
     return out
