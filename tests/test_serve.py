@@ -7,6 +7,7 @@ import io
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -291,6 +292,17 @@ def test_batcher_keeps_order_and_max_batch():
 
     assert asyncio.run(go()) == [2 * i for i in range(10)]
     assert max(sizes) <= 4 and sum(sizes) == 10
+
+
+@pytest.mark.parametrize(
+    "missing, verb",
+    [("uvicorn", ["serve"]), ("prometheus_client", ["serve"]), ("onnxruntime", ["export"])],
+)
+def test_a_verb_without_the_serve_extra_names_the_pip_install_in_one_line(cli, monkeypatch, tmp_path, missing, verb):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now fails as if it were not installed
+    code, out, err = cli(*verb, tmp_path / "any-run")
+    assert code == 2 and not out, (code, out, err)
+    assert err.strip().count("\n") == 0 and "pip install 'deeprecipe[serve]'" in err and missing in err, err
 
 
 class Generative(Family):

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 
 from deeprecipe.cli import add_run_args, open_run
 from deeprecipe.core import UserError
 
+# the import names of the serve extra's packages (pyproject.toml), by what needs them
+SERVER = ("fastapi", "fastapi_offline", "uvicorn", "python_multipart", "prometheus_client")
+ONNX = ("onnx", "onnxscript", "onnxruntime")
+
+
+def need_serve_extra(verb: str, modules: tuple[str, ...]) -> None:
+    """One line naming the extra to install when a package of it is missing (rather than a ModuleNotFoundError
+    from deep inside the verb, after the model has loaded)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{verb} needs the serve extra ({', '.join(missing)} missing): pip install 'deeprecipe[serve]'")
+
 
 def cmd_export(args) -> None:
+    if args.format == "onnx":
+        need_serve_extra("export --format onnx", ONNX)
     from deeprecipe.serve.export import export_run, int8_inputs, quantize_run
 
     if args.int8 and args.format != "onnx":
@@ -47,6 +62,8 @@ def print_int8(r: dict) -> None:
 
 def cmd_serve(args) -> None:
     import logging
+
+    need_serve_extra("serve", SERVER)
 
     import uvicorn
 
