@@ -81,6 +81,8 @@ def cmd_monitor(args) -> None:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in image_ops.EXTS)
     if not files:
         raise UserError(f"monitor: no images in {folder} (looked for {', '.join(sorted(image_ops.EXTS))})")
+    if len(files) < 10:
+        raise UserError(f"monitor: {len(files)} images in {folder}; a two-sample test needs at least 10")
     if args.window < 10:
         raise UserError(f"--window {args.window}: at least 10 images per window for a two-sample test")
     if not 0 < args.alpha < 1:

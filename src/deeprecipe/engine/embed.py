@@ -96,7 +96,7 @@ def embed(
         m = y.numpy() == c
         ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(int(c) % cmap.N), label=names[int(c)] if names else str(c))
     ax.set(xticks=[], yticks=[], title=f"t-SNE of {split} penultimate features ({k}-NN accuracy {acc:.3f})")
-    ax.legend(markerscale=2, fontsize=7, loc="best")
+    ax.legend(markerscale=2, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     run_dir = Path(run_dir)
     plots.save_figure(fig, run_dir / "plots" / "embedding.png")
     r = {"split": split, "knn_acc": acc, "k": k, "train": len(tr_f), "points": len(f), "dim": f.shape[1]}

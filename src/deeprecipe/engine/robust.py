@@ -298,9 +298,28 @@ def save(r: dict, run_dir: Path) -> dict[str, Path]:
         a.set(xlabel="eps (pixel levels of 1/255)", ylabel=f"{r['split']} {r['metric']}", title="under attack")
         a.legend()
     plots.save_figure(fig, paths["plot"])
-    rows = [f"<tr><td>{html.escape(line)}</td></tr>" for line in table(r)]
-    atomic_text(
-        run_dir / "report-robustness.html",
-        "<h2>Robustness</h2><table style='font-family:monospace;white-space:pre'>" + "".join(rows) + "</table>",
-    )
+    atomic_text(run_dir / "report-robustness.html", report_section(r))
     return paths
+
+
+def report_section(r: dict) -> str:
+    """The report's Robustness section: the metric per shift and severity, and per attack and eps, as tables."""
+
+    def grid(rows: dict, what: str, col) -> str:
+        keys = sorted({k for v in rows.values() for k in v}, key=float)
+        head = f"<tr><th>{what}</th>" + "".join(f"<th>{col(k)}</th>" for k in keys) + "</tr>"
+        body = "".join(
+            f"<tr><th>{html.escape(n)}</th>"
+            + "".join(f"<td>{v[k]:.4f}</td>" if k in v else "<td>-</td>" for k in keys)
+            + "</tr>"
+            for n, v in rows.items()
+        )
+        return f"<table>{head}{body}</table>"
+
+    metric = html.escape(f"{r['split']} {r['metric']}")
+    out = f"<h2>Robustness</h2><p>{metric}: {r['clean']:.4f} clean (robustness.json, plots/robustness.png)</p>"
+    if r["shift"]:
+        out += grid(r["shift"], "shift", lambda k: f"severity {k}")
+    if r["attack"]:
+        out += "<p></p>" + grid(r["attack"], "attack", lambda k: f"eps {float(k):g}/255")
+    return out
