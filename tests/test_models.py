@@ -183,6 +183,8 @@ TINY = {
     ),
     # torchvision's classifiers at their published sizes (RGB, downsampling 32x): 32 px is the smallest input
     **{n: (lambda n=n: image_case(MODELS[n](), channels=3, size=32)) for n in TV_NAMES},
+    "tv-r3d-18": lambda: video_case(MODELS["tv-r3d-18"]()),
+    "tv-r2plus1d-18": lambda: video_case(MODELS["tv-r2plus1d-18"]()),
 }
 
 

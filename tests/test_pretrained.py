@@ -175,6 +175,30 @@ def test_gray_data_is_repeated_to_rgb_and_normalized_per_channel(offline):
     assert s.in_channels == 1  # files are still read as gray, as the data set read them
 
 
+def test_video_net_loads_kinetics_weights_and_gray_clips_become_rgb(offline):
+    """tv-r3d-18 from KINETICS400_V1 in torch.hub's cache; the video family's clips follow the weights: gray
+    frames repeated to RGB and normalized by Kinetics' mean/std (oracle: torchvision's normalize)."""
+    from deeprecipe.families.video import prepare
+
+    w = torchvision.models.video.R3D_18_Weights.KINETICS400_V1
+    torch.manual_seed(0)
+    state = torchvision.models.video.r3d_18().state_dict()
+    hub_file(w.url).parent.mkdir(parents=True)
+    torch.save(state, hub_file(w.url))
+    s = spec(classes=4, channels=1, size=16)
+    s.extra["frames"] = 4
+    model, notes = build("tv-r3d-18", "KINETICS400_V1", s)
+    assert "missing 0, unexpected 0, shape-mismatched 2" in next(n for n in notes if "loaded" in n)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
+    t = w.transforms()
+    assert (list(s.mean), list(s.std)) == (list(t.mean), list(t.std))
+    clips = torch.randint(0, 256, (2, 1, 4, 16, 16), dtype=torch.uint8)  # (B, C, T, H, W) gray
+    x, _ = prepare((clips, None), s)
+    mean, std = torch.tensor(t.mean).view(1, 3, 1, 1, 1), torch.tensor(t.std).view(1, 3, 1, 1, 1)
+    assert torch.allclose(x, (clips.repeat(1, 3, 1, 1, 1).float() / 255 - mean) / std, atol=1e-6)
+    assert tuple(model(x).shape) == (2, 4)
+
+
 def test_timm_model_loads_a_timm_layout_file(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -24,6 +24,8 @@ from deeprecipe.models.zoo import (
     TVConvNeXtTinyConfig,
     TVEfficientNetB0Config,
     TVMobileNetV3Config,
+    TVR2Plus1D18Config,
+    TVR3D18Config,
     TVResNet18Config,
     TVResNet50Config,
 )
@@ -53,6 +55,8 @@ MODELS: dict[str, type] = {
     "tv-mobilenet-v3": TVMobileNetV3Config,
     "tv-efficientnet-b0": TVEfficientNetB0Config,
     "tv-convnext-tiny": TVConvNeXtTinyConfig,
+    "tv-r3d-18": TVR3D18Config,
+    "tv-r2plus1d-18": TVR2Plus1D18Config,
 }
 
 

@@ -1,14 +1,16 @@
-"""Model-zoo classifiers: torchvision's own builders (`tv-resnet18`, ...) and any timm model (`timm:NAME`).
+"""Model-zoo classifiers: torchvision's own builders (`tv-resnet18`, ..., the video nets `tv-r3d-18` and
+`tv-r2plus1d-18`) and any timm model (`timm:NAME`).
 
 Each is the library's network as published (same modules, same state-dict names, so its published weights load
 by name), with the classifier sized to the data's classes and timm's head API (`get_classifier()`,
-`reset_classifier(n)`). Input: RGB images (B, 3, H, W) normalized the way the weights were trained (mean/std of
-their metadata: models/pretrained.py follow_weights records them in the spec; gray data is repeated to three
-channels); output: logits (B, classes). These nets downsample 32x, so images of at least 32 pixels a side.
+`reset_classifier(n)`). Input: RGB images (B, 3, H, W), or clips (B, 3, T, H, W) for the video nets, normalized
+the way the weights were trained (mean/std of their metadata: models/pretrained.py follow_weights records them in
+the spec; gray data is repeated to three channels); output: logits (B, classes). The image nets downsample 32x,
+so images of at least 32 pixels a side.
 
 `model.weights` gives the first weights (models/pretrained.py): a local file, or a published name fetched by the
-library into its cache (torchvision: IMAGENET1K_V1, DEFAULT, ...; timm: a pretrained tag, or `pretrained` for the
-model's default tag). The classifier's tensors are the expected mismatch and stay fresh.
+library into its cache (torchvision: IMAGENET1K_V1, KINETICS400_V1, DEFAULT, ...; timm: a pretrained tag, or
+`pretrained` for the model's default tag). The classifier's tensors are the expected mismatch and stay fresh.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ TV_ARCHS = {  # registry name -> torchvision.models.get_model name
     "tv-mobilenet-v3": "mobilenet_v3_large",
     "tv-efficientnet-b0": "efficientnet_b0",
     "tv-convnext-tiny": "convnext_tiny",
+    "tv-r3d-18": "r3d_18",  # video: clips (B, 3, T, H, W), Kinetics-400 weights
+    "tv-r2plus1d-18": "r2plus1d_18",
 }
 
 
@@ -53,7 +57,7 @@ class TVClassifierConfig:
         arch = TV_ARCHS[self.name]
         # residual branches start at zero (their last BatchNorm's scale), as our own ResNet's: at random init
         # the blocks are identities and a 50-layer net's activations stay in range (ln C at init, not ~3x that)
-        extra = {"zero_init_residual": True} if arch.startswith("resnet") else {}
+        extra = {"zero_init_residual": True} if arch.startswith(("resnet", "r3d", "r2plus1d")) else {}
         net = with_classifier_api(get_model(arch, weights=None, **extra))
         net.reset_classifier(spec.num_classes)
         file = is_file(self.weights) if self.weights else False
@@ -90,6 +94,16 @@ class TVEfficientNetB0Config(TVClassifierConfig):
 @dataclass
 class TVConvNeXtTinyConfig(TVClassifierConfig):
     name: str = "tv-convnext-tiny"
+
+
+@dataclass
+class TVR3D18Config(TVClassifierConfig):
+    name: str = "tv-r3d-18"
+
+
+@dataclass
+class TVR2Plus1D18Config(TVClassifierConfig):
+    name: str = "tv-r2plus1d-18"
 
 
 @dataclass

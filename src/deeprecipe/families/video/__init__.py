@@ -26,9 +26,10 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     shape = x.shape  # (B, C, T, H, W) or (B, K, C, T, H, W)
     C, T, H, W = shape[-4:]
     x = normalize(x.reshape(-1, C, T * H, W), spec)  # per-channel, time folded into height
+    C = x.shape[1]  # 3 from gray clips when the net's weights want RGB (image_ops.normalize)
     if draws is not None:
-        x = classify.augment(x.view(-1, C * T, H, W), spec, draws)  # one crop and flip per clip
-    return x.reshape(shape), y
+        x = classify.augment(x.reshape(-1, C * T, H, W), spec, draws)  # one crop and flip per clip
+    return x.reshape(*shape[:-4], C, T, H, W), y
 
 
 def fp32_on_cpu(x: torch.Tensor):
@@ -202,5 +203,6 @@ class Video(Family):
     def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
         """Normalized clips (B, C, T, H, W) in, class logits out."""
         g = torch.Generator().manual_seed(batch)
-        x = torch.randn(batch, spec.in_channels, int(spec.extra["frames"]), *spec.image_size, generator=g)
+        channels = max(spec.in_channels, len(spec.mean))  # a net on RGB weights sees gray clips as RGB
+        x = torch.randn(batch, channels, int(spec.extra["frames"]), *spec.image_size, generator=g)
         return {"inputs": {"clip": x}, "outputs": ["logits"]}
