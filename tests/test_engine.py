@@ -23,7 +23,8 @@ from deeprecipe.recipe import load
 
 
 def train(out: Path, *overrides: str, recipe: str = "digits-mlp") -> dict:
-    cfg = load(recipe, TINY + ["model.hidden=[32]"] * (recipe == "digits-mlp") + list(overrides))
+    small = recipe == "digits-mlp" and not any(o.startswith("model.name=") for o in overrides)  # the recipe's MLP
+    cfg = load(recipe, TINY + ["model.hidden=[32]"] * small + list(overrides))
     return loop.train(cfg, get_family(cfg.task), Path(out))
 
 

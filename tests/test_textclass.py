@@ -262,9 +262,10 @@ class Blind(nn.Module):
 
 def test_check_baseline_fails_a_model_that_ignores_its_text(shared_data, cli, capsys, tmp_path):
     (tmp_path / "blind.py").write_text(BLIND)
-    small = sets("train.device=cpu", "data.per_class=300", "data.max_len=48", "model.d_model=32", "model.n_layer=1")
+    small = sets("train.device=cpu", "data.per_class=300", "data.max_len=48")
     work = ["--only", "init_loss,baseline", "--steps", "30", "--batch", "16"]
-    code, out, _ = cli("check", "multi30k-langid-transformer", *small, *work, "--out", tmp_path / "ok")
+    tiny = sets("model.d_model=32", "model.n_layer=1")
+    code, out, _ = cli("check", "multi30k-langid-transformer", *small, *tiny, *work, "--out", tmp_path / "ok")
     assert code == 0, out
     assert "init_loss   PASS" in out and "baseline    PASS" in out
     blind = sets("model.name=blind.py:Blind")

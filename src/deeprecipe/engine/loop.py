@@ -240,6 +240,43 @@ def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
+@dataclass
+class Best:
+    """The evaluation state a checkpoint keeps: the best value of the main metric and its step, the evaluations
+    since it last improved (early stopping); and in memory the latest evaluation and the best one's metrics."""
+
+    value: float | None = None
+    step: int | None = None
+    bad_evals: int = 0
+    results: dict = dataclasses.field(default_factory=dict)
+    best_results: dict | None = None
+
+
+class Meter:
+    """What the next log line averages: each loss and log summed on the device over the steps since the last log
+    (under train.nonfinite=skip with the check on the device, a dropped step masked out), examples and time."""
+
+    def __init__(self, masked: bool):
+        self.masked = masked
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n, self.seen, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, r: StepResult, single: bool) -> None:
+        # under nonfinite=stop a dropped step ends the run at the next read: nothing to mask
+        good = 1 - r.bad if self.masked and r.bad is not None else 1
+        named = [("loss" if single else f"{name}_loss", v) for name, v in r.losses.items()] + list(r.logs.items())
+        for key, v in named:
+            self.sums[key] = self.sums.get(key, 0) + (torch.where(good > 0, v, 0.0) if self.masked else v)
+        self.n += good
+
+    def drop(self) -> None:
+        """Forget the sums (a dropped step on the host); the examples and the time still count."""
+        self.sums, self.n = {}, 0
+
+
 def train(
     cfg: Config,
     family: Family,
@@ -256,38 +293,14 @@ def train(
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     if rt.main and cfg.train.precision == "auto":
         warnings.warn(rt.why, stacklevel=2)  # the CLI's `note:` line: what auto chose on this machine, and why
-    micro = T.batch_size // T.accum  # examples per micro-batch, over all processes
-    if micro % rt.world:
-        raise ConfigError(
-            f"train.batch_size={T.batch_size} / train.accum={T.accum} = {micro} examples per micro-batch "
-            f"do not split evenly over {rt.world} processes"
-        )
+    micro = micro_batch(cfg, rt)
     data, model = build(cfg, family, rt)
     lr_scale = finetune.apply(model, cfg.finetune, run_dir, resume, rt.main)  # load weights, freeze, lr scales
     parts = make_parts(family, model, cfg, rt, lr_scale)
     if rt.world > 1 and len(parts) > 1:
         raise UserError(f"task '{cfg.task}' updates {len(parts)} networks in turn: run it in one process (no torchrun)")
     ema = optim.ema(model, T.ema)
-    ckpt_dir = run_dir / "checkpoints"
-    start, best, best_step, bad_evals, pruned = 0, None, None, 0, False
-    folder = checkpoint.latest(ckpt_dir) if resume else None
-    if resume:
-        check_resume(run_dir, cfg)
-        if folder is None:  # killed before its first checkpoint: the run starts again from step 0
-            print(f"{run_dir}: no checkpoint yet, training from step 0", file=sys.stderr)
-    if folder is not None:
-        weights, state = checkpoint.load(folder)
-        model.load_state_dict(checkpoint.split_prefix(weights, "model."))
-        for part in parts:
-            part.opt.load_state_dict(state["optimizers"][part.name])
-            if part.opt.defaults.get("fused"):
-                optim.device_lr(part.opt)
-        if ema is not None:
-            ema.module.load_state_dict(checkpoint.split_prefix(weights, "ema."))
-            ema.n_averaged.fill_(int(state["ema_n"]))
-        set_rng_state(state["rng"])
-        start, best, bad_evals = int(state["step"]), state.get("best"), int(state.get("bad_evals", 0))
-        best_step = state.get("best_step")
+    start, best = restore(run_dir, cfg, model, parts, ema) if resume else (0, Best())
     run = Run(run_dir, cfg, rt.main, start, command, rt.why)
     if rt.main:  # what predict/export/serve need to rebuild the model without the data
         checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
@@ -298,20 +311,17 @@ def train(
     if rt.world > 1:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    metric, mode = family.METRIC
-    step_fn = stepper(family, net, parts, cfg, rt)
+    step_fn, single = stepper(family, net, parts, cfg, rt), len(parts) == 1
     health = DeviceHealth(rt.device, T.log_every) if on_device(parts, rt) else None  # dropped steps, read at logs
-    masked = health is not None and T.nonfinite == "skip"  # a dropped step stays out of the logged means
+    meter = Meter(masked=health is not None and T.nonfinite == "skip")  # a dropped step stays out of the means
     batches = train_batches(
         data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
     )
     bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
     plain = Progress(start, T.steps, T.batch_size) if rt.main and bar.disable else None  # no terminal: lines
-    sums: dict[str, torch.Tensor] = {}
-    t0, seen, nlog, results, best_results = time.perf_counter(), 0, 0, {}, None
     split = "val" if data.val else "train"  # without a val split, evaluations watch the training split (a GAN's FID)
     model.train()
-    step = start
+    step, pruned = start, False
     for step in range(start, T.steps):
         for part in parts:
             optim.set_lr(part.opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps), step)
@@ -319,130 +329,208 @@ def train(
         for k in range(T.accum):
             draws = micro_draws(step_generator(rt.device, T.seed, step), T.batch_size, micro, k, rt.rank, rt.world)
             micro_batches.append(family.prepare(next(batches), data.spec, draws))
-            seen += len(micro_batches[-1][0]) * rt.world
+            meter.seen += len(micro_batches[-1][0]) * rt.world
         r = step_fn(micro_batches)
-        single = len(parts) == 1
         done = step + 1
         if health is not None and r.bad is not None:
             health.add(r.bad, done)
-        # under nonfinite=stop a dropped step ends the run at the next read: nothing to mask
-        good = 1 - r.bad if masked and r.bad is not None else 1
-        for name, v in r.losses.items():
-            key = "loss" if single else f"{name}_loss"
-            sums[key] = sums.get(key, 0) + (torch.where(good > 0, v, 0.0) if masked else v)
-        for key, v in r.logs.items():
-            sums[key] = sums.get(key, 0) + (torch.where(good > 0, v, 0.0) if masked else v)
-        nlog += good
+        meter.add(r, single)
         at_eval = bool(T.eval_every and done % T.eval_every == 0) or done == T.steps
         at_log = done % T.log_every == 0 or done == T.steps
-        if health is not None and (at_log or at_eval or done % T.ckpt_every == 0):
-            dropped = health.read()  # the one host sync of these steps
-            count, first = len(dropped), dropped[0] if dropped else 0
-            if count and T.nonfinite != "skip":
-                run.status("failed", step=first, error="non-finite loss")
-                losses = {k: float("nan") for k in r.losses}
-                said = family.nonfinite(cfg, run_dir, first, losses) if rt.main else None
-                raise NonFiniteLoss(
-                    said
-                    or f"the loss or its gradient became NaN/inf at step {first} (the update was not applied); "
-                    "the last good checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
-                    "train.nonfinite=skip)"
-                )
-            if count:
-                run.log(done, skipped_batch=count)
+        sync = at_log or at_eval or done % T.ckpt_every == 0
+        nonfinite(family, cfg, rt, run, r, done, health if sync else None, single)
         if r.skipped:
-            lost = not all(torch.isfinite(v) for v in r.losses.values())
-            if T.nonfinite != "skip" and (rt.dtype != torch.float16 or lost):
-                run.status("failed", step=done, error="non-finite loss")
-                shown = ", ".join(f"{'' if single else k + ' '}{float(v):.4g}" for k, v in r.losses.items())
-                losses = {k: float(v) for k, v in r.losses.items()}
-                said = family.nonfinite(cfg, run_dir, done, losses) if rt.main else None  # a GAN's health note
-                raise NonFiniteLoss(
-                    said
-                    or f"loss became {shown} at step {done}; the last good checkpoint is kept in "
-                    "checkpoints/ (lower optim.lr, check the data, or set train.nonfinite=skip)"
-                )
-            run.log(done, skipped_batch=1)
-            sums, nlog = {}, 0  # the step still counts: evaluation and checkpoints below happen on schedule
+            meter.drop()  # the step still counts: evaluation and checkpoints below happen on schedule
         elif ema is not None:
             ema.update_parameters(model)
         if not r.skipped and at_log:
-            dt = time.perf_counter() - t0
-            nlog = float(nlog)
-            means = {k: float(v) / max(nlog, 1) for k, v in sums.items()}
-            norms = {"grad_norm" if single else f"{k}_grad_norm": float(v) for k, v in r.norms.items()}
-            lr = float(parts[0].opt.param_groups[0]["lr"])
-            run.log(done, **means, lr=lr, **norms, examples_per_s=seen / dt)
-            losses = {k: f"{v:.4f}" for k, v in means.items() if k.endswith("loss")}
-            bar.set_postfix(losses | {"ex_s": f"{seen / dt:,.0f}"})
-            if plain:
-                plain.losses = losses
-            sums, t0, seen, nlog = {}, time.perf_counter(), 0, 0
+            log_line(run, bar, plain, meter, r, parts, done, single)
         bar.update(1)
         if plain:
             plain.tick(done)
         stop = False
         if at_eval:
-            shown = ema.module if ema else model
-            results = evaluate(family, shown, data, cfg, rt, split, final=done == T.steps)
-            run.log(done, **{f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
-            if rt.main:
-                snapshot(family, shown, data, cfg, rt, run, done)
-            value = results.get(metric)
-            better = value is not None and (best is None or (value > best if mode == "max" else value < best))
-            if better or (value is not None and value == best):  # a tie keeps the later weights
-                best, best_step, best_results = value, done, results
-                if rt.main:
-                    meta = {"step": str(done), "split": split, "metric": metric, "value": repr(float(value))}
-                    checkpoint.save_weights(ckpt_dir / "best.safetensors", checkpoint.plain_state(shown), meta)
-            if better:
-                bad_evals = 0
-            else:  # a tie is no improvement for early stopping
-                bad_evals += 1
-                stop = bool(T.early_stop) and bad_evals >= T.early_stop
-            if monitor is not None and monitor(done, results) and done < T.steps:
+            stop = evaluate_step(family, ema.module if ema else model, data, cfg, rt, run, split, done, best)
+            if monitor is not None and monitor(done, best.results) and done < T.steps:
                 stop = pruned = True
             model.train()
-            run.status("running", step=done, **_best(split, metric, best, best_step))
+            run.status("running", step=done, **_best(split, family.METRIC[0], best.value, best.step))
         if rt.main and (done % T.ckpt_every == 0 or done == T.steps or stop):
-            weights = {f"model.{k}": v for k, v in checkpoint.plain_state(model).items()}
-            if ema is not None:
-                weights.update({f"ema.{k}": v for k, v in checkpoint.plain_state(ema.module).items()})
-            state = {
-                "step": done,
-                "optimizers": {part.name: part.opt.state_dict() for part in parts},
-                "rng": rng_state(),
-                "best": best,
-                "best_step": best_step,
-                "bad_evals": bad_evals,
-                "ema_n": int(ema.n_averaged) if ema is not None else 0,
-            }
-            checkpoint.save(ckpt_dir, done, weights, state)
+            save_state(run_dir / "checkpoints", done, model, ema, parts, best)
         if stop:
+            metric = family.METRIC[0]
             if pruned:
-                bar.write(f"pruned at step {done}: val {metric} {results.get(metric)} (the tuner's pruner stopped it)")
+                bar.write(
+                    f"pruned at step {done}: val {metric} {best.results.get(metric)} (the tuner's pruner stopped it)"
+                )
             else:
                 bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")
             break
     bar.close()
     if plain and plain.shown < T.steps == step + 1:  # trained to the end: the closing line
         plain.tick(T.steps, force=True)
-    about, shown = None, ema.module if ema else model
-    if rt.main:  # the final report is of the model every verb loads (checkpoint.model_weights): best, else last
-        weights, about = checkpoint.model_weights(run_dir)
+    last = step + 1 if T.steps > start else start
+    return end_run(family, ema.module if ema else model, data, cfg, rt, run, split, best, last, pruned)
+
+
+def micro_batch(cfg: Config, rt: Runtime) -> int:
+    """Examples per micro-batch, over all processes (they must split evenly)."""
+    micro = cfg.train.batch_size // cfg.train.accum
+    if micro % rt.world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.accum={cfg.train.accum} = {micro} examples per "
+            f"micro-batch do not split evenly over {rt.world} processes"
+        )
+    return micro
+
+
+def restore(run_dir: Path, cfg: Config, model: nn.Module, parts: list[Part], ema) -> tuple[int, Best]:
+    """Resume: the same run (check_resume), its last checkpoint's weights, optimizers, EMA and RNG loaded; the step
+    to continue from and the evaluation state. A run killed before its first checkpoint starts again from step 0."""
+    check_resume(run_dir, cfg)
+    folder = checkpoint.latest(run_dir / "checkpoints")
+    if folder is None:
+        print(f"{run_dir}: no checkpoint yet, training from step 0", file=sys.stderr)
+        return 0, Best()
+    weights, state = checkpoint.load(folder)
+    model.load_state_dict(checkpoint.split_prefix(weights, "model."))
+    for part in parts:
+        part.opt.load_state_dict(state["optimizers"][part.name])
+        if part.opt.defaults.get("fused"):
+            optim.device_lr(part.opt)
+    if ema is not None:
+        ema.module.load_state_dict(checkpoint.split_prefix(weights, "ema."))
+        ema.n_averaged.fill_(int(state["ema_n"]))
+    set_rng_state(state["rng"])
+    return int(state["step"]), Best(state.get("best"), state.get("best_step"), int(state.get("bad_evals", 0)))
+
+
+def save_state(ckpt_dir: Path, done: int, model: nn.Module, ema, parts: list[Part], best: Best) -> None:
+    """A checkpoint for exact resume: the weights (and the EMA's), the optimizers, the RNG and the evaluation state."""
+    weights = {f"model.{k}": v for k, v in checkpoint.plain_state(model).items()}
+    if ema is not None:
+        weights.update({f"ema.{k}": v for k, v in checkpoint.plain_state(ema.module).items()})
+    state = {
+        "step": done,
+        "optimizers": {part.name: part.opt.state_dict() for part in parts},
+        "rng": rng_state(),
+        "best": best.value,
+        "best_step": best.step,
+        "bad_evals": best.bad_evals,
+        "ema_n": int(ema.n_averaged) if ema is not None else 0,
+    }
+    checkpoint.save(ckpt_dir, done, weights, state)
+
+
+def nonfinite(
+    family: Family,
+    cfg: Config,
+    rt: Runtime,
+    run: Run,
+    r: StepResult,
+    done: int,
+    health: DeviceHealth | None,
+    single: bool,
+) -> None:
+    """The one handler of a NaN/inf loss or gradient at step `done`. Under train.nonfinite=stop the run ends with one
+    error (the family's note, a GAN's health, else the engine's; the last good checkpoint kept); under skip the
+    dropped steps are logged (skipped_batch). With the check on the device, `health` is given at the steps that read
+    it (one host sync); on the host, r.skipped says so at every step (under fp16 a step the gradient scaler skipped
+    with a finite loss is no failure)."""
+    stop = cfg.train.nonfinite != "skip"
+
+    def fail(step: int, losses: dict[str, float], what: str):
+        run.status("failed", step=step, error="non-finite loss")
+        said = family.nonfinite(cfg, run.path, step, losses) if rt.main else None
+        raise NonFiniteLoss(
+            said
+            or f"{what}; the last good checkpoint is kept in checkpoints/ (lower optim.lr, check the data, or set "
+            "train.nonfinite=skip)"
+        )
+
+    dropped = health.read() if health is not None else []
+    if dropped and stop:
+        what = f"the loss or its gradient became NaN/inf at step {dropped[0]} (the update was not applied)"
+        fail(dropped[0], {k: float("nan") for k in r.losses}, what)
+    if dropped:
+        run.log(done, skipped_batch=len(dropped))
+    if r.skipped:
+        lost = not all(torch.isfinite(v) for v in r.losses.values())
+        if stop and (rt.dtype != torch.float16 or lost):
+            shown = ", ".join(f"{'' if single else k + ' '}{float(v):.4g}" for k, v in r.losses.items())
+            fail(done, {k: float(v) for k, v in r.losses.items()}, f"loss became {shown} at step {done}")
+        run.log(done, skipped_batch=1)
+
+
+def log_line(run: Run, bar, plain, meter: Meter, r: StepResult, parts: list[Part], done: int, single: bool) -> None:
+    """One row of metrics.jsonl (the means since the last log, lr, gradient norms, speed) and the progress bar's."""
+    dt = time.perf_counter() - meter.t0
+    n = float(meter.n)
+    means = {k: float(v) / max(n, 1) for k, v in meter.sums.items()}
+    norms = {"grad_norm" if single else f"{k}_grad_norm": float(v) for k, v in r.norms.items()}
+    lr = float(parts[0].opt.param_groups[0]["lr"])
+    run.log(done, **means, lr=lr, **norms, examples_per_s=meter.seen / dt)
+    losses = {k: f"{v:.4f}" for k, v in means.items() if k.endswith("loss")}
+    bar.set_postfix(losses | {"ex_s": f"{meter.seen / dt:,.0f}"})
+    if plain:
+        plain.losses = losses
+    meter.restart()
+
+
+def evaluate_step(
+    family: Family, shown: nn.Module, data: Data, cfg: Config, rt: Runtime, run: Run, split: str, done: int, best: Best
+) -> bool:
+    """An evaluation during training (of the EMA weights when there are some): logged, pictured, and the best
+    weights kept in checkpoints/best.safetensors (a tie keeps the later ones); whether early stopping ends the run."""
+    metric, mode = family.METRIC
+    best.results = results = evaluate(family, shown, data, cfg, rt, split, final=done == cfg.train.steps)
+    run.log(done, **{f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+    if rt.main:
+        snapshot(family, shown, data, cfg, rt, run, done)
+    value = results.get(metric)
+    better = value is not None and (best.value is None or (value > best.value if mode == "max" else value < best.value))
+    if better or (value is not None and value == best.value):  # a tie keeps the later weights
+        best.value, best.step, best.best_results = value, done, results
+        if rt.main:
+            meta = {"step": str(done), "split": split, "metric": metric, "value": repr(float(value))}
+            checkpoint.save_weights(run.path / "checkpoints" / "best.safetensors", checkpoint.plain_state(shown), meta)
+    if better:
+        best.bad_evals = 0
+        return False
+    best.bad_evals += 1  # a tie is no improvement for early stopping
+    return bool(cfg.train.early_stop) and best.bad_evals >= cfg.train.early_stop
+
+
+def end_run(
+    family: Family,
+    shown: nn.Module,
+    data: Data,
+    cfg: Config,
+    rt: Runtime,
+    run: Run,
+    split: str,
+    best: Best,
+    last: int,
+    pruned: bool,
+) -> dict[str, float]:
+    """The end of a run: the final report of the model every verb loads (checkpoint.model_weights: best, else last),
+    the family's final metrics and plots, status.json and report.html; the final metrics."""
+    about, results = None, best.results
+    if rt.main:
+        weights, about = checkpoint.model_weights(run.path)
         shown.load_state_dict(weights)
         if about.file == "best.safetensors":
-            kept = best_results is not None and best_step == about.step
-            results = best_results if kept else _logged(run_dir, about.step)
+            kept = best.best_results is not None and best.step == about.step
+            results = best.best_results if kept else _logged(run.path, about.step)
     final = {f"{split}_{k}": v for k, v in results.items() if isinstance(v, (int, float))}
     if rt.main:
         with torch.no_grad():
-            final.update(family.finish(shown.eval(), data, cfg, rt, run_dir, results) or {})
-    last = step + 1 if T.steps > start else start
+            final.update(family.finish(shown.eval(), data, cfg, rt, run.path, results) or {})
+    metric = family.METRIC[0]
     run.status(
         "pruned" if pruned else "done",
         step=last,
-        **_best(split, metric, best, best_step),
+        **_best(split, metric, best.value, best.step),
         weights=about and about.text,
         final=final,
     )
@@ -450,7 +538,7 @@ def train(
     if rt.main:
         from deeprecipe.engine.report import write_report
 
-        write_report(run_dir)
+        write_report(run.path)
     return final
 
 
