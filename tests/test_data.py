@@ -515,3 +515,11 @@ def test_prepare_normalizes_and_eval_does_not_augment():
     assert torch.equal(ye, y)
     xt, _ = family.prepare((x, y), spec, Draws(torch.Generator().manual_seed(0)))
     assert not torch.equal(xt, xe)
+
+
+def test_a_finished_run_is_scored_on_test_else_val_else_train():
+    spec = DataSpec()
+    assert Data(spec, "train", "val", "test").final_split() == "test"
+    assert Data(spec, "train", "val").final_split() == "val"
+    assert Data(spec, "train", None, "test").final_split() == "test"
+    assert Data(spec, "train").final_split() == "train"

@@ -280,7 +280,7 @@ class Run:
             s = getattr(data, name)
             if s is not None:
                 s.to(rt.device)
-        split = split or ("test" if data.test is not None else "val")
+        split = split or data.final_split()
         if getattr(data, split) is None:
             raise UserError(f"{self.dir}: the data set has no {split} split")
         return evaluate(self.family, self.model, data, self.config, rt, split) | {"split": split}

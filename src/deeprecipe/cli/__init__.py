@@ -129,7 +129,7 @@ def cmd_eval(args) -> None:
             s = getattr(data, name)
             if s is not None:
                 s.to(rt.device)
-        split = args.split or ("test" if data.test is not None else "val")
+        split = args.split or data.final_split()
         return eval_robust(args, cfg, model, rt, family, data, split)
     run = load_run_api(args.run, args.device)
     out = run.evaluate(args.split)

@@ -62,7 +62,7 @@ def cmd_embed(args) -> None:
         raise UserError(f"--points {args.points}: t-SNE needs at least 10 points")
     cfg, spec, model, rt, family = open_run(args.run, args.device)
     data = cfg.data.build()
-    split = args.split or ("test" if data.test is not None else "val")
+    split = args.split or data.final_split()
     r = embed(family, model, data, cfg, rt, Path(args.run), split, args.points, args.k)
     write_report(Path(args.run))
     print(f"{r['k']}-NN accuracy of the {split} penultimate features: {r['knn_acc']:.4f} (chance {r['chance']:.4f})")

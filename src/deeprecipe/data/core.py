@@ -110,6 +110,10 @@ class Data:
             raise DataError(f"this data set has no '{name}' split")
         return s
 
+    def final_split(self) -> str:
+        """The split a finished run is scored on: test, else val, else train."""
+        return "test" if self.test is not None else "val" if self.val is not None else "train"
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the n examples in `epoch`: a permutation seeded by (seed, epoch)."""

@@ -221,7 +221,7 @@ class Classify(Family):
         """Test metrics, confusion matrix and the worst mistakes of the finished run."""
         from deeprecipe.engine import drift, plots
 
-        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        split = data.final_split()
         model.eval()
         with torch.no_grad(), rt.autocast():
             logits, labels = predict_split(model, data, split, cfg, rt)

@@ -298,7 +298,7 @@ class Detect(Family):
         from deeprecipe.engine import plots
         from deeprecipe.families.detect.metrics import pr_plot
 
-        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        split = data.final_split()
         model.eval()
         with torch.no_grad():
             m, worst = run_split(model, data, split, cfg, rt, keep=8, extended=True)

@@ -225,7 +225,7 @@ class Drive(Family):
             m["agreement"] = (err <= STEER_TOLERANCE).float().mean().item()
         else:
             m = {"loss": F.cross_entropy(out, y).item(), "agreement": (out.argmax(-1) == y).float().mean().item()}
-        last = "test" if data.test is not None else "val"  # the closed loop is one, whatever the split: drive once
+        last = data.final_split()  # the closed loop is one, whatever the split: drive once
         if final and cfg.data.eval_episodes > 0 and split == last:
             loop = closed_loop(cfg.data.env, spec, {"learner": model}, cfg.data.eval_episodes, EVAL_SEED, rt=rt)
             m |= {k: v for k, v in loop["learner"].items() if k != "episodes"}

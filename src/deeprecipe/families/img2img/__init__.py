@@ -257,7 +257,7 @@ class Img2Img(Family):
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Test scores (the domain FID included) with the baselines in one table (plots/quality.txt) and rows of
         input / output / target (plots/img2img.png)."""
-        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        split = data.final_split()
         fid = self._fid(cfg, data.spec, rt)
         with torch.no_grad(), rt.autocast():
             m, kept = self._run_split(model, data, split, cfg, rt, keep=8, telea=True, fid=fid)

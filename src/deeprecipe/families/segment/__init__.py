@@ -208,7 +208,7 @@ class Segment(Family):
         """Test metrics, a table of per-class IoU, and overlays: image, truth, prediction side by side."""
         from deeprecipe.engine import drift, plots
 
-        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        split = data.final_split()
         model.eval()
         with torch.no_grad(), rt.autocast():
             m, kept = run_split(model, data, split, cfg, rt, keep=8)

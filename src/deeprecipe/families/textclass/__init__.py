@@ -81,7 +81,7 @@ class TextClassify(Family):
         """Test metrics (val when there is no test split) and their confusion matrix."""
         from deeprecipe.engine import plots
 
-        split = "test" if data.test is not None else "val" if data.val is not None else "train"
+        split = data.final_split()
         model.eval()
         with torch.no_grad(), rt.autocast():
             m = metrics(*predict_split(model, data, split, cfg, rt, prepare), data.spec.num_classes)

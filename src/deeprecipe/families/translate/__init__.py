@@ -224,7 +224,7 @@ class Translate(Family):
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Beam-search BLEU and chrF on the test split (or val), and some translations for the report."""
-        split = "test" if data.test is not None else "val"
+        split = data.final_split()
         beam, alpha = getattr(cfg.model, "beam", 4), getattr(cfg.model, "length_penalty", 0.6)
         model.eval()
         with torch.no_grad(), rt.autocast():

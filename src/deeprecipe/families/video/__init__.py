@@ -139,7 +139,7 @@ class Video(Family):
         """Test top-1/top-5 and the confusion matrix."""
         from deeprecipe.engine import plots
 
-        split = "test" if data.test is not None else ("val" if data.val is not None else "train")
+        split = data.final_split()
         model.eval()
         with torch.no_grad(), rt.autocast():
             m = metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
