@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import PYTHON, TINY, sets
 from deeprecipe import config
 from deeprecipe.engine import checkpoint, loop, optim
+from deeprecipe.engine.atomic import atomic_text, atomic_write
 from deeprecipe.engine.run import read_metrics, read_status
 from deeprecipe.families import get_family
 from deeprecipe.recipe import load
@@ -200,14 +201,14 @@ def test_resume_removes_temporaries_a_killed_writer_left(tmp_path, cli):
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     target = tmp_path / "f.txt"
-    checkpoint.atomic_text(target, "old")
+    atomic_text(target, "old")
 
     def boom(p):
         Path(p).write_text("partial")
         raise OSError(5, "I/O error")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(target, boom)
+        atomic_write(target, boom)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 

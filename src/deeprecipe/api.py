@@ -162,7 +162,7 @@ def check(
     warn | fail | skip, measured, expected, advice, value, plots), in order; `progress(verdict)` sees each as it
     comes. Writes config.yaml, plots/ and checks.json into `out` (default runs/check-<recipe>-<time>)."""
     from deeprecipe.checks import CHECKS, Ctx, run_checks
-    from deeprecipe.engine.checkpoint import atomic_text
+    from deeprecipe.engine.atomic import atomic_text
     from deeprecipe.engine.run import new_run_dir
 
     cfg = configure(recipe, overrides, device)

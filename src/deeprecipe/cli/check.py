@@ -35,7 +35,7 @@ def _names(text: str | None) -> list[str]:
 
 
 def write_page(run_dir: Path, title: str, verdicts: list, cfg_text: str) -> Path:
-    from deeprecipe.engine.checkpoint import atomic_text
+    from deeprecipe.engine.atomic import atomic_text
 
     rows = "".join(
         f"<tr><td>{html.escape(v.name)}</td><td style='color:{COLORS.get(v.status, '#000')};font-weight:bold'>"
@@ -73,7 +73,7 @@ def cmd_check(args) -> None:
     from deeprecipe.cli import family_of
     from deeprecipe.config import dump
     from deeprecipe.core import UserError
-    from deeprecipe.engine.checkpoint import atomic_text
+    from deeprecipe.engine.atomic import atomic_text
 
     cfg = _load(args)
     family = family_of(cfg)

@@ -9,8 +9,8 @@ Layout of runs/NAME/checkpoints/:
 
 Which weights are "the model" (train's final report, eval, predict, sample, export, serve): `model_weights`.
 
-Every file is written to a temporary name, fsynced and renamed; `latest` is switched only after the folder
-is complete, so a crash (or a full disk) at any moment leaves the previous checkpoint intact and named.
+Every file is written to a temporary name, fsynced and renamed (engine/atomic.py); `latest` is switched only after
+the folder is complete, so a crash (or a full disk) at any moment leaves the previous checkpoint intact and named.
 """
 
 from __future__ import annotations
@@ -26,37 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from deeprecipe.core import UserError
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
+from deeprecipe.engine.atomic import atomic_text, atomic_write, fsync_dir
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +57,7 @@ def save(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dic
         atomic_write(work / "state.pt", lambda p: torch.save(state, p))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(work, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         atomic_text(ckpt_dir / "latest", final.name)
     except OSError as e:  # a full disk, a lost mount: the previous checkpoint is still complete and named
         kept = latest(ckpt_dir)

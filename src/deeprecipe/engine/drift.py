@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from deeprecipe.config import Config
 from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, eval_batches
-from deeprecipe.engine.checkpoint import atomic_write
+from deeprecipe.engine.atomic import atomic_write
 from deeprecipe.engine.embed import batch_features
 
 REF_EXAMPLES = 512  # enough for the tests' power on a window of tens of images, and seconds to compute

@@ -19,7 +19,7 @@ import torch.nn as nn
 from deeprecipe.config import Config
 from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, eval_batches
-from deeprecipe.engine.checkpoint import atomic_text
+from deeprecipe.engine.atomic import atomic_text
 
 
 @torch.no_grad()

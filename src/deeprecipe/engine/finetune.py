@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
+from deeprecipe.engine.atomic import atomic_text
 from deeprecipe.models.pretrained import classifier
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
@@ -214,7 +215,7 @@ def apply(model: nn.Module, ft, run_dir: Path, resume: bool = False, main: bool 
             "lr_scale": {k: list(v) if isinstance(v, tuple) else v for k, v in lr_scale.items()},
         }
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_text(path, json.dumps(saved, indent=1))
+        atomic_text(path, json.dumps(saved, indent=1))
     return lr_scale
 
 

@@ -28,6 +28,7 @@ from deeprecipe.config import Config, to_dict
 from deeprecipe.core import ConfigError, UserError
 from deeprecipe.data.core import Data, micro_draws, train_batches
 from deeprecipe.engine import checkpoint, finetune, optim
+from deeprecipe.engine.atomic import atomic_text, atomic_write
 from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
 from deeprecipe.family import Family
@@ -303,7 +304,7 @@ def train(
     start, best = restore(run_dir, cfg, model, parts, ema) if resume else (0, Best())
     run = Run(run_dir, cfg, rt.main, start, command, rt.why)
     if rt.main:  # what predict/export/serve need to rebuild the model without the data
-        checkpoint.atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
+        atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
     if T.compile:  # in place: parameter names, checkpoints and the parts' modules stay as they are
         for part in parts:
             part.module.compile()
@@ -583,7 +584,7 @@ def snapshot(family: Family, model: nn.Module, data: Data, cfg: Config, rt: Runt
     for name, img in images.items():
         path = run.path / "plots" / name / f"step-{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write(path, lambda p, img=img: save_image(img.float().cpu(), p, format="png"))
+        atomic_write(path, lambda p, img=img: save_image(img.float().cpu(), p, format="png"))
         if run.tb is not None:
             run.tb.add_image(name, img.float().cpu(), step)
 

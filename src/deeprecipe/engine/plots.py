@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from deeprecipe.engine.checkpoint import atomic_write  # noqa: E402
+from deeprecipe.engine.atomic import atomic_write  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from deeprecipe.engine import plots
-from deeprecipe.engine.checkpoint import atomic_text
+from deeprecipe.engine.atomic import atomic_text
 from deeprecipe.engine.run import read_metrics, read_status
 
 

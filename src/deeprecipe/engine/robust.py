@@ -41,7 +41,7 @@ from deeprecipe.core import UserError, nearest
 from deeprecipe.data.core import Data
 from deeprecipe.data.detect import ScenesDetectData
 from deeprecipe.data.scenes import SPLIT_BASE, ScenesData, render_scenes
-from deeprecipe.engine.checkpoint import atomic_text
+from deeprecipe.engine.atomic import atomic_text
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ATTACKS = ("fgsm", "pgd")

@@ -16,7 +16,7 @@ from typing import Any
 from deeprecipe import config
 from deeprecipe.config import Config, dump
 from deeprecipe.core import DataSpec, UserError
-from deeprecipe.engine.checkpoint import atomic_text
+from deeprecipe.engine.atomic import atomic_text
 from deeprecipe.recipe import resolve
 
 
@@ -29,7 +29,7 @@ def new_run_dir(recipe: str, out: str | None) -> Path:
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
     """Remove what a writer killed mid-write left behind in a run folder (a run starting or resuming calls it):
-    `.NAME.tmp<PID>` files of processes that are gone (checkpoint.atomic_write) and `.step-N.partial` folders
+    `.NAME.tmp<PID>` files of processes that are gone (engine/atomic.py) and `.step-N.partial` folders
     (checkpoint.save). A temporary of a live process (an `eval` writing a plot) is left alone."""
     removed = []
     for p in Path(run_dir).rglob(".*.tmp*"):

@@ -359,7 +359,7 @@ def best_trial(study):
 
 def write_best(study, out: Path) -> Path | None:
     """best.yaml: the config of the best complete trial's run folder, a recipe `deeprecipe train` accepts."""
-    from deeprecipe.engine.checkpoint import atomic_text
+    from deeprecipe.engine.atomic import atomic_text
 
     t = best_trial(study)
     if t is None:
@@ -381,7 +381,7 @@ def write_plots(study, out: Path) -> dict[str, str]:
     import optuna
     import optuna.visualization.matplotlib as vis
 
-    from deeprecipe.engine.checkpoint import atomic_write  # two workers may draw at once
+    from deeprecipe.engine.atomic import atomic_write  # two workers may draw at once
 
     plots = {
         "history": (vis.plot_optimization_history, "optimisation history"),
@@ -441,7 +441,7 @@ def write_report(study, out: Path, metric: str) -> Path:
     """summary.txt and report.html (the summary, the plots, the best config) in the tune folder."""
     import html
 
-    from deeprecipe.engine.checkpoint import atomic_text
+    from deeprecipe.engine.atomic import atomic_text
 
     lines = summary(study, metric)
     atomic_text(out / "summary.txt", "\n".join(lines) + "\n")

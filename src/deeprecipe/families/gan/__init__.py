@@ -162,7 +162,7 @@ class GAN(Family):
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
         """Final plots (progress strip and GIF, latent interpolation, losses, class histogram) and health notes."""
-        from deeprecipe.engine.checkpoint import atomic_text
+        from deeprecipe.engine.atomic import atomic_text
 
         pdir = Path(run_dir) / "plots"
         plots.progress(pdir)
@@ -179,7 +179,7 @@ class GAN(Family):
 
     def nonfinite(self, cfg: Config, run_dir: Path, step: int, losses: dict[str, float]) -> str:
         """The NaN note, also the last line of plots/health.txt (after the discriminator's notes so far)."""
-        from deeprecipe.engine.checkpoint import atomic_text
+        from deeprecipe.engine.atomic import atomic_text
 
         note = gm.nonfinite(step, losses.get("d", float("nan")), losses.get("g", float("nan")))
         atomic_text(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprecipe.engine import plots
-from deeprecipe.engine.checkpoint import atomic_write
+from deeprecipe.engine.atomic import atomic_write
 from deeprecipe.engine.run import read_metrics
 
 
