@@ -185,6 +185,9 @@ TINY = {
     **{n: (lambda n=n: image_case(MODELS[n](), channels=3, size=32)) for n in TV_NAMES},
     "tv-r3d-18": lambda: video_case(MODELS["tv-r3d-18"]()),
     "tv-r2plus1d-18": lambda: video_case(MODELS["tv-r2plus1d-18"]()),
+    "tv-deeplabv3-resnet50": lambda: segment_case(MODELS["tv-deeplabv3-resnet50"]()),
+    "tv-fcn-resnet50": lambda: segment_case(MODELS["tv-fcn-resnet50"]()),
+    "tv-lraspp-mobilenet-v3": lambda: segment_case(MODELS["tv-lraspp-mobilenet-v3"]()),
 }
 
 

@@ -199,6 +199,31 @@ def test_video_net_loads_kinetics_weights_and_gray_clips_become_rgb(offline):
     assert tuple(model(x).shape) == (2, 4)
 
 
+def test_segmenter_loads_its_own_weights_or_its_backbone_classifiers(offline):
+    """tv-lraspp-mobilenet-v3 from its published COCO_WITH_VOC_LABELS_V1 (all but the class convs), or from
+    MobileNetV3's ImageNet IMAGENET1K_V1 (features.* read as backbone.*): both names from torch.hub's cache."""
+    seg_w = torchvision.models.segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1
+    cls_w = torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1
+    torch.manual_seed(0)
+    seg = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights_backbone=None).state_dict()
+    cls = torchvision.models.mobilenet_v3_large().state_dict()
+    hub_file(seg_w.url).parent.mkdir(parents=True)
+    torch.save(seg, hub_file(seg_w.url))
+    torch.save(cls, hub_file(cls_w.url))
+    s = spec(classes=4)
+    model, notes = build("tv-lraspp-mobilenet-v3", "COCO_WITH_VOC_LABELS_V1", s)
+    assert f"loaded {len(seg) - 4} tensors, missing 0, unexpected 0, shape-mismatched 4" in notes[-1], notes
+    assert tuple(model(torch.randn(2, 3, 10, 14)).shape) == (2, 4, 10, 14)  # logits at the input's size
+    model, notes = build("tv-lraspp-mobilenet-v3", "IMAGENET1K_V1", spec(classes=4))
+    own = model.state_dict()
+    features = {k: v for k, v in cls.items() if k.startswith("features.")}
+    assert "names features.* read as backbone.*" in notes[-1] and f"loaded {len(features)} tensors" in notes[-1]
+    assert all(torch.equal(own["backbone." + k.removeprefix("features.")], v) for k, v in features.items())
+    assert head_name(model) == "classifier"
+    with pytest.raises(ConfigError, match="COCO_WITH_VOC_LABELS_V1.*IMAGENET1K_V1"):
+        build("tv-lraspp-mobilenet-v3", "VOC2012", spec())
+
+
 def test_timm_model_loads_a_timm_layout_file(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

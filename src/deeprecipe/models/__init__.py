@@ -22,7 +22,10 @@ from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
 from deeprecipe.models.zoo import (
     TimmConfig,
     TVConvNeXtTinyConfig,
+    TVDeepLabV3Config,
     TVEfficientNetB0Config,
+    TVFCNResNet50Config,
+    TVLRASPPConfig,
     TVMobileNetV3Config,
     TVR2Plus1D18Config,
     TVR3D18Config,
@@ -57,6 +60,9 @@ MODELS: dict[str, type] = {
     "tv-convnext-tiny": TVConvNeXtTinyConfig,
     "tv-r3d-18": TVR3D18Config,
     "tv-r2plus1d-18": TVR2Plus1D18Config,
+    "tv-deeplabv3-resnet50": TVDeepLabV3Config,  # torchvision's segmenters
+    "tv-fcn-resnet50": TVFCNResNet50Config,
+    "tv-lraspp-mobilenet-v3": TVLRASPPConfig,
 }
 
 

@@ -17,7 +17,7 @@ channels, gray data repeated to three channels, their crop size), and the run sa
 predict, serve and export prepare images the same way.
 
 A classifier exposes its head through timm's API, `get_classifier()` / `reset_classifier(n)` (torchvision nets
-get it from `with_classifier_api`); `classifier(model)` is what fine-tuning and the checks ask.
+get it from `mix_in`); `classifier(model)` is what fine-tuning and the checks ask.
 """
 
 from __future__ import annotations
@@ -116,16 +116,38 @@ def torchvision_weights(arch: str, name: str):
 
 
 def torchvision_inputs(arch: str, name: str) -> dict:
-    """What the weights' images looked like (torchvision's weights.transforms()): mean, std, crop size."""
+    """What the weights' images looked like (torchvision's weights.transforms()): mean, std, crop size (a
+    segmenter's weights have none: they saw whole images resized)."""
     w = torchvision_weights(arch, name)
     t = w.transforms()
-    return {"mean": list(t.mean), "std": list(t.std), "size": int(t.crop_size[0]), "resize": int(t.resize_size[0])}
+    size = {"size": int(t.crop_size[0])} if getattr(t, "crop_size", None) else {}
+    return {"mean": list(t.mean), "std": list(t.std), **size, "resize": int(t.resize_size[0])}
+
+
+def best_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(prefix dropped from the source's names, prefix added): the pair of top-level names under which most
+    tensors match by name and shape; ("", "") unless another pair matches more. So a classifier's weights go into
+    a segmenter's `backbone.` or a U-Net's `encoder.`, and MobileNet's `features.` into a segmenter's `backbone.`."""
+
+    def count(drop: str, add: str) -> int:
+        return sum(
+            1
+            for k, v in state.items()
+            if k.startswith(drop) and (n := add + k[len(drop) :]) in own and own[n].shape == v.shape
+        )
+
+    drops = {""} | {k.split(".")[0] + "." for k in state}
+    adds = {""} | {k.split(".")[0] + "." for k in own}
+    return max(((d, a) for d in sorted(drops) for a in sorted(adds)), key=lambda p: (count(*p), p == ("", "")))
 
 
 def load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list]:
-    """Copy the tensors of `state` that match `model` by name and shape, in place; warn the counts (loaded,
-    missing, unexpected, shape-mismatched) and return the names of each."""
+    """Copy the tensors of `state` that match `model` by name and shape (after best_prefix's renaming), in place;
+    warn the counts (loaded, missing, unexpected, shape-mismatched) and return the names of each."""
     own = model.state_dict()
+    drop, add = best_prefix(state, own)
+    renamed = f" (names {drop or ''}* read as {add or ''}*)" if (drop, add) != ("", "") else ""
+    state = {(add + k[len(drop) :] if k.startswith(drop) else k): v for k, v in state.items()}
     fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     report = {
         "loaded": list(fit),
@@ -141,7 +163,7 @@ def load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[
     model.load_state_dict(fit, strict=False)
     mism = ", ".join(f"{k} {list(a)}->{list(b)}" for k, a, b in report["mismatched"][:4])
     warnings.warn(
-        f"model.weights {source}: loaded {len(fit)} tensors, missing {len(report['missing'])}, unexpected "
+        f"model.weights {source}{renamed}: loaded {len(fit)} tensors, missing {len(report['missing'])}, unexpected "
         f"{len(report['unexpected'])}, shape-mismatched {len(report['mismatched'])}"
         + (f" ({mism}{' ...' if len(report['mismatched']) > 4 else ''}: kept fresh)" if mism else "")
         + (f"; missing {', '.join(report['missing'][:4])}" if report["missing"] else ""),
@@ -191,15 +213,16 @@ class ClassifierAPI:
         self.set_submodule(self.head_path, new)
 
 
-_WITH_API: dict[type, type] = {}
+_MIXED: dict[tuple[type, type], type] = {}
 
 
-def with_classifier_api(net: nn.Module) -> nn.Module:
-    """The same net (same modules, same state-dict names) whose class also has ClassifierAPI."""
+def mix_in(net: nn.Module, api: type = ClassifierAPI) -> nn.Module:
+    """The same net (same modules, same state-dict names: published weights still load by name) whose class is
+    a subclass of its own with `api` mixed in first (its methods win: a DenseLogits forward)."""
     cls = type(net)
-    if cls not in _WITH_API:
-        _WITH_API[cls] = type(cls.__name__, (cls, ClassifierAPI), {"__module__": cls.__module__})
-    net.__class__ = _WITH_API[cls]
+    if (cls, api) not in _MIXED:
+        _MIXED[cls, api] = type(cls.__name__, (api, cls), {"__module__": cls.__module__})
+    net.__class__ = _MIXED[cls, api]
     return net
 
 

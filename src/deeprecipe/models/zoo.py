@@ -25,11 +25,11 @@ from deeprecipe.models.pretrained import (
     follow_weights,
     is_file,
     load,
+    mix_in,
     read_file,
     strip,
     torchvision_inputs,
     torchvision_state,
-    with_classifier_api,
 )
 
 TV_ARCHS = {  # registry name -> torchvision.models.get_model name
@@ -58,7 +58,7 @@ class TVClassifierConfig:
         # residual branches start at zero (their last BatchNorm's scale), as our own ResNet's: at random init
         # the blocks are identities and a 50-layer net's activations stay in range (ln C at init, not ~3x that)
         extra = {"zero_init_residual": True} if arch.startswith(("resnet", "r3d", "r2plus1d")) else {}
-        net = with_classifier_api(get_model(arch, weights=None, **extra))
+        net = mix_in(get_model(arch, weights=None, **extra))
         net.reset_classifier(spec.num_classes)
         file = is_file(self.weights) if self.weights else False
         # a file carries no metadata: it is taken for torchvision's ImageNet weights of this arch (what its layout
@@ -104,6 +104,87 @@ class TVR3D18Config(TVClassifierConfig):
 @dataclass
 class TVR2Plus1D18Config(TVClassifierConfig):
     name: str = "tv-r2plus1d-18"
+
+
+# ------------------------------------------------------------------------------------------ segmenters
+
+TV_SEGMENTERS = {  # registry name -> (torchvision segmenter, its backbone classifier)
+    "tv-deeplabv3-resnet50": ("deeplabv3_resnet50", "resnet50"),
+    "tv-fcn-resnet50": ("fcn_resnet50", "resnet50"),
+    "tv-lraspp-mobilenet-v3": ("lraspp_mobilenet_v3_large", "mobilenet_v3_large"),
+}
+
+
+class DenseLogits:
+    """Mixed into a torchvision segmenter's class: forward gives the logits (B, classes, H, W) at the input's size
+    (torchvision's nets return a dict); the head is `classifier`, its class convs re-made by reset_classifier."""
+
+    def forward(self, x):
+        return super().forward(x)["out"]
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Fresh class convs (LR-ASPP has two, summed) for `num_classes`: small weights, zero bias (ln C at init)."""
+        outs = [m.out_channels for m in self.classifier.modules() if isinstance(m, nn.Conv2d)]
+        for name, m in list(self.classifier.named_modules()):
+            if isinstance(m, nn.Conv2d) and m.out_channels == outs[-1] and m.kernel_size == (1, 1):
+                new = nn.Conv2d(m.in_channels, num_classes, 1)
+                nn.init.normal_(new.weight, std=0.01)
+                nn.init.zeros_(new.bias)
+                self.classifier.set_submodule(name, new)
+
+
+@dataclass
+class TVSegmenterConfig:
+    name: str = "tv-deeplabv3-resnet50"  # one of TV_SEGMENTERS
+    # a .pth/.safetensors file (a segmenter's, or its backbone classifier's: read into backbone.), a published name
+    # of the segmenter (COCO_WITH_VOC_LABELS_V1) or of its backbone (IMAGENET1K_V1, ...); "": none
+    weights: str = ""
+    progress: bool = True  # show torch.hub's progress bar while the weights download
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        from torchvision.models import get_model, get_model_weights
+
+        arch, backbone = TV_SEGMENTERS[self.name]
+        aux = {} if arch.startswith("lraspp") else {"aux_loss": False}  # the run trains on "out" alone
+        net = get_model(arch, weights=None, weights_backbone=None, num_classes=spec.num_classes, **aux)
+        net = mix_in(net, DenseLogits)
+        net.reset_classifier(spec.num_classes)
+        file = is_file(self.weights) if self.weights else False
+        # a published name is the segmenter's own, else its backbone's (ImageNet classifier weights)
+        own, other = get_model_weights(arch).__members__, get_model_weights(backbone).__members__
+        if self.weights and not file and self.weights not in own and self.weights not in other:
+            raise ConfigError(
+                f"model.weights={self.weights}: not a file, nor a published name of torchvision's {arch} "
+                f"({', '.join(own)}) or of its backbone {backbone} ({', '.join(other)})"
+            )
+        source = arch if file or self.weights in own else backbone
+        inputs = torchvision_inputs(source, "DEFAULT" if file else self.weights) if self.weights else None
+        follow_weights(spec, inputs, self.weights)
+        if self.weights:
+            state = read_file(self.weights) if file else torchvision_state(source, self.weights, self.progress)
+            load(net, state, self.weights)
+        return net
+
+
+@dataclass
+class TVDeepLabV3Config(TVSegmenterConfig):
+    name: str = "tv-deeplabv3-resnet50"
+
+
+@dataclass
+class TVFCNResNet50Config(TVSegmenterConfig):
+    name: str = "tv-fcn-resnet50"
+
+
+@dataclass
+class TVLRASPPConfig(TVSegmenterConfig):
+    name: str = "tv-lraspp-mobilenet-v3"
+
+
+# ------------------------------------------------------------------------------------------ timm
 
 
 @dataclass
