@@ -197,3 +197,25 @@ def test_monitor_verb_scores_a_folder_and_refuses_an_empty_one(trained, cli, tmp
 def test_a_run_without_reference_is_one_line(cli, tmp_path):
     with pytest.raises(UserError, match="no drift_reference"):
         drift.load_reference(tmp_path)
+
+
+def test_server_keeps_a_drift_window_per_endpoint_on_metrics(trained):
+    """Blurred digits sent to /classify drift; the first 31 images are too few to test (no score yet)."""
+    from fastapi.testclient import TestClient
+
+    from deeprecipe.serve import drift as serve_drift
+    from deeprecipe.serve.server import build_app
+
+    run, cfg, model, rt, family, data = trained
+    live: dict = {}
+    app = serve_drift.watch(build_app(str(run), cfg, data.spec, model, rt, family), run, live)
+    images = robust.blur(data.test.take(torch.arange(48))[0], 5)
+    with TestClient(app) as c:
+        for i, img in enumerate(images):
+            assert c.post("/classify", files={"image": ("d.png", png(img), "image/png")}).status_code == 200
+            if i == 30:
+                assert live["classify"]["mmd2"] is None and live["classify"]["images"] == 31
+        text = c.get("/metrics").text
+    assert live["classify"]["drift"] and live["classify"]["images"] == 48
+    assert 'deeprecipe_drift_drift{endpoint="classify"} 1.0' in text
+    assert 'deeprecipe_drift_images{endpoint="classify"} 48.0' in text

@@ -44,12 +44,21 @@ def image_batch_stats(family, model: nn.Module, x: torch.Tensor, rest: tuple, sp
     """uint8 images (B, C, H, W) (and the rest of their batch) -> features (B, D), channel_mean (B, C),
     predicted (B,) class (-1 where the output is not one score per class), all on the CPU."""
     f, out = batch_features(family, model, (x, *rest), spec)
-    K = spec.num_classes
-    pred = torch.full((len(x),), -1, dtype=torch.long)
-    if isinstance(out, torch.Tensor) and out.ndim >= 2 and out.shape[1] == K:
-        p = out.float().argmax(1).cpu()  # (B,) or (B, H, W): the class of most pixels
-        pred = p if p.ndim == 1 else torch.stack([torch.bincount(v.flatten(), minlength=K).argmax() for v in p])
-    return {"features": f, "channel_mean": x.float().mean((2, 3)).cpu() / 255, "predicted": pred}
+    return {"features": f, "channel_mean": channel_means(x), "predicted": predicted(out, len(x), spec.num_classes)}
+
+
+def channel_means(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> each image's per-channel mean in [0, 1], (B, C) on the CPU."""
+    return x.float().mean((-2, -1)).cpu() / 255
+
+
+def predicted(out, n: int, num_classes: int) -> torch.Tensor:
+    """Model output -> (n,) predicted class per example: the argmax of (B, K) scores, the class of most pixels of
+    (B, K, H, W) scores; -1 where the output is not one score per class."""
+    if not (isinstance(out, torch.Tensor) and out.ndim >= 2 and out.shape[1] == num_classes):
+        return torch.full((n,), -1, dtype=torch.long)
+    p = out.float().argmax(1).cpu()
+    return p if p.ndim == 1 else torch.stack([torch.bincount(v.flatten(), minlength=num_classes).argmax() for v in p])
 
 
 def reference(family, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor] | None:

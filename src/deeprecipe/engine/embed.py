@@ -41,8 +41,13 @@ def batch_features(family, model: nn.Module, batch: tuple, spec) -> tuple[torch.
             h.remove()
     if not calls or not isinstance(calls[-1], torch.Tensor):
         raise UserError("no top-level layer of the model was called with a tensor: no penultimate features to read")
-    f = calls[-1].float()
-    return (f.flatten(2).mean(2) if f.ndim > 2 else f).cpu(), out
+    return pooled(calls[-1]), out
+
+
+def pooled(f: torch.Tensor) -> torch.Tensor:
+    """Head inputs (B, D) or (B, D, H, W) -> features (B, D) fp32 on the CPU (a dense head's averaged over pixels)."""
+    f = f.float()
+    return (f.flatten(2).mean(2) if f.ndim > 2 else f).cpu()
 
 
 def features(
