@@ -1,5 +1,6 @@
 """`deeprecipe tune`: search-space specs and their errors, a tiny study of run folders with a best.yaml that
-trains, pruning of a planted bad trial, a killed tune that resumes, and two processes sharing one SQLite study."""
+trains, pruning of a planted bad trial, a killed worker's trial failed by its heartbeat and retried by another
+worker, and two processes sharing one SQLite study."""
 
 from __future__ import annotations
 
@@ -41,10 +42,17 @@ def states(path: Path, name: str = "digits-mlp") -> list[tuple[int, str]]:
     ],
 )
 def test_parse_specs(text, kind, low, high, choices):
+    import optuna
+
     p = T.parse_param(text)
     assert (p.path, p.kind, p.low, p.high, p.choices) == (text.split("=")[0], kind, low, high, choices)
-    if kind == "int":
-        assert isinstance(p.low, int) and p.distribution().high == 256
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):  # what Optuna samples for the dimension lies in it
+        trial = study.ask()
+        value = p.suggest(trial)
+        assert value in choices if kind == "choice" else low <= value <= high, value
+        assert isinstance(value, int) == (kind in ("int", "intlog")) or kind == "choice"
+        assert trial.params == {p.path: value}
 
 
 @pytest.mark.parametrize(
@@ -151,11 +159,17 @@ def test_median_pruner_prunes_a_planted_bad_trial():
 
 def tune_cmd(out: str, trials: int, *extra: str) -> list[str]:
     args = ["tune", "digits-mlp", "--param", "optim.lr=log:1e-3:1e-2", "--trials", str(trials), "--out", out]
-    return [sys.executable, "-m", "deeprecipe.cli", *args, "--pruner", "none", *sets(*TRIAL), *extra]
+    beat = ["--heartbeat", "1"]  # a killed worker's trial is found dead 3 s after its last beat
+    return [sys.executable, "-m", "deeprecipe.cli", *args, "--pruner", "none", *beat, *sets(*TRIAL), *extra]
 
 
-def test_a_killed_tune_resumes_its_study(cli, subenv):
-    cmd = tune_cmd("t", 3, "--set", "train.steps=400", "--set", "train.eval_every=100")
+def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_retried_by_another_worker(cli, subenv):
+    """A worker killed (SIGKILL) during trial 1 of 2 leaves it RUNNING; a second worker on the study finds the budget
+    taken, waits, fails the trial when its heartbeat stops, runs its parameters again as a new trial and so finishes
+    the budget: nothing left RUNNING."""
+    import optuna
+
+    cmd = tune_cmd("t", 2, "--set", "train.steps=100", "--set", "train.eval_every=50")
     proc = subprocess.Popen(cmd, env=subenv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (Path("t/trial-0001/metrics.jsonl").exists() or proc.poll() is not None or time.time() > deadline):
@@ -163,12 +177,16 @@ def test_a_killed_tune_resumes_its_study(cli, subenv):
     proc.kill()  # SIGKILL during trial 1 (trial 0 finished): its trial stays RUNNING in the database
     proc.wait()
     before = states(Path("t/study.db"))
-    assert before[0] == (0, "COMPLETE") and (1, "RUNNING") in before, before
-    code, out, err = cli(*cmd[3:])  # the same command again, in this process
+    assert before == [(0, "COMPLETE"), (1, "RUNNING")], before
+    code, out, err = cli(*cmd[3:])  # the second worker: the same command, in this process
     assert code == 0, err
     assert "resuming study 'digits-mlp': 1 finished trials" in err
-    after = states(Path("t/study.db"))
-    assert after == [(0, "COMPLETE"), (1, "FAIL"), (2, "COMPLETE"), (3, "COMPLETE")], after
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{Path('t/study.db').resolve()}")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"], trials
+    retried = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 1]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == trials[1].params
+    assert f"trial {retried[0].number}: complete" in out
     assert Path("t/trial-0000/commands.txt").read_text().count("\n") == 1  # trial 0 was not run again
 
 

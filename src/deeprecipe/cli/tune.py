@@ -5,6 +5,8 @@
 writes TUNE/trial-NNNN/ (run folders: `runs --dir TUNE`, `eval`, `train --resume` work on them), TUNE/study.db
 (or the --storage database), TUNE/best.yaml (a recipe `train` accepts), the plots, summary.txt and report.html.
 The same command again resumes the study; the same command on other machines with one --storage URL shares it.
+A trial whose worker dies (killed, its machine gone) misses its heartbeats; the other workers fail it and run its
+parameters again.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def cmd_tune(args) -> None:
         pruner=args.pruner,
         startup=args.prune_after,
         seed=args.seed,
+        heartbeat=args.heartbeat,
     )
     T.make_pruner(job.pruner, job.startup)
     study = T.open_study(job, family)
@@ -103,5 +106,12 @@ def add_parsers(sub) -> None:
     s.add_argument("--study", help="study name (default the recipe's name)")
     s.add_argument("--out", help="tune folder (default runs/tune-<recipe>; the same folder resumes)")
     s.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    s.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="a running trial's heartbeat interval; one silent for 3 beats is failed and run again (default 30)",
+    )
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     s.set_defaults(func=cmd_tune)

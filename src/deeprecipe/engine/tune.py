@@ -6,7 +6,10 @@ one, a value out of its range says so); `tune(...)` runs trials of a study held 
 any URL Optuna supports), each trial a run folder `trial-NNNN/` trained by the one loop, pruned from the loop's
 intermediate evaluations. Several processes (on one machine or several) may work on one study: the budget
 `trials` counts the study's finished trials, so together they finish that many, each trial number run once.
-Optuna is imported only when a study is opened. The caller (the CLI) hands in the family; nothing here prints.
+A running trial writes a heartbeat to the database; one silent for three heartbeats (its worker killed, its
+machine gone) is failed by whichever worker notices and comes back once more as a waiting trial with the same
+parameters, which the next free worker runs. Optuna is imported only when a study is opened. The caller (the CLI)
+hands in the family; nothing here prints.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import socket
 import time
 import warnings
@@ -33,6 +35,8 @@ from deeprecipe.recipe import resolve
 TRIAL_DIR = "trial-{:04d}"
 PRUNERS = ("median", "halving", "none")
 MAX_COMBOS = 64  # categorical combinations checked before the first trial
+GRACE = 3  # heartbeats a running trial may miss before it counts as dead
+RETRIES = 2  # a dead trial's parameters run at most this many more times (a trial that kills its worker stops)
 
 
 @dataclass
@@ -49,14 +53,13 @@ class Param:
         """The values that bound what this dimension can give (checked before any trial)."""
         return list(self.choices) if self.kind == "choice" else [self.low, self.high]
 
-    def distribution(self):
-        import optuna.distributions as d
-
+    def suggest(self, trial) -> Any:
+        """This dimension's value for an Optuna trial (a retried trial gets its earlier value back)."""
         if self.kind == "choice":
-            return d.CategoricalDistribution(self.choices)
+            return trial.suggest_categorical(self.path, self.choices)
         if self.kind in ("int", "intlog"):
-            return d.IntDistribution(int(self.low), int(self.high), log=self.kind == "intlog")
-        return d.FloatDistribution(self.low, self.high, log=self.kind == "log")
+            return trial.suggest_int(self.path, int(self.low), int(self.high), log=self.kind == "intlog")
+        return trial.suggest_float(self.path, self.low, self.high, log=self.kind == "log")
 
 
 def parse_param(text: str) -> Param:
@@ -155,13 +158,25 @@ def check_space(raw: dict, name: str, overrides: list[str], space: list[Param]) 
 # ---------------------------------------------------------------------------------------------- the study
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage, or a one-line UserError (bad URL, missing driver, unreachable server)."""
+def open_storage(url: str, heartbeat: int = 0):
+    """An Optuna RDB storage, or a one-line UserError (bad URL, missing driver, unreachable server). With
+    `heartbeat` (seconds), trials run by study.optimize beat at that interval, and one silent for GRACE beats is
+    failed and queued again (up to RETRIES times) by the next worker that checks."""
     import optuna
 
+    beats = {}
+    with warnings.catch_warnings():  # Optuna marks heartbeats and the retry callback experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if heartbeat:
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+            beats = dict(
+                heartbeat_interval=heartbeat, grace_period=GRACE * heartbeat, heartbeat_stale_trial_callback=retry
+            )
     for attempt in range(4):  # workers starting together race to create the tables: the loser tries again
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url), **beats)
         except Exception as e:  # a bad URL, a missing driver, sqlalchemy's OperationalError (unreachable) ...
             error = e
             if not any(w in str(e) for w in ("locked", "already exists", "UNIQUE constraint")):
@@ -217,6 +232,7 @@ class Tune:
     pruner: str = "median"
     startup: int = 3  # trials before the median pruner prunes
     seed: int = 0
+    heartbeat: int = 30  # seconds between a running trial's heartbeats; GRACE missed ones and it is failed, retried
 
 
 def storage_url(job: Tune) -> str:
@@ -229,11 +245,13 @@ def open_study(job: Tune, family: Family):
 
     metric, mode = family.METRIC
     direction = "maximize" if mode == "max" else "minimize"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the caller reports every trial itself
+    if job.heartbeat < 1:
+        raise UserError(f"--heartbeat {job.heartbeat}: give a whole number of seconds, at least 1")
     made = not job.out.exists()
     job.out.mkdir(parents=True, exist_ok=True)
     try:
-        storage = open_storage(storage_url(job))
+        storage = open_storage(storage_url(job), job.heartbeat)
     except UserError:
         if made and not any(job.out.iterdir()):  # a tune that never opened its study leaves no folder
             job.out.rmdir()
@@ -260,20 +278,8 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=done))
 
 
-def fail_dead_trials(study) -> list[int]:
-    """Trials left RUNNING by a process of this machine that is gone (a killed tune): marked failed, so the
-    study runs a new trial in their place. Returns their numbers."""
-    import optuna
-
-    from deeprecipe.engine.run import process_alive
-
-    host, gone = socket.gethostname(), []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not process_alive(pid):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            gone.append(t.number)
-    return gone
+class TrialFailed(Exception):
+    """A trial that ends as failed without stopping the tune (a NaN loss, a config its values make invalid)."""
 
 
 def tune(
@@ -284,7 +290,11 @@ def tune(
     study=None,
 ) -> Any:
     """Run trials until the study has `job.trials` finished ones (or the time is up). `train` is
-    engine.loop.train (handed in so a test may wrap it); `on_trial` hears of each finished trial."""
+    engine.loop.train (handed in so a test may wrap it); `on_trial` hears of each finished trial.
+
+    Each trial runs under study.optimize, which beats its heartbeat and, before it asks for a trial, fails the
+    trials of dead workers (queued again as waiting trials, which ask hands out first). A worker that finds the
+    rest of the budget taken by other workers' running trials waits to see them finish or die."""
     import optuna
 
     from deeprecipe.engine.loop import NonFiniteLoss
@@ -293,29 +303,27 @@ def tune(
     study = study or open_study(job, family)
     metric = family.METRIC[0]
     deadline = time.monotonic() + job.minutes * 60 if job.minutes else math.inf
-    dists = {p.path: p.distribution() for p in job.space}
     S = optuna.trial.TrialState
-    while time.monotonic() < deadline:
-        fail_dead_trials(study)
-        if finished(study) >= job.trials:
-            break
-        # a fresh seeded sampler per trial: one worker's search is reproducible, two workers sample apart
-        study.sampler = optuna.samplers.TPESampler(seed=job.seed + len(study.get_trials(deepcopy=False)))
-        trial = study.ask(dists)
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        alive = (S.RUNNING, S.COMPLETE, S.PRUNED, S.WAITING)
-        ahead = [t for t in study.get_trials(deepcopy=False, states=alive) if t.number <= trial.number]
+
+    def beating(t) -> bool:  # a running trial of this tune's workers: its heartbeat shows whether it lives
+        return t.state == S.RUNNING and "heartbeat" in t.user_attrs
+
+    def objective(trial) -> float:
+        ahead = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(S.RUNNING, S.COMPLETE, S.PRUNED, S.WAITING))
+            if t.number <= trial.number and (t.state != S.RUNNING or beating(t) or t.number == trial.number)
+        ]
         if len(ahead) > job.trials:  # another worker took the last trial of the budget in the meantime
             trial.set_user_attr("over_budget", True)
-            study.tell(trial, state=S.FAIL)
-            break
+            raise TrialFailed("over budget")
+        params = {p.path: p.suggest(trial) for p in job.space}
         run_dir = job.out / TRIAL_DIR.format(trial.number)
-        trial.set_user_attr("run_dir", str(run_dir))
-        cfg = config_of(job.raw, job.name, job.overrides, trial.params)
+        for key, value in (("host", socket.gethostname()), ("heartbeat", job.heartbeat), ("run_dir", str(run_dir))):
+            trial.set_user_attr(key, value)
         seen = {"step": 0}
 
-        def monitor(step: int, results: dict, trial=trial, seen=seen) -> bool:
+        def monitor(step: int, results: dict) -> bool:
             value = results.get(metric)
             seen["step"] = step
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -323,30 +331,42 @@ def tune(
             trial.report(float(value), step)
             return trial.should_prune()
 
-        command = f"deeprecipe tune {job.name} (trial {trial.number}: {' '.join(overrides_of(trial.params))})"
+        cfg = config_of(job.raw, job.name, job.overrides, params)
+        command = f"deeprecipe tune {job.name} (trial {trial.number}: {' '.join(overrides_of(params))})"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 train(cfg, family, run_dir, command=command, monitor=monitor)
         except (NonFiniteLoss, ConfigError) as e:
-            study.tell(trial, state=S.FAIL)
-            on_trial(TrialInfo(trial.number, "failed", None, seen["step"], trial.params, run_dir, str(e)))
-            continue
-        except BaseException:
-            study.tell(trial, state=S.FAIL)
-            raise
+            on_trial(TrialInfo(trial.number, "failed", None, seen["step"], params, run_dir, str(e)))
+            raise TrialFailed(str(e)) from e
         status = read_status(run_dir)
-        best = (status.get("best") or {}).get(metric)
+        best, step = (status.get("best") or {}).get(metric), status.get("step", 0)
         if status.get("status") == "pruned":
-            study.tell(trial, state=S.PRUNED)
-            info = TrialInfo(trial.number, "pruned", best, status.get("step", 0), trial.params, run_dir)
-        elif best is None or not math.isfinite(best):
-            study.tell(trial, state=S.FAIL)
-            info = TrialInfo(trial.number, "failed", None, status.get("step", 0), trial.params, run_dir, "no metric")
-        else:
-            study.tell(trial, float(best))
-            info = TrialInfo(trial.number, "complete", float(best), status.get("step", 0), trial.params, run_dir)
-        on_trial(info)
+            on_trial(TrialInfo(trial.number, "pruned", best, step, params, run_dir))
+            raise optuna.TrialPruned()
+        if best is None or not math.isfinite(best):
+            on_trial(TrialInfo(trial.number, "failed", None, step, params, run_dir, "no metric"))
+            raise TrialFailed("no metric")
+        on_trial(TrialInfo(trial.number, "complete", float(best), step, params, run_dir))
+        return float(best)
+
+    while time.monotonic() < deadline:
+        trials = study.get_trials(deepcopy=False)
+        done = sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials)
+        if done >= job.trials:
+            break
+        if done + sum(map(beating, trials)) >= job.trials and not any(t.state == S.WAITING for t in trials):
+            time.sleep(1.0)  # the rest of the budget is running elsewhere: will it finish, or die?
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead one comes back as a waiting trial
+            continue
+        # a fresh seeded sampler per trial: one worker's search is reproducible, two workers sample apart
+        study.sampler = optuna.samplers.TPESampler(seed=job.seed + len(trials))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
     return study
 
 
