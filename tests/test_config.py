@@ -186,7 +186,8 @@ def test_train_values_out_of_range_fail_early(override):
     ],
 )
 def test_values_out_of_range_fail_at_config_time(recipe, override, says):
-    """A value outside its range (config.RANGES) is a one-line ConfigError naming the field, not a torch error."""
+    """A value outside its range (declared beside the field, or in config.RANGES for data and model fields) is a
+    one-line ConfigError naming the field, not a torch error."""
     with pytest.raises(ConfigError) as e:
         load(recipe, [override])
     assert str(e.value) == says and "\n" not in str(e.value)
@@ -215,3 +216,33 @@ def test_a_recipes_cuda_section_applies_on_cuda_only_and_a_set_still_wins(tmp_pa
     recipe.write_text("task: classify\ncuda: [train.steps]\n")
     with pytest.raises(ConfigError, match="'cuda' must map config paths to values"):
         load(str(recipe), ["train.device=cuda"])
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("optim.schedule=cosin", "optim.schedule=cosin: did you mean 'cosine'? (one of cosine, onecycle, constant)"),
+        ("train.nonfinite=ignore", "train.nonfinite=ignore: use one of stop, skip"),
+        ("train.steps=0", "train.steps=0: must be >= 1"),
+        ("train.ema=1.5", "train.ema=1.5: must be in [0, 1)"),
+    ],
+)
+def test_choices_and_ranges_declared_beside_the_field_fail_in_one_line(override, says):
+    with pytest.raises(ConfigError) as e:
+        load("digits-cnn", [override])
+    assert str(e.value) == says
+
+
+def test_any_dataclass_with_a_ranged_field_is_checked_where_it_is_read():
+    """The range lives beside the field (config.ranged), so a data set's or model's config class declares its own."""
+
+    @dataclasses.dataclass
+    class Mine:
+        width: int = config.ranged(8, "> 0")
+        rates: tuple[float, float] = config.ranged((0.1, 0.2), "[0, 1)")
+
+    assert config.from_dict(Mine, {"width": 3}, "model").width == 3
+    with pytest.raises(ConfigError, match=r"^model.width=0: must be > 0$"):
+        config.from_dict(Mine, {"width": 0}, "model")
+    with pytest.raises(ConfigError, match=r"^model.rates=\[0.5, 1.0\]: each value must be in \[0, 1\)$"):
+        config.from_dict(Mine, {"rates": [0.5, 1]}, "model")

@@ -2,21 +2,24 @@
 
 A run's config has fixed sections (optim, train, finetune, plus the task name and a description) and two
 sections whose type depends on a name: ``data`` (chosen by ``data.name`` from the dataset registry)
-and ``model`` (chosen by ``model.name`` from the model registry). Every key is checked: an unknown key
-or a value of the wrong type fails with the nearest valid name.
+and ``model`` (chosen by ``model.name`` from the model registry; deeprecipe/recipe.py looks them up). Every key
+is checked: an unknown key or a value of the wrong type fails with the nearest valid name. A field's range is
+declared beside it (``ranged(default, "> 0")``) and its choices in its type (``Literal[...]``); from_dict checks
+both for every dataclass it builds.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,38 +30,44 @@ TUNE_KEY = "tune"  # a recipe's search space for `deeprecipe tune` (path: range)
 GPU_KEY = "cuda"  # a recipe's settings for training on a GPU (path: value), applied when the run trains on CUDA
 
 
+def ranged(default: Any, rule: str) -> Any:
+    """A dataclass field whose value (each item of a list) must lie in `rule`: "> 0", ">= 1" or an interval such
+    as "[0, 1)"; from_dict checks it (a one-line ConfigError naming the field)."""
+    return field(default=default, metadata={"range": rule})
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3  # peak learning rate
-    weight_decay: float = 5e-4  # decoupled (AdamW); never applied to norms, biases or embeddings' positions
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"  # cosine (linear warmup, cosine decay) | onecycle | constant
-    warmup: float = 0.05  # warmup length as a fraction of train.steps (or steps when >= 1)
-    min_lr: float = 0.0  # floor of the decay, as a fraction of lr
-    clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    label_smoothing: float = 0.0  # for classification-like losses
+    lr: float = ranged(3e-3, "> 0")  # peak learning rate
+    weight_decay: float = ranged(5e-4, ">= 0")  # decoupled (AdamW); never on norms, biases or embeddings' positions
+    betas: tuple[float, float] = ranged((0.9, 0.999), "[0, 1)")
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"  # cosine: linear warmup, cosine decay
+    warmup: float = ranged(0.05, ">= 0")  # warmup length as a fraction of train.steps (or steps when >= 1)
+    min_lr: float = ranged(0.0, "[0, 1]")  # floor of the decay, as a fraction of lr
+    clip: float = ranged(1.0, ">= 0")  # max global gradient norm; 0 disables clipping
+    label_smoothing: float = ranged(0.0, "[0, 1)")  # for classification-like losses
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 128  # global batch (summed over accumulation and processes)
-    accum: int = 1  # gradient accumulation: batch_size is split into this many micro-batches
-    eval_every: int = 250  # evaluate on the full val split every N steps (0: only at the end)
+    steps: int = ranged(1000, ">= 1")  # optimizer steps
+    batch_size: int = ranged(128, ">= 1")  # global batch (summed over accumulation and processes)
+    accum: int = ranged(1, ">= 1")  # gradient accumulation: batch_size is split into this many micro-batches
+    eval_every: int = ranged(250, ">= 0")  # evaluate on the full val split every N steps (0: only at the end)
     eval_batch_size: int = 512
-    ckpt_every: int = 250  # checkpoint every N steps (and always at the end)
-    log_every: int = 10
+    ckpt_every: int = ranged(250, ">= 1")  # checkpoint every N steps (and always at the end)
+    log_every: int = ranged(10, ">= 1")
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     precision: str = "auto"  # auto (bf16 where measured faster; docs: Automatic choices) | bf16 | fp16 | fp32
     compile: bool = False  # torch.compile the model
     cuda_graph: bool = True  # on CUDA, replay the whole training step from a CUDA graph where it can (engine/graph.py)
     channels_last: bool = True  # memory format for conv nets on 4D inputs
-    ema: float = 0.0  # EMA decay of weights (e.g. 0.999); 0 disables; evaluation uses the EMA weights
-    early_stop: int = 0  # stop after N evaluations without improvement of the main metric; 0 disables
-    nonfinite: str = "stop"  # what a NaN/inf loss does: stop (keep last good checkpoint) | skip (drop the batch)
-    workers: int = 2  # DataLoader workers for data streamed from disk
-    limit_eval: int = 0  # evaluate on at most N examples (0: the full split)
+    ema: float = ranged(0.0, "[0, 1)")  # EMA decay of weights (e.g. 0.999); 0 disables; evaluation uses the EMA
+    early_stop: int = ranged(0, ">= 0")  # stop after N evaluations without improvement of the main metric; 0: never
+    nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss: stop (keep last good checkpoint) | skip the batch
+    workers: int = ranged(2, ">= 0")  # DataLoader workers for data streamed from disk
+    limit_eval: int = ranged(0, ">= 0")  # evaluate on at most N examples (0: the full split)
 
 
 @dataclass
@@ -67,9 +76,9 @@ class FinetuneConfig:
 
     init_from: str = ""  # a run folder, a .safetensors file or a PyTorch state dict file ("": train from scratch)
     freeze: str = ""  # "backbone" (all but the head and fresh layers), or a top-level layer to freeze up to
-    head_lr: float = 1.0  # lr multiplier of the head and of layers left with fresh weights
-    backbone_lr: float = 1.0  # lr multiplier of the loaded layers
-    unfreeze_after: int = 0  # unfreeze the frozen layers one every N steps from the head down (0: stay frozen)
+    head_lr: float = ranged(1.0, ">= 0")  # lr multiplier of the head and of layers left with fresh weights
+    backbone_lr: float = ranged(1.0, ">= 0")  # lr multiplier of the loaded layers
+    unfreeze_after: int = ranged(0, ">= 0")  # unfreeze frozen layers one every N steps from the head down (0: never)
 
 
 @dataclass
@@ -92,6 +101,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), list(map(str, choices)), n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'? (one of" if near else "use one of"
+        raise ConfigError(f"{where}={value}: {hint} {', '.join(map(str, choices))}{')' if near else ''}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -160,7 +176,11 @@ def from_dict(cls: type, raw: dict | None, where: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown key '{dotted}': {nearest(key, names)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if "range" in f.metadata:
+            check_range(f"{where}.{f.name}" if where else f.name, getattr(obj, f.name), f.metadata["range"])
+    return obj
 
 
 def to_dict(obj: Any) -> Any:
@@ -264,20 +284,10 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
     return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in used.items()] + list(overrides))
 
 
-# The range of every numeric field where a value outside it would fail deep inside torch or mean nothing:
-# "section.field" -> "> 0", ">= 0" or an interval "[lo, hi)". A data or model field is named by its section
-# ("model.dropout" is the dropout of whichever model the recipe names); a list or tuple is checked item by item.
+# The ranges of data and model fields whose classes do not declare them beside the field (ranged): one rule per
+# name for whichever data set or model the recipe names ("model.dropout" is the dropout of any model), where a
+# value outside it would fail deep inside torch or mean nothing. A list or tuple is checked item by item.
 RANGES: dict[str, str] = {
-    "optim.lr": "> 0",
-    "optim.weight_decay": ">= 0",
-    "optim.betas": "[0, 1)",
-    "optim.warmup": ">= 0",
-    "optim.min_lr": "[0, 1]",
-    "optim.clip": ">= 0",
-    "optim.label_smoothing": "[0, 1)",
-    "finetune.head_lr": ">= 0",
-    "finetune.backbone_lr": ">= 0",
-    "finetune.unfreeze_after": ">= 0",
     "data.val_fraction": "[0, 1)",
     "data.test_fraction": "[0, 1)",
     "data.image_size": ">= 0",
@@ -325,33 +335,27 @@ def _within(v: float, rule: str) -> bool:
     return (v >= lo if rule[0] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
 
 
+def check_range(key: str, value: Any, rule: str) -> None:
+    """`value` (each item of a list or tuple) lies in `rule`, else a one-line ConfigError naming `key`."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not _within(v, rule):
+            shown = list(value) if isinstance(value, (list, tuple)) else value
+            each = "each value " if isinstance(value, (list, tuple)) else ""
+            raise ConfigError(f"{key}={shown}: {each}must be {'in ' if rule[0] in '[(' else ''}{rule}")
+
+
 def check_ranges(cfg: Config) -> None:
-    """Every field named in RANGES that the config has lies in its range, else a one-line ConfigError."""
+    """Every field named in RANGES that the config's data and model have lies in its range."""
     for key, rule in RANGES.items():
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name, None)
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for v in items:
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _within(v, rule):
-                shown = list(value) if isinstance(value, (list, tuple)) else value
-                each = "each value " if isinstance(value, (list, tuple)) else ""
-                raise ConfigError(f"{key}={shown}: {each}must be {'in ' if rule[0] in '[(' else ''}{rule}")
+        check_range(key, getattr(getattr(cfg, section), name, None), rule)
 
 
 def check_train(t: TrainConfig) -> None:
-    """Values that would otherwise fail deep inside the loop (a division by zero, an empty batch)."""
-    for key in ("steps", "batch_size", "accum", "log_every", "ckpt_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
-    for key in ("eval_every", "early_stop", "workers", "limit_eval"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key}={getattr(t, key)} must be 0 or more")
+    """What the ranges of single fields cannot say: a batch that splits into its micro-batches."""
     if t.batch_size % t.accum:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.accum={t.accum}")
-    if t.nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.nonfinite={t.nonfinite}: use stop or skip")
-    if not 0 <= t.ema < 1:
-        raise ConfigError(f"train.ema={t.ema}: an EMA decay is in [0, 1) (e.g. 0.999; 0 disables)")
 
 
 def dump(cfg: Config) -> str:

@@ -48,8 +48,6 @@ def resolve(raw: dict, name: str = "") -> Config:
         raise ConfigError(
             "finetune.freeze, head_lr, backbone_lr and unfreeze_after need finetune.init_from (--init-from)"
         )
-    if cfg.optim.schedule not in ("cosine", "onecycle", "constant"):
-        raise ConfigError(f"optim.schedule={cfg.optim.schedule}: use cosine, onecycle or constant")
     return cfg
 
 
