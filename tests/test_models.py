@@ -170,6 +170,7 @@ TINY = {
     "lstm": lambda: lm_case(MODELS["lstm"](n_layer=2, hidden=16, emb=8)),
     "seq2seq": lambda: seq2seq_case(MODELS["seq2seq"](d_model=16, n_head=2, enc_layers=1, dec_layers=2)),
     "unet": lambda: segment_case(MODELS["unet"](width=4, depth=2)),
+    "unet-resnet18": lambda: segment_case(MODELS["unet-resnet18"](decoder=(16, 8, 8, 8, 4))),
     "fcn": lambda: segment_case(MODELS["fcn"](width=4, stages=3, skips=2)),
     "c3d": lambda: video_case(MODELS["c3d"](channels=(4, 8), convs=1)),
     "r2plus1d": lambda: video_case(MODELS["r2plus1d"](width=4, blocks=(1, 1), stem_stride=1)),

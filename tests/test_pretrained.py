@@ -224,6 +224,18 @@ def test_segmenter_loads_its_own_weights_or_its_backbone_classifiers(offline):
         build("tv-lraspp-mobilenet-v3", "VOC2012", spec())
 
 
+def test_unet_resnet18_encoder_loads_torchvision_resnet18_weights(tmp_path):
+    state = tv_resnet18_state()
+    torch.save(state, tmp_path / "r18.pth")
+    s = spec(classes=5)
+    model, notes = build("unet-resnet18", str(tmp_path / "r18.pth"), s)
+    assert "read as encoder.*" in notes[-1] and "loaded 120 tensors" in notes[-1] and "unexpected 2" in notes[-1]
+    own = model.state_dict()
+    assert all(torch.equal(own["encoder." + k], v) for k, v in state.items() if not k.startswith("fc."))
+    assert (list(s.mean), list(s.std)) == IMAGENET
+    assert tuple(model(torch.randn(2, 3, 20, 30)).shape) == (2, 5, 20, 30) and head_name(model) == "head"
+
+
 def test_timm_model_loads_a_timm_layout_file(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from deeprecipe.models.pix2pix import CycleGANConfig, Pix2PixConfig
 from deeprecipe.models.resnet import ResNetConfig
 from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.models.textclass import TextLSTMConfig, TextTransformerConfig
-from deeprecipe.models.unet import UNetConfig
+from deeprecipe.models.unet import ResNetUNetConfig, UNetConfig
 from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
 from deeprecipe.models.zoo import (
     TimmConfig,
@@ -42,6 +42,7 @@ MODELS: dict[str, type] = {
     "lstm": LSTMConfig,
     "seq2seq": Seq2SeqConfig,
     "unet": UNetConfig,
+    "unet-resnet18": ResNetUNetConfig,  # a U-Net on torchvision's ResNet-18 encoder (pretrained starts)
     "fcn": FCNConfig,
     "c3d": C3DConfig,
     "r2plus1d": R2Plus1DConfig,

@@ -6,6 +6,11 @@ doubles it back, and skip connections that hand each decoder level the encoder's
 
 Widths double per level from `width` (capped at `max_width`). Inputs whose sides are not multiples of
 2**depth are padded and the logits cropped back, so any image size works.
+
+`unet-resnet18`: the encoder is torchvision's ResNet-18 (its modules and names under `encoder.`, so its
+published ImageNet weights load into it: `model.weights`, models/pretrained.py), its stem and four stages the
+skips at strides 2, 4, 8, 16 and 32; the decoder goes back up the same way to a 1x1 head at full size.
+Input RGB (B, 3, H, W) normalized as the weights were trained; logits (B, classes, H, W).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.core import DataSpec
+from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.pretrained import follow_weights, is_file, load, read_file, torchvision_inputs, torchvision_state
 
 
 @dataclass
@@ -88,3 +94,60 @@ class UNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], 1))
         return self.head(x)[..., :H, :W]
+
+
+@dataclass
+class ResNetUNetConfig:
+    name: str = "unet-resnet18"
+    weights: str = ""  # the encoder's: a ResNet-18 file (torchvision's layout) or torchvision's name (IMAGENET1K_V1)
+    decoder: tuple[int, ...] = (256, 128, 64, 64, 32)  # widths at strides 16, 8, 4, 2 and at full size
+    progress: bool = True  # show torch.hub's progress bar while the weights download
+    dice: float = 0.0  # weight of the Dice loss added to cross-entropy (the segment family reads it)
+
+    def build(self, spec: DataSpec) -> nn.Module:
+        if len(self.decoder) != 5:
+            raise ConfigError(f"model.decoder={list(self.decoder)}: give 5 widths (strides 16, 8, 4, 2, 1)")
+        model = ResNetUNet(spec.num_classes, self.decoder)
+        file = is_file(self.weights) if self.weights else False
+        inputs = torchvision_inputs("resnet18", "DEFAULT" if file else self.weights) if self.weights else None
+        follow_weights(spec, inputs, self.weights)
+        if self.weights:
+            state = read_file(self.weights) if file else torchvision_state("resnet18", self.weights, self.progress)
+            load(model, state, self.weights)  # ResNet-18's names land under encoder.
+        return model
+
+
+class ResNetUNet(nn.Module):
+    def __init__(self, num_classes: int, decoder: tuple[int, ...]):
+        super().__init__()
+        from torchvision.models import resnet18
+
+        self.encoder = resnet18(weights=None, zero_init_residual=True)
+        del self.encoder.fc  # the classifier is not part of the encoder (a published file's fc is unexpected)
+        skips = (256, 128, 64, 64)  # layer3, layer2, layer1, stem: the skips on the way up
+        self.up = nn.ModuleList()
+        cin = 512
+        for skip, w in zip(skips, decoder[:4]):
+            self.up.append(double_conv(cin + skip, w))
+            cin = w
+        self.top = double_conv(cin, decoder[4])  # at full size, after the last upsampling
+        self.head = nn.Conv2d(decoder[4], num_classes, 1)
+        nn.init.normal_(self.head.weight, std=0.01)  # every class equally likely at init: loss ln C
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, classes, H, W)
+        H, W = x.shape[-2:]
+        ph, pw = -H % 32, -W % 32  # the encoder halves the size five times
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        e = self.encoder
+        x0 = e.relu(e.bn1(e.conv1(x)))  # (B, 64, H/2, W/2)
+        x1 = e.layer1(e.maxpool(x0))  # (B, 64, H/4, W/4)
+        x2 = e.layer2(x1)  # (B, 128, H/8, W/8)
+        x3 = e.layer3(x2)  # (B, 256, H/16, W/16)
+        d = e.layer4(x3)  # (B, 512, H/32, W/32)
+        for block, skip in zip(self.up, (x3, x2, x1, x0)):
+            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            d = block(torch.cat([d, skip], 1))
+        d = self.top(F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return self.head(d)[..., :H, :W]
