@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def cmd_tune(args) -> None:
-    from deeprecipe import config
     from deeprecipe.cli import family_of
+    from deeprecipe.config import read_recipe
     from deeprecipe.core import UserError
     from deeprecipe.engine import tune as T
     from deeprecipe.engine.loop import train
@@ -29,7 +29,7 @@ def cmd_tune(args) -> None:
     overrides = list(args.set or [])
     if args.device:
         overrides.append(f"train.device={args.device}")
-    raw, name = config.read_recipe(args.recipe)
+    raw, name = read_recipe(args.recipe)
     space = T.space_of(raw, list(args.param or []))
     T.check_space(raw, name, overrides, space)  # every path and bound, before any trial
     cfg = T.config_of(raw, name, overrides, {})

@@ -13,8 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from deeprecipe import config
-from deeprecipe.config import Config, dump
+from deeprecipe.config import Config, apply_overrides, dump, read_recipe
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.engine.atomic import atomic_text
 from deeprecipe.recipe import resolve
@@ -130,8 +129,8 @@ def read_config(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run}: not a run folder (no config.yaml); list runs with 'deeprecipe runs'")
-    raw, _ = config.read_recipe(str(run_dir / "config.yaml"))
-    return resolve(config.apply_overrides(raw, list(overrides)), raw.get("recipe", ""))
+    raw, _ = read_recipe(str(run_dir / "config.yaml"))
+    return resolve(apply_overrides(raw, list(overrides)), raw.get("recipe", ""))
 
 
 def without_start(cfg: Config) -> Config:

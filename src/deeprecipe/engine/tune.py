@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from deeprecipe import config
+from deeprecipe.config import TUNE_KEY, Config, with_overrides
 from deeprecipe.core import ConfigError, UserError
 from deeprecipe.family import Family
 from deeprecipe.recipe import resolve
@@ -118,9 +118,9 @@ def _yaml(text: str) -> Any:
 
 def space_of(raw: dict, params: list[str]) -> list[Param]:
     """The recipe's `tune:` section (path: spec) then the --param options (a later one replaces a path)."""
-    section = raw.get(config.TUNE_KEY) or {}
+    section = raw.get(TUNE_KEY) or {}
     if not isinstance(section, dict):
-        raise ConfigError(f"the recipe's '{config.TUNE_KEY}' section must map config paths to ranges or choices")
+        raise ConfigError(f"the recipe's '{TUNE_KEY}' section must map config paths to ranges or choices")
     space = {str(k): parse_spec(str(k), v) for k, v in section.items()}
     for text in params:
         p = parse_param(text)
@@ -136,9 +136,9 @@ def overrides_of(values: dict[str, Any]) -> list[str]:
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in items]
 
 
-def config_of(raw: dict, name: str, overrides: list[str], values: dict[str, Any]) -> config.Config:
+def config_of(raw: dict, name: str, overrides: list[str], values: dict[str, Any]) -> Config:
     """The typed config of one point of the space: the recipe, the --set overrides, then the sampled values."""
-    return resolve(config.with_overrides(copy.deepcopy(raw), [*overrides, *overrides_of(values)]), name)
+    return resolve(with_overrides(copy.deepcopy(raw), [*overrides, *overrides_of(values)]), name)
 
 
 def check_space(raw: dict, name: str, overrides: list[str], space: list[Param]) -> None:

@@ -57,18 +57,18 @@ class DomainFeatures(nn.Module):
 
 def feature_config(cfg):
     """The classify Config of the domain feature net of GAN config `cfg` (its data, a classify recipe)."""
-    from deeprecipe import config
+    from deeprecipe.config import list_recipes, read_recipe, to_dict
     from deeprecipe.recipe import resolve
 
     M = cfg.model
     name = M.feature_recipe
     if name == "auto":
-        name = f"{cfg.data.name}-cnn" if f"{cfg.data.name}-cnn" in config.list_recipes() else "fashion-mnist-cnn"
-    raw, rname = config.read_recipe(name)
+        name = f"{cfg.data.name}-cnn" if f"{cfg.data.name}-cnn" in list_recipes() else "fashion-mnist-cnn"
+    raw, rname = read_recipe(name)
     if raw.get("task", "classify") != "classify":
         raise UserError(f"model.feature_recipe={name}: the domain feature net must be a classify recipe")
     aug = {k: v for k, v in (raw.get("data") or {}).items() if k in ("crop_pad", "flip")}
-    raw["data"] = {**config.to_dict(cfg.data), "limit": 0, **aug}
+    raw["data"] = {**to_dict(cfg.data), "limit": 0, **aug}
     raw.setdefault("optim", {})["label_smoothing"] = 0.0  # calibrated probabilities: IS reads them
     raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0)
     if M.feature_steps:
@@ -102,10 +102,10 @@ def classifier_features(fcfg, data_name: str, device: torch.device) -> DomainFea
 def cached_run(fcfg, family, data_name: str) -> Path:
     """The run folder of a feature net's config `fcfg` in the cache (named by a hash of the config), trained there
     with `family` first when it is not there yet; every later run on the same data reuses it."""
-    from deeprecipe import config
+    from deeprecipe.config import dump
     from deeprecipe.engine.loop import train
 
-    key = hashlib.sha1(config.dump(fcfg).encode()).hexdigest()[:10]
+    key = hashlib.sha1(dump(fcfg).encode()).hexdigest()[:10]
     folder = cache_dir() / f"{data_name}-{fcfg.recipe}-{key}"
     if not (folder / "checkpoints" / "best.safetensors").is_file():
         warnings.warn(

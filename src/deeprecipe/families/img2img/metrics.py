@@ -140,11 +140,11 @@ class SceneFeatures(nn.Module):
 def scene_feature_config(cfg):
     """The segment Config of the scene feature net of img2img config `cfg`: its recipe (a U-Net on the scenes data
     set) on the scenes of `cfg` (size, seed, training images), without crops (it sees whole images, as FID does)."""
-    from deeprecipe import config
+    from deeprecipe.config import read_recipe
     from deeprecipe.recipe import resolve
 
     name = "scenes-unet" if cfg.model.feature_recipe == "auto" else cfg.model.feature_recipe
-    raw, rname = config.read_recipe(name)
+    raw, rname = read_recipe(name)
     data, model = raw.get("data") or {}, raw.get("model") or {}
     if raw.get("task") != "segment" or data.get("name") != "scenes" or model.get("name") != "unet":
         raise UserError(f"model.feature_recipe={name}: the scene feature net is a segment recipe of a unet on scenes")
@@ -186,11 +186,11 @@ def pair_feature_config(cfg):
     recipe (auto: imagefolder-resnet) trained to tell data.path/A's images from data.path/B's, its two classes."""
     from pathlib import Path
 
-    from deeprecipe import config
+    from deeprecipe.config import read_recipe
     from deeprecipe.recipe import resolve
 
     name = "imagefolder-resnet" if cfg.model.feature_recipe == "auto" else cfg.model.feature_recipe
-    raw, rname = config.read_recipe(name)
+    raw, rname = read_recipe(name)
     if raw.get("task", "classify") != "classify":
         raise UserError(f"model.feature_recipe={name}: the feature net of folder translations is a classify recipe")
     keep = {k: v for k, v in (raw.get("data") or {}).items() if k in ("crop_pad", "flip", "image_size")}
