@@ -219,3 +219,22 @@ def test_server_keeps_a_drift_window_per_endpoint_on_metrics(trained):
     assert live["classify"]["drift"] and live["classify"]["images"] == 48
     assert 'deeprecipe_drift_drift{endpoint="classify"} 1.0' in text
     assert 'deeprecipe_drift_images{endpoint="classify"} 48.0' in text
+
+
+@pytest.mark.parametrize("recipe", ["scenes-unet", "scenes-detect"])
+def test_segmenters_and_detectors_take_shifts_and_attacks(recipe):
+    """The same path for every image family (untrained nets: only the identities are known): severity 0 and eps 0
+    give the clean metric exactly, and the attack moves the images (the loss rises)."""
+    sizes = ["data.size=[48,48]", "data.train_size=4", "data.val_size=0", "data.test_size=4"]
+    cfg = load(recipe, [*TINY, *sizes])
+    family, data = get_family(cfg.task), cfg.data.build()
+    model = family.build_model(cfg, data.spec).eval()
+    rt = setup("cpu", "fp32")
+    r = robust.robustness(family, model, data, cfg, rt, "test", ["fog"], (5,), ["fgsm"], [0.0, 8.0])
+    assert r["shift"]["fog"][0] == r["attack"]["fgsm"][0.0] == r["clean"]
+    batch = data.test.take(torch.arange(4))
+    adv = robust.attack_images(family, model, batch, data.spec, cfg, "fgsm", 8.0)
+    with torch.no_grad():
+        before = family.per_example_loss(model, family.prepare(batch, data.spec, None), cfg).sum()
+        after = family.per_example_loss(model, family.prepare((adv, *batch[1:]), data.spec, None), cfg).sum()
+    assert after > before
