@@ -129,7 +129,16 @@ BAD = {
     "unknown columns": (lambda tmp: bad_csv(tmp, "sentence,label\nhi,pos\n"), "bad.csv: columns ['sentence', 'label']"),
     "no texts": (lambda tmp: bad_csv(tmp, "text,label\n"), "bad.csv: no texts"),
     "empty text in a CSV": (lambda tmp: bad_csv(tmp, "text,label\nhi,pos\n  ,neg\n"), "bad.csv:3: empty text"),
-    "empty label": (lambda tmp: bad_csv(tmp, "text,label\nhi,pos\nho\n"), "bad.csv:3: empty label"),
+    "empty label": (lambda tmp: bad_csv(tmp, "text,label\nhi,pos\nho,\n"), "bad.csv:3: empty label"),
+    "a field missing": (lambda tmp: bad_csv(tmp, "text,label\nhi,pos\nho\n"), "bad.csv:3: 1 fields, expected 2"),
+    "a comma unquoted": (
+        lambda tmp: bad_csv(tmp, "text,label\nhi,pos\nho, ho,neg\n"),
+        "bad.csv:3: 3 fields, expected 2",
+    ),
+    "one class": (
+        lambda tmp: bad_csv(tmp, "text,label\nhi,pos\nho,pos\nha,pos\n"),
+        "bad.csv: every text has the label 'pos'",
+    ),
     "not JSON": (lambda tmp: bad_jsonl(tmp, '{"text": "a", "label": "x"}\n{oops\n'), "bad.jsonl:2: not a JSON"),
     "JSON without label": (lambda tmp: bad_jsonl(tmp, '{"text": "a", "lab": "x"}\n'), "bad.jsonl:1: a line needs"),
     "class folder without texts": (empty_class, "class 'zzz' has no .txt files"),
@@ -140,6 +149,13 @@ BAD = {
     ),
     "not a table": (lambda tmp: bad_csv(tmp, "x").rename(tmp / "notes.txt"), "notes.txt: give a .csv"),
 }
+
+
+def test_a_text_longer_than_csvs_default_field_limit_is_read(tmp_path):
+    long = "good day " * 20_000  # 180,000 characters: over csv's default limit of 131,072
+    p = write(tmp_path, "csv", [*texts(), (long, "pos")])
+    data = DATASETS["textclass"](path=str(p), max_len=16, val_fraction=0, test_fraction=0).build()
+    assert len(data.train) == len(texts()) + 1 and data.train.tensors[0].shape[1] == 16
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -31,16 +31,35 @@ MULTI30K_SPLITS = ("train", "val", "test_2016_flickr")
 Items = list[tuple[str, str]]  # (text, label)
 
 
+FIELD_LIMIT = 1 << 28  # csv refuses fields over 131072 characters by default; a long document is a valid text
+
+
 def read_csv(path: Path) -> Items:
+    old = csv.field_size_limit(FIELD_LIMIT)
+    line = 0
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             cols = reader.fieldnames or []
             if "text" not in cols or "label" not in cols:
                 raise DataError(f"{path}: columns {cols}: a CSV of texts needs the columns text and label")
-            return [_item(r["text"], r["label"], f"{path}:{reader.line_num}") for r in reader]
+            items = []
+            for r in reader:
+                line = reader.line_num
+                n = len(cols) + len(r.get(None) or []) - sum(v is None for k, v in r.items() if k is not None)
+                if n != len(cols):
+                    raise DataError(
+                        f"{path}:{line}: {n} fields, expected {len(cols)} ({', '.join(cols)}): "
+                        "quote a text that holds a comma or a quote"
+                    )
+                items.append(_item(r["text"], r["label"], f"{path}:{line}"))
+            return items
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8") from None
+    except csv.Error as e:  # a NUL byte, a field over FIELD_LIMIT, ...
+        raise DataError(f"{path}:{line + 1}: not readable as CSV ({e})") from None
+    finally:
+        csv.field_size_limit(old)
 
 
 def read_jsonl(path: Path) -> Items:
@@ -139,6 +158,11 @@ class TextClassData:
         labels = {lab for _, lab in train + val + test}
         if not labels:
             raise DataError(f"{path}: no texts in it")
+        if len(labels) < 2:
+            raise DataError(
+                f"{path}: every text has the label {next(iter(labels))!r}: a classifier needs texts of at least two "
+                "classes"
+            )
         numeric = all(s.lstrip("-").isdigit() for s in labels)
         classes = sorted(labels, key=int if numeric else None)
         seen = {lab for _, lab in train}
