@@ -250,6 +250,12 @@ def test_verbs_on_a_folder_that_is_not_a_run(cli, tmp_path):
         assert_one_line_error(code, err, "not a run folder")
 
 
+def test_a_verb_of_one_task_refuses_a_run_of_another_before_loading_it(cli, finished_run):
+    for args in (["translate", finished_run, "a dog"], ["drive", finished_run], ["dagger", finished_run]):
+        code, _, err = cli(*args)
+        assert_one_line_error(code, err, f"{finished_run} is a 'classify' run")  # no weights line: nothing loaded
+
+
 def test_predict_on_a_corrupt_file(cli, finished_run, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
