@@ -1,7 +1,7 @@
 """Family registry: a plain dict from a task name (cfg.task) to the `module:Class` of its Family subclass.
 
-A family is one package in this folder (its hooks, metrics, plots, checks, endpoints and verbs); adding one is
-one line here. The contract every family follows is deeprecipe/family.py.
+A family is one package in this folder (its hooks, metrics, plots, checks and endpoints; a verb of its own lives in
+cli/); adding one is one line here. The contract every family follows is deeprecipe/family.py.
 """
 
 from __future__ import annotations
