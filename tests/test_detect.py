@@ -664,3 +664,72 @@ def test_a_class_without_test_boxes_is_reported_not_a_crash(tmp_path, cli):
     ap = (run / "plots" / "ap.txt").read_text()
     assert "car              AP n/a (no boxes of class car in test)" in ap and "person           AP 0." in ap
     assert "no boxes of class car in test" in err
+
+
+def coco_doc(**change):
+    doc = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+        "categories": [{"id": 1, "name": "car"}],
+    }
+    return json.dumps(doc | change)
+
+
+MALFORMED = {
+    "COCO not JSON": ("coco", "annotations.json", '{"images": [\n  oops', r"annotations\.json: line 2: not valid JSON"),
+    "COCO bbox not numbers": (
+        "coco",
+        "annotations.json",
+        coco_doc(annotations=[{"id": 5, "image_id": 1, "category_id": 1, "bbox": ["a", 1, 5, 5]}]),
+        r"annotations\.json: annotation 0 \(id 5\): bbox must be \[x, y, width, height\] numbers",
+    ),
+    "COCO image without file_name": (
+        "coco",
+        "annotations.json",
+        coco_doc(images=[{"id": 1}]),
+        r"annotations\.json: image 0: needs an id and a file_name",
+    ),
+    "COCO unknown image": (
+        "coco",
+        "annotations.json",
+        coco_doc(annotations=[{"id": 5, "image_id": 9, "category_id": 1, "bbox": [1, 1, 5, 5]}]),
+        r"annotation 0 \(id 5\): image_id 9 is not in images",
+    ),
+    "VOC list names a missing id": (
+        "voc",
+        "ImageSets/Main/train.txt",
+        "a\nzz\n",
+        r"train\.txt:2: no annotation .*zz\.xml",
+    ),
+    "VOC not XML": ("voc", "Annotations/a.xml", "<annotation><object>", r"a\.xml: line 1: not valid XML"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_annotation_file_is_one_line_naming_file_and_place(tmp_path, case):
+    fmt, rel, text, message = MALFORMED[case]
+    write_images(tmp_path / ("images" if fmt == "coco" else "JPEGImages"), ["a.png"])
+    if fmt == "voc":
+        (tmp_path / "Annotations").mkdir()
+        (tmp_path / "Annotations" / "a.xml").write_text(voc_xml("a.png", [("car", (1, 1, 5, 5))]))
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+        BoxFilesData(path=str(tmp_path), format=fmt, classes=["car"], size=(30, 40)).build()
+    assert "\n" not in str(e.value)
+
+
+def test_the_detection_checks_read_a_streamed_set_without_decoding_all_of_it(tmp_path, monkeypatch):
+    from deeprecipe.data import boxfiles
+    from deeprecipe.families.detect.checks import labels as label_check
+
+    yolo_set(tmp_path, 80, w=32, h=32, box=(6, 6, 20, 22))
+    cfg = load("scenes-detect", ["train.device=cpu", "model.width=8", "model.neck=16"])
+    data = yolo_cfg(tmp_path, size=(32, 32), in_memory_mb=0).build()
+    decoded = []
+    monkeypatch.setattr(boxfiles, "read", lambda p, c, read=boxfiles.read: decoded.append(p) or read(p, c))
+    ctx = Ctx(cfg, tmp_path / "check", get_family("detect"), data=data)
+    assert label_check(ctx).status == "pass" and decoded == []  # the labels come from the annotations
+    v = box_check(ctx)
+    assert v.status == "pass", v
+    assert len(decoded) == len(data.train) < 80  # the boxes check reads the first images of train only
