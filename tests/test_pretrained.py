@@ -236,6 +236,26 @@ def test_unet_resnet18_encoder_loads_torchvision_resnet18_weights(tmp_path):
     assert tuple(model(torch.randn(2, 3, 20, 30)).shape) == (2, 5, 20, 30) and head_name(model) == "head"
 
 
+def test_centernet_on_torchvision_resnet18_loads_its_weights(tmp_path):
+    state = tv_resnet18_state()
+    torch.save(state, tmp_path / "r18.pth")
+    s = spec(classes=3, size=64)
+    s.extra.update(boxes="xyxy", objects_per_image=[1.0] * 3)
+    cfg = MODELS["centernet"](backbone="tv-resnet18", neck=8, weights=str(tmp_path / "r18.pth"))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = cfg.build(s)
+    note = next(str(x.message) for x in w if "loaded" in str(x.message))
+    assert "loaded 120 tensors" in note and "unexpected 2" in note  # all but torchvision's fc
+    own = model.state_dict()
+    assert torch.equal(own["stem.conv1.weight"], state["conv1.weight"])
+    assert torch.equal(own["stages.3.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
+    assert tuple(model(torch.randn(2, 3, 64, 64)).shape) == (2, 3 + 4, 16, 16)
+    assert (list(s.mean), list(s.std)) == IMAGENET
+    with pytest.raises(ConfigError, match="tv-resnet18"):
+        MODELS["centernet"](weights="IMAGENET1K_V1").build(spec())
+
+
 def test_timm_model_loads_a_timm_layout_file(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -8,9 +8,10 @@ x is a normalized image batch (B, C, H, W); boxes (B, M, 4) xyxy pixels and labe
 (data/core.py pad_targets). Score threshold, NMS IoU and the number of boxes kept are config fields.
 
 `centernet`: an anchor-free one-stage detector in the manner of CenterNet and TTFNet. A ResNet or plain CNN
-backbone (stride 32) and a top-down feature pyramid give one map at stride `stride` (4); per cell the head
-predicts a heat map per class (is this cell an object's centre?) and the distances (left, top, right, bottom)
-from the cell's centre to the box edges, as stride * exp(t).
+backbone (stride 32; or torchvision's ResNet-18, which loads its published weights: `model.weights`) and a
+top-down feature pyramid give one map at stride `stride` (4); per cell the head predicts a heat map per class
+(is this cell an object's centre?) and the distances (left, top, right, bottom) from the cell's centre to the
+box edges, as stride * exp(t).
 
     targets: each box puts a Gaussian (sigma = box size / 6 * 0.54 per axis, peak 1 at its centre cell) into
              its class's heat map; the cells inside a box (and its centre cell) regress it, weighted by that
@@ -30,6 +31,7 @@ read with torch.load(weights_only=True) or safetensors); nothing is ever downloa
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.pretrained import follow_weights, is_file, load, read_file, torchvision_inputs, torchvision_state
 from deeprecipe.models.resnet import BasicBlock
 
 
@@ -68,7 +71,8 @@ def nms(boxes, scores, labels, iou: float, keep: int, *more):
 @dataclass
 class CenterNetConfig:
     name: str = "centernet"
-    backbone: str = "resnet"  # resnet (basic blocks) | cnn (plain conv-BN-ReLU)
+    backbone: str = "resnet"  # resnet (basic blocks) | cnn (plain conv-BN-ReLU) | tv-resnet18 (torchvision's)
+    weights: str = ""  # tv-resnet18's: a ResNet-18 file (torchvision's layout) or IMAGENET1K_V1 (models/pretrained.py)
     width: int = 16  # channels of the stem; doubled per stage up to max_width
     max_width: int = 128
     blocks: tuple[int, ...] = (1, 1, 2, 1)  # blocks per stage (strides 4, 8, 16, 32)
@@ -82,36 +86,75 @@ class CenterNetConfig:
     # cell is a candidate and NMS alone removes duplicates (two objects in neighbouring cells both survive)
 
     def build(self, spec: DataSpec) -> nn.Module:
-        if self.backbone not in ("resnet", "cnn"):
-            raise ConfigError(f"model.backbone={self.backbone!r}: use resnet or cnn")
+        if self.backbone not in ("resnet", "cnn", "tv-resnet18"):
+            raise ConfigError(f"model.backbone={self.backbone!r}: use resnet, cnn or tv-resnet18")
         if self.stride not in (4, 8):
             raise ConfigError(f"model.stride={self.stride}: use 4 or 8")
         if len(self.blocks) != 4 or min(self.blocks) < 1:
             raise ConfigError(f"model.blocks={list(self.blocks)}: four stages of at least one block")
-        return CenterNet(spec, self)
+        if self.weights and self.backbone != "tv-resnet18":
+            raise ConfigError(f"model.weights={self.weights}: pretrained weights need model.backbone=tv-resnet18")
+        if self.backbone != "tv-resnet18":
+            return CenterNet(spec, self)
+        file = is_file(self.weights) if self.weights else False
+        inputs = torchvision_inputs("resnet18", "DEFAULT" if file else self.weights) if self.weights else None
+        follow_weights(spec, inputs, self.weights)
+        model = CenterNet(spec, self)
+        if self.weights:
+            state = read_file(self.weights) if file else torchvision_state("resnet18", self.weights)
+            load(model, {tv_backbone_name(k): v for k, v in state.items()}, self.weights)
+        return model
+
+
+def tv_backbone_name(name: str) -> str:
+    """A torchvision ResNet's tensor name as CenterNet's: conv1/bn1 in `stem`, layerK as `stages.K-1`."""
+    top, _, rest = name.partition(".")
+    if top in ("conv1", "bn1"):
+        return f"stem.{name}"
+    if top.startswith("layer") and top[5:].isdigit():
+        return f"stages.{int(top[5:]) - 1}.{rest}"
+    return name
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def own_backbone(in_channels: int, cfg: CenterNetConfig) -> tuple[nn.Module, nn.ModuleList, list[int]]:
+    """(stem to stride 2, four stages at strides 4, 8, 16, 32, their widths) of basic blocks or plain convs."""
+    w = cfg.width
+    stem = nn.Sequential(_conv(in_channels, w, 2), _conv(w, w))
+    widths, cin, stages = [], w, nn.ModuleList()
+    for i, n in enumerate(cfg.blocks):
+        cout = min(w * 2 ** (i + 1), cfg.max_width)
+        if cfg.backbone == "resnet":
+            layers = [BasicBlock(cin if j == 0 else cout, cout, 2 if j == 0 else 1) for j in range(n)]
+        else:
+            layers = [_conv(cin if j == 0 else cout, cout, 2 if j == 0 else 1) for j in range(n)]
+        stages.append(nn.Sequential(*layers))
+        widths.append(cout)
+        cin = cout
+    return stem, stages, widths
+
+
+def tv_resnet18_backbone() -> tuple[nn.Module, nn.ModuleList, list[int]]:
+    """torchvision's ResNet-18 as (stem to stride 4: conv1, bn1, relu, maxpool; layer1..4 at strides 4, 8, 16,
+    32; widths), named so that tv_backbone_name maps its published tensors here. RGB input."""
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None, zero_init_residual=True)
+    stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))
+    return stem, nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4]), [64, 128, 256, 512]
+
+
 class CenterNet(nn.Module):
     def __init__(self, spec: DataSpec, cfg: CenterNetConfig):
         super().__init__()
         self.cfg, self.num_classes = cfg, spec.num_classes
-        w = cfg.width
-        self.stem = nn.Sequential(_conv(spec.in_channels, w, 2), _conv(w, w))  # stride 2
-        widths, cin = [], w
-        self.stages = nn.ModuleList()
-        for i, n in enumerate(cfg.blocks):
-            cout = min(w * 2 ** (i + 1), cfg.max_width)
-            if cfg.backbone == "resnet":
-                layers = [BasicBlock(cin if j == 0 else cout, cout, 2 if j == 0 else 1) for j in range(n)]
-            else:
-                layers = [_conv(cin if j == 0 else cout, cout, 2 if j == 0 else 1) for j in range(n)]
-            self.stages.append(nn.Sequential(*layers))
-            widths.append(cout)
-            cin = cout
+        if cfg.backbone == "tv-resnet18":
+            self.stem, self.stages, widths = tv_resnet18_backbone()
+        else:
+            self.stem, self.stages, widths = own_backbone(spec.in_channels, cfg)
         levels = 4 if cfg.stride == 4 else 3  # pyramid levels from stride 32 down to the output stride
         self.lateral = nn.ModuleList(nn.Conv2d(c, cfg.neck, 1) for c in widths[-levels:])
         self.smooth = _conv(cfg.neck, cfg.neck)
