@@ -190,6 +190,33 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_retried_by_anothe
     assert Path("t/trial-0000/commands.txt").read_text().count("\n") == 1  # trial 0 was not run again
 
 
+def test_a_trial_another_worker_failed_is_dropped_and_the_tune_goes_on():
+    """A worker stalled past its heartbeats' grace finds its running trial failed by another worker: it drops the
+    trial with a note (the other worker runs its parameters again) and goes on to finish the budget."""
+    import optuna
+
+    from deeprecipe import config
+    from deeprecipe.engine.loop import train
+    from deeprecipe.families import get_family
+
+    raw, name = config.read_recipe("digits-mlp")
+    job = T.Tune(raw, name, list(TRIAL), T.space_of(raw, ["optim.lr=log:1e-3:1e-2"]), Path("t"), trials=1)
+    family = get_family("classify")
+    study = T.open_study(job, family)
+    other = optuna.load_study(study_name=name, storage=T.storage_url(job))  # the other worker's view
+
+    def stalled(cfg, family, run_dir, command, monitor):
+        if run_dir.name == "trial-0000":  # while trial 0 trains, the other worker gives it up as dead
+            other.tell(0, state=optuna.trial.TrialState.FAIL)
+        return train(cfg, family, run_dir, command=command, monitor=monitor)
+
+    seen = []
+    with pytest.warns(UserWarning, match="failed by another worker"):
+        T.tune(job, family, stalled, seen.append, study=study)
+    assert states(Path("t/study.db")) == [(0, "FAIL"), (1, "COMPLETE")]
+    assert [(i.number, i.state) for i in seen] == [(1, "complete")]
+
+
 def test_two_processes_share_one_sqlite_study(subenv):
     """Two workers on one study file finish exactly the budget together: 4 complete trials, each run by one
     worker once (its folder's commands.txt has one line, the workers' printed trials are disjoint and cover the

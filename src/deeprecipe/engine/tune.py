@@ -308,7 +308,7 @@ def tune(
     def beating(t) -> bool:  # a running trial of this tune's workers: its heartbeat shows whether it lives
         return t.state == S.RUNNING and "heartbeat" in t.user_attrs
 
-    def objective(trial) -> float:
+    def run(trial) -> float:
         ahead = [
             t
             for t in study.get_trials(deepcopy=False, states=(S.RUNNING, S.COMPLETE, S.PRUNED, S.WAITING))
@@ -351,6 +351,18 @@ def tune(
         on_trial(TrialInfo(trial.number, "complete", float(best), step, params, run_dir))
         return float(best)
 
+    ended = {"here": False}  # the last trial ended in this process (its end, not an error, reaches study.tell)
+
+    def objective(trial) -> float:
+        ended["here"] = False
+        try:
+            value = run(trial)
+        except (optuna.TrialPruned, TrialFailed, optuna.exceptions.UpdateFinishedTrialError):
+            ended["here"] = True
+            raise
+        ended["here"] = True
+        return value
+
     while time.monotonic() < deadline:
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials)
@@ -364,9 +376,20 @@ def tune(
             continue
         # a fresh seeded sampler per trial: one worker's search is reproducible, two workers sample apart
         study.sampler = optuna.samplers.TPESampler(seed=job.seed + len(trials))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            # telling a finished trial: this process stalled (suspended, starved) past the grace, another worker
+            # failed its trial and queued the parameters again, so the work done here no longer counts
+            if not ended["here"]:
+                raise
+            warnings.warn(
+                f"a trial of this worker missed {GRACE} heartbeats and was failed by another worker, which runs its "
+                "parameters again; going on with the next trial",
+                stacklevel=2,
+            )
     return study
 
 
