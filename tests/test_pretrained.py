@@ -355,7 +355,7 @@ def test_fine_tuning_tv_resnet18_from_a_weights_file_runs_through_every_verb(tmp
     args = ["data.path=" + str(tmp_path / "img"), "data.image_size=32", "data.val_fraction=0.25", "data.flip=true"]
     args += ["model.name=tv-resnet18", f"model.weights={weights}", "train.device=cpu", "train.precision=fp32"]
     args += ["train.steps=3", "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "train.workers=0"]
-    freeze = ["--init-from", weights, "--freeze", "backbone", "--head-lr", "10"]  # the README's way to freeze
+    freeze = ["--freeze", "backbone", "--head-lr", "10"]  # model.weights is the start: no --init-from
     code, out, err = cli("train", "imagefolder-resnet", "--out", run, *freeze, *[a for s in args for a in ("--set", s)])
     assert code == 0, err
     assert "loaded 120 tensors, missing 0, unexpected 0, shape-mismatched 2" in err
@@ -363,6 +363,7 @@ def test_fine_tuning_tv_resnet18_from_a_weights_file_runs_through_every_verb(tmp
     source = tv_resnet18_state()
     for name, _ in torchvision.models.resnet18().named_parameters():  # the frozen backbone is the file's
         assert torch.equal(trained[name], source[name]) == (not name.startswith("fc.")), name
+    assert json.loads((run / "finetune.json").read_text())["lr_scale"]["fc."] == 10
     saved = json.loads((run / "spec.json").read_text())
     assert [saved["mean"], saved["std"]] == list(IMAGENET) and saved["in_channels"] == 3
     weights.unlink()  # a finished run needs only its own folder

@@ -44,9 +44,11 @@ def resolve(raw: dict, name: str = "") -> Config:
     check_train(cfg.train)
     check_ranges(cfg)
     ft = cfg.finetune
-    if not ft.init_from and (ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after):
+    pretrained = getattr(cfg.model, "weights", "")  # a zoo model's start (models/pretrained.py)
+    if not (ft.init_from or pretrained) and (ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after):
         raise ConfigError(
-            "finetune.freeze, head_lr, backbone_lr and unfreeze_after need finetune.init_from (--init-from)"
+            "finetune.freeze, head_lr, backbone_lr and unfreeze_after need a start: finetune.init_from "
+            "(--init-from) or a zoo model's model.weights"
         )
     return cfg
 

@@ -181,26 +181,35 @@ PLAN = "finetune.json"
 
 
 def apply(model: nn.Module, ft, run_dir: Path, resume: bool = False, main: bool = True) -> dict | None:
-    """Fine-tune as config section `ft` (config.FinetuneConfig) says: None when ft.init_from is empty, else the lr
-    multipliers by name prefix, after loading the source weights and freezing. A resumed run re-applies the plan
-    saved in run_dir/finetune.json (its weights come from the checkpoint, so the source is not read again)."""
-    if not ft.init_from:
+    """Fine-tune as config section `ft` (config.FinetuneConfig) says: the lr multipliers by name prefix, after
+    loading the source weights and freezing; None without a source. The source is ft.init_from, or else the
+    pretrained weights the model was built from (model.weights: models/pretrained.py load leaves the names of
+    the tensors it did not fill in `model.pretrained_fresh`) when the section asks for freezing or lr
+    multipliers. A resumed run re-applies the plan saved in run_dir/finetune.json (its weights come from the
+    checkpoint, so the source is not read again)."""
+    pretrained = getattr(model, "pretrained_fresh", None)
+    tuning = ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after
+    if not ft.init_from and not (pretrained is not None and tuning):
         return None
     path = Path(run_dir) / PLAN
     if resume and path.is_file() and checkpoint.latest(Path(run_dir) / "checkpoints") is not None:
         return _reapply(model, path)
-    weights = read_source(ft.init_from)
-    report = load_matching(model, weights)
-    if not report["loaded"] and not report["adapted"]:
-        raise UserError(
-            f"--init-from {ft.init_from}: no tensor matches this model by name and shape "
-            f"(source names look like {list(weights)[:3]}, the model's like {list(model.state_dict())[:3]})"
-        )
-    fresh = report["new"] + [n for n, _, _ in report["skipped"]]
+    if ft.init_from:
+        weights = read_source(ft.init_from)
+        report = load_matching(model, weights)
+        if not report["loaded"] and not report["adapted"]:
+            raise UserError(
+                f"--init-from {ft.init_from}: no tensor matches this model by name and shape "
+                f"(source names look like {list(weights)[:3]}, the model's like {list(model.state_dict())[:3]})"
+            )
+        fresh = report["new"] + [n for n, _, _ in report["skipped"]]
+    else:  # the model's own pretrained start; its load was reported when it was built
+        fresh, report = pretrained, None
     lr_scale = plan(model, fresh, ft.freeze, ft.head_lr, ft.backbone_lr, ft.unfreeze_after)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if main:
-        print(format_report(ft.init_from, report))
+        if report is not None:
+            print(format_report(ft.init_from, report))
         n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         desc = ", ".join(
             f"{k.rstrip('.')}: x{v[0]:g} from step {v[1]}" if isinstance(v, tuple) else f"{k.rstrip('.')}: x{v:g}"
@@ -210,7 +219,7 @@ def apply(model: nn.Module, ft, run_dir: Path, resume: bool = False, main: bool 
             f"  frozen {n_frozen:,} of {sum(p.numel() for p in model.parameters()):,} parameters; lr multipliers {desc}"
         )
         saved = {
-            "init_from": str(Path(ft.init_from).resolve()),
+            "init_from": str(Path(ft.init_from).resolve()) if ft.init_from else "model.weights",
             "frozen": frozen,
             "lr_scale": {k: list(v) if isinstance(v, tuple) else v for k, v in lr_scale.items()},
         }

@@ -161,6 +161,8 @@ def load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[
             f"{list(state)[:3]}, the model's like {list(own)[:3]})"
         )
     model.load_state_dict(fit, strict=False)
+    # what kept its fresh init (the new head): fine-tuning never freezes it (engine/finetune.py apply)
+    model.pretrained_fresh = report["missing"] + [k for k, _, _ in report["mismatched"]]
     mism = ", ".join(f"{k} {list(a)}->{list(b)}" for k, a, b in report["mismatched"][:4])
     warnings.warn(
         f"model.weights {source}{renamed}: loaded {len(fit)} tensors, missing {len(report['missing'])}, unexpected "
