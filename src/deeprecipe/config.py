@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses with documented defaults, YAML recipes, dotted overrides.
 
-A run's config has fixed sections (optim, train, finetune, plus the task name and a description) and two
+A run's config has fixed sections (optim, train, finetune, distill, plus the task name and a description) and two
 sections whose type depends on a name: ``data`` (chosen by ``data.name`` from the dataset registry)
 and ``model`` (chosen by ``model.name`` from the model registry; deeprecipe/recipe.py looks them up). Every key
 is checked: an unknown key or a value of the wrong type fails with the nearest valid name. A field's range is
@@ -82,6 +82,17 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained classifier run (families/classify; Hinton et al. 2015): the loss is
+    (1 - weight) * cross-entropy with the labels + weight * T^2 * KL(teacher || student), both softmaxes at
+    temperature T."""
+
+    teacher: str = ""  # the teacher's run folder, same classes, any model ("": no distillation)
+    temperature: float = ranged(4.0, "> 0")  # T: softer distributions show the teacher's similarities between classes
+    weight: float = ranged(0.5, "[0, 1]")  # share of the teacher's term (1: the labels are not used)
+
+
+@dataclass
 class Config:
     task: str = "classify"  # the task family: classify | lm | translate | gan | segment | video ...
     description: str = ""  # one line shown by `deeprecipe recipes`
@@ -90,7 +101,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     recipe: str = ""  # the recipe this config came from (set by the loader)
+
+    def __post_init__(self):
+        if self.distill.teacher and self.task != "classify":  # the one family that reads the section
+            raise ConfigError(f"distill.teacher: distillation is for task classify, not '{self.task}'")
 
 
 # ---------------------------------------------------------------------------------------------- parsing

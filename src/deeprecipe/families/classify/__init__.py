@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.config import Config
-from deeprecipe.core import DataSpec, UserError
+from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
@@ -191,8 +191,60 @@ def serve_explain(ctx) -> None:
     ctx.widget("/explain", "image", "Explain an image", methods=methods)
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), the batch mean, for logits (B, C): the soft-target
+    term of knowledge distillation (Hinton et al. 2015; T^2 keeps its gradients' scale as T changes)."""
+    s, t = F.log_softmax(student.float() / T, -1), F.log_softmax(teacher.float() / T, -1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * T * T
+
+
+class Teacher:
+    """The teacher of cfg.distill: a classifier run's model (its inference weights, eval mode, frozen) on the
+    student's device, loaded at the first batch; `logits(x)` takes the student's prepared input and feeds the
+    teacher the same pixels under its own normalization."""
+
+    def __init__(self):
+        self.key, self.model, self.scale, self.shift = None, None, None, None
+
+    def logits(self, x: torch.Tensor, cfg: Config, spec: DataSpec, family: Family) -> torch.Tensor:
+        from deeprecipe.engine.run import load_run
+
+        if self.key != (cfg.distill.teacher, x.device):
+            tcfg, tspec, model, _ = load_run(cfg.distill.teacher, type(family)(), str(x.device), "fp32")
+            where = f"distill.teacher={cfg.distill.teacher}"
+            if tcfg.task != "classify" or tspec.class_names != spec.class_names:
+                raise UserError(f"{where}: the teacher must be a classifier of the same classes as this run's data")
+            if (tspec.in_channels, tuple(tspec.image_size)) != (spec.in_channels, tuple(spec.image_size)):
+                raise UserError(f"{where}: the teacher takes {tspec.in_channels} x {tspec.image_size} images")
+            view = (1, -1, 1, 1)
+            s_mean, s_std = torch.tensor(spec.mean).view(view), torch.tensor(spec.std).view(view)
+            t_mean, t_std = torch.tensor(tspec.mean).view(view), torch.tensor(tspec.std).view(view)
+            # student-normalized x -> pixels x * s_std + s_mean -> the teacher's (p - t_mean) / t_std, as one affine
+            self.scale, self.shift = (s_std / t_std).to(x.device), ((s_mean - t_mean) / t_std).to(x.device)
+            self.model, self.key = model.requires_grad_(False), (cfg.distill.teacher, x.device)
+        with torch.no_grad():
+            return self.model(x * self.scale + self.shift).float()
+
+
 class Classify(Family):
     """Image classification (see the module docstring)."""
+
+    def __init__(self):
+        self._teacher = Teacher()  # cfg.distill's teacher, loaded by the first loss that needs it
+        self._spec: DataSpec | None = None  # the spec the model was built for: the teacher must match it
+
+    def check_config(self, cfg: Config) -> None:
+        t = cfg.distill.teacher
+        if t and not (Path(t) / "config.yaml").is_file():
+            raise ConfigError(f"distill.teacher={t}: not a run folder (no config.yaml); name a classifier's run")
+
+    def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:
+        self._spec = spec
+        return cfg.model.build(spec)
+
+    def expected_init_loss(self, spec: DataSpec, cfg: Config) -> tuple[float, str] | None:
+        """ln C, unless a teacher's term is in the loss (its value at init depends on the teacher)."""
+        return None if cfg.distill.teacher and cfg.distill.weight else super().expected_init_loss(spec, cfg)
 
     prepare = staticmethod(prepare)
 
@@ -210,8 +262,13 @@ class Classify(Family):
 
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing), {}
+        logits = model(x).float()
+        ce = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+        d = cfg.distill
+        if not d.teacher:
+            return ce, {}
+        kd = distill_loss(logits, self._teacher.logits(x, cfg, self._spec, self), d.temperature)
+        return (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
         logits, labels = predict_split(model, data, split, cfg, rt)

@@ -1,0 +1,70 @@
+"""Knowledge distillation (the `distill` config section, families/classify): the soft-target term against the KL
+written out, a student equal to its teacher, and a student taught by the teacher alone (no labels)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, sets
+from deeprecipe.cli import main, open_run
+from deeprecipe.families import get_family
+from deeprecipe.families.classify import distill_loss
+from deeprecipe.recipe import load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ["train.batch_size=32", "model.channels=[8,16]", "model.dense=[32]"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    assert main(["train", "digits-cnn", "--out", str(out), *sets(*TINY, *SMALL, "train.steps=200")]) == 0
+    return out
+
+
+def test_the_soft_target_term_is_the_kl_written_out():
+    g = torch.Generator().manual_seed(0)
+    s, t, T = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), 3.0
+    p = (t / T).softmax(-1)
+    kl = (p * (p.log() - (s / T).log_softmax(-1))).sum(-1).mean() * T * T
+    assert distill_loss(s, t, T) == pytest.approx(float(kl), rel=1e-5)
+    assert distill_loss(t, t, T) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_student_equal_to_its_teacher_has_only_the_label_term(teacher):
+    cfg_t, spec, model, rt, _ = open_run(str(teacher), "cpu")
+    family = get_family("classify")
+    data = cfg_t.data.build()
+    x, y = family.prepare(data.test.take(torch.arange(32)), spec, None)
+    for w in (0.0, 0.3, 1.0):
+        cfg = load("digits-cnn", [*TINY, *SMALL, f"distill.teacher={teacher}", f"distill.weight={w}"])
+        family.build_model(cfg, spec)  # the student's spec, which the teacher is checked against
+        student = copy.deepcopy(model)
+        loss, logs = family.loss(student, (x, y), cfg, "model")
+        with torch.no_grad():
+            ce = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing)
+        assert float(logs["kd"]) == pytest.approx(0.0, abs=1e-5)
+        assert float(loss.detach()) == pytest.approx((1 - w) * float(ce), abs=1e-5)
+
+
+def test_a_student_learns_from_the_teacher_alone(teacher, tmp_path):
+    """weight 1: the labels carry no weight in the loss, so what the student knows comes from the teacher."""
+    out = tmp_path / "student"
+    over = [*TINY, "train.steps=150", "train.batch_size=32", "model.channels=[4,8]", "model.dense=[16]"]
+    over += [f"distill.teacher={teacher}", "distill.weight=1"]
+    assert main(["train", "digits-cnn", "--out", str(out), *sets(*over)]) == 0
+    final = json.loads((out / "status.json").read_text())["final"]
+    assert final["test_acc"] > 0.6  # chance is 0.1
+
+
+def test_a_bad_teacher_is_one_line(cli, tmp_path):
+    code, out, err = cli("train", "digits-cnn", "--out", tmp_path / "r", *sets(*TINY, "distill.teacher=nowhere"))
+    assert code == 2 and "distill.teacher=nowhere: not a run folder" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("train", "scenes-unet", "--out", tmp_path / "s", *sets(*TINY, "distill.teacher=nowhere"))
+    assert code == 2 and "distillation is for task classify" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
