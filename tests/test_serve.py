@@ -359,6 +359,37 @@ def test_generic_generation_translation_and_sampling_endpoints():
         assert kinds == {"/generate": "stream", "/translate": "text", "/sample": "sample"}
 
 
+class SlowGenerative(Family):
+    """Generation and sampling that take a while: requests pile up at the model."""
+
+    def serve(self, ctx):
+        def pieces(prompt, **kw):
+            time.sleep(0.1)
+            yield prompt
+
+        ctx.text_generation("/generate", pieces)
+        ctx.image_sampler("/sample", lambda n, seed: time.sleep(0.1) or torch.zeros(n, 1, 2, 2))
+
+
+def test_a_burst_at_the_whole_endpoint_helpers_gets_503_past_the_queue_and_every_slot_is_given_back():
+    model, spec, cfg, rt = torch.nn.Linear(1, 1), DataSpec(vocab_size=5), Config(task="lm", model=CNNConfig()), None
+    app = create_app(model, spec, cfg, rt, SlowGenerative(), ServeOptions(max_queue=2))
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            calls = [("/sample", {"n": 1}), ("/generate", {"prompt": "ab"})] * 20
+            return await asyncio.gather(*[c.post(path, json=body) for path, body in calls])
+
+    answers = asyncio.run(go())
+    for path, got in [("/sample", answers[0::2]), ("/generate", answers[1::2])]:
+        codes = Counter(r.status_code for r in got)
+        assert set(codes) == {200, 503} and codes[200] >= 2 and codes[503] >= 10, (path, codes)
+        assert all(r.text == "ab" for r in got if path == "/generate" and r.status_code == 200)
+        assert all(r.headers["retry-after"] == "1" for r in got if r.status_code == 503)
+        assert app.state.ctx.waiting[path] == 0  # every admitted request gave its place back
+
+
 # ------------------------------------------------------------------------------------------ the web page
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -12,9 +12,10 @@ the family's `serve(ctx)` hook, which adds the family's endpoints in a few lines
 Always there: GET /health (public), / (the page, static), /docs (Swagger UI, its files served from the
 fastapi-offline package: no CDN) and /openapi.json (the API description), GET /info and /metrics (Prometheus
 text from prometheus_client: request counts by route and status, latency and batch-size histograms, queue depths,
-process metrics). A batched endpoint holds at most max_queue waiting requests; past that it answers 503 with
-Retry-After. Every endpoint takes one file per form field: a field sent
-twice (two images to /classify) is a 422, not a silent answer for the last one.
+process metrics). A batched endpoint holds at most max_queue waiting requests, and the whole-endpoint helpers
+(generation, sampling) as many at the model; past that a request is answered 503 with Retry-After. Every endpoint
+takes one file per form field: a field sent twice (two images to /classify) is a 422, not a silent answer for the
+last one.
 """
 
 from __future__ import annotations
@@ -168,8 +169,6 @@ class Batcher:
     max_queue requests wait: past that a request is answered at once with 503 and Retry-After (the client
     comes back later) rather than waiting without bound while memory and latency grow."""
 
-    RETRY_AFTER = "1"  # seconds: a full queue drains in a few batches
-
     def __init__(
         self,
         name: str,
@@ -198,11 +197,7 @@ class Batcher:
         try:
             self.queue.put_nowait((item, fut))  # type: ignore[union-attr]
         except asyncio.QueueFull:
-            raise HTTPException(
-                503,
-                f"{self.name}: {self.max_queue} requests are already waiting (the server's --max-queue); retry later",
-                headers={"Retry-After": self.RETRY_AFTER},
-            ) from None
+            raise queue_full(self.name, self.max_queue) from None
         return await fut
 
     async def _work(self) -> None:
@@ -234,6 +229,16 @@ class Batcher:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
+
+
+def queue_full(name: str, max_queue: int) -> HTTPException:
+    """The answer to a request that finds `max_queue` others waiting: 503, come back in a second (a full queue
+    drains in a few batches)."""
+    return HTTPException(
+        503,
+        f"{name}: {max_queue} requests are already waiting (the server's --max-queue); retry later",
+        headers={"Retry-After": "1"},
+    )
 
 
 # ------------------------------------------------------------------------------------------ limits and timing
@@ -310,6 +315,7 @@ class ServeContext:
     widgets: list[dict] = field(default_factory=list)
     batchers: dict[str, Batcher] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one model call at a time
+    waiting: dict[str, int] = field(default_factory=dict)  # whole-endpoint requests at the model, by path
 
     def batcher(self, name: str, fn: Callable[[list], list], max_batch: int | None = None) -> Batcher:
         def locked(items):
@@ -326,6 +332,15 @@ class ServeContext:
         )
         self.batchers[name] = b
         return b
+
+    def admit(self, path: str) -> Callable[[], None]:
+        """A request of a whole-endpoint helper (no batcher) that will hold or wait for the model: with max_queue
+        of them there already it is answered 503 with Retry-After, as a full batch queue answers. Returns the
+        release to call on the event loop once its model call is over."""
+        if self.waiting.get(path, 0) >= self.options.max_queue:
+            raise queue_full(path, self.options.max_queue)
+        self.waiting[path] = self.waiting.get(path, 0) + 1
+        return lambda: self.waiting.__setitem__(path, self.waiting[path] - 1)
 
     def widget(self, path: str, kind: str, title: str, **params: Any) -> None:
         self.widgets.append({"path": path, "kind": kind, "title": title, **params})
@@ -368,8 +383,9 @@ class ServeContext:
                 pieces = generate(**req.model_dump())
             except UserError as e:
                 raise HTTPException(400, str(e)) from None
+            release = self.admit(path)
             return StreamingResponse(
-                stream_in_thread(lambda: pieces, self.lock), media_type="text/plain; charset=utf-8"
+                stream_in_thread(lambda: pieces, self.lock, release), media_type="text/plain; charset=utf-8"
             )
 
         self.router.add_api_route(path, endpoint, methods=["POST"], summary=title, response_class=StreamingResponse)
@@ -393,14 +409,21 @@ class ServeContext:
                 return [image_ops.png_base64(img) for img in sample(n, seed)]
 
         async def endpoint(req: SampleRequest):
-            return {"images": await asyncio.to_thread(run, req.n, req.seed)}
+            release = self.admit(path)
+            try:
+                return {"images": await asyncio.to_thread(run, req.n, req.seed)}
+            finally:
+                release()
 
         self.router.add_api_route(path, endpoint, methods=["POST"], summary=title)
         self.widget(path, "sample", title)
 
 
-async def stream_in_thread(make: Callable[[], Iterator[str]], lock: threading.Lock):
-    """Run a (blocking) generator of text pieces in a thread and yield its pieces as they come."""
+async def stream_in_thread(
+    make: Callable[[], Iterator[str]], lock: threading.Lock, release: Callable[[], None] = lambda: None
+):
+    """Run a (blocking) generator of text pieces in a thread and yield its pieces as they come; `release` runs on
+    the event loop when the thread is done with the model."""
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     done = object()
@@ -414,6 +437,7 @@ async def stream_in_thread(make: Callable[[], Iterator[str]], lock: threading.Lo
             log.exception("text generation failed")
             loop.call_soon_threadsafe(queue.put_nowait, f"\n[error: {type(e).__name__}]")
         finally:
+            loop.call_soon_threadsafe(release)
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
     threading.Thread(target=pump, daemon=True).start()
