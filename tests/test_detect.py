@@ -733,3 +733,20 @@ def test_the_detection_checks_read_a_streamed_set_without_decoding_all_of_it(tmp
     v = box_check(ctx)
     assert v.status == "pass", v
     assert len(decoded) == len(data.train) < 80  # the boxes check reads the first images of train only
+
+
+@pytest.mark.slow
+def test_a_resumed_streamed_run_equals_an_uninterrupted_one(tmp_path):
+    from deeprecipe.engine import checkpoint, loop
+
+    yolo_set(tmp_path / "set", 12, w=32, h=32, box=(6, 6, 20, 22))
+    sets = ["data.name=boxfiles", f"data.path={tmp_path / 'set'}", "data.format=yolo", "data.classes=[a,b]"]
+    sets += ["data.size=[32,32]", "data.in_memory_mb=0", "model.width=4", "model.neck=8", "model.max_width=16"]
+    sets += ["train.batch_size=4", "train.ckpt_every=1", "train.eval_every=0", "train.device=cpu", "train.workers=2"]
+    sets += ["train.limit_eval=4", "optim.schedule=constant"]  # the same lr at step 1 whether 1 or 2 steps
+    loop.train(load("scenes-detect", [*sets, "train.steps=2"]), get_family("detect"), tmp_path / "a")
+    loop.train(load("scenes-detect", [*sets, "train.steps=1"]), get_family("detect"), tmp_path / "b")
+    loop.train(load("scenes-detect", [*sets, "train.steps=2"]), get_family("detect"), tmp_path / "b", resume=True)
+    wa, _ = checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))
+    wb, _ = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
