@@ -62,6 +62,9 @@ def cmd_embed(args) -> None:
         raise UserError(f"--points {args.points}: t-SNE needs at least 10 points")
     cfg, spec, model, rt, family = open_run(args.run, args.device)
     data = cfg.data.build()
+    for s in (data.train, data.val, data.test):
+        if s is not None:
+            s.to(rt.device)
     split = args.split or data.final_split()
     r = embed(family, model, data, cfg, rt, Path(args.run), split, args.points, args.k)
     write_report(Path(args.run))
