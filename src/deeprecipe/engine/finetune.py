@@ -31,7 +31,7 @@ import torch.nn as nn
 from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
 from deeprecipe.engine.atomic import atomic_text
-from deeprecipe.models.pretrained import classifier
+from deeprecipe.models.pretrained import classifier, read_file
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -48,20 +48,8 @@ def read_source(src: str) -> dict[str, torch.Tensor]:
         raise UserError(f"--init-from {src}: no such run folder or weights file")
     elif p.suffix == ".safetensors":
         weights = checkpoint.load_weights(p)
-    else:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(
-                f"--init-from {src}: not a weights-only PyTorch state dict ({str(e).splitlines()[0]}); "
-                "save it with torch.save(model.state_dict(), path) or as .safetensors"
-            ) from None
-        for key in ("state_dict", "model", "model_state_dict"):  # common wrappers of a state dict
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise UserError(f"--init-from {src}: expected a mapping of parameter names to tensors")
-        weights = obj
+    else:  # a state dict, or a checkpoint dict holding one (models/pretrained.py read_file: weights-only)
+        weights = read_file(src, f"--init-from {src}")
     # a training checkpoint's model.safetensors holds model.* and ema.*: prefer the EMA weights
     for half in ("ema.", "model."):
         if any(k.startswith(half) for k in weights):

@@ -42,23 +42,25 @@ def is_file(weights: str) -> bool:
     return weights.endswith(FILE_SUFFIXES) or os.sep in weights or "/" in weights or Path(weights).is_file()
 
 
-def read_file(path: str, where: str = "model.weights") -> dict[str, torch.Tensor]:
-    """A weights file -> name -> tensor, read without unpickling (a checkpoint dict's state dict unwrapped)."""
+def read_file(path: str, where: str = "") -> dict[str, torch.Tensor]:
+    """A weights file -> name -> tensor, read without unpickling (a checkpoint dict's state dict unwrapped, wrapper
+    prefixes dropped). `where` starts the errors (default `model.weights=PATH`)."""
+    where = where or f"model.weights={path}"
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"{where}={path}: no such file (give a .safetensors/.pth file or a published weights name)")
+        raise ConfigError(f"{where}: no such file (give a .safetensors/.pth file or a published weights name)")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return strip(load_file(str(p)))
         except Exception as e:
-            raise UserError(f"{where}={path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{where}: not a readable safetensors file ({first_line(e)})") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(
-            f"{where}={path}: not a weights-only PyTorch file ({str(e).strip().splitlines()[0][:160]}); "
+            f"{where}: not a weights-only PyTorch state dict ({first_line(e)}); "
             "save it with torch.save(model.state_dict(), path) or as .safetensors"
         ) from None
     for key in WRAPPERS:
@@ -66,8 +68,14 @@ def read_file(path: str, where: str = "model.weights") -> dict[str, torch.Tensor
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{where}={path}: expected a mapping of parameter names to tensors (a state dict)")
+        raise UserError(f"{where}: expected a mapping of parameter names to tensors (a state dict)")
     return strip(obj)
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message in one short line (a library's may span many, or be empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:160] if lines else type(e).__name__
 
 
 def strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,7 +101,7 @@ def torchvision_state(arch: str, name: str, progress: bool = True) -> dict[str, 
         state = w.get_state_dict(progress=progress, check_hash=True, map_location="cpu", weights_only=True)
     except Exception as e:  # offline (URLError, OSError, ...) or a damaged download: say which file is expected
         if path.is_file():
-            raise UserError(f"model.weights={name}: cannot read {path} ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(f"model.weights={name}: cannot read {path} ({first_line(e)})") from None
         raise UserError(
             f"model.weights={name}: {path.name} is not in torch.hub's cache and could not be downloaded "
             f"({type(e).__name__}); put {w.url} at {path}, or give the file itself as model.weights"
