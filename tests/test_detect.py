@@ -750,3 +750,23 @@ def test_a_resumed_streamed_run_equals_an_uninterrupted_one(tmp_path):
     wa, _ = checkpoint.load(checkpoint.latest(tmp_path / "a" / "checkpoints"))
     wb, _ = checkpoint.load(checkpoint.latest(tmp_path / "b" / "checkpoints"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_duplicates_and_leakage_hash_the_files_of_a_streamed_set(tmp_path):
+    import shutil
+
+    from deeprecipe.checks.data import duplicates, leakage
+
+    for k, n, box in (("train", 8, (8, 6, 20, 18)), ("val", 3, (2, 2, 12, 12))):
+        yolo_set(tmp_path / k, n, box=box)
+        shutil.move(tmp_path / k / "images", tmp_path / "images" / k)
+        shutil.move(tmp_path / k / "labels", tmp_path / "labels" / k)
+    train, val = tmp_path / "images" / "train", tmp_path / "images" / "val"
+    shutil.copy(train / "003.png", train / "103.png")  # one image twice, annotated another way
+    (tmp_path / "labels" / "train" / "103.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    shutil.copy(train / "005.png", val / "105.png")  # a training image in val
+    (tmp_path / "labels" / "val" / "105.txt").write_text((tmp_path / "labels" / "train" / "005.txt").read_text())
+    data = yolo_cfg(tmp_path, in_memory_mb=0).build()
+    ctx = Ctx(load("scenes-detect", ["train.device=cpu"]), tmp_path / "check", get_family("detect"), data=data)
+    assert duplicates(ctx).measured.startswith("1 exact (11.1%), 1 with conflicting labels")
+    assert leakage(ctx).measured == "val: 1 of 4 also in train"

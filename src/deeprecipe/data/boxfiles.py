@@ -389,6 +389,16 @@ class BoxImages(Dataset):
         y = self.box_labels
         return np.where(y <= -2, -2 - y, y).tolist()
 
+    def sources(self) -> list[tuple[str, int]]:
+        """(file, a digest of its boxes and classes) of each image: the duplicates and leakage checks hash the
+        files, and two copies of one image with different digests are one image annotated two ways."""
+        out = []
+        for i, p in enumerate(self.paths):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            key = self.boxes[a:b].round(1).tobytes() + self.box_labels[a:b].tobytes()
+            out.append((p, int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little")))
+        return out
+
     def all_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boxes (K, 4) in the model's pixels and labels (K,) of every box of the split."""
         sx, sy, px, py = (np.array(v) for v in zip(*[self.place(i) for i in range(len(self))]))
