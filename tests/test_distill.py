@@ -52,6 +52,17 @@ def test_a_student_equal_to_its_teacher_has_only_the_label_term(teacher):
         assert float(loss.detach()) == pytest.approx((1 - w) * float(ce), abs=1e-5)
 
 
+def test_loading_the_teacher_leaves_the_random_stream_alone(teacher):
+    """The teacher loads at the first loss: its init draws must not shift the run's dropout and augmentation."""
+    cfg = load("digits-cnn", [*TINY, *SMALL, f"distill.teacher={teacher}"])
+    family = get_family("classify")
+    student = family.build_model(cfg, cfg.data.build().spec)
+    x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    before = torch.get_rng_state()
+    family.loss(student.eval(), (x, y), cfg, "model")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_student_learns_from_the_teacher_alone(teacher, tmp_path):
     """weight 1: the labels carry no weight in the loss, so what the student knows comes from the teacher."""
     out = tmp_path / "student"

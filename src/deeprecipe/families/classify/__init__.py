@@ -210,7 +210,10 @@ class Teacher:
         from deeprecipe.engine.run import load_run
 
         if self.key != (cfg.distill.teacher, x.device):
-            tcfg, tspec, model, _ = load_run(cfg.distill.teacher, type(family)(), str(x.device), "fp32")
+            # building the net draws its initial weights: from a forked RNG, so the run's own stream (dropout,
+            # augmentation) is the same whether or not the teacher was loaded just before (seed check, resume)
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                tcfg, tspec, model, _ = load_run(cfg.distill.teacher, type(family)(), str(x.device), "fp32")
             where = f"distill.teacher={cfg.distill.teacher}"
             if tcfg.task != "classify" or tspec.class_names != spec.class_names:
                 raise UserError(f"{where}: the teacher must be a classifier of the same classes as this run's data")
