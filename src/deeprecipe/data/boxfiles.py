@@ -427,7 +427,8 @@ class BoxFilesData(BoxData):
     letterbox: bool = False  # keep the aspect ratio (scale to fit, pad) instead of resizing to size
     strict: bool = False  # refuse clipped boxes, images without boxes and label files without an image
     cache: bool = False  # keep the resized images on disk (see the module docstring)
-    in_memory_mb: int = 1024  # decoded sets up to this size are held in memory; larger ones are streamed
+    in_memory_mb: int = field(default=1024, metadata={"range": ">= 0"})  # decoded sets up to this size are held
+    # in memory (a TensorSplit); larger ones are streamed (0: always stream)
     val_fraction: float = 0.1  # of train, for validation, when the set has no val split
     test_fraction: float = 0.1  # for test, when the set has no official split at all
     split_seed: int = 0  # the random split is fixed by this seed, not the training seed
