@@ -15,11 +15,7 @@ from pathlib import Path
 
 import torch
 
-from deeprecipe.data.core import Draws
-from deeprecipe.engine.device import setup
-from deeprecipe.engine.loop import build, make_parts, train, train_step
-from deeprecipe.families import get_family
-from deeprecipe.recipe import load
+import deeprecipe
 
 
 def cli_train(args: list[str]) -> tuple[dict, float]:
@@ -48,27 +44,10 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
-def step_time(cfg, probes: int = 4) -> tuple[float, float]:
+def step_time(recipe, overrides=None, probes: int = 4) -> tuple[float, float]:
     """(seconds to build the data, seconds per training step) measured with the loop's own step (every part of
     the family: a GAN's D and G turns too) on the recipe's model and batch."""
-    rt = setup(cfg.train.device, cfg.train.precision)
-    t0 = time.perf_counter()
-    family = get_family(cfg.task)
-    data, model = build(cfg, family, rt)
-    t_data = time.perf_counter() - t0
-    parts = make_parts(family, model, cfg, rt)
-    times = []
-    for s in range(probes + 1):
-        if hasattr(data.train, "step_batch"):  # text windows, length-bucketed sentence pairs
-            raw = tuple(t.to(rt.device) for t in data.train.step_batch(cfg.train.seed, s, cfg.train.batch_size))
-        else:
-            idx = torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
-            raw = data.train.take(idx)
-        batch = family.prepare(raw, data.spec, Draws(torch.Generator().manual_seed(s)))
-        t = time.perf_counter()
-        train_step(family, model, parts, [batch], cfg, rt)
-        times.append(time.perf_counter() - t)
-    return t_data, sorted(times[1:])[len(times[1:]) // 2]
+    return deeprecipe.time_step(recipe, overrides, probes)
 
 
 def budget_args(recipe: str, budget: float) -> argparse.Namespace:
@@ -82,7 +61,7 @@ def budget_args(recipe: str, budget: float) -> argparse.Namespace:
 
 
 def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.12, no_cap: bool = False) -> dict:
-    cfg = load(recipe, overrides)
+    cfg = deeprecipe.configure(recipe, overrides)
     t_data, t_step = step_time(cfg)
     # what is left after building the data (twice: probe and run), evaluations and the final test pass
     usable = (budget - 2 * t_data) * (1 - eval_share)
@@ -93,10 +72,9 @@ def run(recipe: str, budget: float, overrides: list[str], eval_share: float = 0.
     print(f"machine: {machine()}")
     print(f"recipe {recipe} {' '.join(overrides)}")
     print(f"data build {t_data:.1f}s, step {t_step:.3f}s -> {steps} steps for a {budget:.0f}s budget", flush=True)
-    cfg = load(recipe, overrides)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, get_family(cfg.task), Path(d) / "run")
+        final = deeprecipe.train(recipe, overrides, out=Path(d) / "run").final
     wall = time.perf_counter() - t0
     print(
         f"wall {wall:.0f}s (budget {budget:.0f}s) "

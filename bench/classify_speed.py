@@ -44,9 +44,9 @@ def machine() -> str:
 
 
 def fashion(limit_train: int = 0):
-    from deeprecipe.data.images import FashionMNISTData
+    import deeprecipe
 
-    d = FashionMNISTData(val_fraction=0.0).build()
+    d = deeprecipe.dataset("fashion-mnist-cnn", {"data.val_fraction": 0.0})
     x, y = d.train.tensors
     tx, ty = d.test.tensors
     return d.spec, x, y, tx, ty
@@ -60,28 +60,22 @@ def plain_tensors(spec, x):
 def run_deeprecipe(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
     import tempfile
 
-    from deeprecipe.engine.loop import train
-    from deeprecipe.engine.run import read_metrics
-    from deeprecipe.families import get_family
-    from deeprecipe.recipe import load
+    import deeprecipe
 
-    cfg = load(
-        "fashion-mnist-cnn",
-        [
-            f"train.steps={steps}",
-            f"train.batch_size={batch}",
-            "optim.lr=0.004",  # the plain loop's (on CUDA the recipe's cuda section would raise it)
-            "train.eval_every=0",
-            f"train.ckpt_every={steps}",
-            "train.log_every=10",
-            "data.val_fraction=0",
-            f"train.device={device}",
-            *sets,
-        ],
-    )
+    sets = [
+        f"train.steps={steps}",
+        f"train.batch_size={batch}",
+        "optim.lr=0.004",  # the plain loop's (on CUDA the recipe's cuda section would raise it)
+        "train.eval_every=0",
+        f"train.ckpt_every={steps}",
+        "train.log_every=10",
+        "data.val_fraction=0",
+        f"train.device={device}",
+        *sets,
+    ]
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, get_family(cfg.task), __import__("pathlib").Path(d) / "run")
-        rows = [r for r in read_metrics(__import__("pathlib").Path(d) / "run") if "examples_per_s" in r]
+        run = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{d}/run")
+        final, rows = run.final, [r for r in run.metrics if "examples_per_s" in r]
     first = next(r for r in rows if r["step"] >= WARM)
     last = rows[-1]
     ips = (last["step"] - first["step"]) * batch / (last["time"] - first["time"])
@@ -105,11 +99,11 @@ def run_plain(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> 
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from deeprecipe.models.cnn import CNNConfig
+    import deeprecipe
 
     spec, x, y, tx, ty = fashion()
     torch.manual_seed(0)
-    model = CNNConfig(dropout=0.1).build(spec).to(device)
+    model = deeprecipe.model("fashion-mnist-cnn", spec).to(device)  # the recipe's CNN (dropout 0.1)
     loader = DataLoader(TensorDataset(plain_tensors(spec, x), y), batch_size=batch, shuffle=True, drop_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
@@ -142,7 +136,7 @@ def run_lightning(steps: int, batch: int, device: str = "cpu", sets: tuple = ())
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from deeprecipe.models.cnn import CNNConfig
+    import deeprecipe
 
     spec, x, y, tx, ty = fashion()
     torch.manual_seed(0)
@@ -150,7 +144,7 @@ def run_lightning(steps: int, batch: int, device: str = "cpu", sets: tuple = ())
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = CNNConfig(dropout=0.1).build(spec)
+            self.net = deeprecipe.model("fashion-mnist-cnn", spec)
             self.t0 = None
 
         def training_step(self, b, i):

@@ -23,26 +23,22 @@ from pathlib import Path
 
 import torch
 
+import deeprecipe
 from _budget import machine, step_time
-from deeprecipe.engine.loop import train
-from deeprecipe.families import get_family
 from deeprecipe.families.detect import detect_images
 from deeprecipe.families.detect.metrics import DetectionMetrics
-from deeprecipe.recipe import load
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
 def ours(budget: float, overrides: list[str]) -> tuple[list, dict, object]:
     """The recipe, its step count fitted to the budget; (curve [(seconds, val mAP, val mAP@.5)], test metrics)."""
-    cfg = load("scenes-detect", overrides)
-    t_data, t_step = step_time(cfg)
+    t_data, t_step = step_time("scenes-detect", overrides)
     usable = (budget - t_data) * 0.9  # evaluations and the final test pass take the rest
     steps = max(50, int(usable / t_step))
     every = max(1, steps // 6)
     sets = [*overrides, f"train.steps={steps}", f"train.eval_every={every}", f"train.ckpt_every={steps}"]
     print(f"centernet: data {t_data:.1f}s, step {t_step:.3f}s -> {steps} steps; {' '.join(sets)}", flush=True)
-    cfg = load("scenes-detect", sets)
     curve, t0 = [], time.perf_counter()
 
     def monitor(step, results):
@@ -51,11 +47,9 @@ def ours(budget: float, overrides: list[str]) -> tuple[list, dict, object]:
         return False
 
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, get_family("detect"), Path(d) / "run", monitor=monitor)
+        final = deeprecipe.train("scenes-detect", sets, out=Path(d) / "run", monitor=monitor).final
         wall = time.perf_counter() - t0
-        from deeprecipe.engine.run import load_run
-
-        loaded = load_run(str(Path(d) / "run"), get_family("detect"), "cpu", "fp32")
+        loaded = deeprecipe.load(Path(d) / "run", "cpu", "fp32")
     return curve, {"wall": wall, **{k: v for k, v in final.items() if isinstance(v, float)}}, loaded
 
 
@@ -64,9 +58,8 @@ def frcnn(budget: float, seed: int = 0) -> tuple[list, dict]:
     1e-4) with a linear warmup, horizontal flips, the model's own resize (to 320 px) and normalization."""
     import torchvision.models.detection as tvd
 
-    from deeprecipe.data.detect import ScenesDetectData
-
-    data = ScenesDetectData(train_size=4000, val_size=200, test_size=500).build()
+    sizes = {"data.train_size": 4000, "data.val_size": 200, "data.test_size": 500}
+    data = deeprecipe.dataset("scenes-detect", sizes)
     torch.manual_seed(seed)
     model = tvd.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=4)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,12 +114,11 @@ def frcnn(budget: float, seed: int = 0) -> tuple[list, dict]:
 
 def latency(loaded) -> float:
     """Median seconds of detect_images (what predict and /detect run) on one 512 x 512 image, after warm-up."""
-    cfg, spec, model, rt = loaded[:4]
     img = (torch.rand(3, 512, 512) * 255).to(torch.uint8)
     times = []
     for i in range(23):
         t = time.perf_counter()
-        detect_images(model, spec, rt, [img])
+        detect_images(loaded.model, loaded.spec, loaded.runtime(), [img])
         if i >= 3:
             times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]

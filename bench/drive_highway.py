@@ -20,36 +20,32 @@ from pathlib import Path
 
 import numpy as np
 
+import deeprecipe
 from _budget import machine, step_time
 from deeprecipe.cli.drive import dagger_round
 from deeprecipe.data import sim
 from deeprecipe.data.drive import DAGGER_SEED, EVAL_SEED
-from deeprecipe.engine.loop import train
-from deeprecipe.engine.run import load_run
-from deeprecipe.families import drive, get_family
-from deeprecipe.recipe import load
+from deeprecipe.families import drive
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def fit_steps(cfg, seconds: float) -> int:
-    _, t_step = step_time(cfg)
+def fit_steps(recipe: str, sets: list[str], seconds: float) -> int:
+    _, t_step = step_time(recipe, sets)
     return max(20, int(seconds * 0.93 / t_step))  # what the periodic evaluations and checkpoints leave
 
 
 def bc_and_dagger(args, data_dir: Path, out: Path) -> tuple[str, float]:
-    family = get_family("drive")
     base = [f"data.path={data_dir}", "data.eval_episodes=0", "train.device=cpu", *args.set]
     t0 = time.time()
     bc_share = args.budget * (1.0 if args.rounds == 0 else args.bc_share)
-    cfg = load(args.recipe, base)
-    steps = fit_steps(cfg, bc_share - (time.time() - t0))
-    cfg = load(args.recipe, [*base, f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}"])
+    steps = fit_steps(args.recipe, base, bc_share - (time.time() - t0))
+    sets = [*base, f"train.steps={steps}", f"train.eval_every={max(1, steps // 3)}"]
     log(f"behaviour cloning: {steps} steps")
     run = str(out / "bc")
-    final = train(cfg, family, Path(run))
+    final = deeprecipe.train(args.recipe, sets, out=run).final
     log(f"bc: val agreement {final.get('val_agreement', float('nan')):.4f} after {time.time() - t0:.0f} s")
     include: list[str] = []
     for r in range(1, args.rounds + 1):
@@ -60,11 +56,9 @@ def bc_and_dagger(args, data_dir: Path, out: Path) -> tuple[str, float]:
         shard = dagger_round(run, nxt, args.dagger_episodes, DAGGER_SEED + 100_000 * r, "cpu")
         include.append(str(shard))
         over = [*base, f"data.include={json.dumps(include)}", f"finetune.init_from={run}", *args.dagger_set]
-        cfg = load(args.recipe, over)
-        steps = fit_steps(cfg, per_round - (time.time() - t1))
-        cfg = load(args.recipe, [*over, f"train.steps={steps}", f"train.eval_every={steps}"])
+        steps = fit_steps(args.recipe, over, per_round - (time.time() - t1))
         log(f"dagger round {r}: {steps} steps on {len(include)} learner shard(s)")
-        train(cfg, family, nxt)
+        deeprecipe.train(args.recipe, [*over, f"train.steps={steps}", f"train.eval_every={steps}"], out=nxt)
         run = str(nxt)
     return run, time.time() - t0
 
@@ -137,14 +131,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="drive-bench-"))
     data_dir = Path(args.data) if args.data else tmp / "rollouts"
     t0 = time.time()
-    cfg = load(
+    deeprecipe.dataset(
         args.recipe, [f"data.path={data_dir}", f"data.episodes={args.episodes}", f"data.env={args.env}", *args.set]
-    )
-    cfg.data.build()
+    )  # records the expert's episodes into data.path
     log(f"expert data: {args.episodes} episodes in {data_dir} ({time.time() - t0:.0f} s, not in the budget)")
     run, wall = bc_and_dagger(args, data_dir, tmp)
     log(f"learner {run}: {wall:.0f} s of training (budget {args.budget:.0f} s)")
-    _, spec, model, rt = load_run(run, get_family("drive"), "cpu")
+    learner = deeprecipe.load(run, "cpu")
+    spec, model, rt = learner.spec, learner.model, learner.runtime()
     t1 = time.time()
     res = drive.closed_loop(
         args.env, spec, {"learner": model, "expert": "expert", "random": "random"}, args.eval, EVAL_SEED, rt=rt

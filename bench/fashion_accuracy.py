@@ -13,11 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import deeprecipe
 from classify_speed import machine
-from deeprecipe.engine.loop import train
-from deeprecipe.engine.run import read_metrics
-from deeprecipe.families import get_family
-from deeprecipe.recipe import load
 
 
 def main() -> None:
@@ -25,14 +22,14 @@ def main() -> None:
     ap.add_argument("--recipe", default="fashion-mnist-cnn")
     ap.add_argument("--set", action="append", default=[])
     a = ap.parse_args()
-    cfg = load(a.recipe, a.set)
+    cfg = deeprecipe.configure(a.recipe, a.set)
     print(f"machine: {machine()}")
     print(f"command: python bench/fashion_accuracy.py --recipe {a.recipe} " + " ".join(f"--set {s}" for s in a.set))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        final = train(cfg, get_family(cfg.task), Path(d) / "run")
+        run = deeprecipe.train(a.recipe, a.set, out=Path(d) / "run")
         total = time.perf_counter() - t0
-        rows = read_metrics(Path(d) / "run")
+        final, rows = run.final, run.metrics
     steps = [r for r in rows if "examples_per_s" in r]
     span = steps[-1]["time"] - rows[0]["time"]
     ips = (steps[-1]["step"] - steps[0]["step"]) * cfg.train.batch_size / (steps[-1]["time"] - steps[0]["time"])

@@ -36,19 +36,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import deeprecipe  # noqa: E402
 from deeprecipe.engine.device import setup  # noqa: E402
 from deeprecipe.families import gan as gan_task  # noqa: E402
-from deeprecipe.recipe import load  # noqa: E402
 
 
 def plain_dcgan(minutes: float, threads: int, seed: int = 0) -> tuple[nn.Module, int]:
     """The usual DCGAN training script, stopped after `minutes`; returns (G, steps done)."""
     from torch.utils.data import DataLoader, Dataset
 
-    from deeprecipe.data.images import FASHION_DIR, _find_idx, read_idx
-
     torch.manual_seed(seed)
-    images = torch.from_numpy(read_idx(_find_idx(Path(FASHION_DIR), "train-images-idx3-ubyte")).copy())
+    # the 60,000 training images as they are in the files: (N, 28, 28) uint8
+    images = deeprecipe.dataset("fashion-mnist-cnn", {"data.val_fraction": 0}).train.tensors[0][:, 0]
 
     class Fashion(Dataset):  # per-item transform: to float, resize to 64, normalize to [-1, 1]
         def __len__(self):
@@ -132,7 +131,7 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {args.threads}, load {os.getloadavg()[0]:.1f}\ncommand: {shlex.join(sys.argv)}"
     )
-    cfg = load("fashion-mnist-dcgan")
+    cfg = deeprecipe.configure("fashion-mnist-dcgan")
     rt = setup("cpu", "fp32")
     t = time.perf_counter()
     data = cfg.data.build()
@@ -171,9 +170,8 @@ def main() -> None:
             subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=60 * args.minutes)
         except subprocess.TimeoutExpired:
             pass
-    from deeprecipe.cli import open_run
-
-    dcfg, _, model, drt, _ = open_run(str(run), "cpu", "fp32")
+    ours_run = deeprecipe.load(run, "cpu", "fp32")
+    model, drt = ours_run.model, ours_run.runtime()
     torch.set_grad_enabled(True)
     steps = int((run / "checkpoints" / "latest").read_text().split("-")[1])
     ours = ev.score(gan_task.generate(model, args.samples, 123, drt))

@@ -29,10 +29,8 @@ from pathlib import Path
 
 import torch
 
+import deeprecipe
 from _budget import machine, step_time
-from deeprecipe.engine.loop import train
-from deeprecipe.families import get_family
-from deeprecipe.recipe import load
 
 TASKS = {  # name: (recipe, overrides, model metric, baseline metric, target gain in dB)
     "sr-fashion": ("fashion-mnist-sr4", [], "test_psnr", "test_psnr_bicubic", 2.5),
@@ -54,7 +52,7 @@ DCGAN = "imagefolder-dcgan"  # the DCGAN of the label2image comparison: this rec
 
 def fitted(name: str, recipe: str, sets: list[str], budget: float) -> list[str]:
     """`sets` plus the step count (and one evaluation, one checkpoint) that fits the recipe into `budget` seconds."""
-    t_data, t_step = step_time(load(recipe, sets))
+    t_data, t_step = step_time(recipe, sets)
     usable = (budget - 2 * t_data) * 0.85  # evaluations and the final test pass take the rest
     steps = max(20, int(usable / t_step))
     print(f"[{name}] recipe {recipe} {' '.join(sets)}")
@@ -64,11 +62,10 @@ def fitted(name: str, recipe: str, sets: list[str], budget: float) -> list[str]:
 
 def trained(recipe: str, sets: list[str], keep: Path | None = None) -> tuple[dict, str, float]:
     """(final metrics, plots/quality.txt or "", wall seconds) of a run of `recipe` (kept in `keep` when given)."""
-    cfg = load(recipe, sets)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         run_dir = keep or Path(d) / "run"
-        final = train(cfg, get_family(cfg.task), run_dir)
+        final = deeprecipe.train(recipe, sets, out=run_dir).final
         q = run_dir / "plots" / "quality.txt"
         table = q.read_text() if q.is_file() else ""
     return final, table, time.perf_counter() - t0
@@ -96,13 +93,12 @@ def run_fid(name: str, budget: float, extra: list[str], images: int) -> tuple[bo
     trained on the same scenes within the same budget, scored on the same real images by the same feature net."""
     from dataclasses import replace
 
-    from deeprecipe.engine.run import load_run
     from deeprecipe.families.gan import generate
     from deeprecipe.families.img2img import metrics as im
 
     recipe = FID_TASKS[name]
     sets = ["train.device=cpu", f"data.test_size={images}", *extra]
-    cfg = load(recipe, sets)
+    cfg = deeprecipe.configure(recipe, sets)
     t0 = time.perf_counter()
     feats = im.scene_features(cfg, torch.device("cpu"))
     print(
@@ -137,9 +133,8 @@ def run_fid(name: str, budget: float, extra: list[str], images: int) -> tuple[bo
     gsets = fitted(f"{name}/dcgan", DCGAN, ["train.device=cpu", *gsets, *extra], budget)
     with tempfile.TemporaryDirectory() as d:
         _, _, gwall = trained(DCGAN, gsets, Path(d) / "dcgan")
-        gcfg = load(DCGAN, gsets)
-        _, _, model, rt = load_run(Path(d) / "dcgan", get_family(gcfg.task), "cpu", "fp32")
-        dcgan = fid_of(generate(model, images, 1234, rt, batch=250))
+        g = deeprecipe.load(Path(d) / "dcgan", "cpu", "fp32")
+        dcgan = fid_of(generate(g.model, images, 1234, g.runtime(), batch=250))
     ok = got <= dcgan / 2 and max(wall, gwall) <= budget * 1.05
     return ok, (
         f"RESULT {name}: domain FID on {images} held-out scenes: label2image {got:.2f} ({wall:.0f}s) vs DCGAN "

@@ -20,33 +20,7 @@ from pathlib import Path
 
 import torch
 
-from deeprecipe import config
-from deeprecipe.engine.device import setup
-from deeprecipe.engine.loop import train
-from deeprecipe.families import get_family
-from deeprecipe.recipe import load
-
-
-def step_time(cfg: config.Config, n: int = 4) -> float:
-    """Median seconds of a training step (forward, backward, AdamW) of this config's model and batch."""
-    rt = setup(cfg.train.device, cfg.train.precision)
-    data = cfg.data.build()
-    data.train.to(rt.device)
-    model = cfg.model.build(data.spec).to(rt.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for s in range(n + 2):
-        x, y = data.train.step_batch(0, s, cfg.train.batch_size)
-        t = time.perf_counter()
-        with rt.autocast():
-            _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times[2:])[len(times[2:]) // 2]
+import deeprecipe
 
 
 def cpu_name() -> str:
@@ -67,10 +41,10 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = load(a.recipe, a.set)
-    dt = step_time(cfg)
-    cfg.train.steps = max(10, int(a.budget * 0.95 / dt))  # 5% for the final evaluation and checkpoints
-    cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.limit_eval = 0, cfg.train.steps, 0
+    _, dt = deeprecipe.time_step(a.recipe, a.set)  # the loop's step: forward, backward, clipping, AdamW
+    steps = max(10, int(a.budget * 0.95 / dt))  # 5% for the final evaluation and checkpoints
+    sets = {"train.steps": steps, "train.eval_every": 0, "train.ckpt_every": steps, "train.limit_eval": 0}
+    cfg = deeprecipe.configure(a.recipe, [*a.set, *(f"{k}={v}" for k, v in sets.items())])
     out = Path(a.out or f"runs/bench-{a.recipe}-{int(time.time())}")
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores, "
@@ -82,7 +56,7 @@ def main() -> None:
         f"{cfg.data.block_size} tokens in {a.budget:.0f} s"
     )
     t = time.perf_counter()
-    final = train(cfg, get_family(cfg.task), out, command=f"python {shlex.join(sys.argv)}")
+    final = deeprecipe.train(cfg, out=out, command=f"python {shlex.join(sys.argv)}").final
     wall = time.perf_counter() - t
     print(
         f"result: {a.recipe} val_loss {final['val_loss']:.4f} (bpc {final['val_bpc']:.3f}) on the full val split "

@@ -72,9 +72,9 @@ def sample_png(run: Path) -> bytes:
     from PIL import Image
 
     sys.path.insert(0, str(SRC))
-    from deeprecipe.data.images import FASHION_DIR, _find_idx, read_idx
+    import deeprecipe
 
-    x = read_idx(_find_idx(Path(FASHION_DIR), "t10k-images-idx3-ubyte"))[0]
+    x = deeprecipe.dataset("fashion-mnist-cnn").test.tensors[0][0, 0].numpy()  # (28, 28) uint8
     buf = io.BytesIO()
     Image.fromarray(x).save(buf, format="PNG")
     return buf.getvalue()

@@ -64,9 +64,9 @@ def main() -> None:
     out = Path(args.out)
     print(f"machine: {machine()}, python {platform.python_version()}")
 
-    from deeprecipe.recipe import load
+    import deeprecipe
 
-    train = load(args.recipe).train
+    train = deeprecipe.configure(args.recipe).train
     budget = [f"train.{k}={getattr(train, k)}" for k in ("steps", "eval_every", "ckpt_every")]
     budget = [x for b in budget for x in ("--set", b)]
 

@@ -4,6 +4,7 @@ block runs as written."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -151,6 +152,19 @@ def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_p
     assert not (tmp_path / "gone").exists()
 
 
+def test_dataset_model_and_time_step_are_the_recipes():
+    data = deeprecipe.dataset("digits-cnn", {"data.val_fraction": 0.1})
+    assert data.spec.num_classes == 10 and data.test.tensors[0].dtype == torch.uint8
+    torch.manual_seed(0)
+    a = deeprecipe.model("digits-cnn", data.spec)
+    torch.manual_seed(0)
+    b = deeprecipe.configure("digits-cnn").model.build(data.spec)  # the recipe's model section, built directly
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a(torch.zeros(2, 1, *data.spec.image_size)).shape == (2, 10)
+    t_data, t_step = deeprecipe.time_step("digits-cnn", {"train.device": "cpu", "train.batch_size": 8}, probes=1)
+    assert t_data > 0 and t_step > 0
+
+
 def test_predict_refuses_what_is_no_image(run):
     with pytest.raises(UserError, match="is not an image"):
         run.predict(np.zeros(3))
@@ -168,3 +182,45 @@ def test_the_readme_python_block_runs_as_written():
     assert len(blocks) == 1, "README.md has one ```python block (the quick tour's Python section)"
     exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
     assert Path("runs/digits-python/export/model.onnx").is_file()
+
+
+# Imports of internals that bench/ still needs because the API does not cover them yet: a family's own metric code
+# applied to a baseline (detection mAP, domain FID, PSNR), the driving family's closed loop and DAgger rounds, a
+# GAN's scorer, bare model classes timed without the loop, and data generators. The list may only shrink: an entry
+# no longer imported fails too, so it is taken off when the API grows.
+BENCH_INTERNALS = {
+    "coco_scale.py": {"deeprecipe.data.detect", "deeprecipe.data.scenes"},
+    "detect_map.py": {"deeprecipe.families.detect", "deeprecipe.families.detect.metrics"},
+    "drive_highway.py": {"deeprecipe.cli.drive", "deeprecipe.data", "deeprecipe.data.drive", "deeprecipe.families"},
+    "gan_fid.py": {"deeprecipe.engine.device", "deeprecipe.families", "deeprecipe.models.gan"},
+    "gpu_figures.py": {"deeprecipe.models.gpt"},
+    "img2img_quality.py": {"deeprecipe.families.gan", "deeprecipe.families.img2img"},
+    "lm_speed.py": {"deeprecipe.engine.device", "deeprecipe.models.gpt"},
+    "video_decode.py": {"deeprecipe.data.core", "deeprecipe.data.video", "deeprecipe.families", "deeprecipe.models"},
+}
+
+
+def bench_imports(source: str) -> set[str]:
+    """The deeprecipe modules a script imports beyond the public API (`import deeprecipe`, `from deeprecipe import
+    <a name of deeprecipe.__all__>`)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("deeprecipe.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "deeprecipe":
+            if node.module != "deeprecipe" or {a.name for a in node.names} - set(deeprecipe.__all__):
+                found.add(node.module)
+    return found
+
+
+def test_bench_imports_the_public_api_only():
+    assert bench_imports("import deeprecipe\nfrom deeprecipe import train, load\n") == set()
+    assert bench_imports("from deeprecipe import config\nimport deeprecipe.engine.loop\n") == {
+        "deeprecipe",
+        "deeprecipe.engine.loop",
+    }
+    got = {p.name: bench_imports(p.read_text()) for p in sorted((ROOT / "bench").glob("*.py"))}
+    new = {name: sorted(mods - BENCH_INTERNALS.get(name, set())) for name, mods in got.items()}
+    assert not {k: v for k, v in new.items() if v}, "bench/ reaches into internals: use deeprecipe's API, or add to it"
+    gone = {name: sorted(mods - got[name]) for name, mods in BENCH_INTERNALS.items() if name in got}
+    assert not {k: v for k, v in gone.items() if v}, "no longer imported: take them off BENCH_INTERNALS"

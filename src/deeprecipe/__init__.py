@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deeprecipe.api import Run, check, configure, load, recipes, train
+    from deeprecipe.api import Run, check, configure, dataset, load, model, recipes, time_step, train
 
-__all__ = ["Run", "check", "configure", "load", "recipes", "train"]
+__all__ = ["Run", "check", "configure", "dataset", "load", "model", "recipes", "time_step", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -182,6 +182,56 @@ def check(
     return verdicts
 
 
+def dataset(recipe: str | Path | Config, overrides: Overrides = None) -> Any:
+    """The recipe's data set as training builds it (on the CPU): `.spec` (DataSpec: classes, image size,
+    normalization, vocabulary) and the splits `.train`, `.val`, `.test` (None when absent); a tensor split holds
+    `.tensors`, e.g. images (N, C, H, W) uint8 and labels (N,)."""
+    return configure(recipe, overrides).data.build()
+
+
+def model(recipe: str | Path | Config, spec: DataSpec, overrides: Overrides = None) -> nn.Module:
+    """A fresh, untrained model of the recipe for data described by `spec` (dataset(...).spec): a plain nn.Module
+    on the CPU, initialized from torch's current random state (seed it with torch.manual_seed)."""
+    cfg = configure(recipe, overrides)
+    return _family(cfg).build_model(cfg, spec)
+
+
+def time_step(recipe: str | Path | Config, overrides: Overrides = None, probes: int = 4) -> tuple[float, float]:
+    """(seconds to build the data, median seconds of one training step) of a recipe on its train.device: the
+    loop's own step (every part of the family: a GAN's D and G turns too) on the recipe's model and batch, for
+    fitting a step count to a time budget. The first step (warm-up) is not counted."""
+    import time
+
+    import torch
+
+    from deeprecipe.data.core import Draws
+    from deeprecipe.engine.device import setup
+    from deeprecipe.engine.loop import build, make_parts, train_step
+
+    cfg = configure(recipe, overrides)
+    rt = setup(cfg.train.device, cfg.train.precision)
+    family = _family(cfg)
+    t0 = time.perf_counter()
+    data, net = build(cfg, family, rt)
+    t_data = time.perf_counter() - t0
+    parts = make_parts(family, net, cfg, rt)
+    times = []
+    for s in range(probes + 1):
+        if hasattr(data.train, "step_batch"):  # text windows, length-bucketed sentence pairs
+            raw = tuple(t.to(rt.device) for t in data.train.step_batch(cfg.train.seed, s, cfg.train.batch_size))
+        else:
+            raw = data.train.take(
+                torch.arange(s * cfg.train.batch_size, (s + 1) * cfg.train.batch_size) % len(data.train)
+            )
+        batch = family.prepare(raw, data.spec, Draws(torch.Generator().manual_seed(s)))
+        t = time.perf_counter()
+        train_step(family, net, parts, [batch], cfg, rt)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return t_data, sorted(times[1:])[len(times[1:]) // 2]
+
+
 # ------------------------------------------------------------------------------------------ a run
 
 
@@ -472,4 +522,4 @@ def _renamed(record: dict, shown: dict[str, str]) -> dict:
     return out
 
 
-__all__ = ["Run", "check", "configure", "load", "recipes", "train"]
+__all__ = ["Run", "check", "configure", "dataset", "load", "model", "recipes", "time_step", "train"]
