@@ -770,3 +770,17 @@ def test_duplicates_and_leakage_hash_the_files_of_a_streamed_set(tmp_path):
     ctx = Ctx(load("scenes-detect", ["train.device=cpu"]), tmp_path / "check", get_family("detect"), data=data)
     assert duplicates(ctx).measured.startswith("1 exact (11.1%), 1 with conflicting labels")
     assert leakage(ctx).measured == "val: 1 of 4 also in train"
+
+
+def test_coco_split_files_given_by_name(tmp_path):
+    write_images(tmp_path / "images", ["a.png", "b.png"])
+    for k, name in (("tr", "a.png"), ("va", "b.png")):
+        doc = json.loads(coco_doc())
+        doc["images"][0]["file_name"] = name
+        (tmp_path / f"{k}.json").write_text(json.dumps(doc))
+    cfg = BoxFilesData(path=str(tmp_path), format="coco", size=(30, 40), train_ann="tr.json", val_ann="va.json")
+    data = cfg.build()
+    assert (len(data.train), len(data.val), data.test) == (1, 1, None)
+    cfg.train_ann = ""
+    with pytest.raises(DataError, match="without data.train_ann"):
+        cfg.build()

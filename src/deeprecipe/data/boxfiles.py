@@ -489,10 +489,9 @@ class BoxFilesData(BoxData):
 
     def read_coco(self, root: Path, classes, tally) -> tuple[dict, list]:
         files: dict = {}
-        if self.train_ann:
-            files = {
-                k: Path(f) for k, f in (("train", self.train_ann), ("val", self.val_ann), ("test", self.test_ann)) if f
-            }
+        if self.train_ann or self.val_ann or self.test_ann:  # a relative file name: under data.path, else here
+            named = (("train", self.train_ann), ("val", self.val_ann), ("test", self.test_ann))
+            files = {k: root / f if (root / f).is_file() else Path(f) for k, f in named if f}
         elif not self.annotations and sorted((root / "annotations").glob("instances_train*.json")):
             for k in ("train", "val", "test"):
                 found = sorted((root / "annotations").glob(f"instances_{k}*.json"))
