@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
-from deeprecipe.models.pretrained import follow_weights, is_file, load, read_file, torchvision_inputs, torchvision_state
+from deeprecipe.models.pretrained import torchvision_start
 from deeprecipe.models.resnet import BasicBlock
 
 
@@ -96,14 +96,7 @@ class CenterNetConfig:
             raise ConfigError(f"model.weights={self.weights}: pretrained weights need model.backbone=tv-resnet18")
         if self.backbone != "tv-resnet18":
             return CenterNet(spec, self)
-        file = is_file(self.weights) if self.weights else False
-        inputs = torchvision_inputs("resnet18", "DEFAULT" if file else self.weights) if self.weights else None
-        follow_weights(spec, inputs, self.weights)
-        model = CenterNet(spec, self)
-        if self.weights:
-            state = read_file(self.weights) if file else torchvision_state("resnet18", self.weights)
-            load(model, {tv_backbone_name(k): v for k, v in state.items()}, self.weights)
-        return model
+        return torchvision_start(CenterNet(spec, self), spec, self.weights, "resnet18", rename=tv_backbone_name)
 
 
 def tv_backbone_name(name: str) -> str:

@@ -182,6 +182,20 @@ def load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[
     return report
 
 
+def torchvision_start(
+    net: nn.Module, spec: DataSpec, weights: str, arch: str, progress: bool = True, rename=None
+) -> nn.Module:
+    """`net` started from `weights` (a file, taken for torchvision's `arch`: its layout, its inputs; or a name
+    of arch's published weights), the spec following their inputs (follow_weights); "" leaves the fresh init.
+    `rename` maps a published name to the net's (a torchvision backbone inside another model)."""
+    file = bool(weights) and is_file(weights)
+    follow_weights(spec, torchvision_inputs(arch, "DEFAULT" if file else weights) if weights else None, weights)
+    if weights:
+        state = read_file(weights) if file else torchvision_state(arch, weights, progress)
+        load(net, {rename(k): v for k, v in state.items()} if rename else state, weights)
+    return net
+
+
 def follow_weights(spec: DataSpec, inputs: dict | None, weights: str) -> None:
     """Make the spec ask for three-channel inputs (gray data is repeated to RGB by image_ops.normalize) and, with
     `inputs` (the weights' mean, std and size), normalize the way the weights were trained; the run saves the

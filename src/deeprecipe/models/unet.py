@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
-from deeprecipe.models.pretrained import follow_weights, is_file, load, read_file, torchvision_inputs, torchvision_state
+from deeprecipe.models.pretrained import torchvision_start
 
 
 @dataclass
@@ -107,14 +107,10 @@ class ResNetUNetConfig:
     def build(self, spec: DataSpec) -> nn.Module:
         if len(self.decoder) != 5:
             raise ConfigError(f"model.decoder={list(self.decoder)}: give 5 widths (strides 16, 8, 4, 2, 1)")
-        model = ResNetUNet(spec.num_classes, self.decoder)
-        file = is_file(self.weights) if self.weights else False
-        inputs = torchvision_inputs("resnet18", "DEFAULT" if file else self.weights) if self.weights else None
-        follow_weights(spec, inputs, self.weights)
-        if self.weights:
-            state = read_file(self.weights) if file else torchvision_state("resnet18", self.weights, self.progress)
-            load(model, state, self.weights)  # ResNet-18's names land under encoder.
-        return model
+        # ResNet-18's names land under encoder. (models/pretrained.py best_prefix)
+        return torchvision_start(
+            ResNetUNet(spec.num_classes, self.decoder), spec, self.weights, "resnet18", self.progress
+        )
 
 
 class ResNetUNet(nn.Module):

@@ -28,8 +28,7 @@ from deeprecipe.models.pretrained import (
     mix_in,
     read_file,
     strip,
-    torchvision_inputs,
-    torchvision_state,
+    torchvision_start,
 )
 
 TV_ARCHS = {  # registry name -> torchvision.models.get_model name
@@ -60,15 +59,9 @@ class TVClassifierConfig:
         extra = {"zero_init_residual": True} if arch.startswith(("resnet", "r3d", "r2plus1d")) else {}
         net = mix_in(get_model(arch, weights=None, **extra))
         net.reset_classifier(spec.num_classes)
-        file = is_file(self.weights) if self.weights else False
-        # a file carries no metadata: it is taken for torchvision's ImageNet weights of this arch (what its layout
-        # says), whose inputs the DEFAULT entry describes
-        inputs = torchvision_inputs(arch, "DEFAULT" if file else self.weights) if self.weights else None
-        follow_weights(spec, inputs, self.weights)
-        if self.weights:
-            state = read_file(self.weights) if file else torchvision_state(arch, self.weights, self.progress)
-            load(net, state, self.weights)
-        return net
+        # a file carries no metadata: it is taken for torchvision's published weights of this arch (what its
+        # layout says), whose inputs the DEFAULT entry describes
+        return torchvision_start(net, spec, self.weights, arch, self.progress)
 
 
 @dataclass
@@ -152,21 +145,16 @@ class TVSegmenterConfig:
         net = get_model(arch, weights=None, weights_backbone=None, num_classes=spec.num_classes, **aux)
         net = mix_in(net, DenseLogits)
         net.reset_classifier(spec.num_classes)
-        file = is_file(self.weights) if self.weights else False
         # a published name is the segmenter's own, else its backbone's (ImageNet classifier weights)
         own, other = get_model_weights(arch).__members__, get_model_weights(backbone).__members__
+        file = bool(self.weights) and is_file(self.weights)
         if self.weights and not file and self.weights not in own and self.weights not in other:
             raise ConfigError(
                 f"model.weights={self.weights}: not a file, nor a published name of torchvision's {arch} "
                 f"({', '.join(own)}) or of its backbone {backbone} ({', '.join(other)})"
             )
         source = arch if file or self.weights in own else backbone
-        inputs = torchvision_inputs(source, "DEFAULT" if file else self.weights) if self.weights else None
-        follow_weights(spec, inputs, self.weights)
-        if self.weights:
-            state = read_file(self.weights) if file else torchvision_state(source, self.weights, self.progress)
-            load(net, state, self.weights)
-        return net
+        return torchvision_start(net, spec, self.weights, source, self.progress)
 
 
 @dataclass
