@@ -192,6 +192,10 @@ def test_monitor_verb_scores_a_folder_and_refuses_an_empty_one(trained, cli, tmp
     out, err = capsys.readouterr()
     assert e.value.code == 3 and "warning: drift in 2 of 2 windows" in err
     assert [w["n"] for w in json.loads(out)] == [20, 20]
+    saved = json.loads((run / "drift.json").read_text())
+    assert saved["source"] == str(new) and [w["drift"] for w in saved["windows"]] == [True, True]
+    assert (run / "plots" / "drift.png").stat().st_size > 0
+    assert "<h2>Drift</h2>" in (run / "report.html").read_text()
 
 
 def test_a_run_without_reference_is_one_line(cli, tmp_path):

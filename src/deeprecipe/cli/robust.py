@@ -72,11 +72,28 @@ def cmd_embed(args) -> None:
     print(f"map: {Path(args.run) / 'plots' / 'embedding.png'}")
 
 
+class FolderImages:
+    """A folder's image files as a sequence of uint8 images (C, H, W) made as `predict` makes them, each read when
+    a window asks for it: memory holds one window, however many files the folder has."""
+
+    def __init__(self, files: list[Path], spec):
+        self.files, self.spec = files, spec
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from deeprecipe.data import image_ops
+
+        return image_ops.for_model(image_ops.read(self.files[i], self.spec.in_channels), self.spec)
+
+
 def cmd_monitor(args) -> None:
     """Score a folder of new images for drift, window by window; exit 3 when a window drifts."""
     from deeprecipe.cli import open_run
     from deeprecipe.data import image_ops
     from deeprecipe.engine import drift
+    from deeprecipe.engine.report import write_report
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -92,10 +109,12 @@ def cmd_monitor(args) -> None:
         raise UserError(f"--alpha {args.alpha}: a significance level in (0, 1), e.g. 0.01")
     drift.load_reference(Path(args.run))  # a run without reference statistics fails before the model loads
     cfg, spec, model, rt, family = open_run(args.run, args.device)
-    images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
+    images = FolderImages(files, spec)
     results = drift.monitor(family, model, spec, cfg, rt, Path(args.run), images, args.window, args.alpha)
     for r in results:
         r["files"] = [str(files[r["first"]]), str(files[r["last"]])]
+    drift.save_monitor(results, Path(args.run), str(folder), args.alpha)
+    write_report(Path(args.run))
     if args.json:
         print(json.dumps(results))
     else:

@@ -21,7 +21,11 @@ features' MMD^2 (0 for identical distributions).
 
 from __future__ import annotations
 
+import html
+import json
+import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from deeprecipe.config import Config
 from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, eval_batches
-from deeprecipe.engine.atomic import atomic_write
+from deeprecipe.engine.atomic import atomic_text, atomic_write
 from deeprecipe.engine.embed import batch_features
 
 REF_EXAMPLES = 512  # enough for the tests' power on a window of tens of images, and seconds to compute
@@ -134,7 +138,9 @@ def score(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor], alpha: flo
     "p_features", "p_inputs", "p_classes" (None without class counts), "drift" (bool), "n"}."""
     from scipy import stats
 
-    mmd2, p_f = mmd_test(ref["features"].float(), new["features"].float(), seed=seed)
+    # enough permutations that the smallest p-value they can give, 1 / (1 + n), is well below the alarm level
+    perms = max(500, math.ceil(9 / alpha))
+    mmd2, p_f = mmd_test(ref["features"].float(), new["features"].float(), perms, seed)
     C = ref["channel_mean"].shape[1]
     ks = [stats.ks_2samp(ref["channel_mean"][:, c].numpy(), new["channel_mean"][:, c].numpy()).pvalue for c in range(C)]
     p_in = min(1.0, C * float(min(ks)))
@@ -170,13 +176,13 @@ def monitor(
     cfg: Config,
     rt,
     run_dir: Path,
-    images: list[torch.Tensor],
+    images: Sequence[torch.Tensor],
     window: int = 64,
     alpha: float = 0.01,
 ) -> list[dict]:
-    """uint8 images (C, H, W) at the model's size, in arrival order -> one `score` per window (see `windows`),
-    with "first" and "last" (0-based image numbers)."""
-    if not images:
+    """uint8 images (C, H, W) at the model's size, in arrival order (any sequence: a window's images are taken
+    when it is scored) -> one `score` per window (see `windows`), with "first" and "last" (0-based numbers)."""
+    if not len(images):
         raise UserError("monitor: no images to score")
     ref = load_reference(run_dir)
     out = []
@@ -187,3 +193,41 @@ def monitor(
             new = image_batch_stats(family, model, x, (torch.zeros(len(x), dtype=torch.long, device=x.device),), spec)
         out.append({"first": w.start, "last": w.stop - 1} | score(ref, new, alpha, seed=w.start))
     return out
+
+
+def save_monitor(results: list[dict], run_dir: Path, source: str, alpha: float) -> None:
+    """drift.json (the windows of `monitor` for `source`), plots/drift.png (MMD^2 and the p-values per window)
+    and report-drift.html (the report's Drift section) in the run folder."""
+    from matplotlib.ticker import MaxNLocator
+
+    from deeprecipe.engine import plots
+
+    run_dir = Path(run_dir)
+    atomic_text(run_dir / "drift.json", json.dumps({"source": source, "alpha": alpha, "windows": results}, indent=1))
+    fig, (a, b) = plots.plt.subplots(1, 2, figsize=(11, 3.8))
+    n = range(len(results))
+    a.plot(n, [r["mmd2"] for r in results], marker="o")
+    a.set(xlabel="window", ylabel="MMD^2 of the features", title=f"drift of {Path(source).name}")
+    for key, label in (("p_features", "features (MMD)"), ("p_inputs", "inputs (KS)"), ("p_classes", "classes")):
+        if all(r[key] is not None for r in results):
+            b.semilogy(n, [max(r[key], 1e-6) for r in results], marker="o", label=label)
+    b.axhline(alpha / 3, color="red", linestyle="--", label=f"alarm below {alpha}/3")
+    b.set(xlabel="window", ylabel="p-value", title="two-sample tests against the reference")
+    b.legend(fontsize=7)
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    plots.save_figure(fig, run_dir / "plots" / "drift.png")
+    bad = sum(r["drift"] for r in results)
+    cells = ("n", "mmd2", "p_features", "p_inputs", "p_classes")
+    rows = "".join(
+        f"<tr><td>{i}</td>"
+        + "".join("<td>-</td>" if r[k] is None else f"<td>{r[k]:.4g}</td>" for k in cells)
+        + f"<td>{'DRIFT' if r['drift'] else ''}</td></tr>"
+        for i, r in enumerate(results)
+    )
+    atomic_text(
+        run_dir / "report-drift.html",
+        f"<h2>Drift</h2><p>{html.escape(source)}: {bad} of {len(results)} windows drift (a p-value below "
+        f"{alpha}/3); plots/drift.png</p><table><tr><th>window</th><th>images</th><th>MMD^2</th><th>p features</th>"
+        f"<th>p inputs</th><th>p classes</th><th></th></tr>{rows}</table>",
+    )
