@@ -54,7 +54,8 @@ def _gen(seed: int, device: torch.device) -> torch.Generator:
 
 
 def _noise(x: torch.Tensor, std: float, seed: int) -> torch.Tensor:
-    """x (float in [0, 1]) + N(0, std^2) per pixel, from a generator seeded by `seed`."""
+    """x (float in [0, 1]) + N(0, std^2) per pixel, from a generator seeded by `seed` (torchvision's
+    gaussian_noise draws from the global RNG: the same severity would not give the same images twice)."""
     return x + std * torch.randn(x.shape, generator=_gen(seed, x.device), device=x.device)
 
 
@@ -68,7 +69,7 @@ def fog(x: torch.Tensor, s: int, seed: int = 0) -> torch.Tensor:
 
 
 def night(x: torch.Tensor, s: int, seed: int = 0) -> torch.Tensor:
-    y = (x.float() / 255) ** (1 + 0.4 * s)
+    y = TF.adjust_gamma(x.float() / 255, 1 + 0.4 * s)
     if y.shape[1] == 3:
         y = y * torch.tensor([1 - 0.08 * s, 1 - 0.05 * s, 1.0], device=y.device).view(1, 3, 1, 1)
     return _to_u8(_noise(y, 0.01 * s, seed))
