@@ -53,6 +53,11 @@ def build(name: str, weights: str, s: DataSpec) -> tuple[nn.Module, list[str]]:
     return model, [str(x.message) for x in w]
 
 
+def loaded(notes: list[str]) -> str:
+    """The note of the load (counts of loaded, missing, unexpected and shape-mismatched tensors)."""
+    return next(n for n in notes if " loaded " in n)
+
+
 def assert_loaded_all_but_the_head(model: nn.Module, state: dict, notes: list[str]) -> None:
     head = {k for k in model.state_dict() if k.startswith("fc.")}
     assert head == {"fc.weight", "fc.bias"}
@@ -60,7 +65,7 @@ def assert_loaded_all_but_the_head(model: nn.Module, state: dict, notes: list[st
         if k not in head:
             assert torch.equal(v, state[k]), k
     assert set(model.state_dict()) == set(state)  # the published layout, name for name
-    note = next(n for n in notes if "loaded" in n)
+    note = loaded(notes)
     assert f"loaded {len(state) - 2} tensors, missing 0, unexpected 0, shape-mismatched 2" in note, note
     assert "fc.weight [1000, 512]->[3, 512]" in note
 
@@ -188,7 +193,7 @@ def test_video_net_loads_kinetics_weights_and_gray_clips_become_rgb(offline):
     s = spec(classes=4, channels=1, size=16)
     s.extra["frames"] = 4
     model, notes = build("tv-r3d-18", "KINETICS400_V1", s)
-    assert "missing 0, unexpected 0, shape-mismatched 2" in next(n for n in notes if "loaded" in n)
+    assert "missing 0, unexpected 0, shape-mismatched 2" in loaded(notes)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
     t = w.transforms()
     assert (list(s.mean), list(s.std)) == (list(t.mean), list(t.std))
@@ -212,12 +217,12 @@ def test_segmenter_loads_its_own_weights_or_its_backbone_classifiers(offline):
     torch.save(cls, hub_file(cls_w.url))
     s = spec(classes=4)
     model, notes = build("tv-lraspp-mobilenet-v3", "COCO_WITH_VOC_LABELS_V1", s)
-    assert f"loaded {len(seg) - 4} tensors, missing 0, unexpected 0, shape-mismatched 4" in notes[-1], notes
+    assert f"loaded {len(seg) - 4} tensors, missing 0, unexpected 0, shape-mismatched 4" in loaded(notes), notes
     assert tuple(model(torch.randn(2, 3, 10, 14)).shape) == (2, 4, 10, 14)  # logits at the input's size
     model, notes = build("tv-lraspp-mobilenet-v3", "IMAGENET1K_V1", spec(classes=4))
     own = model.state_dict()
     features = {k: v for k, v in cls.items() if k.startswith("features.")}
-    assert "names features.* read as backbone.*" in notes[-1] and f"loaded {len(features)} tensors" in notes[-1]
+    assert "names features.* read as backbone.*" in loaded(notes) and f"loaded {len(features)} tensors" in loaded(notes)
     assert all(torch.equal(own["backbone." + k.removeprefix("features.")], v) for k, v in features.items())
     assert head_name(model) == "classifier"
     with pytest.raises(ConfigError, match="COCO_WITH_VOC_LABELS_V1.*IMAGENET1K_V1"):
@@ -229,7 +234,11 @@ def test_unet_resnet18_encoder_loads_torchvision_resnet18_weights(tmp_path):
     torch.save(state, tmp_path / "r18.pth")
     s = spec(classes=5)
     model, notes = build("unet-resnet18", str(tmp_path / "r18.pth"), s)
-    assert "read as encoder.*" in notes[-1] and "loaded 120 tensors" in notes[-1] and "unexpected 2" in notes[-1]
+    assert (
+        "read as encoder.*" in loaded(notes)
+        and "loaded 120 tensors" in loaded(notes)
+        and "unexpected 2" in loaded(notes)
+    )
     own = model.state_dict()
     assert all(torch.equal(own["encoder." + k], v) for k, v in state.items() if not k.startswith("fc."))
     assert (list(s.mean), list(s.std)) == IMAGENET
@@ -270,7 +279,7 @@ def test_timm_model_loads_a_timm_layout_file(tmp_path):
     assert set(own) == set(src.state_dict())
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in own.items() if not k.startswith("fc."))
     assert model.get_classifier().out_features == 5 and head_name(model) == "fc"
-    assert "missing 0, unexpected 0, shape-mismatched 2" in next(n for n in notes if "loaded" in n)
+    assert "missing 0, unexpected 0, shape-mismatched 2" in loaded(notes)
     assert (list(s.mean), [round(v, 3) for v in s.std]) == (IMAGENET[0], IMAGENET[1])
     with pytest.raises(ConfigError, match="timm has no model"):
         model_config_class("timm:no_such_net")(name="timm:no_such_net").build(spec())
@@ -299,7 +308,7 @@ def test_timm_tag_comes_from_timms_hub_cache_and_an_offline_miss_names_it(tmp_pa
     save_file(src.state_dict(), str(repo / "snapshots" / rev / "model.safetensors"))
     model, notes = build("timm:resnet18", "a1_in1k", spec(classes=5))
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
-    assert "missing 0, unexpected 0, shape-mismatched 2" in next(n for n in notes if "loaded" in n)
+    assert "missing 0, unexpected 0, shape-mismatched 2" in loaded(notes)
 
 
 # ------------------------------------------------------------------------------------------ end to end

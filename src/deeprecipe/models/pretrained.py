@@ -189,10 +189,11 @@ def torchvision_start(
     of arch's published weights), the spec following their inputs (follow_weights); "" leaves the fresh init.
     `rename` maps a published name to the net's (a torchvision backbone inside another model)."""
     file = bool(weights) and is_file(weights)
-    follow_weights(spec, torchvision_inputs(arch, "DEFAULT" if file else weights) if weights else None, weights)
+    inputs = torchvision_inputs(arch, "DEFAULT" if file else weights) if weights else None  # a bad name fails here
     if weights:
         state = read_file(weights) if file else torchvision_state(arch, weights, progress)
         load(net, {rename(k): v for k, v in state.items()} if rename else state, weights)
+    follow_weights(spec, inputs, weights)
     return net
 
 
