@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from tqdm.auto import tqdm  # the widget in a notebook (Jupyter, with ipywidgets), else the terminal bar
 
 from deeprecipe.config import Config, to_dict
 from deeprecipe.core import ConfigError, UserError
@@ -535,11 +535,11 @@ def end_run(
         weights=about and about.text,
         final=final,
     )
-    run.close()
     if rt.main:
         from deeprecipe.engine.report import write_report
 
         write_report(run.path)
+    run.close()  # after the report: a tracker keeps it with the run
     return final
 
 

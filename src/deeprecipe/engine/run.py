@@ -61,7 +61,7 @@ class Run:
         self, path: Path, cfg: Config, main: bool = True, resume_step: int = 0, command: str = "", why: str = ""
     ):
         self.path, self.cfg, self.main = Path(path), cfg, main
-        self.tb = None
+        self.tb = self.mlflow = None
         if not main:
             return
         (self.path / "plots").mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,14 @@ class Run:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.path / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            if "tensorboard" in cfg.train.loggers:
+                self.tb = SummaryWriter(str(self.path / "tb"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # TensorBoard is optional at run time; metrics.jsonl always has everything
             self.tb = None
+        if "mlflow" in cfg.train.loggers:
+            from deeprecipe.engine.tracking import MLflow
+
+            self.mlflow = MLflow(self.path, cfg, resume=resume_step > 0)
         self.status("running", step=resume_step)
 
     def log(self, step: int, **values: Any) -> None:
@@ -95,15 +100,23 @@ class Run:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        if self.mlflow is not None:
+            self.mlflow.log(step, values)
 
     def status(self, status: str, **extra: Any) -> None:
         if self.main:
             info = {"status": status, "recipe": self.cfg.recipe, "task": self.cfg.task, **extra}
             atomic_text(self.path / "status.json", json.dumps(info, indent=1))
+        if status == "failed" and self.mlflow is not None:
+            self.mlflow.close("FAILED")
+            self.mlflow = None
 
     def close(self) -> None:
+        """The end of a run, after its report is written (a tracker keeps the report with the run)."""
         if self.tb is not None:
             self.tb.close()
+        if self.mlflow is not None:
+            self.mlflow.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
