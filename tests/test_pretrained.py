@@ -306,8 +306,11 @@ def test_timm_tag_comes_from_timms_hub_cache_and_an_offline_miss_names_it(tmp_pa
     from safetensors.torch import save_file
 
     save_file(src.state_dict(), str(repo / "snapshots" / rev / "model.safetensors"))
-    model, notes = build("timm:resnet18", "a1_in1k", spec(classes=5))
+    s = spec(classes=5)
+    model, notes = build("timm:resnet18", "a1_in1k", s)
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("fc."))
+    published = timm.models.get_pretrained_cfg("resnet18.a1_in1k")  # the tag's own inputs
+    assert (s.mean, s.std) == (tuple(published.mean), tuple(published.std))
     assert "missing 0, unexpected 0, shape-mismatched 2" in loaded(notes)
 
 

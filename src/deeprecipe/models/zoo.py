@@ -190,15 +190,17 @@ class TimmConfig:
             near = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:5]
             raise ConfigError(f"model.name={self.name}: timm has no model {arch!r} (similar: {', '.join(near)})")
         net = timm.create_model(arch, pretrained=False, num_classes=spec.num_classes, **(self.args or {}))
-        file = is_file(self.weights) if self.weights else False
-        cfg = net.pretrained_cfg
         inputs = None
         if self.weights:
+            # a file is taken for NAME's default pretrained weights; a tag's inputs are its own (CLIP's mean/std
+            # are not ImageNet's)
+            if is_file(self.weights):
+                state, cfg = read_file(self.weights), net.pretrained_cfg
+            else:
+                state, cfg = timm_state(timm, arch, self.weights)
+            load(net, state, self.weights)
             inputs = {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "size": int(cfg["input_size"][-1])}
         follow_weights(spec, inputs, self.weights)
-        if self.weights:
-            state = read_file(self.weights) if file else timm_state(timm, arch, self.weights)
-            load(net, state, self.weights)
         return net
 
 
@@ -206,9 +208,10 @@ def import_timm():
     return require("timm", "timm", "model.name timm:NAME")
 
 
-def timm_state(timm, arch: str, tag: str) -> dict:
+def timm_state(timm, arch: str, tag: str) -> tuple[dict, dict]:
     """The published weights of `arch` with pretrained tag `tag` ("pretrained": its default), fetched by timm's own
-    hub mechanism (the Hugging Face hub, its cache) with the original head; load() then keeps the data's head."""
+    hub mechanism (the Hugging Face hub, its cache) with the original head (load() then keeps the data's head),
+    and their pretrained_cfg (mean, std, input_size)."""
     base = arch.split(".")[0]
     name = arch if tag == "pretrained" else f"{base}.{tag}"
     try:
@@ -219,7 +222,8 @@ def timm_state(timm, arch: str, tag: str) -> dict:
         tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
         raise ConfigError(f"model.weights={tag}: timm publishes no weights {name} (tags of {base}: {', '.join(tags)})")
     try:
-        return strip(timm.create_model(name, pretrained=True).state_dict())
+        published = timm.create_model(name, pretrained=True)
+        return strip(published.state_dict()), published.pretrained_cfg
     except Exception as e:  # offline without a cached copy, a damaged download, ...
         constants = require("huggingface_hub.constants", "timm")  # where timm's hub downloads go
         repo = Path(constants.HF_HUB_CACHE) / ("models--" + (cfg.hf_hub_id or "").replace("/", "--"))
