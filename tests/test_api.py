@@ -116,6 +116,8 @@ def test_check_returns_the_verdicts(tmp_path):
     assert by["init_loss"].status == "pass"
     assert float(by["init_loss"].measured) == pytest.approx(math.log(10), rel=0.1)  # ln C for 10 classes
     assert json.loads((tmp_path / "check" / "checks.json").read_text())[0]["name"] == verdicts[0].name
+    assert json.loads((tmp_path / "check" / "status.json").read_text())["status"] == "check passed"
+    assert "init_loss" in (tmp_path / "check" / "report.html").read_text()  # the page `deeprecipe check` writes
 
 
 def test_an_unknown_override_is_the_clis_config_error_naming_the_nearest_key(cli):

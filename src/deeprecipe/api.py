@@ -156,12 +156,17 @@ def check(
     batch: int | None = None,
     overfit_steps: int | None = None,
     max_files: int = 2000,
+    strict: bool = False,
     progress: Callable[[Verdict], None] | None = None,
+    debug: bool = False,
 ) -> list[Verdict]:
     """The training recipe's checks on a recipe (`deeprecipe check`): one Verdict per check (name, status pass |
     warn | fail | skip, measured, expected, advice, value, plots), in order; `progress(verdict)` sees each as it
-    comes. Writes config.yaml, plots/ and checks.json into `out` (default runs/check-<recipe>-<time>)."""
+    comes. Writes config.yaml, plots/, checks.json, status.json ("check failed" on a failure, or with `strict` a
+    warning) and report.html into `out` (default runs/check-<recipe>-<time>). `debug`: a check that raises
+    re-raises instead of failing."""
     from deeprecipe.checks import CHECKS, Ctx, run_checks
+    from deeprecipe.checks.page import write_page
     from deeprecipe.engine.atomic import atomic_text
     from deeprecipe.engine.run import new_run_dir
 
@@ -177,8 +182,14 @@ def check(
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     atomic_text(run_dir / "config.yaml", dump(cfg))
     ctx = Ctx(cfg, run_dir, family, steps=steps, batch_size=batch, overfit_steps=overfit_steps, max_files=max_files)
+    ctx.debug = debug
     verdicts = run_checks(ctx, only, skip, progress=progress)
+    counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "warn", "fail", "skip")}
+    failed = counts["fail"] > 0 or (strict and counts["warn"] > 0)
     atomic_text(run_dir / "checks.json", json.dumps([asdict(v) for v in verdicts], indent=1))
+    status = {"status": "check failed" if failed else "check passed", "recipe": cfg.recipe, "task": cfg.task}
+    atomic_text(run_dir / "status.json", json.dumps(status | {"counts": counts}))
+    write_page(run_dir, f"deeprecipe check {cfg.recipe}", verdicts, dump(cfg))
     return verdicts
 
 

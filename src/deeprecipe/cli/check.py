@@ -6,13 +6,11 @@ with status 3 when a check fails (2 stays "a problem with the command or config"
 
 from __future__ import annotations
 
-import html
 import json
 import sys
 from pathlib import Path
 
 FAILED_EXIT = 3
-COLORS = {"pass": "#2e7d32", "warn": "#ef6c00", "fail": "#c62828", "skip": "#777"}
 
 
 def _run_dir(kind: str, recipe: str, out: str | None) -> Path:
@@ -34,66 +32,11 @@ def _names(text: str | None) -> list[str]:
     return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
-def write_page(run_dir: Path, title: str, verdicts: list, cfg_text: str) -> Path:
-    from deeprecipe.engine.atomic import atomic_text
-
-    rows = "".join(
-        f"<tr><td>{html.escape(v.name)}</td><td style='color:{COLORS.get(v.status, '#000')};font-weight:bold'>"
-        f"{v.status}</td><td>{html.escape(v.measured)}</td><td>{html.escape(v.expected)}</td>"
-        f"<td>{html.escape(v.advice)}</td><td>{v.seconds:.1f}s</td></tr>"
-        for v in verdicts
-    )
-    figs = "".join(
-        f"<h3>{html.escape(v.name)}: {html.escape(p)}</h3>"
-        + (
-            f"<img src='{html.escape(p)}'>"
-            if p.endswith(".png")
-            else f"<pre>{html.escape((run_dir / p).read_text()[:5000])}</pre>"
-        )
-        for v in verdicts
-        for p in v.plots
-    )
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
-        "vertical-align:top}img{max-width:100%;border:1px solid #eee}pre{background:#f6f6f6;padding:8px}</style>"
-        f"<h1>{html.escape(title)}</h1><table><tr><th>check</th><th>verdict</th><th>measured</th>"
-        f"<th>expected</th><th>advice</th><th>time</th></tr>{rows}</table><h2>Plots</h2>{figs}"
-        f"<h2>Config</h2><pre>{html.escape(cfg_text)}</pre>"
-    )
-    atomic_text(run_dir / "report.html", page)
-    return run_dir / "report.html"
-
-
 def cmd_check(args) -> None:
-    from dataclasses import asdict
-
-    from deeprecipe.checks import CHECKS, Ctx, run_checks
-    from deeprecipe.cli import family_of
-    from deeprecipe.config import dump
-    from deeprecipe.core import UserError
-    from deeprecipe.engine.atomic import atomic_text
+    from deeprecipe import api
+    from deeprecipe.engine.device import pick_device
 
     cfg = _load(args)
-    family = family_of(cfg)
-    known = [*CHECKS, *family.EXTRA_CHECKS]
-    for name in _names(args.only) + _names(args.skip):
-        if name not in known:
-            raise UserError(f"unknown check '{name}': the checks are {', '.join(known)}")
-    run_dir = _run_dir("check", args.recipe, args.out)
-    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    atomic_text(run_dir / "config.yaml", dump(cfg))
-    ctx = Ctx(
-        cfg,
-        run_dir,
-        family,
-        steps=args.steps,
-        batch_size=args.batch,
-        overfit_steps=args.overfit_steps,
-        max_files=args.max_files,
-    )
-    ctx.debug = args.debug
     width = 11
 
     def show(v):
@@ -106,25 +49,25 @@ def cmd_check(args) -> None:
             flush=True,
         )
 
-    print(f"checking {args.recipe} ({cfg.data.name}, {cfg.model.name}, task {cfg.task}) on {ctx.rt.device}", flush=True)
-    verdicts = run_checks(ctx, _names(args.only), _names(args.skip), progress=show)
-    counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "warn", "fail", "skip")}
-    failed = counts["fail"] > 0 or (args.strict and counts["warn"] > 0)
-    atomic_text(run_dir / "checks.json", json.dumps([asdict(v) for v in verdicts], indent=1))
-    atomic_text(
-        run_dir / "status.json",
-        json.dumps(
-            {
-                "status": "check failed" if failed else "check passed",
-                "recipe": cfg.recipe,
-                "task": cfg.task,
-                "counts": counts,
-            }
-        ),
+    run_dir = _run_dir("check", args.recipe, args.out)
+    device = pick_device(cfg.train.device)  # the device the checks' runtime picks
+    print(f"checking {args.recipe} ({cfg.data.name}, {cfg.model.name}, task {cfg.task}) on {device}", flush=True)
+    verdicts = api.check(
+        cfg,
+        out=run_dir,
+        only=_names(args.only),
+        skip=_names(args.skip),
+        steps=args.steps,
+        batch=args.batch,
+        overfit_steps=args.overfit_steps,
+        max_files=args.max_files,
+        strict=args.strict,
+        progress=show,
+        debug=args.debug,
     )
-    page = write_page(run_dir, f"deeprecipe check {cfg.recipe}", verdicts, dump(cfg))
-    print(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"\nreport: {page}", flush=True)
-    if failed:
+    counts = {s: sum(v.status == s for v in verdicts) for s in ("pass", "warn", "fail", "skip")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"\nreport: {run_dir / 'report.html'}", flush=True)
+    if counts["fail"] > 0 or (args.strict and counts["warn"] > 0):
         sys.exit(FAILED_EXIT)
 
 
