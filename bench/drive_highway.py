@@ -22,7 +22,6 @@ import numpy as np
 
 import deeprecipe
 from _budget import machine, step_time
-from deeprecipe.cli.drive import dagger_round
 from deeprecipe.data import sim
 from deeprecipe.data.drive import DAGGER_SEED, EVAL_SEED
 from deeprecipe.families import drive
@@ -30,6 +29,17 @@ from deeprecipe.families import drive
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dagger_round(run: str, out: Path, episodes: int, first_seed: int) -> Path:
+    """What `deeprecipe dagger` does each round: the learner of `run` drives, the expert labels; the shard's path."""
+    learner = deeprecipe.load(run, "cpu")
+    path = out / "rollouts" / f"learner-{first_seed:08d}.safetensors"
+    env = learner.config.data.env
+    drive.record_learner(
+        learner.model, learner.spec, learner.runtime(), env, path, episodes, first_seed, f"learner of {run}"
+    )
+    return path
 
 
 def fit_steps(recipe: str, sets: list[str], seconds: float) -> int:
@@ -53,7 +63,7 @@ def bc_and_dagger(args, data_dir: Path, out: Path) -> tuple[str, float]:
         per_round = left / (args.rounds - r + 1)
         t1 = time.time()
         nxt = out / f"dagger{r}"
-        shard = dagger_round(run, nxt, args.dagger_episodes, DAGGER_SEED + 100_000 * r, "cpu")
+        shard = dagger_round(run, nxt, args.dagger_episodes, DAGGER_SEED + 100_000 * r)
         include.append(str(shard))
         over = [*base, f"data.include={json.dumps(include)}", f"finetune.init_from={run}", *args.dagger_set]
         steps = fit_steps(args.recipe, over, per_round - (time.time() - t1))
