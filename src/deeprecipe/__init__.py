@@ -22,9 +22,9 @@ def __getattr__(name: str) -> Any:
     # a module __getattr__ (PEP 562) runs only for names not found; other names (submodules) raise AttributeError,
     # so `from deeprecipe import config` still imports the submodule
     if name in __all__:
-        from deeprecipe import api
+        import deeprecipe.api
 
-        value = getattr(api, name)
+        value = getattr(deeprecipe.api, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'deeprecipe' has no attribute '{name}'")

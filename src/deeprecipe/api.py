@@ -74,14 +74,15 @@ def override_list(overrides: Overrides) -> list[str]:
 def configure(recipe: str | Path | Config, overrides: Overrides = None, device: str | None = None) -> Config:
     """The typed Config of a recipe (a built-in name, a YAML path, or a Config) with overrides applied, as
     `train` would run it; an unknown key or a wrong type raises a ConfigError naming the nearest key."""
-    from deeprecipe import recipe as recipe_loader
+    from deeprecipe.recipe import load as load_recipe
+    from deeprecipe.recipe import resolve
 
     sets = override_list(overrides) + ([f"train.device={device}"] if device else [])
     if isinstance(recipe, Config):
-        return recipe_loader.resolve(with_overrides(to_dict(recipe), sets), recipe.recipe)
+        return resolve(with_overrides(to_dict(recipe), sets), recipe.recipe)
     if not isinstance(recipe, (str, Path)):
         raise UserError(f"recipe {recipe!r}: give a recipe name (deeprecipe.recipes()), a YAML path or a Config")
-    return recipe_loader.load(str(recipe), sets)
+    return load_recipe(str(recipe), sets)
 
 
 # ------------------------------------------------------------------------------------------ train and load
