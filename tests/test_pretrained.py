@@ -333,6 +333,7 @@ def test_checks_make_batches_as_the_weights_expect(tmp_path):
     """deeprecipe check's batches (the batch check runs before any model is built) are normalized as the
     pretrained weights ask: gray files repeated to RGB, ImageNet's mean/std (oracle: torchvision's normalize)."""
     from deeprecipe.checks.core import Ctx
+    from deeprecipe.checks.data import batch as batch_check
     from deeprecipe.families import get_family
     from deeprecipe.recipe import load
 
@@ -347,6 +348,8 @@ def test_checks_make_batches_as_the_weights_expect(tmp_path):
     assert raw.shape[1] == 1 and x.shape[1] == 3
     want = torchvision.transforms.functional.normalize(raw.repeat(1, 3, 1, 1).float() / 255, *IMAGENET)
     assert any(torch.allclose(x[0], w, atol=1e-6) for w in want)
+    v = batch_check(ctx)  # dark squares under ImageNet's mean/std are far from 0/1, as the weights want them
+    assert v.status == "pass" and "IMAGENET" not in v.measured and "r18.pth" in v.expected, v
 
 
 @pytest.mark.slow
