@@ -349,7 +349,7 @@ def test_checks_make_batches_as_the_weights_expect(tmp_path):
     want = torchvision.transforms.functional.normalize(raw.repeat(1, 3, 1, 1).float() / 255, *IMAGENET)
     assert any(torch.allclose(x[0], w, atol=1e-6) for w in want)
     v = batch_check(ctx)  # dark squares under ImageNet's mean/std are far from 0/1, as the weights want them
-    assert v.status == "pass" and "IMAGENET" not in v.measured and "r18.pth" in v.expected, v
+    assert v.status == "pass" and "r18.pth" in v.expected, v
 
 
 @pytest.mark.slow
