@@ -268,6 +268,7 @@ class Run:
         self._family_obj = _family
         self._loaded: tuple | None = None
         self._runtimes: dict[str, Runtime] = {}
+        self._data = None  # built by the first evaluate
 
     def __repr__(self) -> str:
         return f"Run('{self.dir}', task={self.config.task!r}, recipe={self.config.recipe!r})"
@@ -331,17 +332,20 @@ class Run:
     # -------------------------------------------------------------------- verbs
     def evaluate(self, split: str | None = None) -> dict:
         """The family's metrics of the run's model over a whole split, and "split": the split evaluated (default
-        test, else val). `deeprecipe eval --json` prints this dict with the weights' text and step added."""
+        the one a finished run is scored on: test, else val, else train). `deeprecipe eval --json` prints this dict
+        with the weights' text and step added. The data set is built on the first call and kept for the next."""
         from deeprecipe.engine.loop import evaluate
 
         if split not in (None, "train", "val", "test"):
             raise UserError(f"split {split!r}: use train, val or test")
-        data = self.config.data.build()
         rt = self.runtime("auto")
-        for name in ("train", "val", "test"):
-            s = getattr(data, name)
-            if s is not None:
-                s.to(rt.device)
+        if self._data is None:
+            self._data = self.config.data.build()
+            for name in ("train", "val", "test"):
+                s = getattr(self._data, name)
+                if s is not None:
+                    s.to(rt.device)
+        data = self._data
         split = split or data.final_split()
         if getattr(data, split) is None:
             raise UserError(f"{self.dir}: the data set has no {split} split")
