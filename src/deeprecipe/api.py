@@ -415,10 +415,12 @@ class Run:
             raise UserError(f"--seed {seed}: must be in 0 .. 2**64 - 1")
         opts = SampleOptions(prompt, max_tokens, temperature, top_k, top_p, n, seed, Path(out) if out else None)
         opts.run_dir = self.dir
+        # loaded here, outside no_grad: precision auto may measure the CPU with a training step on first use
+        model, spec, rt = self.model, self.spec, self.runtime("auto")
 
         def pieces() -> Iterator[str]:
             with torch.no_grad():
-                yield from self.family.sample(self.model, self.spec, self.config, self.runtime("auto"), opts)
+                yield from self.family.sample(model, spec, self.config, rt, opts)
 
         if stream:
             return pieces()
