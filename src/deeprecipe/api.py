@@ -304,9 +304,12 @@ class Run:
     # -------------------------------------------------------------------- the model
     def _load(self) -> tuple:
         if self._loaded is None:
+            import torch
+
             from deeprecipe.engine.run import load_run
 
-            self._loaded = load_run(self.dir, self.family, self.device, self.precision or "auto")
+            with torch.enable_grad():  # precision auto's first measurement trains a step, even in a no_grad block
+                self._loaded = load_run(self.dir, self.family, self.device, self.precision or "auto")
         return self._loaded
 
     @property
@@ -320,12 +323,15 @@ class Run:
 
     def runtime(self, default: str = "auto") -> Runtime:
         """Device and autocast dtype for a call: the run's precision, else the verb's `default`."""
+        import torch
+
         from deeprecipe.engine.device import pick_dtype
 
         precision = self.precision or default
         if precision not in self._runtimes:  # picked once per precision (auto may measure the CPU, and says so)
             rt = self._load()[3]
-            dtype, why = pick_dtype(rt.device, precision)
+            with torch.enable_grad():
+                dtype, why = pick_dtype(rt.device, precision)
             self._runtimes[precision] = replace(rt, dtype=dtype, why=why)
         return self._runtimes[precision]
 
@@ -415,8 +421,7 @@ class Run:
             raise UserError(f"--seed {seed}: must be in 0 .. 2**64 - 1")
         opts = SampleOptions(prompt, max_tokens, temperature, top_k, top_p, n, seed, Path(out) if out else None)
         opts.run_dir = self.dir
-        # loaded here, outside no_grad: precision auto may measure the CPU with a training step on first use
-        model, spec, rt = self.model, self.spec, self.runtime("auto")
+        model, spec, rt = self.model, self.spec, self.runtime("auto")  # errors now, not at the first piece
 
         def pieces() -> Iterator[str]:
             with torch.no_grad():
