@@ -87,9 +87,9 @@ def add_run_args(
 
 
 def cmd_recipes(args) -> None:
-    from deeprecipe.config import list_recipes
+    from deeprecipe import api
 
-    recipes = list_recipes()
+    recipes = api.recipes()
     width = max(map(len, recipes), default=0)
     for name, desc in recipes.items():
         print(f"{name:<{width}}  {desc}")
