@@ -211,7 +211,8 @@ def model(recipe: str | Path | Config, spec: DataSpec, overrides: Overrides = No
 def time_step(recipe: str | Path | Config, overrides: Overrides = None, probes: int = 4) -> tuple[float, float]:
     """(seconds to build the data, median seconds of one training step) of a recipe on its train.device: the
     loop's own step (every part of the family: a GAN's D and G turns too) on the recipe's model and batch, for
-    fitting a step count to a time budget. The first step (warm-up) is not counted."""
+    fitting a step count to a time budget. The first step (warm-up) is not counted; the steps run eagerly (on a GPU
+    the loop may replay its step as a CUDA graph, which is faster)."""
     import time
 
     import torch
