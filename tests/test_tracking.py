@@ -57,3 +57,29 @@ def test_a_missing_mlflow_is_one_line_naming_the_extra_and_leaves_no_run(tmp_pat
 def test_an_unknown_logger_names_the_choices():
     with pytest.raises(UserError, match="did you mean 'mlflow'"):
         deeprecipe.configure("digits-cnn", {"train.loggers": ["mlflw"]})
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    sets = TINY | {"train.steps": 2, "train.ckpt_every": 2, "train.loggers": ["mlflow"]}
+    first = deeprecipe.train("digits-cnn", sets, out=tmp_path / "run")
+    run_id = (first.dir / "mlflow_run_id").read_text().strip()
+    run = deeprecipe.train(first.dir, {"train.steps": 4}, resume=True)
+    assert (run.dir / "mlflow_run_id").read_text().strip() == run_id
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert steps == [r["step"] for r in run.metrics if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_run_folder_from_before_train_loggers_resumes(tmp_path):
+    run = deeprecipe.train("digits-cnn", TINY | {"train.steps": 2, "train.ckpt_every": 2}, out=tmp_path / "run")
+    text = (run.dir / "config.yaml").read_text()
+    old = "".join(ln for ln in text.splitlines(keepends=True) if "loggers" not in ln and "- tensorboard" not in ln)
+    assert old != text
+    (run.dir / "config.yaml").write_text(old)  # as written before the field existed: its default applies
+    assert deeprecipe.train(run.dir, {"train.steps": 4}, resume=True).status["step"] == 4

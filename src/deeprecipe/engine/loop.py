@@ -219,13 +219,13 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
     import yaml
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    now = to_dict(cfg)
+    now, defaults = to_dict(cfg), to_dict(Config())  # a key added to the code since the run began: its default
     diffs = []
     for section, values in now.items():
         old = saved.get(section)
         if isinstance(values, dict):
             for k, v in values.items():
-                ov = (old or {}).get(k)
+                ov = (old or {}).get(k, (defaults.get(section) or {}).get(k))
                 if (section, k) != ("train", "steps") and _norm(ov) != _norm(v):
                     diffs.append(f"{section}.{k}: {ov!r} -> {v!r}")
         elif _norm(old) != _norm(values):
