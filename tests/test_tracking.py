@@ -83,3 +83,26 @@ def test_a_run_folder_from_before_train_loggers_resumes(tmp_path):
     assert old != text
     (run.dir / "config.yaml").write_text(old)  # as written before the field existed: its default applies
     assert deeprecipe.train(run.dir, {"train.steps": 4}, resume=True).status["step"] == 4
+
+
+def test_a_run_that_raises_ends_its_mlflow_run_failed(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from deeprecipe.engine import loop
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    made = []
+
+    def stopped(*args):  # stopped during the first step, after the MLflow run was made
+        def step(batches):
+            made.append((tmp_path / "run" / "mlflow_run_id").read_text().strip())
+            raise KeyboardInterrupt
+
+        return step
+
+    monkeypatch.setattr(loop, "stepper", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        deeprecipe.train("digits-cnn", TINY | {"train.loggers": ["mlflow"]}, out=tmp_path / "run")
+    assert MlflowClient().get_run(made[0]).info.status == "FAILED"

@@ -18,6 +18,7 @@ and the recipe loader, never the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -130,6 +131,11 @@ def train(
     try:
         final = train_loop(cfg, family, run_dir, resume=resume, command=command, monitor=monitor)
     except BaseException:
+        if "mlflow" in cfg.train.loggers:
+            from deeprecipe.engine.tracking import end_failed
+
+            with contextlib.suppress(Exception):  # the training error is the one to show
+                end_failed(run_dir)
         # nothing half-written: a new run that never reached a checkpoint leaves no folder behind
         if not existed and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -3,7 +3,8 @@ dotted keys), every metric the loop logs (with its step), and at the end config.
 
 The run goes to MLFLOW_TRACKING_URI when set, else to MLflow's own local default (mlflow.db and mlruns/ in the
 working directory; `mlflow ui` shows them), in the experiment named after the recipe. A resumed run continues
-the same MLflow run (its id is kept in the run folder as mlflow_run_id). Only MlflowClient is used, never MLflow's
+the same MLflow run (its id is kept in the run folder as mlflow_run_id); a run that stops on a NaN or raises
+ends FAILED (deeprecipe.train calls end_failed). Only MlflowClient is used, never MLflow's
 process-wide active run, so runs trained one after another in a notebook stay apart.
 """
 
@@ -64,6 +65,18 @@ class MLflow:
             if (self.dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.dir / name))
         self.client.set_terminated(self.run_id, status)
+
+
+def end_failed(run_dir: Path) -> None:
+    """The MLflow run of a run folder whose training raised ends FAILED (unless it already ended)."""
+    id_file = Path(run_dir) / ID_FILE
+    if not id_file.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(), id_file.read_text().strip()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def _number(v: Any) -> bool:
