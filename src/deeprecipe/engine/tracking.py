@@ -2,9 +2,9 @@
 dotted keys), every metric the loop logs (with its step), and at the end config.yaml and report.html.
 
 The run goes to MLFLOW_TRACKING_URI when set, else to MLflow's own local default (mlflow.db and mlruns/ in the
-working directory; `mlflow ui` shows them), in the experiment named after the recipe. A resumed run continues
-the same MLflow run (its id is kept in the run folder as mlflow_run_id); a run that stops on a NaN or raises
-ends FAILED (deeprecipe.train calls end_failed). Only MlflowClient is used, never MLflow's
+working directory; the full mlflow package's `mlflow ui` shows them), in the experiment named after the recipe.
+A resumed run continues the same MLflow run (its id is kept in the run folder as mlflow_run_id); a run that stops
+on a NaN or raises ends FAILED (deeprecipe.train calls end_failed). Only MlflowClient is used, never MLflow's
 process-wide active run, so runs trained one after another in a notebook stay apart.
 """
 
