@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -91,9 +90,10 @@ def generate(root: Path, n: int, distinct: int, chunk: int = 32) -> float:
     return seconds
 
 
-def tree_rss(pid: int) -> int:
+def tree_rss(pid: int) -> tuple[int, int]:
     """Bytes resident in `pid` and its descendants: their PSS summed (a page shared by k processes counts 1/k in
-    each; plain RSS would count the pages forked workers share with their parent once per process)."""
+    each; plain RSS would count the pages forked workers share with their parent once per process), and the
+    largest RSS of one of them."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -102,17 +102,19 @@ def tree_rss(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d))
-    total, todo = 0, [pid]
+    total, largest, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
             for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Rss:"):
+                    largest = max(largest, int(line.split()[1]) * 1024)
                 if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return total, largest
 
 
 def measure(root: Path, mode: str, steps: int, extra: list[str], before_src: str = "") -> dict:
@@ -132,9 +134,10 @@ def measure(root: Path, mode: str, steps: int, extra: list[str], before_src: str
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=before_src) if mode == "before" else None
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    peak, first = 0, None
+    peak, largest, first = 0, 0, None
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        total, one = tree_rss(proc.pid)
+        peak, largest = max(peak, total), max(largest, one)
         m = run / "metrics.jsonl"
         if first is None and m.is_file() and m.stat().st_size > 0:
             first = time.perf_counter() - t0
@@ -142,11 +145,10 @@ def measure(root: Path, mode: str, steps: int, extra: list[str], before_src: str
     err = proc.stderr.read()
     if proc.returncode:
         raise SystemExit(f"{mode}: deeprecipe train failed:\n{err[-2000:]}")
-    child_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest single process
     return {
         "mode": mode,
         "peak_rss_gb": round(peak / 2**30, 3),
-        "largest_process_gb": round(child_max / 2**30, 3),
+        "largest_process_gb": round(largest / 2**30, 3),
         "first_step_s": round(first or float("nan"), 1),
         "total_s": round(time.perf_counter() - t0, 1),
         "notes": [line for line in err.splitlines() if line.startswith("note:")],
