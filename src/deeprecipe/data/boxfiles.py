@@ -23,9 +23,11 @@ refuses them instead.
 
 Images enter the net at `data.size`, resized or (data.letterbox) letterboxed (data/detect.py placement), boxes
 moved with them. mAP does not change with that map (IoU is the same at any scale of x and y), but AP by object
-size (small < 32^2 px, ...) is measured in the model's pixels: it equals COCO's only at the images' own size. Only the annotations are held: a set whose decoded images fit in data.in_memory_mb is decoded
-once into tensors (a TensorSplit); a larger one is a StreamSplit whose DataLoader workers decode each batch, so
-memory does not grow with the number of images. `data.cache: true` keeps the resized images in one raw uint8
+size (small < 32^2 px, ...) is measured in the model's pixels: it equals COCO's only at the images' own size.
+
+Only the annotations are held: a set whose decoded images fit in data.in_memory_mb is decoded once into tensors
+(a TensorSplit); a larger one is a StreamSplit whose DataLoader workers decode each batch, so memory does not
+grow with the number of images. `data.cache: true` keeps the resized images in one raw uint8
 file per split, (N, 3, H, W) as `np.memmap(file, np.uint8, "r", shape=...)` reads it, with a byte per image
 saying it is written: filled as images are first decoded, reused by later epochs and runs, and replaced when the
 files' sizes or times, data.size or data.letterbox change.
