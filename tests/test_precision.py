@@ -107,7 +107,8 @@ def test_gpus_without_native_bf16_get_fp16(monkeypatch):
 
 def test_the_real_probe_measures_both_and_leaves_the_global_rng_alone():
     before = torch.get_rng_state()
-    got = probe_cpu_bf16(budget=0.02)
+    with torch.inference_mode():  # as under `predict` or a notebook's no_grad
+        got = probe_cpu_bf16(budget=0.02)
     assert torch.equal(before, torch.get_rng_state())
     assert set(got) == {"fp32_gflops", "bf16_gflops", "step_speedup"} and all(v > 0 for v in got.values())
 

@@ -311,12 +311,9 @@ class Run:
     # -------------------------------------------------------------------- the model
     def _load(self) -> tuple:
         if self._loaded is None:
-            import torch
-
             from deeprecipe.engine.run import load_run
 
-            with torch.enable_grad():  # precision auto's first measurement trains a step, even in a no_grad block
-                self._loaded = load_run(self.dir, self.family, self.device, self.precision or "auto")
+            self._loaded = load_run(self.dir, self.family, self.device, self.precision or "auto")
         return self._loaded
 
     @property
@@ -330,15 +327,13 @@ class Run:
 
     def runtime(self, default: str = "auto") -> Runtime:
         """Device and autocast dtype for a call: the run's precision, else the verb's `default`."""
-        import torch
 
         from deeprecipe.engine.device import pick_dtype
 
         precision = self.precision or default
         if precision not in self._runtimes:  # picked once per precision (auto may measure the CPU, and says so)
             rt = self._load()[3]
-            with torch.enable_grad():
-                dtype, why = pick_dtype(rt.device, precision)
+            dtype, why = pick_dtype(rt.device, precision)
             self._runtimes[precision] = replace(rt, dtype=dtype, why=why)
         return self._runtimes[precision]
 

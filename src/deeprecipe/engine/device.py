@@ -92,7 +92,8 @@ def probe_cpu_bf16(budget: float = 0.6) -> dict[str, float]:
     """Time fp32 against bf16 on this CPU, alternating so that a neighbour's load hits both alike: a 512^3 matmul
     (GFLOP/s) and a training step (forward + backward) of a small conv + linear net under autocast, the shape of
     the work every family does. About `budget` seconds in all."""
-    with torch.random.fork_rng(devices=[]):  # the layers' init must not move the run's global RNG
+    # the layers' init must not move the run's global RNG; the step needs autograd even when called under no_grad
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         return _probe(budget)
 
 
