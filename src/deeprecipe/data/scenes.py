@@ -1,7 +1,9 @@
 """Driving-scene segmentation data: generated street scenes, Cityscapes, and image + mask folders.
 
 A split is a TensorSplit of (images uint8 (N, 3, H, W), masks uint8 (N, H, W)); mask value 255 means
-"ignore" (not counted by the loss or the metrics). Augmentation (flip, scale, crop) runs per batch on the
+"ignore" (not counted by the loss or the metrics). Folders on disk (Cityscapes, mask folders) whose decoded pairs
+exceed `data.in_memory_mb` are StreamSplits instead: DataLoader workers decode each batch's pairs (MaskPairs),
+so memory does not grow with the number of images. Augmentation (flip, scale, crop) runs per batch on the
 device in tasks/segment.py, from the options each config puts in `spec.extra`.
 
 `scenes` draws a street seen from a car: sky, a skyline of buildings and trees, a road in perspective with
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
-from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
+from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.image_ops import EXTS, read
 
 IGNORE = 255
@@ -119,7 +123,12 @@ class SegData:
         raise NotImplementedError
 
     def finish(self, classes: list[str], palette, train, val=None, test=None) -> Data:
-        x = train[0]
+        """Splits as (images, masks) tensors, or StreamSplits (statistics from an even sample of 64 images)."""
+        if isinstance(train, StreamSplit):
+            every = max(1, len(train) // 64)
+            x = torch.stack([train.dataset[i][0] for i in range(0, len(train), every)][:64])
+        else:
+            x = train[0]
         if len(x) == 0:
             raise DataError(f"data set '{self.name}': no training images")
         xf = x[:512].float() / 255
@@ -138,7 +147,8 @@ class SegData:
                 "crop": self.crop,
             },
         )
-        return Data(spec, TensorSplit(*train), TensorSplit(*val) if val else None, TensorSplit(*test) if test else None)
+        wrap = lambda s: s if isinstance(s, StreamSplit) or s is None else TensorSplit(*s)  # noqa: E731
+        return Data(spec, wrap(train), wrap(val), wrap(test))
 
 
 # ------------------------------------------------------------------------------------ generated scenes
@@ -421,22 +431,50 @@ def _resize_pair(img: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -
     return img.round().clamp(0, 255).to(torch.uint8), mask.to(torch.uint8)
 
 
+def load_pair(pair: tuple[str, str], size: tuple[int, int], to_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode an (image, mask) pair of files, check them, map mask values to class ids, resize: uint8 tensors."""
+    ip, mp = pair
+    img, raw = read(ip, 3, 0), read_mask(mp)
+    if tuple(img.shape[-2:]) != tuple(raw.shape[-2:]):
+        raise DataError(
+            f"mask {mp} is {raw.shape[-1]}x{raw.shape[-2]} but its image {ip} is "
+            f"{img.shape[-1]}x{img.shape[-2]}: masks must have their image's size"
+        )
+    return _resize_pair(img, to_ids(raw, mp), size)
+
+
 def load_pairs(pairs: list[tuple[str, str]], size: tuple[int, int], to_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode (image, mask) files, check them, map mask values to class ids, resize: uint8 tensors."""
-
-    def one(pair):
-        ip, mp = pair
-        img, raw = read(ip, 3, 0), read_mask(mp)
-        if tuple(img.shape[-2:]) != tuple(raw.shape[-2:]):
-            raise DataError(
-                f"mask {mp} is {raw.shape[-1]}x{raw.shape[-2]} but its image {ip} is "
-                f"{img.shape[-1]}x{img.shape[-2]}: masks must have their image's size"
-            )
-        return _resize_pair(img, to_ids(raw, mp), size)
-
+    """Decode every pair (load_pair) into uint8 tensors (N, 3, H, W) and (N, H, W)."""
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        items = list(pool.map(one, pairs))
+        items = list(pool.map(lambda p: load_pair(p, size, to_ids), pairs))
     return torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
+
+
+class MaskPairs(Dataset):
+    """(image, mask) files decoded one pair at a time by DataLoader workers: item i -> (uint8 (3, H, W), class
+    ids uint8 (H, W))."""
+
+    def __init__(self, pairs: list[tuple[str, str]], size: tuple[int, int], to_ids):
+        self.pairs, self.size, self.to_ids = pairs, size, to_ids
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return load_pair(self.pairs[i], self.size, self.to_ids)
+
+
+def pair_splits(name: str, splits: list, size: tuple[int, int], to_ids, in_memory_mb: int) -> list:
+    """Each split's pairs decoded into tensors when all of them fit in `in_memory_mb` decoded, else StreamSplits
+    of MaskPairs (a note says so); an empty split is None."""
+    n = sum(len(s) for s in splits)
+    mb = n * 4 * size[0] * size[1] / 2**20
+    if mb <= in_memory_mb:
+        return [load_pairs(s, size, to_ids) if s else None for s in splits]
+    warnings.warn(
+        f"data: {n} {name} image pairs streamed from disk ({mb:.0f} MB decoded > data.in_memory_mb)", stacklevel=3
+    )
+    return [StreamSplit(MaskPairs(s, size, to_ids)) if s else None for s in splits]
 
 
 @dataclass
@@ -451,6 +489,8 @@ class CityscapesData(SegData):
     size: tuple[int, int] = (128, 256)  # (H, W) images are resized to (the originals are 1024 x 2048)
     val_fraction: float = 0.1
     limit: int = 0  # use at most N training images (0: all)
+    in_memory_mb: int = field(default=1024, metadata={"range": ">= 0"})  # decoded pairs up to this are held in
+    # memory; more are streamed from disk (0: always stream)
 
     def build(self) -> Data:
         root = Path(self.path)
@@ -482,14 +522,8 @@ class CityscapesData(SegData):
         k = max(1, int(len(train) * self.val_fraction)) if len(train) > 1 and self.val_fraction > 0 else 0
         val = [train[i] for i in perm[:k]]
         train = [train[i] for i in sorted(perm[k:])][: self.limit or None]
-        size = tuple(self.size)
-        return self.finish(
-            CITYSCAPES_CLASSES,
-            CITYSCAPES_PALETTE,
-            load_pairs(train, size, to_ids),
-            load_pairs(val, size, to_ids) if val else None,
-            load_pairs(test, size, to_ids) if test else None,
-        )
+        splits = pair_splits("cityscapes", [train, val, test], tuple(self.size), to_ids, self.in_memory_mb)
+        return self.finish(CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, *splits)
 
 
 @dataclass
@@ -503,6 +537,8 @@ class MaskFolderData(SegData):
     palette: list[list[int]] = field(default_factory=list)  # RGB colour per class: masks are colour images
     size: tuple[int, int] = (128, 128)  # (H, W) every pair is resized to
     val_fraction: float = 0.1  # of train, when there is no val folder
+    in_memory_mb: int = field(default=1024, metadata={"range": ">= 0"})  # decoded pairs up to this are held in
+    # memory; more are streamed from disk (0: always stream)
 
     def build(self) -> Data:
         root = Path(self.path)
@@ -556,15 +592,9 @@ class MaskFolderData(SegData):
             perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
             k = max(1, int(len(train) * self.val_fraction)) if len(train) > 1 else 0
             val, train = [train[i] for i in perm[:k]], [train[i] for i in sorted(perm[k:])]
-        size = tuple(self.size)
         palette = self.palette or [SCENE_PALETTE[i % 8] if i < 8 else _colour(i) for i in range(n)]
-        return self.finish(
-            self.classes,
-            palette,
-            load_pairs(train, size, to_ids),
-            load_pairs(val, size, to_ids) if val else None,
-            load_pairs(test, size, to_ids) if test else None,
-        )
+        splits = pair_splits("mask-folder", [train, val, test], tuple(self.size), to_ids, self.in_memory_mb)
+        return self.finish(self.classes, palette, *splits)
 
 
 def _colour(i: int) -> tuple[int, int, int]:
