@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from deeprecipe.common import classes
 from deeprecipe.core import DataSpec
 from deeprecipe.data import DATASETS, Data, DataError, TensorSplit, data_config_class
 from deeprecipe.data.core import Draws, StreamSplit, micro_draws, step_indices, train_batches
@@ -442,7 +443,7 @@ def test_rank_slices_partition_the_batch(world):
 
 
 def crop_reference(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """One example at a time: zero-pad, then slice a window at the offsets classify.random_crop draws."""
+    """One example at a time: zero-pad, then slice a window at the offsets classes.random_crop draws."""
     B, C, H, W = x.shape
     dy = Draws(gen).randint(2 * pad + 1, B).view(B, 1)
     dx = Draws(gen).randint(2 * pad + 1, B).view(B, 1)
@@ -457,7 +458,7 @@ def crop_reference(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Ten
 @pytest.mark.parametrize("pad,shape", [(1, (16, 1, 8, 8)), (2, (16, 3, 7, 9)), (4, (8, 2, 5, 5))])
 def test_random_crop_matches_per_example_reference(pad, shape):
     x = torch.randn(shape)
-    got = classify.random_crop(x, pad, Draws(torch.Generator().manual_seed(3)))
+    got = classes.random_crop(x, pad, Draws(torch.Generator().manual_seed(3)))
     want = crop_reference(x, pad, torch.Generator().manual_seed(3))
     assert torch.equal(got, want)
 
@@ -480,7 +481,7 @@ def test_draws_do_not_depend_on_how_a_step_is_split():
 def test_random_crop_is_a_window_of_the_padded_image():
     """Independent of how offsets are drawn: every output is some window of the padded input, and offsets vary."""
     pad, x = 2, torch.rand(64, 1, 6, 6) + 1  # > 0 everywhere, so the zero padding is recognisable
-    got = classify.random_crop(x, pad, Draws(torch.Generator().manual_seed(0)))
+    got = classes.random_crop(x, pad, Draws(torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(x, (pad,) * 4)
     offsets = set()
     for i in range(len(x)):
@@ -498,7 +499,7 @@ def test_random_crop_is_a_window_of_the_padded_image():
 def test_flip_gives_the_image_or_its_mirror():
     spec = DataSpec(extra={"flip": True, "crop_pad": 0})
     x = torch.randn(64, 1, 4, 5)
-    got = classify.augment(x, spec, Draws(torch.Generator().manual_seed(0)))
+    got = classes.augment(x, spec, Draws(torch.Generator().manual_seed(0)))
     same = [torch.equal(got[i], x[i]) for i in range(64)]
     mirrored = [torch.equal(got[i], x[i].flip(-1)) for i in range(64)]
     assert all(s or m for s, m in zip(same, mirrored))

@@ -118,7 +118,7 @@ class Pix2PixConfig:
     l1: float = 100.0  # weight of the pixel loss of G
     pixel_loss: str = "l1"  # l1 (pix2pix's: sharper) | mse (the conditional mean: what PSNR scores best)
     adv: float = 1.0  # weight of the adversarial loss of G (0: a plain pixel regression, D neither run nor trained)
-    loss: str = "nonsat"  # nonsat | hinge (families/gan/losses.py)
+    loss: str = "nonsat"  # nonsat | hinge (common/adversarial.py)
     d_lr_scale: float = 1.0  # D's lr = optim.lr * this
     feature_recipe: str = "auto"  # domain FID of translations. Scenes: a segment recipe (a U-Net) trained on the
     #                               scenes, its encoder the feature net (auto: scenes-unet); two folders (pairs): a

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from deeprecipe.common.adversarial import d_loss, fit, g_loss
+from deeprecipe.common.classes import augment
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
-from deeprecipe.families.classify import augment
 from deeprecipe.families.gan import checks, plots
 from deeprecipe.families.gan import metrics as gm
-from deeprecipe.families.gan.losses import d_loss, fit, g_loss
 from deeprecipe.families.gan.plots import grid, save_grid
 from deeprecipe.family import Family, SampleOptions
 

@@ -15,7 +15,7 @@ import torch
 
 from deeprecipe.checks.core import Ctx, Verdict, fit
 from deeprecipe.checks.training import awake, combined, dependency_verdict, grad_flow_verdict
-from deeprecipe.families.gan.losses import fit as fit_real
+from deeprecipe.common.adversarial import fit as fit_real
 
 
 def grad_flow(ctx: Ctx) -> Verdict:

@@ -11,8 +11,6 @@ Domain FID values are comparable only between runs that share the feature net (s
 
 from __future__ import annotations
 
-import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -20,39 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.common.features import DomainFeatures, classifier_features
 from deeprecipe.core import UserError
-from deeprecipe.core import cache_dir as core_cache_dir
-
-
-def cache_dir() -> Path:
-    return core_cache_dir() / "features"
-
-
-class DomainFeatures(nn.Module):
-    """A trained classifier as a feature extractor: images in [-1, 1] (B, C, H, W) of any size ->
-    penultimate features (B, F) (`logits=False`) or class logits (B, classes) (`logits=True`)."""
-
-    def __init__(self, classifier: nn.Module, mean, std, size: tuple[int, int], logits: bool = False):
-        super().__init__()
-        self.net, self.size, self.logits = classifier.eval(), tuple(size), logits
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self._feat = None
-        classifier.head.register_forward_pre_hook(lambda m, args: setattr(self, "_feat", args[0]))
-        self.num_features = classifier.head.out_features if logits else classifier.head.in_features
-
-    def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features (B, F), logits (B, classes)) in fp32, from one pass."""
-        x = x.float()
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
-        x = ((x + 1) / 2 - self.mean) / self.std
-        logits = self.net(x).float()
-        return self._feat.flatten(1).float(), logits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats, logits = self.both(x)
-        return logits if self.logits else feats
 
 
 def feature_config(cfg):
@@ -78,62 +45,9 @@ def feature_config(cfg):
 
 def feature_net(cfg, device: torch.device) -> DomainFeatures:
     """Load the domain feature net of `cfg` from the cache, training it there first if needed."""
-    return classifier_features(feature_config(cfg), cfg.data.name, device)
+    from deeprecipe.families import get_family
 
-
-def classifier_features(fcfg, data_name: str, device: torch.device) -> DomainFeatures:
-    """The classifier of classify config `fcfg` as a DomainFeatures, from the cache (trained there if needed);
-    `.accuracy` is its best val accuracy."""
-    import json
-
-    from deeprecipe.core import DataSpec
-    from deeprecipe.engine import checkpoint
-    from deeprecipe.families.classify import Classify
-
-    folder = cached_run(fcfg, Classify(), data_name)
-    spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
-    clf = Classify().build_model(fcfg, spec)
-    clf.load_state_dict(checkpoint.inference_weights(folder))
-    net = DomainFeatures(clf, spec.mean, spec.std, tuple(spec.image_size)).to(device)
-    net.accuracy = _best_acc(folder)
-    return net
-
-
-def cached_run(fcfg, family, data_name: str) -> Path:
-    """The run folder of a feature net's config `fcfg` in the cache (named by a hash of the config), trained there
-    with `family` first when it is not there yet; every later run on the same data reuses it."""
-    from deeprecipe.config import dump
-    from deeprecipe.engine.loop import train
-
-    key = hashlib.sha1(dump(fcfg).encode()).hexdigest()[:10]
-    folder = cache_dir() / f"{data_name}-{fcfg.recipe}-{key}"
-    if not (folder / "checkpoints" / "best.safetensors").is_file():
-        warnings.warn(
-            f"training the domain feature net ({fcfg.recipe}, {fcfg.train.steps} steps) into {folder}; "
-            "it is reused by every later run on this data",
-            stacklevel=3,
-        )
-        import shutil
-
-        # trained under a name of this process, then renamed: runs that start together (a sweep, a tuner's
-        # trials) never read each other's half-written net; the first rename wins, the others use it
-        work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(work, ignore_errors=True)
-        with torch.enable_grad():  # `deeprecipe eval` runs with gradients off
-            train(fcfg, family, work, command="(domain feature net for FID/IS)")
-        if not (folder / "checkpoints" / "best.safetensors").is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder (an older, killed training)
-        try:
-            work.rename(folder)
-        except OSError:  # another run's net got there first
-            shutil.rmtree(work, ignore_errors=True)
-    return folder
-
-
-def _best_acc(folder: Path) -> float:
-    from deeprecipe.engine.run import read_status
-
-    return float((read_status(folder).get("best") or {}).get("acc") or float("nan"))
+    return classifier_features(feature_config(cfg), cfg.data.name, device, get_family("classify"))
 
 
 def inception_features(path: str) -> nn.Module:

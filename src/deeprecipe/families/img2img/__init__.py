@@ -16,7 +16,7 @@ the updated D, frozen, on the same images of G (engine.loop.Update):
     cyclegan  d: L_D for D_b (b vs G_ab(a)) + for D_a (a vs G_ba(b))
               g: adv * (L_G(D_b(G_ab(a))) + L_G(D_a(G_ba(b)))) + cycle * (|G_ba(G_ab(a)) - a| + |G_ab(G_ba(b)) - b|)
                  + identity * (|G_ab(b) - b| + |G_ba(a) - a|)
-with L_D, L_G from families/gan/losses.py. Evaluation scores PSNR and SSIM (metrics.py) on held-out images
+with L_D, L_G from common/adversarial.py. Evaluation scores PSNR and SSIM (metrics.py) on held-out images
 next to the classic baseline of the mode: bicubic up-sampling for sr, the PSNR on the hole (and OpenCV's Telea
 inpainting when installed) for inpaint, the untranslated input for paired data, the cycle reconstruction for
 unpaired data without known pairs; translations (label2image, paired, unpaired; of scenes or between two
@@ -31,11 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.common.adversarial import d_loss, g_loss
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
-from deeprecipe.families.gan.losses import d_loss, g_loss
 from deeprecipe.families.img2img import checks, degrade, plots
 from deeprecipe.families.img2img import metrics as im
 from deeprecipe.family import Family, PredictOptions

@@ -8,13 +8,13 @@ hole). The inpainting baseline is OpenCV's Telea fast marching (opencv-python-he
 Translations of scenes (label2image, day -> night, clear -> fog) are also scored by a domain FID (`DomainFID`):
 the Frechet distance between the features of generated and of real target images, on the encoder of a scene
 segmenter that deeprecipe trains on the same scenes (`scene_features`; cached like the GAN family's classifier,
-families/gan/metrics.py). Why a segmenter and not a classifier: a scene has no one class to learn, but every pixel
+common/features.py). Why a segmenter and not a classifier: a scene has no one class to learn, but every pixel
 has one, so a U-Net trained on the renderer's label maps learns what each kind of thing looks like and where it
 is, which is what a label map -> scene generator must get right; its features are each encoder level's channel
 means (as Inception's FID pools its last level), the shallow levels keeping colour, brightness and contrast
 (what a look such as night or fog changes), the deep ones the objects. Translations between two folders of the
 user's (data.source=pairs, paired or unpaired) have no label maps: their feature net is a classifier trained to tell
-A's images from B's (`pair_features`, the GAN family's DomainFeatures on a classify recipe), whose penultimate
+A's images from B's (`pair_features`, common/features.py's DomainFeatures on a classify recipe), whose penultimate
 features must see whatever makes B look like B. FID values compare only between runs that share the feature net
 (the same cache folder) and the same number of images.
 """
@@ -161,17 +161,17 @@ def scene_features(cfg, device: torch.device) -> SceneFeatures:
     """The scene feature net of `cfg` from the cache, trained there first if needed; `.miou` is its val mIoU."""
     import json
 
+    from deeprecipe.common.features import cached_run
     from deeprecipe.core import DataSpec
     from deeprecipe.engine import checkpoint
     from deeprecipe.engine.run import read_status
-    from deeprecipe.families.gan.metrics import cached_run
-    from deeprecipe.families.segment import Segment
+    from deeprecipe.families import get_family
 
-    fcfg = scene_feature_config(cfg)
+    fcfg, segment = scene_feature_config(cfg), get_family("segment")
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        folder = cached_run(fcfg, Segment(), "scenes")  # training it must not move the run's random streams
+        folder = cached_run(fcfg, segment, "scenes")  # training it must not move the run's random streams
     spec = DataSpec(**json.loads((folder / "spec.json").read_text()))
-    unet = Segment().build_model(fcfg, spec)
+    unet = segment.build_model(fcfg, spec)
     unet.load_state_dict(checkpoint.inference_weights(folder))
     net = SceneFeatures(unet, spec.mean, spec.std, tuple(spec.image_size)).to(device)
     net.miou = float((read_status(folder).get("best") or {}).get("miou") or float("nan"))
@@ -205,10 +205,11 @@ def pair_feature_config(cfg):
 def pair_features(cfg, device: torch.device) -> nn.Module:
     """The A-vs-B classifier of `cfg` (pair_feature_config) as a feature net, from the cache (trained there first
     if needed): its penultimate features, as the GAN family's domain FID reads them."""
-    from deeprecipe.families.gan.metrics import classifier_features
+    from deeprecipe.common.features import classifier_features
+    from deeprecipe.families import get_family
 
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        return classifier_features(pair_feature_config(cfg), "pairs", device)
+        return classifier_features(pair_feature_config(cfg), "pairs", device, get_family("classify"))
 
 
 class DomainFID:

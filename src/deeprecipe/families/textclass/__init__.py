@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.common.classes import predict_split, top_labels
 from deeprecipe.config import Config
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data.core import Data
 from deeprecipe.data.pairs import pad, read_lines
 from deeprecipe.data.text import tokenizer_from_spec
 from deeprecipe.data.textclass import PAD, encode
-from deeprecipe.families.classify import predict_split, top_labels
 from deeprecipe.family import ExplainOptions, Family, PredictOptions
 
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.common import classes
 from deeprecipe.config import Config
 from deeprecipe.core import DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.families import classify
 from deeprecipe.family import Family, PredictOptions
 
 
@@ -28,7 +28,7 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     x = normalize(x.reshape(-1, C, T * H, W), spec)  # per-channel, time folded into height
     C = x.shape[1]  # 3 from gray clips when the net's weights want RGB (image_ops.normalize)
     if draws is not None:
-        x = classify.augment(x.reshape(-1, C * T, H, W), spec, draws)  # one crop and flip per clip
+        x = classes.augment(x.reshape(-1, C * T, H, W), spec, draws)  # one crop and flip per clip
     return x.reshape(*shape[:-4], C, T, H, W), y
 
 
@@ -60,7 +60,7 @@ def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt):
 
 
 def metrics(logp: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    m = classify.metrics(logp, labels, num_classes)
+    m = classes.metrics(logp, labels, num_classes)
     m["top1"] = m["acc"]
     if "top5" not in m:
         m["top5"] = 1.0  # five or fewer classes: the right one is always among the top five
@@ -157,7 +157,7 @@ class Video(Family):
         """Video files (or frame folders) -> top-k classes, averaging `eval_clips` clips spread over each video."""
         top = opts.top
         return [
-            classify.top_labels(f, classify_clips(model, spec, rt, [read_clips(f, spec)])[0], spec.class_names, top)
+            classes.top_labels(f, classify_clips(model, spec, rt, [read_clips(f, spec)])[0], spec.class_names, top)
             for f in files
         ]
 
@@ -195,7 +195,7 @@ class Video(Family):
         ):
             data = await ctx.read_upload(video, VIDEO_TYPES, "video")
             probs = await batch(await asyncio.to_thread(decode, data))
-            out = classify.top_labels("video", probs, spec.class_names, top)
+            out = classes.top_labels("video", probs, spec.class_names, top)
             return {k: out[k] for k in ("label", "prob", "top")}
 
         ctx.widget("/classify-video", "image", "Classify a video", field="video", accept="video/*")

@@ -1,4 +1,5 @@
-"""The two losses of a GAN step and the resize of real images to the generator's size."""
+"""The two losses of an adversarial step (the GAN and image-to-image families) and the resize of real images to a
+generator's size."""
 
 from __future__ import annotations
 
