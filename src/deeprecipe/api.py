@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deeprecipe.config import Config, dump, list_recipes, to_dict, with_overrides
-from deeprecipe.core import DataError, UserError
+from deeprecipe.core import DataError, UserError, one_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -397,7 +397,7 @@ class Run:
                             with torch.no_grad():
                                 got += family.predict(model, spec, cfg, rt, [f], opts)
                         except DataError as e:
-                            got.append({"file": f, "error": _one_line(e)})
+                            got.append({"file": f, "error": one_line(e)})
                 yield from (_renamed(r, shown) for r in got)
 
     def sample(
@@ -467,17 +467,6 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _one_line(e: BaseException) -> str:
-    """The message of `e` on one line. A DataLoader worker's error arrives wrapped with the worker's traceback
-    ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): keep only its last line."""
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    if "Traceback" in str(e):
-        return lines[-1].split(": ", 1)[-1].strip()
-    return lines[0]
 
 
 def _family(cfg: Config) -> Family:

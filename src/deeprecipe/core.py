@@ -77,3 +77,14 @@ def cache_dir() -> Path:
     """The folder for what deeprecipe measures or trains once per machine and reuses (the precision probe, the
     GAN families' feature nets): $DEEPRECIPE_CACHE, else ~/.cache/deeprecipe."""
     return Path(os.environ.get("DEEPRECIPE_CACHE") or Path.home() / ".cache" / "deeprecipe")
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line. A DataLoader worker's error arrives wrapped with the worker's traceback
+    ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): keep only its last line."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if "Traceback" in str(e):
+        return lines[-1].split(": ", 1)[-1].strip()
+    return lines[0]

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from deeprecipe.core import UserError
+from deeprecipe.core import UserError, one_line
 
 # modules of this package that add verbs: each defines add_parsers(subparsers) and imports nothing heavy at module
 # level (torch and the families are imported by its cmd functions), so building the parser stays light
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
@@ -403,17 +403,6 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"note: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-
-def _one_line(e: BaseException) -> str:
-    """The message of `e` on one line. A DataLoader worker's error arrives wrapped with the worker's traceback
-    ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): keep only its last line."""
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    if "Traceback" in str(e):
-        return lines[-1].split(": ", 1)[-1].strip()
-    return lines[0]
 
 
 if __name__ == "__main__":

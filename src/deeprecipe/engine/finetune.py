@@ -31,10 +31,9 @@ import torch.nn as nn
 from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
 from deeprecipe.engine.atomic import atomic_text
-from deeprecipe.models.pretrained import classifier, read_file
+from deeprecipe.models.pretrained import classifier, read_file, strip
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_source(src: str) -> dict[str, torch.Tensor]:
@@ -55,12 +54,7 @@ def read_source(src: str) -> dict[str, torch.Tensor]:
         if any(k.startswith(half) for k in weights):
             weights = {k[len(half) :]: v for k, v in weights.items() if k.startswith(half)}
             break
-    out = {}
-    for k, v in weights.items():
-        for pre in WRAPPER_PREFIXES:
-            k = k.removeprefix(pre)
-        out[k] = v
-    return out
+    return strip(weights)  # names as DDP or torch.compile wrote them, unwrapped
 
 
 def adapt_channels(src: torch.Tensor, dst_shape: torch.Size) -> torch.Tensor | None:
