@@ -203,7 +203,7 @@ def test_a_run_without_reference_is_one_line(cli, tmp_path):
         drift.load_reference(tmp_path)
 
 
-def test_server_keeps_a_drift_window_per_endpoint_on_metrics(trained):
+def test_server_keeps_a_drift_window_per_endpoint_on_metrics_and_info(trained):
     """Blurred digits sent to /classify drift; the first 31 images are too few to test (no score yet)."""
     from fastapi.testclient import TestClient
 
@@ -211,17 +211,19 @@ def test_server_keeps_a_drift_window_per_endpoint_on_metrics(trained):
     from deeprecipe.serve.server import build_app
 
     run, cfg, model, rt, family, data = trained
-    live: dict = {}
-    app = serve_drift.watch(build_app(str(run), cfg, data.spec, model, rt, family), run, live)
+    app = build_app(str(run), cfg, data.spec, model, rt, family)
     images = robust.blur(data.test.take(torch.arange(48))[0], 5)
     with TestClient(app) as c:
         for i, img in enumerate(images):
             assert c.post("/classify", files={"image": ("d.png", png(img), "image/png")}).status_code == 200
             if i == 30:
-                assert live["classify"]["mmd2"] is None and live["classify"]["images"] == 31
+                early = c.get("/info").json()["drift"]["classify"]
+                assert early["mmd2"] is None and early["images"] == 31
         # explain runs the model many times outside the batcher: none of it enters the window
         assert c.post("/explain?method=occlusion", files={"image": ("d.png", png(images[0]), "image/png")}).is_success
         text = c.get("/metrics").text
+        live = c.get("/info").json()["drift"]
+    assert live["reference"] == serve_drift.drift.FILE
     assert live["classify"]["drift"] and live["classify"]["images"] == live["classify"]["seen"] == 48
     assert 'deeprecipe_drift_drift{endpoint="classify"} 1.0' in text
     assert 'deeprecipe_drift_images{endpoint="classify"} 48.0' in text

@@ -576,7 +576,9 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
 def build_app(run: str, cfg, spec, model, rt, family, options: ServeOptions | None = None):
     """The app of run folder `run`, whose model the caller loaded (engine.run.load_run, with its family)."""
     from deeprecipe.engine.checkpoint import model_weights
+    from deeprecipe.serve.drift import watch
 
     about = model_weights(Path(run), load=False)[1]  # the weights load_run loaded, and their step
-    info = {"run": Path(run).name, "step": about.step, "weights": about.text}
-    return create_app(model, spec, cfg, rt, family, options, info=info)
+    info = {"run": Path(run).name, "step": about.step, "weights": about.text, "drift": {}}
+    # a rolling drift window per image endpoint: gauges on /metrics, info["drift"] filled in as /info shows it
+    return watch(create_app(model, spec, cfg, rt, family, options, info=info), Path(run), info["drift"])
