@@ -91,7 +91,7 @@ def test_predict_on_png_files_matches_the_model(cli, run, tmp_path):
     """Labels from `predict` (decode, normalize, forward) equal the model's own argmax on the same images."""
     from torchvision.io import write_png
 
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.data.images import DigitsData
 
     x, _ = DigitsData().build().test.take(torch.arange(6))
@@ -144,7 +144,7 @@ def test_predict_and_serve_read_a_drawing_as_the_digits_were_made(cli, tmp_path)
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.data.images import DigitsData
     from deeprecipe.serve.server import create_app
 

@@ -70,7 +70,7 @@ def test_train_reports_the_model_that_eval_serve_and_export_use(cli, tmp_path, v
     /info and export's summary are all of the step-2 weights, and each says so."""
     from fastapi.testclient import TestClient
 
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.serve.export import export_run
     from deeprecipe.serve.server import ServeOptions, build_app
 

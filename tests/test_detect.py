@@ -313,7 +313,7 @@ def test_train_predict_writes_json_boxes_and_a_drawing(tmp_path, cli):
     # the endpoint answers the same boxes for the same file, with the drawing for the page
     from fastapi.testclient import TestClient
 
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.serve.server import ServeOptions, build_app
 
     app = build_app(str(run), *open_run(str(run), "cpu", "fp32"), ServeOptions(token="tk"))

@@ -359,7 +359,7 @@ def test_fine_tuning_tv_resnet18_from_a_weights_file_runs_through_every_verb(tmp
     normalization by hand), and none needs the weights file once the run exists."""
     from fastapi.testclient import TestClient
 
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.serve.export import run_onnx
     from deeprecipe.serve.server import ServeOptions, build_app
 

@@ -189,7 +189,7 @@ def test_model_shapes_any_size_and_backward(name):
 
 @pytest.mark.parametrize("name", SEG_MODELS)
 def test_tiny_training_run_then_predict(tmp_path, name):
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.engine.loop import train
 
     small = {"unet": ["model.width=8", "model.depth=2"], "fcn": ["model.width=8", "model.stages=3", "model.skips=1"]}

@@ -177,7 +177,7 @@ def test_model_shapes_and_backward(name, frames):
 
 @pytest.mark.parametrize("name", VIDEO_MODELS)
 def test_tiny_training_run_then_predict_a_video_file(tmp_path, name):
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.engine.loop import train
     from deeprecipe.families import get_family
 

@@ -75,7 +75,7 @@ def cmd_lr_find(args) -> None:
     from deeprecipe.checks import Ctx
     from deeprecipe.checks.lr_find import lr_range_test
     from deeprecipe.checks.plots import lr_curve
-    from deeprecipe.cli import family_of
+    from deeprecipe.cli.runs import family_of
     from deeprecipe.engine import optim
 
     cfg = _load(args)

@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from deeprecipe.cli import add_run_args, family_of, open_run
+from deeprecipe.cli.runs import add_run_args, family_of, open_run
 from deeprecipe.core import UserError
 
 

@@ -54,7 +54,7 @@ def eval_robust(args, cfg, model, rt, family, data, split: str) -> None:
 
 
 def cmd_embed(args) -> None:
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.engine.embed import embed
     from deeprecipe.engine.report import write_report
 
@@ -90,7 +90,7 @@ class FolderImages:
 
 def cmd_monitor(args) -> None:
     """Score a folder of new images for drift, window by window; exit 3 when a window drifts."""
-    from deeprecipe.cli import open_run
+    from deeprecipe.cli.runs import open_run
     from deeprecipe.data import image_ops
     from deeprecipe.engine import drift
     from deeprecipe.engine.report import write_report
@@ -136,7 +136,7 @@ def cmd_monitor(args) -> None:
 
 
 def add_parsers(sub) -> None:
-    from deeprecipe.cli import add_run_args
+    from deeprecipe.cli.runs import add_run_args
 
     s = sub.add_parser("embed", help="t-SNE map of a classifier's penultimate features and their k-NN accuracy")
     add_run_args(s)

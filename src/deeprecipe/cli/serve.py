@@ -6,7 +6,7 @@ import importlib.util
 import ipaddress
 import os
 
-from deeprecipe.cli import add_run_args, open_run
+from deeprecipe.cli.runs import add_run_args, open_run
 from deeprecipe.core import UserError
 
 # the import names of the serve extra's packages (pyproject.toml), by what needs them

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from deeprecipe.cli import add_run_args, open_run
+from deeprecipe.cli.runs import add_run_args, open_run
 from deeprecipe.core import UserError
 
 

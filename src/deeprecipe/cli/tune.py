@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def cmd_tune(args) -> None:
-    from deeprecipe.cli import family_of
+    from deeprecipe.cli.runs import family_of
     from deeprecipe.config import read_recipe
     from deeprecipe.core import UserError
     from deeprecipe.engine import tune as T
