@@ -76,10 +76,12 @@ def run_deeprecipe(steps: int, batch: int, device: str = "cpu", sets: tuple = ()
     with tempfile.TemporaryDirectory() as d:
         run = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{d}/run")
         final, rows = run.final, [r for r in run.metrics if "examples_per_s" in r]
+        # the choices the engine made on this machine (precision auto -> ..., and why): config.yaml's comment lines
+        why = " ".join(ln[2:].strip() for ln in (run.dir / "config.yaml").read_text().splitlines() if ln[:2] == "# ")
     first = next(r for r in rows if r["step"] >= WARM)
     last = rows[-1]
     ips = (last["step"] - first["step"]) * batch / (last["time"] - first["time"])
-    return {"images_per_s": ips, "test_acc": final["test_acc"]}
+    return {"images_per_s": ips, "test_acc": final["test_acc"], "dtype": why}
 
 
 def evaluate_torch(model, tx, ty, device: str = "cpu") -> float:
@@ -127,7 +129,11 @@ def run_plain(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> 
     if device != "cpu":
         torch.cuda.synchronize()
     ips = (steps - WARM) * batch / (time.perf_counter() - t0)
-    return {"images_per_s": ips, "test_acc": evaluate_torch(model, plain_tensors(spec, tx), ty, device)}
+    return {
+        "images_per_s": ips,
+        "test_acc": evaluate_torch(model, plain_tensors(spec, tx), ty, device),
+        "dtype": "fp32",
+    }
 
 
 def run_lightning(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
@@ -170,7 +176,7 @@ def run_lightning(steps: int, batch: int, device: str = "cpu", sets: tuple = ())
     )
     trainer.fit(m, loader)
     ips = (steps - WARM) * batch / (time.perf_counter() - m.t0)
-    return {"images_per_s": ips, "test_acc": evaluate_torch(m.net, plain_tensors(spec, tx), ty)}
+    return {"images_per_s": ips, "test_acc": evaluate_torch(m.net, plain_tensors(spec, tx), ty), "dtype": "fp32"}
 
 
 def run_keras(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> dict:
@@ -232,7 +238,7 @@ def run_keras(steps: int, batch: int, device: str = "cpu", sets: tuple = ()) -> 
     done = min(per_epoch, steps) * epochs
     ips = (done - WARM) * batch / (time.perf_counter() - clock.t0)
     acc = float(np.mean(model.predict(txs, batch_size=1000, verbose=0).argmax(-1) == ty.numpy()))
-    return {"images_per_s": ips, "test_acc": acc, "steps": done}
+    return {"images_per_s": ips, "test_acc": acc, "steps": done, "dtype": "fp32"}
 
 
 RUNNERS = {"deeprecipe": run_deeprecipe, "plain": run_plain, "lightning": run_lightning, "keras": run_keras}
@@ -272,7 +278,8 @@ def main() -> None:
             print(f"{name}: not installed ({e})")
             continue
         r = results[name]
-        print(f"{name:<11} {r['images_per_s']:8.0f} images/s   test acc {r['test_acc']:.4f}", flush=True)
+        shown = f"{r['images_per_s']:8.0f} images/s   test acc {r['test_acc']:.4f}   {r.get('dtype', '')}"
+        print(f"{name:<11} {shown}", flush=True)
     if "deeprecipe" in results:
         base = results["deeprecipe"]["images_per_s"]
         for name, r in results.items():
