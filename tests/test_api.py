@@ -211,6 +211,7 @@ BENCH_INTERNALS = {
     "coco_scale.py": {"deeprecipe.data.detect", "deeprecipe.data.scenes"},
     "detect_map.py": {"deeprecipe.families.detect", "deeprecipe.families.detect.metrics"},
     "drive_highway.py": {"deeprecipe.data", "deeprecipe.data.drive", "deeprecipe.families"},
+    "drift_scenes.py": {"deeprecipe.data.scenes", "deeprecipe.engine"},
     "gan_fid.py": {"deeprecipe.engine.device", "deeprecipe.families", "deeprecipe.models.gan"},
     "gpu_figures.py": {"deeprecipe.models.gpt"},
     "img2img_quality.py": {"deeprecipe.families.gan", "deeprecipe.families.img2img"},

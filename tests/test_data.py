@@ -524,3 +524,12 @@ def test_a_finished_run_is_scored_on_test_else_val_else_train():
     assert Data(spec, "train", "val").final_split() == "val"
     assert Data(spec, "train", None, "test").final_split() == "test"
     assert Data(spec, "train").final_split() == "train"
+
+
+def test_scenes_look_renders_the_same_scenes_in_that_weather_and_light():
+    from deeprecipe.data.scenes import ScenesData
+
+    sizes = dict(size=(32, 32), train_size=4, val_size=0, test_size=0)
+    day, night = (ScenesData(look=look, **sizes).build().train.tensors for look in ("day", "night"))
+    assert torch.equal(day[1], night[1])  # the same scenes: the same label maps
+    assert night[0].float().mean() < 0.6 * day[0].float().mean()  # night is darker than day, image for image

@@ -22,6 +22,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -401,14 +402,16 @@ class ScenesData(SegData):
     test_size: int = 400
     seed: int = 0  # shifts every split's range of scene numbers (a different but equally hard data set)
     chunk: int = 64  # images drawn per tensor batch (64 keeps the tensors in cache: fastest on CPU)
+    look: Literal["any", "day", "night", "fog"] = "any"  # weather and light of every image (render_scenes)
 
     def build(self) -> Data:
         splits = render_splits(self, self.render)
         return self.finish(SCENE_CLASSES, SCENE_PALETTE, splits["train"], splits["val"], splits["test"])
 
     def render(self, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.chunk
         parts = [
-            render_scenes(numbers[i : i + self.chunk], tuple(self.size)) for i in range(0, len(numbers), self.chunk)
+            render_scenes(numbers[i : i + step], tuple(self.size), self.look) for i in range(0, len(numbers), step)
         ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
