@@ -19,19 +19,7 @@ from deeprecipe.models.seq2seq import Seq2SeqConfig
 from deeprecipe.models.textclass import TextLSTMConfig, TextTransformerConfig
 from deeprecipe.models.unet import ResNetUNetConfig, UNetConfig
 from deeprecipe.models.video3d import C3DConfig, R2Plus1DConfig
-from deeprecipe.models.zoo import (
-    TimmConfig,
-    TVConvNeXtTinyConfig,
-    TVDeepLabV3Config,
-    TVEfficientNetB0Config,
-    TVFCNResNet50Config,
-    TVLRASPPConfig,
-    TVMobileNetV3Config,
-    TVR2Plus1D18Config,
-    TVR3D18Config,
-    TVResNet18Config,
-    TVResNet50Config,
-)
+from deeprecipe.models.zoo import TV_CONFIGS, TimmConfig
 from deeprecipe.util import call_with, load_object
 
 MODELS: dict[str, type] = {
@@ -54,16 +42,7 @@ MODELS: dict[str, type] = {
     "tv-detector": TVDetectorConfig,
     "pix2pix": Pix2PixConfig,
     "cyclegan": CycleGANConfig,
-    "tv-resnet18": TVResNet18Config,  # torchvision's classifiers as published (models/zoo.py)
-    "tv-resnet50": TVResNet50Config,
-    "tv-mobilenet-v3": TVMobileNetV3Config,
-    "tv-efficientnet-b0": TVEfficientNetB0Config,
-    "tv-convnext-tiny": TVConvNeXtTinyConfig,
-    "tv-r3d-18": TVR3D18Config,
-    "tv-r2plus1d-18": TVR2Plus1D18Config,
-    "tv-deeplabv3-resnet50": TVDeepLabV3Config,  # torchvision's segmenters
-    "tv-fcn-resnet50": TVFCNResNet50Config,
-    "tv-lraspp-mobilenet-v3": TVLRASPPConfig,
+    **TV_CONFIGS,  # torchvision's classifiers, video nets and segmenters as published (models/zoo.py)
 }
 
 

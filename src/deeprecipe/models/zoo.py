@@ -15,7 +15,7 @@ library into its cache (torchvision: IMAGENET1K_V1, KINETICS400_V1, DEFAULT, ...
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 import torch.nn as nn
@@ -62,41 +62,6 @@ class TVClassifierConfig:
         # a file carries no metadata: it is taken for torchvision's published weights of this arch (what its
         # layout says), whose inputs the DEFAULT entry describes
         return torchvision_start(net, spec, self.weights, arch, self.progress)
-
-
-@dataclass
-class TVResNet18Config(TVClassifierConfig):
-    name: str = "tv-resnet18"
-
-
-@dataclass
-class TVResNet50Config(TVClassifierConfig):
-    name: str = "tv-resnet50"
-
-
-@dataclass
-class TVMobileNetV3Config(TVClassifierConfig):
-    name: str = "tv-mobilenet-v3"
-
-
-@dataclass
-class TVEfficientNetB0Config(TVClassifierConfig):
-    name: str = "tv-efficientnet-b0"
-
-
-@dataclass
-class TVConvNeXtTinyConfig(TVClassifierConfig):
-    name: str = "tv-convnext-tiny"
-
-
-@dataclass
-class TVR3D18Config(TVClassifierConfig):
-    name: str = "tv-r3d-18"
-
-
-@dataclass
-class TVR2Plus1D18Config(TVClassifierConfig):
-    name: str = "tv-r2plus1d-18"
 
 
 # ------------------------------------------------------------------------------------------ segmenters
@@ -157,19 +122,14 @@ class TVSegmenterConfig:
         return torchvision_start(net, spec, self.weights, source, self.progress)
 
 
-@dataclass
-class TVDeepLabV3Config(TVSegmenterConfig):
-    name: str = "tv-deeplabv3-resnet50"
+def named(base: type, names) -> dict[str, type]:
+    """One config class per registry name: `base` with that name as its `name` default (what the registry's tests
+    and `model.name` switching rely on)."""
+    cls = lambda n: make_dataclass(base.__name__, [("name", str, field(default=n))], bases=(base,))
+    return {n: cls(n) for n in names}
 
 
-@dataclass
-class TVFCNResNet50Config(TVSegmenterConfig):
-    name: str = "tv-fcn-resnet50"
-
-
-@dataclass
-class TVLRASPPConfig(TVSegmenterConfig):
-    name: str = "tv-lraspp-mobilenet-v3"
+TV_CONFIGS = {**named(TVClassifierConfig, TV_ARCHS), **named(TVSegmenterConfig, TV_SEGMENTERS)}
 
 
 # ------------------------------------------------------------------------------------------ timm
