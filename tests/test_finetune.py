@@ -186,3 +186,33 @@ def _cnn():
     from deeprecipe.models.cnn import CNNConfig
 
     return CNNConfig(channels=(8, 16), dense=(16,)).build(DataSpec(num_classes=10, in_channels=1, image_size=(8, 8)))
+
+
+def test_a_trunk_loads_across_models_under_another_top_level_name(tmp_path):
+    """A U-Net's `encoder.` (torchvision ResNet-18) fine-tunes a CenterNet's `backbone.` and back: the same trunk,
+    so every trunk tensor is copied and the two compute the same layer4 features."""
+    from deeprecipe.models import MODELS
+
+    seg_spec = DataSpec(num_classes=4, in_channels=3, image_size=(64, 64))
+    det_spec = DataSpec(num_classes=3, in_channels=3, image_size=(64, 64))
+    det_spec.extra.update(boxes="xyxy", objects_per_image=[1.0] * 3)
+    torch.manual_seed(0)
+    unet = MODELS["unet-resnet18"]().build(seg_spec)
+    save_file(checkpoint.plain_state(unet), str(tmp_path / "unet.safetensors"))
+    det = MODELS["centernet"](backbone="tv-resnet18", neck=8).build(det_spec)
+    report = load_matching(det, read_source(str(tmp_path / "unet.safetensors")))
+    assert report["renamed"] == [("encoder.", "backbone.")]
+    trunk = [k for k in det.state_dict() if k.startswith("backbone.")]
+    assert sorted(report["loaded"]) == sorted(trunk) and report["skipped"] == []
+    x = torch.randn(2, 3, 64, 64)
+    unet.eval(), det.eval()
+    e, b = unet.encoder, det.backbone
+    with torch.no_grad():
+        fe = e.layer4(e.layer3(e.layer2(e.layer1(e.maxpool(e.relu(e.bn1(e.conv1(x))))))))
+        fb = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
+    assert torch.equal(fe, fb)
+    save_file(checkpoint.plain_state(det), str(tmp_path / "det.safetensors"))
+    back = MODELS["unet-resnet18"]().build(seg_spec)
+    report = load_matching(back, read_source(str(tmp_path / "det.safetensors")))
+    assert report["renamed"] == [("backbone.", "encoder.")]
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in unet.state_dict().items() if k.startswith("encoder."))

@@ -257,8 +257,8 @@ def test_centernet_on_torchvision_resnet18_loads_its_weights(tmp_path):
     note = next(str(x.message) for x in w if "loaded" in str(x.message))
     assert "loaded 120 tensors" in note and "unexpected 2" in note  # all but torchvision's fc
     own = model.state_dict()
-    assert torch.equal(own["stem.conv1.weight"], state["conv1.weight"])
-    assert torch.equal(own["stages.3.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
+    assert torch.equal(own["backbone.conv1.weight"], state["conv1.weight"])
+    assert torch.equal(own["backbone.layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
     assert tuple(model(torch.randn(2, 3, 64, 64)).shape) == (2, 3 + 4, 16, 16)
     assert (list(s.mean), list(s.std)) == IMAGENET
     with pytest.raises(ConfigError, match="tv-resnet18"):

@@ -31,7 +31,7 @@ import torch.nn as nn
 from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
 from deeprecipe.engine.atomic import atomic_text
-from deeprecipe.models.pretrained import classifier, read_file, strip
+from deeprecipe.models.pretrained import best_prefix, classifier, read_file, strip
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
 
@@ -70,9 +70,14 @@ def adapt_channels(src: torch.Tensor, dst_shape: torch.Size) -> torch.Tensor | N
 
 
 def load_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Copy matching tensors into `model` in place; returns what was loaded, adapted, skipped, new and unused."""
+    """Copy matching tensors into `model` in place; returns what was loaded, adapted, skipped, new and unused.
+    Names match after best_prefix's renaming, so a trunk kept under another top-level name loads: a U-Net's
+    `encoder.` into a detector's `backbone.`, a plain torchvision file into either."""
     state = model.state_dict()
+    drop, add = best_prefix(weights, state)
+    weights = {(add + k[len(drop) :] if k.startswith(drop) else k): v for k, v in weights.items()}
     report: dict[str, list] = {"loaded": [], "adapted": [], "skipped": [], "new": [], "unused": []}
+    report["renamed"] = [] if (drop, add) == ("", "") else [(drop, add)]
     new_state = {}
     for name, cur in state.items():
         src = weights.get(name)
@@ -100,6 +105,8 @@ def format_report(src: str, report: dict[str, list]) -> str:
         f"skipped {len(report['skipped'])} (shape mismatch), newly initialized "
         f"{len(report['new']) + len(report['skipped'])}, unused from the source {len(report['unused'])}"
     ]
+    for drop, add in report.get("renamed", []):
+        lines.append(f"  names {drop or ''}* of the source read as {add or ''}*")
     if report["adapted"]:
         lines.append(f"  adapted (input channels): {shapes(report['adapted'])}")
     if report["skipped"]:

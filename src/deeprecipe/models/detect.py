@@ -31,7 +31,6 @@ read with torch.load(weights_only=True) or safetensors); nothing is ever downloa
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,17 +95,7 @@ class CenterNetConfig:
             raise ConfigError(f"model.weights={self.weights}: pretrained weights need model.backbone=tv-resnet18")
         if self.backbone != "tv-resnet18":
             return CenterNet(spec, self)
-        return torchvision_start(CenterNet(spec, self), spec, self.weights, "resnet18", rename=tv_backbone_name)
-
-
-def tv_backbone_name(name: str) -> str:
-    """A torchvision ResNet's tensor name as CenterNet's: conv1/bn1 in `stem`, layerK as `stages.K-1`."""
-    top, _, rest = name.partition(".")
-    if top in ("conv1", "bn1"):
-        return f"stem.{name}"
-    if top.startswith("layer") and top[5:].isdigit():
-        return f"stages.{int(top[5:]) - 1}.{rest}"
-    return name
+        return torchvision_start(CenterNet(spec, self), spec, self.weights, "resnet18")
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -130,14 +119,15 @@ def own_backbone(in_channels: int, cfg: CenterNetConfig) -> tuple[nn.Module, nn.
     return stem, stages, widths
 
 
-def tv_resnet18_backbone() -> tuple[nn.Module, nn.ModuleList, list[int]]:
-    """torchvision's ResNet-18 as (stem to stride 4: conv1, bn1, relu, maxpool; layer1..4 at strides 4, 8, 16,
-    32; widths), named so that tv_backbone_name maps its published tensors here. RGB input."""
+def tv_resnet18_trunk() -> nn.Module:
+    """torchvision's ResNet-18 without its classifier, under its own names (conv1, bn1, layer1..4), so a
+    torchvision file, a U-Net's `encoder.` or a pretraining run's trunk loads by name (models/pretrained.py
+    best_prefix). RGB input; features at strides 4, 8, 16, 32 with widths 64, 128, 256, 512."""
     from torchvision.models import resnet18
 
     net = resnet18(weights=None, zero_init_residual=True)
-    stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))
-    return stem, nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4]), [64, 128, 256, 512]
+    del net.fc
+    return net
 
 
 class CenterNet(nn.Module):
@@ -145,7 +135,7 @@ class CenterNet(nn.Module):
         super().__init__()
         self.cfg, self.num_classes = cfg, spec.num_classes
         if cfg.backbone == "tv-resnet18":
-            self.stem, self.stages, widths = tv_resnet18_backbone()
+            self.backbone, widths = tv_resnet18_trunk(), [64, 128, 256, 512]
         else:
             self.stem, self.stages, widths = own_backbone(spec.in_channels, cfg)
         levels = 4 if cfg.stride == 4 else 3  # pyramid levels from stride 32 down to the output stride
@@ -170,9 +160,13 @@ class CenterNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, classes + 4, H / stride, W / stride): heat-map logits, then t of (l, t, r, b)."""
-        x = self.stem(x)
+        if hasattr(self, "backbone"):  # torchvision's ResNet-18, stem to stride 4
+            b = self.backbone
+            x, stages = b.maxpool(b.relu(b.bn1(b.conv1(x)))), [b.layer1, b.layer2, b.layer3, b.layer4]
+        else:
+            x, stages = self.stem(x), self.stages
         feats = []
-        for stage in self.stages:
+        for stage in stages:
             x = stage(x)
             feats.append(x)
         feats = feats[-self.levels :]
