@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from deeprecipe.checks.core import Verdict
     from deeprecipe.core import DataSpec
     from deeprecipe.engine.checkpoint import About
-    from deeprecipe.engine.device import Runtime
     from deeprecipe.family import Family
+    from deeprecipe.runtime import Runtime
 
 Overrides = Mapping[str, Any] | Iterable[str] | None
 PREDICT_CHUNK = 64  # inputs per call of the family's predict hook (one batch)

@@ -10,6 +10,10 @@ use (predict, explain, sample, export_example, serve), and the recipe's checks (
 CHECK_DEFAULTS, CAUSAL, IGNORE_INDEX, expected_init_loss, per_example_loss, batch_input, replace_input, show_batch,
 saliency_score).
 
+The values hooks receive are typed here too: `rt` is a `deeprecipe.runtime.Runtime` (device, autocast dtype, rank),
+`update` an `Update` and `ctx` a `ServeContext` (protocols below, implemented by engine/loop.py and
+serve/server.py, which sit above this file).
+
 `tests/test_family.py` checks every registered family against this class: the hook names it defines exist
 here, their signatures match, and METRIC is set.
 """
@@ -17,10 +21,12 @@ here, their signatures match, and METRIC is set.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from deeprecipe.config import Config
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data.core import Data, Draws
+from deeprecipe.runtime import Runtime
 
 
 @dataclass
@@ -64,6 +71,67 @@ class SampleOptions:
     run_dir: Path | None = None  # the run sampled from (default output place)
 
 
+class Update(Protocol):
+    """What a family's step hook drives: one optimizer step of the parts (Family.parts) over the micro-batches of a
+    training step (manual optimization). engine/loop.py Update is the one implementation; the checks' short runs
+    use it too."""
+
+    names: list[str]  # the parts, in update order
+
+    def micro(self, k: int) -> AbstractContextManager:
+        """Around the forward and backward of micro-batch k (under DDP, gradients are all-reduced after the last)."""
+
+    def autocast(self) -> AbstractContextManager:
+        """The run's mixed precision (Runtime.autocast)."""
+
+    def frozen(self, *names: str) -> AbstractContextManager:
+        """The named parts get no gradient from what is computed inside."""
+
+    def backward(self, part: str, loss: torch.Tensor, logs: dict | None = None) -> None:
+        """Backward of one micro-batch's loss for `part` (scaled for accumulation); logs: name -> 0-d tensor."""
+
+    def step(self, part: str) -> None:
+        """Clip the part's gradients, check them for NaN/inf and apply its optimizer."""
+
+
+class ServeContext(Protocol):
+    """What a family's serve(ctx) hook gets (serve/server.py ServeContext is the one implementation): the run's
+    model and what it was built from, and helpers that add endpoints to the app."""
+
+    model: nn.Module
+    spec: DataSpec
+    cfg: Config
+    rt: Runtime
+    router: Any  # fastapi.APIRouter: routes on it require the token
+    lock: threading.Lock  # one model call at a time
+
+    def batcher(self, name: str, fn: Callable[[list], list], max_batch: int | None = None) -> Callable:
+        """An awaitable `batch(item)`: concurrent requests' items go through `fn` together, under the lock."""
+
+    def admit(self, path: str) -> Callable[[], None]:
+        """Admit a whole-endpoint request (503 past the queue limit); returns its release."""
+
+    def widget(self, path: str, kind: str, title: str, **params: Any) -> None:
+        """Show the endpoint on the server's page."""
+
+    def read_upload(self, upload: Any, types: set[str], what: str) -> Awaitable[bytes]:
+        """An uploaded file's bytes, its content type one of `types` (415 and 400 otherwise)."""
+
+    def read_image(
+        self, upload: Any, channels: int | None = None, size: tuple[int, int] | None = None, max_side: int = 0
+    ) -> Awaitable[torch.Tensor]:
+        """An uploaded image as uint8 (C, H, W), made as the training images were (or resized to `size`)."""
+
+    def text_generation(self, path: str, generate: Callable[..., Iterator[str]], title: str = "Generate text"):
+        """POST a prompt -> the text streamed as `generate` makes it."""
+
+    def translation(self, path: str, translate: Callable[[list[str]], list[str]], title: str = "Translate"):
+        """POST a text -> its translation, concurrent requests batched."""
+
+    def image_sampler(self, path: str, sample: Callable[[int, int], torch.Tensor], title: str = "Sample images"):
+        """POST {n, seed} -> sampled images as PNGs."""
+
+
 class Family:
     """The hooks of a family, each a documented default. Subclasses override what their family needs."""
 
@@ -85,9 +153,9 @@ class Family:
         {"d": discriminator, "g": generator}. Default: one part."""
         return {"model": (model, 1.0)}
 
-    def step(self, model: nn.Module, batches: list, cfg: Config, update: Any) -> None:
+    def step(self, model: nn.Module, batches: list, cfg: Config, update: Update) -> None:
         """One optimizer step over the prepared micro-batches of a training step, driven through `update`
-        (engine.loop.Update: backward(part, loss, logs), step(part), micro(k), autocast(), frozen(*parts)).
+        (Update above: backward(part, loss, logs), step(part), micro(k), autocast(), frozen(*parts)).
         Default: each part in turn, the others frozen, the loss hook on every micro-batch, then its update. A family
         overrides it when its parts share work (a GAN's discriminator and generator turns share G's images)."""
         for part in update.names:
@@ -109,17 +177,17 @@ class Family:
         `part` (see parts). The checks call it with part "model"."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Any, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         """Metrics over a whole split (the model in eval mode, no grad, autocast on). `final` is the last evaluation
         of a run or `deeprecipe eval`: a family may measure more thoroughly then (a GAN scores more samples)."""
         raise NotImplementedError
 
-    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt: Any) -> dict[str, torch.Tensor]:
+    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime) -> dict[str, torch.Tensor]:
         """Pictures of the model at an evaluation: name -> image (C, H, W) in [0, 1]; the engine writes them to
         plots/<name>/step-<step>.png and TensorBoard. Default: none."""
         return {}
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Any, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Final metrics and plots (into run_dir/plots) of a finished run. `model` holds the run's model, the weights
         every verb loads (engine/checkpoint.py model_weights: the best evaluated, else the last); `results` is the
         evaluation of those weights."""
@@ -132,13 +200,13 @@ class Family:
 
     # ------------------------------------------------------------------------------------------ use
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """`deeprecipe predict`: one result per file; a result's "text" is the line the CLI prints."""
         raise UserError(f"task '{self.name}' has no predict; see its own verbs (deeprecipe --help)")
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """`deeprecipe explain`: one result per file: {"file", "label" (explained class), "target" (its index),
         "method", "score" (its probability), "out" (the overlay written, if any), "text" (the line the CLI
@@ -148,7 +216,7 @@ class Family:
             f"task '{self.name}' has no explain (it works for classifiers, segmenters, detectors and language models)"
         )
 
-    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Any, opts: SampleOptions) -> Iterator[str]:
+    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample`: text pieces for the CLI to show as they come."""
         raise UserError(f"task '{self.name}' does not generate samples (sample works for language models and GANs)")
 
@@ -168,8 +236,8 @@ class Family:
             f"task '{self.name}' has no export_example and its spec has neither an image size nor a vocabulary"
         )
 
-    def serve(self, ctx: Any) -> None:
-        """Add the family's endpoints to a serve.server.ServeContext (ctx.router, ctx.batcher, ctx.widget, ...)."""
+    def serve(self, ctx: ServeContext) -> None:
+        """Add the family's endpoints through `ctx` (ServeContext above: ctx.router, ctx.batcher, ctx.widget, ...)."""
         raise UserError(f"task '{self.name}' has no serve hook yet (see docs/architecture.md)")
 
     # ------------------------------------------------------------------------------------------ checks

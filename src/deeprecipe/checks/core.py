@@ -25,10 +25,11 @@ from deeprecipe.config import Config
 from deeprecipe.core import DataSpec
 from deeprecipe.data.core import Data, Draws, StreamSplit, TensorSplit, step_indices
 from deeprecipe.engine import optim
-from deeprecipe.engine.device import Runtime, setup, step_generator
+from deeprecipe.engine.device import setup, step_generator
 from deeprecipe.engine.loop import make_parts, place, train_step
 from deeprecipe.family import Family
 from deeprecipe.models.pretrained import classifier
+from deeprecipe.runtime import Runtime
 
 # the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
 # a family's CHECK_DEFAULTS overrides some, the caller's arguments (--steps, --batch, ...) override both

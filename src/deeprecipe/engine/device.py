@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from deeprecipe.core import UserError, cache_dir
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype | None  # autocast dtype (None: fp32)
-    rank: int = 0
-    world: int = 1
-    why: str = ""  # how the dtype was chosen, one line (engine/device.py pick_dtype)
-
-    @property
-    def main(self) -> bool:  # only the main process writes files
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def scaler(self) -> torch.amp.GradScaler | None:
-        """fp16 needs loss scaling; bf16 and fp32 do not."""
-        return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+from deeprecipe.runtime import Runtime  # re-exported: engine.device.Runtime
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -29,9 +29,10 @@ from deeprecipe.core import ConfigError, UserError
 from deeprecipe.data.core import Data, micro_draws, train_batches
 from deeprecipe.engine import checkpoint, finetune, optim
 from deeprecipe.engine.atomic import atomic_text, atomic_write
-from deeprecipe.engine.device import Runtime, rng_state, set_rng_state, setup, step_generator
+from deeprecipe.engine.device import rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
 from deeprecipe.family import Family
+from deeprecipe.runtime import Runtime
 
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines when stderr is not a terminal (logs, CI, nohup)
 
