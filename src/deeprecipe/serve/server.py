@@ -3,6 +3,7 @@
 `build_app(run, ...)` takes a loaded run (safetensors weights, never unpickled), makes a `ServeContext` and calls
 the family's `serve(ctx)` hook, which adds the family's endpoints in a few lines with the helpers below:
     ctx.batcher(name, fn)        requests arriving together run as one batch: fn(list of items) -> list of results
+    await ctx.locked(fn, *args)  an unbatched endpoint's model call: in a worker thread, one at a time
     ctx.router                   a FastAPI APIRouter whose routes require the token (when one is set)
     await ctx.read_image(file)   an uploaded image, validated, as uint8 (C, H, W) with the spec's channels/size
     ctx.widget(path, kind, ...)  what the web page at / shows for the endpoint (kind: image | mask | text | stream |
@@ -342,6 +343,23 @@ class ServeContext:
         self.waiting[path] = self.waiting.get(path, 0) + 1
         return lambda: self.waiting.__setitem__(path, self.waiting[path] - 1)
 
+    async def locked(self, fn: Callable[..., Any], *args: Any, bad: int | None = None) -> Any:
+        """fn(*args) in a worker thread holding the model lock: one model call at a time, as the batched endpoints
+        make theirs, while the event loop keeps accepting requests. The one way an unbatched endpoint runs the
+        model. With `bad`, a UserError of fn (the request was wrong, not the server) is answered with that status.
+        Grad mode is left as it is: explain needs gradients; fn turns them off when it wants."""
+
+        def hold():
+            with self.lock:
+                return fn(*args)
+
+        try:
+            return await asyncio.to_thread(hold)
+        except UserError as e:
+            if bad is None:
+                raise
+            raise HTTPException(bad, str(e)) from None
+
     def widget(self, path: str, kind: str, title: str, **params: Any) -> None:
         self.widgets.append({"path": path, "kind": kind, "title": title, **params})
 
@@ -405,13 +423,13 @@ class ServeContext:
         """POST {n, seed} -> {images: [PNG as base64]}; `sample(n, seed)` gives uint8 or [0, 1] (N, C, H, W)."""
 
         def run(n: int, seed: int) -> list[str]:
-            with self.lock, torch.no_grad():
+            with torch.no_grad():
                 return [image_ops.png_base64(img) for img in sample(n, seed)]
 
         async def endpoint(req: SampleRequest):
             release = self.admit(path)
             try:
-                return {"images": await asyncio.to_thread(run, req.n, req.seed)}
+                return {"images": await self.locked(run, req.n, req.seed)}
             finally:
                 release()
 

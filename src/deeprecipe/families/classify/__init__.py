@@ -85,18 +85,13 @@ def gradcam_mistakes(
 def serve_explain(ctx) -> None:
     """POST /explain?method=gradcam|ig|occlusion: an image file -> the predicted class and the overlay of its
     attribution (explain_tensor, as `deeprecipe explain` runs it), one request at a time in a worker thread."""
-    import asyncio
     import base64
     from typing import Literal
 
-    from fastapi import File, HTTPException, Query, UploadFile
+    from fastapi import File, Query, UploadFile
 
     spec = ctx.spec
     methods = ["gradcam", "ig", "occlusion"] if has_conv(ctx.model) else ["ig", "occlusion"]
-
-    def run(image: torch.Tensor, method: str) -> dict:
-        with ctx.lock:  # one model call at a time, as the batched endpoints
-            return explain_tensor(ctx.model, spec, ctx.rt, image, method)
 
     @ctx.router.post("/explain", summary="Explain an image's predicted class (attribution overlay)")
     async def explain(
@@ -104,10 +99,8 @@ def serve_explain(ctx) -> None:
         method: Literal["gradcam", "ig", "occlusion"] = Query(methods[0], description="attribution method"),
     ):
         img = await ctx.read_image(image)
-        try:
-            r = await asyncio.to_thread(run, img, method)
-        except UserError as e:  # Grad-CAM on a model without a conv layer
-            raise HTTPException(422, str(e)) from None
+        # 422: Grad-CAM on a model without a conv layer
+        r = await ctx.locked(explain_tensor, ctx.model, spec, ctx.rt, img, method, bad=422)
         overlay = base64.b64encode(r["png"]).decode()
         return {"label": r["label"], "prob": r["score"], "method": method, "overlay": overlay}
 
