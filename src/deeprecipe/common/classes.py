@@ -13,6 +13,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import normalize
+from deeprecipe.runtime import Runtime
 
 
 def random_crop(x: torch.Tensor, pad: int, draws: Draws) -> torch.Tensor:
@@ -48,7 +49,7 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
 
 
 def predict_split(
-    model: nn.Module, data: Data, split: str, cfg: Config, rt, prepare=prepare
+    model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, prepare=prepare
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, classes) in fp32 on the CPU, and labels (N,), over a whole split (batches through `prepare`)."""
     logits, labels = [], []

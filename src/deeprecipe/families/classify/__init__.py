@@ -16,11 +16,12 @@ from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data
 from deeprecipe.data.image_ops import denormalize
-from deeprecipe.family import ExplainOptions, Family, PredictOptions, label_score
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeContext, label_score
+from deeprecipe.runtime import Runtime
 
 
 @torch.no_grad()
-def classify_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[torch.Tensor]:
+def classify_images(model: nn.Module, spec: DataSpec, rt: Runtime, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 images (C, H, W) at the spec's size -> class probabilities (C,) each, in one batch; what predict and
     /classify both run, so the same file gives the same answer."""
     x, _ = prepare((torch.stack(images).to(rt.device), None), spec)  # (B, C, H, W)
@@ -36,7 +37,13 @@ def _class_index(target: int | None, spec: DataSpec) -> int | None:
 
 
 def explain_tensor(
-    model: nn.Module, spec: DataSpec, rt, image: torch.Tensor, method: str, target: int | None = None, sanity=False
+    model: nn.Module,
+    spec: DataSpec,
+    rt: Runtime,
+    image: torch.Tensor,
+    method: str,
+    target: int | None = None,
+    sanity=False,
 ) -> dict:
     """One uint8 image (C, H, W) at the spec's size -> the attribution of the predicted (or `target`) class's
     logit: Integrated Gradients from a black image, Grad-CAM on the last conv layer, or occlusion by black windows
@@ -64,7 +71,13 @@ def has_conv(model: nn.Module) -> bool:
 
 
 def gradcam_mistakes(
-    model: nn.Module, spec: DataSpec, rt, images: torch.Tensor, predicted: list[int], truth: list[int], path: Path
+    model: nn.Module,
+    spec: DataSpec,
+    rt: Runtime,
+    images: torch.Tensor,
+    predicted: list[int],
+    truth: list[int],
+    path: Path,
 ) -> None:
     """Grad-CAM of the predicted (wrong) class for each uint8 image (B, C, H, W) whose true class is in `truth`:
     the images and their heat maps side by side in one grid at `path`. Nothing for a model without a conv layer
@@ -189,11 +202,11 @@ class Classify(Family):
         kd = distill_loss(logits, self._teacher.logits(x, cfg, self._spec, self), d.temperature)
         return (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         logits, labels = predict_split(model, data, split, cfg, rt)
         return metrics(logits, labels, data.spec.num_classes)
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Test metrics, confusion matrix and the worst mistakes of the finished run."""
         from deeprecipe.engine import drift, plots
 
@@ -237,7 +250,7 @@ class Classify(Family):
         }
 
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Image files -> top-k labels with probabilities."""
         images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
@@ -245,7 +258,7 @@ class Classify(Family):
         return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """Image files -> the attribution of the predicted (or --target) class's logit: Integrated Gradients from
         a black image, Grad-CAM on the last conv layer, or occlusion by black windows; an overlay PNG per file."""
@@ -268,7 +281,7 @@ class Classify(Family):
         x = torch.randint(0, 256, (batch, spec.in_channels, *spec.image_size), dtype=torch.uint8, generator=g)
         return {"inputs": {"image": prepare((x, None), spec)[0].contiguous()}, "outputs": ["logits"]}
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /classify: an image file -> its top labels; concurrent requests run as one batch."""
         from fastapi import File, Query, UploadFile
 

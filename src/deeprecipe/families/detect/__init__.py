@@ -30,8 +30,9 @@ from deeprecipe.data.detect import placement, to_image_boxes, to_model_image
 from deeprecipe.data.image_ops import denormalize, normalize
 from deeprecipe.families.detect import checks as detect_checks
 from deeprecipe.families.detect.metrics import DetectionMetrics, draw_boxes, match_misses
-from deeprecipe.family import ExplainOptions, Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeContext
 from deeprecipe.models.detect import CenterNet
+from deeprecipe.runtime import Runtime
 
 DRAW_THRESH = 0.3  # boxes scoring at least this are drawn and explained (all above score_thresh are returned)
 CAM_LAYER = "smooth"  # centernet's neck output (B, neck, H / stride, W / stride), the map both heads read
@@ -85,7 +86,9 @@ def prepare(batch, spec: DataSpec, draws: Draws | None = None):
     return normalize(x, spec), boxes, labels
 
 
-def run_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, extended: bool = False):
+def run_split(
+    model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, keep: int = 0, extended: bool = False
+):
     """mAP and the rest over a split; and the `keep` images with the most missed boxes (image, truth, detections)."""
     spec = data.spec
     metrics = DetectionMetrics(spec.num_classes, extended=extended)
@@ -128,7 +131,7 @@ def to_image(boxes: torch.Tensor, spec: DataSpec, w: int, h: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def detect_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[dict]:
+def detect_images(model: nn.Module, spec: DataSpec, rt: Runtime, images: list[torch.Tensor]) -> list[dict]:
     """uint8 images (C, h, w) of any sizes -> per image {"boxes": [[x1, y1, x2, y2], ...] in the image's own
     pixels, "labels", "scores"}: each is resized to the model's size, all run as one batch."""
     x = normalize(torch.stack([at_model_size(img, spec) for img in images]).to(rt.device), spec)
@@ -161,7 +164,7 @@ def summary(det: dict) -> str:
     return ", ".join(f"{v} {k}" for k, v in counts.items()) or "nothing found"
 
 
-def pick_detection(model: nn.Module, spec: DataSpec, rt, image: torch.Tensor, target: int | None, name: str):
+def pick_detection(model: nn.Module, spec: DataSpec, rt: Runtime, image: torch.Tensor, target: int | None, name: str):
     """The detection explain_detection explains in uint8 image (C, h, w): the `target`-th by score (None: the
     best) among those scoring at least DRAW_THRESH, as (image at the model's size (3, H, W), its normalized batch
     (1, 3, H, W), class, cell, box (4,) in the model's pixels, score); a one-line error when there is none."""
@@ -191,7 +194,7 @@ def pick_detection(model: nn.Module, spec: DataSpec, rt, image: torch.Tensor, ta
 def explain_detection(
     model: nn.Module,
     spec: DataSpec,
-    rt,
+    rt: Runtime,
     image: torch.Tensor,
     method: str,
     target: int | None = None,
@@ -289,11 +292,11 @@ class Detect(Family):
             caps.append(f"{len(names)} boxes")
         return torch.stack(tiles), caps
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         m, _ = run_split(model, data, split, cfg, rt)
         return {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Test metrics; detections against truth on held-out images, the worst misses, per-class AP and PR curves."""
         from deeprecipe.engine import plots
         from deeprecipe.families.detect.metrics import pr_plot
@@ -349,7 +352,7 @@ class Detect(Family):
         return out
 
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Each image -> its boxes (JSON: OUT/<stem>.json, in the image's own pixels) and OUT/<stem>_boxes.png."""
         from torchvision.io import write_png
@@ -369,7 +372,7 @@ class Detect(Family):
         return results
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """Each image -> the attribution of one detection's logit (explain_detection): --target N is the N-th by
         score (0: the best, the default); an overlay PNG per file with the explained box drawn."""
@@ -395,7 +398,7 @@ class Detect(Family):
         x = torch.randn(batch, spec.in_channels, *spec.image_size, generator=g)
         return {"inputs": {"image": x}, "outputs": ["maps"]}
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /detect: an image -> boxes (in the upload's pixels), classes, scores and the image with the boxes
         drawn (PNG as base64); concurrent requests run as one batch."""
         from fastapi import File, UploadFile

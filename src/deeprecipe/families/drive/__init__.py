@@ -27,7 +27,8 @@ from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
 from deeprecipe.families.drive import checks
-from deeprecipe.family import Family, PredictOptions
+from deeprecipe.family import Family, PredictOptions, ServeContext
+from deeprecipe.runtime import Runtime
 
 STEER_TOLERANCE = 0.1  # a steering command within this of the expert's counts as agreeing
 
@@ -47,7 +48,7 @@ def decide(out: torch.Tensor, spec: DataSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def act(model: nn.Module, spec: DataSpec, rt, stacks: list[torch.Tensor]) -> list[dict]:
+def act(model: nn.Module, spec: DataSpec, rt: Runtime, stacks: list[torch.Tensor]) -> list[dict]:
     """Frame stacks uint8 (S, H, W) -> {"action": index or steering, "probs": per meta-action (discrete)}; what
     the closed loop, predict and /act all run."""
     x, _ = prepare((torch.stack(stacks).to(rt.device), None), spec)
@@ -59,7 +60,7 @@ def act(model: nn.Module, spec: DataSpec, rt, stacks: list[torch.Tensor]) -> lis
     return [{"action": int(p.argmax()), "probs": p.tolist()} for p in probs]
 
 
-def policy_of(model: nn.Module, spec: DataSpec, rt):
+def policy_of(model: nn.Module, spec: DataSpec, rt: Runtime):
     """The network as a closed-loop policy: frames (S, H, W) numpy -> action."""
     model.eval()
 
@@ -86,7 +87,13 @@ def summarize(stats: list[dict]) -> dict:
 
 
 def closed_loop(
-    env: str, spec: DataSpec, policies: dict, episodes: int, first_seed: int, video: Path | None = None, rt=None
+    env: str,
+    spec: DataSpec,
+    policies: dict,
+    episodes: int,
+    first_seed: int,
+    video: Path | None = None,
+    rt: Runtime | None = None,
 ) -> dict[str, dict]:
     """Drive `episodes` seeds (first_seed..) with each policy (name -> model, "expert" or "random"); the metrics of
     each. With `video`, the first policy's first episode is written there as an MP4 with its actions drawn."""
@@ -115,7 +122,7 @@ def closed_loop(
 
 
 def record_learner(
-    model: nn.Module, spec: DataSpec, rt, env: str, path: Path, episodes: int, first_seed: int, source: str
+    model: nn.Module, spec: DataSpec, rt: Runtime, env: str, path: Path, episodes: int, first_seed: int, source: str
 ):
     """DAgger's data: the learner drives `episodes` seeds (first_seed..), the expert labels every state it visited;
     the labelled frames are written as one shard at `path` (data/drive.py write_shard, its policy named `source`).
@@ -206,7 +213,7 @@ class Drive(Family):
     def expected_init_loss(self, spec: DataSpec, cfg: Config):
         return None if is_steer(spec) else super().expected_init_loss(spec, cfg)
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         """Offline agreement with the expert on `split`; at a final evaluation of the test split (val when there is
         none) also the closed loop over data.eval_episodes held-out seeds (collision rate, speed, distance, return,
         length, ...)."""
@@ -231,7 +238,7 @@ class Drive(Family):
             m |= {k: v for k, v in loop["learner"].items() if k != "episodes"}
         return m
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """The closed-loop table of the learner, the expert and a random policy on the same held-out seeds
         (plots/closed_loop.txt), and an MP4 of the learner's first episode (plots/episode.mp4)."""
         from deeprecipe.data.drive import EVAL_SEED
@@ -256,7 +263,7 @@ class Drive(Family):
         return out
 
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Frame-stack images (the S frames one above the other, grayscale, S*H x W) -> the action of each."""
         from deeprecipe.data import image_ops
@@ -276,7 +283,7 @@ class Drive(Family):
         names = [] if is_steer(spec) else spec.class_names
         return denormalize(x, spec)[:, -1:].clamp(0, 1), [action_text(v, names) for v in y.tolist()]
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /act: a frame-stack image (S frames one above the other) -> the action and its probabilities."""
         from fastapi import File, HTTPException, UploadFile
 

@@ -30,13 +30,14 @@ from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.families.gan import checks, plots
 from deeprecipe.families.gan import metrics as gm
 from deeprecipe.families.gan.plots import grid, save_grid
-from deeprecipe.family import Family, SampleOptions
+from deeprecipe.family import Family, SampleOptions, ServeContext, Update
+from deeprecipe.runtime import Runtime
 
 GRID = 64  # images in the fixed-noise grid
 
 
 @torch.no_grad()
-def generate(model: nn.Module, n: int, seed: int, rt, batch: int = 500) -> Iterator[torch.Tensor]:
+def generate(model: nn.Module, n: int, seed: int, rt: Runtime, batch: int = 500) -> Iterator[torch.Tensor]:
     """Yield n images in [-1, 1] from z drawn with `seed` (G in eval mode), `batch` at a time."""
     model.eval()
     g = torch.Generator(device=rt.device).manual_seed(seed)
@@ -46,7 +47,7 @@ def generate(model: nn.Module, n: int, seed: int, rt, batch: int = 500) -> Itera
             yield model(z, y).float()
 
 
-def scorer(cfg: Config, data: Data, split: str, rt) -> gm.Evaluator | None:
+def scorer(cfg: Config, data: Data, split: str, rt: Runtime) -> gm.Evaluator | None:
     """The FID/IS scorer with the real statistics of `split`; None when scoring is off (no class labels for a
     domain feature net, or model.eval_samples=0)."""
     M = cfg.model
@@ -112,7 +113,7 @@ class GAN(Family):
             x = augment(x, spec, draws)
         return x, y, draws  # the draws also give this step's noise
 
-    def step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:
+    def step(self, model: nn.Module, batches: list, cfg: Config, update: Update) -> None:
         """D's turn on every micro-batch (real images up, G's images down) and D's update; then G's turn through the
         updated D, frozen, on the same images of G, and G's update. G draws each micro-batch's images once."""
         M, D = cfg.model, model.discriminator
@@ -136,12 +137,12 @@ class GAN(Family):
                     update.backward("g", loss)
         update.step("g")
 
-    def _scorer(self, data: Data, split: str, cfg: Config, rt) -> gm.Evaluator | None:
+    def _scorer(self, data: Data, split: str, cfg: Config, rt: Runtime) -> gm.Evaluator | None:
         if split not in self._scorers:  # made once per split: it may train the domain feature net first
             self._scorers[split] = scorer(cfg, data, split, rt)
         return self._scorers[split]
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         """Domain FID and IS of generated images against `split` (all of model.eval_samples when final, a tenth
         (at least 500) on the way); {} when scoring is off (no labels, or model.eval_samples=0)."""
         ev = self._scorer(data, split, cfg, rt)
@@ -152,7 +153,7 @@ class GAN(Family):
         out = ev.score(generate(model, n, cfg.train.seed + 2, rt))
         return out | {"health": gm.collapse(out, data.spec.class_names)}
 
-    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor]:
+    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime) -> dict[str, torch.Tensor]:
         """The fixed-noise grid (the same z at every evaluation, so the grids show progress)."""
         z = torch.randn(GRID, model.latent, generator=torch.Generator().manual_seed(cfg.train.seed + 1))
         y = torch.arange(GRID) % model.num_classes if model.num_classes else None
@@ -160,7 +161,7 @@ class GAN(Family):
             images = model(z.to(rt.device), None if y is None else y.to(rt.device)).float()
         return {"grids": grid(images)}
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Final plots (progress strip and GIF, latent interpolation, losses, class histogram) and health notes."""
         from deeprecipe.engine.atomic import atomic_text
 
@@ -187,7 +188,7 @@ class GAN(Family):
         )
         return note
 
-    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt, opts: SampleOptions) -> Iterator[str]:
+    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample RUN --n 64`: a grid and one PNG per image in a folder (default RUN/samples), or only the
         grid when --out is an image file (s.png); labels cycle over the classes."""
         from torchvision.utils import save_image
@@ -214,6 +215,6 @@ class GAN(Family):
         inputs = {"noise": z} if y is None else {"noise": z, "labels": y}
         return {"inputs": inputs, "outputs": ["images"]}
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /sample: {n, seed} -> n generated images (PNG); a conditional model cycles through the classes."""
         ctx.image_sampler("/sample", lambda n, seed: (torch.cat(list(generate(ctx.model, n, seed, ctx.rt))) + 1) / 2)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from deeprecipe.engine import plots
 from deeprecipe.engine.atomic import atomic_write
 from deeprecipe.engine.run import read_metrics
+from deeprecipe.runtime import Runtime
 
 
 def grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
@@ -72,7 +73,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolation(model, path: Path, seed: int, rt, rows: int = 6, steps: int = 10) -> None:
+def interpolation(model, path: Path, seed: int, rt: Runtime, rows: int = 6, steps: int = 10) -> None:
     """Each row walks the latent space between two random z (and, for a conditional model, keeps one class)."""
     model.eval()
     g = torch.Generator().manual_seed(seed + 3)

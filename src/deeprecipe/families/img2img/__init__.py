@@ -38,7 +38,8 @@ from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.families.img2img import checks, degrade, plots
 from deeprecipe.families.img2img import metrics as im
-from deeprecipe.family import Family, PredictOptions
+from deeprecipe.family import Family, PredictOptions, ServeContext, Update
+from deeprecipe.runtime import Runtime
 
 TILE = 256  # predict and serve run sr on tiles that keep blocks of this size (output pixels): any size works
 MAX_SIDE = 1024  # inpaint and translate answer at most this long side (sr: the input's long side)
@@ -119,7 +120,7 @@ class Img2Img(Family):
             x, y = degrade.crop(x, y, int(spec.extra["crop"]), draws)
         return make_input(x, y, spec, draws if draws is not None else degrade.eval_draws(x.device))
 
-    def step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:
+    def step(self, model: nn.Module, batches: list, cfg: Config, update: Update) -> None:
         """D's turn on every micro-batch, D's update; then G's turn through the updated, frozen D on the same
         outputs of G, and G's update (G runs once per micro-batch)."""
         if model.mode == "unpaired":
@@ -183,7 +184,7 @@ class Img2Img(Family):
         return (model(x).float() - t.float()).abs().flatten(1).mean(1)
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def _fid(self, cfg: Config, spec: DataSpec, rt) -> im.DomainFID | None:
+    def _fid(self, cfg: Config, spec: DataSpec, rt: Runtime) -> im.DomainFID | None:
         """A new domain FID of the outputs against the targets (translations of scenes or between two folders),
         else None."""
         mode = spec.extra["mode"]
@@ -198,7 +199,15 @@ class Img2Img(Family):
 
     @torch.no_grad()
     def _run_split(
-        self, model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0, telea: bool = False, fid=None
+        self,
+        model: nn.Module,
+        data: Data,
+        split: str,
+        cfg: Config,
+        rt: Runtime,
+        keep: int = 0,
+        telea: bool = False,
+        fid=None,
     ):
         """(scores, kept (input, output, target, extra) of the first `keep` examples) over a split; with `fid` (a
         DomainFID), the scores include its FIDs."""
@@ -241,20 +250,20 @@ class Img2Img(Family):
                 kept.append((x[i].cpu(), out[i].cpu(), t[i].cpu(), None if extra is None else extra[i].cpu()))
         return scores.means() | (fid.compute() if fid is not None else {}), kept
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         """PSNR and SSIM of the outputs (per image, averaged) and of the mode's baseline (see the docstring); at the
         final evaluation the domain FID of translated scenes too."""
         fid = self._fid(cfg, data.spec, rt) if final else None
         return self._run_split(model, data, split, cfg, rt, fid=fid)[0]
 
-    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor]:
+    def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime) -> dict[str, torch.Tensor]:
         """Input / output / target of 4 held-out examples at each evaluation."""
         split = "val" if data.val is not None else "train"
         _, kept = self._run_split(model, _head(data, split, 4), split, cfg, rt, keep=4)
         tiles = plots.rows(kept, data.spec)[0]
         return {"translations": plots.grid(tiles, 2 * (len(tiles) // max(1, len(kept))))}
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Test scores (the domain FID included) with the baselines in one table (plots/quality.txt) and rows of
         input / output / target (plots/img2img.png)."""
         split = data.final_split()
@@ -270,7 +279,7 @@ class Img2Img(Family):
 
     # ------------------------------------------------------------------------------------------ use
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Each file -> OUT/<stem>_<mode>.png: sr enlarges the file by the scale (tiled, any size); inpaint fills
         the white pixels of <stem>_mask.png next to the file; label2image draws the scene of a label PNG (class
@@ -307,7 +316,7 @@ class Img2Img(Family):
         inp, _ = make_input(x, y, spec, Draws(g))
         return {"inputs": {"image": inp}, "outputs": ["output"]}
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """The endpoint of the model's mode: POST /enhance (sr), /inpaint (image, mask: white = fill, the image's
         size; both scaled down alike past MAX_SIDE; without a mask a centred box of the training hole fraction is
         cut), /translate-image (label2image: a label PNG; paired, unpaired: an image). The answer: the output PNG
@@ -414,7 +423,7 @@ def input_channels(spec: DataSpec) -> int:
 
 
 @torch.no_grad()
-def enhance(model: nn.Module, spec: DataSpec, rt, lr: torch.Tensor, where: str = "the image") -> torch.Tensor:
+def enhance(model: nn.Module, spec: DataSpec, rt: Runtime, lr: torch.Tensor, where: str = "the image") -> torch.Tensor:
     """A low-res image uint8 (C, h, w) -> the image `scale` times larger, uint8 (C, h*s, w*s), made in tiles."""
     s = int(spec.extra["scale"])
     h, w = lr.shape[-2:]
@@ -427,7 +436,7 @@ def enhance(model: nn.Module, spec: DataSpec, rt, lr: torch.Tensor, where: str =
     return _to_uint8(tiled(model, x, rt))
 
 
-def tiled(model: nn.Module, x: torch.Tensor, rt, tile: int = TILE) -> torch.Tensor:
+def tiled(model: nn.Module, x: torch.Tensor, rt: Runtime, tile: int = TILE) -> torch.Tensor:
     """model(x) of a (1, C, H, W) input, computed on tiles so any size fits in memory, and exactly the whole
     image's answer: each tile keeps a block of about `tile` pixels a side, starts on a multiple of the net's size
     multiple (so its poolings see the same pixel grid) and reaches past its block by the net's reach (so every
@@ -452,7 +461,7 @@ def tiled(model: nn.Module, x: torch.Tensor, rt, tile: int = TILE) -> torch.Tens
 
 
 @torch.no_grad()
-def inpaint(model: nn.Module, spec: DataSpec, rt, img: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+def inpaint(model: nn.Module, spec: DataSpec, rt: Runtime, img: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     """Image uint8 (C, H, W) and hole (H, W) in {0, 1} -> the image with the hole filled, uint8."""
     model.eval()
     x = unit(img[None].to(rt.device))
@@ -463,7 +472,7 @@ def inpaint(model: nn.Module, spec: DataSpec, rt, img: torch.Tensor, hole: torch
 
 
 @torch.no_grad()
-def translate(model: nn.Module, spec: DataSpec, rt, x: torch.Tensor) -> torch.Tensor:
+def translate(model: nn.Module, spec: DataSpec, rt: Runtime, x: torch.Tensor) -> torch.Tensor:
     """An image uint8 (C, H, W) (label2image: labels (H, W)) -> the translated image uint8 (C, H, W)."""
     model.eval()
     if spec.extra["mode"] == "label2image":

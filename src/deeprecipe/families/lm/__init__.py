@@ -24,7 +24,8 @@ from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data.core import Data, eval_batches
 from deeprecipe.data.text import tokenizer_from_spec
-from deeprecipe.family import ExplainOptions, Family, SampleOptions
+from deeprecipe.family import ExplainOptions, Family, SampleOptions, ServeContext
+from deeprecipe.runtime import Runtime
 
 
 def start_ids(tok, prompt: str, where: str = "--prompt") -> list[int]:
@@ -117,7 +118,7 @@ class LanguageModel(Family):
         ]
         return "\n".join(rows) + "\n"
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         tok = tokenizer_from_spec(data.spec)
         split_ = data.split(split)
         V = data.spec.vocab_size
@@ -134,7 +135,7 @@ class LanguageModel(Family):
         mean = nll / tokens
         return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "bpc": nll / max(chars, 1) / math.log(2)}
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """A sample of the finished model into plots/sample.txt (shown in report.html)."""
         tok = tokenizer_from_spec(data.spec)
         model.eval()
@@ -145,7 +146,7 @@ class LanguageModel(Family):
         return {}
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """Text files (a prompt each) -> how much each prompt token drives the predicted next token (or --target,
         a token id): Integrated Gradients on the token embedding's output from a prompt of newline tokens;
@@ -177,7 +178,7 @@ class LanguageModel(Family):
             results.append(r)
         return results
 
-    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt, opts: SampleOptions) -> Iterator[str]:
+    def sample(self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, opts: SampleOptions) -> Iterator[str]:
         """`deeprecipe sample RUN`: the prompt, then the generated text piece by piece as it is sampled."""
         tok = tokenizer_from_spec(spec)
         _check_model(model, tok)
@@ -203,7 +204,7 @@ class LanguageModel(Family):
 
         return pieces()
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /generate: a prompt in, its continuation streamed out as it is sampled (one request at a time)."""
         tok = tokenizer_from_spec(ctx.spec)
         _check_model(ctx.model, tok)

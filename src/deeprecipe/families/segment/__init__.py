@@ -17,7 +17,8 @@ from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import ExplainOptions, Family, PredictOptions, label_score
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeContext, label_score
+from deeprecipe.runtime import Runtime
 
 IGNORE = 255
 
@@ -104,7 +105,7 @@ class SegMetrics:
         }
 
 
-def run_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, keep: int = 0):
+def run_split(model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, keep: int = 0):
     """Metrics over a split, and the first `keep` (image, mask, prediction) triples for overlays."""
     spec = data.spec
     m = SegMetrics(spec.num_classes, rt.device)
@@ -128,7 +129,7 @@ def colorize(mask: torch.Tensor, palette: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def segment_images(model: nn.Module, spec: DataSpec, rt, images: list[torch.Tensor]) -> list[torch.Tensor]:
+def segment_images(model: nn.Module, spec: DataSpec, rt: Runtime, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 images (C, h, w) of any sizes -> class ids (h, w) each: resized to the model's size and run as one
     batch, the logits resized back to each image's own size before the argmax."""
     x = torch.stack(
@@ -201,10 +202,10 @@ class Segment(Family):
         d = dice_loss(logits, y)
         return ce + w * d, {"ce": ce.detach(), "dice": d.detach()}
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         return run_split(model, data, split, cfg, rt)[0]
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Test metrics, a table of per-class IoU, and overlays: image, truth, prediction side by side."""
         from deeprecipe.engine import drift, plots
 
@@ -238,7 +239,7 @@ class Segment(Family):
         return {f"{split}_{k}": v for k, v in m.items()}
 
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Each image -> OUT/<stem>_labels.png (class ids, at the image's own size up to SERVE_SIDE) and
         OUT/<stem>_overlay.png."""
@@ -266,7 +267,7 @@ class Segment(Family):
         return results
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """Each image (at the model's size) -> the attribution of the mean logit of one class over the pixels
         predicted as that class: --target, else the class predicted on most pixels; an overlay PNG per file."""
@@ -301,7 +302,7 @@ class Segment(Family):
             results.append(r)
         return results
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /segment: an image -> its class map and an overlay (PNGs as base64, at the image's own size up to a
         long side of SERVE_SIDE) and the share of each class; concurrent requests run as one batch."""
         from fastapi import File, UploadFile

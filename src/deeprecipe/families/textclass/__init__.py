@@ -25,7 +25,8 @@ from deeprecipe.data.core import Data
 from deeprecipe.data.pairs import pad, read_lines
 from deeprecipe.data.text import tokenizer_from_spec
 from deeprecipe.data.textclass import PAD, encode
-from deeprecipe.family import ExplainOptions, Family, PredictOptions
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeContext
+from deeprecipe.runtime import Runtime
 
 
 def prepare(batch, spec: DataSpec, draws=None):
@@ -57,7 +58,7 @@ def text_ids(tok, spec: DataSpec, text: str, where: str) -> list[int]:
 
 
 @torch.no_grad()
-def classify_ids(model: nn.Module, rt, ids: list[list[int]]) -> list[torch.Tensor]:
+def classify_ids(model: nn.Module, rt: Runtime, ids: list[list[int]]) -> list[torch.Tensor]:
     """Texts as token ids -> class probabilities (C,) each, in one padded batch; what predict and /classify-text
     both run, so the same text gets the same answer."""
     with rt.autocast():
@@ -74,10 +75,10 @@ class TextClassify(Family):
         x, y = batch
         return F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing), {}
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         return metrics(*predict_split(model, data, split, cfg, rt, prepare), data.spec.num_classes)
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Test metrics (val when there is no test split) and their confusion matrix."""
         from deeprecipe.engine import plots
 
@@ -90,7 +91,7 @@ class TextClassify(Family):
         return {f"{split}_{k}": v for k, v in m.items() if k != "confusion"}
 
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Text files (one text each) -> top-k labels with probabilities."""
         tok = tokenizer_from_spec(spec)
@@ -99,7 +100,7 @@ class TextClassify(Family):
         return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """Text files -> per-token attributions of the predicted (or --target) class: Integrated Gradients on the
         token embedding's output from an all-PAD text; "tokens" is [(token, score), ...] in text order."""
@@ -137,7 +138,7 @@ class TextClassify(Family):
         rows = [f"{names[int(y[i])]}: {tok.decode([t for t in x[i].tolist() if t != PAD])!r}" for i in range(len(x))]
         return "\n".join(rows[:16]) + "\n"
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /classify-text {"text", "top"} -> {label, prob, top}; concurrent requests run as one batch."""
         from fastapi import HTTPException
         from pydantic import BaseModel, ConfigDict, Field

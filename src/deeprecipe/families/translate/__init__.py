@@ -19,7 +19,8 @@ from deeprecipe.config import Config
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.text import tokenizer_from_extra
-from deeprecipe.family import ExplainOptions, Family
+from deeprecipe.family import ExplainOptions, Family, ServeContext
+from deeprecipe.runtime import Runtime
 
 
 def tokenizers(spec: DataSpec):
@@ -93,7 +94,7 @@ def score_files(hyp_file: str | Path, ref_file: str | Path) -> dict:
     return scores(hyps, refs)
 
 
-def translate_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, beam: int, alpha: float):
+def translate_split(model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, beam: int, alpha: float):
     """(hypotheses, references, summed token loss, token count) over a split (or its first limit_eval pairs)."""
     _, tgt_tok = tokenizers(data.spec)
     sp = data.split(split)
@@ -110,7 +111,7 @@ def translate_split(model: nn.Module, data: Data, split: str, cfg: Config, rt, b
 
 
 def translate_lines(
-    model: nn.Module, spec: DataSpec, lines: list[str], rt, beam: int = 4, alpha: float = 0.6, batch: int = 64
+    model: nn.Module, spec: DataSpec, lines: list[str], rt: Runtime, beam: int = 4, alpha: float = 0.6, batch: int = 64
 ) -> list[str]:
     """Plain sentences in, plain translations out (batches sorted by length, output in input order)."""
     from deeprecipe.data.pairs import EOS, pad
@@ -218,11 +219,11 @@ class Translate(Family):
 
     EXTRA_CHECKS = {"dependency": check_dependency}
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         hyps, refs, nll, count = translate_split(model, data, split, cfg, rt, beam=1, alpha=0.0)
         return {"loss": nll / max(count, 1), **scores(hyps, refs)}
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Beam-search BLEU and chrF on the test split (or val), and some translations for the report."""
         split = data.final_split()
         beam, alpha = getattr(cfg.model, "beam", 4), getattr(cfg.model, "length_penalty", 0.6)
@@ -239,7 +240,7 @@ class Translate(Family):
         return {f"{split}_bleu_beam{beam}": s["bleu"], f"{split}_chrf_beam{beam}": s["chrf"]}
 
     def explain(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: ExplainOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: ExplainOptions
     ) -> list[dict]:
         """Text files (a source sentence each) -> the greedy translation and its decoder-to-source attention map
         (`cross_attention`): "attention" [[...] per target token], "src_tokens", "tgt_tokens", and a heat map
@@ -283,7 +284,7 @@ class Translate(Family):
         dynamic = {"src": {0: "batch", 1: "src_len"}, "tgt": {0: "batch", 1: "tgt_len"}}
         return {"inputs": {"src": src, "tgt": tgt}, "outputs": ["logits"], "dynamic": dynamic}
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /translate: a sentence in, its translation out (beam search as the recipe says; batched)."""
         beam, alpha = getattr(ctx.cfg.model, "beam", 4), getattr(ctx.cfg.model, "length_penalty", 0.6)
         tokenizers(ctx.spec)  # fails at start-up when the run's tokenizers are missing

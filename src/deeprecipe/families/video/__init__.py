@@ -18,7 +18,8 @@ from deeprecipe.config import Config
 from deeprecipe.core import DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize, normalize
-from deeprecipe.family import Family, PredictOptions
+from deeprecipe.family import Family, PredictOptions, ServeContext
+from deeprecipe.runtime import Runtime
 
 
 def prepare(batch, spec: DataSpec, draws: Draws | None = None):
@@ -48,7 +49,7 @@ def clip_average(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return probs.clamp_min(1e-12).log()
 
 
-def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt):
+def predict_split(model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime):
     logits, labels = [], []
     for batch in eval_batches(
         data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval, cfg.train.workers
@@ -79,7 +80,7 @@ def read_clips(path: str, spec: DataSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classify_clips(model: nn.Module, spec: DataSpec, rt, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+def classify_clips(model: nn.Module, spec: DataSpec, rt: Runtime, clips: list[torch.Tensor]) -> list[torch.Tensor]:
     """Clips of each video (K, C, T, S, S), uint8 -> class probabilities, averaged over each video's clips."""
     x, _ = prepare((torch.stack(clips).to(rt.device), None), spec)  # (B, K, C, T, S, S)
     with rt.autocast():
@@ -132,10 +133,10 @@ class Video(Family):
         x, y = batch
         return F.nll_loss(clip_average(model, x), y, reduction="none")
 
-    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt, final: bool) -> dict:
+    def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         return metrics(*predict_split(model, data, split, cfg, rt), data.spec.num_classes)
 
-    def finish(self, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, results: dict) -> dict:
+    def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
         """Test top-1/top-5 and the confusion matrix."""
         from deeprecipe.engine import plots
 
@@ -152,7 +153,7 @@ class Video(Family):
         return {f"{split}_{k}": m[k] for k in ("top1", "top5", "loss")}
 
     def predict(
-        self, model: nn.Module, spec: DataSpec, cfg: Config, rt, files: list[str], opts: PredictOptions
+        self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
         """Video files (or frame folders) -> top-k classes, averaging `eval_clips` clips spread over each video."""
         top = opts.top
@@ -161,7 +162,7 @@ class Video(Family):
             for f in files
         ]
 
-    def serve(self, ctx) -> None:
+    def serve(self, ctx: ServeContext) -> None:
         """POST /classify-video: a video file -> its top labels (clips averaged as in evaluation); the file is
         decoded from a private temporary copy that is removed at once, and concurrent requests run as one batch."""
         import asyncio
