@@ -111,6 +111,10 @@ class ServeContext(Protocol):
     def admit(self, path: str) -> Callable[[], None]:
         """Admit a whole-endpoint request (503 past the queue limit); returns its release."""
 
+    def locked(self, fn: Callable[..., Any], *args: Any, bad: int | None = None) -> Awaitable[Any]:
+        """fn(*args) in a worker thread under the lock: an unbatched endpoint's model call (a UserError of fn is
+        answered with status `bad` when given)."""
+
     def widget(self, path: str, kind: str, title: str, **params: Any) -> None:
         """Show the endpoint on the server's page."""
 
