@@ -28,14 +28,15 @@ def test_torchvision_resnet18_state_dict_loads_by_name(tmp_path):
     torch.save(tv.state_dict(), path)
     model = resnet("resnet18", 64, channels=3, classes=7)
     report = load_matching(model, read_source(str(path)))
-    # torchvision's 7x7 stem and 1000-class head do not fit: kept fresh; everything else is copied exactly
-    assert {n for n, _, _ in report["skipped"]} == {"conv1.weight", "fc.weight", "fc.bias"}
+    # torchvision's 7x7 stem and 1000-class head (its `fc`, read as our `head`) do not fit: kept fresh; everything
+    # else is copied exactly
+    assert {n for n, _, _ in report["skipped"]} == {"conv1.weight", "head.weight", "head.bias"}
     assert report["new"] == [] and report["unused"] == [] and report["adapted"] == []
     ours, theirs = model.state_dict(), tv.state_dict()
     assert len(report["loaded"]) == len(ours) - 3
     for name in report["loaded"]:
         assert torch.equal(ours[name], theirs[name]), name
-    assert ours["fc.weight"].shape == (7, 512)
+    assert ours["head.weight"].shape == (7, 512)
 
 
 def test_gray_model_from_rgb_weights_matches_rgb_model_on_gray_input(tmp_path):
@@ -54,9 +55,9 @@ def test_gray_model_from_rgb_weights_matches_rgb_model_on_gray_input(tmp_path):
 
 def test_freeze_plans():
     m = resnet()
-    scale = plan(m, ["fc.weight", "fc.bias"], "backbone", head_lr=10, backbone_lr=0.1, unfreeze_after=0)
-    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
-    assert scale["fc."] == 10 and scale["layer1."] == 0.1
+    scale = plan(m, ["head.weight", "head.bias"], "backbone", head_lr=10, backbone_lr=0.1, unfreeze_after=0)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert scale["head."] == 10 and scale["layer1."] == 0.1
     m = resnet()
     plan(m, [], "layer1", 1, 1, 0)
     frozen = {n.split(".")[0] for n, p in m.named_parameters() if not p.requires_grad}
@@ -64,7 +65,7 @@ def test_freeze_plans():
     with pytest.raises(UserError, match="not a top-level layer"):
         plan(resnet(), [], "layer9", 1, 1, 0)
     with pytest.raises(UserError, match="head"):
-        plan(resnet(), [], "fc", 1, 1, 0)
+        plan(resnet(), [], "head", 1, 1, 0)
     m = resnet()  # a fresh (not loaded) stem is never frozen: it would stay random
     plan(m, ["conv1.weight"], "backbone", 1, 1, 0)
     assert m.conv1.weight.requires_grad and not m.layer1[0].conv1.weight.requires_grad
@@ -80,7 +81,7 @@ def test_gradual_unfreezing_gives_lr_zero_until_each_layer_starts():
         optim.set_lr(opt, 1.0, step)
         assert lr_of[id(m.layer3[0].conv1.weight)]["lr"] == want_l3
         assert lr_of[id(m.conv1.weight)]["lr"] == want_stem
-        assert lr_of[id(m.fc.weight)]["lr"] == 1.0
+        assert lr_of[id(m.head.weight)]["lr"] == 1.0
 
 
 def test_sources_are_read_without_unpickling(tmp_path):

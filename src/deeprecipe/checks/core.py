@@ -28,7 +28,7 @@ from deeprecipe.engine import optim
 from deeprecipe.engine.device import setup, step_generator
 from deeprecipe.engine.loop import make_parts, place, train_step
 from deeprecipe.family import Family
-from deeprecipe.models.pretrained import classifier
+from deeprecipe.models.head import classifier
 from deeprecipe.runtime import Runtime
 
 # the work of the short runs (shared run length and batch, the tiny batch to memorize and its step budget);
@@ -181,16 +181,11 @@ def labels_of(split) -> torch.Tensor | None:
 
 
 def output_layer(model: nn.Module, num_classes: int) -> nn.Module | None:
-    """The layer that makes the logits: the model's classifier (`get_classifier()` or `model.head`), else the last
-    Linear/1x1 Conv with num_classes outputs."""
+    """The layer that makes the logits, as the model says (`get_classifier()`, timm's API: models/head.py), when
+    it has a bias per class; None for a model without a classifier (a detector, a language model)."""
     head = classifier(model)
-    if isinstance(head, (nn.Linear, nn.Conv2d)) and head.bias is not None and head.bias.shape == (num_classes,):
-        return head
-    found = None
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)) and m.bias is not None and m.bias.shape == (num_classes,):
-            found = m
-    return found
+    bias = getattr(head, "bias", None)
+    return head if isinstance(bias, torch.Tensor) and bias.shape == (num_classes,) else None
 
 
 def init_head_from_priors(model: nn.Module, priors: torch.Tensor) -> bool:

@@ -31,7 +31,8 @@ import torch.nn as nn
 from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
 from deeprecipe.engine.atomic import atomic_text
-from deeprecipe.models.pretrained import best_prefix, classifier, read_file, strip
+from deeprecipe.models.head import classifier, current_names
+from deeprecipe.models.pretrained import best_prefix, read_file, strip
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
 
@@ -72,10 +73,12 @@ def adapt_channels(src: torch.Tensor, dst_shape: torch.Size) -> torch.Tensor | N
 def load_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, list]:
     """Copy matching tensors into `model` in place; returns what was loaded, adapted, skipped, new and unused.
     Names match after best_prefix's renaming, so a trunk kept under another top-level name loads: a U-Net's
-    `encoder.` into a detector's `backbone.`, a plain torchvision file into either."""
+    `encoder.` into a detector's `backbone.`, a plain torchvision file into either; a head saved under an older name
+    (torchvision's and this package's ResNet `fc`) is matched as the model's `head` (models/head.py)."""
     state = model.state_dict()
     drop, add = best_prefix(weights, state)
     weights = {(add + k[len(drop) :] if k.startswith(drop) else k): v for k, v in weights.items()}
+    weights = current_names(model, weights)
     report: dict[str, list] = {"loaded": [], "adapted": [], "skipped": [], "new": [], "unused": []}
     report["renamed"] = [] if (drop, add) == ("", "") else [(drop, add)]
     new_state = {}
@@ -125,8 +128,8 @@ def top_level(model: nn.Module) -> list[str]:
 
 
 def head_name(model: nn.Module) -> str:
-    """The top-level layer that holds the head, as the model names it (`get_classifier()`, timm's API, or
-    `model.head`: models/pretrained.py classifier), else its last layer."""
+    """The top-level layer that holds the model's classifier (`get_classifier()`, timm's API: models/head.py); for
+    a model without one (a detector, a language model) its last top-level layer with parameters."""
     head = classifier(model)
     for n, m in model.named_children():
         if head is not None and any(sub is head for sub in m.modules()):

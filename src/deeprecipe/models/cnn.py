@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from deeprecipe.core import DataSpec
+from deeprecipe.models.head import Classifier
 
 
 @dataclass
@@ -26,7 +27,7 @@ class MLPConfig:
         return MLP(spec.in_channels * h * w, list(self.hidden), spec.num_classes, self.dropout)
 
 
-class MLP(nn.Module):
+class MLP(Classifier, nn.Module):
     def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -53,7 +54,7 @@ class CNNConfig:
         return CNN(spec.in_channels, spec.num_classes, spec.image_size, self)
 
 
-class CNN(nn.Module):
+class CNN(Classifier, nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], cfg: CNNConfig):
         super().__init__()
         layers: list[nn.Module] = []

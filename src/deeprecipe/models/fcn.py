@@ -2,7 +2,7 @@
 map, and the coarse scores are upsampled and refined by scores from finer stages (the FCN-8s "skips").
 
     x (B, C, H, W) -> [conv3x3-BN-ReLU x convs -> maxpool] x stages      (stage i at H / 2^(i+1))
-      score_last = 1x1 conv(last stage)                                   (B, classes, H / 2^stages, ...)
+      score = head: 1x1 conv(last stage)                                  (B, classes, H / 2^stages, ...)
       for each of the `skips` previous stages: score = up2(score) + 1x1 conv(that stage)
       logits = bilinear upsampling of score to (H, W)
 
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import DataSpec
+from deeprecipe.models.head import Classifier, fresh_like
 
 
 @dataclass
@@ -36,7 +37,9 @@ class FCNConfig:
         return FCN(spec.in_channels, spec.num_classes, self)
 
 
-class FCN(nn.Module):
+class FCN(Classifier, nn.Module):
+    OLD_NAMES = ("score",)  # the head's name before every classifier's was `head`
+
     def __init__(self, in_channels: int, num_classes: int, cfg: FCNConfig):
         super().__init__()
         if not 0 <= cfg.skips < cfg.stages:
@@ -58,11 +61,20 @@ class FCN(nn.Module):
             widths.append(w)
             cin = w
         self.drop = nn.Dropout2d(cfg.dropout)
-        self.score = nn.Conv2d(cin, num_classes, 1)
+        self.head = nn.Conv2d(cin, num_classes, 1)
         # score layers of the finer stages, coarse to fine
         self.skip_scores = nn.ModuleList(nn.Conv2d(widths[-2 - i], num_classes, 1) for i in range(cfg.skips))
+        self._zero_skips()
+
+    def _zero_skips(self) -> None:
         for s in self.skip_scores:  # start as plain FCN-32s: the skips learn a correction from zero
             nn.init.zeros_(s.weight), nn.init.zeros_(s.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head and fresh skip scores (they add class scores too) for `num_classes` classes."""
+        super().reset_classifier(num_classes)
+        self.skip_scores = nn.ModuleList(fresh_like(s, num_classes) for s in self.skip_scores)
+        self._zero_skips()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes, H, W)
         H, W = x.shape[-2:]
@@ -70,7 +82,7 @@ class FCN(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)  # (B, w_i, H / 2^(i+1), W / 2^(i+1))
-        score = self.score(self.drop(x))
+        score = self.head(self.drop(x))
         for i, layer in enumerate(self.skip_scores):
             f = feats[-2 - i]
             score = F.interpolate(score, size=f.shape[-2:], mode="bilinear", align_corners=False) + layer(f)

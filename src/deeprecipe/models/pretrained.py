@@ -16,8 +16,8 @@ expected mismatch. `follow_weights` records in the DataSpec the inputs the weigh
 channels, gray data repeated to three channels, their crop size), and the run saves that spec as spec.json, so
 predict, serve and export prepare images the same way.
 
-A classifier exposes its head through timm's API, `get_classifier()` / `reset_classifier(n)` (torchvision nets
-get it from `mix_in`); `classifier(model)` is what fine-tuning and the checks ask.
+A classifier exposes its head through timm's API, `get_classifier()` / `reset_classifier(n)` (models/head.py);
+torchvision's nets get it from `mix_in`, keeping their published names.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from deeprecipe.core import ConfigError, DataSpec, UserError
+from deeprecipe.models.head import classifier as classifier  # re-exported: the head as the model names it
+from deeprecipe.models.head import fresh_like
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_state_dict")  # keys checkpoints keep a state dict under
@@ -231,11 +233,7 @@ class ClassifierAPI:
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh head for `num_classes` classes (small weights, zero bias: the loss starts at ln C)."""
-        old = self.get_classifier()
-        new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
-        nn.init.trunc_normal_(new.weight, std=0.01)
-        nn.init.zeros_(new.bias)
-        self.set_submodule(self.head_path, new)
+        self.set_submodule(self.head_path, fresh_like(self.get_classifier(), num_classes))
 
 
 _MIXED: dict[tuple[type, type], type] = {}
@@ -249,13 +247,3 @@ def mix_in(net: nn.Module, api: type = ClassifierAPI) -> nn.Module:
         _MIXED[cls, api] = type(cls.__name__, (api, cls), {"__module__": cls.__module__})
     net.__class__ = _MIXED[cls, api]
     return net
-
-
-def classifier(model: nn.Module) -> nn.Module | None:
-    """The layer that makes a classifier's logits, as the model says: `get_classifier()` (timm's API), else
-    `model.head`; None when the model names none."""
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        return get()
-    head = getattr(model, "head", None)
-    return head if isinstance(head, nn.Module) else None

@@ -3,7 +3,8 @@
 Layouts: resnet8/14/20/32 are the CIFAR-style nets (3 stages of n blocks, widths w, 2w, 4w, with
 n = (depth - 2) / 6); resnet18 is the ImageNet layout (4 stages of 2 blocks, widths w..8w) with a 3x3
 stem and no max-pool, so it keeps detail on 28-64 pixel images. Module names follow torchvision's
-(conv1, bn1, layer1.0.conv1, ..., fc) so torchvision state dicts load by name.
+(conv1, bn1, layer1.0.conv1, ...) so torchvision state dicts load by name; the classifier is `head` (timm's API,
+models/head.py), and torchvision's `fc` (the name this model's head had too) is read as `head` when loading.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.head import Classifier
 
 LAYOUTS = {
     "resnet8": (1, 1, 1),
@@ -57,7 +59,9 @@ class BasicBlock(nn.Module):
         return F.relu(out + (x if self.downsample is None else self.downsample(x)), inplace=True)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier, nn.Module):
+    OLD_NAMES = ("fc",)  # torchvision's name for the head, and this model's before it was `head`
+
     def __init__(self, blocks: tuple[int, ...], width: int, in_channels: int, num_classes: int, dropout: float):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
@@ -70,14 +74,10 @@ class ResNet(nn.Module):
             cin = cout
         self.stages = len(blocks)
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(cin, num_classes)
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.fc
+        self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         for i in range(self.stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        return self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+        return self.head(self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))

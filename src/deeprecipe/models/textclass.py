@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.head import Classifier
 
 
 def _sizes(spec: DataSpec, name: str) -> tuple[int, int, int, int]:
@@ -71,7 +72,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * keep).sum(1) / keep.sum(1)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(Classifier, nn.Module):
     def __init__(self, vocab, classes, pad, max_len, n_layer=2, n_head=4, d_model=128, ff_mult=4, dropout=0.1):
         super().__init__()
         self.pad, self.max_len = pad, max_len
@@ -99,7 +100,7 @@ class TextTransformer(nn.Module):
         return self.head(self.norm(masked_mean(x, mask)))
 
 
-class TextLSTM(nn.Module):
+class TextLSTM(Classifier, nn.Module):
     def __init__(self, vocab, classes, pad, n_layer=1, hidden=128, emb=64, dropout=0.1):
         super().__init__()
         self.pad = pad

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.head import Classifier
 from deeprecipe.models.pretrained import torchvision_start
 
 
@@ -49,7 +50,7 @@ def double_conv(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-class UNet(nn.Module):
+class UNet(Classifier, nn.Module):
     def __init__(
         self,
         in_channels: int,
@@ -113,7 +114,7 @@ class ResNetUNetConfig:
         )
 
 
-class ResNetUNet(nn.Module):
+class ResNetUNet(Classifier, nn.Module):
     def __init__(self, num_classes: int, decoder: tuple[int, ...]):
         super().__init__()
         from torchvision.models import resnet18

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from deeprecipe.core import DataSpec
+from deeprecipe.models.head import Classifier
 
 
 def _bn_relu(c: int) -> list[nn.Module]:
@@ -34,7 +35,7 @@ class C3DConfig:
         return C3D(spec.in_channels, spec.num_classes, list(self.channels), self.convs, self.dropout)
 
 
-class C3D(nn.Module):
+class C3D(Classifier, nn.Module):
     def __init__(self, in_channels: int, num_classes: int, channels: list[int], convs: int = 1, dropout: float = 0.3):
         super().__init__()
         layers: list[nn.Module] = []
@@ -97,7 +98,7 @@ class R2Plus1DConfig:
         return R2Plus1D(spec.in_channels, spec.num_classes, self)
 
 
-class R2Plus1D(nn.Module):
+class R2Plus1D(Classifier, nn.Module):
     def __init__(self, in_channels: int, num_classes: int, cfg: R2Plus1DConfig):
         super().__init__()
         w, s = cfg.width, cfg.stem_stride

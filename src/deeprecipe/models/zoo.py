@@ -21,6 +21,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from deeprecipe.core import ConfigError, DataSpec, UserError, require
+from deeprecipe.models.head import fresh_like
 from deeprecipe.models.pretrained import (
     follow_weights,
     is_file,
@@ -88,10 +89,7 @@ class DenseLogits:
         outs = [m.out_channels for m in self.classifier.modules() if isinstance(m, nn.Conv2d)]
         for name, m in list(self.classifier.named_modules()):
             if isinstance(m, nn.Conv2d) and m.out_channels == outs[-1] and m.kernel_size == (1, 1):
-                new = nn.Conv2d(m.in_channels, num_classes, 1)
-                nn.init.normal_(new.weight, std=0.01)
-                nn.init.zeros_(new.bias)
-                self.classifier.set_submodule(name, new)
+                self.classifier.set_submodule(name, fresh_like(m, num_classes))
 
 
 @dataclass
