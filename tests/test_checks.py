@@ -27,6 +27,7 @@ from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
 from deeprecipe.families import get_family
 from deeprecipe.families.classify import Classify
 from deeprecipe.families.lm import LanguageModel
+from deeprecipe.models.head import Classifier
 from deeprecipe.recipe import load
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -57,8 +58,8 @@ def ctx_for(cfg, tmp_path, data, model=None, family=None, **kw) -> Ctx:
     return Ctx(cfg, tmp_path, family or get_family(cfg.task), data=data, make_model=model, **kw)
 
 
-class Net(nn.Module):
-    """The correct tiny classifier: flatten -> 64 -> classes."""
+class Net(Classifier, nn.Module):
+    """The correct tiny classifier: flatten -> 64 -> classes (its `head` given by get_classifier: models/head.py)."""
 
     def __init__(self, spec: DataSpec):
         super().__init__()
