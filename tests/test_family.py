@@ -4,17 +4,20 @@ checks as the contract says; and nothing outside family.py and families/ probes 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import deeprecipe
 from deeprecipe.checks import CHECKS
 from deeprecipe.checks.core import DEFAULTS
 from deeprecipe.families import FAMILIES, get_family
-from deeprecipe.family import Family
+from deeprecipe.family import Family, ServeContext, Update
+from deeprecipe.runtime import Runtime
 
 CONTRACT = {n for n in dir(Family) if not n.startswith("_")}
 REQUIRED = (("loss", "step"), ("evaluate",))  # each: at least one of these is overridden
@@ -113,6 +116,60 @@ def test_a_misspelt_hook_or_signature_is_caught():
     assert own_names(Typo()) - CONTRACT == {"evalute"}
     with pytest.raises(AssertionError, match="does not match"):
         test_overridden_hooks_keep_the_contract_signature(Reordered())
+
+
+# ------------------------------------------------------------------------------------------ typed values
+
+TYPED = {"rt": "Runtime", "update": "Update", "ctx": "ServeContext"}  # parameter -> its type in every hook
+
+
+def untyped(family: Family) -> list[str]:
+    """The hook parameters named in TYPED that do not carry their type (the contract's own hooks included)."""
+    bad = []
+    for name in sorted(CONTRACT):
+        fn = getattr(family, name)
+        if not callable(fn) or isinstance(fn, type):
+            continue
+        for p in inspect.signature(fn).parameters.values():
+            want = TYPED.get(p.name)
+            if want and p.annotation not in (want, f"{want} | None", globals()[want]):
+                bad.append(f"{name}({p.name}: {p.annotation})")
+    return bad
+
+
+def test_hooks_type_the_runtime_the_update_and_the_serve_context(family):
+    assert not untyped(Family()), "deeprecipe/family.py"
+    assert not untyped(family), f"{family.name}: annotate {untyped(family)} as the contract does"
+
+
+def test_an_untyped_hook_is_caught():
+    class Loose(Family):
+        def evaluate(self, model, data, split, cfg, rt, final):
+            return {}
+
+    assert untyped(Loose()) == ["evaluate(rt: <class 'inspect._empty'>)"]
+
+
+def members(proto: type) -> set[str]:
+    return {n for n in vars(proto) if not n.startswith("_")} | set(proto.__annotations__)
+
+
+def test_the_engine_and_the_server_give_what_the_contract_types():
+    """engine/loop.py Update and serve/server.py ServeContext have every member of the contract's protocols, each
+    method with the protocol's parameters."""
+    pytest.importorskip("fastapi")
+    from deeprecipe.engine.loop import Update as LoopUpdate
+    from deeprecipe.serve.server import ServeContext as ServerContext
+
+    update = vars(LoopUpdate([], None, 1, None, Runtime(torch.device("cpu"), None)))  # what __init__ sets
+    fields = {f.name for f in dataclasses.fields(ServerContext)}
+    for proto, impl, data in ((Update, LoopUpdate, set(update)), (ServeContext, ServerContext, fields)):
+        for name in sorted(members(proto)):
+            if callable(getattr(proto, name, None)):
+                assert params(getattr(impl, name)) == params(getattr(proto, name)), f"{proto.__name__}.{name}"
+            else:
+                assert name in data or hasattr(impl, name), f"{impl} has no {name} ({proto.__name__})"
+    assert members(Update) >= {"names", "backward", "step"} and members(ServeContext) >= {"model", "batcher"}
 
 
 # ------------------------------------------------------------------------------------------ no hook probing
