@@ -38,6 +38,7 @@ from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, eval_batches
 from deeprecipe.engine.atomic import atomic_text, atomic_write
 from deeprecipe.engine.embed import batch_features
+from deeprecipe.runtime import Runtime
 
 REF_EXAMPLES = 512  # enough for the tests' power on a window of tens of images, and seconds to compute
 REF_SAMPLE = 64  # downsampled images kept
@@ -65,7 +66,7 @@ def predicted(out, n: int, num_classes: int) -> torch.Tensor:
     return p if p.ndim == 1 else torch.stack([torch.bincount(v.flatten(), minlength=num_classes).argmax() for v in p])
 
 
-def reference(family, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str, torch.Tensor] | None:
+def reference(family, model: nn.Module, data: Data, cfg: Config, rt: Runtime) -> dict[str, torch.Tensor] | None:
     """The reference statistics (see the module docstring) of the held-out split, or None when the data are not
     uint8 images (B, C, H, W) with classes."""
     split = next((s for s in ("val", "test", "train") if getattr(data, s) is not None and len(getattr(data, s))), "")
@@ -87,7 +88,7 @@ def reference(family, model: nn.Module, data: Data, cfg: Config, rt) -> dict[str
     return ref
 
 
-def save_reference(family, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path) -> Path | None:
+def save_reference(family, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path) -> Path | None:
     """drift_reference.safetensors in the run folder (written atomically), for `deeprecipe monitor`; None (and no
     file) for a run whose data are not class-labelled images."""
     from safetensors.torch import save_file
@@ -174,7 +175,7 @@ def monitor(
     model: nn.Module,
     spec,
     cfg: Config,
-    rt,
+    rt: Runtime,
     run_dir: Path,
     images: Sequence[torch.Tensor],
     window: int = 64,

@@ -20,6 +20,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, eval_batches
 from deeprecipe.engine.atomic import atomic_text
+from deeprecipe.runtime import Runtime
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def pooled(f: torch.Tensor) -> torch.Tensor:
 
 
 def features(
-    family, model: nn.Module, data: Data, split: str, cfg: Config, rt, limit: int = 0
+    family, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, limit: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features (N, D) and labels (N,) of the first `limit` (0: all) examples of a split."""
     feats, labels = [], []
@@ -76,7 +77,15 @@ def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 
 
 def embed(
-    family, model: nn.Module, data: Data, cfg: Config, rt, run_dir: Path, split: str, points: int = 2000, k: int = 5
+    family,
+    model: nn.Module,
+    data: Data,
+    cfg: Config,
+    rt: Runtime,
+    run_dir: Path,
+    split: str,
+    points: int = 2000,
+    k: int = 5,
 ) -> dict:
     """plots/embedding.png (t-SNE of the split's penultimate features coloured by class), embedding.json and
     report-embedding.html in the run folder; returns {"knn_acc", "k", "train", "points", "split", "chance", ...}."""

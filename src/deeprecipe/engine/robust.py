@@ -42,6 +42,7 @@ from deeprecipe.data.core import Data
 from deeprecipe.data.detect import ScenesDetectData
 from deeprecipe.data.scenes import SPLIT_BASE, ScenesData, render_scenes
 from deeprecipe.engine.atomic import atomic_text
+from deeprecipe.runtime import Runtime
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ATTACKS = ("fgsm", "pgd")
@@ -223,7 +224,7 @@ def robustness(
     model: nn.Module,
     data: Data,
     cfg: Config,
-    rt,
+    rt: Runtime,
     split: str,
     shifts: list[str] = (),
     severities: tuple[int, ...] = SEVERITIES,

@@ -46,8 +46,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from deeprecipe.core import UserError
+from deeprecipe.config import Config
+from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data import image_ops
+from deeprecipe.runtime import Runtime
 from deeprecipe.serve.schemas import GenerateRequest, SampleRequest, TextRequest
 
 log = logging.getLogger("deeprecipe.serve")
@@ -307,9 +309,9 @@ class ServeContext:
     """What a family's serve(ctx) hook gets: the model and its spec, and helpers to add endpoints."""
 
     model: torch.nn.Module
-    spec: Any
-    cfg: Any
-    rt: Any
+    spec: DataSpec
+    cfg: Config
+    rt: Runtime
     options: ServeOptions
     router: Any  # fastapi.APIRouter: routes on it require the token
     metrics: Metrics
@@ -466,7 +468,7 @@ async def stream_in_thread(
 # ------------------------------------------------------------------------------------------ the app
 
 
-def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None, info: dict | None = None):
+def create_app(model, spec, cfg, rt: Runtime, family, options: ServeOptions | None = None, info: dict | None = None):
     """The FastAPI app for a loaded model and its family (deeprecipe/family.py), whose serve hook adds the
     endpoints (build_app makes one for a run folder)."""
     import hmac
@@ -591,7 +593,7 @@ def create_app(model, spec, cfg, rt, family, options: ServeOptions | None = None
     return app
 
 
-def build_app(run: str, cfg, spec, model, rt, family, options: ServeOptions | None = None):
+def build_app(run: str, cfg, spec, model, rt: Runtime, family, options: ServeOptions | None = None):
     """The app of run folder `run`, whose model the caller loaded (engine.run.load_run, with its family)."""
     from deeprecipe.engine.checkpoint import model_weights
     from deeprecipe.serve.drift import watch
