@@ -27,6 +27,9 @@ box edges, as stride * exp(t).
 `tv-detector`: torchvision's Faster R-CNN (mobilenet_v3_large_320_fpn, resnet50_fpn), RetinaNet, FCOS and
 SSDlite through the same interface, from scratch or from a local torchvision weights file (`weights_path`,
 read with torch.load(weights_only=True) or safetensors); nothing is ever downloaded.
+
+No classifier API (models/head.py): a detector has several heads (class heat maps and box sizes, or
+torchvision's box and class predictors), not one layer that makes the class scores.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Attention runs through F.scaled_dot_product_attention (flash / memory-efficient 
 them). Generation keeps a KV cache: the prompt is run once, then each new token attends to the cached keys and
 values of the tokens before it. When the context is full it slides: the cache is rebuilt from the last
 block_size tokens (positions are absolute, so a cache cannot simply be cropped).
+
+No classifier API (models/head.py): the `head` over the vocabulary is tied to the token embeddings (tie_weights),
+not a layer to re-size for classes; fine-tuning takes the last top-level layer as its head.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
 
 Each training window starts from a zero state. Generation carries the (h, c) state forward one token at a
 time, so it has no context limit.
+
+No classifier API (models/head.py): the `head` over the vocabulary may be tied to the embeddings, not a layer
+to re-size for classes.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
 Padding positions of the source are masked out of every attention over it; padded target positions are
 ignored by the loss. Decoding: greedy, or beam search with the GNMT length penalty ((5 + n) / 6) ** alpha.
 Beam search stops a sentence once `beam` hypotheses have ended, so beam 1 is exactly greedy.
+
+No classifier API (models/head.py): the `head` over the target vocabulary may be tied to its embeddings.
 """
 
 from __future__ import annotations
