@@ -14,6 +14,8 @@ dotted with D's last features, added to the logit).
 
 The training knobs that only a GAN has (loss, label smoothing, how often to draw) live in `GANTraining`,
 which both model configs extend; optim.* (lr, betas) and train.* (steps, batch, ema) keep their meaning.
+
+No classifier API (models/head.py): a generator, and a critic whose `head` gives one real/fake logit.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ D sees the input and an output stacked on the channels (a conditional PatchGAN).
 
 `CycleGAN` holds G_ab, G_ba (as `generators`) and D_a, D_b (as `discriminators`, unconditional PatchGANs);
 calling it translates A -> B.
+
+No classifier API (models/head.py): generators and PatchGAN critics, no class scores.
 """
 
 from __future__ import annotations
