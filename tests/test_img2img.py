@@ -14,9 +14,10 @@ from deeprecipe.checks.core import Ctx
 from deeprecipe.core import ConfigError, DataError, UserError
 from deeprecipe.data.core import Draws
 from deeprecipe.data.img2img import Img2ImgData
-from deeprecipe.families.img2img import Img2Img, checks, degrade, inpaint, tiled
+from deeprecipe.families.img2img import Img2Img, checks, degrade
 from deeprecipe.families.img2img import metrics as im
 from deeprecipe.families.img2img.degrade import input_image
+from deeprecipe.families.img2img.infer import inpaint, tiled
 from deeprecipe.family import PredictOptions
 from deeprecipe.models.pix2pix import Pix2Pix
 from deeprecipe.recipe import load
@@ -324,7 +325,7 @@ def test_label2image_and_cyclegan_train_and_score(tmp_path, monkeypatch):
     """A label map -> scene run and a day -> night CycleGAN run: both evaluate PSNR/SSIM against the truth and,
     at the final evaluation, the domain FID (the CycleGAN's untranslated input too); the unpaired run's parts are
     both generators and both discriminators."""
-    from deeprecipe.families.img2img import translate
+    from deeprecipe.families.img2img.infer import translate
 
     monkeypatch.setenv("DEEPRECIPE_CACHE", str(tmp_path / "cache"))
     for recipe in ("scenes-label2image", "scenes-day2night-cyclegan"):

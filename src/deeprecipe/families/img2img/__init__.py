@@ -29,44 +29,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deeprecipe.common.adversarial import d_loss, g_loss
 from deeprecipe.config import Config
-from deeprecipe.core import ConfigError, DataSpec, UserError
-from deeprecipe.data import image_ops
+from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
-from deeprecipe.families.img2img import checks, degrade, plots
+from deeprecipe.families.img2img import checks, degrade, infer, plots
 from deeprecipe.families.img2img import metrics as im
+from deeprecipe.families.img2img.modes import MODES, make_input
 from deeprecipe.family import Family, PredictOptions, ServeContext, Update
 from deeprecipe.runtime import Runtime
-
-TILE = 256  # predict and serve run sr on tiles that keep blocks of this size (output pixels): any size works
-MAX_SIDE = 1024  # inpaint and translate answer at most this long side (sr: the input's long side)
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> [-1, 1]."""
-    return x.float() / 127.5 - 1
-
-
-def make_input(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, target) in [-1, 1] of a raw batch (images uint8 (B, C, H, W), labels) for the spec's mode."""
-    e, mode = spec.extra, spec.extra["mode"]
-    img = unit(x)
-    if mode == "sr":
-        return degrade.enlarge(degrade.shrink(img, e["scale"], e["blur"], e["noise"], draws), e["scale"]), img
-    if mode == "inpaint":
-        B, _, H, W = img.shape
-        hole = degrade.holes(B, H, W, e["holes"], e["hole_fraction"], draws, img.device)
-        return torch.cat([img * (1 - hole), hole], 1), img
-    if mode == "label2image":
-        k = spec.num_classes
-        lab = y.long()
-        onehot = F.one_hot(lab.clamp(max=k), k + 1)[..., :k]  # an ignored pixel (255) is all zeros
-        return onehot.permute(0, 3, 1, 2).float(), img
-    ca = int(e["channels_a"])
-    return img[:, :ca], img[:, ca:]
 
 
 def pixel_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -188,14 +160,14 @@ class Img2Img(Family):
         """A new domain FID of the outputs against the targets (translations of scenes or between two folders),
         else None."""
         mode = spec.extra["mode"]
-        if mode not in ("label2image", "paired", "unpaired") or cfg.data.source not in ("scenes", "pairs"):
+        if not MODES[mode].translation or cfg.data.source not in ("scenes", "pairs"):
             return None
         if cfg.model.feature_recipe == "none":
             return None
         if self._features is None:
             make = im.scene_features if cfg.data.source == "scenes" else im.pair_features
             self._features = make(cfg, rt.device)
-        return im.DomainFID(self._features, inputs=mode != "label2image")
+        return im.DomainFID(self._features, inputs=not MODES[mode].labels_in)
 
     @torch.no_grad()
     def _run_split(
@@ -228,24 +200,10 @@ class Img2Img(Family):
             else:
                 scores.add("psnr", im.psnr(o, tt))
                 scores.add("ssim", im.ssim(o, tt))
-            if mode == "sr":
-                base = im.to_unit(x)
-                scores.add("psnr_bicubic", im.psnr(base, tt))
-                scores.add("ssim_bicubic", im.ssim(base, tt))
-            elif mode == "inpaint":
-                hole = x[:, -1:]
-                scores.add("psnr_hole", im.psnr_masked(o, tt, hole))
-                if telea:
-                    extra = im.telea(im.to_unit(x[:, :-1]), hole)
-                    if extra is not None:
-                        scores.add("psnr_hole_telea", im.psnr_masked(extra, tt, hole))
-                        scores.add("psnr_telea", im.psnr(extra, tt))
-                        scores.add("ssim_telea", im.ssim(extra, tt))
-            elif mode in ("paired", "unpaired") and paired_eval and x.shape[1] == t.shape[1]:
-                scores.add("psnr_input", im.psnr(im.to_unit(x), tt))
-                scores.add("ssim_input", im.ssim(im.to_unit(x), tt))
+            if paired_eval:  # the classic baseline of the mode needs the truth
+                extra = MODES[mode].baseline(scores, x, o, tt, telea)
             if fid is not None:
-                fid.add(out, t.float(), x.float() if mode != "label2image" else None)
+                fid.add(out, t.float(), None if MODES[mode].labels_in else x.float())
             for i in range(min(len(x), keep - len(kept))):
                 kept.append((x[i].cpu(), out[i].cpu(), t[i].cpu(), None if extra is None else extra[i].cpu()))
         return scores.means() | (fid.compute() if fid is not None else {}), kept
@@ -281,32 +239,7 @@ class Img2Img(Family):
     def predict(
         self, model: nn.Module, spec: DataSpec, cfg: Config, rt: Runtime, files: list[str], opts: PredictOptions
     ) -> list[dict]:
-        """Each file -> OUT/<stem>_<mode>.png: sr enlarges the file by the scale (tiled, any size); inpaint fills
-        the white pixels of <stem>_mask.png next to the file; label2image draws the scene of a label PNG (class
-        ids); paired and unpaired translate the image."""
-        from torchvision.io import write_png
-
-        out_dir = Path(opts.out or "predictions")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        mode, results = spec.extra["mode"], []
-        for f in files:
-            p = Path(f)
-            if mode == "inpaint":
-                mask_file = p.with_name(f"{p.stem}_mask.png")
-                if not mask_file.is_file():
-                    raise UserError(f"{f}: inpaint needs its mask {mask_file} (white = the pixels to fill)")
-                img = image_ops.read(f, spec.in_channels)
-                out = inpaint(model, spec, rt, img, read_mask(mask_file, tuple(img.shape[-2:])))
-            elif mode == "label2image":
-                out = translate(model, spec, rt, read_labels(f, spec))
-            else:
-                img = image_ops.read(f, input_channels(spec))
-                out = enhance(model, spec, rt, img, f) if mode == "sr" else translate(model, spec, rt, img)
-            dest = out_dir / f"{p.stem}_{mode}.png"
-            write_png(out, str(dest))
-            h, w = out.shape[-2:]
-            results.append({"file": f, "out": str(dest), "size": [w, h], "text": f"{f} -> {dest} ({w}x{h})"})
-        return results
+        return infer.predict(model, spec, cfg, rt, files, opts, MODES[spec.extra["mode"]])
 
     def export_example(self, model: nn.Module, spec: DataSpec, batch: int) -> dict:
         """G is what ships: its input as prepare makes it (B, C_in, H, W) in, the image in [-1, 1] out."""
@@ -317,81 +250,7 @@ class Img2Img(Family):
         return {"inputs": {"image": inp}, "outputs": ["output"]}
 
     def serve(self, ctx: ServeContext) -> None:
-        """The endpoint of the model's mode: POST /enhance (sr), /inpaint (image, mask: white = fill, the image's
-        size; both scaled down alike past MAX_SIDE; without a mask a centred box of the training hole fraction is
-        cut), /translate-image (label2image: a label PNG; paired, unpaired: an image). The answer: the output PNG
-        (base64) as `overlay` (the page shows it next to the upload) and `image`, and its size. The page's
-        /inpaint widget (kind mask) paints the mask over the uploaded image and shows before and after."""
-        from fastapi import File, HTTPException, UploadFile
-
-        spec, mode = ctx.spec, ctx.spec.extra["mode"]
-
-        def answer(out: torch.Tensor) -> dict:
-            b64 = image_ops.png_base64(out)
-            h, w = out.shape[-2:]
-            return {"text": f"{w}x{h}", "image": b64, "overlay": b64, "size": [w, h]}
-
-        def run(fn):  # one request at a time on the model (tiles and sizes vary: no batching across requests)
-            import asyncio
-
-            async def go(*args):
-                def locked():
-                    with ctx.lock:
-                        return fn(*args)
-
-                try:
-                    return answer(await asyncio.to_thread(locked))
-                except UserError as e:
-                    raise HTTPException(400, str(e)) from None
-
-            return go
-
-        if mode == "sr":
-            go = run(lambda img: enhance(ctx.model, spec, ctx.rt, img))
-
-            @ctx.router.post("/enhance", summary=f"Enlarge an image x{spec.extra['scale']} (super-resolution)")
-            async def enhance_endpoint(image: UploadFile = File(..., description="the low-res image")):
-                return await go(await ctx.read_image(image, channels=input_channels(spec), size=(0, 0)))
-
-            ctx.widget("/enhance", "image", f"Enlarge an image x{spec.extra['scale']}")
-        elif mode == "inpaint":
-            go = run(lambda img, hole: inpaint(ctx.model, spec, ctx.rt, img, hole))
-
-            @ctx.router.post("/inpaint", summary="Fill the white pixels of the mask in the image")
-            async def inpaint_endpoint(
-                image: UploadFile = File(..., description="the image"),
-                mask: UploadFile | None = File(None, description="white = the pixels to fill (same size)"),
-            ):
-                img = await ctx.read_image(image, size=(0, 0))
-                if mask is None:
-                    hole = centre_box(img.shape[-2:], spec.extra["hole_fraction"])
-                else:
-                    m = await ctx.read_image(mask, channels=1, size=(0, 0))
-                    try:  # sizes compared as sent, then both scaled down alike
-                        mask_of(m, tuple(img.shape[-2:]), mask.filename or "mask")
-                    except UserError as e:
-                        raise HTTPException(400, str(e)) from None
-                    hole = mask_of(image_ops.fit_long_side(m, MAX_SIDE), None, "")
-                return await go(image_ops.fit_long_side(img, MAX_SIDE), hole)
-
-            ctx.widget("/inpaint", "mask", "Fill what you paint over an image")
-        else:
-            go = run(lambda img: translate(ctx.model, spec, ctx.rt, img))
-
-            @ctx.router.post("/translate-image", summary="Translate an image (label2image: a PNG of class ids)")
-            async def translate_endpoint(image: UploadFile = File(..., description="the image")):
-                if mode == "label2image":
-                    raw = await ctx.read_image(image, channels=1, size=(0, 0), max_side=0)
-                    try:
-                        labels = check_labels(raw[0], spec, image.filename or "labels")
-                    except UserError as e:
-                        raise HTTPException(400, str(e)) from None
-                    return await go(labels)
-                return await go(
-                    await ctx.read_image(image, channels=input_channels(spec), size=(0, 0), max_side=MAX_SIDE)
-                )
-
-            ctx.widget("/translate-image", "image", "Translate an image")
+        infer.serve(ctx, MODES[ctx.spec.extra["mode"]])
 
     # ------------------------------------------------------------------------------------------ checks
     def show_batch(self, batch: tuple, spec: DataSpec):
@@ -412,122 +271,3 @@ def _head(data: Data, split: str, n: int) -> Data:
         **{split: TensorSplit(*s.take(torch.arange(min(n, len(s)))))},
         **({"train": data.train} if split != "train" else {}),
     )
-
-
-# ------------------------------------------------------------------------------------------ use on files
-
-
-def input_channels(spec: DataSpec) -> int:
-    e = spec.extra
-    return int(e["channels_a"]) if e["mode"] in ("paired", "unpaired") else spec.in_channels
-
-
-@torch.no_grad()
-def enhance(model: nn.Module, spec: DataSpec, rt: Runtime, lr: torch.Tensor, where: str = "the image") -> torch.Tensor:
-    """A low-res image uint8 (C, h, w) -> the image `scale` times larger, uint8 (C, h*s, w*s), made in tiles."""
-    s = int(spec.extra["scale"])
-    h, w = lr.shape[-2:]
-    if min(h, w) < 2:
-        raise UserError(f"{where} is {w}x{h}: too small to enlarge (at least 2x2 pixels)")
-    if h * w * s * s > image_ops.MAX_PIXELS:
-        raise UserError(f"{where} is {w}x{h}: x{s} would be over {image_ops.MAX_PIXELS} pixels, send a smaller image")
-    model.eval()
-    x = degrade.enlarge(unit(lr[None].to(rt.device)), s)  # (1, C, H, W)
-    return _to_uint8(tiled(model, x, rt))
-
-
-def tiled(model: nn.Module, x: torch.Tensor, rt: Runtime, tile: int = TILE) -> torch.Tensor:
-    """model(x) of a (1, C, H, W) input, computed on tiles so any size fits in memory, and exactly the whole
-    image's answer: each tile keeps a block of about `tile` pixels a side, starts on a multiple of the net's size
-    multiple (so its poolings see the same pixel grid) and reaches past its block by the net's reach (so every
-    kept pixel sees what it would see in the whole image; the image's own borders are borders in both)."""
-    H, W = x.shape[-2:]
-    m = model.multiple
-    reach = -(-model.reach // m) * m  # a multiple of m, so every window starts on the grid
-    step = max(m, tile // m * m)
-    if H <= step + reach and W <= step + reach:
-        with rt.autocast():
-            return model(x).float()
-    out = torch.zeros(1, model.out_channels, H, W, device=x.device)
-    for top in range(0, H, step):
-        for left in range(0, W, step):
-            t0, l0 = max(0, top - reach), max(0, left - reach)
-            t1, l1 = min(H, top + step + reach), min(W, left + step + reach)
-            with rt.autocast():
-                y = model(x[..., t0:t1, l0:l1]).float()
-            bh, bw = min(step, H - top), min(step, W - left)
-            out[..., top : top + bh, left : left + bw] = y[..., top - t0 : top - t0 + bh, left - l0 : left - l0 + bw]
-    return out
-
-
-@torch.no_grad()
-def inpaint(model: nn.Module, spec: DataSpec, rt: Runtime, img: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-    """Image uint8 (C, H, W) and hole (H, W) in {0, 1} -> the image with the hole filled, uint8."""
-    model.eval()
-    x = unit(img[None].to(rt.device))
-    m = hole[None, None].float().to(rt.device)
-    with rt.autocast():
-        out = model(torch.cat([x * (1 - m), m], 1)).float()
-    return _to_uint8(out)
-
-
-@torch.no_grad()
-def translate(model: nn.Module, spec: DataSpec, rt: Runtime, x: torch.Tensor) -> torch.Tensor:
-    """An image uint8 (C, H, W) (label2image: labels (H, W)) -> the translated image uint8 (C, H, W)."""
-    model.eval()
-    if spec.extra["mode"] == "label2image":
-        inp = make_input(torch.zeros(1, 3, *x.shape), x[None].to(rt.device), spec, degrade.eval_draws(rt.device))[0]
-    else:
-        inp = unit(x[None].to(rt.device))
-    with rt.autocast():
-        return _to_uint8(model(inp.to(rt.device)).float())
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def mask_of(m: torch.Tensor, size: tuple[int, int] | None, where: str) -> torch.Tensor:
-    """A mask image uint8 (1, h, w) -> hole (H, W) in {0, 1} (white, >= 128, = fill); its size must be `size`
-    (None: any)."""
-    if size is not None and tuple(m.shape[-2:]) != tuple(size):
-        raise UserError(
-            f"{where}: the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {size[1]}x{size[0]}: "
-            "a mask must have its image's size"
-        )
-    return (m[0] >= 128).float()
-
-
-def read_mask(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """A mask file (gray or colour: white = fill) -> hole (H, W) checked against the image size."""
-    from deeprecipe.core import DataError
-
-    try:
-        m = image_ops.read(path, 1)
-    except (DataError, UserError) as e:
-        raise UserError(f"{path}: not a readable mask image ({e})") from None
-    return mask_of(m, size, str(path))
-
-
-def centre_box(size: tuple[int, int], fraction: float) -> torch.Tensor:
-    H, W = size
-    h, w = max(1, round(H * fraction**0.5)), max(1, round(W * fraction**0.5))
-    hole = torch.zeros(H, W)
-    hole[(H - h) // 2 : (H - h) // 2 + h, (W - w) // 2 : (W - w) // 2 + w] = 1
-    return hole
-
-
-def check_labels(lab: torch.Tensor, spec: DataSpec, where: str) -> torch.Tensor:
-    """A label map (H, W) of class ids (255 = none): every id must be a class."""
-    k = spec.num_classes
-    bad = (lab >= k) & (lab != 255)
-    if bad.any():
-        raise UserError(f"{where}: label id {int(lab[bad][0])} is not one of the {k} classes (0..{k - 1}, 255 = none)")
-    return lab
-
-
-def read_labels(path: str, spec: DataSpec) -> torch.Tensor:
-    raw = image_ops.read(path, 0)
-    if raw.shape[0] != 1:
-        raise UserError(f"{path}: a label map is a one-channel PNG of class ids, this one has {raw.shape[0]} channels")
-    return check_labels(raw[0], spec, path)

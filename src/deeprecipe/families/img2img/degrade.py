@@ -25,6 +25,17 @@ from deeprecipe.data.core import Draws
 EVAL_SEED = 20_240_601  # the generator of evaluation degradations: the same holes and noise at every evaluation
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+
+def one_hot(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """A label map (B, H, W) of class ids -> the one-hot input (B, k, H, W) of label2image; an ignored pixel (255)
+    is all zeros."""
+    return F.one_hot(labels.long().clamp(max=k), k + 1)[..., :k].permute(0, 3, 1, 2).float()
+
+
 def eval_draws(device: torch.device) -> Draws:
     return Draws(torch.Generator(device=device).manual_seed(EVAL_SEED))
 
