@@ -32,8 +32,9 @@ class DomainFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
         self._feat = None
-        classifier.head.register_forward_pre_hook(lambda m, args: setattr(self, "_feat", args[0]))
-        self.num_features = classifier.head.out_features if logits else classifier.head.in_features
+        head = classifier.get_classifier()  # (B, F) -> (B, classes): its input is the features
+        head.register_forward_pre_hook(lambda m, args: setattr(self, "_feat", args[0]))
+        self.num_features = head.out_features if logits else head.in_features
 
     def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (B, F), logits (B, classes)) in fp32, from one pass."""
