@@ -185,6 +185,61 @@ def _field(key: torch.Tensor, k: int, cells: int, H: int, W: int) -> torch.Tenso
 LOOKS = ("any", "day", "night", "fog")
 
 
+ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, PERSON, CAR, SIGN = range(8)  # label ids, as in SCENE_CLASSES
+
+
+@dataclass
+class _Canvas:
+    """N scenes being painted, far to near: what the steps of render_scenes share. Each image's random numbers
+    come from its key, so a step draws them with tensor ops over the whole batch."""
+
+    key: torch.Tensor  # (N, 1, 1) the hash of each scene number
+    y: torch.Tensor  # (1, H, 1) row centres in [0, 1]
+    x: torch.Tensor  # (1, 1, W) column centres in [0, 1]
+    label: torch.Tensor  # (N, H, W) uint8 class ids
+    img: torch.Tensor  # (N, 3, H, W) float colours
+    inst: torch.Tensor | None  # (N, H, W) int8 object ids, -1 elsewhere (None: not asked for)
+    painted: torch.Tensor  # (N, 7) pixels each object covered when it was painted
+
+    @property
+    def asp(self) -> float:
+        return self.x.shape[-1] / self.y.shape[-2]  # converts a width in W units into H units
+
+    def r(self, k: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        """One number per image in [lo, hi), (N, 1, 1)."""
+        return lo + (hi - lo) * uniform(self.key, k)
+
+    def rgb(self, k: int, lo: tuple, hi: tuple) -> torch.Tensor:
+        """One colour per image, (N, 3, 1, 1)."""
+        return torch.stack([self.r(k * 8 + 1000 + c, lo[c], hi[c]) for c in range(3)], 1)
+
+    def paint(self, mask: torch.Tensor, cls: int, colour: torch.Tensor, obj: int | torch.Tensor = -1) -> None:
+        """Pixels `mask` (N, H, W) become class `cls` in `colour` (broadcast to (N, 3, H, W)) and object `obj`."""
+        N = len(self.label)
+        self.label.masked_fill_(mask, cls)
+        self.img.copy_(torch.where(mask[:, None], colour, self.img))
+        if self.inst is not None:
+            obj = torch.as_tensor(obj, device=mask.device).expand(N, 1, 1)
+            self.inst.copy_(torch.where(mask, obj.to(torch.int8), self.inst))
+            if bool((obj >= 0).all()):
+                self.painted.scatter_add_(1, obj.view(N, 1).long(), mask.sum((1, 2)).float().view(N, 1))
+
+
+@dataclass
+class _Road:
+    """The perspective of a scene, per image (N, 1, 1) or per pixel (N, H, W)."""
+
+    h: torch.Tensor  # the horizon's row
+    vx: torch.Tensor  # the vanishing point's column
+    bend: torch.Tensor  # how far the road bends towards the horizon
+    d: torch.Tensor  # depth: 0 at the horizon, 1 at the bottom row (N, H, 1)
+    c: torch.Tensor  # the road's centre line per row
+    rw: torch.Tensor  # the road's half width at the bottom row
+    sw: torch.Tensor  # the sidewalk's width at the bottom row
+    dx: torch.Tensor  # each pixel's distance from the centre line
+    ground: torch.Tensor  # below the horizon
+
+
 def render_scenes(
     numbers: torch.Tensor, size: tuple[int, int], look: str = "any", instances: bool = False
 ) -> tuple[torch.Tensor, ...]:
@@ -200,68 +255,74 @@ def render_scenes(
         raise DataError(f"look={look!r}: use one of {', '.join(LOOKS)}")
     N, (H, W), dev = len(numbers), size, numbers.device
     key = hash_ints(numbers.long()).view(N, 1, 1)
-    road, side, bld, veg, sky, person, car, sign = range(8)
-
-    def r(k, lo=0.0, hi=1.0):  # one number per image, (N, 1, 1)
-        return lo + (hi - lo) * uniform(key, k)
-
-    def rgb(k, lo, hi):  # one colour per image, (N, 3, 1, 1)
-        c = torch.stack([r(k * 8 + 1000 + c, lo[c], hi[c]) for c in range(3)], 1)
-        return c
-
-    y = ((torch.arange(H, device=dev) + 0.5) / H).view(1, H, 1)
-    x = ((torch.arange(W, device=dev) + 0.5) / W).view(1, 1, W)
-    asp = W / H  # converts a width in W units into H units
-    label = torch.full((N, H, W), sky, dtype=torch.uint8, device=dev)
-    img = torch.zeros(N, 3, H, W, device=dev)
-    inst = torch.full((N, H, W), -1, dtype=torch.int8, device=dev) if instances else None
-    painted = torch.zeros(N, 7, device=dev)
-
-    def paint(mask, cls, colour, obj=-1):
-        label.masked_fill_(mask, cls)
-        img.copy_(torch.where(mask[:, None], colour, img))
-        if inst is not None:
-            obj = torch.as_tensor(obj, device=dev).expand(N, 1, 1)
-            inst.copy_(torch.where(mask, obj.to(torch.int8), inst))
-            if bool((obj >= 0).all()):
-                painted.scatter_add_(1, obj.view(N, 1).long(), mask.sum((1, 2)).float().view(N, 1))
-
+    cv = _Canvas(
+        key=key,
+        y=((torch.arange(H, device=dev) + 0.5) / H).view(1, H, 1),
+        x=((torch.arange(W, device=dev) + 0.5) / W).view(1, 1, W),
+        label=torch.full((N, H, W), SKY, dtype=torch.uint8, device=dev),
+        img=torch.zeros(N, 3, H, W, device=dev),
+        inst=torch.full((N, H, W), -1, dtype=torch.int8, device=dev) if instances else None,
+        painted=torch.zeros(N, 7, device=dev),
+    )
     tex = _field(key.view(N), 1, 8, H, W)[:, None]  # low-frequency texture shared by the surfaces
     grain, noise, streaks = _banks(H, W, str(dev))
     pick = (key.view(N) % len(grain)).long()
     grain, noise, streaks = grain[pick][:, None], noise[hash_ints(key.view(N) + 1) % len(noise)], streaks[pick]
 
-    # sky: a vertical gradient with clouds
-    top, bottom = rgb(1, (0.25, 0.45, 0.7), (0.5, 0.65, 0.95)), rgb(2, (0.7, 0.75, 0.8), (0.9, 0.92, 0.97))
-    clouds = (_field(key.view(N), 3, 5, H, W)[:, None] - 0.55).clamp_min(0) * 2
-    img.copy_(top + (bottom - top) * y[:, None] + clouds)
+    _sky(cv)
+    g = _perspective(cv)
+    windows, gcol = _skyline(cv, g, tex)
+    _road_and_sidewalks(cv, g, tex, grain)
+    _trees_and_signs(cv, g, gcol)
+    _cars_and_pedestrians(cv, g)
+    _light_and_weather(cv, g, look, windows, streaks, noise)
+    out = (cv.img.clamp(0, 1) * 255).round().to(torch.uint8), cv.label
+    return (*out, cv.inst, cv.painted) if cv.inst is not None else out
 
-    # perspective: horizon h, vanishing point vx, depth d = 0 at the horizon, 1 at the bottom row
+
+def _sky(cv: _Canvas) -> None:
+    """A vertical gradient with clouds."""
+    top, bottom = cv.rgb(1, (0.25, 0.45, 0.7), (0.5, 0.65, 0.95)), cv.rgb(2, (0.7, 0.75, 0.8), (0.9, 0.92, 0.97))
+    N, _, H, W = cv.img.shape
+    clouds = (_field(cv.key.view(N), 3, 5, H, W)[:, None] - 0.55).clamp_min(0) * 2
+    cv.img.copy_(top + (bottom - top) * cv.y[:, None] + clouds)
+
+
+def _perspective(cv: _Canvas) -> _Road:
+    """Horizon h, vanishing point vx, depth d = 0 at the horizon, 1 at the bottom row."""
+    r, y = cv.r, cv.y
     h, vx, bend = r(3, 0.32, 0.5), r(4, 0.38, 0.62), r(5, -0.12, 0.12)
     d = ((y - h) / (1 - h)).clamp_min(0)
     c = vx + bend * (1 - d) ** 2  # road centre line (bends towards the horizon)
     rw, sw = r(6, 0.28, 0.5), r(7, 0.12, 0.25)  # road half width, sidewalk width at the bottom row
-    dx = (x - c).abs()
-    ground = y > h
+    return _Road(h, vx, bend, d, c, rw, sw, dx=(cv.x - c).abs(), ground=y > h)
 
-    # skyline: 10 blocks across, each a building (with windows) or trees, taller far from the vanishing point
+
+def _skyline(cv: _Canvas, g: _Road, tex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 blocks across, each a building (with windows) or trees, taller far from the vanishing point. Returns
+    (the windows (N, H, W), the trees' colour) that later steps reuse."""
+    r, x, y, key, dev = cv.r, cv.x, cv.y, cv.key, cv.key.device
     block = (x * 10 + r(8)).floor().long()
-    height = 0.05 + uniform(key, 9, block) * (0.1 + 0.9 * (x - vx).abs())
+    height = 0.05 + uniform(key, 9, block) * (0.1 + 0.9 * (x - g.vx).abs())
     is_tree = uniform(key, 10, block) < 0.3
-    roof = h - height - is_tree * 0.03 * torch.sin(x * 90 + r(11) * 6)
-    wall = (y > roof) & ~ground | ground & (dx >= (rw + sw) * d)
+    roof = g.h - height - is_tree * 0.03 * torch.sin(x * 90 + r(11) * 6)
+    wall = (y > roof) & ~g.ground | g.ground & (g.dx >= (g.rw + g.sw) * g.d)
     bcol = 0.25 + 0.5 * uniform(key.unsqueeze(1), 12, block.unsqueeze(1), torch.arange(3, device=dev).view(1, 3, 1, 1))
     windows = ((x * 60 + r(13) * 3).frac() < 0.45) & ((y * 40 + r(14) * 3).frac() < 0.5) & (y > roof + 0.02)
     bcol = bcol * (1 - 0.45 * windows[:, None]) * (0.85 + 0.3 * tex)
     gcol = torch.tensor([0.2, 0.42, 0.12], device=dev).view(1, 3, 1, 1) * (0.6 + 0.8 * tex)
-    paint(wall & ~is_tree, bld, bcol)
-    paint(wall & is_tree, veg, gcol)
+    cv.paint(wall & ~is_tree, BUILDING, bcol)
+    cv.paint(wall & is_tree, VEGETATION, gcol)
+    return windows, gcol
 
-    # road and sidewalks, then lane markings (labelled road, as in Cityscapes)
+
+def _road_and_sidewalks(cv: _Canvas, g: _Road, tex: torch.Tensor, grain: torch.Tensor) -> None:
+    """Road and sidewalks, then lane markings (labelled road, as in Cityscapes)."""
+    r, dev, d, dx, rw, ground = cv.r, cv.key.device, g.d, g.dx, g.rw, g.ground
     grey = r(15, 0.25, 0.5).unsqueeze(1)
-    paint(ground & (dx < rw * d), road, grey * (0.85 + 0.3 * tex) + 0.05 * grain)
-    scol = rgb(3, (0.55, 0.5, 0.5), (0.8, 0.75, 0.75)) * (0.9 + 0.2 * (((d * 30).frac() < 0.9).float()[:, None]))
-    paint(ground & (dx >= rw * d) & (dx < (rw + sw) * d), side, scol * (0.85 + 0.3 * tex))
+    cv.paint(ground & (dx < rw * d), ROAD, grey * (0.85 + 0.3 * tex) + 0.05 * grain)
+    scol = cv.rgb(3, (0.55, 0.5, 0.5), (0.8, 0.75, 0.75)) * (0.9 + 0.2 * (((d * 30).frac() < 0.9).float()[:, None]))
+    cv.paint(ground & (dx >= rw * d) & (dx < (rw + g.sw) * d), SIDEWALK, scol * (0.85 + 0.3 * tex))
     lw = 0.004 + 0.012 * d
     dash = ((2.5 / (d + 0.08) + r(16) * 2).frac() < 0.5) & (r(17) < 0.8)
     edge = (dx < rw * d) & (dx > rw * d - lw) & (r(18) < 0.6)
@@ -271,18 +332,22 @@ def render_scenes(
         torch.ones(1, 3, 1, 1, device=dev),
         torch.tensor([0.95, 0.8, 0.2], device=dev).view(1, 3, 1, 1),
     )
-    paint(lane, road, lcol * 0.9)
+    cv.paint(lane, ROAD, lcol * 0.9)
 
-    # trees and traffic signs stand on the outer sidewalk edge; far ones first
+
+def _trees_and_signs(cv: _Canvas, g: _Road, gcol: torch.Tensor) -> None:
+    """Trees and traffic signs stand on the outer sidewalk edge; far ones first."""
+    r, x, y, asp, dev = cv.r, cv.x, cv.y, cv.asp, cv.key.device
+    h, vx, bend, rw, sw = g.h, g.vx, g.bend, g.rw, g.sw
     for k in range(2):
         dt, side_ = r(20 + k, 0.15, 0.9), torch.where(r(22 + k) < 0.5, -1.0, 1.0)
         foot = h + dt * (1 - h)
-        tx = c.new_zeros(N, 1, 1) + vx + bend * (1 - dt) ** 2 + side_ * (rw + sw * 0.8) * dt
+        tx = g.c.new_zeros(len(g.c), 1, 1) + vx + bend * (1 - dt) ** 2 + side_ * (rw + sw * 0.8) * dt
         crown = 0.18 * dt * (1 - h)
         there = r(24 + k) < 0.6
         trunk = ((x - tx).abs() < 0.01 * dt / asp + 0.004) & (y < foot) & (y > foot - 2.2 * crown)
         leaves = ((x - tx) * asp) ** 2 + (y - foot + 2.6 * crown) ** 2 < crown**2
-        paint((trunk | leaves) & there, veg, gcol * 0.9)
+        cv.paint((trunk | leaves) & there, VEGETATION, gcol * 0.9)
     for k in range(2):
         ds, side_ = r(26 + k, 0.3, 0.95), torch.where(r(28 + k) < 0.5, -1.0, 1.0)
         foot = h + ds * (1 - h)
@@ -306,10 +371,14 @@ def render_scenes(
             ),
         )
         there = r(32 + k) < 0.7
-        paint(pole & there, sign, pcol * 0 + 0.55)
-        paint(plate_mask & there, sign, pcol, k)
+        cv.paint(pole & there, SIGN, pcol * 0 + 0.55)
+        cv.paint(plate_mask & there, SIGN, pcol, k)
 
-    # cars (on the road) and pedestrians (on the sidewalks), painted far to near
+
+def _cars_and_pedestrians(cv: _Canvas, g: _Road) -> None:
+    """Cars (on the road) and pedestrians (on the sidewalks), painted far to near."""
+    x, y, asp, key, dev = cv.x, cv.y, cv.asp, cv.key, cv.key.device
+    h, vx, bend, rw, sw = g.h, g.vx, g.bend, g.rw, g.sw
     K = 5
     depth = torch.stack([uniform(key, 40 + k) for k in range(K)], 0) * 0.8 + 0.15  # (K, N, 1, 1)
     order = depth.argsort(0)
@@ -331,7 +400,7 @@ def render_scenes(
         glass = cabin & ((x - cx).abs() < cw * 0.6) & (y > foot - 1.05 * ch)
         car_col = torch.where(glass[:, None], torch.full_like(ccol, 0.15), ccol)
         car_col = torch.where(wheels[:, None], torch.full_like(ccol, 0.05), car_col)
-        paint((body | cabin | wheels) & is_car & there, car, car_col, 2 + k)
+        cv.paint((body | cabin | wheels) & is_car & there, CAR, car_col, 2 + k)
         # a pedestrian: legs, torso, head
         px = ck + torch.where(u(2) < 0.5, -1.0, 1.0) * (rw + sw * (0.3 + 0.4 * u(3))) * dk
         ph = 0.6 * dk * (1 - h) + 0.04
@@ -341,18 +410,23 @@ def render_scenes(
         head = ((x - px) * asp) ** 2 + (y - foot + 0.92 * ph) ** 2 < (0.1 * ph) ** 2
         pcol = torch.where(legs[:, None], ccol * 0.4, ccol)
         pcol = torch.where(head[:, None], torch.tensor([0.85, 0.65, 0.5], device=dev).view(1, 3, 1, 1), pcol)
-        paint((legs | torso | head) & ~is_car & there, person, pcol, 2 + k)
+        cv.paint((legs | torso | head) & ~is_car & there, PERSON, pcol, 2 + k)
 
-    # light, weather and the sensor: brightness and tint, fog towards the horizon, rain streaks, noise
+
+def _light_and_weather(
+    cv: _Canvas, g: _Road, look: str, windows: torch.Tensor, streaks: torch.Tensor, noise: torch.Tensor
+) -> None:
+    """Light, weather and the sensor: brightness and tint, fog towards the horizon, rain streaks, noise."""
+    r, x, y, img, dev, h = cv.r, cv.x, cv.y, cv.img, cv.key.device, g.h
     if look == "night":  # dark and blue, the sky near black, windows and cars' lights glowing
-        cell = uniform(key, 56, (x * 60 + r(13) * 3).floor(), (y * 40 + r(14) * 3).floor())
-        lit = windows & (label == bld) & (cell < 0.4)
+        cell = uniform(cv.key, 56, (x * 60 + r(13) * 3).floor(), (y * 40 + r(14) * 3).floor())
+        lit = windows & (cv.label == BUILDING) & (cell < 0.4)
         glow = torch.exp(-(((y - h - 0.1) / 0.25) ** 2))[:, None] * 0.12  # street light haze over the road
         img.mul_(torch.tensor([0.22, 0.25, 0.4], device=dev).view(1, 3, 1, 1)).add_(glow)
-        img.copy_(torch.where((label == sky)[:, None], img * 0.35, img))
+        img.copy_(torch.where((cv.label == SKY)[:, None], img * 0.35, img))
         img.copy_(torch.where(lit[:, None], torch.tensor([1.0, 0.85, 0.45], device=dev).view(1, 3, 1, 1), img))
     else:
-        img.mul_(r(50, 0.5, 1.25).unsqueeze(1) * rgb(4, (0.9, 0.9, 0.9), (1.1, 1.1, 1.1)))
+        img.mul_(r(50, 0.5, 1.25).unsqueeze(1) * cv.rgb(4, (0.9, 0.9, 0.9), (1.1, 1.1, 1.1)))
     foggy = {"any": r(51) < 0.3, "fog": torch.ones_like(r(51), dtype=torch.bool)}.get(look, r(51) < 0)
     strength = r(52, 0.3, 0.7) if look != "fog" else r(52, 0.75, 0.95)
     fog = foggy * strength * (1 - ((y - h).abs() * (2.5 if look != "fog" else 1.2)).clamp(0, 1))
@@ -360,8 +434,6 @@ def render_scenes(
     rain = (r(54) < 0.25) & (look == "any")
     img.add_((0.25 * rain).unsqueeze(1) * streaks[:, None])
     img.add_(r(55, 0.0, 0.05).unsqueeze(1) * noise)
-    out = (img.clamp(0, 1) * 255).round().to(torch.uint8), label
-    return (*out, inst, painted) if inst is not None else out
 
 
 @functools.lru_cache(maxsize=4)
