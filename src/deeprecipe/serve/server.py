@@ -471,16 +471,51 @@ async def stream_in_thread(
 def create_app(model, spec, cfg, rt: Runtime, family, options: ServeOptions | None = None, info: dict | None = None):
     """The FastAPI app for a loaded model and its family (deeprecipe/family.py), whose serve hook adds the
     endpoints (build_app makes one for a run folder)."""
-    import hmac
-
-    from fastapi import Depends
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-    from fastapi.security import HTTPBearer
+    from fastapi import APIRouter
     from fastapi_offline import FastAPIOffline
 
     options = options or ServeOptions()
     metrics = Metrics()
+    router = APIRouter(dependencies=_guards(options))
+    ctx = ServeContext(model, spec, cfg, rt, options, router, metrics)
+    family.serve(ctx)
+    app = FastAPIOffline(  # /docs from local files (Swagger UI from a CDN is a blank page offline); no /redoc
+        redoc_url=None,
+        static_url=DOCS_STATIC,
+        title=f"deeprecipe: {cfg.task} ({cfg.model.name})",
+        lifespan=_lifespan(metrics, options),
+        description="Endpoints of a trained deeprecipe run. "
+        "Send 'Authorization: Bearer <token>' when the server was started with --token.",
+    )
+    about = {
+        "task": cfg.task,
+        "model": cfg.model.name,
+        "recipe": cfg.recipe,
+        "classes": spec.class_names,
+        "in_channels": spec.in_channels,
+        "image_size": list(spec.image_size),
+        "endpoints": ctx.widgets,
+        "max_batch": options.max_batch,
+        "max_queue": options.max_queue,
+        "wait_ms": options.wait_ms,
+        "max_bytes": options.max_bytes,
+        "token_required": options.token is not None,
+        **(info or {}),
+    }
+    _add_routes(app, router, about, metrics)
+    app.include_router(router)
+    app.add_middleware(Guard, max_bytes=options.max_bytes, metrics=metrics)
+    app.state.ctx = ctx
+    return app
+
+
+def _guards(options: ServeOptions) -> list:
+    """The dependencies of every route on the router: the bearer token (when one is set), one file per field."""
+    import hmac
+
+    from fastapi import Depends
+    from fastapi.security import HTTPBearer
+
     bearer = HTTPBearer(auto_error=False)
 
     def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -505,11 +540,12 @@ def create_app(model, spec, cfg, rt: Runtime, family, options: ServeOptions | No
                         "one batch)",
                     )
 
-    from fastapi import APIRouter
+    return [Depends(require_token), Depends(one_file_per_field)]
 
-    router = APIRouter(dependencies=[Depends(require_token), Depends(one_file_per_field)])
-    ctx = ServeContext(model, spec, cfg, rt, options, router, metrics)
-    family.serve(ctx)
+
+def _lifespan(metrics: Metrics, options: ServeOptions):
+    """The app's lifespan: a summary line in the log every options.log_every seconds, and one at shutdown."""
+    from contextlib import asynccontextmanager
 
     async def summary_logger():
         while True:
@@ -517,8 +553,6 @@ def create_app(model, spec, cfg, rt: Runtime, family, options: ServeOptions | No
             line = metrics.summary()
             if line:
                 log.info(line)
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
@@ -529,30 +563,14 @@ def create_app(model, spec, cfg, rt: Runtime, family, options: ServeOptions | No
         if line:
             log.info(line)
 
-    title = f"deeprecipe: {cfg.task} ({cfg.model.name})"
-    app = FastAPIOffline(  # /docs from local files (Swagger UI from a CDN is a blank page offline); no /redoc
-        redoc_url=None,
-        static_url=DOCS_STATIC,
-        title=title,
-        lifespan=lifespan,
-        description="Endpoints of a trained deeprecipe run. "
-        "Send 'Authorization: Bearer <token>' when the server was started with --token.",
-    )
-    about = {
-        "task": cfg.task,
-        "model": cfg.model.name,
-        "recipe": cfg.recipe,
-        "classes": spec.class_names,
-        "in_channels": spec.in_channels,
-        "image_size": list(spec.image_size),
-        "endpoints": ctx.widgets,
-        "max_batch": options.max_batch,
-        "max_queue": options.max_queue,
-        "wait_ms": options.wait_ms,
-        "max_bytes": options.max_bytes,
-        "token_required": options.token is not None,
-        **(info or {}),
-    }
+    return lifespan
+
+
+def _add_routes(app, router, about: dict, metrics: Metrics) -> None:
+    """GET /info and /metrics on the router (behind the token), /health and the page / on the app (public), and
+    the one-line 422 of a request whose parameters do not validate."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
     @router.get("/info", summary="What this server runs: task, model, classes, endpoints, limits")
     async def get_info():
@@ -586,11 +604,6 @@ def create_app(model, spec, cfg, rt: Runtime, family, options: ServeOptions | No
                 "errors": json.loads(json.dumps(errs, default=str), parse_constant=str),
             },
         )
-
-    app.include_router(router)
-    app.add_middleware(Guard, max_bytes=options.max_bytes, metrics=metrics)
-    app.state.ctx = ctx
-    return app
 
 
 def build_app(run: str, cfg, spec, model, rt: Runtime, family, options: ServeOptions | None = None):
