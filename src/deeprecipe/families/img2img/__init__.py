@@ -22,7 +22,8 @@ inpainting when installed) for inpaint, the untranslated input for paired data, 
 unpaired data without known pairs; translations (label2image, paired, unpaired; of scenes or between two
 folders) also get the domain FID of their outputs against the real targets (metrics.DomainFID), at the final
 evaluation and on the test split, with the untranslated input's FID as the baseline of a change of look.
-(No `from __future__ import annotations` here: FastAPI reads the serve hook's annotations at run time.)
+What differs between the modes is one table (modes.py); inference on files and uploads (predict, the
+endpoints) is in infer.py.
 """
 
 from pathlib import Path
