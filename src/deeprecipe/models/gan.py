@@ -42,7 +42,8 @@ class GANTraining:
     eval_samples: int = 5000  # generated images for FID/IS (at the end; a tenth of it at each eval)
     feature_recipe: str = "auto"  # domain feature net: a classify recipe trained on this data (auto: <data>-cnn)
     feature_steps: int = 0  # train the feature net this many steps (0: as its recipe says)
-    inception_weights: str = ""  # path to Inception-v3 weights on disk: standard FID as well (never downloaded)
+    fid_weights: str = ""  # path to the FID Inception weights (pt_inception-2015-12-05-6726825d.pth, pytorch-fid's
+    #                         release): the standard FID `fid_standard` as well (never downloaded; common/fid.py)
 
 
 def _sn(layer: nn.Module, on: bool) -> nn.Module:

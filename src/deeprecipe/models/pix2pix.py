@@ -126,6 +126,8 @@ class Pix2PixConfig:
     #                               scenes, its encoder the feature net (auto: scenes-unet); two folders (pairs): a
     #                               classify recipe trained on A vs B (auto: imagefolder-resnet); none: no FID
     feature_steps: int = 0  # train the feature net this many steps (0: as its recipe says)
+    fid_weights: str = ""  # path to the FID Inception weights (pt_inception-2015-12-05-6726825d.pth): the standard
+    #                         FID `fid_standard` of the outputs too, any mode (never downloaded; common/fid.py)
 
     def build(self, spec: DataSpec) -> Pix2Pix:
         cin, cout, mode = channels_of(spec)
@@ -178,6 +180,7 @@ class CycleGANConfig:
     d_lr_scale: float = 1.0
     feature_recipe: str = "auto"  # domain FID of translations (as for pix2pix; none: no FID)
     feature_steps: int = 0
+    fid_weights: str = ""  # the standard FID's weights file (as for pix2pix)
 
     def build(self, spec: DataSpec) -> CycleGAN:
         ca, cb, mode = channels_of(spec)

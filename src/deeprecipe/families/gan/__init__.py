@@ -8,8 +8,9 @@ family's step hook (manual optimization through engine.loop.Update), each turn w
     g: L_G = -log D(G(z))                   (the non-saturating loss; hinge: -D(G(z)))
 with D's target for real images set by model.real_label (one-sided smoothing), D's lr scaled by
 model.d_lr_scale, and an EMA of the weights (train.ema) that every grid, sample and score uses.
-Evaluation scores domain FID/IS (metrics.py) against the split; the finished run gets a progress strip,
-latent interpolations, the loss curves and a health report (plots.py).
+Evaluation scores the domain FID and IS (metrics.py: `fid`, `is`) against the split, and the standard FID on the
+FID Inception (`fid_standard`, common/fid.py) when model.fid_weights names its file; the finished run gets a
+progress strip, latent interpolations, the loss curves and a health report (plots.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from deeprecipe.common.adversarial import d_loss, fit, g_loss
 from deeprecipe.common.classes import augment
+from deeprecipe.common.fid import StandardFID, check_file
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
@@ -48,15 +50,19 @@ def generate(model: nn.Module, n: int, seed: int, rt: Runtime, batch: int = 500)
 
 
 def scorer(cfg: Config, data: Data, split: str, rt: Runtime) -> gm.Evaluator | None:
-    """The FID/IS scorer with the real statistics of `split`; None when scoring is off (no class labels for a
-    domain feature net, or model.eval_samples=0)."""
+    """The FID/IS scorer with the real statistics of `split`: the domain FID and IS when the data has class labels
+    for a domain feature net (and model.feature_recipe is not none), the standard FID when model.fid_weights names
+    its file; None when neither (or model.eval_samples=0)."""
     M = cfg.model
-    if not M.eval_samples or M.feature_recipe == "none" or data.spec.num_classes < 2:
+    domain = M.feature_recipe != "none" and data.spec.num_classes >= 2
+    if not M.eval_samples or not (domain or M.fid_weights):
         return None
-    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
-    inc = gm.inception_features(M.inception_weights) if M.inception_weights else None
-    ev = gm.Evaluator(feats, inc, rt.device)
+    feats = None
+    if domain:
+        with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+            feats = gm.feature_net(cfg, rt.device)  # training it must not move the run's random streams
+    standard = StandardFID(M.fid_weights, rt.device) if M.fid_weights else None
+    ev = gm.Evaluator(feats, standard, rt.device)
     limit = cfg.train.limit_eval or 10_000  # real images for the statistics
     real = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, limit, cfg.train.workers)
     ev.add_real(x.float() / 127.5 - 1 for x, _ in real)  # as prepare scales them
@@ -102,6 +108,8 @@ class GAN(Family):
             raise ConfigError(f"model.loss={M.loss}: use nonsat or hinge")
         if cfg.optim.label_smoothing:
             raise ConfigError("optim.label_smoothing does not apply to a GAN: use model.real_label (e.g. 0.9)")
+        if M.fid_weights:
+            check_file(M.fid_weights)  # before training, not at the first evaluation
 
     def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
         return {"d": (model.discriminator, cfg.model.d_lr_scale), "g": (model.generator, 1.0)}
@@ -143,8 +151,8 @@ class GAN(Family):
         return self._scorers[split]
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
-        """Domain FID and IS of generated images against `split` (all of model.eval_samples when final, a tenth
-        (at least 500) on the way); {} when scoring is off (no labels, or model.eval_samples=0)."""
+        """Domain FID and IS (and the standard FID with model.fid_weights) of generated images against `split`
+        (all of model.eval_samples when final, a tenth (at least 500) on the way); {} when scoring is off."""
         ev = self._scorer(data, split, cfg, rt)
         if ev is None:
             return {}

@@ -1,24 +1,26 @@
 """Offline evaluation of image generators, and the health checks of a GAN run.
 
-Inception weights cannot be downloaded here, so FID and IS use a *domain* feature network: a classifier
-that deeprecipe trains on the same data set (a built-in classify recipe), saved once in a cache folder
-named by a hash of its config, and reused. FID compares the Gaussian statistics of its penultimate features
-(the input of its `head`) on real and generated images; IS is exp(E KL(p(y|x) || p(y))) of its class
-probabilities, so its ceiling is the number of classes. Both go through torchmetrics with that net as the
-custom feature extractor. When the user names Inception-v3 weights on disk, the standard FID is computed too.
-Domain FID values are comparable only between runs that share the feature net (same cache folder).
+Two FIDs, named for what they are:
+- `fid` (the run's metric), the *domain* FID: its features are those of a classifier that deeprecipe trains on the
+  same data set (a built-in classify recipe), saved once in a cache folder named by a hash of its config, and
+  reused. FID compares the Gaussian statistics of its penultimate features (the input of its `head`) on real and
+  generated images; IS is exp(E KL(p(y|x) || p(y))) of its class probabilities, so its ceiling is the number of
+  classes. Both go through torchmetrics with that net as the custom feature extractor. Domain values compare only
+  between runs that share the feature net (same cache folder); they are not comparable with published FIDs.
+- `fid_standard`, only when `model.fid_weights` names the FID Inception weights on disk (common/fid.py): the FID of
+  the papers (pytorch-fid, torch-fidelity, torchmetrics' default), comparable with published figures for the same
+  reference set and number of samples. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deeprecipe.common.features import DomainFeatures, classifier_features
+from deeprecipe.common.fid import StandardFID
 from deeprecipe.core import UserError
 
 
@@ -50,43 +52,6 @@ def feature_net(cfg, device: torch.device) -> DomainFeatures:
     return classifier_features(feature_config(cfg), cfg.data.name, device, get_family("classify"))
 
 
-def inception_features(path: str) -> nn.Module:
-    """torchvision's Inception-v3 with weights from a local file (safetensors or a state-dict .pth, read
-    weights-only): images in [-1, 1] -> 2048 pool features. Never downloads anything."""
-    from torchvision.models import inception_v3
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"model.inception_weights={path}: file not found (give a local Inception-v3 state dict)")
-    if p.suffix == ".safetensors":
-        from deeprecipe.engine.checkpoint import load_weights
-
-        state = load_weights(p)
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    missing, _ = net.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.startswith("AuxLogits")]:
-        raise UserError(f"{path}: not torchvision Inception-v3 weights (missing {missing[:3]})")
-    net.fc = nn.Identity()
-
-    class Inception(nn.Module):
-        num_features = 2048
-
-        def __init__(self):
-            super().__init__()
-            self.net = net.eval()
-            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-        def forward(self, x):  # (B, C, H, W) in [-1, 1] -> (B, 2048)
-            x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            return self.net(((x + 1) / 2 - self.mean) / self.std)
-
-    return Inception()
-
-
 # ------------------------------------------------------------------------------------------ FID and IS
 
 
@@ -102,14 +67,14 @@ def _metrics(features: nn.Module, logits: bool):
 
 
 class Evaluator:
-    """FID (domain, and Inception when given), IS and the class histogram of generated images.
+    """The domain FID, IS and class histogram of generated images (with `feats`), and the standard FID (with
+    `standard`).
 
     Real statistics are computed once (`add_real`); `score(images)` scores one batch stream of fakes."""
 
-    def __init__(self, feats: DomainFeatures | None, inception: nn.Module | None = None, device="cpu"):
-        self.feats, self.device = feats, torch.device(device)
+    def __init__(self, feats: DomainFeatures | None, standard: StandardFID | None = None, device="cpu"):
+        self.feats, self.standard, self.device = feats, standard, torch.device(device)
         self.fid = _metrics(feats, False).to(self.device) if feats is not None else None
-        self.inception = _metrics(inception, False).to(self.device) if inception is not None else None
         self.real_spread = None
 
     @torch.no_grad()
@@ -121,19 +86,19 @@ class Evaluator:
             if self.fid is not None:
                 self.fid.update(x, real=True)
                 spreads.append(spread(self.feats(x)))
-            if self.inception is not None:
-                self.inception.update(x, real=True)
+            if self.standard is not None:
+                self.standard.update(x, real=True)
         self.real_spread = float(torch.tensor(spreads).mean()) if spreads else None
 
     @torch.no_grad()
     def score(self, batches) -> dict:
-        """FID, IS, the class histogram and the feature spread of generated images (batches in [-1, 1])."""
+        """FIDs, IS, the class histogram and the feature spread of generated images (batches in [-1, 1])."""
         out, logits, spreads = {}, [], []
         if self.fid is not None:
             self.fid.reset()
             is_metric = _metrics(nn.Identity(), True).to(self.device)  # fed with the logits computed below
-        if self.inception is not None:
-            self.inception.reset()
+        if self.standard is not None:
+            self.standard.reset()
         for x in batches:
             x = x.to(self.device)
             if self.fid is not None:
@@ -142,8 +107,8 @@ class Evaluator:
                 logits.append(lg)
                 spreads.append(spread(f))
                 is_metric.update(lg)
-            if self.inception is not None:
-                self.inception.update(x, real=False)
+            if self.standard is not None:
+                self.standard.update(x, real=False)
         if self.fid is not None:
             out["fid"] = float(self.fid.compute())
             with warnings.catch_warnings():
@@ -155,8 +120,8 @@ class Evaluator:
             out["spread"] = float(torch.tensor(spreads).mean())
             if self.real_spread:
                 out["spread_ratio"] = out["spread"] / self.real_spread
-        if self.inception is not None:
-            out["fid_inception"] = float(self.inception.compute())
+        if self.standard is not None:
+            out |= self.standard.compute()
         return out
 
 

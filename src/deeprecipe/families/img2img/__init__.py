@@ -21,7 +21,9 @@ next to the classic baseline of the mode: bicubic up-sampling for sr, the PSNR o
 inpainting when installed) for inpaint, the untranslated input for paired data, the cycle reconstruction for
 unpaired data without known pairs; translations (label2image, paired, unpaired; of scenes or between two
 folders) also get the domain FID of their outputs against the real targets (metrics.DomainFID), at the final
-evaluation and on the test split, with the untranslated input's FID as the baseline of a change of look.
+evaluation and on the test split, with the untranslated input's FID as the baseline of a change of look; with
+model.fid_weights every mode also gets the standard FID of its outputs against the targets (`fid_standard`, on the
+FID Inception: common/fid.py), comparable with published figures.
 What differs between the modes is one table (modes.py); inference on files and uploads (predict, the
 endpoints) is in infer.py.
 """
@@ -32,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from deeprecipe.common.adversarial import d_loss, g_loss
+from deeprecipe.common.fid import StandardFID, check_file
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
@@ -79,6 +82,8 @@ class Img2Img(Family):
             raise ConfigError(f"model.loss={cfg.model.loss}: use nonsat or hinge")
         if cfg.optim.label_smoothing:
             raise ConfigError("optim.label_smoothing does not apply to img2img")
+        if cfg.model.fid_weights:
+            check_file(cfg.model.fid_weights)  # before training, not at the final evaluation
 
     def parts(self, model: nn.Module, cfg: Config) -> dict[str, tuple[nn.Module, float]]:
         if model.mode == "unpaired":
@@ -170,6 +175,11 @@ class Img2Img(Family):
             self._features = make(cfg, rt.device)
         return im.DomainFID(self._features, inputs=not MODES[mode].labels_in)
 
+    def _standard(self, cfg: Config, rt: Runtime) -> StandardFID | None:
+        """A new standard FID (the FID Inception of model.fid_weights) of the outputs against the targets, any mode;
+        None without the weights file."""
+        return StandardFID(cfg.model.fid_weights, rt.device) if cfg.model.fid_weights else None
+
     @torch.no_grad()
     def _run_split(
         self,
@@ -181,9 +191,10 @@ class Img2Img(Family):
         keep: int = 0,
         telea: bool = False,
         fid=None,
+        standard: StandardFID | None = None,
     ):
         """(scores, kept (input, output, target, extra) of the first `keep` examples) over a split; with `fid` (a
-        DomainFID), the scores include its FIDs."""
+        DomainFID), the scores include its FIDs, with `standard` (a new StandardFID) `fid_standard`."""
         spec, mode = data.spec, data.spec.extra["mode"]
         model.eval()
         scores, kept = im.Scores(), []
@@ -205,15 +216,20 @@ class Img2Img(Family):
                 extra = MODES[mode].baseline(scores, x, o, tt, telea)
             if fid is not None:
                 fid.add(out, t.float(), None if MODES[mode].labels_in else x.float())
+            if standard is not None:
+                standard.update(t, real=True)
+                standard.update(out, real=False)
             for i in range(min(len(x), keep - len(kept))):
                 kept.append((x[i].cpu(), out[i].cpu(), t[i].cpu(), None if extra is None else extra[i].cpu()))
-        return scores.means() | (fid.compute() if fid is not None else {}), kept
+        fids = (fid.compute() if fid is not None else {}) | (standard.compute() if standard is not None else {})
+        return scores.means() | fids, kept
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         """PSNR and SSIM of the outputs (per image, averaged) and of the mode's baseline (see the docstring); at the
-        final evaluation the domain FID of translated scenes too."""
+        final evaluation the domain FID of translations and the standard FID (with model.fid_weights) too."""
         fid = self._fid(cfg, data.spec, rt) if final else None
-        return self._run_split(model, data, split, cfg, rt, fid=fid)[0]
+        standard = self._standard(cfg, rt) if final else None
+        return self._run_split(model, data, split, cfg, rt, fid=fid, standard=standard)[0]
 
     def snapshot(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime) -> dict[str, torch.Tensor]:
         """Input / output / target of 4 held-out examples at each evaluation."""
@@ -223,12 +239,12 @@ class Img2Img(Family):
         return {"translations": plots.grid(tiles, 2 * (len(tiles) // max(1, len(kept))))}
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
-        """Test scores (the domain FID included) with the baselines in one table (plots/quality.txt) and rows of
+        """Test scores (the FIDs included) with the baselines in one table (plots/quality.txt) and rows of
         input / output / target (plots/img2img.png)."""
         split = data.final_split()
-        fid = self._fid(cfg, data.spec, rt)
+        fid, standard = self._fid(cfg, data.spec, rt), self._standard(cfg, rt)
         with torch.no_grad(), rt.autocast():
-            m, kept = self._run_split(model, data, split, cfg, rt, keep=8, telea=True, fid=fid)
+            m, kept = self._run_split(model, data, split, cfg, rt, keep=8, telea=True, fid=fid, standard=standard)
         pdir = Path(run_dir) / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
         table = plots.quality_table(m, data.spec.extra["mode"], split, len(data.split(split)))

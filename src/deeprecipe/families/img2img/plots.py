@@ -88,4 +88,6 @@ def quality_table(m: dict, mode: str, split: str, n: int) -> str:
     if "fid" in m:
         inp = f", of the untranslated input {m['fid_input']:.2f}" if "fid_input" in m else ""
         lines.append(f"domain FID against the real targets (scene U-Net features): model {m['fid']:.2f}{inp}")
+    if "fid_standard" in m:
+        lines.append(f"standard FID against the real targets (FID Inception): model {m['fid_standard']:.2f}")
     return "\n".join(lines)
