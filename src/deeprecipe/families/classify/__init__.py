@@ -95,7 +95,7 @@ def gradcam_mistakes(
     plots.image_grid(torch.stack(panels), captions, path, "Grad-CAM of the predicted class, worst mistakes", cols=4)
 
 
-def serve_explain(ctx) -> None:
+def serve_explain(ctx: ServeContext) -> None:
     """POST /explain?method=gradcam|ig|occlusion: an image file -> the predicted class and the overlay of its
     attribution (explain_tensor, as `deeprecipe explain` runs it), one request at a time in a worker thread."""
     import base64

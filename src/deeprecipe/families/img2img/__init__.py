@@ -129,7 +129,7 @@ class Img2Img(Family):
                     update.backward("g", loss, {M.pixel_loss: pix, "g_adv": adv})
         update.step("g")
 
-    def _cycle_step(self, model: nn.Module, batches: list, cfg: Config, update) -> None:
+    def _cycle_step(self, model: nn.Module, batches: list, cfg: Config, update: Update) -> None:
         M, D, made = cfg.model, model.discriminators, []
         for k, (a, b) in enumerate(batches):
             with update.micro(k):
