@@ -2,9 +2,9 @@
 FrechetInceptionDistance on the 2048 pool features of the FID Inception, the TensorFlow Inception-v3 of the original
 FID code ported to PyTorch (`pt_inception-2015-12-05-6726825d.pth`, the weights pytorch-fid, torch-fidelity and
 torchmetrics' default use), with torch-fidelity's resizing to 299 x 299 (TensorFlow 1.x bilinear, no antialiasing:
-torchmetrics' antialias=True default is not what the published figures used). Figures then compare with published
-ones computed on the same reference images and the same number of samples (FID is biased: it falls as the number of
-images grows).
+the antialias=True default of torchmetrics 1.8 and later is not what the published figures used). Figures then
+compare with published ones computed on the same reference images and the same number of samples (FID is biased: it
+falls as the number of images grows).
 
 The weights are a local file the user names (`model.fid_weights`); nothing is downloaded. The file is read here
 weights-only (torch-fidelity itself would unpickle it in full) and handed on re-serialized in memory; a strict load
