@@ -294,6 +294,39 @@ def test_batcher_keeps_order_and_max_batch():
     assert max(sizes) <= 4 and sum(sizes) == 10
 
 
+def test_locked_runs_one_model_call_at_a_time_and_answers_a_user_error_with_the_status_asked():
+    """ctx.locked (the unbatched endpoints' model call): calls made together each return their own answer and never
+    overlap (the model lock); a UserError of the call is the status given as `bad`, and stays a UserError without."""
+    from fastapi import HTTPException
+
+    from deeprecipe.core import UserError
+    from deeprecipe.serve.server import ServeContext
+
+    ctx = ServeContext(None, None, None, None, ServeOptions(), None, Metrics())
+    inside, most = [0], [0]
+
+    def call(x):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.005)  # room for another thread to come in, if the lock let it
+        inside[0] -= 1
+        return 2 * x
+
+    async def together():
+        return await asyncio.gather(*[ctx.locked(call, i) for i in range(8)])
+
+    assert asyncio.run(together()) == [2 * i for i in range(8)] and most[0] == 1
+
+    def refuse():
+        raise UserError("nothing detected")
+
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(ctx.locked(refuse, bad=422))
+    assert (e.value.status_code, e.value.detail) == (422, "nothing detected")
+    with pytest.raises(UserError, match="nothing detected"):
+        asyncio.run(ctx.locked(refuse))
+
+
 @pytest.mark.parametrize(
     "missing, verb",
     [("uvicorn", ["serve"]), ("prometheus_client", ["serve"]), ("onnxruntime", ["export"])],
