@@ -530,3 +530,12 @@ def test_telea_fills_a_flat_image_nearly_exactly():
     hole = degrade.holes(2, 20, 20, "box", 0.25, draws(1), "cpu")
     filled = im.telea(img * (1 - hole), hole)
     assert filled.shape == img.shape and (filled - img).abs().max() <= 4 / 255
+
+
+def test_the_modes_table_has_an_entry_for_every_mode_the_data_makes():
+    """Every data.mode the img2img data set accepts has its row in the family's table (modes.py): a new mode fails
+    here, not at its first prepare, predict or request."""
+    from deeprecipe.data.img2img import MODES as DATA_MODES
+    from deeprecipe.families.img2img.modes import MODES
+
+    assert set(MODES) == set(DATA_MODES)
