@@ -398,7 +398,7 @@ def restore(run_dir: Path, cfg: Config, model: nn.Module, parts: list[Part], ema
     model.load_state_dict(checkpoint.split_prefix(weights, "model."))
     for part in parts:
         part.opt.load_state_dict(state["optimizers"][part.name])
-        if part.opt.defaults.get("fused"):
+        if part.opt.defaults.get("capturable"):
             optim.device_lr(part.opt)
     if ema is not None:
         ema.module.load_state_dict(checkpoint.split_prefix(weights, "ema."))

@@ -42,11 +42,14 @@ def adamw(
     groups = param_groups(model, cfg.weight_decay, lr_scale, lr_mult)
     if not groups:
         raise ConfigError("the model has no trainable parameters (everything is frozen)")
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    # on CUDA: the fused kernel, capturable (a CUDA graph of the whole step may replay it), each group's lr a
-    # 0-d tensor on the device that set_lr changes in place (a captured step reads the current value)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None, capturable=fused)
-    if fused:
+    devices = {p.device.type for g in groups for p in g["params"]}
+    cuda = devices == {"cuda"}
+    # the fused kernel on CUDA and on the CPU (on the CPU 3-4x faster than the foreach update: about 5% of a
+    # small CNN's step); on CUDA also capturable (a CUDA graph of the whole step may replay it), each group's lr
+    # a 0-d tensor on the device that set_lr changes in place (a captured step reads the current value)
+    fused = cuda or devices == {"cpu"}
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None, capturable=cuda)
+    if cuda:
         device_lr(opt)
     return opt
 
