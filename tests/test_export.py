@@ -202,6 +202,7 @@ def test_int8_file_is_smaller_and_scores_close_to_float_on_the_test_split(run_di
     f, q = r["float"], r["int8"]
     assert q["file"] == str(tmp_path / "m.int8.onnx") and os.path.isfile(q["file"])
     assert q["bytes"] < f["bytes"] and r["metric"] == "acc" and r["split"] == "test" and r["calibration"] == 64
+    assert r["kernels"] == export.int8_range()[1]
     # the oracle for the float figure: the PyTorch model's accuracy on the same split
     with torch.no_grad():
         want = family.evaluate(model.eval(), data, "test", cfg, rt, True)["acc"]
@@ -210,6 +211,23 @@ def test_int8_file_is_smaller_and_scores_close_to_float_on_the_test_split(run_di
     assert {1, 32} <= set(q["latency_ms"]) and all(v > 0 for v in q["latency_ms"].values())
     assert json.loads((tmp_path / "m.int8.json").read_text())["int8"]["bytes"] == q["bytes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.json", "m.int8.onnx", "m.json", "m.onnx"]
+
+
+@pytest.mark.parametrize(
+    "flags,reduce",
+    [
+        ({"sse2", "avx2", "avx512f", "avx512_vnni"}, False),
+        ({"sse2", "avx2", "avx_vnni"}, False),
+        ({"sse2", "avx2", "avx512f", "avx512bw"}, True),
+        ({"fp", "asimd", "asimddp"}, False),
+    ],
+)
+def test_int8_weights_keep_8_bits_only_where_the_cpu_sums_them_without_saturating(monkeypatch, flags, reduce):
+    import deeprecipe.engine.device as device
+
+    monkeypatch.setattr(device, "cpu_info", lambda: ("Some CPU", flags))
+    got, why = export.int8_range()
+    assert got is reduce and "Some CPU" in why and ("7-bit" in why) is reduce
 
 
 def test_int8_refuses_nets_it_does_not_apply_to_in_one_line(run_dir, cli):
