@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import yaml
@@ -186,8 +187,8 @@ def test_train_values_out_of_range_fail_early(override):
     ],
 )
 def test_values_out_of_range_fail_at_config_time(recipe, override, says):
-    """A value outside its range (declared beside the field, or in config.RANGES for data and model fields) is a
-    one-line ConfigError naming the field, not a torch error."""
+    """A value outside its range (declared beside the field, config.ranged) is a one-line ConfigError naming the
+    field, not a torch error."""
     with pytest.raises(ConfigError) as e:
         load(recipe, [override])
     assert str(e.value) == says and "\n" not in str(e.value)
@@ -246,3 +247,108 @@ def test_any_dataclass_with_a_ranged_field_is_checked_where_it_is_read():
         config.from_dict(Mine, {"width": 0}, "model")
     with pytest.raises(ConfigError, match=r"^model.rates=\[0.5, 1.0\]: each value must be in \[0, 1\)$"):
         config.from_dict(Mine, {"rates": [0.5, 1]}, "model")
+
+
+# Field names whose ranges once lived in a table in config.py, one rule per name for any data set or model: every
+# numeric field of a registered class with one of these names now declares its range beside it (or its choices).
+FORMERLY_TABLED = {
+    "data": {"val_fraction", "test_fraction", "image_size", "crop_pad", "limit", "per_class", "size", "scale"}
+    | {"frames", "stride", "eval_clips", "block_size", "max_len", "train_size", "val_size", "test_size", "noise"},
+    "model": {"dropout", "attn_dropout", "real_label", "dice", "d_lr_scale", "length_penalty", "beam", "latent"}
+    | {"hidden", "channels", "dense", "width", "blocks", "depth", "stages", "n_layer", "n_head", "n_embd", "d_model"},
+}
+SECTIONS = [("data", name, cls) for name, cls in DATASETS.items()] + [("model", n, c) for n, c in MODELS.items()]
+
+
+def _leaves(tp) -> set:
+    """The plain types inside an annotation: tuple[int, ...] -> {int}, float | None -> {float, NoneType}."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return {type(a) for a in args}
+    return set().union(*map(_leaves, args)) if args else {tp}
+
+
+def _out_of_range(rule: str, kind: type):
+    """The value just outside `rule` below it: the bound itself when it is excluded, else one less."""
+    lo = float(rule.lstrip(">=[( ").split(",")[0])
+    excluded = rule.startswith("(") or (rule.startswith(">") and not rule.startswith(">="))
+    value = lo if excluded else lo - 1
+    return int(value) if kind is int else value
+
+
+def _ranged_fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "range" in f.metadata]
+
+
+def _choice_fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is typing.Literal]
+
+
+@pytest.mark.parametrize("section, name, cls", SECTIONS, ids=[f"{s}.{n}" for s, n, _ in SECTIONS])
+def test_every_numeric_field_once_in_the_table_declares_its_range_beside_it(section, name, cls):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        numeric = _leaves(hints[f.name]) & {int, float}
+        if f.name in FORMERLY_TABLED[section] and numeric:
+            literal = typing.get_origin(hints[f.name]) is typing.Literal
+            assert "range" in f.metadata or literal, f"{cls.__name__}.{f.name}: declare it with config.ranged"
+
+
+@pytest.mark.parametrize("section, name, cls", SECTIONS, ids=[f"{s}.{n}" for s, n, _ in SECTIONS])
+def test_a_data_or_model_value_outside_its_range_is_one_line_naming_the_key_and_the_rule(section, name, cls):
+    for f, tp in _ranged_fields(cls):
+        rule = f.metadata["range"]
+        default = getattr(cls(), f.name)
+        if isinstance(default, (list, tuple)):  # one item out of range: the rule holds for each
+            kind = type(default[0])
+            bad = [*default[:-1], _out_of_range(rule, kind)]
+        else:
+            kind = int if int in _leaves(tp) else float
+            bad = _out_of_range(rule, kind)
+        with pytest.raises(ConfigError) as e:
+            config.from_dict(cls, {"name": name, f.name: bad}, section)
+        said = str(e.value)
+        assert said.startswith(f"{section}.{f.name}=") and said.endswith(rule) and "\n" not in said, said
+        config.from_dict(cls, {"name": name, f.name: default}, section)  # the default lies inside
+
+
+@pytest.mark.parametrize("section, name, cls", SECTIONS, ids=[f"{s}.{n}" for s, n, _ in SECTIONS])
+def test_a_wrong_choice_of_a_data_or_model_field_names_the_nearest_one(section, name, cls):
+    for f, tp in _choice_fields(cls):
+        choices = typing.get_args(tp)
+        shown = ", ".join(str(c) if c != "" else '""' for c in choices)
+        for c in choices:
+            if isinstance(c, str) and c:
+                with pytest.raises(ConfigError) as e:
+                    config.from_dict(cls, {"name": name, f.name: c + "x"}, section)
+                assert str(e.value) == f"{section}.{f.name}={c}x: did you mean '{c}'? (one of {shown})"
+        if all(isinstance(c, int) for c in choices):
+            with pytest.raises(ConfigError) as e:
+                config.from_dict(cls, {"name": name, f.name: max(choices) + 1}, section)
+            assert str(e.value) == f"{section}.{f.name}={max(choices) + 1}: use one of {shown}"
+
+
+@pytest.mark.parametrize(
+    "recipe, override, says",
+    [
+        ("scenes-detect", "model.backbone=resnt", "did you mean 'resnet'? (one of resnet, cnn, tv-resnet18)"),
+        ("scenes-inpaint", "data.holes=stroke", "did you mean 'strokes'? (one of box, strokes, both)"),
+        ("scenes-sr4", "data.scale=5", "use one of 2, 3, 4, 8"),
+        ("shakespeare-char-gpt", "model.size=big", 'use one of "", tiny, mini, small, medium, gpt2-124M'),
+        ("fashion-mnist-resnet", "model.layout=resnet50", "did you mean 'resnet20'?"),
+    ],
+)
+def test_recipes_refuse_a_wrong_choice_before_anything_is_built(recipe, override, says):
+    with pytest.raises(ConfigError) as e:
+        load(recipe, [override])
+    assert str(e.value).startswith(f"{override}: {says}")
+
+
+def test_the_named_sizes_and_layouts_are_the_choices_of_their_fields():
+    from deeprecipe.models.gpt import SIZES, GPTConfig
+    from deeprecipe.models.resnet import LAYOUTS, ResNetConfig
+
+    assert typing.get_args(typing.get_type_hints(GPTConfig)["size"]) == ("", *SIZES)
+    assert typing.get_args(typing.get_type_hints(ResNetConfig)["layout"]) == tuple(LAYOUTS)

@@ -332,6 +332,7 @@ def test_train_predict_writes_json_boxes_and_a_drawing(tmp_path, cli):
 
 
 def test_tv_detector_loads_a_local_weights_file_and_detects(tmp_path):
+    from deeprecipe.config import from_dict
     from deeprecipe.core import ConfigError
 
     spec = tiny_spec(64)
@@ -343,8 +344,8 @@ def test_tv_detector_loads_a_local_weights_file_and_detects(tmp_path):
     assert all(torch.equal(v, b.net.state_dict()[k]) for k, v in a.net.state_dict().items())
     with pytest.raises(ConfigError, match="no such file"):
         MODELS["tv-detector"](weights_path=str(tmp_path / "none.pth")).build(spec)
-    with pytest.raises(ConfigError, match="is not one of"):
-        MODELS["tv-detector"](arch="yolo").build(spec)
+    with pytest.raises(ConfigError, match="model.arch=yolo: use one of fasterrcnn_mobilenet_v3_large_320_fpn, "):
+        from_dict(MODELS["tv-detector"], {"arch": "yolo"}, "model")
     dets = b.eval().detect(torch.randn(2, 3, 64, 64))
     assert len(dets) == 2 and all(d[0].shape[-1] == 4 and len(d[1]) == len(d[2]) for d in dets)
 

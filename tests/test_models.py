@@ -269,10 +269,10 @@ def test_default_config_builds_for_its_case(name):
 
 
 def test_resnet_rejects_unknown_layout():
-    from deeprecipe.config import ConfigError
+    from deeprecipe.config import ConfigError, from_dict
 
-    with pytest.raises(ConfigError, match="resnet20"):
-        MODELS["resnet"](layout="resnet7").build(image_case(None).spec)
+    with pytest.raises(ConfigError, match="^model.layout=resnet7: .*resnet20"):
+        from_dict(MODELS["resnet"], {"layout": "resnet7"}, "model")
 
 
 def test_user_model_file(tmp_path):

@@ -11,7 +11,6 @@ from deeprecipe.config import (
     GPU_KEY,
     TUNE_KEY,
     Config,
-    check_ranges,
     check_train,
     from_dict,
     read_recipe,
@@ -42,7 +41,6 @@ def resolve(raw: dict, name: str = "") -> Config:
     cfg.data = from_dict(data_config_class(sections["data"].get("name", "digits")), sections["data"], "data")
     cfg.model = from_dict(model_config_class(sections["model"].get("name", "cnn")), sections["model"], "model")
     check_train(cfg.train)
-    check_ranges(cfg)
     ft = cfg.finetune
     pretrained = getattr(cfg.model, "weights", "")  # a zoo model's start (models/pretrained.py)
     if not (ft.init_from or pretrained) and (ft.freeze or ft.head_lr != 1 or ft.backbone_lr != 1 or ft.unfreeze_after):

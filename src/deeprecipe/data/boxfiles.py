@@ -43,16 +43,19 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, StreamSplit, pad_targets
 from deeprecipe.data.detect import BoxData, box_spec, ignored, placement, to_model_boxes, to_model_image
 from deeprecipe.data.image_ops import EXTS, read
 
-FORMATS = ("voc", "coco", "yolo", "kitti")
+Format = Literal["voc", "coco", "yolo", "kitti"]
+FORMATS = get_args(Format)
 KITTI_CLASSES = ["Car", "Pedestrian", "Cyclist"]
 SPLITS = ("train", "val", "test")
 
@@ -420,25 +423,23 @@ class BoxFilesData(BoxData):
 
     name: str = "boxfiles"
     path: str = ""
-    format: str = "voc"  # voc | coco | yolo | kitti
+    format: Format = "voc"
     classes: list[str] = field(default_factory=list)  # class names in id order (COCO: from its categories)
     annotations: str = ""  # COCO: the one JSON file of a set without splits (default path/annotations.json)
     train_ann: str = ""  # COCO: the train split's JSON (with val_ann / test_ann: an official split)
     val_ann: str = ""
     test_ann: str = ""
-    size: tuple[int, int] = (128, 128)  # (H, W) every image enters the net at, with its boxes
+    size: tuple[int, int] = ranged((128, 128), "> 0")  # (H, W) every image enters the net at, with its boxes
     letterbox: bool = False  # keep the aspect ratio (scale to fit, pad) instead of resizing to size
     strict: bool = False  # refuse clipped boxes, images without boxes and label files without an image
     cache: bool = False  # keep the resized images on disk (see the module docstring)
-    in_memory_mb: int = field(default=1024, metadata={"range": ">= 0"})  # decoded sets up to this size are held
+    in_memory_mb: int = ranged(1024, ">= 0")  # decoded sets up to this size are held
     # in memory (a TensorSplit); larger ones are streamed (0: always stream)
-    val_fraction: float = 0.1  # of train, for validation, when the set has no val split
-    test_fraction: float = 0.1  # for test, when the set has no official split at all
+    val_fraction: float = ranged(0.1, "[0, 1)")  # of train, for validation, when the set has no val split
+    test_fraction: float = ranged(0.1, "[0, 1)")  # for test, when the set has no official split at all
     split_seed: int = 0  # the random split is fixed by this seed, not the training seed
 
     def build(self) -> Data:
-        if self.format not in FORMATS:
-            raise DataError(f"data.format={self.format!r}: use one of {', '.join(FORMATS)}")
         if len(self.size) != 2 or min(self.size) < 8:
             raise DataError(f"data.size={list(self.size)}: give [height, width], each at least 8 pixels")
         root = Path(os.path.expanduser(os.path.expandvars(self.path)))
@@ -582,8 +583,6 @@ class BoxFilesData(BoxData):
 
     def carve(self, found: dict) -> dict[str, list[Item]]:
         """Official splits as found (val carved out of train when missing); a set without any: split at random."""
-        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
-            raise DataError("data.val_fraction and data.test_fraction must lie in [0, 1)")
         items = found.get(None) or found.get("train") or []
         official = None not in found
         n = len(items)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
 from deeprecipe.data.image_ops import resize
 from deeprecipe.data.scenes import render_scenes, render_splits
@@ -168,7 +169,7 @@ class BoxData:
 
     name: str = ""
     flip: bool = True  # random horizontal flip of the image and its boxes
-    scale: tuple[float, float] = (0.8, 1.25)  # random zoom range; (1, 1) turns it off
+    scale: tuple[float, float] = ranged((0.8, 1.25), "> 0")  # random zoom range; (1, 1) turns it off
     crop: int = 0  # train on random square crops of this size (0: the full image, randomly shifted)
     min_visible: float = 0.4  # a box cut by the crop keeps its label when this share of it stays in view
 
@@ -189,10 +190,10 @@ class ScenesDetectData(BoxData):
     """Generated driving scenes with boxes; see the module docstring."""
 
     name: str = "scenes-detect"
-    size: tuple[int, int] = (128, 128)  # (H, W) of every image
-    train_size: int = 4000
-    val_size: int = 200
-    test_size: int = 500
+    size: tuple[int, int] = ranged((128, 128), "> 0")  # (H, W) of every image
+    train_size: int = ranged(4000, "> 0")
+    val_size: int = ranged(200, ">= 0")
+    test_size: int = ranged(500, ">= 0")
     seed: int = 0  # shifts every split's range of scene numbers
     min_pixels: int = 8  # an object showing fewer pixels is not labelled
     min_side: int = 2  # nor one whose visible box is narrower or lower than this (pixels)

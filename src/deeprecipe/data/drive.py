@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deeprecipe.config import ranged
 from deeprecipe.core import DataError, DataSpec
 from deeprecipe.data.core import Data, TensorSplit
 from deeprecipe.data.scenes import hash_ints
@@ -212,10 +213,10 @@ class DriveData:
     path: str = ""  # the rollout folder ("": $DEEPRECIPE_DATA/driving/<env>-<episodes>ep-seed<seed>)
     episodes: int = 200  # expert episodes recorded when `path` holds no shard yet
     seed: int = 0  # first episode seed of the recording
-    frames: int = 4  # stacked frames per observation
-    size: tuple[int, int] = (64, 128)  # frame (H, W)
+    frames: int = ranged(4, "> 0")  # stacked frames per observation
+    size: tuple[int, int] = ranged((64, 128), "> 0")  # frame (H, W)
     include: list[str] = field(default_factory=list)  # more shard files or folders (DAgger rounds)
-    noise: float | None = None  # recording noise (data.drive.record; None: the control's default, 0: none)
+    noise: float | None = ranged(None, ">= 0")  # recording noise (data.drive.record; None: control's default, 0: none)
     eval_episodes: int = 20  # closed-loop episodes of a final evaluation (held-out seeds)
 
     def folder(self) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.image_ops import EXTS, ink_extent, read, resize
 
@@ -43,15 +44,15 @@ class ImageData:
 
     name: str = ""
     path: str = ""  # where the files are (file, folder or CSV, depending on the data set)
-    val_fraction: float = 0.1  # of train, held out for validation when the set has no val split
-    test_fraction: float = 0.0  # of train, held out for test when the set has no test split
+    val_fraction: float = ranged(0.1, "[0, 1)")  # of train, held out for validation when the set has no val split
+    test_fraction: float = ranged(0.0, "[0, 1)")  # of train, held out for test when the set has no test split
     split_seed: int = 0  # the train/val/test split is fixed by this seed, not the training seed
-    image_size: int = 0  # resize to this square size (0: keep; folders need it when sizes differ)
+    image_size: int = ranged(0, ">= 0")  # resize to this square size (0: keep; folders need it when sizes differ)
     channels: int = 0  # 1 (gray) or 3 (RGB); 0: as the files are
-    crop_pad: int = 0  # augmentation: random crop after zero padding by this many pixels (0: off)
+    crop_pad: int = ranged(0, ">= 0")  # augmentation: random crop after zero padding by this many pixels (0: off)
     flip: bool = False  # augmentation: random horizontal flip (off for digits and text-like images)
-    limit: int = 0  # use at most N training examples (0: all); for quick runs and few-label studies
-    per_class: int = 0  # keep only N training examples of each class, drawn by split_seed (0: all); few-label studies
+    limit: int = ranged(0, ">= 0")  # use at most N training examples (0: all); for quick runs and few-label studies
+    per_class: int = ranged(0, ">= 0")  # keep N training examples per class, drawn by split_seed (0: all)
     class_ids: list[int] = field(
         default_factory=list
     )  # keep only these class ids, numbered 0.. in this order ([]: all)
@@ -125,8 +126,8 @@ class DigitsData(ImageData):
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images): needs nothing but scikit-learn."""
 
     name: str = "digits"
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1
+    test_fraction: float = ranged(0.2, "[0, 1)")
+    val_fraction: float = ranged(0.1, "[0, 1)")
     ink: bool = True
 
     def build(self) -> Data:
@@ -167,7 +168,7 @@ class MNISTData(ImageData):
     """MNIST-format IDX files in `path` (train-images-idx3-ubyte[.gz], t10k-..., labels likewise)."""
 
     name: str = "mnist"
-    val_fraction: float = 1 / 12  # 5,000 of 60,000
+    val_fraction: float = ranged(1 / 12, "[0, 1)")  # 5,000 of 60,000
     ink: bool = True
 
     def build(self) -> Data:
@@ -322,7 +323,7 @@ class ImageFolderData(ImageData):
     """One folder per class under `path`; or `path`/train, `path`/val, `path`/test each laid out that way."""
 
     name: str = "imagefolder"
-    image_size: int = 32
+    image_size: int = ranged(32, ">= 0")
 
     def build(self) -> Data:
         root = Path(self.path)
@@ -349,8 +350,8 @@ class CSVData(ImageData):
     """A CSV with columns path,label (a header row is optional); paths are relative to the CSV's folder."""
 
     name: str = "csv"
-    image_size: int = 32
-    test_fraction: float = 0.1
+    image_size: int = ranged(32, ">= 0")
+    test_fraction: float = ranged(0.1, "[0, 1)")
 
     def build(self) -> Data:
         p = Path(self.path)

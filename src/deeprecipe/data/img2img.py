@@ -22,17 +22,18 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
 from deeprecipe.data.image_ops import EXTS, read
-from deeprecipe.data.scenes import IGNORE, LOOKS, SCENE_CLASSES, SCENE_PALETTE, SPLIT_BASE, render_scenes
+from deeprecipe.data.scenes import IGNORE, SCENE_CLASSES, SCENE_PALETTE, SPLIT_BASE, render_scenes
 
-MODES = ("sr", "inpaint", "label2image", "paired", "unpaired")
-SOURCES = ("scenes", "fashion-mnist", "folder", "pairs")
-HOLES = ("box", "strokes", "both")
+Mode = Literal["sr", "inpaint", "label2image", "paired", "unpaired"]
+MODES = get_args(Mode)
 
 
 @dataclass
@@ -40,41 +41,26 @@ class Img2ImgData:
     """What an img2img run learns from; see the module docstring."""
 
     name: str = "img2img"
-    mode: str = "sr"  # sr | inpaint | label2image | paired | unpaired
-    source: str = "scenes"  # scenes | fashion-mnist | folder (data.path: any images) | pairs (data.path/A, /B)
+    mode: Mode = "sr"
+    source: Literal["scenes", "fashion-mnist", "folder", "pairs"] = "scenes"  # folder: data.path; pairs: its A/, B/
     path: str = ""  # folder of images (folder), or of A/ and B/ (pairs); fashion-mnist: its IDX files (optional)
-    size: tuple[int, int] = (128, 128)  # (H, W) of scenes and folder images (fashion-mnist stays 28 x 28)
-    train_size: int = 2000  # scenes drawn per split; fashion-mnist and folders: at most this many (0: all)
-    val_size: int = 100
-    test_size: int = 200
-    val_fraction: float = 0.1  # folders and pairs: of the files, held out for validation (as much again for test)
+    size: tuple[int, int] = ranged((128, 128), "> 0")  # (H, W) of scenes and folder images (fashion-mnist: 28 x 28)
+    train_size: int = ranged(2000, ">= 0")  # scenes per split; fashion-mnist, folders: at most this many (0: all)
+    val_size: int = ranged(100, ">= 0")
+    test_size: int = ranged(200, ">= 0")
+    val_fraction: float = ranged(0.1, "[0, 1)")  # folders, pairs: of the files, for validation (as much for test)
     seed: int = 0  # scenes: shifts the scene numbers (as data.seed of the scenes data set)
-    look_a: str = "day"  # scenes, paired / unpaired: the look of A and of B (day | night | fog)
-    look_b: str = "night"
-    scale: int = 4  # sr: the shrink factor (2, 3, 4, 8)
-    blur: float = 0.0  # sr: Gaussian blur before shrinking, sigma (high-res pixels) drawn in [0, blur] per image
-    noise: float = 0.0  # sr: noise on the low-res image, std (of [0, 1] pixels) drawn in [0, noise] per image
-    holes: str = "box"  # inpaint: box | strokes | both (each image draws one)
-    hole_fraction: float = 0.25  # inpaint: area of a box hole (strokes cover about as much)
+    look_a: Literal["day", "night", "fog"] = "day"  # scenes, paired / unpaired: the look of A and of B
+    look_b: Literal["day", "night", "fog"] = "night"
+    scale: Literal[2, 3, 4, 8] = 4  # sr: the shrink factor
+    blur: float = ranged(0.0, ">= 0")  # sr: blur before shrinking, Gaussian sigma in [0, blur] px per image (high-res)
+    noise: float = ranged(0.0, ">= 0")  # sr: noise on the low-res image, std (of [0, 1] pixels) in [0, noise] per image
+    holes: Literal["box", "strokes", "both"] = "box"  # inpaint: each image draws one
+    hole_fraction: float = ranged(0.25, "[0.01, 0.75]")  # inpaint: area of a box hole (strokes cover about as much)
     crop: int = 0  # train on random square crops of this many pixels a side (0, or a side at least the image's:
     #                whole images); evaluation, predict and serve see whole images. sr: a multiple of the scale
 
     def build(self) -> Data:
-        if self.mode not in MODES:
-            raise DataError(f"data.mode={self.mode!r}: use one of {', '.join(MODES)}")
-        if self.source not in SOURCES:
-            raise DataError(f"data.source={self.source!r}: use one of {', '.join(SOURCES)}")
-        if self.holes not in HOLES:
-            raise DataError(f"data.holes={self.holes!r}: use one of {', '.join(HOLES)}")
-        if self.scale not in (2, 3, 4, 8):
-            raise DataError(f"data.scale={self.scale}: use 2, 3, 4 or 8")
-        if not 0.01 <= self.hole_fraction <= 0.75:
-            raise DataError(f"data.hole_fraction={self.hole_fraction}: use 0.01 .. 0.75")
-        if self.blur < 0 or self.noise < 0:
-            raise DataError("data.blur and data.noise must be >= 0")
-        for k in ("look_a", "look_b"):
-            if getattr(self, k) not in LOOKS[1:]:
-                raise DataError(f"data.{k}={getattr(self, k)!r}: use day, night or fog")
         if self.mode == "label2image" and self.source != "scenes":
             raise DataError("data.mode=label2image needs data.source=scenes (the renderer's per-pixel labels)")
         two = self.mode in ("paired", "unpaired")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, to_device
 from deeprecipe.data.text import BPETokenizer, resolve_path
 
@@ -136,7 +137,7 @@ class PairsData:
     test: str = ""  # "": no test split
     shared_vocab: bool = True  # one BPE vocabulary for both languages (lets the model tie all embeddings)
     vocab_size: int = 8000  # BPE vocabulary size (per language when not shared)
-    max_len: int = 100  # training pairs longer than this many tokens (either side) are dropped
+    max_len: int = ranged(100, "> 0")  # training pairs longer than this many tokens (either side) are dropped
 
     def build(self) -> Data:
         folder = resolve_path(self.path)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.image_ops import EXTS, read
 
@@ -117,7 +118,7 @@ class SegData:
 
     name: str = ""
     flip: bool = True  # random horizontal flip of image and mask together
-    scale: tuple[float, float] = (0.75, 1.25)  # random zoom range; (1, 1) turns it off
+    scale: tuple[float, float] = ranged((0.75, 1.25), "> 0")  # random zoom range; (1, 1) turns it off
     crop: int = 0  # train on random square crops of this size (0: the full image, randomly shifted)
 
     def build(self) -> Data:
@@ -468,10 +469,10 @@ class ScenesData(SegData):
     """Generated driving scenes with per-pixel labels; see the module docstring."""
 
     name: str = "scenes"
-    size: tuple[int, int] = (96, 96)  # (H, W) of every image, 96 to 256 pixels makes sense
-    train_size: int = 4000  # number of images per split; each split is a disjoint range of scene numbers
-    val_size: int = 400
-    test_size: int = 400
+    size: tuple[int, int] = ranged((96, 96), "> 0")  # (H, W) of every image, 96 to 256 pixels makes sense
+    train_size: int = ranged(4000, "> 0")  # number of images per split; each split is a disjoint range of scene numbers
+    val_size: int = ranged(400, ">= 0")
+    test_size: int = ranged(400, ">= 0")
     seed: int = 0  # shifts every split's range of scene numbers (a different but equally hard data set)
     chunk: int = 64  # images drawn per tensor batch (64 keeps the tensors in cache: fastest on CPU)
     look: Literal["any", "day", "night", "fog"] = "any"  # weather and light of every image (render_scenes)
@@ -561,10 +562,10 @@ class CityscapesData(SegData):
 
     name: str = "cityscapes"
     path: str = ""
-    size: tuple[int, int] = (128, 256)  # (H, W) images are resized to (the originals are 1024 x 2048)
-    val_fraction: float = 0.1
-    limit: int = 0  # use at most N training images (0: all)
-    in_memory_mb: int = field(default=1024, metadata={"range": ">= 0"})  # decoded pairs up to this are held in
+    size: tuple[int, int] = ranged((128, 256), "> 0")  # (H, W) images are resized to (the originals are 1024 x 2048)
+    val_fraction: float = ranged(0.1, "[0, 1)")
+    limit: int = ranged(0, ">= 0")  # use at most N training images (0: all)
+    in_memory_mb: int = ranged(1024, ">= 0")  # decoded pairs up to this are held in
     # memory; more are streamed from disk (0: always stream)
 
     def build(self) -> Data:
@@ -610,9 +611,9 @@ class MaskFolderData(SegData):
     path: str = ""
     classes: list[str] = field(default_factory=list)  # class names in id order (required)
     palette: list[list[int]] = field(default_factory=list)  # RGB colour per class: masks are colour images
-    size: tuple[int, int] = (128, 128)  # (H, W) every pair is resized to
-    val_fraction: float = 0.1  # of train, when there is no val folder
-    in_memory_mb: int = field(default=1024, metadata={"range": ">= 0"})  # decoded pairs up to this are held in
+    size: tuple[int, int] = ranged((128, 128), "> 0")  # (H, W) every pair is resized to
+    val_fraction: float = ranged(0.1, "[0, 1)")  # of train, when there is no val folder
+    in_memory_mb: int = ranged(1024, ">= 0")  # decoded pairs up to this are held in
     # memory; more are streamed from disk (0: always stream)
 
     def build(self) -> Data:

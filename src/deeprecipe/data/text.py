@@ -25,10 +25,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from deeprecipe.config import ranged
 from deeprecipe.core import UserError
 from deeprecipe.data.core import Data, DataError, DataSpec, to_device
 
@@ -306,20 +308,16 @@ class TextData:
 
     name: str = "text"
     path: str = ""  # a text file or a folder of them; $VARS expanded; relative paths also tried under $DEEPRECIPE_DATA
-    tokenizer: str = "char"  # char (one token per character) | bpe (byte-level BPE trained on the corpus)
+    tokenizer: Literal["char", "bpe"] = "char"  # char: a token per character; bpe: byte-level BPE trained on the corpus
     vocab_size: int = 4096  # BPE vocabulary size (char: the corpus's character set)
-    block_size: int = 256  # context length: tokens per training window
-    val_fraction: float = 0.1  # the last fraction of the tokens, held out for validation
+    block_size: int = ranged(256, "> 0")  # context length: tokens per training window
+    val_fraction: float = ranged(0.1, "(0, 1)")  # the last fraction of the tokens, held out for validation
     cache: str = ""  # folder for the token array and tokenizer ("": beside the data, else ~/.cache/deeprecipe)
     in_memory_mb: int = 1024  # token arrays up to this size are held in memory (and on the GPU)
     tokenizer_from: str = ""  # reuse the tokenizer of a run folder (fine-tuning: `--init-from` that run) instead
 
     def build(self) -> Data:
         fixed = saved_tokenizer(self.tokenizer_from) if self.tokenizer_from else None
-        if self.tokenizer not in TOKENIZERS:
-            raise DataError(f"data.tokenizer={self.tokenizer}: use char or bpe")
-        if not 0 < self.val_fraction < 1:
-            raise DataError(f"data.val_fraction={self.val_fraction}: must be between 0 and 1")
         path = resolve_path(self.path)
         files = list_files(path)
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

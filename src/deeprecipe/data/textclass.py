@@ -17,12 +17,14 @@ import json
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, TensorSplit
 from deeprecipe.data.pairs import pad, read_lines
-from deeprecipe.data.text import TOKENIZERS, BPETokenizer, CharTokenizer, resolve_path, saved_tokenizer
+from deeprecipe.data.text import BPETokenizer, CharTokenizer, resolve_path, saved_tokenizer
 
 PAD = 0
 LANGS = ("en", "de", "fr", "cs")  # the Multi30k caption files: {split}.{lang}.gz
@@ -128,23 +130,17 @@ class TextClassData:
 
     name: str = "textclass"
     path: str = ""  # a .csv (text,label), a .jsonl, or a folder of class folders of .txt; multi30k: its folder
-    source: str = "files"  # files (path as above) | multi30k (language id on the Multi30k captions under path)
-    tokenizer: str = "char"  # char (one token per character) | bpe (byte-level BPE), trained on the train split
+    source: Literal["files", "multi30k"] = "files"  # files: path as above; multi30k: language id on its captions
+    tokenizer: Literal["char", "bpe"] = "char"  # char: a token per character; bpe: byte-level BPE trained on train
     vocab_size: int = 2000  # BPE vocabulary size (char: the train split's character set)
-    max_len: int = 256  # tokens kept of each text (the rest is cut)
-    val_fraction: float = 0.1  # of the texts, held out for validation (a source without splits)
-    test_fraction: float = 0.1  # of the texts, held out for test (a source without splits)
+    max_len: int = ranged(256, "> 0")  # tokens kept of each text (the rest is cut)
+    val_fraction: float = ranged(0.1, "[0, 1)")  # of the texts, held out for validation (a source without splits)
+    test_fraction: float = ranged(0.1, "[0, 1)")  # of the texts, held out for test (a source without splits)
     split_seed: int = 0  # the split is fixed by this seed, not the training seed
-    per_class: int = 0  # at most N training texts per class (0: all); multi30k: N train captions per language
+    per_class: int = ranged(0, ">= 0")  # at most N training texts per class (0: all; multi30k: per language)
     tokenizer_from: str = ""  # reuse the tokenizer of a text classification run (fine-tuning: --init-from it)
 
     def build(self) -> Data:
-        if self.source not in ("files", "multi30k"):
-            raise DataError(f"data.source={self.source}: use files or multi30k")
-        if self.tokenizer not in TOKENIZERS:
-            raise DataError(f"data.tokenizer={self.tokenizer}: use char or bpe")
-        if self.max_len < 1:
-            raise DataError(f"data.max_len={self.max_len}: must be at least 1")
         if min(self.val_fraction, self.test_fraction) < 0 or self.val_fraction + self.test_fraction >= 1:
             raise DataError("data.val_fraction and data.test_fraction must be >= 0 and leave texts to train on")
         path = resolve_path(self.path)

@@ -23,11 +23,13 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from deeprecipe.config import ranged
 from deeprecipe.data.core import Data, DataError, DataSpec, StreamSplit, TensorSplit
 from deeprecipe.data.image_ops import EXTS, read
 from deeprecipe.data.scenes import SPLIT_BASE, hash_ints, uniform
@@ -100,12 +102,12 @@ class MovingDigitsData:
     """Generated clips where the class is the motion of a digit; see the module docstring."""
 
     name: str = "moving-digits"
-    frames: int = 16  # T
-    size: int = 32  # frame side in pixels
+    frames: int = ranged(16, "> 0")  # T
+    size: int = ranged(32, "> 0")  # frame side in pixels
     sprite: int = 14  # digit side in pixels
-    train_size: int = 6000
-    val_size: int = 500
-    test_size: int = 1000
+    train_size: int = ranged(6000, "> 0")
+    val_size: int = ranged(500, ">= 0")
+    test_size: int = ranged(1000, ">= 0")
     seed: int = 0  # shifts every split's range of clip numbers
     chunk: int = 512
 
@@ -278,17 +280,17 @@ class VideoFolderData:
     path: str = ""
     split_dir: str = ""  # folder with classInd.txt, trainlist0N.txt, testlist0N.txt (UCF101 layout); "" = none
     split: int = 1  # which of the split lists
-    frames: int = 16  # T frames per clip
-    stride: int = 2  # take every stride-th frame
+    frames: int = ranged(16, "> 0")  # T frames per clip
+    stride: int = ranged(2, "> 0")  # take every stride-th frame
     clip_step: int = 0  # frames between training clip starts (0: one clip length, no overlap)
-    eval_clips: int = 5  # clips per video averaged at evaluation
-    size: int = 112  # frames are resized to size x size
+    eval_clips: int = ranged(5, "> 0")  # clips per video averaged at evaluation
+    size: int = ranged(112, "> 0")  # frames are resized to size x size
     channels: int = 3
-    short: str = "skip"  # videos shorter than a clip: skip (counted) | loop (repeat frames) | error
+    short: Literal["skip", "loop", "error"] = "skip"  # videos shorter than a clip: skip (counted) | loop frames | error
     strict: bool = False  # stop at the first unreadable video instead of skipping it
-    val_fraction: float = 0.1  # of the training videos, held out for validation
+    val_fraction: float = ranged(0.1, "[0, 1)")  # of the training videos, held out for validation
     flip: bool = True  # augmentation: random horizontal flip (the same for every frame of a clip)
-    crop_pad: int = 8  # augmentation: random shift by up to this many pixels
+    crop_pad: int = ranged(8, ">= 0")  # augmentation: random shift by up to this many pixels
     workers: int = 8  # threads probing the videos
 
     def listing(self) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
@@ -316,8 +318,6 @@ class VideoFolderData:
         probe(path)
 
     def build(self) -> Data:
-        if self.short not in ("skip", "loop", "error"):
-            raise DataError(f"data.short={self.short!r}: use skip, loop or error")
         classes, train, test = self.listing()
         if not train:
             root = Path(self.path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from deeprecipe.config import ranged
 from deeprecipe.core import DataSpec
 from deeprecipe.models.head import Classifier
 
@@ -19,8 +20,8 @@ from deeprecipe.models.head import Classifier
 @dataclass
 class MLPConfig:
     name: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)  # widths of the hidden layers
-    dropout: float = 0.1
+    hidden: tuple[int, ...] = ranged((256, 256), "> 0")  # widths of the hidden layers
+    dropout: float = ranged(0.1, "[0, 1)")
 
     def build(self, spec: DataSpec) -> nn.Module:
         h, w = spec.image_size
@@ -44,10 +45,10 @@ class MLP(Classifier, nn.Module):
 @dataclass
 class CNNConfig:
     name: str = "cnn"
-    channels: tuple[int, ...] = (32, 64, 128)  # conv widths; a 2x2 max-pool follows every conv but the last
-    dense: tuple[int, ...] = (64,)  # widths of the dense layers before the head
+    channels: tuple[int, ...] = ranged((32, 64, 128), "> 0")  # conv widths; a 2x2 max-pool after all but the last
+    dense: tuple[int, ...] = ranged((64,), "> 0")  # widths of the dense layers before the head
     batchnorm: bool = True
-    dropout: float = 0.2  # before each dense layer and the head
+    dropout: float = ranged(0.2, "[0, 1)")  # before each dense layer and the head
     global_pool: bool = False  # average-pool the last feature map instead of flattening it
 
     def build(self, spec: DataSpec) -> nn.Module:

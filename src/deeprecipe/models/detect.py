@@ -36,11 +36,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.pretrained import torchvision_start
 from deeprecipe.models.resnet import BasicBlock
@@ -73,13 +75,13 @@ def nms(boxes, scores, labels, iou: float, keep: int, *more):
 @dataclass
 class CenterNetConfig:
     name: str = "centernet"
-    backbone: str = "resnet"  # resnet (basic blocks) | cnn (plain conv-BN-ReLU) | tv-resnet18 (torchvision's)
+    backbone: Literal["resnet", "cnn", "tv-resnet18"] = "resnet"  # basic blocks | conv-BN-ReLU | torchvision's
     weights: str = ""  # tv-resnet18's: a ResNet-18 file (torchvision's layout) or IMAGENET1K_V1 (models/pretrained.py)
-    width: int = 16  # channels of the stem; doubled per stage up to max_width
+    width: int = ranged(16, "> 0")  # channels of the stem; doubled per stage up to max_width
     max_width: int = 128
-    blocks: tuple[int, ...] = (1, 1, 2, 1)  # blocks per stage (strides 4, 8, 16, 32)
+    blocks: tuple[int, ...] = ranged((1, 1, 2, 1), "> 0")  # blocks per stage (strides 4, 8, 16, 32)
     neck: int = 64  # channels of the feature pyramid and the heads
-    stride: int = 4  # output stride of the heat maps: 4 or 8
+    stride: Literal[4, 8] = 4  # output stride of the heat maps
     box_weight: float = 1.0  # weight of the GIoU loss against the heat-map focal loss
     score_thresh: float = 0.05  # boxes scoring lower are dropped
     nms_iou: float = 0.5  # per-class NMS IoU
@@ -88,10 +90,6 @@ class CenterNetConfig:
     # cell is a candidate and NMS alone removes duplicates (two objects in neighbouring cells both survive)
 
     def build(self, spec: DataSpec) -> nn.Module:
-        if self.backbone not in ("resnet", "cnn", "tv-resnet18"):
-            raise ConfigError(f"model.backbone={self.backbone!r}: use resnet, cnn or tv-resnet18")
-        if self.stride not in (4, 8):
-            raise ConfigError(f"model.stride={self.stride}: use 4 or 8")
         if len(self.blocks) != 4 or min(self.blocks) < 1:
             raise ConfigError(f"model.blocks={list(self.blocks)}: four stages of at least one block")
         if self.weights and self.backbone != "tv-resnet18":
@@ -275,20 +273,20 @@ class CenterNet(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ torchvision
 
-TV_ARCHS = {
-    "fasterrcnn_mobilenet_v3_large_320_fpn": "fasterrcnn_mobilenet_v3_large_320_fpn",
-    "fasterrcnn_mobilenet_v3_large_fpn": "fasterrcnn_mobilenet_v3_large_fpn",
-    "fasterrcnn_resnet50_fpn": "fasterrcnn_resnet50_fpn",
-    "retinanet_resnet50_fpn": "retinanet_resnet50_fpn",
-    "fcos_resnet50_fpn": "fcos_resnet50_fpn",
-    "ssdlite320_mobilenet_v3_large": "ssdlite320_mobilenet_v3_large",
-}
+TVArch = Literal[  # torchvision.models.detection builders
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "retinanet_resnet50_fpn",
+    "fcos_resnet50_fpn",
+    "ssdlite320_mobilenet_v3_large",
+]
 
 
 @dataclass
 class TVDetectorConfig:
     name: str = "tv-detector"
-    arch: str = "fasterrcnn_mobilenet_v3_large_320_fpn"  # one of TV_ARCHS
+    arch: TVArch = "fasterrcnn_mobilenet_v3_large_320_fpn"
     weights_path: str = ""  # a local torchvision state dict (.pth read weights-only, or .safetensors)
     min_size: int = 0  # the image side torchvision resizes to (0: the image's own size)
     score_thresh: float = 0.05
@@ -296,8 +294,6 @@ class TVDetectorConfig:
     max_det: int = 50
 
     def build(self, spec: DataSpec) -> nn.Module:
-        if self.arch not in TV_ARCHS:
-            raise ConfigError(f"model.arch={self.arch!r} is not one of {', '.join(TV_ARCHS)}")
         return TVDetector(spec, self)
 
 
@@ -321,7 +317,7 @@ class TVDetector(nn.Module):
             kw |= dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_iou, detections_per_img=cfg.max_det)
         else:
             kw |= dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_iou, detections_per_img=cfg.max_det)
-        self.net = getattr(tvd, TV_ARCHS[cfg.arch])(**kw)
+        self.net = getattr(tvd, cfg.arch)(**kw)
         if cfg.weights_path:
             self.load_local(cfg.weights_path)
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.core import DataSpec
 from deeprecipe.models.head import Classifier, fresh_like
 
@@ -25,13 +26,13 @@ from deeprecipe.models.head import Classifier, fresh_like
 @dataclass
 class FCNConfig:
     name: str = "fcn"
-    width: int = 32  # channels of the first stage; doubled per stage
-    stages: int = 4  # number of conv stages, each ending in a 2x max-pool (output stride 2**stages)
+    width: int = ranged(32, "> 0")  # channels of the first stage; doubled per stage
+    stages: int = ranged(4, "> 0")  # number of conv stages, each ending in a 2x max-pool (output stride 2**stages)
     convs: int = 2  # conv layers per stage
     max_width: int = 256
     skips: int = 2  # finer stages whose scores refine the coarse ones (2: FCN-8s)
-    dropout: float = 0.1  # before the last score layer
-    dice: float = 0.0  # weight of the Dice loss added to cross-entropy (tasks/segment.py reads it)
+    dropout: float = ranged(0.1, "[0, 1)")  # before the last score layer
+    dice: float = ranged(0.0, ">= 0")  # weight of the Dice loss added to cross-entropy (tasks/segment.py reads it)
 
     def build(self, spec: DataSpec) -> nn.Module:
         return FCN(spec.in_channels, spec.num_classes, self)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 
 
@@ -33,12 +35,12 @@ from deeprecipe.core import ConfigError, DataSpec
 class GANTraining:
     """GAN-only training and evaluation settings (see tasks/gan.py)."""
 
-    latent: int = 100  # size of the noise vector z
+    latent: int = ranged(100, "> 0")  # size of the noise vector z
     conditional: bool = False  # class-conditional G and D (needs a labelled data set)
     spectral_norm: bool = False  # spectral norm on every D layer (and no BatchNorm in D)
-    loss: str = "nonsat"  # nonsat: L_D = -log D(x) - log(1 - D(G(z))), L_G = -log D(G(z)) | hinge
-    real_label: float = 1.0  # one-sided label smoothing: target of real images for D (0.9 is the usual choice)
-    d_lr_scale: float = 1.0  # D's learning rate = optim.lr * this (TTUR when != 1)
+    loss: Literal["nonsat", "hinge"] = "nonsat"  # nonsat: L_G = -log D(G(z)) | hinge (families/gan)
+    real_label: float = ranged(1.0, "(0, 1]")  # one-sided label smoothing: D's target on real images (often 0.9)
+    d_lr_scale: float = ranged(1.0, "> 0")  # D's learning rate = optim.lr * this (TTUR when != 1)
     eval_samples: int = 5000  # generated images for FID/IS (at the end; a tenth of it at each eval)
     feature_recipe: str = "auto"  # domain feature net: a classify recipe trained on this data (auto: <data>-cnn)
     feature_steps: int = 0  # train the feature net this many steps (0: as its recipe says)
@@ -126,8 +128,8 @@ class MLPDiscriminator(nn.Module):
 @dataclass
 class GANConfig(GANTraining):
     name: str = "gan"
-    hidden: tuple[int, ...] = (256, 512, 1024)  # generator widths; the discriminator uses them reversed
-    dropout: float = 0.3  # in the discriminator
+    hidden: tuple[int, ...] = ranged((256, 512, 1024), "> 0")  # generator widths; the discriminator uses them reversed
+    dropout: float = ranged(0.3, "[0, 1)")  # in the discriminator
 
     def build(self, spec: DataSpec) -> GAN:
         shape = (spec.in_channels, *spec.image_size)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 
 # name -> (n_layer, n_head, n_embd); gpt2-124M is GPT-2 small's layout (with its 50257-token vocabulary)
@@ -37,21 +39,20 @@ SIZES = {
 @dataclass
 class GPTConfig:
     name: str = "gpt"
-    size: str = ""  # a named size (tiny, mini, small, medium, gpt2-124M) sets n_layer, n_head, n_embd
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    size: Literal["", "tiny", "mini", "small", "medium", "gpt2-124M"] = ""  # a named size (SIZES) sets n_layer,
+    # n_head and n_embd ("": those fields as given)
+    n_layer: int = ranged(4, "> 0")
+    n_head: int = ranged(4, "> 0")
+    n_embd: int = ranged(128, "> 0")
     block_size: int = 0  # context length; 0: the data's block_size
-    dropout: float = 0.1  # on embeddings and each residual branch
-    attn_dropout: float = 0.0  # on attention weights; > 0 moves attention off the fused (flash) kernels, slower
+    dropout: float = ranged(0.1, "[0, 1)")  # on embeddings and each residual branch
+    attn_dropout: float = ranged(0.0, "[0, 1)")  # on attention weights; > 0: off the fused (flash) kernels, slower
     bias: bool = False  # biases in Linear and LayerNorm layers (off: a little faster, as good)
     tie_weights: bool = True  # the output head shares the token embedding matrix
 
     def build(self, spec: DataSpec) -> nn.Module:
         n_layer, n_head, n_embd = self.n_layer, self.n_head, self.n_embd
         if self.size:
-            if self.size not in SIZES:
-                raise ConfigError(f"model.size={self.size}: known sizes are {', '.join(SIZES)}")
             n_layer, n_head, n_embd = SIZES[self.size]
         if n_embd % n_head:
             raise ConfigError(f"model.n_embd={n_embd} is not divisible by model.n_head={n_head}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.gpt import sample_next
 
@@ -25,10 +26,10 @@ from deeprecipe.models.gpt import sample_next
 @dataclass
 class LSTMConfig:
     name: str = "lstm"
-    n_layer: int = 2
-    hidden: int = 512  # LSTM state width
+    n_layer: int = ranged(2, "> 0")
+    hidden: int = ranged(512, "> 0")  # LSTM state width
     emb: int = 0  # embedding width (0: the hidden width)
-    dropout: float = 0.2  # on the embedding, between LSTM layers and before the head
+    dropout: float = ranged(0.2, "[0, 1)")  # on the embedding, between LSTM layers and before the head
     tie_weights: bool = False  # share the embedding with the head (needs emb == hidden)
 
     def build(self, spec: DataSpec) -> nn.Module:

@@ -23,11 +23,13 @@ No classifier API (models/head.py): generators and PatchGAN critics, no class sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.unet import UNet
 
@@ -111,17 +113,17 @@ class Pix2PixConfig:
     """pix2pix: a U-Net generator and a PatchGAN discriminator, trained with L1 + adversarial loss."""
 
     name: str = "pix2pix"
-    width: int = 32  # U-Net width of the first level (doubled per level down)
-    depth: int = 4  # U-Net down-samplings
+    width: int = ranged(32, "> 0")  # U-Net width of the first level (doubled per level down)
+    depth: int = ranged(4, "> 0")  # U-Net down-samplings
     max_width: int = 256
     d_width: int = 32  # PatchGAN width of its first layer
     d_layers: int = 3  # PatchGAN stride-2 layers (the patch grows with them: 3 -> about 30 pixels)
-    unshuffle: int = 1  # G works on f x f pixel blocks stacked on the channels (f^2 fewer pixels, nothing lost)
+    unshuffle: Literal[1, 2, 4] = 1  # G works on f x f pixel blocks stacked on the channels (f^2 fewer pixels)
     l1: float = 100.0  # weight of the pixel loss of G
-    pixel_loss: str = "l1"  # l1 (pix2pix's: sharper) | mse (the conditional mean: what PSNR scores best)
+    pixel_loss: Literal["l1", "mse"] = "l1"  # l1 (pix2pix's: sharper) | mse (the conditional mean: best PSNR)
     adv: float = 1.0  # weight of the adversarial loss of G (0: a plain pixel regression, D neither run nor trained)
-    loss: str = "nonsat"  # nonsat | hinge (common/adversarial.py)
-    d_lr_scale: float = 1.0  # D's lr = optim.lr * this
+    loss: Literal["nonsat", "hinge"] = "nonsat"  # common/adversarial.py
+    d_lr_scale: float = ranged(1.0, "> 0")  # D's lr = optim.lr * this
     feature_recipe: str = "auto"  # domain FID of translations. Scenes: a segment recipe (a U-Net) trained on the
     #                               scenes, its encoder the feature net (auto: scenes-unet); two folders (pairs): a
     #                               classify recipe trained on A vs B (auto: imagefolder-resnet); none: no FID
@@ -134,8 +136,6 @@ class Pix2PixConfig:
         if mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
         f = self.unshuffle
-        if f not in (1, 2, 4):
-            raise ConfigError(f"model.unshuffle={f}: use 1 (G on pixels), 2 or 4 (G on 2 x 2 or 4 x 4 pixel blocks)")
         g = UNet(cin * f * f, cout * f * f, self.width, self.depth, self.max_width)
         if mode == "sr":  # start near the bicubic up-sampling: a small residual
             with torch.no_grad():
@@ -168,16 +168,16 @@ class CycleGANConfig:
     """CycleGAN: two U-Net generators (A -> B, B -> A) and two PatchGANs, with cycle and identity losses."""
 
     name: str = "cyclegan"
-    width: int = 32
-    depth: int = 4
+    width: int = ranged(32, "> 0")
+    depth: int = ranged(4, "> 0")
     max_width: int = 256
     d_width: int = 32
     d_layers: int = 3
     cycle: float = 10.0  # weight of |G_ba(G_ab(a)) - a| + |G_ab(G_ba(b)) - b|
     identity: float = 5.0  # weight of |G_ab(b) - b| + |G_ba(a) - a| (keeps colours; needs Ca == Cb)
     adv: float = 1.0
-    loss: str = "nonsat"
-    d_lr_scale: float = 1.0
+    loss: Literal["nonsat", "hinge"] = "nonsat"
+    d_lr_scale: float = ranged(1.0, "> 0")
     feature_recipe: str = "auto"  # domain FID of translations (as for pix2pix; none: no FID)
     feature_steps: int = 0
     fid_weights: str = ""  # the standard FID's weights file (as for pix2pix)

@@ -10,15 +10,18 @@ models/head.py), and torchvision's `fc` (the name this model's head had too) is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.config import ranged
+from deeprecipe.core import DataSpec
 from deeprecipe.models.head import Classifier
 
-LAYOUTS = {
+Layout = Literal["resnet8", "resnet14", "resnet20", "resnet32", "resnet18", "resnet34"]
+LAYOUTS: dict[str, tuple[int, ...]] = {  # blocks per stage of each Layout
     "resnet8": (1, 1, 1),
     "resnet14": (2, 2, 2),
     "resnet20": (3, 3, 3),
@@ -31,13 +34,11 @@ LAYOUTS = {
 @dataclass
 class ResNetConfig:
     name: str = "resnet"
-    layout: str = "resnet20"  # one of LAYOUTS
-    width: int = 16  # channels of the first stage; doubles at every later stage
-    dropout: float = 0.0  # before the head
+    layout: Layout = "resnet20"  # blocks per stage: LAYOUTS
+    width: int = ranged(16, "> 0")  # channels of the first stage; doubles at every later stage
+    dropout: float = ranged(0.0, "[0, 1)")  # before the head
 
     def build(self, spec: DataSpec) -> nn.Module:
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"model.layout={self.layout} is not one of {', '.join(LAYOUTS)}")
         return ResNet(LAYOUTS[self.layout], self.width, spec.in_channels, spec.num_classes, self.dropout)
 
 

@@ -19,22 +19,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 
 
 @dataclass
 class Seq2SeqConfig:
     name: str = "seq2seq"
-    d_model: int = 256
-    n_head: int = 4
+    d_model: int = ranged(256, "> 0")
+    n_head: int = ranged(4, "> 0")
     enc_layers: int = 3
     dec_layers: int = 3
     ff: int = 0  # MLP width (0: 4 * d_model)
-    dropout: float = 0.1
+    dropout: float = ranged(0.1, "[0, 1)")
     max_positions: int = 512  # longest sequence the positional table covers
     tie_weights: bool = True  # head = target embedding; with a shared vocabulary the source embedding too
-    beam: int = 4  # default beam width for the final test scores and `deeprecipe translate`
-    length_penalty: float = 0.6  # alpha of the GNMT length penalty (0: none)
+    beam: int = ranged(4, "> 0")  # default beam width for the final test scores and `deeprecipe translate`
+    length_penalty: float = ranged(0.6, ">= 0")  # alpha of the GNMT length penalty (0: none)
 
     def build(self, spec: DataSpec) -> nn.Module:
         if "src_vocab" not in spec.extra:

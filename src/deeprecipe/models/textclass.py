@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.head import Classifier
 
@@ -33,11 +34,11 @@ def _sizes(spec: DataSpec, name: str) -> tuple[int, int, int, int]:
 @dataclass
 class TextTransformerConfig:
     name: str = "text-transformer"
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
+    n_layer: int = ranged(2, "> 0")
+    n_head: int = ranged(4, "> 0")
+    d_model: int = ranged(128, "> 0")
     ff_mult: int = 4  # feed-forward width = ff_mult * d_model
-    dropout: float = 0.1  # on embeddings, attention weights (off the fused attention kernels: slower) and residuals
+    dropout: float = ranged(0.1, "[0, 1)")  # on embeddings, attention weights (not fused kernels: slower) and residuals
 
     def build(self, spec: DataSpec) -> nn.Module:
         if self.d_model % self.n_head:
@@ -51,10 +52,10 @@ class TextTransformerConfig:
 @dataclass
 class TextLSTMConfig:
     name: str = "text-lstm"
-    n_layer: int = 1
-    hidden: int = 128  # state width of each direction
+    n_layer: int = ranged(1, "> 0")
+    hidden: int = ranged(128, "> 0")  # state width of each direction
     emb: int = 64  # embedding width
-    dropout: float = 0.1  # on the embedding and on each layer's output
+    dropout: float = ranged(0.1, "[0, 1)")  # on the embedding and on each layer's output
 
     def build(self, spec: DataSpec) -> nn.Module:
         vocab, classes, pad, _ = _sizes(spec, self.name)

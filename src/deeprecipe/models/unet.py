@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.models.head import Classifier
 from deeprecipe.models.pretrained import torchvision_start
@@ -29,11 +30,11 @@ from deeprecipe.models.pretrained import torchvision_start
 @dataclass
 class UNetConfig:
     name: str = "unet"
-    width: int = 32  # channels of the first level; doubled at each level down
-    depth: int = 4  # number of 2x down-samplings
+    width: int = ranged(32, "> 0")  # channels of the first level; doubled at each level down
+    depth: int = ranged(4, "> 0")  # number of 2x down-samplings
     max_width: int = 256  # cap on the channels of the deep levels
-    dropout: float = 0.0  # dropout in the bottleneck
-    dice: float = 0.0  # weight of the Dice loss added to cross-entropy (tasks/segment.py reads it)
+    dropout: float = ranged(0.0, "[0, 1)")  # dropout in the bottleneck
+    dice: float = ranged(0.0, ">= 0")  # weight of the Dice loss added to cross-entropy (tasks/segment.py reads it)
 
     def build(self, spec: DataSpec) -> nn.Module:
         return UNet(spec.in_channels, spec.num_classes, self.width, self.depth, self.max_width, self.dropout)
@@ -103,7 +104,7 @@ class ResNetUNetConfig:
     weights: str = ""  # the encoder's: a ResNet-18 file (torchvision's layout) or torchvision's name (IMAGENET1K_V1)
     decoder: tuple[int, ...] = (256, 128, 64, 64, 32)  # widths at strides 16, 8, 4, 2 and at full size
     progress: bool = True  # show torch.hub's progress bar while the weights download
-    dice: float = 0.0  # weight of the Dice loss added to cross-entropy (the segment family reads it)
+    dice: float = ranged(0.0, ">= 0")  # weight of the Dice loss added to cross-entropy (the segment family reads it)
 
     def build(self, spec: DataSpec) -> nn.Module:
         if len(self.decoder) != 5:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from deeprecipe.config import ranged
 from deeprecipe.core import DataSpec
 from deeprecipe.models.head import Classifier
 
@@ -27,9 +28,9 @@ def _bn_relu(c: int) -> list[nn.Module]:
 @dataclass
 class C3DConfig:
     name: str = "c3d"
-    channels: tuple[int, ...] = (32, 64, 128, 128)  # width of each stage; a pool follows every stage
+    channels: tuple[int, ...] = ranged((32, 64, 128, 128), "> 0")  # width of each stage; a pool follows every stage
     convs: int = 1  # 3x3x3 convs per stage
-    dropout: float = 0.3  # before the head
+    dropout: float = ranged(0.3, "[0, 1)")  # before the head
 
     def build(self, spec: DataSpec) -> nn.Module:
         return C3D(spec.in_channels, spec.num_classes, list(self.channels), self.convs, self.dropout)
@@ -89,10 +90,10 @@ class Block(nn.Module):
 @dataclass
 class R2Plus1DConfig:
     name: str = "r2plus1d"
-    width: int = 32  # channels after the stem; doubled at each later stage
-    blocks: tuple[int, ...] = (1, 1, 1)  # residual blocks per stage; stages after the first halve T, H, W
+    width: int = ranged(32, "> 0")  # channels after the stem; doubled at each later stage
+    blocks: tuple[int, ...] = ranged((1, 1, 1), "> 0")  # residual blocks per stage; later stages halve T, H, W
     stem_stride: int = 2  # spatial stride of the stem (1 for small frames such as 32 px)
-    dropout: float = 0.2
+    dropout: float = ranged(0.2, "[0, 1)")
 
     def build(self, spec: DataSpec) -> nn.Module:
         return R2Plus1D(spec.in_channels, spec.num_classes, self)

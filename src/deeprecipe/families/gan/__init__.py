@@ -104,8 +104,6 @@ class GAN(Family):
         M = cfg.model
         if not hasattr(M, "real_label"):
             raise ConfigError(f"task gan needs a gan or dcgan model, not model.name={M.name}")
-        if M.loss not in ("nonsat", "hinge"):
-            raise ConfigError(f"model.loss={M.loss}: use nonsat or hinge")
         if cfg.optim.label_smoothing:
             raise ConfigError("optim.label_smoothing does not apply to a GAN: use model.real_label (e.g. 0.9)")
         if M.fid_weights:

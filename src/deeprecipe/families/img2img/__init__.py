@@ -76,10 +76,6 @@ class Img2Img(Family):
             raise ConfigError(f"task img2img needs model.name=pix2pix or cyclegan, not {cfg.model.name}")
         if cfg.model.name == "pix2pix" and cfg.data.mode == "unpaired":
             raise ConfigError("data.mode=unpaired has no pairs to learn from: use model.name=cyclegan")
-        if cfg.model.name == "pix2pix" and cfg.model.pixel_loss not in ("l1", "mse"):
-            raise ConfigError(f"model.pixel_loss={cfg.model.pixel_loss}: use l1 or mse")
-        if cfg.model.loss not in ("nonsat", "hinge"):
-            raise ConfigError(f"model.loss={cfg.model.loss}: use nonsat or hinge")
         if cfg.optim.label_smoothing:
             raise ConfigError("optim.label_smoothing does not apply to img2img")
         if cfg.model.fid_weights:
