@@ -82,6 +82,12 @@ CASES = {
         + ["model.dense=[8]", "train.steps=2", "train.batch_size=8"],
         lambda tmp: [f"data.path={tmp / 'rollouts'}"],  # three expert episodes recorded here
     ),
+    "pretrain": (
+        "scenes-simclr",
+        ["data.size=[32, 32]", "data.train_size=8", "data.val_size=4", "pretrain.proj_hidden=16", "pretrain.proj_dim=8"]
+        + ["train.steps=2", "train.batch_size=4"],
+        None,
+    ),
     "video": (
         "moving-digits-c3d",
         ["data.frames=8", "data.train_size=8", "data.val_size=4", "data.test_size=4", "train.steps=2"]
@@ -167,6 +173,24 @@ def test_gan_samples_are_the_generator_images(served):
     got = np.stack([from_png64(b) for b in images])  # (3, 8, 8) uint8
     np.testing.assert_allclose(got, (want[:, 0] * 255).round().numpy(), atol=1)
     assert c.post("/sample", json={"n": 0}).status_code == 422
+
+
+def test_embed_gives_the_trunk_features_of_the_image(served):
+    """/embed answers the projector's input (the trunk's features, what fine-tuning keeps) for the upload made as
+    the training images were: the oracle runs the trunk's layers by hand on an independently loaded model."""
+    from deeprecipe.data import image_ops
+
+    c, (cfg, spec, model, rt, family) = served("pretrain")
+    data = png(32, 32, 3, seed=2)
+    got = c.post("/embed", files={"image": ("x.png", data, "image/png")}).json()
+    img = image_ops.for_model(image_ops.decode(data, spec.in_channels), spec)
+    x = family.prepare((img[None],), spec, None)[0]
+    with torch.no_grad():
+        t = model.eval()
+        h = t.avgpool(t.layer4(t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x)))))))))
+    assert got["dim"] == 512
+    np.testing.assert_allclose(got["features"], h.flatten().numpy(), atol=1e-4)
+    assert c.post("/embed", files={"image": ("x.txt", b"hello", "text/plain")}).status_code == 415
 
 
 def test_segment_gives_the_label_map_at_the_upload_size(served, monkeypatch):

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with documented defaults, YAML recipes, dotted overrides.
 
-A run's config has fixed sections (optim, train, finetune, distill, plus the task name and a description) and two
-sections whose type depends on a name: ``data`` (chosen by ``data.name`` from the dataset registry)
+A run's config has fixed sections (optim, train, finetune, distill, pretrain, plus the task name and a description)
+and two sections whose type depends on a name: ``data`` (chosen by ``data.name`` from the dataset registry)
 and ``model`` (chosen by ``model.name`` from the model registry; deeprecipe/recipe.py looks them up). Every key
 is checked: an unknown key or a value of the wrong type fails with the nearest valid name. A field's range is
 declared beside it (``ranged(default, "> 0")``) and its choices in its type (``Literal[...]``); from_dict checks
@@ -96,6 +96,20 @@ class DistillConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Self-supervised pretraining, task pretrain (families/pretrain): SimCLR (Chen et al. 2020), two augmented views
+    of each image told apart from the other images' views by the NT-Xent loss on a projection MLP's outputs."""
+
+    temperature: float = ranged(0.2, "> 0")  # NT-Xent's: lower weighs the hardest negatives more
+    proj_hidden: int = ranged(512, ">= 1")  # hidden width of the projection MLP that replaces the model's head
+    proj_dim: int = ranged(128, ">= 1")  # the embedding the loss compares
+    crop_scale: tuple[float, float] = ranged((0.2, 1.0), "(0, 1]")  # area range of a view's random resized crop
+    jitter: float = ranged(0.5, "[0, 1]")  # colour strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s
+    jitter_p: float = ranged(0.8, "[0, 1]")  # chance that a view's colours are jittered
+    gray_p: float = ranged(0.2, "[0, 1]")  # chance that a view is turned gray
+
+
+@dataclass
 class Config:
     task: str = "classify"  # the task family: classify | lm | translate | gan | segment | video ...
     description: str = ""  # one line shown by `deeprecipe recipes`
@@ -105,11 +119,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     recipe: str = ""  # the recipe this config came from (set by the loader)
 
     def __post_init__(self):
         if self.distill.teacher and self.task != "classify":  # the one family that reads the section
             raise ConfigError(f"distill.teacher: distillation is for task classify, not '{self.task}'")
+        if self.pretrain != PretrainConfig() and self.task != "pretrain":  # the one family that reads the section
+            raise ConfigError(f"pretrain: the section is for task pretrain, not '{self.task}'; remove it")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -126,8 +143,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         near = difflib.get_close_matches(str(value), list(map(str, choices)), n=1, cutoff=0.5)
         hint = f"did you mean '{near[0]}'? (one of" if near else "use one of"
-        shown = ", ".join(str(c) if c != "" else '""' for c in choices)  # "": a field's unset choice (model.size)
-        raise ConfigError(f"{where}={value}: {hint} {shown}{')' if near else ''}")
+        raise ConfigError(f"{where}={value}: {hint} {', '.join(map(str, choices))}{')' if near else ''}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -304,6 +320,49 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
     return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in used.items()] + list(overrides))
 
 
+# The ranges of data and model fields whose classes do not declare them beside the field (ranged): one rule per
+# name for whichever data set or model the recipe names ("model.dropout" is the dropout of any model), where a
+# value outside it would fail deep inside torch or mean nothing. A list or tuple is checked item by item.
+RANGES: dict[str, str] = {
+    "data.val_fraction": "[0, 1)",
+    "data.test_fraction": "[0, 1)",
+    "data.image_size": ">= 0",
+    "data.crop_pad": ">= 0",
+    "data.limit": ">= 0",
+    "data.per_class": ">= 0",
+    "data.size": "> 0",
+    "data.scale": "> 0",
+    "data.frames": "> 0",
+    "data.stride": "> 0",
+    "data.eval_clips": "> 0",
+    "data.block_size": "> 0",
+    "data.max_len": "> 0",
+    "data.train_size": "> 0",
+    "data.val_size": ">= 0",
+    "data.test_size": ">= 0",
+    "data.noise": ">= 0",
+    "model.dropout": "[0, 1)",
+    "model.attn_dropout": "[0, 1)",
+    "model.real_label": "(0, 1]",
+    "model.dice": ">= 0",
+    "model.d_lr_scale": "> 0",
+    "model.length_penalty": ">= 0",
+    "model.beam": "> 0",
+    "model.latent": "> 0",
+    "model.hidden": "> 0",
+    "model.channels": "> 0",
+    "model.dense": "> 0",
+    "model.width": "> 0",
+    "model.blocks": "> 0",
+    "model.depth": "> 0",
+    "model.stages": "> 0",
+    "model.n_layer": "> 0",
+    "model.n_head": "> 0",
+    "model.n_embd": "> 0",
+    "model.d_model": "> 0",
+}
+
+
 def _within(v: float, rule: str) -> bool:
     if rule.startswith(">"):
         lo = float(rule.lstrip(">= "))
@@ -320,6 +379,13 @@ def check_range(key: str, value: Any, rule: str) -> None:
             shown = list(value) if isinstance(value, (list, tuple)) else value
             each = "each value " if isinstance(value, (list, tuple)) else ""
             raise ConfigError(f"{key}={shown}: {each}must be {'in ' if rule[0] in '[(' else ''}{rule}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every field named in RANGES that the config's data and model have lies in its range."""
+    for key, rule in RANGES.items():
+        section, name = key.split(".")
+        check_range(key, getattr(getattr(cfg, section), name, None), rule)
 
 
 def check_train(t: TrainConfig) -> None:

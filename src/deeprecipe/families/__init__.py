@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "detect": "deeprecipe.families.detect:Detect",
     "img2img": "deeprecipe.families.img2img:Img2Img",
     "drive": "deeprecipe.families.drive:Drive",
+    "pretrain": "deeprecipe.families.pretrain:Pretrain",
 }
 
 
