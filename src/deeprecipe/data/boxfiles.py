@@ -429,7 +429,7 @@ class BoxFilesData(BoxData):
     train_ann: str = ""  # COCO: the train split's JSON (with val_ann / test_ann: an official split)
     val_ann: str = ""
     test_ann: str = ""
-    size: tuple[int, int] = ranged((128, 128), "> 0")  # (H, W) every image enters the net at, with its boxes
+    size: tuple[int, int] = ranged((128, 128), ">= 8")  # (H, W) every image enters the net at, with its boxes
     letterbox: bool = False  # keep the aspect ratio (scale to fit, pad) instead of resizing to size
     strict: bool = False  # refuse clipped boxes, images without boxes and label files without an image
     cache: bool = False  # keep the resized images on disk (see the module docstring)
@@ -440,8 +440,6 @@ class BoxFilesData(BoxData):
     split_seed: int = 0  # the random split is fixed by this seed, not the training seed
 
     def build(self) -> Data:
-        if len(self.size) != 2 or min(self.size) < 8:
-            raise DataError(f"data.size={list(self.size)}: give [height, width], each at least 8 pixels")
         root = Path(os.path.expanduser(os.path.expandvars(self.path)))
         if not self.path or not root.is_dir():
             raise DataError(f"data.path={self.path!r} is not a folder (set data.path to the {self.format} data set)")
