@@ -143,7 +143,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         near = difflib.get_close_matches(str(value), list(map(str, choices)), n=1, cutoff=0.5)
         hint = f"did you mean '{near[0]}'? (one of" if near else "use one of"
-        raise ConfigError(f"{where}={value}: {hint} {', '.join(map(str, choices))}{')' if near else ''}")
+        shown = ", ".join(str(c) if c != "" else '""' for c in choices)  # "": a field's unset choice (model.size)
+        raise ConfigError(f"{where}={value}: {hint} {shown}{')' if near else ''}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -320,49 +321,6 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
     return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in used.items()] + list(overrides))
 
 
-# The ranges of data and model fields whose classes do not declare them beside the field (ranged): one rule per
-# name for whichever data set or model the recipe names ("model.dropout" is the dropout of any model), where a
-# value outside it would fail deep inside torch or mean nothing. A list or tuple is checked item by item.
-RANGES: dict[str, str] = {
-    "data.val_fraction": "[0, 1)",
-    "data.test_fraction": "[0, 1)",
-    "data.image_size": ">= 0",
-    "data.crop_pad": ">= 0",
-    "data.limit": ">= 0",
-    "data.per_class": ">= 0",
-    "data.size": "> 0",
-    "data.scale": "> 0",
-    "data.frames": "> 0",
-    "data.stride": "> 0",
-    "data.eval_clips": "> 0",
-    "data.block_size": "> 0",
-    "data.max_len": "> 0",
-    "data.train_size": "> 0",
-    "data.val_size": ">= 0",
-    "data.test_size": ">= 0",
-    "data.noise": ">= 0",
-    "model.dropout": "[0, 1)",
-    "model.attn_dropout": "[0, 1)",
-    "model.real_label": "(0, 1]",
-    "model.dice": ">= 0",
-    "model.d_lr_scale": "> 0",
-    "model.length_penalty": ">= 0",
-    "model.beam": "> 0",
-    "model.latent": "> 0",
-    "model.hidden": "> 0",
-    "model.channels": "> 0",
-    "model.dense": "> 0",
-    "model.width": "> 0",
-    "model.blocks": "> 0",
-    "model.depth": "> 0",
-    "model.stages": "> 0",
-    "model.n_layer": "> 0",
-    "model.n_head": "> 0",
-    "model.n_embd": "> 0",
-    "model.d_model": "> 0",
-}
-
-
 def _within(v: float, rule: str) -> bool:
     if rule.startswith(">"):
         lo = float(rule.lstrip(">= "))
@@ -379,13 +337,6 @@ def check_range(key: str, value: Any, rule: str) -> None:
             shown = list(value) if isinstance(value, (list, tuple)) else value
             each = "each value " if isinstance(value, (list, tuple)) else ""
             raise ConfigError(f"{key}={shown}: {each}must be {'in ' if rule[0] in '[(' else ''}{rule}")
-
-
-def check_ranges(cfg: Config) -> None:
-    """Every field named in RANGES that the config's data and model have lies in its range."""
-    for key, rule in RANGES.items():
-        section, name = key.split(".")
-        check_range(key, getattr(getattr(cfg, section), name, None), rule)
 
 
 def check_train(t: TrainConfig) -> None:
