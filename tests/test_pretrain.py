@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from deeprecipe.cli import main
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data.core import Draws, step_indices
+from deeprecipe.data.image_ops import normalize
 from deeprecipe.engine.finetune import load_matching, read_source
 from deeprecipe.families import get_family
-from deeprecipe.families.pretrain import BACKBONE_FILE, nt_xent
+from deeprecipe.families.pretrain import BACKBONE_FILE, nt_xent, prepare
 from deeprecipe.families.pretrain.views import colour_jitter, gray, resized_crop, to_gray, view
 from deeprecipe.models import MODELS
 from deeprecipe.recipe import load
@@ -113,6 +114,18 @@ def test_colour_ops_match_torchvision():
     assert (turned - mid).abs().max() > 0.01
     torch.testing.assert_close(gray(turned), gray(mid), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(colour_jitter(x, Fixed(0.9, 0.9, 0.9, 0.9, 0.95), s, 0.8), x)
+
+
+def test_evaluation_views_are_the_image_and_a_fixed_view_of_it():
+    cfg = load("scenes-simclr", TINY)
+    spec = DataSpec(in_channels=3, image_size=(16, 16), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    for k in (0, 3):  # every evaluation batch: view 1 is the image itself, normalized
+        v1, v2 = prepare((x,), spec, cfg, None, k)
+        torch.testing.assert_close(v1, normalize(x, spec))
+        torch.testing.assert_close(v2, prepare((x,), spec, cfg, None, k)[1])  # the same views every time
+        assert (v2 - v1).abs().max() > 0.1
+    assert (prepare((x,), spec, cfg, None, 0)[1] - prepare((x,), spec, cfg, None, 1)[1]).abs().max() > 0.1
 
 
 def test_accumulation_is_refused():

@@ -19,7 +19,6 @@ Metric: `acc`, the top-1 retrieval accuracy over a split: each image (view 1: it
 among the views of all the split's images (chance: 1 / N); `top5`, and `loss` (NT-Xent per eval batch).
 """
 
-
 from pathlib import Path
 
 import torch
@@ -62,7 +61,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     n = len(z1)
     sim = z @ z.T / temperature  # (2B, 2B)
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # not itself
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    i = torch.arange(n, device=z.device)  # made on the device: no host copy inside a captured CUDA step
+    partner = torch.cat([i + n, i])
     return F.cross_entropy(sim, partner)
 
 
@@ -71,12 +71,15 @@ def eval_draws(device: torch.device, k: int = 0) -> Draws:
     return Draws(torch.Generator(device=device).manual_seed(1_000_003 + k))
 
 
-def prepare(batch: tuple, spec: DataSpec, cfg: Config, draws: Draws | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw images (B, C, H, W) uint8 -> two normalized views of each; without draws, the image and a fixed view."""
+def prepare(
+    batch: tuple, spec: DataSpec, cfg: Config, draws: Draws | None, k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw images (B, C, H, W) uint8 -> two normalized views of each; without draws (evaluation batch k), the image
+    itself and a fixed view of it."""
     x = batch[0].float() / 255
     p = cfg.pretrain
     make = lambda d: view(x, d, p.crop_scale, p.jitter, p.jitter_p, p.gray_p)  # noqa: E731
-    v1, v2 = (make(draws), make(draws)) if draws is not None else (x, make(eval_draws(x.device)))
+    v1, v2 = (make(draws), make(draws)) if draws is not None else (x, make(eval_draws(x.device, k)))
     shape = (1, -1, 1, 1)  # gray data under a three-channel mean/std: the gray image in every channel
     mean = torch.tensor(spec.mean, device=x.device).view(shape)
     std = torch.tensor(spec.std, device=x.device).view(shape)
@@ -174,7 +177,7 @@ class Pretrain(Family):
         z1s, z2s, total, n = [], [], 0.0, 0
         batches = eval_batches(data.split(split), cfg.train.eval_batch_size, rt.device, cfg.train.limit_eval)
         for k, batch in enumerate(batches):
-            v1, v2 = prepare(batch, data.spec, cfg, eval_draws(rt.device, k) if k else None)
+            v1, v2 = prepare(batch, data.spec, cfg, None, k)
             z1, z2 = model(v1).float(), model(v2).float()
             if len(z1) > 1:
                 total, n = total + float(nt_xent(z1, z2, cfg.pretrain.temperature)) * len(z1), n + len(z1)

@@ -22,6 +22,7 @@ from deeprecipe.data.core import Draws
 
 # RGB -> YIQ (NTSC): Y the luma (torchvision's rgb_to_grayscale weights), (I, Q) the plane a hue change turns
 RGB_TO_YIQ = torch.tensor([[0.2989, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 LUMA = RGB_TO_YIQ[0]
 
 
@@ -67,8 +68,7 @@ def colour_jitter(x: torch.Tensor, draws: Draws, s: float, p: float) -> torch.Te
         one, zero = torch.ones_like(cos), torch.zeros_like(cos)
         turn = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1)], 1)
         turn = torch.cat([turn, torch.stack([zero, sin, cos], 1)[:, None]], 1)  # (B, 3, 3): rotate I, Q
-        yiq = RGB_TO_YIQ.to(x)
-        m = torch.linalg.inv(yiq) @ turn @ yiq  # (B, 3, 3): RGB -> RGB
+        m = YIQ_TO_RGB.to(x) @ turn @ RGB_TO_YIQ.to(x)  # (B, 3, 3): RGB -> RGB
         y = torch.einsum("bij,bjhw->bihw", m, y)
     return torch.where(apply, y.clamp(0, 1), x)
 
