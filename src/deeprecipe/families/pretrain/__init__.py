@@ -16,7 +16,9 @@ Loss: NT-Xent over the 2B views. Each view's positive is the other view of its i
 other images' views; the logits are cosine similarities / pretrain.temperature, the loss their cross-entropy. The
 negatives come from the micro-batch, so gradient accumulation would not equal the big batch: refused.
 Metric: `acc`, the top-1 retrieval accuracy over a split: each image (view 1: itself) must find its own fixed view
-among the views of all the split's images (chance: 1 / N); `top5`, and `loss` (NT-Xent per eval batch).
+among the views of all the split's images (chance: 1 / N); `top5`; `loss` (NT-Xent per batch of
+train.eval_batch_size, so it depends on that size); `pos_cos`, the mean cosine of an image and its view.
+Serving: POST /embed gives an image's trunk features (the projector's input).
 """
 
 from pathlib import Path
