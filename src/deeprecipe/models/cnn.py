@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from deeprecipe.config import ranged
 from deeprecipe.core import DataSpec
+from deeprecipe.models.dropout import Dropout
 from deeprecipe.models.head import Classifier
 
 
@@ -33,7 +34,7 @@ class MLP(Classifier, nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         for width in hidden:
-            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True), Dropout(dropout)]
             in_features = width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(in_features, num_classes)
@@ -75,9 +76,9 @@ class CNN(Classifier, nn.Module):
         dense: list[nn.Module] = []
         in_features = in_channels * h * w
         for width in cfg.dense:
-            dense += [nn.Dropout(cfg.dropout), nn.Linear(in_features, width), nn.ReLU(inplace=True)]
+            dense += [Dropout(cfg.dropout), nn.Linear(in_features, width), nn.ReLU(inplace=True)]
             in_features = width
-        self.dense = nn.Sequential(*dense, nn.Dropout(cfg.dropout))
+        self.dense = nn.Sequential(*dense, Dropout(cfg.dropout))
         self.head = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.dropout import Dropout
 
 
 @dataclass
@@ -111,7 +112,7 @@ class MLPDiscriminator(nn.Module):
         super().__init__()
         layers, width = [nn.Flatten()], math.prod(shape)
         for h in hidden:
-            layers += [_sn(nn.Linear(width, h), sn), nn.LeakyReLU(0.2, inplace=True), nn.Dropout(dropout)]
+            layers += [_sn(nn.Linear(width, h), sn), nn.LeakyReLU(0.2, inplace=True), Dropout(dropout)]
             width = h
         self.body = nn.Sequential(*layers)
         self.head = _sn(nn.Linear(width, 1), sn)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.dropout import Dropout
 
 # name -> (n_layer, n_head, n_embd); gpt2-124M is GPT-2 small's layout (with its 50257-token vocabulary)
 SIZES = {
@@ -95,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.n_head, self.attn_dropout = n_head, attn_dropout
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -120,7 +121,7 @@ class Block(nn.Module):
             nn.Linear(n_embd, 4 * n_embd, bias=bias),
             nn.GELU(),
             nn.Linear(4 * n_embd, n_embd, bias=bias),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -145,7 +146,7 @@ class GPT(nn.Module):
         self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, attn_dropout) for _ in range(n_layer))
         self.norm = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.dropout import Dropout
 from deeprecipe.models.gpt import sample_next
 
 
@@ -54,7 +55,7 @@ class CharRNN(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, emb)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.rnn = nn.LSTM(emb, hidden, n_layer, batch_first=True, dropout=dropout if n_layer > 1 else 0.0)
         self.head = nn.Linear(hidden, vocab_size)
         if tie_weights:

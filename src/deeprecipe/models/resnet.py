@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from deeprecipe.config import ranged
 from deeprecipe.core import DataSpec
+from deeprecipe.models.dropout import Dropout
 from deeprecipe.models.head import Classifier
 
 Layout = Literal["resnet8", "resnet14", "resnet20", "resnet32", "resnet18", "resnet34"]
@@ -74,7 +75,7 @@ class ResNet(Classifier, nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             cin = cout
         self.stages = len(blocks)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)

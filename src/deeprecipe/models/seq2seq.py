@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.dropout import Dropout
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Seq2Seq(nn.Module):
         self.tgt_emb = nn.Embedding(tgt_vocab, d, padding_idx=pad)
         self.src_emb = self.tgt_emb if shared_vocab and tie_weights else nn.Embedding(src_vocab, d, padding_idx=pad)
         self.register_buffer("pos", sinusoids(max_positions, d), persistent=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         enc = nn.TransformerEncoderLayer(d, n_head, ff, dropout, activation="gelu", batch_first=True, norm_first=True)
         dec = nn.TransformerDecoderLayer(d, n_head, ff, dropout, activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(enc, enc_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from deeprecipe.config import ranged
 from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.models.dropout import Dropout
 from deeprecipe.models.head import Classifier
 
 
@@ -79,7 +80,7 @@ class TextTransformer(Classifier, nn.Module):
         self.pad, self.max_len = pad, max_len
         self.tok_emb = nn.Embedding(vocab, d_model)
         self.pos_emb = nn.Embedding(max_len, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         layer = nn.TransformerEncoderLayer(
             d_model, n_head, ff_mult * d_model, dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -106,7 +107,7 @@ class TextLSTM(Classifier, nn.Module):
         super().__init__()
         self.pad = pad
         self.embed = nn.Embedding(vocab, emb)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         widths = [emb] + [2 * hidden] * (n_layer - 1)
         self.fwd = nn.ModuleList(nn.LSTM(w, hidden, batch_first=True) for w in widths)
         self.bwd = nn.ModuleList(nn.LSTM(w, hidden, batch_first=True) for w in widths)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from deeprecipe.config import ranged
 from deeprecipe.core import DataSpec
+from deeprecipe.models.dropout import Dropout
 from deeprecipe.models.head import Classifier
 
 
@@ -48,7 +49,7 @@ class C3D(Classifier, nn.Module):
             layers += [nn.MaxPool3d((1, 2, 2) if i == 0 else 2, ceil_mode=True)]
             cin = w
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten())
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(cin, num_classes)
         # the pooled post-ReLU features are all positive and large, so a random head starts with strong class
         # preferences (loss at init well above ln C); a zero head starts at exactly ln C, uniform over classes
@@ -116,7 +117,7 @@ class R2Plus1D(Classifier, nn.Module):
             stages += [Block(cin if j == 0 else cout, cout, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(cfg.dropout))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), Dropout(cfg.dropout))
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, classes)
