@@ -26,13 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from _budget import machine
-
 import deeprecipe
+from _budget import machine
 
 SEG = {"model.name": "unet-resnet18", "train.channels_last": True}
 DET = {"model.backbone": "tv-resnet18", "model.neck": 64, "train.channels_last": True}
-TUNE = {"finetune.head_lr": 1.0, "finetune.backbone_lr": 0.3}  # the trunk moves, slower than the new layers
 
 
 def train(recipe: str, sets: dict, out: Path) -> tuple[dict, float]:
@@ -57,6 +55,7 @@ def main() -> None:
     p.add_argument("--pretrain-scenes", type=int, default=4000)
     p.add_argument("--only", default="seg,det")
     p.add_argument("--ssl", default="", help="a pretrain run folder: its trunk is a third start")
+    p.add_argument("--backbone-lr", type=float, default=0.3, help="lr multiplier of the pretrained trunk")
     p.add_argument("--out", default="runs/bench-transfer-scenes")
     a = p.parse_args()
     print(f"machine: {machine()}")
@@ -69,22 +68,24 @@ def main() -> None:
         "seg": ("scenes-unet", SEG, "test_miou", "scenes-detect", DET),
         "det": ("scenes-detect", DET, "test_map_50", "scenes-unet", SEG),
     }
+    tune = {"finetune.head_lr": 1.0, "finetune.backbone_lr": a.backbone_lr}  # the trunk moves slower (0.3)
+    tag = "" if a.backbone_lr == 0.3 else f"-blr{a.backbone_lr:g}"
     rows = []
     for key in a.only.split(","):
         recipe, model, metric, src_recipe, src_model = targets[key]
         src = out / f"pretrain-{src_recipe}"
         m, dt = train(src_recipe, pre_common | src_model, src)
         print(f"pretrained on {a.pretrain_scenes} scenes' {src_recipe} labels: {m} ({dt:.0f} s)", flush=True)
-        starts = {"scratch": {}, f"from {src_recipe}": {"finetune.init_from": str(src), **TUNE}}
+        starts = {"scratch": {}, f"from {src_recipe}": {"finetune.init_from": str(src), **tune}}
         if a.ssl:
-            starts["from self-supervised"] = {"finetune.init_from": a.ssl, **TUNE}
+            starts["from self-supervised"] = {"finetune.init_from": a.ssl, **tune}
         scores: dict[str, list[float]] = {s: [] for s in starts}
         for seed in range(a.seeds):
             sets = model | {"data.seed": seed + 1, "train.seed": seed, "data.train_size": a.labelled}
             sets |= {"data.test_size": a.test, "data.val_size": 50, "train.steps": a.steps}
             sets |= {"train.eval_every": 0, "train.ckpt_every": a.steps}
             for start, extra in starts.items():
-                name = start.replace(" ", "-")
+                name = start.replace(" ", "-") + (tag if start != "scratch" else "")
                 m, dt = train(recipe, sets | extra, out / f"{key}-{name}-seed{seed}")
                 scores[start].append(m[metric])
                 print(f"{key} seed {seed} {start}: {metric} {m[metric]:.4f} ({dt:.0f} s)", flush=True)
@@ -92,7 +93,9 @@ def main() -> None:
         for start, v in scores.items():
             mean = statistics.mean(v)
             rows.append((key, start, metric, mean, " ".join(f"{x:.4f}" for x in v), 100 * (mean - base)))
-    print(f"\n{a.labelled} labelled scenes, {a.steps} steps, {a.seeds} seeds ({machine()})")
+    print(
+        f"\n{a.labelled} labelled scenes, {a.steps} steps, {a.seeds} seeds, trunk lr x{a.backbone_lr:g} ({machine()})"
+    )
     print(f"| target | start | {'metric':10} | mean | per seed | vs scratch (points) |")
     for key, start, metric, mean, per, gain in rows:
         print(f"| {key} | {start} | {metric:10} | {mean:.4f} | {per} | {gain:+.1f} |")
