@@ -358,14 +358,18 @@ class Blind(nn.Module):
         return self.net(torch.zeros_like(x))
 
 
-def test_baseline_check_fails_for_a_policy_that_ignores_the_pixels(rollouts, tmp_path):
+def test_baseline_check_fails_for_a_policy_that_ignores_the_pixels(tmp_path_factory, tmp_path):
+    # 16 episodes (about 10 to train on): on the 3 training episodes of `rollouts` whether 30 steps of the seeing
+    # net beat zeroed inputs was a matter of the seed (2 of 4 seeds did not); here every seed tried did (0.58-0.73)
+    rollouts = tmp_path_factory.mktemp("drive16") / "rollouts"
+    record(ENV, rollouts, 16, 0, FRAMES, SIZE)
     cfg = load("highway-fast-cnn", [*SMALL_DATA, f"data.path={rollouts}", "train.device=cpu"])
     data, fam = cfg.data.build(), get_family("drive")
     ctx = lambda make: Ctx(cfg, tmp_path, fam, data=data, make_model=make, steps=30)  # noqa: E731
     blind = CHECKS["baseline"](ctx(lambda spec: Blind(fam.build_model(cfg, spec))))
     assert blind.status == "fail" and blind.value >= 0.95, blind
-    # the same network, looking: clearly below the blind one (on 3 training episodes and 30 steps it may only
-    # warn that the pixels help a little; the recipe's registry check in test_checks.py sees it pass)
+    # the same network, looking: clearly below the blind one (30 steps may only warn that the pixels help a little;
+    # the recipe's registry check in test_checks.py sees it pass)
     seeing = CHECKS["baseline"](ctx(None))
     assert seeing.status in ("pass", "warn") and seeing.value < 0.95 <= blind.value, seeing
 

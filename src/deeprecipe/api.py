@@ -340,13 +340,14 @@ class Run:
     # -------------------------------------------------------------------- verbs
     def evaluate(self, split: str | None = None) -> dict:
         """The family's metrics of the run's model over a whole split, and "split": the split evaluated (default
-        the one a finished run is scored on: test, else val, else train). `deeprecipe eval --json` prints this dict
+        the one a finished run is scored on: test, else val, else train), in the run's own precision unless `load`
+        was given one (so a finished run's figures come back exactly). `deeprecipe eval --json` prints this dict
         with the weights' text and step added. The data set is built on the first call and kept for the next."""
         from deeprecipe.engine.loop import evaluate
 
         if split not in (None, "train", "val", "test"):
             raise UserError(f"split {split!r}: use train, val or test")
-        rt = self.runtime("auto")
+        rt = self.runtime(self.config.train.precision)  # as training scored it: the same figures
         if self._data is None:
             self._data = self.config.data.build()
             for name in ("train", "val", "test"):
