@@ -32,7 +32,7 @@ from deeprecipe.core import UserError
 from deeprecipe.engine import checkpoint
 from deeprecipe.engine.atomic import atomic_text
 from deeprecipe.models.head import classifier, current_names
-from deeprecipe.models.pretrained import best_prefix, read_file, strip
+from deeprecipe.models.pretrained import read_file, reprefixed, strip
 
 # prefixes that wrappers add to parameter names: DDP, torch.compile, and our own checkpoints' model/ema halves
 
@@ -76,8 +76,7 @@ def load_matching(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[st
     `encoder.` into a detector's `backbone.`, a plain torchvision file into either; a head saved under an older name
     (torchvision's and this package's ResNet `fc`) is matched as the model's `head` (models/head.py)."""
     state = model.state_dict()
-    drop, add = best_prefix(weights, state)
-    weights = {(add + k[len(drop) :] if k.startswith(drop) else k): v for k, v in weights.items()}
+    weights, drop, add = reprefixed(weights, state)
     weights = current_names(model, weights)
     report: dict[str, list] = {"loaded": [], "adapted": [], "skipped": [], "new": [], "unused": []}
     report["renamed"] = [] if (drop, add) == ("", "") else [(drop, add)]

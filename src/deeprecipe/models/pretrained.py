@@ -151,13 +151,18 @@ def best_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) ->
     return max(((d, a) for d in sorted(drops) for a in sorted(adds)), key=lambda p: (count(*p), p == ("", "")))
 
 
+def reprefixed(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]):
+    """(`state` with best_prefix's renaming applied, drop, add)."""
+    drop, add = best_prefix(state, own)
+    return {(add + k[len(drop) :] if k.startswith(drop) else k): v for k, v in state.items()}, drop, add
+
+
 def load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list]:
     """Copy the tensors of `state` that match `model` by name and shape (after best_prefix's renaming), in place;
     warn the counts (loaded, missing, unexpected, shape-mismatched) and return the names of each."""
     own = model.state_dict()
-    drop, add = best_prefix(state, own)
+    state, drop, add = reprefixed(state, own)
     renamed = f" (names {drop or ''}* read as {add or ''}*)" if (drop, add) != ("", "") else ""
-    state = {(add + k[len(drop) :] if k.startswith(drop) else k): v for k, v in state.items()}
     fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     report = {
         "loaded": list(fit),
