@@ -5,12 +5,16 @@ Teacher: the fashion-mnist-cnn recipe's CNN (conv32-64-128, dense 64: ~495k para
 dense 32 (~124k). Test accuracy per seed and the mean difference.
 
     python bench/distill_fashion.py [--teacher-steps 2000] [--steps 1500] [--seeds 3] [--weight 0.5] [--temperature 4]
+        [--teacher RUN] [--keep DIR]
+
+--teacher reuses a trained teacher run instead of training one; --keep DIR keeps every run folder there.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 
 import deeprecipe
@@ -25,13 +29,20 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--weight", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--teacher", default="", help="a trained Fashion-MNIST classifier run to distil from")
+    p.add_argument("--keep", default="", help="write the run folders here instead of a temporary folder")
     a = p.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {cpu}")
+    print(f"command: python bench/distill_fashion.py {' '.join(sys.argv[1:])}")
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = a.keep or tmp
         common = {"train.device": "cpu", "train.eval_every": 0}
         steps = {"train.steps": a.teacher_steps, "train.ckpt_every": a.teacher_steps}
-        teacher = deeprecipe.train("fashion-mnist-cnn", common | steps, out=f"{tmp}/teacher")
+        if a.teacher:
+            teacher = deeprecipe.load(a.teacher, device="cpu")
+        else:
+            teacher = deeprecipe.train("fashion-mnist-cnn", common | steps, out=f"{tmp}/teacher")
         n_t = sum(p.numel() for p in teacher.model.parameters())
         print(f"teacher: {n_t:,} parameters, test acc {teacher.final['test_acc']:.4f}")
         alone, taught = [], []

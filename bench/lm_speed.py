@@ -6,7 +6,7 @@ against the machine's measured fp32 and bf16 matmul peaks.
     python bench/lm_speed.py --compile --batch 64     # on a GPU
 
 deeprecipe's step is what the engine runs: bf16 autocast where the hardware has it (engine/device.py),
-scaled_dot_product_attention, fused AdamW on CUDA, optional torch.compile. FLOPs per token of a training step
+scaled_dot_product_attention, fused AdamW (CUDA and CPU), optional torch.compile. FLOPs per token of a training step
 are counted as 6 * (weights touched per token, the head included) + 12 * layers * width * context (attention).
 """
 
@@ -132,7 +132,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(V, T, L, H, C, a.dropout).to(dev)
     net = torch.compile(model) if a.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
+    # the engine's update (engine/optim.py): the fused AdamW kernel on CUDA and on the CPU
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type in ("cuda", "cpu") or None)
 
     def ours():
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):

@@ -14,7 +14,10 @@ initialisation (train.seed = s); the arms of one seed share both. Metrics are on
 last step (train.eval_every=0: nothing is selected on the test scenes).
 
     python bench/transfer_scenes.py [--seeds 3] [--steps 300] [--pretrain-steps 1500] [--pretrain-scenes 4000]
-        [--only seg,det] [--ssl RUN]
+        [--only seg,det] [--ssl RUN] [--ft-set finetune.freeze=backbone ...]
+
+--ft-set KEY=VALUE (repeatable) adds config overrides to the pretrained arms only (e.g. freezing the trunk first);
+their run folders are named after them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main() -> None:
     p.add_argument("--only", default="seg,det")
     p.add_argument("--ssl", default="", help="a pretrain run folder: its trunk is a third start")
     p.add_argument("--backbone-lr", type=float, default=0.3, help="lr multiplier of the pretrained trunk")
+    p.add_argument("--ft-set", action="append", default=[], help="KEY=VALUE for the pretrained arms only")
     p.add_argument("--out", default="runs/bench-transfer-scenes")
     a = p.parse_args()
     print(f"machine: {machine()}")
@@ -69,7 +73,9 @@ def main() -> None:
         "det": ("scenes-detect", DET, "test_map_50", "scenes-unet", SEG),
     }
     tune = {"finetune.head_lr": 1.0, "finetune.backbone_lr": a.backbone_lr}  # the trunk moves slower (0.3)
+    tune |= dict(kv.split("=", 1) for kv in a.ft_set)
     tag = "" if a.backbone_lr == 0.3 else f"-blr{a.backbone_lr:g}"
+    tag += "".join(f"-{kv.rsplit('.', 1)[-1].replace('=', '')}" for kv in a.ft_set)
     rows = []
     for key in a.only.split(","):
         recipe, model, metric, src_recipe, src_model = targets[key]
@@ -93,8 +99,10 @@ def main() -> None:
         for start, v in scores.items():
             mean = statistics.mean(v)
             rows.append((key, start, metric, mean, " ".join(f"{x:.4f}" for x in v), 100 * (mean - base)))
+    extra = f", pretrained arms with {' '.join(a.ft_set)}" if a.ft_set else ""
     print(
-        f"\n{a.labelled} labelled scenes, {a.steps} steps, {a.seeds} seeds, trunk lr x{a.backbone_lr:g} ({machine()})"
+        f"\n{a.labelled} labelled scenes, {a.steps} steps, {a.seeds} seeds, trunk lr x{a.backbone_lr:g}{extra} "
+        f"({machine()})"
     )
     print(f"| target | start | {'metric':10} | mean | per seed | vs scratch (points) |")
     for key, start, metric, mean, per, gain in rows:

@@ -291,3 +291,29 @@ def test_user_model_file(tmp_path):
     model = cfg.build(case.spec)
     assert model[1].out_features == 7
     assert tuple(model(*case.inputs).shape) == case.shape
+
+
+def test_cnn_pools_before_relu_with_the_textbook_values_and_gradients():
+    """The CNN max-pools before its ReLU (a quarter of the elements to rectify); the oracle is the textbook
+    conv -> BN -> ReLU -> pool order on the same modules: equal outputs and equal weight gradients."""
+    from deeprecipe.models.cnn import CNNConfig
+
+    torch.manual_seed(0)
+    spec = DataSpec(num_classes=4, class_names=list("abcd"), in_channels=1, image_size=(12, 12))
+    model = CNNConfig(channels=(4, 6, 8), dense=(5,), dropout=0.0).build(spec).train()
+    mods = list(model.features)
+    pools = [i for i, m in enumerate(mods) if isinstance(m, nn.MaxPool2d)]
+    assert pools and all(isinstance(mods[i + 1], nn.ReLU) for i in pools)  # the order under test
+    textbook = list(mods)
+    for i in pools:
+        textbook[i], textbook[i + 1] = textbook[i + 1], textbook[i]
+    x = torch.randn(3, 1, 12, 12)
+    ours = model(x)
+    ours.square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = model.head(model.dense(nn.Sequential(*textbook)(x)))
+    ref.square().sum().backward()
+    torch.testing.assert_close(ours, ref)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
