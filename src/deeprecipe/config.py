@@ -68,6 +68,9 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss: stop (keep last good checkpoint) | skip the batch
     workers: int = ranged(2, ">= 0")  # DataLoader workers for data streamed from disk
     limit_eval: int = ranged(0, ">= 0")  # evaluate on at most N examples (0: the full split)
+    # test-time augmentation, image classification: "flip" averages the logits of each image and of its mirror in
+    # evaluation, predict, serve and export (for nets trained with data.flip: true); twice the inference cost
+    tta: Literal["none", "flip"] = "none"
     # experiment trackers that get every logged metric (metrics.jsonl always does): tensorboard (tb/) | mlflow
     # (parameters, metrics, config.yaml and report.html; MLFLOW_TRACKING_URI, else MLflow's local default)
     loggers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])

@@ -141,6 +141,7 @@ class Family:
 
     name: str = ""  # the registry name (cfg.task), set by the registry
     METRIC: tuple[str, str] = ("", "max")  # (name in evaluate()'s dict, "max" | "min"); required
+    TTA: tuple[str, ...] = ("none",)  # the train.tta modes the family's inference honours
 
     # ------------------------------------------------------------------------------------------ training
     def check_config(self, cfg: Config) -> None:

@@ -292,6 +292,11 @@ def train(
     them); when it returns True before the last step, the run stops there like an early stop, with status "pruned".
     """
     family.check_config(cfg)
+    if cfg.train.tta not in family.TTA:
+        raise ConfigError(
+            f"train.tta={cfg.train.tta}: task '{family.name}' has no test-time augmentation "
+            f"(image classification has 'flip'); remove the key"
+        )
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     if rt.main and cfg.train.precision == "auto":
         warnings.warn(rt.why, stacklevel=2)  # the CLI's `note:` line: what auto chose on this machine, and why

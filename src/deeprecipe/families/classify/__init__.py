@@ -20,6 +20,25 @@ from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeConte
 from deeprecipe.runtime import Runtime
 
 
+class FlipAverage(nn.Module):
+    """train.tta=flip: the mean of the net's logits on images (B, C, H, W) and on their mirrors, in one batch of 2B
+    (a net in eval mode scores each image on its own, so the pair changes nothing but the cost)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        out = self.net(torch.cat([x, x.flip(-1)]))
+        return (out[:n] + out[n:]) / 2
+
+
+def inference_net(model: nn.Module, cfg: Config) -> nn.Module:
+    """What evaluation, predict, serve and export run: the model, averaged with its mirror under train.tta=flip."""
+    return FlipAverage(model) if cfg.train.tta == "flip" else model
+
+
 @torch.no_grad()
 def classify_images(model: nn.Module, spec: DataSpec, rt: Runtime, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 images (C, H, W) at the spec's size -> class probabilities (C,) each, in one batch; what predict and
@@ -161,17 +180,25 @@ class Teacher:
 class Classify(Family):
     """Image classification (see the module docstring)."""
 
+    TTA = ("none", "flip")
+
     def __init__(self):
         self._teacher = Teacher()  # cfg.distill's teacher, loaded by the first loss that needs it
         self._spec: DataSpec | None = None  # the spec the model was built for: the teacher must match it
+        self._cfg: Config | None = None  # the config of the model built last (export_example reads train.tta)
 
     def check_config(self, cfg: Config) -> None:
         t = cfg.distill.teacher
         if t and not (Path(t) / "config.yaml").is_file():
             raise ConfigError(f"distill.teacher={t}: not a run folder (no config.yaml); name a classifier's run")
+        if cfg.train.tta == "flip" and not getattr(cfg.data, "flip", False):
+            raise ConfigError(
+                "train.tta=flip averages each image with its mirror, but the net never sees mirrored images "
+                "(data.flip is off): set data.flip=true or train.tta=none"
+            )
 
     def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:
-        self._spec = spec
+        self._spec, self._cfg = spec, cfg
         return cfg.model.build(spec)
 
     def expected_init_loss(self, spec: DataSpec, cfg: Config) -> tuple[float, str] | None:
@@ -203,7 +230,7 @@ class Classify(Family):
         return (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
-        logits, labels = predict_split(model, data, split, cfg, rt)
+        logits, labels = predict_split(inference_net(model, cfg), data, split, cfg, rt)
         return metrics(logits, labels, data.spec.num_classes)
 
     def finish(self, model: nn.Module, data: Data, cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
@@ -213,7 +240,7 @@ class Classify(Family):
         split = data.final_split()
         model.eval()
         with torch.no_grad(), rt.autocast():
-            logits, labels = predict_split(model, data, split, cfg, rt)
+            logits, labels = predict_split(inference_net(model, cfg), data, split, cfg, rt)
         m = metrics(logits, labels, data.spec.num_classes)
         names = data.spec.class_names
         plots.confusion(m["confusion"], names, Path(run_dir) / "plots" / "confusion.png", f"{split} confusion matrix")
@@ -254,7 +281,7 @@ class Classify(Family):
     ) -> list[dict]:
         """Image files -> top-k labels with probabilities."""
         images = [image_ops.for_model(image_ops.read(f, spec.in_channels), spec) for f in files]
-        probs = classify_images(model, spec, rt, images)
+        probs = classify_images(inference_net(model, cfg), spec, rt, images)
         return [top_labels(f, p, spec.class_names, opts.top) for f, p in zip(files, probs)]
 
     def explain(
@@ -279,7 +306,8 @@ class Classify(Family):
         """What `deeprecipe export` feeds the net: a normalized image batch (B, C, H, W), batch axis dynamic."""
         g = torch.Generator().manual_seed(batch)
         x = torch.randint(0, 256, (batch, spec.in_channels, *spec.image_size), dtype=torch.uint8, generator=g)
-        return {"inputs": {"image": prepare((x, None), spec)[0].contiguous()}, "outputs": ["logits"]}
+        ex = {"inputs": {"image": prepare((x, None), spec)[0].contiguous()}, "outputs": ["logits"]}
+        return ex | ({"module": inference_net(model, self._cfg)} if self._cfg is not None else {})
 
     def serve(self, ctx: ServeContext) -> None:
         """POST /classify: an image file -> its top labels; concurrent requests run as one batch."""
@@ -287,7 +315,8 @@ class Classify(Family):
 
         spec = ctx.spec
 
-        batch = ctx.batcher("classify", lambda images: classify_images(ctx.model, spec, ctx.rt, images))
+        net = inference_net(ctx.model, ctx.cfg)
+        batch = ctx.batcher("classify", lambda images: classify_images(net, spec, ctx.rt, images))
 
         @ctx.router.post("/classify", summary="Classify an image (PNG, JPEG, ...)")
         async def classify(
