@@ -94,3 +94,23 @@ def test_tta_on_a_family_without_it_is_refused(tmp_path):
     sets = {"train.steps": 1, "train.tta": "flip", "train.device": "cpu"}
     with pytest.raises(ConfigError, match=r"^train.tta=flip: task 'lm' has no test-time augmentation"):
         deeprecipe.train("shakespeare-char-gpt", sets, out=tmp_path / "r")
+
+
+def test_a_flip_teacher_teaches_its_mirror_average(run):
+    """distill.teacher trained with train.tta=flip: the soft targets are the teacher's mirror-averaged logits."""
+    import copy
+
+    from deeprecipe.families import get_family
+    from deeprecipe.families.classify import distill_loss
+    from deeprecipe.recipe import load
+
+    cfg = load("digits-cnn", [f"{k}={v}" for k, v in TINY.items() if k != "train.tta"] + [f"distill.teacher={run.dir}"])
+    family = get_family("classify")
+    family.build_model(cfg, run.spec)
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    student = copy.deepcopy(run.model).eval()  # the plain net: its logits differ from the teacher's average
+    _, logs = family.loss(student, (x, y), cfg, "model")
+    with torch.no_grad():
+        want = distill_loss(student(x).float(), by_hand(run.model.eval(), x), cfg.distill.temperature)
+    assert float(logs["kd"]) == pytest.approx(float(want), abs=2e-5)
+    assert float(want) > 1e-3  # a plain teacher (the student itself) would give 0

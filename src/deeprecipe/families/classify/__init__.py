@@ -147,8 +147,8 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torc
 
 
 class Teacher:
-    """The teacher of cfg.distill: a classifier run's model (its inference weights, eval mode, frozen) on the
-    student's device, loaded at the first batch; `logits(x)` takes the student's prepared input and feeds the
+    """The teacher of cfg.distill: a classifier run's model (its inference weights, eval mode, frozen, averaged with
+    its mirror when it was trained with train.tta=flip) on the student's device, loaded at the first batch; `logits(x)` takes the student's prepared input and feeds the
     teacher the same pixels under its own normalization."""
 
     def __init__(self):
@@ -172,7 +172,8 @@ class Teacher:
             t_mean, t_std = torch.tensor(tspec.mean).view(view), torch.tensor(tspec.std).view(view)
             # student-normalized x -> pixels x * s_std + s_mean -> the teacher's (p - t_mean) / t_std, as one affine
             self.scale, self.shift = (s_std / t_std).to(x.device), ((s_mean - t_mean) / t_std).to(x.device)
-            self.model, self.key = model.requires_grad_(False), (cfg.distill.teacher, x.device)
+            # a teacher trained with train.tta=flip teaches what its own evaluation scored: the mirror average
+            self.model, self.key = inference_net(model.requires_grad_(False), tcfg), (cfg.distill.teacher, x.device)
         with torch.no_grad():
             return self.model(x * self.scale + self.shift).float()
 
