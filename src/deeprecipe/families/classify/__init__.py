@@ -148,8 +148,9 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torc
 
 class Teacher:
     """The teacher of cfg.distill: a classifier run's model (its inference weights, eval mode, frozen, averaged with
-    its mirror when it was trained with train.tta=flip) on the student's device, loaded at the first batch; `logits(x)` takes the student's prepared input and feeds the
-    teacher the same pixels under its own normalization."""
+    its mirror when it was trained with train.tta=flip) on the student's device, loaded at the first batch;
+    `logits(x)` takes the student's prepared input and feeds the teacher the same pixels under its own
+    normalization."""
 
     def __init__(self):
         self.key, self.model, self.scale, self.shift = None, None, None, None
