@@ -39,7 +39,7 @@ def feature_config(cfg):
     aug = {k: v for k, v in (raw.get("data") or {}).items() if k in ("crop_pad", "flip")}
     raw["data"] = {**to_dict(cfg.data), "limit": 0, **aug}
     raw.setdefault("optim", {})["label_smoothing"] = 0.0  # calibrated probabilities: IS reads them
-    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0)
+    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0, tta="none")  # a feature extractor
     if M.feature_steps:
         raw["train"].update(steps=M.feature_steps, eval_every=M.feature_steps, ckpt_every=M.feature_steps)
     return resolve(raw, rname)

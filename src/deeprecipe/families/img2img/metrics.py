@@ -150,7 +150,7 @@ def scene_feature_config(cfg):
         raise UserError(f"model.feature_recipe={name}: the scene feature net is a segment recipe of a unet on scenes")
     D = cfg.data
     raw["data"] = {**data, "size": list(D.size), "seed": D.seed, "train_size": D.train_size, "test_size": 0, "crop": 0}
-    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0)
+    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0, tta="none")  # a feature extractor
     if cfg.model.feature_steps:
         s = cfg.model.feature_steps
         raw["train"].update(steps=s, eval_every=s, ckpt_every=s)
@@ -198,7 +198,9 @@ def pair_feature_config(cfg):
     raw["data"] = {"name": "imagefolder", "path": str(root), "channels": 3, "image_size": 32, **keep}
     raw.setdefault("optim", {})["label_smoothing"] = 0.0
     s = cfg.model.feature_steps or PAIR_FEATURE_STEPS
-    raw.setdefault("train", {}).update(device=cfg.train.device, ema=0.0, steps=s, eval_every=s, ckpt_every=s)
+    raw.setdefault("train", {}).update(
+        device=cfg.train.device, ema=0.0, tta="none", steps=s, eval_every=s, ckpt_every=s
+    )
     return resolve(raw, rname)
 
 
