@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 import deeprecipe
 from _budget import machine
 
@@ -73,7 +75,7 @@ def main() -> None:
         "det": ("scenes-detect", DET, "test_map_50", "scenes-unet", SEG),
     }
     tune = {"finetune.head_lr": 1.0, "finetune.backbone_lr": a.backbone_lr}  # the trunk moves slower (0.3)
-    tune |= dict(kv.split("=", 1) for kv in a.ft_set)
+    tune |= {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.ft_set)}  # "100" -> 100
     tag = "" if a.backbone_lr == 0.3 else f"-blr{a.backbone_lr:g}"
     tag += "".join(f"-{kv.rsplit('.', 1)[-1].replace('=', '')}" for kv in a.ft_set)
     rows = []
