@@ -189,14 +189,16 @@ def lm_config(recipe: str, corpus: Path, tmp: Path, steps: int, **model) -> conf
     return resolve(raw, name)
 
 
-def test_lm_exact_resume(corpus, tmp_path):
+@pytest.mark.parametrize("opt", ["adamw", "muon"])
+def test_lm_exact_resume(corpus, tmp_path, opt):
     """k steps, then resume to N, gives bitwise the same weights as N steps straight (a constant schedule, so
-    that stopping at k is the same as being killed at k; dropout on, so the RNG state must be restored too)."""
+    that stopping at k is the same as being killed at k; dropout on, so the RNG state must be restored too);
+    with Muon too (its momentum and AdamW's moments are both in the checkpoint)."""
     cfg = lm_config("shakespeare-char-gpt", corpus, tmp_path, 10, dropout=0.1)
-    cfg.optim.schedule = "constant"
+    cfg.optim.schedule, cfg.optim.name = "constant", opt
     train(cfg, tmp_path / "full")
     cfg5 = lm_config("shakespeare-char-gpt", corpus, tmp_path, 5, dropout=0.1)
-    cfg5.optim.schedule = "constant"
+    cfg5.optim.schedule, cfg5.optim.name = "constant", opt
     train(cfg5, tmp_path / "split")
     train(cfg, tmp_path / "split", resume=True)
     a = checkpoint.load(checkpoint.latest(tmp_path / "full" / "checkpoints"))[0]

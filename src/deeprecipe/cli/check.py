@@ -83,7 +83,7 @@ def cmd_lr_find(args) -> None:
     ctx = Ctx(cfg, run_dir, family_of(cfg), batch_size=args.batch or cfg.train.batch_size)
     ctx.cfg.optim.label_smoothing = cfg.optim.label_smoothing  # the loss the recipe trains with
     model = ctx.model()
-    opt = optim.adamw(model, cfg.optim)
+    opt = optim.optimizer(model, cfg.optim)
     every = max(1, args.steps // 10)
 
     def progress(k: int, lr: float, loss: float) -> None:  # ten lines on stderr while it runs

@@ -1,11 +1,11 @@
 """The one training loop, for every family. Everything a step does is in `train_step`; `train` runs the steps.
 
 The CLI hands in the family (deeprecipe/family.py); the loop never looks one up. A step updates the family's
-parts in turn (one part for most families; a GAN's discriminator, then its generator), each with its own AdamW
-optimizer and gradient scaler: the loss of every micro-batch is computed for that part with the others frozen,
-then the part's gradients are clipped, checked for NaN/inf and applied. So accumulation, non-finite handling,
-fine-tuning lr multipliers, compile, EMA, evaluation, early stopping, checkpoints, exact resume, metrics and the
-report come from this one place for every family.
+parts in turn (one part for most families; a GAN's discriminator, then its generator), each with its own optimizer
+(AdamW or Muon: optim.name) and gradient scaler: the loss of every micro-batch is computed for that part with the
+others frozen, then the part's gradients are clipped, checked for NaN/inf and applied. So accumulation, non-finite
+handling, fine-tuning lr multipliers, compile, EMA, evaluation, early stopping, checkpoints, exact resume, metrics
+and the report come from this one place for every family.
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ def place(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
 
 
 def make_parts(family: Family, model: nn.Module, cfg: Config, rt: Runtime, lr_scale: dict | None = None) -> list[Part]:
-    """The family's parts, each with an AdamW optimizer whose groups carry the fine-tuning lr multipliers (by the
-    model's own parameter names) times the part's multiplier."""
+    """The family's parts, each with its optimizer (optim.name) whose groups carry the fine-tuning lr multipliers (by
+    the model's own parameter names) times the part's multiplier."""
     names = {id(m): n for n, m in model.named_modules()}
     parts = []
     for name, (module, mult) in family.parts(model, cfg).items():
         prefix = names[id(module)] + "." if names.get(id(module)) else ""
         scale = {k[len(prefix) :]: v for k, v in (lr_scale or {}).items() if k.startswith(prefix)}
-        opt = optim.adamw(module, cfg.optim, scale, mult)
+        opt = optim.optimizer(module, cfg.optim, scale, mult)
         parts.append(Part(name, module, opt, rt.scaler()))
     return parts
 

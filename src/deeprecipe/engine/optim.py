@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on weights only, LR schedules, and an EMA of the weights."""
+"""AdamW with decoupled weight decay on weights only (or Muon on the hidden matrices), LR schedules, and an EMA of
+the weights."""
 
 from __future__ import annotations
 
@@ -52,6 +53,84 @@ def adamw(
     if cuda:
         device_lr(opt)
     return opt
+
+
+def optimizer(model: nn.Module, cfg: OptimConfig, lr_scale: dict | None = None, lr_mult: float = 1.0):
+    """The optimizer `cfg.name` names: AdamW, or Muon on the hidden matrices and AdamW on the rest (Muon)."""
+    if cfg.name == "adamw":
+        return adamw(model, cfg, lr_scale, lr_mult)
+    if cfg.name != "muon":
+        raise ConfigError(f"optim.name={cfg.name}: use adamw or muon")
+    return muon(model, cfg, lr_scale, lr_mult)
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The weights Muon updates: every nn.Linear's but the last one's (the output layer) and any shared with an
+    embedding (a tied output layer); embeddings, convolutions, norms and biases stay with AdamW."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [m.weight for m in linears[:-1] if id(m.weight) not in embedded]
+
+
+class Muon:
+    """torch.optim.Muon (momentum orthogonalised by Newton-Schulz iterations; Jordan et al. 2024) on the hidden
+    matrices, AdamW on every other parameter, as one optimizer for the loop. Muon's step is scaled to AdamW's
+    update size (adjust_lr_fn "match_rms_adamw"), so the recipe's lr, schedule and weight decay serve both; its
+    momentum is 0.95 with Nesterov. Not fused: on CUDA the step runs eagerly (no CUDA graph)."""
+
+    def __init__(self, groups: list[dict], cfg: OptimConfig, hidden: list[nn.Parameter]):
+        ids = {id(p) for p in hidden}
+        split: dict[bool, list[dict]] = {True: [], False: []}
+        for g in groups:
+            for is_hidden in (True, False):
+                ps = [p for p in g["params"] if (id(p) in ids) == is_hidden]
+                if ps:
+                    split[is_hidden].append({**g, "params": ps})
+        self.opts = []
+        if split[True]:
+            kw = {"weight_decay": cfg.weight_decay, "momentum": 0.95, "nesterov": True}
+            self.opts.append(torch.optim.Muon(split[True], lr=cfg.lr, adjust_lr_fn="match_rms_adamw", **kw))
+        if split[False]:
+            fused = {p.device.type for g in split[False] for p in g["params"]} == {"cpu"} or None
+            self.opts.append(torch.optim.AdamW(split[False], lr=cfg.lr, betas=cfg.betas, fused=fused))
+        self.defaults: dict = {}  # not fused: the loop keeps its host-side NaN/inf check
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.opts for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for o in self.opts for k, v in o.state.items()}
+
+    def step(self, closure=None) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {type(o).__name__: o.state_dict() for o in self.opts}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {type(o).__name__ for o in self.opts}:
+            raise ConfigError(f"the checkpoint's optimizer state holds {sorted(state)}; this run uses optim.name=muon")
+        for o in self.opts:
+            o.load_state_dict(state[type(o).__name__])
+
+
+def muon(model: nn.Module, cfg: OptimConfig, lr_scale: dict | None = None, lr_mult: float = 1.0) -> Muon:
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(
+            f"optim.name=muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
+            "upgrade torch or set optim.name=adamw"
+        )
+    groups = param_groups(model, cfg.weight_decay, lr_scale, lr_mult)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters (everything is frozen)")
+    return Muon(groups, cfg, hidden_matrices(model))
 
 
 def device_lr(opt: torch.optim.Optimizer) -> None:
