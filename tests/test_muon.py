@@ -23,9 +23,9 @@ def names(model: nn.Module, params: list[nn.Parameter]) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-def test_hidden_matrices_are_the_inner_linear_weights():
-    """GPT: the blocks' projections, never the embeddings or the tied output layer; CNN: the dense layers but not
-    the classifier, never a convolution."""
+def test_hidden_matrices_are_the_inner_layers_weights():
+    """GPT: the blocks' projections, never the embeddings or the tied output layer; CNN: every convolution but the
+    first and every dense layer but the classifier."""
     gpt = GPT(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
     want = {
         n
@@ -33,9 +33,9 @@ def test_hidden_matrices_are_the_inner_linear_weights():
         if n.startswith("blocks.") and p.ndim == 2 and "norm" not in n  # qkv, proj, the MLP's two layers
     }
     assert names(gpt, optim.hidden_matrices(gpt)) == want and len(want) == 2 * 4
-    cnn = CNN(1, 10, (28, 28), CNNConfig(channels=(4, 8), dense=(16, 12)))
-    linears = [n + ".weight" for n, m in cnn.named_modules() if isinstance(m, nn.Linear)]
-    assert names(cnn, optim.hidden_matrices(cnn)) == set(linears[:-1]) and len(linears) == 3
+    cnn = CNN(1, 10, (28, 28), CNNConfig(channels=(4, 8, 16), dense=(16, 12)))
+    layers = [n + ".weight" for n, m in cnn.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert names(cnn, optim.hidden_matrices(cnn)) == set(layers[1:-1]) and len(layers) == 3 + 3
 
 
 def test_one_step_orthogonalises_the_hidden_update_and_is_adamw_elsewhere():
@@ -43,18 +43,18 @@ def test_one_step_orthogonalises_the_hidden_update_and_is_adamw_elsewhere():
     its gradient (Newton-Schulz approximates it: singular values near 1, not exactly 1); every other parameter
     moves exactly as under torch's AdamW with the same settings."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3))
+    net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.Linear(24, 3))
     cfg = optim.OptimConfig(name="muon", lr=0.01, weight_decay=0.0, betas=(0.9, 0.99))
     ref = copy.deepcopy(net)
     grads = {n: torch.randn_like(p) for n, p in net.named_parameters()}
-    for n in ("0.weight", "2.weight"):  # full rank, singular values spread over 10x: far from orthogonal
+    for n in ("2.weight", "4.weight"):  # full rank, singular values spread over 10x: far from orthogonal
         u, _, vh = torch.linalg.svd(grads[n], full_matrices=False)
         grads[n] = u @ torch.diag(torch.logspace(0, -1, vh.shape[0])) @ vh
     for m in (net, ref):
         for n, p in m.named_parameters():
             p.grad = grads[n].clone()
     opt = optim.optimizer(net, cfg)
-    hidden = {"0.weight", "2.weight"}
+    hidden = {"2.weight", "4.weight"}
     assert isinstance(opt, optim.Muon) and names(net, optim.hidden_matrices(net)) == hidden
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     opt.step()
@@ -74,9 +74,36 @@ def test_one_step_orthogonalises_the_hidden_update_and_is_adamw_elsewhere():
             assert torch.allclose(p, after[n], atol=1e-7), n
 
 
+def test_a_channels_last_kernel_steps_as_its_matrix():
+    """Oracle: a (channels-last) convolution kernel moves exactly as torch's Muon moves the (out, in*kh*kw) matrix
+    of the same kernel with the same gradient (up to the bf16 rounding of Newton-Schulz in another column order)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 4, 1)).to(
+        memory_format=torch.channels_last
+    )
+    k = net[1].weight
+    assert k.is_contiguous(memory_format=torch.channels_last) and not k.is_contiguous()
+    cfg = optim.OptimConfig(name="muon", lr=0.01, weight_decay=0.1)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    matrix = nn.Parameter(k.detach().reshape(16, -1).clone())
+    matrix.grad = k.grad.reshape(16, -1).clone()
+    ref = torch.optim.Muon([matrix], lr=cfg.lr, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    opt = optim.optimizer(net, cfg)
+    assert names(net, optim.hidden_matrices(net)) == {"1.weight"}
+    before = k.detach().clone()
+    for _ in range(2):  # two steps: the momentum buffer is carried too
+        opt.step()
+        ref.step()
+    assert not torch.equal(before, k)
+    assert torch.allclose(k.detach().reshape(16, -1), matrix.detach(), atol=2e-4, rtol=0)
+    opt.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_state_round_trips_and_a_foreign_state_is_refused():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     cfg = optim.OptimConfig(name="muon", lr=0.01)
     opt = optim.optimizer(net, cfg)
     net(torch.randn(5, 4)).sum().backward()
@@ -97,3 +124,23 @@ def test_a_torch_without_muon_gets_a_one_line_error(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(ConfigError, match=r"needs torch >= 2\.9.*optim\.name=adamw"):
         optim.optimizer(nn.Linear(3, 2), optim.OptimConfig(name="muon"))
+
+
+def test_a_resumed_conv_net_run_equals_an_uninterrupted_one(tmp_path):
+    """Muon on a channels-last CNN's kernels (views of their storage) through the loop: 3 steps then resume to 6
+    gives bitwise the weights of 6 steps straight, so the views still write the model's weights after a restore."""
+    import deeprecipe
+    from deeprecipe.engine import checkpoint
+
+    sets = {"optim.name": "muon", "optim.schedule": "constant", "train.steps": 6, "train.ckpt_every": 3}
+    sets |= {"train.batch_size": 16, "train.device": "cpu", "train.eval_every": 0, "train.channels_last": True}
+    sets |= {"train.precision": "fp32", "model.channels": [4, 8, 8], "model.dense": [16]}
+    deeprecipe.train("digits-cnn", sets, out=tmp_path / "full")
+    deeprecipe.train("digits-cnn", sets | {"train.steps": 3}, out=tmp_path / "split")
+    deeprecipe.train(tmp_path / "split", {"train.steps": 6}, resume=True)
+    a = checkpoint.load(checkpoint.latest(tmp_path / "full" / "checkpoints"))[0]
+    b = checkpoint.load(checkpoint.latest(tmp_path / "split" / "checkpoints"))[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mid = checkpoint.load(tmp_path / "full" / "checkpoints" / "step-0000003")[0]
+    kernels = [k for k, v in a.items() if v.ndim == 4]
+    assert len(kernels) >= 3 and all(not torch.equal(a[k], mid[k]) for k in kernels)  # every kernel moved

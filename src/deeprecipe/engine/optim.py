@@ -65,25 +65,44 @@ def optimizer(model: nn.Module, cfg: OptimConfig, lr_scale: dict | None = None, 
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The weights Muon updates: every nn.Linear's but the last one's (the output layer) and any shared with an
-    embedding (a tied output layer); embeddings, convolutions, norms and biases stay with AdamW."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return [m.weight for m in linears[:-1] if id(m.weight) not in embedded]
+    """The weights Muon updates: those of the Linear and convolution layers between the first and the last
+    (the input and output layers stay with AdamW, as do embeddings, any weight tied to one, norms and biases)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))]
+    embedded = {id(m.weight) for m in layers if isinstance(m, nn.Embedding)}
+    return [m.weight for m in layers[1:-1] if id(m.weight) not in embedded and m.weight.requires_grad]
+
+
+def as_matrix(p: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+    """A (out, fan-in) view of a kernel's storage, and the permutation of its dims that the view reads (a
+    channels-last kernel reads (out, kh, kw, in)); None when no view exists. The order of the fan-in columns does
+    not matter to Muon: orthogonalising permuted columns gives the same permutation of the result."""
+    w = p.detach()
+    perm = sorted(range(w.ndim), key=lambda d: -w.stride(d))
+    if perm[0] != 0 or not w.permute(perm).is_contiguous():
+        return None
+    return w.permute(perm).view(w.shape[0], -1), perm
 
 
 class Muon:
     """torch.optim.Muon (momentum orthogonalised by Newton-Schulz iterations; Jordan et al. 2024) on the hidden
-    matrices, AdamW on every other parameter, as one optimizer for the loop. Muon's step is scaled to AdamW's
-    update size (adjust_lr_fn "match_rms_adamw"), so the recipe's lr, schedule and weight decay serve both; its
-    momentum is 0.95 with Nesterov. Not fused: on CUDA the step runs eagerly (no CUDA graph)."""
+    layers' weights (a convolution's kernel as its (out, fan-in) matrix), AdamW on every other parameter, as one
+    optimizer for the loop. Muon's step is scaled to AdamW's update size (adjust_lr_fn "match_rms_adamw"), so the
+    recipe's lr, schedule and weight decay serve both; its momentum is 0.95 with Nesterov. Not fused: on CUDA the
+    step runs eagerly (no CUDA graph)."""
 
     def __init__(self, groups: list[dict], cfg: OptimConfig, hidden: list[nn.Parameter]):
-        ids = {id(p) for p in hidden}
+        self.views: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (kernel, its matrix view, perm)
+        matrices = {}  # id(weight) -> what Muon updates: the weight, or a kernel's matrix view
+        for p in hidden:
+            if p.ndim == 2:
+                matrices[id(p)] = p
+            elif (m := as_matrix(p)) is not None:  # else (an odd layout) the kernel stays with AdamW
+                matrices[id(p)] = m[0]
+                self.views.append((p, *m))
         split: dict[bool, list[dict]] = {True: [], False: []}
         for g in groups:
             for is_hidden in (True, False):
-                ps = [p for p in g["params"] if (id(p) in ids) == is_hidden]
+                ps = [matrices.get(id(p), p) for p in g["params"] if (id(p) in matrices) == is_hidden]
                 if ps:
                     split[is_hidden].append({**g, "params": ps})
         self.opts = []
@@ -104,10 +123,18 @@ class Muon:
         return {k: v for o in self.opts for k, v in o.state.items()}
 
     def step(self, closure=None) -> None:
+        for p, view, perm in self.views:  # a kernel's gradient, read as its matrix view reads the kernel
+            view.grad = None if p.grad is None else p.grad.permute(perm).reshape(view.shape)
         for o in self.opts:
             o.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, view, _ in self.views:  # the kernels themselves are in no optimizer's groups
+            view.grad = None
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
         for o in self.opts:
             o.zero_grad(set_to_none=set_to_none)
 
