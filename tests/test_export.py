@@ -213,6 +213,39 @@ def test_int8_file_is_smaller_and_scores_close_to_float_on_the_test_split(run_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.json", "m.int8.onnx", "m.json", "m.onnx"]
 
 
+def test_int8_pools_run_on_the_quantized_values(run_dir, tmp_path):
+    """models/cnn.py pools before its ReLU; the exporter turns each MaxPool -> Relu into Relu -> MaxPool for
+    quantization. Oracles: the turned float graph gives the original's outputs (onnxruntime), and in the int8
+    file every MaxPool reads and writes one scale and zero point, the condition for onnxruntime to pool the uint8
+    values instead of dequantizing, pooling in float and quantizing again (which made int8 ~ as slow as float)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    r = export.quantize_run(
+        str(run_dir), family, model, spec, cfg.data.build(), str(tmp_path / "m.onnx"), 16, timing_s=0
+    )
+    flt = onnx.load(r["float"]["file"])
+    assert [n.op_type for n in flt.graph.node][:3] == ["Conv", "MaxPool", "Relu"]  # what the model exports
+    assert export.relu_before_pool(tmp_path / "m.onnx", tmp_path / "t.onnx") == 1  # channels [8, 16]: one pool
+    assert [n.op_type for n in onnx.load(tmp_path / "t.onnx").graph.node][:3] == ["Conv", "Relu", "MaxPool"]
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32) * 3
+    a, b = (ort.InferenceSession(str(f)).run(None, {"image": x})[0] for f in (tmp_path / "m.onnx", tmp_path / "t.onnx"))
+    np.testing.assert_array_equal(a, b)
+    q = onnx.load(r["int8"]["file"]).graph
+    init = {t.name: numpy_helper.to_array(t) for t in q.initializer}
+    made = {o: n for n in q.node for o in n.output}
+    pools = [n for n in q.node if n.op_type == "MaxPool"]
+    assert pools
+    for pool in pools:
+        dq = made[pool.input[0]]
+        qn = next(n for n in q.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
+        assert dq.op_type == "DequantizeLinear"
+        assert init[dq.input[1]] == init[qn.input[1]] and init[dq.input[2]] == init[qn.input[2]]
+
+
 @pytest.mark.parametrize(
     "flags,reduce",
     [

@@ -286,6 +286,51 @@ def latency_ms(session, name: str, x: np.ndarray, budget_s: float = 1.0) -> floa
     return 1000 * float(np.median(times))
 
 
+def relu_before_pool(path: Path, out: Path) -> int:
+    """Write the ONNX graph at `path` to `out` with every MaxPool -> Relu pair (the MaxPool's output read by that
+    Relu only) turned into Relu -> MaxPool, which computes the same (ReLU is monotone, so it commutes with a max);
+    returns how many pairs were turned. Why: the quantizer absorbs a ReLU into the quantization of its input, so
+    after a pool that gives the pool's output another scale than its input, and onnxruntime then dequantizes,
+    pools in float and quantizes again; with the ReLU first, the pool runs on the uint8 values (models/cnn.py pools
+    first because that is faster to train)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]  # copies, edited, then put back
+    reads: dict[str, int] = {}
+    for n in nodes:
+        for name in n.input:
+            reads[name] = reads.get(name, 0) + 1
+    outputs = {o.name for o in g.output}
+    relu_of = {n.input[0]: i for i, n in enumerate(nodes) if n.op_type == "Relu"}
+    turned: dict[int, int] = {}  # pool's index -> its relu's index (the relu moves before the pool)
+    for i, pool in enumerate(nodes):
+        j = relu_of.get(pool.output[0]) if pool.op_type == "MaxPool" and len(pool.output) == 1 else None
+        if j is None or reads[pool.output[0]] != 1 or pool.output[0] in outputs:
+            continue
+        relu = nodes[j]
+        x, mid, y = pool.input[0], pool.output[0], relu.output[0]
+        relu.input[0], relu.output[0], pool.input[0], pool.output[0] = x, mid, mid, y
+        turned[i] = j
+    if turned:
+        moved = set(turned.values())
+        order = []
+        for i, n in enumerate(nodes):
+            if i in turned:
+                order.append(nodes[turned[i]])
+            if i not in moved:
+                order.append(n)
+        stale = {nodes[j].output[0] for j in moved}  # now the pre-pool shape: let shape inference redo it
+        kept = [v for v in g.value_info if v.name not in stale]
+        g.ClearField("node")
+        g.node.extend(order)
+        g.ClearField("value_info")
+        g.value_info.extend(kept)
+    onnx.save(model, str(out))
+    return len(turned)
+
+
 def quantize_run(
     run: str,
     family,
@@ -330,13 +375,15 @@ def quantize_run(
     files = {"float": fpath, "int8": qpath}
     tmp = qpath.with_name(qpath.name + ".tmp")
     pre = fpath.with_name(fpath.stem + ".pre.onnx.tmp")
+    turned = fpath.with_name(fpath.stem + ".relu.onnx.tmp")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: max(1, calibration)]
     reduce, why = int8_range()
     warnings.warn(f"int8: {why}", stacklevel=2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quant_pre_process(str(fpath), str(pre), skip_symbolic_shape=True)  # shapes and fusions ORT advises
+            relu_before_pool(fpath, turned)  # the pools run on uint8 values
+            quant_pre_process(str(turned), str(pre), skip_symbolic_shape=True)  # shapes and fusions ORT advises
             quantize_static(
                 str(pre),
                 str(tmp),
@@ -353,8 +400,8 @@ def quantize_run(
     except Exception as e:
         raise UserError(f"int8 quantization of {fpath} failed: {first_line(e)}") from e
     finally:
-        tmp.unlink(missing_ok=True)
-        pre.unlink(missing_ok=True)
+        for t in (tmp, pre, turned):
+            t.unlink(missing_ok=True)
 
     sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
     order = torch.arange(len(test))
