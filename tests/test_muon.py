@@ -144,3 +144,18 @@ def test_a_resumed_conv_net_run_equals_an_uninterrupted_one(tmp_path):
     mid = checkpoint.load(tmp_path / "full" / "checkpoints" / "step-0000003")[0]
     kernels = [k for k, v in a.items() if v.ndim == 4]
     assert len(kernels) >= 3 and all(not torch.equal(a[k], mid[k]) for k in kernels)  # every kernel moved
+
+
+def test_muon_on_kernels_with_fp16_loss_scaling_is_refused_in_one_line():
+    """The scaler unscales the gradients of the optimizer's groups; a kernel's matrix view gets its gradient only
+    at the step, still scaled: refused rather than silently mixing scales in Muon's momentum."""
+    from deeprecipe.engine import loop
+    from deeprecipe.families import get_family
+    from deeprecipe.runtime import Runtime
+
+    cfg = config.Config()
+    cfg.optim.name = "muon"
+    cnn = CNN(1, 10, (28, 28), CNNConfig(channels=(4, 8, 16), dense=(16,)))
+    with pytest.raises(ConfigError, match="fp16 loss scaling.*precision=bf16 or fp32"):
+        loop.make_parts(get_family("classify"), cnn, cfg, Runtime(torch.device("cpu"), torch.float16))
+    assert loop.make_parts(get_family("classify"), cnn, cfg, Runtime(torch.device("cpu"), torch.bfloat16))

@@ -78,8 +78,13 @@ def make_parts(family: Family, model: nn.Module, cfg: Config, rt: Runtime, lr_sc
     for name, (module, mult) in family.parts(model, cfg).items():
         prefix = names[id(module)] + "." if names.get(id(module)) else ""
         scale = {k[len(prefix) :]: v for k, v in (lr_scale or {}).items() if k.startswith(prefix)}
-        opt = optim.optimizer(module, cfg.optim, scale, mult)
-        parts.append(Part(name, module, opt, rt.scaler()))
+        opt, scaler = optim.optimizer(module, cfg.optim, scale, mult), rt.scaler()
+        if scaler and getattr(opt, "views", None):  # Muon reads a kernel's gradient at its step, still scaled
+            raise ConfigError(
+                "optim.name=muon updates convolution kernels, which fp16 loss scaling does not reach: "
+                "use train.precision=bf16 or fp32, or optim.name=adamw"
+            )
+        parts.append(Part(name, module, opt, scaler))
     return parts
 
 
