@@ -41,7 +41,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    _, dt = deeprecipe.time_step(a.recipe, a.set)  # the loop's step: forward, backward, clipping, AdamW
+    _, dt = deeprecipe.time_step(a.recipe, a.set, probes=10)  # the loop's step: forward, backward, clipping, update
     steps = max(10, int(a.budget * 0.95 / dt))  # 5% for the final evaluation and checkpoints
     sets = {"train.steps": steps, "train.eval_every": 0, "train.ckpt_every": steps, "train.limit_eval": 0}
     cfg = deeprecipe.configure(a.recipe, [*a.set, *(f"{k}={v}" for k, v in sets.items())])
