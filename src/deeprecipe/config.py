@@ -38,7 +38,7 @@ def ranged(default: Any, rule: str) -> Any:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on hidden Linear weights, AdamW on the rest
+    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon on inner Linear/conv weights, AdamW on the rest
     lr: float = ranged(3e-3, "> 0")  # peak learning rate
     weight_decay: float = ranged(5e-4, ">= 0")  # decoupled (AdamW); never on norms, biases or embeddings' positions
     betas: tuple[float, float] = ranged((0.9, 0.999), "[0, 1)")

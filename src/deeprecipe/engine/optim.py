@@ -118,10 +118,6 @@ class Muon:
     def param_groups(self) -> list[dict]:
         return [g for o in self.opts for g in o.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {k: v for o in self.opts for k, v in o.state.items()}
-
     def step(self, closure=None) -> None:
         for p, view, perm in self.views:  # a kernel's gradient, read as its matrix view reads the kernel
             view.grad = None if p.grad is None else p.grad.permute(perm).reshape(view.shape)

@@ -297,7 +297,7 @@ def relu_before_pool(path: Path, out: Path) -> int:
 
     model = onnx.load(str(path))
     g = model.graph
-    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]  # copies, edited, then put back
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]  # copies: the field is rebuilt
     reads: dict[str, int] = {}
     for n in nodes:
         for name in n.input:
