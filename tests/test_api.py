@@ -108,6 +108,17 @@ def test_notebook_sequence_gives_what_the_cli_gives(run, cli, tmp_path):
     summary = json.loads(path.with_suffix(".json").read_text())
     assert summary["max_abs_diff"] <= summary["atol"] + summary["rtol"]
 
+    # quantize: `export --int8`'s summary, the same figures as the file it writes
+    q = run.quantize(tmp_path / "q" / "m.onnx", calibration=16, timing_s=0)
+    assert q == json.loads((tmp_path / "q" / "m.int8.json").read_text(), object_hook=int_keys)
+    assert q["int8"]["file"] == str(tmp_path / "q" / "m.int8.onnx") and q["calibration"] == 16
+    assert q["float"]["score"] == pytest.approx(run.evaluate()["acc"], abs=1e-6)
+
+
+def int_keys(d: dict) -> dict:
+    """JSON's string keys of the latency figures back to the batch sizes they are."""
+    return {int(k) if k.isdigit() else k: v for k, v in d.items()}
+
 
 def test_check_returns_the_verdicts(tmp_path):
     verdicts = deeprecipe.check("digits-cnn", TINY, out=tmp_path / "check", only=["labels", "init_loss"])

@@ -225,8 +225,9 @@ def test_int8_pools_run_on_the_quantized_values(run_dir, tmp_path):
 
     cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
     r = export.quantize_run(
-        str(run_dir), family, model, spec, cfg.data.build(), str(tmp_path / "m.onnx"), 16, timing_s=0
+        str(run_dir), family, model, spec, cfg.data.build(), str(tmp_path / "m.onnx"), 16, timing_s=0, stem=False
     )
+    assert r["float_nodes"] == [] and "variants_ms" not in r
     flt = onnx.load(r["float"]["file"])
     assert [n.op_type for n in flt.graph.node][:3] == ["Conv", "MaxPool", "Relu"]  # what the model exports
     assert export.relu_before_pool(tmp_path / "m.onnx", tmp_path / "t.onnx") == 1  # channels [8, 16]: one pool
@@ -244,6 +245,68 @@ def test_int8_pools_run_on_the_quantized_values(run_dir, tmp_path):
         qn = next(n for n in q.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
         assert dq.op_type == "DequantizeLinear"
         assert init[dq.input[1]] == init[qn.input[1]] and init[dq.input[2]] == init[qn.input[2]]
+
+
+def test_a_thin_first_conv_stays_float_when_that_file_is_faster(run_dir, tmp_path, monkeypatch):
+    """The CNN reads 1 channel: its first Conv, pool and ReLU are the float stem. Oracles: with the stem kept, those
+    nodes read and write float (no QuantizeLinear / DequantizeLinear touches them) while every other Conv is
+    quantized, and the file agrees with the float one about as well as the all-int8 file; with `stem` None both
+    files are timed and the one with the smaller batch-1 x batch-32 latency is kept (a fake clock decides)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    data = cfg.data.build()
+    r = export.quantize_run(
+        str(run_dir), family, model, spec, data, str(tmp_path / "m.onnx"), 16, timing_s=0, stem=True
+    )
+    assert export.float_stem(tmp_path / "m.onnx", "image") == r["float_nodes"]
+    flt = onnx.load(tmp_path / "m.onnx").graph
+    assert [n.op_type for n in flt.node if n.name in r["float_nodes"]] == ["Conv", "MaxPool", "Relu"]
+    q = onnx.load(r["int8"]["file"]).graph
+    kept = [n for n in q.node if n.name in r["float_nodes"]]
+    assert [n.op_type for n in kept] == ["Conv", "MaxPool", "Relu"]
+    made = {o: n.op_type for n in q.node for o in n.output}
+    assert all(made.get(i) not in ("DequantizeLinear",) for n in kept for i in n.input)
+    assert [n.input[0] for n in q.node if n.op_type == "Conv"][0] == "image"  # the float input, not a dequantized one
+    assert sum(made.get(n.input[0]) == "DequantizeLinear" for n in q.node if n.op_type == "Conv") == 1  # the second
+    x = np.random.default_rng(0).standard_normal((7, 1, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x})[0]
+    got = ort.InferenceSession(r["int8"]["file"]).run(None, {"image": x})[0]
+    assert np.abs(got - want).max() <= 0.25 * np.abs(want).max()
+    assert abs(r["int8"]["score"] - r["float"]["score"]) <= 0.1
+
+    for faster in ("all int8", "float stem"):
+        clock = {"all int8": 2.0, "float stem": 3.0} if faster == "all int8" else {"all int8": 3.0, "float stem": 2.0}
+        monkeypatch.setattr(
+            export, "faster_of", lambda files, *a, c=clock: {k: {1: 0.1 * c[k], 32: c[k]} for k in files}
+        )
+        r = export.quantize_run(str(run_dir), family, model, spec, data, str(tmp_path / "n.onnx"), 16, timing_s=0)
+        assert set(r["variants_ms"]) == {"all int8", "float stem"}
+        assert (r["float_nodes"] != []) == (faster == "float stem")
+        convs = [n for n in onnx.load(r["int8"]["file"]).graph.node if n.op_type == "Conv"]
+        assert (convs[0].input[0] == "image") == (faster == "float stem")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("n.")) == [
+        "n.int8.json",
+        "n.int8.onnx",
+        "n.json",
+        "n.onnx",
+    ]
+
+
+def test_only_a_first_conv_of_at_most_3_channels_is_a_stem(tmp_path):
+    import onnx
+
+    for channels, want in ((1, ["c", "p", "r"]), (3, ["c", "p", "r"]), (4, [])):
+        net = nn.Sequential(nn.Conv2d(channels, 8, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU())
+        path = tmp_path / f"s{channels}.onnx"
+        export.export_onnx(
+            export.TensorsOnly(net).eval(), {"inputs": {"x": torch.randn(1, channels, 12, 12)}, "dynamic": {}}, path
+        )
+        names = [n.name for n in onnx.load(path).graph.node]
+        got = export.float_stem(path, "x")
+        assert [names.index(n) for n in got] == ([0, 1, 2] if want else [])
 
 
 @pytest.mark.parametrize(

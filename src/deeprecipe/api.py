@@ -466,6 +466,23 @@ class Run:
         summary = export_run(str(self.dir), self.family, model, spec, format, str(out) if out else None, atol, rtol)
         return Path(summary["files"][0])
 
+    def quantize(
+        self, out: str | Path | None = None, calibration: int = 256, stem: bool | None = None, timing_s: float = 1.0
+    ) -> dict:
+        """`export --int8`: the float ONNX file and its int8 twin (static quantization calibrated on `calibration`
+        training examples), both scored on the test split and timed at batch 1 and 32 in onnxruntime; the summary
+        (also in RUN/export/model.int8.json). `stem`: keep a first convolution of <= 3 input channels float (True),
+        quantize it (False), or keep whichever file is faster on this CPU (None)."""
+        from deeprecipe.engine.run import load_run
+        from deeprecipe.serve.export import int8_inputs, quantize_run
+
+        cfg, spec, model, _ = load_run(self.dir, self.family, "cpu", "fp32")
+        int8_inputs(self.family, model, spec)  # refuses before the data is read
+        o = str(out) if out else None
+        return quantize_run(
+            str(self.dir), self.family, model, spec, cfg.data.build(), o, calibration, timing_s=timing_s, stem=stem
+        )
+
 
 # ------------------------------------------------------------------------------------------ helpers
 

@@ -53,6 +53,10 @@ def print_int8(r: dict) -> None:
             f"{k:<5} {v['bytes'] / 2**20:8.3f} MiB  {r['metric']} {v['score']:.4f}  "
             f"batch 1 {ms[1]:.3f} ms  batch 32 {ms[32]:.3f} ms  {v['file']}"
         )
+    for v, ms in r.get("variants_ms", {}).items():
+        print(f"  tried {v:<10}  batch 1 {ms[1]:.3f} ms  batch 32 {ms[32]:.3f} ms")
+    if r["float_nodes"]:
+        print(f"kept float (measured faster on this CPU): {', '.join(r['float_nodes'])}")
     f, q = r["float"], r["int8"]
     print(
         f"{what[r['metric']]} on {r['examples']} {r['split']} examples: int8 {q['score'] - f['score']:+.4f} vs "

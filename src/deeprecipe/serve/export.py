@@ -286,13 +286,13 @@ def latency_ms(session, name: str, x: np.ndarray, budget_s: float = 1.0) -> floa
     return 1000 * float(np.median(times))
 
 
-def relu_before_pool(path: Path, out: Path) -> int:
+def relu_before_pool(path: Path, out: Path, keep: frozenset[str] = frozenset()) -> int:
     """Write the ONNX graph at `path` to `out` with every MaxPool -> Relu pair (the MaxPool's output read by that
     Relu only) turned into Relu -> MaxPool, which computes the same (ReLU is monotone, so it commutes with a max);
     returns how many pairs were turned. Why: the quantizer absorbs a ReLU into the quantization of its input, so
     after a pool that gives the pool's output another scale than its input, and onnxruntime then dequantizes,
     pools in float and quantizes again; with the ReLU first, the pool runs on the uint8 values (models/cnn.py pools
-    first because that is faster to train)."""
+    first because that is faster to train). MaxPool nodes named in `keep` stay where they are."""
     import onnx
 
     model = onnx.load(str(path))
@@ -307,7 +307,7 @@ def relu_before_pool(path: Path, out: Path) -> int:
     turned: dict[int, int] = {}  # pool's index -> its relu's index (the relu moves before the pool)
     for i, pool in enumerate(nodes):
         j = relu_of.get(pool.output[0]) if pool.op_type == "MaxPool" and len(pool.output) == 1 else None
-        if j is None or reads[pool.output[0]] != 1 or pool.output[0] in outputs:
+        if j is None or reads[pool.output[0]] != 1 or pool.output[0] in outputs or pool.name in keep:
             continue
         relu = nodes[j]
         x, mid, y = pool.input[0], pool.output[0], relu.output[0]
@@ -331,6 +331,50 @@ def relu_before_pool(path: Path, out: Path) -> int:
     return len(turned)
 
 
+def float_stem(path: Path, name: str) -> list[str]:
+    """Names of the nodes of a stem to keep float in the int8 file: the Conv reading the input `name` when it has at
+    most 3 input channels, with the Relu / MaxPool / BatchNormalization nodes that alone read its output after it;
+    [] when the graph starts otherwise. Why: onnxruntime's int8 convolution is slow on so few channels (a
+    1-channel 3x3 conv measured 3-4x its float time), while in float the stem runs in its blocked layout; which of
+    the two files is faster is measured (quantize_run), not assumed."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    weights = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    first = readers.get(name, [])
+    if len(first) != 1 or first[0].op_type != "Conv" or first[0].input[1] not in weights:
+        return []
+    w = numpy_helper.to_array(weights[first[0].input[1]])
+    groups = next((a.i for a in first[0].attribute if a.name == "group"), 1)
+    if w.ndim != 4 or w.shape[1] * groups > 3:
+        return []
+    stem, out = [first[0].name], first[0].output[0]
+    while len(readers.get(out, [])) == 1 and readers[out][0].op_type in ("Relu", "MaxPool", "BatchNormalization"):
+        node = readers[out][0]
+        stem.append(node.name)
+        out = node.output[0]
+    return stem
+
+
+def faster_of(files: dict[str, Path], name: str, x32: np.ndarray, timing_s: float, rounds: int = 3) -> dict:
+    """{variant: {1: ms, 32: ms}}: the median onnxruntime latency of each file at batch 1 and 32 over `rounds`
+    alternating rounds (alternating, so that a machine slowing down mid-way penalises no variant)."""
+    import onnxruntime as ort
+
+    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
+    ms: dict[str, dict[int, list[float]]] = {k: {1: [], 32: []} for k in files}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for b in (1, 32):
+                ms[k][b].append(latency_ms(s, name, x32[:b], timing_s / rounds))
+    return {k: {b: float(np.median(v)) for b, v in t.items()} for k, t in ms.items()}
+
+
 def quantize_run(
     run: str,
     family,
@@ -343,15 +387,19 @@ def quantize_run(
     atol: float = ATOL,
     rtol: float = RTOL,
     timing_s: float = 1.0,
+    stem: bool | None = None,
 ) -> dict:
     """Export the run's model to float ONNX (parity-checked, as export_run), quantize it to int8 with
     onnxruntime's static post-training quantization (QDQ, uint8 activations, per-channel int8 weights (7-bit
     where the CPU lacks VNNI: int8_range), activation ranges from
     `calibration` examples of the training split), and compare both on the test split (val when there is none):
     accuracy for classifiers, mIoU for segmenters, else the int8 output's agreement with float. Returns
-    {"float": summary, "int8": summary, "metric", "split", "calibration"}, each summary {file, bytes, score,
-    latency_ms: {1, 32}} (the median of runs over up to `timing_s` seconds each); the int8 file is `out` with
-    .int8.onnx (default RUN/export/model.int8.onnx), these figures in model.int8.json."""
+    {"float": summary, "int8": summary, "metric", "split", "calibration", "float_nodes"}, each summary {file,
+    bytes, score, latency_ms: {1, 32}} (the median of runs over up to `timing_s` seconds each); the int8 file is
+    `out` with .int8.onnx (default RUN/export/model.int8.onnx), these figures in model.int8.json.
+    A net whose first convolution reads at most 3 channels (float_stem) is quantized twice, with and without that
+    stem kept float; `stem` None keeps the file faster on this CPU (latency at batch 1 times batch 32, alternating
+    rounds; both variants' figures in "variants_ms"), True / False force one. "float_nodes" names what stayed float."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -373,46 +421,60 @@ def quantize_run(
     fpath = Path(flt["file"])
     qpath = fpath.with_suffix(".int8.onnx")
     files = {"float": fpath, "int8": qpath}
-    tmp = qpath.with_name(qpath.name + ".tmp")
-    pre = fpath.with_name(fpath.stem + ".pre.onnx.tmp")
-    turned = fpath.with_name(fpath.stem + ".relu.onnx.tmp")
+    keep = float_stem(fpath, name) if stem is not False else []
+    variants = {"all int8": []} if stem is not True or not keep else {}
+    if keep:
+        variants["float stem"] = keep
+    tmps = {v: qpath.with_name(f"{qpath.name}.{i}.tmp") for i, v in enumerate(variants)}
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: max(1, calibration)]
+    order = torch.arange(len(test))
+    x32 = next(prepared_batches(family, test, spec, order.repeat(32 // len(order) + 1)[:32], 32))[0].numpy()
     reduce, why = int8_range()
     warnings.warn(f"int8: {why}", stacklevel=2)
+    result: dict = {"metric": "", "split": test_name, "examples": len(test), "calibration": len(pick)}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            relu_before_pool(fpath, turned)  # the pools run on uint8 values
-            quant_pre_process(str(turned), str(pre), skip_symbolic_shape=True)  # shapes and fusions ORT advises
-            quantize_static(
-                str(pre),
-                str(tmp),
-                Calibration(name, prepared_batches(family, train, spec, pick, batch)),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                reduce_range=reduce,
-            )
-        os.replace(tmp, qpath)
+        for v, nodes in variants.items():
+            turned, pre = tmps[v].with_suffix(".relu.tmp"), tmps[v].with_suffix(".pre.tmp")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    relu_before_pool(fpath, turned, frozenset(nodes))  # the pools run on uint8 values
+                    quant_pre_process(str(turned), str(pre), skip_symbolic_shape=True)  # fusions ORT advises
+                    quantize_static(
+                        str(pre),
+                        str(tmps[v]),
+                        Calibration(name, prepared_batches(family, train, spec, pick, batch)),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        reduce_range=reduce,
+                        nodes_to_exclude=nodes,
+                    )
+            finally:
+                turned.unlink(missing_ok=True)
+                pre.unlink(missing_ok=True)
+        chosen = next(iter(variants))
+        if len(variants) > 1:
+            result["variants_ms"] = faster_of({v: tmps[v] for v in variants}, name, x32, timing_s)
+            chosen = min(variants, key=lambda v: result["variants_ms"][v][1] * result["variants_ms"][v][32])
+        os.replace(tmps[chosen], qpath)
+        result["float_nodes"] = variants[chosen]
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"int8 quantization of {fpath} failed: {first_line(e)}") from e
     finally:
-        for t in (tmp, pre, turned):
+        for t in tmps.values():
             t.unlink(missing_ok=True)
 
     sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
-    order = torch.arange(len(test))
     scores: dict[str, Score] = {}
     for x, y in prepared_batches(family, test, spec, order, batch):
         got = {k: torch.from_numpy(s.run(None, {name: x.numpy()})[0]) for k, s in sessions.items()}
         for k, out in got.items():
             scores.setdefault(k, Score(out, y, spec.num_classes, family.IGNORE_INDEX)).update(out, y, got["float"])
-    x32 = next(prepared_batches(family, test, spec, order.repeat(32 // len(order) + 1)[:32], 32))[0].numpy()
-    result: dict = {"metric": scores["float"].metric, "split": test_name, "examples": len(test)}
-    result["calibration"], result["kernels"] = len(pick), why
+    result["metric"], result["kernels"] = scores["float"].metric, why
     for k, p in files.items():
         result[k] = {
             "file": str(p),
