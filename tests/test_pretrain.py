@@ -15,10 +15,10 @@ from deeprecipe.cli import main
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data.core import Draws, step_indices
 from deeprecipe.data.image_ops import normalize
+from deeprecipe.data.views import colour_jitter, gray, resized_crop, to_gray, view
 from deeprecipe.engine.finetune import load_matching, read_source
 from deeprecipe.families import get_family
 from deeprecipe.families.pretrain import BACKBONE_FILE, nt_xent, prepare
-from deeprecipe.families.pretrain.views import colour_jitter, gray, resized_crop, to_gray, view
 from deeprecipe.models import MODELS
 from deeprecipe.recipe import load
 
@@ -132,7 +132,7 @@ def test_accumulation_is_refused():
     cfg = load("scenes-simclr", [*TINY, "train.accum=2", "train.batch_size=8"])
     with pytest.raises(ConfigError, match="accum"):
         get_family("pretrain").check_config(cfg)
-    with pytest.raises(ConfigError, match="task pretrain"):
+    with pytest.raises(ConfigError, match="tasks pretrain and masked"):
         load("scenes-unet", ["pretrain.temperature=0.5"])
 
 

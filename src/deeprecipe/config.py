@@ -101,8 +101,9 @@ class DistillConfig:
 
 @dataclass
 class PretrainConfig:
-    """Self-supervised pretraining, task pretrain (families/pretrain): SimCLR (Chen et al. 2020), two augmented views
-    of each image told apart from the other images' views by the NT-Xent loss on a projection MLP's outputs."""
+    """Self-supervised pretraining. Task pretrain (families/pretrain): SimCLR (Chen et al. 2020), two augmented views
+    of each image told apart from the other images' views by the NT-Xent loss on a projection MLP's outputs. Task
+    masked (families/masked): a dense net regresses the pixels of hidden cells (crop_scale and the mask_ fields)."""
 
     temperature: float = ranged(0.2, "> 0")  # NT-Xent's: lower weighs the hardest negatives more
     proj_hidden: int = ranged(512, ">= 1")  # hidden width of the projection MLP that replaces the model's head
@@ -111,6 +112,8 @@ class PretrainConfig:
     jitter: float = ranged(0.5, "[0, 1]")  # colour strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s
     jitter_p: float = ranged(0.8, "[0, 1]")  # chance that a view's colours are jittered
     gray_p: float = ranged(0.2, "[0, 1]")  # chance that a view is turned gray
+    mask_ratio: float = ranged(0.6, "(0, 1)")  # masked: the share of each image's cells hidden
+    mask_patch: int = ranged(8, ">= 1")  # masked: a cell's side in pixels
 
 
 @dataclass
@@ -129,8 +132,8 @@ class Config:
     def __post_init__(self):
         if self.distill.teacher and self.task != "classify":  # the one family that reads the section
             raise ConfigError(f"distill.teacher: distillation is for task classify, not '{self.task}'")
-        if self.pretrain != PretrainConfig() and self.task != "pretrain":  # the one family that reads the section
-            raise ConfigError(f"pretrain: the section is for task pretrain, not '{self.task}'; remove it")
+        if self.pretrain != PretrainConfig() and self.task not in ("pretrain", "masked"):  # the families reading it
+            raise ConfigError(f"pretrain: the section is for tasks pretrain and masked, not '{self.task}'; remove it")
 
 
 # ---------------------------------------------------------------------------------------------- parsing

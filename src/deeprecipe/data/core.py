@@ -180,6 +180,13 @@ class Draws:
         v = torch.randn(self.total if self.index is not None else n, dim, generator=g, device=g.device)
         return v if self.index is None else v[self.index]
 
+    def uniform(self, n: int, k: int) -> torch.Tensor:
+        """(n, k) uniform floats in [0, 1): k per example (one draw of the whole batch's (total, k))."""
+        if self.index is not None and len(self.index) != n:
+            raise ValueError(f"Draws for {len(self.index)} examples asked for {n} rows")
+        v = torch.rand(self.total if self.index is not None else n, k, generator=self.gen, device=self.gen.device)
+        return v if self.index is None else v[self.index]
+
     def randint(self, high: int, n: int) -> torch.Tensor:
         """n uniform integers in [0, high), one per example."""
         return (self.rand(n) * high).long().clamp_(max=high - 1)

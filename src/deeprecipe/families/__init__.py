@@ -23,6 +23,7 @@ FAMILIES: dict[str, str] = {
     "img2img": "deeprecipe.families.img2img:Img2Img",
     "drive": "deeprecipe.families.drive:Drive",
     "pretrain": "deeprecipe.families.pretrain:Pretrain",
+    "masked": "deeprecipe.families.masked:Masked",
 }
 
 

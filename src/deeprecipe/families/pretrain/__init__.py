@@ -2,7 +2,7 @@
 
 A batch is (images uint8 (B, C, H, W), whatever labels the data set has): the labels are never read, so any image
 data set serves (the generated scenes, an image folder, ...). `prepare` makes two views of every image on the
-device (views.py: crop, flip, colour jitter, grayscale, all images at once) -> (view 1, view 2), each
+device (data/views.py: crop, flip, colour jitter, grayscale, all images at once) -> (view 1, view 2), each
 (B, C, H, W) normalized. For evaluation (draws None) view 1 is the image itself and view 2 a fixed view of it.
 
 The model is the recipe's registered classifier (tv-resnet18: torchvision's ResNet-18) with its head replaced by
@@ -31,7 +31,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize
-from deeprecipe.families.pretrain.views import view
+from deeprecipe.data.views import view
 from deeprecipe.family import Family, ServeContext
 from deeprecipe.models.pretrained import classifier
 from deeprecipe.runtime import Runtime
@@ -129,6 +129,11 @@ class Pretrain(Family):
 
     def check_config(self, cfg: Config) -> None:
         """Refuse what the method cannot honour, and keep the config for prepare's views."""
+        from deeprecipe.config import PretrainConfig
+
+        for f in ("mask_ratio", "mask_patch"):
+            if getattr(cfg.pretrain, f) != getattr(PretrainConfig(), f):
+                raise ConfigError(f"pretrain.{f} is masked pretraining's (task masked); SimCLR does not read it")
         lo, hi = cfg.pretrain.crop_scale
         if lo > hi:
             raise ConfigError(f"pretrain.crop_scale={[lo, hi]}: give (smallest, largest) area, e.g. [0.2, 1.0]")
