@@ -88,6 +88,12 @@ CASES = {
         + ["train.steps=2", "train.batch_size=4"],
         None,
     ),
+    "masked": (
+        "scenes-masked",
+        ["data.size=[32, 32]", "data.train_size=8", "data.val_size=4", "model.decoder=[16,8,8,8,4]"]
+        + ["train.steps=2", "train.batch_size=4"],
+        None,
+    ),
     "video": (
         "moving-digits-c3d",
         ["data.frames=8", "data.train_size=8", "data.val_size=4", "data.test_size=4", "train.steps=2"]
@@ -323,3 +329,21 @@ def test_web_page_streams_text_and_shows_an_overlay(served, task, tmp_path):
             assert driver.find_element(By.ID, "result-0").text == want["text"]
             src = driver.find_element(By.ID, "overlay-0").get_attribute("src")
             assert src == "data:image/png;base64," + want["overlay"]
+
+
+def test_masked_reconstructs_what_the_model_fills_in(served):
+    from deeprecipe.families.masked import reconstruct_image
+
+    c, (cfg, spec, model, rt, family) = served("masked")
+    r = c.post("/reconstruct", files={"image": ("s.png", png(32, 32, 3, seed=4), "image/png")})
+    assert r.status_code == 200, r.text
+    img = torch.from_numpy(np.array(Image.open(io.BytesIO(png(32, 32, 3, seed=4))))).permute(2, 0, 1)
+    with torch.no_grad():
+        want = reconstruct_image(model, spec, cfg, img)
+    got = r.json()
+    assert got["psnr"] == pytest.approx(want["psnr"], abs=1e-3)
+    np.testing.assert_allclose(
+        from_png64(got["reconstruction"]), (want["reconstruction"] * 255).round().permute(1, 2, 0).numpy(), atol=1
+    )
+    hidden = from_png64(got["hidden"])
+    assert (hidden != np.array(Image.open(io.BytesIO(png(32, 32, 3, seed=4))))).any()  # cells were hidden

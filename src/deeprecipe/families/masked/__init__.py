@@ -15,8 +15,6 @@ What transfers: the run's weights load by name into the same net built for anoth
 so `model.weights` of a tv-resnet18 or a CenterNet's backbone reads it).
 """
 
-from __future__ import annotations
-
 import dataclasses
 from pathlib import Path
 
@@ -25,7 +23,8 @@ import torch.nn as nn
 from torchvision.utils import make_grid
 
 from deeprecipe.config import Config
-from deeprecipe.core import ConfigError, DataSpec, UserError
+from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize
 from deeprecipe.data.views import resized_crop
@@ -54,6 +53,15 @@ def prepare(batch: tuple, spec: DataSpec, cfg: Config, draws: Draws | None, k: i
     return x * (1 - mask), x, mask
 
 
+def batch_check(ctx):
+    """The built-in `batch` check, after check_config has handed the family the mask's options (the checks prepare
+    batches before they build a model)."""
+    from deeprecipe.checks import data
+
+    ctx.family.check_config(ctx.cfg)
+    return data.batch(ctx)
+
+
 class Masked(Family):
     """Masked-image pretraining (see the module docstring)."""
 
@@ -63,6 +71,7 @@ class Masked(Family):
         "balance": "pretraining never reads the data set's labels",
         "init_prior": "the model reconstructs pixels; it predicts no classes",
     }
+    EXTRA_CHECKS = {"batch": batch_check}
 
     def __init__(self):
         self._cfg: Config | None = None  # the mask's options for prepare, which takes no config
@@ -144,6 +153,34 @@ class Masked(Family):
         return {f"{split}_{k}": v for k, v in m.items()}
 
     def serve(self, ctx: ServeContext) -> None:
-        raise UserError(
-            "a masked-pretraining run is a start, not a service: fine-tune it (finetune.init_from RUN) and serve that"
-        )
+        """POST /reconstruct: an image (made as the training images were) -> the image with the cells of evaluation
+        batch 0's first mask hidden, the net's reconstruction (visible pixels kept) as PNGs (base64), and the PSNR
+        of the hidden pixels in dB: what the pretraining learnt, on the user's own pictures."""
+        from fastapi import File, UploadFile
+
+        def reconstruct(img: torch.Tensor) -> dict:
+            with torch.no_grad(), ctx.rt.autocast():
+                return reconstruct_image(ctx.model, ctx.spec, ctx.cfg, img.to(ctx.rt.device))
+
+        @ctx.router.post("/reconstruct", summary="Hide cells of an image and fill them in (PNG, JPEG, ...)")
+        async def reconstruct_one(image: UploadFile = File(..., description="the image file")):
+            got = await ctx.locked(reconstruct, await ctx.read_image(image))
+            return {
+                "text": f"hidden pixels filled in at {got['psnr']:.2f} dB PSNR",
+                "psnr": round(got["psnr"], 4),
+                "hidden": image_ops.png_base64(got["hidden"]),
+                "reconstruction": image_ops.png_base64(got["reconstruction"]),
+            }
+
+        ctx.widget("/reconstruct", "image", "Hide cells of an image and fill them in")
+
+
+def reconstruct_image(model: nn.Module, spec: DataSpec, cfg: Config, img: torch.Tensor) -> dict:
+    """uint8 (C, H, W) -> {hidden, reconstruction: (C, H, W) in [0, 1], psnr: of the hidden pixels, dB}, the cells
+    of evaluation batch 0's first mask hidden."""
+    hidden, x, mask = prepare((img[None],), spec, cfg, None, 0)
+    filled = torch.where(mask.bool(), model(hidden).float(), x)
+    a, b = denormalize(filled, spec), denormalize(x, spec)
+    err = float(((a - b).square().sum(1, keepdim=True) * mask).sum() / (mask.sum() * x.shape[1]).clamp(min=1))
+    psnr = 10 * torch.log10(torch.tensor(1 / max(err, 1e-12))).item()
+    return {"hidden": denormalize(hidden, spec)[0].cpu(), "reconstruction": a[0].cpu(), "psnr": psnr}
