@@ -5,9 +5,10 @@ Teacher: the fashion-mnist-cnn recipe's CNN (conv32-64-128, dense 64: ~495k para
 dense 32 (~124k). Test accuracy per seed and the mean difference.
 
     python bench/distill_fashion.py [--teacher-steps 2000] [--steps 1500] [--seeds 3] [--weight 0.5] [--temperature 4]
-        [--teacher RUN] [--keep DIR]
+        [--teacher RUN] [--keep DIR] [--taught-set KEY=VALUE ...]
 
---teacher reuses a trained teacher run instead of training one; --keep DIR keeps every run folder there.
+--teacher reuses a trained teacher run instead of training one; --keep DIR keeps every run folder there;
+--taught-set changes the distilled arm only (e.g. optim.label_smoothing=0: the teacher's term already softens).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import statistics
 import sys
 import tempfile
+
+import yaml
 
 import deeprecipe
 
@@ -31,6 +34,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--teacher", default="", help="a trained Fashion-MNIST classifier run to distil from")
     p.add_argument("--keep", default="", help="write the run folders here instead of a temporary folder")
+    p.add_argument("--taught-set", action="append", default=[], help="KEY=VALUE for the distilled arm only")
     a = p.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"machine: {cpu}")
@@ -50,6 +54,7 @@ def main() -> None:
             sets = common | STUDENT | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed}
             s1 = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{tmp}/alone{seed}")
             distill = {"distill.teacher": str(teacher.dir), "distill.weight": a.weight}
+            distill |= {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.taught_set)}  # "0" -> 0
             s2 = deeprecipe.train(
                 "fashion-mnist-cnn", sets | distill | {"distill.temperature": a.temperature}, out=f"{tmp}/taught{seed}"
             )
