@@ -7,7 +7,8 @@ time: the same network), 3 seeds.
   --pretrain-scenes other scenes (finetune.init_from reads its `backbone.*` as the U-Net's `encoder.*`).
 - Detection target: CenterNet `backbone=tv-resnet18` on 50 labelled scenes (scenes-detect's data). Pretrained
   start: the encoder of a `unet-resnet18` trained on the *segmentation* labels of --pretrain-scenes scenes.
-- --ssl RUN adds a third start for both targets: a self-supervised run's trunk (the pretrain family).
+- --ssl RUN adds a third start for both targets: a self-supervised run (task pretrain, SimCLR: its trunk; task
+  masked, scenes-masked: the U-Net's encoder and decoder for segmentation, the encoder for detection).
 
 Seed s draws its own scenes (data.seed = s + 1: train, val and test ranges no pretraining run saw) and its own
 initialisation (train.seed = s); the arms of one seed share both. Metrics are on --test held-out scenes after the
