@@ -50,6 +50,7 @@ def lm_models(vocab: int = 23, block: int = 16):
     torch.manual_seed(0)
     return {
         "gpt": GPT(vocab, block, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
+        "gpt-rope": GPT(vocab, block, n_layer=2, n_head=2, n_embd=32, dropout=0.0, rope=True),
         "lstm": CharRNN(vocab, 16, 32, 2, dropout=0.0),
     }
 
@@ -57,7 +58,7 @@ def lm_models(vocab: int = 23, block: int = 16):
 # ---------------------------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name", ["gpt", "lstm"])
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope", "lstm"])
 def test_causal(name):
     """The output at position t does not change when tokens after t change."""
     model = lm_models()[name].eval()
@@ -71,17 +72,18 @@ def test_causal(name):
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
 
 
-@pytest.mark.parametrize("name", ["gpt", "lstm"])
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope", "lstm"])
 def test_loss_at_init_near_ln_vocab(name):
     model = lm_models(vocab=50)[name]
     _, loss = model(torch.randint(0, 50, (4, 16)), torch.randint(0, 50, (4, 16)))
     assert abs(loss.item() - math.log(50)) < 0.3
 
 
-def test_kv_cache_equals_recomputation():
+@pytest.mark.parametrize("name", ["gpt", "gpt-rope"])
+def test_kv_cache_equals_recomputation(name):
     """Cached logits equal a full forward pass; greedy generation is the same with and without the cache,
     including past the context length, where the window slides."""
-    model = lm_models()["gpt"].eval()
+    model = lm_models()[name].eval()
     x = torch.randint(0, 23, (3, 12))
     full, _ = model(x)
     from deeprecipe.models.gpt import KVCache
@@ -93,6 +95,27 @@ def test_kv_cache_equals_recomputation():
     a = model.generate(x[:, :4], 30, temperature=0.0, use_cache=True)  # 34 > block_size 16
     b = model.generate(x[:, :4], 30, temperature=0.0, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_rope_turns_feature_pairs_as_complex_numbers_and_scores_depend_on_offsets_only():
+    """Oracle: RoPE is the multiplication of each (x_i, x_{i + d/2}) pair, read as the complex number
+    x_i + j x_{i + d/2}, by exp(j t base^(-i / (d/2))); so <rot(q, t), rot(k, s)> depends on t - s alone."""
+    from deeprecipe.models.gpt import rope_angles, rotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 8, generator=g)  # (B, h, T, hd)
+    cos, sin = rope_angles(10, 8)
+    got = rotate(x, cos, sin)
+    z = torch.complex(x[..., :4].double(), x[..., 4:].double())
+    t = torch.arange(10, dtype=torch.float64)[:, None]
+    turned = z * torch.exp(1j * t * 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4))
+    torch.testing.assert_close(got.double(), torch.cat([turned.real, turned.imag], -1), atol=1e-5, rtol=1e-5)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    qs, ks = q.expand(10, 8)[None, None], k.expand(10, 8)[None, None]
+    rq, rk = rotate(qs, cos, sin)[0, 0], rotate(ks, cos, sin)[0, 0]
+    for shift in (1, 4):  # positions (2, 5) and (2 + shift, 5 + shift): the same score
+        torch.testing.assert_close(rq[2] @ rk[5], rq[2 + shift] @ rk[5 + shift], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rq[2] @ rk[5], rq[2] @ rk[6])
 
 
 def test_sampling_cutoffs():

@@ -1,13 +1,15 @@
 """GPT: a decoder-only Transformer language model (pre-LayerNorm, causal self-attention, tied embeddings).
 
-    tokens (B, T) -> token + position embeddings -> dropout
+    tokens (B, T) -> token (+ position) embeddings -> dropout
                   -> n_layer x [x + attn(LN(x)); x + mlp(LN(x))] -> LN -> linear head tied to the embedding
                   -> logits (B, T, vocab)
 
 Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels where the device has
 them). Generation keeps a KV cache: the prompt is run once, then each new token attends to the cached keys and
 values of the tokens before it. When the context is full it slides: the cache is rebuilt from the last
-block_size tokens (positions are absolute, so a cache cannot simply be cropped).
+block_size tokens (positions are absolute, so a cache cannot simply be cropped). Positions are a learned
+embedding added to the tokens' (model.pos=learned, GPT-2's) or rotary (model.pos=rope: each layer turns its queries
+and keys by their position, so attention scores depend on offsets only; cached keys are stored turned).
 
 No classifier API (models/head.py): the `head` over the vocabulary is tied to the token embeddings (tie_weights),
 not a layer to re-size for classes; fine-tuning takes the last top-level layer as its head.
@@ -50,6 +52,8 @@ class GPTConfig:
     attn_dropout: float = ranged(0.0, "[0, 1)")  # on attention weights; > 0: off the fused (flash) kernels, slower
     bias: bool = False  # biases in Linear and LayerNorm layers (off: a little faster, as good)
     tie_weights: bool = True  # the output head shares the token embedding matrix
+    pos: Literal["learned", "rope"] = "learned"  # positions: a learned embedding added to the tokens', or rotary
+    # (RoPE: queries and keys turned by their position in every attention layer, so attention sees offsets)
 
     def build(self, spec: DataSpec) -> nn.Module:
         n_layer, n_head, n_embd = self.n_layer, self.n_head, self.n_embd
@@ -70,6 +74,7 @@ class GPTConfig:
             bias=self.bias,
             tie_weights=self.tie_weights,
             attn_dropout=self.attn_dropout,
+            rope=self.pos == "rope",
         )
 
 
@@ -90,6 +95,23 @@ class KVCache:
         return k, v
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (Su et al. 2021): each (first half, second half) pair of x's (B, h, T, hd) features turned by the angle
+    of its position and frequency; cos, sin (T, hd / 2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def rope_angles(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (block_size, head_dim / 2) of position t times frequency base^(-i / (head_dim / 2))."""
+    half = head_dim // 2
+    freq = base ** (-torch.arange(half, dtype=torch.float32) / half)
+    angle = torch.arange(block_size, dtype=torch.float32)[:, None] * freq[None]
+    return angle.cos(), angle.sin()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attn_dropout: float = 0.0):
         super().__init__()
@@ -98,9 +120,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.attn_dropout = n_head, attn_dropout
         self.resid_drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        if rope is not None:  # (cos, sin) of these T positions: keys are cached turned
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, h, S, hd) with S = past + T
         S = k.shape[2]
@@ -124,8 +150,10 @@ class Block(nn.Module):
             Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -141,11 +169,16 @@ class GPT(nn.Module):
         bias: bool = False,
         tie_weights: bool = True,
         attn_dropout: float = 0.0,
+        rope: bool = False,
     ):
         super().__init__()
         self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self.pos_emb = None if rope else nn.Embedding(block_size, n_embd)
+        if rope:  # not state: rebuilt from the config
+            cos, sin = rope_angles(block_size, n_embd // n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, attn_dropout) for _ in range(n_layer))
         self.norm = nn.LayerNorm(n_embd, bias=bias)
@@ -169,10 +202,15 @@ class GPT(nn.Module):
         past = len(cache) if cache is not None else 0
         if past + T > self.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.block_size})")
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         logits = self.head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
