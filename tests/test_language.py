@@ -500,3 +500,14 @@ def test_gpt2_124m_layout():
     with torch.device("meta"):
         model = GPTConfig(size="gpt2-124M", bias=True).build(spec)
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
+
+
+def test_a_rope_gpt_exports_to_onnx_with_any_batch_and_length(tmp_path):
+    from deeprecipe.serve import export
+
+    model = lm_models()["gpt-rope"].eval()
+    ex = {"inputs": {"tokens": torch.randint(0, 23, (2, 8))}, "dynamic": {"tokens": {0: "batch", 1: "time"}}}
+    export.export_onnx(export.TensorsOnly(model).eval(), ex, tmp_path / "rope.onnx")
+    ids = torch.randint(0, 23, (3, 11))  # another batch size and length: the angles are sliced to it
+    got = export.run_onnx(tmp_path / "rope.onnx", {"tokens": ids})[0]
+    torch.testing.assert_close(got, model(ids)[0], atol=1e-4, rtol=1e-3)
