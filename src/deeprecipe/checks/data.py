@@ -357,3 +357,10 @@ def batch(ctx: Ctx) -> Verdict:
     return Verdict(
         "batch", "pass", measured, expected, "look at the pictures: labels must match what you see", std, shown
     )
+
+
+def configured_batch(ctx: Ctx) -> Verdict:
+    """`batch` for a family whose prepare needs options that check_config hands it (the self-supervised ones: the
+    checks prepare batches before they build a model)."""
+    ctx.family.check_config(ctx.cfg)
+    return batch(ctx)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torchvision.utils import make_grid
 
+from deeprecipe.checks.data import configured_batch
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data import image_ops
@@ -53,15 +54,6 @@ def prepare(batch: tuple, spec: DataSpec, cfg: Config, draws: Draws | None, k: i
     return x * (1 - mask), x, mask
 
 
-def batch_check(ctx):
-    """The built-in `batch` check, after check_config has handed the family the mask's options (the checks prepare
-    batches before they build a model)."""
-    from deeprecipe.checks import data
-
-    ctx.family.check_config(ctx.cfg)
-    return data.batch(ctx)
-
-
 class Masked(Family):
     """Masked-image pretraining (see the module docstring)."""
 
@@ -71,7 +63,7 @@ class Masked(Family):
         "balance": "pretraining never reads the data set's labels",
         "init_prior": "the model reconstructs pixels; it predicts no classes",
     }
-    EXTRA_CHECKS = {"batch": batch_check}
+    EXTRA_CHECKS = {"batch": configured_batch}
 
     def __init__(self):
         self._cfg: Config | None = None  # the mask's options for prepare, which takes no config

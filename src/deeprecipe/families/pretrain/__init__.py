@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deeprecipe.checks.data import configured_batch
 from deeprecipe.config import Config
 from deeprecipe.core import ConfigError, DataSpec
 from deeprecipe.data.core import Data, Draws, eval_batches
@@ -100,15 +101,6 @@ def trunk_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return got[0].float()
 
 
-def batch_check(ctx):
-    """The built-in `batch` check, after check_config has handed the family the views' options (the checks
-    prepare batches before they build a model)."""
-    from deeprecipe.checks import data
-
-    ctx.family.check_config(ctx.cfg)
-    return data.batch(ctx)
-
-
 class Pretrain(Family):
     """Self-supervised pretraining (see the module docstring)."""
 
@@ -122,7 +114,7 @@ class Pretrain(Family):
         "loss_down": "NT-Xent on fresh random views falls too slowly for the short run to tell from noise",
         "baseline": "zeroed inputs score ln(2N - 1) exactly; the short run is too short to beat it by the margin",
     }
-    EXTRA_CHECKS = {"batch": batch_check}
+    EXTRA_CHECKS = {"batch": configured_batch}
 
     def __init__(self):
         self._cfg: Config | None = None  # the views' options (pretrain section) for prepare, which takes no config
