@@ -391,7 +391,7 @@ def test_gpt_without_its_causal_mask_fails_dependency(cfg, tmp_path):
             for blk in m.blocks:
                 a = blk.attn
 
-                def forward(x, cache=None, layer=0, a=a):  # the bug: no is_causal, no mask
+                def forward(x, cache=None, layer=0, rope=None, a=a):  # the bug: no is_causal, no mask
                     B, T, C = x.shape
                     q, k, v = a.qkv(x).view(B, T, 3, a.n_head, C // a.n_head).permute(2, 0, 3, 1, 4)
                     return a.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
