@@ -81,9 +81,10 @@ class Masked(Family):
         self._cfg = cfg
 
     def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:
-        """The recipe's dense net with one output channel per image channel."""
+        """The recipe's dense net with one output channel per channel of the normalized image (gray data under a
+        three-channel mean/std is three channels of the gray image, as prepare makes it)."""
         self._cfg = cfg
-        return cfg.model.build(dataclasses.replace(spec, num_classes=spec.in_channels))
+        return cfg.model.build(dataclasses.replace(spec, num_classes=max(spec.in_channels, len(spec.mean or ()))))
 
     def prepare(self, batch: tuple, spec: DataSpec, draws: Draws | None) -> tuple:
         if self._cfg is None:
