@@ -107,6 +107,7 @@ def main() -> None:
             mean = statistics.mean(v)
             rows.append((key, start, metric, mean, " ".join(f"{x:.4f}" for x in v), 100 * (mean - base)))
     extra = f", pretrained arms with {' '.join(a.ft_set)}" if a.ft_set else ""
+    extra += f", every arm with {' '.join(a.set)}" if a.set else ""
     print(
         f"\n{a.labelled} labelled scenes, {a.steps} steps, {a.seeds} seeds, trunk lr x{a.backbone_lr:g}{extra} "
         f"({machine()})"
