@@ -115,6 +115,22 @@ class PretrainConfig:
     mask_ratio: float = ranged(0.6, "(0, 1)")  # masked: the share of each image's cells hidden
     mask_patch: int = ranged(8, ">= 1")  # masked: a cell's side in pixels
 
+    def check_for(self, task: str) -> None:
+        """Refuse the other method's options (left at their defaults they are not read) and a crop range given
+        largest first; `task` is pretrain (SimCLR) or masked."""
+        own, other = ("SimCLR", "masked pretraining") if task == "pretrain" else ("masked pretraining", "SimCLR")
+        foreign = ("mask_ratio", "mask_patch") if task == "pretrain" else SIMCLR_ONLY
+        for f in foreign:
+            if getattr(self, f) != getattr(PretrainConfig(), f):
+                other_task = "masked" if task == "pretrain" else "pretrain"
+                raise ConfigError(f"pretrain.{f} is {other}'s (task {other_task}); {own} does not read it")
+        lo, hi = self.crop_scale
+        if lo > hi:
+            raise ConfigError(f"pretrain.crop_scale={[lo, hi]}: give (smallest, largest) area, e.g. [0.2, 1.0]")
+
+
+SIMCLR_ONLY = ("temperature", "proj_hidden", "proj_dim", "jitter", "jitter_p", "gray_p")  # what masked does not read
+
 
 @dataclass
 class Config:

@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 
 from deeprecipe.checks.data import configured_batch
 from deeprecipe.config import Config
-from deeprecipe.core import ConfigError, DataSpec
+from deeprecipe.core import DataSpec
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.image_ops import denormalize
@@ -69,15 +69,7 @@ class Masked(Family):
         self._cfg: Config | None = None  # the mask's options for prepare, which takes no config
 
     def check_config(self, cfg: Config) -> None:
-        from deeprecipe.config import PretrainConfig
-
-        simclr = ("temperature", "proj_hidden", "proj_dim", "jitter", "jitter_p", "gray_p")
-        for f in simclr:
-            if getattr(cfg.pretrain, f) != getattr(PretrainConfig(), f):
-                raise ConfigError(f"pretrain.{f} is SimCLR's (task pretrain); masked pretraining does not read it")
-        lo, hi = cfg.pretrain.crop_scale
-        if lo > hi:
-            raise ConfigError(f"pretrain.crop_scale={[lo, hi]}: give (smallest, largest) area, e.g. [0.5, 1.0]")
+        cfg.pretrain.check_for("masked")
         self._cfg = cfg
 
     def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:

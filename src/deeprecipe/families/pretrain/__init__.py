@@ -121,14 +121,7 @@ class Pretrain(Family):
 
     def check_config(self, cfg: Config) -> None:
         """Refuse what the method cannot honour, and keep the config for prepare's views."""
-        from deeprecipe.config import PretrainConfig
-
-        for f in ("mask_ratio", "mask_patch"):
-            if getattr(cfg.pretrain, f) != getattr(PretrainConfig(), f):
-                raise ConfigError(f"pretrain.{f} is masked pretraining's (task masked); SimCLR does not read it")
-        lo, hi = cfg.pretrain.crop_scale
-        if lo > hi:
-            raise ConfigError(f"pretrain.crop_scale={[lo, hi]}: give (smallest, largest) area, e.g. [0.2, 1.0]")
+        cfg.pretrain.check_for("pretrain")
         if cfg.train.accum > 1:
             raise ConfigError(
                 f"train.accum={cfg.train.accum}: NT-Xent takes its negatives from the micro-batch, so accumulation "
