@@ -5,10 +5,11 @@ Teacher: the fashion-mnist-cnn recipe's CNN (conv32-64-128, dense 64: ~495k para
 dense 32 (~124k). Test accuracy per seed and the mean difference.
 
     python bench/distill_fashion.py [--teacher-steps 2000] [--steps 1500] [--seeds 3] [--weight 0.5] [--temperature 4]
-        [--teacher RUN] [--keep DIR] [--taught-set KEY=VALUE ...]
+        [--teacher RUN] [--keep DIR] [--set KEY=VALUE ...] [--taught-set KEY=VALUE ...]
 
 --teacher reuses a trained teacher run instead of training one; --keep DIR keeps every run folder there;
---taught-set changes the distilled arm only (e.g. optim.label_smoothing=0: the teacher's term already softens).
+--set changes both student arms (e.g. data.erase=0.5); --taught-set changes the distilled arm only (e.g.
+optim.label_smoothing=0: the teacher's term already softens).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--teacher", default="", help="a trained Fashion-MNIST classifier run to distil from")
     p.add_argument("--keep", default="", help="write the run folders here instead of a temporary folder")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE for both student arms")
     p.add_argument("--taught-set", action="append", default=[], help="KEY=VALUE for the distilled arm only")
     a = p.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
@@ -52,9 +54,10 @@ def main() -> None:
         alone, taught = [], []
         for seed in range(a.seeds):
             sets = common | STUDENT | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed}
+            sets |= parse_sets(a.set)
             s1 = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{tmp}/alone{seed}")
             distill = {"distill.teacher": str(teacher.dir), "distill.weight": a.weight}
-            distill |= {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.taught_set)}  # "0" -> 0
+            distill |= parse_sets(a.taught_set)
             s2 = deeprecipe.train(
                 "fashion-mnist-cnn", sets | distill | {"distill.temperature": a.temperature}, out=f"{tmp}/taught{seed}"
             )
@@ -65,6 +68,10 @@ def main() -> None:
         gain = 100 * statistics.mean(t - s for t, s in zip(taught, alone))
         mean_a, mean_t = statistics.mean(alone), statistics.mean(taught)
         print(f"mean: alone {mean_a:.4f}, distilled {mean_t:.4f}: {gain:+.2f} points")
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}  # "0" -> 0
 
 
 if __name__ == "__main__":

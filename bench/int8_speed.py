@@ -1,12 +1,13 @@
 """int8 against float in onnxruntime, and the two int8 variants of a net with a thin first convolution.
 
-    python bench/int8_speed.py RUN [--rounds 7] [--calibration 256]
+    python bench/int8_speed.py RUN [--rounds 7] [--calibration 256] [--threads 0,1]
 
 Quantizes the trained run twice through the public API (`Run.quantize`): every convolution int8, and the first
-convolution (<= 3 input channels) with its ReLU and pool kept float; then times float and both int8 files at
-batch 1 and 32, alternating round by round so that a machine slowing down penalises none of them. Prints the
-medians, each file's ratio to float, and each file's score on the test split. Run it alone: two cores shared with
-another job make these figures noise.
+convolution (<= 3 input channels) with its ReLU and pool kept float; then times float and both int8 files at batch
+1 and 32, alternating round by round so that a machine slowing down penalises none of them. Prints the medians,
+each file's ratio to float, and each file's score on the test split, for each onnxruntime intra-op thread count in
+--threads (0: its default, one per core; 1: one request per core, as a busy server runs). Run it alone: two cores
+shared with another job make these figures noise.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calibration", type=int, default=256)
+    ap.add_argument("--threads", default="0,1", help="intra-op thread counts to time, comma-separated")
     a = ap.parse_args()
     print(f"machine: {machine()}")
-    print(f"command: python bench/int8_speed.py {a.run} --rounds {a.rounds} --calibration {a.calibration}")
+    print(
+        f"command: python bench/int8_speed.py {a.run} --rounds {a.rounds} --calibration {a.calibration} "
+        f"--threads {a.threads}"
+    )
     run = deeprecipe.load(a.run)
     with tempfile.TemporaryDirectory() as d:
         summaries = {
@@ -38,25 +43,34 @@ def main() -> None:
         }
         s = summaries["all int8"]
         files = {"float": s["float"]["file"], **{k: v["int8"]["file"] for k, v in summaries.items()}}
-        sessions = {k: ort.InferenceSession(f, providers=["CPUExecutionProvider"]) for k, f in files.items()}
-        inp = sessions["float"].get_inputs()[0]
-        shape = [32] + [int(n) for n in inp.shape[1:]]
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        ms: dict[str, dict[int, list[float]]] = {k: {1: [], 32: []} for k in files}
-        for _ in range(a.rounds):
-            for k, sess in sessions.items():
-                for b in (1, 32):
-                    ms[k][b].append(timed(sess, inp.name, x[:b]))
-    med = {k: {b: float(np.median(v)) for b, v in t.items()} for k, t in ms.items()}
-    score = {"float": s["float"]["score"], **{k: v["int8"]["score"] for k, v in summaries.items()}}
-    kept = summaries["float stem"]["float_nodes"]
-    print(f"{s['metric']} on {s['examples']} {s['split']} examples; the float stem keeps {kept}")
-    for k in files:
-        r1, r32 = med["float"][1] / med[k][1], med["float"][32] / med[k][32]
-        print(
-            f"{k:<11} {s['metric']} {score[k]:.4f}  batch 1 {med[k][1]:.3f} ms ({r1:.2f}x)  "
-            f"batch 32 {med[k][32]:.3f} ms ({r32:.2f}x)"
-        )
+        score = {"float": s["float"]["score"], **{k: v["int8"]["score"] for k, v in summaries.items()}}
+        kept = summaries["float stem"]["float_nodes"]
+        print(f"{s['metric']} on {s['examples']} {s['split']} examples; the float stem keeps {kept}")
+        for threads in (int(t) for t in a.threads.split(",")):
+            med = medians(files, threads, a.rounds)
+            print(f"onnxruntime intra-op threads: {threads or 'default'}")
+            for k in files:
+                r1, r32 = med["float"][1] / med[k][1], med["float"][32] / med[k][32]
+                print(
+                    f"  {k:<11} {s['metric']} {score[k]:.4f}  batch 1 {med[k][1]:.3f} ms ({r1:.2f}x)  "
+                    f"batch 32 {med[k][32]:.3f} ms ({r32:.2f}x)"
+                )
+
+
+def medians(files: dict, threads: int, rounds: int) -> dict[str, dict[int, float]]:
+    """{file: {batch: median ms}} over `rounds` alternating rounds, each session with `threads` intra-op threads."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sessions = {k: ort.InferenceSession(f, opts, providers=["CPUExecutionProvider"]) for k, f in files.items()}
+    inp = sessions["float"].get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal([32] + [int(n) for n in inp.shape[1:]]).astype(np.float32)
+    ms: dict[str, dict[int, list[float]]] = {k: {1: [], 32: []} for k in files}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            for b in (1, 32):
+                ms[k][b].append(timed(sess, inp.name, x[:b]))
+    return {k: {b: float(np.median(v)) for b, v in t.items()} for k, t in ms.items()}
 
 
 def timed(sess, name: str, x: np.ndarray, seconds: float = 0.3) -> float:

@@ -506,6 +506,37 @@ def test_flip_gives_the_image_or_its_mirror():
     assert 10 < sum(mirrored) < 54
 
 
+def test_random_erasing_blanks_one_rectangle_of_the_drawn_size_in_a_share_of_the_examples():
+    """Each erased example differs from its input in exactly one solid rectangle set to 0 (the mean colour after
+    normalization), whose area is 2-33% of the image (rounding aside) and aspect within [1/3, 3]; about p of the
+    examples are erased; a micro-batch of the step erases its examples as the whole batch does."""
+    n, H, W, p = 400, 20, 24, 0.5
+    spec = DataSpec(extra={"erase": p})
+    x = torch.rand(n, 3, H, W) + 1  # > 0 everywhere, so the blanked pixels are recognisable
+    got = classes.augment(x, spec, Draws(torch.Generator().manual_seed(5)))
+    erased = 0
+    for i in range(n):
+        hole = (got[i] == 0).all(0)
+        assert torch.equal(got[i][:, ~hole], x[i][:, ~hole])
+        if not hole.any():
+            continue
+        erased += 1
+        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w and hole.sum() == h * w  # one solid box
+        assert 0.02 * H * W * 0.7 <= h * w <= 0.33 * H * W * 1.3
+        assert 1 / 3 / 1.5 <= h / w <= 3 * 1.5
+    assert 0.4 * n < erased < 0.6 * n
+    whole = classes.erase_boxes(n, (H, W), p, Draws(torch.Generator().manual_seed(9)))
+    for micro, world in [(100, 1), (50, 2)]:
+        for k in range(n // micro):
+            for rank in range(world):
+                d = micro_draws(torch.Generator().manual_seed(9), n, micro, k, rank, world)
+                places = torch.arange(k * micro + rank, (k + 1) * micro, world)
+                assert torch.equal(classes.erase_boxes(len(places), (H, W), p, d), whole[places])
+    assert not classes.erase_boxes(n, (H, W), 0.0, Draws(torch.Generator().manual_seed(1))).any()
+
+
 def test_prepare_normalizes_and_eval_does_not_augment():
     spec = DataSpec(mean=(0.5,), std=(0.25,), extra={"crop_pad": 2, "flip": True})
     x = torch.randint(0, 256, (8, 1, 6, 6), dtype=torch.uint8)

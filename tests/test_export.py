@@ -240,11 +240,63 @@ def test_int8_pools_run_on_the_quantized_values(run_dir, tmp_path):
     made = {o: n for n in q.node for o in n.output}
     pools = [n for n in q.node if n.op_type == "MaxPool"]
     assert pools
+    flat = next(n for n in q.node if n.op_type in ("Reshape", "Flatten"))  # read channels last (flatten test below)
+    assert made[flat.input[0]].op_type in ("Transpose", "DequantizeLinear")
+    assert any(n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 2, 3, 1] for n in q.node)
     for pool in pools:
         dq = made[pool.input[0]]
         qn = next(n for n in q.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
         assert dq.op_type == "DequantizeLinear"
         assert init[dq.input[1]] == init[qn.input[1]] and init[dq.input[2]] == init[qn.input[2]]
+
+
+def test_flatten_reads_the_map_channels_last_with_the_same_outputs(tmp_path):
+    """flatten_channels_last: a Transpose to (B, H, W, C) before each flatten into a dense layer, that layer's
+    weight columns permuted. Oracles: onnxruntime gives the original graph's outputs for Gemm (transB 1 and 0) and
+    MatMul layers and for Flatten and Reshape; a flatten whose dense weight is shared, or of a 1 x 1 map, stays."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def graph(op: str, dense: str, C=3, H=4, W=5, share=False):
+        w = rng.standard_normal((6, C * H * W) if dense == "gemm-t" else (C * H * W, 6)).astype(np.float32)
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0, -1], np.int64), "shape")]
+        flat = (
+            helper.make_node("Flatten", ["x"], ["f"], axis=1)
+            if op == "Flatten"
+            else helper.make_node("Reshape", ["x", "shape"], ["f"])
+        )
+        layer = {
+            "gemm-t": helper.make_node("Gemm", ["f", "w"], ["y"], transB=1),
+            "gemm": helper.make_node("Gemm", ["f", "w"], ["y"]),
+            "matmul": helper.make_node("MatMul", ["f", "w"], ["y"]),
+        }[dense]
+        nodes = [flat, layer] + ([helper.make_node("ReduceSum", ["w"], ["z"], keepdims=0)] if share else [])
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])]
+        outs += [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)] if share else []
+        g = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", C, H, W])], outs, inits
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    for op in ("Flatten", "Reshape"):
+        for dense in ("gemm-t", "gemm", "matmul"):
+            path = tmp_path / f"{op}-{dense}.onnx"
+            onnx.save(graph(op, dense), str(path))
+            x = rng.standard_normal((7, 3, 4, 5)).astype(np.float32)
+            want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+            assert export.flatten_channels_last(path) == 1, (op, dense)
+            g = onnx.load(str(path)).graph
+            assert [n.op_type for n in g.node][:2] == ["Transpose", op]
+            got = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    onnx.save(graph("Reshape", "gemm-t", share=True), str(tmp_path / "shared.onnx"))
+    assert export.flatten_channels_last(tmp_path / "shared.onnx") == 0
+    onnx.save(graph("Reshape", "gemm-t", C=8, H=1, W=1), str(tmp_path / "pooled.onnx"))
+    assert export.flatten_channels_last(tmp_path / "pooled.onnx") == 0
 
 
 def test_a_thin_first_conv_stays_float_when_that_file_is_faster(run_dir, tmp_path, monkeypatch):

@@ -5,6 +5,8 @@ a classifier sees, logits over a split, the metrics of logits, and one predictio
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,13 +29,32 @@ def random_crop(x: torch.Tensor, pad: int, draws: Draws) -> torch.Tensor:
     return xp.gather(2, rows).gather(3, cols)  # (B, C, H, W)
 
 
+def erase_boxes(n: int, size: tuple[int, int], p: float, draws: Draws) -> torch.Tensor:
+    """Random erasing's rectangles as a (n, H, W) bool mask: with chance p an example gets one box of 2-33% of the
+    image with aspect ratio (h / w) log-uniform in [1/3, 3], placed uniformly inside it; the others get none."""
+    H, W = size
+    u = draws.uniform(n, 5)  # area, aspect, top, left, on: one column each, so each is independent of the others
+    area = H * W * (0.02 + 0.31 * u[:, 0])
+    aspect = torch.exp(math.log(3.0) * (2 * u[:, 1] - 1))
+    h = (area * aspect).sqrt().round().clamp(1, H)
+    w = (area / aspect).sqrt().round().clamp(1, W)
+    top, left = (u[:, 2] * (H - h + 1)).floor(), (u[:, 3] * (W - w + 1)).floor()
+    rows = torch.arange(H, device=u.device).view(1, H)
+    cols = torch.arange(W, device=u.device).view(1, W)
+    inside_r = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (n, H)
+    inside_c = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (n, W)
+    return (u[:, 4] < p).view(n, 1, 1) & inside_r[:, :, None] & inside_c[:, None, :]
+
+
 def augment(x: torch.Tensor, spec: DataSpec, draws: Draws) -> torch.Tensor:
-    pad, flip = spec.extra.get("crop_pad", 0), spec.extra.get("flip", False)
+    pad, flip, erase = spec.extra.get("crop_pad", 0), spec.extra.get("flip", False), spec.extra.get("erase", 0.0)
     if pad:
         x = random_crop(x, pad, draws)
     if flip:
         mask = draws.rand(len(x)) < 0.5
         x = torch.where(mask.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+    if erase and x.ndim == 4:  # normalized images: 0 is the data set's mean colour
+        x = x.masked_fill(erase_boxes(len(x), x.shape[-2:], erase, draws)[:, None], 0.0)
     return x
 
 

@@ -51,6 +51,8 @@ class ImageData:
     channels: int = 0  # 1 (gray) or 3 (RGB); 0: as the files are
     crop_pad: int = ranged(0, ">= 0")  # augmentation: random crop after zero padding by this many pixels (0: off)
     flip: bool = False  # augmentation: random horizontal flip (off for digits and text-like images)
+    erase: float = ranged(0.0, "[0, 1]")  # augmentation: chance per example of blanking one random rectangle (2-33%
+    # of the image, aspect 1/3 to 3) to the mean colour, "random erasing" (0: off)
     limit: int = ranged(0, ">= 0")  # use at most N training examples (0: all); for quick runs and few-label studies
     per_class: int = ranged(0, ">= 0")  # keep N training examples per class, drawn by split_seed (0: all)
     class_ids: list[int] = field(
@@ -116,7 +118,8 @@ class ImageData:
             image_size=(x.shape[2], x.shape[3]),
             mean=tuple(xf.mean((0, 2, 3)).tolist()),
             std=tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist()),
-            extra={"crop_pad": self.crop_pad, "flip": self.flip} | ({"ink_extent": ink_extent(x)} if self.ink else {}),
+            extra={"crop_pad": self.crop_pad, "flip": self.flip, "erase": self.erase}
+            | ({"ink_extent": ink_extent(x)} if self.ink else {}),
         )
         return Data(spec, TensorSplit(x, y), TensorSplit(*val) if val else None, TensorSplit(*test) if test else None)
 
@@ -306,7 +309,7 @@ def _folder_data(cfg: ImageData, splits: dict[str, list[tuple[str, int]]], class
         image_size=tuple(first.shape[1:]),
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
-        extra={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
+        extra={"crop_pad": cfg.crop_pad, "flip": cfg.flip, "erase": cfg.erase},
     )
     if cfg.ink:  # measured on the first files (no pass over all of them)
         spec.extra["ink_extent"] = ink_extent(torch.stack([read(f, channels, cfg.image_size) for f, _ in train[:256]]))

@@ -331,6 +331,62 @@ def relu_before_pool(path: Path, out: Path, keep: frozenset[str] = frozenset()) 
     return len(turned)
 
 
+def flatten_channels_last(path: Path) -> int:
+    """Rewrite the ONNX graph at `path` in place so that each flatten of a (B, C, H, W) map into the dense layer
+    after it reads the map in (B, H, W, C) order: a Transpose before the Reshape / Flatten, and the columns of that
+    Gemm / MatMul's weight permuted to match, which computes the same; returns how many were rewritten. Why: in the
+    int8 file onnxruntime runs the convolutions in NHWC and had to transpose back to NCHW before the flatten; the
+    Transpose added here cancels that one (measured: -17 us of ~70 at batch 1 on the Fashion-MNIST CNN). Only a
+    flatten read by that layer alone, whose weight (an initializer) nothing else reads, is rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {
+        v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in [*inferred.value_info, *inferred.input, *inferred.output]
+    }
+    weights = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    done = 0
+    for flat in list(g.node):
+        if flat.op_type not in ("Reshape", "Flatten") or flat.output[0] in outputs:
+            continue
+        if flat.op_type == "Flatten" and next((a.i for a in flat.attribute if a.name == "axis"), 1) != 1:
+            continue
+        x, y = shapes.get(flat.input[0], []), shapes.get(flat.output[0], [])
+        dense = readers.get(flat.output[0], [])
+        if len(x) != 4 or not all(isinstance(d, int) and d > 0 for d in x[1:]) or x[2] * x[3] == 1:
+            continue
+        C, H, W = x[1:]
+        if len(y) != 2 or y[1] != C * H * W or not y[0] or y[0] != x[0] or len(dense) != 1:
+            continue
+        layer = dense[0]
+        trans_b = next((a.i for a in layer.attribute if a.name == "transB"), 0)
+        if layer.op_type not in ("Gemm", "MatMul") or layer.input[0] != flat.output[0]:
+            continue
+        if layer.input[1] not in weights or len(readers[layer.input[1]]) != 1:
+            continue
+        w = numpy_helper.to_array(weights[layer.input[1]])
+        cols = w if layer.op_type == "Gemm" and trans_b else w.T  # (out, C*H*W)
+        cols = cols.reshape(-1, C, H, W).transpose(0, 2, 3, 1).reshape(cols.shape[0], C * H * W)
+        w = cols if layer.op_type == "Gemm" and trans_b else cols.T
+        weights[layer.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), layer.input[1]))
+        nhwc = f"{flat.input[0]}_nhwc"
+        to_nhwc = helper.make_node("Transpose", [flat.input[0]], [nhwc], perm=[0, 2, 3, 1])
+        g.node.insert(list(g.node).index(flat), to_nhwc)
+        flat.input[0] = nhwc
+        done += 1
+    onnx.save(model, str(path))
+    return done
+
+
 def float_stem(path: Path, name: str) -> list[str]:
     """Names of the nodes of a stem to keep float in the int8 file: the Conv reading the input `name` when it has at
     most 3 input channels, with the Relu / MaxPool / BatchNormalization nodes that alone read its output after it;
@@ -439,6 +495,7 @@ def quantize_run(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     relu_before_pool(fpath, turned, frozenset(nodes))  # the pools run on uint8 values
+                    flatten_channels_last(turned)  # no transpose back to NCHW before the dense layers
                     quant_pre_process(str(turned), str(pre), skip_symbolic_shape=True)  # fusions ORT advises
                     quantize_static(
                         str(pre),
