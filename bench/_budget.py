@@ -40,6 +40,13 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def overrides(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` strings -> {key: value}, each value read as YAML ("100" -> 100, "[16, 32]" -> a list)."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
 def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
 

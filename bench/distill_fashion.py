@@ -19,9 +19,8 @@ import statistics
 import sys
 import tempfile
 
-import yaml
-
 import deeprecipe
+from _budget import overrides
 
 STUDENT = {"model.channels": [16, 32, 64], "model.dense": [32]}
 
@@ -54,10 +53,10 @@ def main() -> None:
         alone, taught = [], []
         for seed in range(a.seeds):
             sets = common | STUDENT | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed}
-            sets |= parse_sets(a.set)
+            sets |= overrides(a.set)
             s1 = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{tmp}/alone{seed}")
             distill = {"distill.teacher": str(teacher.dir), "distill.weight": a.weight}
-            distill |= parse_sets(a.taught_set)
+            distill |= overrides(a.taught_set)
             s2 = deeprecipe.train(
                 "fashion-mnist-cnn", sets | distill | {"distill.temperature": a.temperature}, out=f"{tmp}/taught{seed}"
             )
@@ -68,10 +67,6 @@ def main() -> None:
         gain = 100 * statistics.mean(t - s for t, s in zip(taught, alone))
         mean_a, mean_t = statistics.mean(alone), statistics.mean(taught)
         print(f"mean: alone {mean_a:.4f}, distilled {mean_t:.4f}: {gain:+.2f} points")
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}  # "0" -> 0
 
 
 if __name__ == "__main__":

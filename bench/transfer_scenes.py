@@ -32,10 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 import deeprecipe
-from _budget import machine
+from _budget import machine, overrides
 
 SEG = {"model.name": "unet-resnet18", "train.channels_last": True}
 DET = {"model.backbone": "tv-resnet18", "model.neck": 64, "train.channels_last": True}
@@ -79,7 +77,7 @@ def main() -> None:
         "det": ("scenes-detect", DET, "test_map_50", "scenes-unet", SEG),
     }
     tune = {"finetune.head_lr": 1.0, "finetune.backbone_lr": a.backbone_lr}  # the trunk moves slower (0.3)
-    tune |= {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.ft_set)}  # "100" -> 100
+    tune |= overrides(a.ft_set)
     tag = "" if a.backbone_lr == 0.3 else f"-blr{a.backbone_lr:g}"
     tag += "".join(f"-{kv.rsplit('.', 1)[-1].replace('=', '')}" for kv in a.ft_set)
     rows = []
@@ -96,7 +94,7 @@ def main() -> None:
             sets = model | {"data.seed": seed + 1, "train.seed": seed, "data.train_size": a.labelled}
             sets |= {"data.test_size": a.test, "data.val_size": 50, "train.steps": a.steps}
             sets |= {"train.eval_every": 0, "train.ckpt_every": a.steps}
-            sets |= {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}  # e.g. optim.lr=0.012
+            sets |= overrides(a.set)  # e.g. optim.lr=0.012
             for start, extra in starts.items():
                 name = start.replace(" ", "-") + (tag if start != "scratch" else "")
                 m, dt = train(recipe, sets | extra, out / f"{key}-{name}-seed{seed}")

@@ -118,11 +118,13 @@ class PretrainConfig:
     def check_for(self, task: str) -> None:
         """Refuse the other method's options (left at their defaults they are not read) and a crop range given
         largest first; `task` is pretrain (SimCLR) or masked."""
-        own, other = ("SimCLR", "masked pretraining") if task == "pretrain" else ("masked pretraining", "SimCLR")
-        foreign = ("mask_ratio", "mask_patch") if task == "pretrain" else SIMCLR_ONLY
+        own, other, other_task, foreign = (
+            ("SimCLR", "masked pretraining", "masked", ("mask_ratio", "mask_patch"))
+            if task == "pretrain"
+            else ("masked pretraining", "SimCLR", "pretrain", SIMCLR_ONLY)
+        )
         for f in foreign:
             if getattr(self, f) != getattr(PretrainConfig(), f):
-                other_task = "masked" if task == "pretrain" else "pretrain"
                 raise ConfigError(f"pretrain.{f} is {other}'s (task {other_task}); {own} does not read it")
         lo, hi = self.crop_scale
         if lo > hi:
