@@ -97,6 +97,52 @@ def test_kv_cache_equals_recomputation(name):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("T,S", [(16, 16), (4, 12), (1, 9)])
+def test_explicit_half_precision_attention_equals_the_float_kernel(T, S):
+    """Where gpt.attention forms the scores itself (bf16 on the CPU), its output and gradients are those of
+    F.scaled_dot_product_attention in float32 on the same bf16 inputs, to bf16's precision: causal (T == S), a
+    cache's offset mask (T < S) and one query; float32 inputs and more keys than EXPLICIT_MAX_KEYS go to the
+    kernel itself, bit for bit."""
+    import torch.nn.functional as F
+
+    from deeprecipe.models import gpt
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g).bfloat16() for n in (T, S, S))
+    mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    ref_in = [t.float().requires_grad_() for t in (q, k, v)]
+    got_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, is_causal=mask is None and T == S > 1)
+    got = gpt.attention(*got_in, mask, 0.0)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    w = torch.randn(ref.shape, generator=g)
+    (ref * w).sum().backward()
+    (got.float() * w).sum().backward()
+    for a, b in zip(got_in, ref_in):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=3e-2, rtol=3e-2)
+    f = [t.float() for t in (q, k, v)]  # float32: the kernel's own result
+    causal = mask is None and T == S > 1
+    assert torch.equal(
+        gpt.attention(*f, mask, 0.0), F.scaled_dot_product_attention(*f, attn_mask=mask, is_causal=causal)
+    )
+
+
+def test_half_precision_attention_over_many_keys_uses_the_kernel(monkeypatch):
+    import torch.nn.functional as F
+
+    from deeprecipe.models import gpt
+
+    calls = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or a[0])
+    q = torch.randn(1, 1, 4, 8).bfloat16()
+    gpt.attention(q, q, q, None, 0.0)
+    assert not calls
+    monkeypatch.setattr(gpt, "EXPLICIT_MAX_KEYS", 3)
+    gpt.attention(q, q, q, None, 0.0)
+    assert calls == [{"attn_mask": None, "is_causal": True, "dropout_p": 0.0}]
+
+
 def test_rope_turns_feature_pairs_as_complex_numbers_and_scores_depend_on_offsets_only():
     """Oracle: RoPE is the multiplication of each (x_i, x_{i + d/2}) pair, read as the complex number
     x_i + j x_{i + d/2}, by exp(j t base^(-i / (d/2))); so <rot(q, t), rot(k, s)> depends on t - s alone."""

@@ -5,7 +5,8 @@
                   -> logits (B, T, vocab)
 
 Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels where the device has
-them). Generation keeps a KV cache: the prompt is run once, then each new token attends to the cached keys and
+them), except in bf16/fp16 on the CPU over at most 512 keys, where the plain product-softmax-product is faster
+(`attention`). Generation keeps a KV cache: the prompt is run once, then each new token attends to the cached keys and
 values of the tokens before it. When the context is full it slides: the cache is rebuilt from the last
 block_size tokens (positions are absolute, so a cache cannot simply be cropped). Positions are a learned
 embedding added to the tokens' (model.pos=learned, GPT-2's) or rotary (model.pos=rope: each layer turns its queries
@@ -112,6 +113,28 @@ def rope_angles(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[
     return angle.cos(), angle.sin()
 
 
+EXPLICIT_MAX_KEYS = 512  # bf16 on the CPU: the explicit form is faster up to here (bench/RESULTS.md), slower beyond
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) where `mask` (T, S) allows, else causal when T == S > 1) v, with dropout p on the
+    weights; q (B, h, T, hd), k and v (B, h, S, hd). The CPU's flash kernel is slow in half precision (training
+    a 4 x 192 char GPT at context 128: 14 vs 8 ms per layer, forward and backward): there, for contexts of at
+    most EXPLICIT_MAX_KEYS keys, the scores are formed explicitly (softmax in float32); everywhere else
+    F.scaled_dot_product_attention picks its kernel."""
+    T, S = q.shape[2], k.shape[2]
+    causal = bool(mask is None and S == T and T > 1)
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or S > EXPLICIT_MAX_KEYS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, T, S)
+    if causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(scores.float().softmax(-1), p) if p else scores.float().softmax(-1)
+    return weights.to(v.dtype) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attn_dropout: float = 0.0):
         super().__init__()
@@ -133,7 +156,7 @@ class CausalSelfAttention(nn.Module):
         # no past: the usual causal mask; a past: query i (at position S - T + i) sees keys 0 .. S - T + i
         mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(S == T and T > 1), dropout_p=p)
+        y = attention(q, k, v, mask, p)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
