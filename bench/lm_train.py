@@ -1,8 +1,9 @@
 """Language-model quality within a wall-clock budget: train a recipe (default shakespeare-char-gpt) for as many
 steps as fit in --budget seconds, then report the loss on the full val split.
 
-The step count is fixed before training (so the cosine schedule ends on time): a few timed steps of the same
-model, batch and precision estimate the step time. Prints the machine, the command and the result.
+The step count is fixed before training (so the cosine schedule ends on time): 100 timed steps of the same
+model, batch and precision (~15-20 s, not counted) estimate the step time; fewer probes misjudged it by up to 25%
+on a 2-vCPU machine whose speed drifts from minute to minute. Prints the machine, the command and the result.
 
     python bench/lm_train.py --budget 600                      # target: val loss <= 1.60 on 2 CPU cores
     python bench/lm_train.py --recipe shakespeare-char-lstm --budget 600
@@ -41,7 +42,7 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    _, dt = deeprecipe.time_step(a.recipe, a.set, probes=10)  # the loop's step: forward, backward, clipping, update
+    _, dt = deeprecipe.time_step(a.recipe, a.set, probes=100)  # the loop's step: forward, backward, clipping, update
     steps = max(10, int(a.budget * 0.95 / dt))  # 5% for the final evaluation and checkpoints
     sets = {"train.steps": steps, "train.eval_every": 0, "train.ckpt_every": steps, "train.limit_eval": 0}
     cfg = deeprecipe.configure(a.recipe, [*a.set, *(f"{k}={v}" for k, v in sets.items())])
