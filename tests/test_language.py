@@ -98,7 +98,7 @@ def test_kv_cache_equals_recomputation(name):
 
 
 @pytest.mark.parametrize("T,S", [(16, 16), (4, 12), (1, 9)])
-def test_explicit_half_precision_attention_equals_the_float_kernel(T, S):
+def test_explicit_bf16_attention_equals_the_float_kernel(T, S):
     """Where gpt.attention forms the scores itself (bf16 on the CPU), its output and gradients are those of
     F.scaled_dot_product_attention in float32 on the same bf16 inputs, to bf16's precision: causal (T == S), a
     cache's offset mask (T < S) and one query; float32 inputs and more keys than EXPLICIT_MAX_KEYS go to the
@@ -128,7 +128,7 @@ def test_explicit_half_precision_attention_equals_the_float_kernel(T, S):
     )
 
 
-def test_half_precision_attention_over_many_keys_uses_the_kernel(monkeypatch):
+def test_bf16_attention_over_many_keys_uses_the_kernel(monkeypatch):
     import torch.nn.functional as F
 
     from deeprecipe.models import gpt

@@ -5,7 +5,7 @@
                   -> logits (B, T, vocab)
 
 Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels where the device has
-them), except in bf16/fp16 on the CPU over at most 512 keys, where the plain product-softmax-product is faster
+them), except in bf16 on the CPU over at most 512 keys, where the plain product-softmax-product is faster
 (`attention`). Generation keeps a KV cache: the prompt is run once, then each new token attends to the cached keys and
 values of the tokens before it. When the context is full it slides: the cache is rebuilt from the last
 block_size tokens (positions are absolute, so a cache cannot simply be cropped). Positions are a learned
@@ -118,13 +118,13 @@ EXPLICIT_MAX_KEYS = 512  # bf16 on the CPU: the explicit form is faster up to he
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) where `mask` (T, S) allows, else causal when T == S > 1) v, with dropout p on the
-    weights; q (B, h, T, hd), k and v (B, h, S, hd). The CPU's flash kernel is slow in half precision (training
-    a 4 x 192 char GPT at context 128: 14 vs 8 ms per layer, forward and backward): there, for contexts of at
+    weights; q (B, h, T, hd), k and v (B, h, S, hd). The CPU's flash kernel is slow in bf16 (training a 4 x 192
+    char GPT at context 128: 14 vs 8 ms per layer, forward and backward): there, for contexts of at
     most EXPLICIT_MAX_KEYS keys, the scores are formed explicitly (softmax in float32); everywhere else
     F.scaled_dot_product_attention picks its kernel."""
     T, S = q.shape[2], k.shape[2]
     causal = bool(mask is None and S == T and T > 1)
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or S > EXPLICIT_MAX_KEYS:
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or S > EXPLICIT_MAX_KEYS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, h, T, S)
     if causal:
