@@ -6,8 +6,9 @@ against the machine's measured fp32 and bf16 matmul peaks.
     python bench/lm_speed.py --compile --batch 64     # on a GPU
 
 deeprecipe's step is what the engine runs: bf16 autocast where the hardware has it (engine/device.py),
-scaled_dot_product_attention, fused AdamW (CUDA and CPU), optional torch.compile. FLOPs per token of a training step
-are counted as 6 * (weights touched per token, the head included) + 12 * layers * width * context (attention).
+scaled_dot_product_attention (in bf16 on the CPU up to 512 keys the explicit form: models/gpt.py attention),
+fused AdamW (CUDA and CPU), optional torch.compile. FLOPs per token of a training step are counted as
+6 * (weights touched per token, the head included) + 12 * layers * width * context (attention).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def main() -> None:
     print(f"config: {L} layers, {H} heads, width {C}, context {T}, batch {B}, vocab {V}; {a.steps} timed steps")
     print(f"plain PyTorch (fp32, eager, manual masked attention): {B * T / t_plain:10,.0f} tokens/s")
     print(
-        f"deeprecipe ({dtype or 'fp32'} autocast, SDPA{', compiled' if a.compile else ''}):"
+        f"deeprecipe ({dtype or 'fp32'} autocast, models/gpt.py attention{', compiled' if a.compile else ''}):"
         f" {B * T / t_ours:10,.0f} tokens/s   ratio {t_plain / t_ours:.2f}x"
     )
     print(f"matmul peak ({n}x{n}): fp32 {peak32 / 1e9:,.0f} GFLOP/s, bf16 {peak16 / 1e9:,.0f} GFLOP/s")
