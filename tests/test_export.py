@@ -250,6 +250,46 @@ def test_int8_pools_run_on_the_quantized_values(run_dir, tmp_path):
         assert init[dq.input[1]] == init[qn.input[1]] and init[dq.input[2]] == init[qn.input[2]]
 
 
+def test_int8_dense_scores_come_out_in_float(run_dir, tmp_path, monkeypatch):
+    """float_outputs drops the QuantizeLinear -> DequantizeLinear pair after the dense head. Oracles: the pair's
+    own arithmetic (the file before the rewrite gives (clip(round(s / scale) + zp, 0, 255) - zp) * scale of the
+    rewritten file's scores s, up to one level where the two roundings meet), and onnxruntime's optimized graph
+    ends in the head's int8 kernel, with no DequantizeLinear after it."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    monkeypatch.setattr(export, "float_outputs", lambda path: 0)  # the file as the quantizer writes it
+    r = export.quantize_run(
+        str(run_dir), family, model, spec, cfg.data.build(), str(tmp_path / "m.onnx"), 16, timing_s=0, stem=False
+    )
+    monkeypatch.undo()
+    before, after = tmp_path / "m.int8.onnx", tmp_path / "f.onnx"
+    shutil.copy(before, after)
+    assert export.float_outputs(after) == 1 and export.float_outputs(after) == 0  # once: then nothing to drop
+    g = onnx.load(before).graph
+    init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    q = made[made[g.output[0].name].input[0]]
+    assert q.op_type == "QuantizeLinear" and made[q.input[0]].op_type == "Gemm"
+    scale, zp = float(init[q.input[1]]), int(init[q.input[2]])
+    assert onnx.load(after).graph.node[-1].op_type == "Gemm"
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    old, new = (ort.InferenceSession(str(f)).run(None, {"image": x})[0] for f in (before, after))
+    want = (np.clip(np.round(new / scale) + zp, 0, 255) - zp) * scale
+    assert np.abs(old - want).max() <= scale * 1.001 and np.mean(np.isclose(old, want, atol=1e-5)) > 0.95
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(after), opts)
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops[-1] == "QGemm" and ops.count("DequantizeLinear") == 0, ops
+    assert r["int8"]["file"] == str(before)
+
+
 def test_flatten_reads_the_map_channels_last_with_the_same_outputs(tmp_path):
     """flatten_channels_last: a Transpose to (B, H, W, C) before each flatten into a dense layer, that layer's
     weight columns permuted. Oracles: onnxruntime gives the original graph's outputs for Gemm (transB 1 and 0) and

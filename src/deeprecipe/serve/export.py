@@ -387,6 +387,39 @@ def flatten_channels_last(path: Path) -> int:
     return done
 
 
+def float_outputs(path: Path) -> int:
+    """Rewrite the quantized (QDQ) ONNX graph at `path` in place so that each graph output made by a dense layer
+    (Gemm / MatMul) comes straight from it in float, without the QuantizeLinear -> DequantizeLinear pair the
+    quantizer puts after it; returns how many. Why: onnxruntime then runs that layer as one int8 kernel with a
+    float result (QGemm without an output scale), one node fewer per request, and the scores are no longer
+    rounded to 256 levels. A convolution's output keeps its pair (its int8 kernel needs an output scale)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    made = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    drop = []
+    for name in outputs:
+        dq = made.get(name)
+        q = made.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        layer = made.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if layer is None or layer.op_type not in ("Gemm", "MatMul") or q.input[0] in outputs:
+            continue
+        if readers[q.input[0]] != 1 or readers[dq.input[0]] != 1:
+            continue
+        layer.output[0] = name
+        drop += [q, dq]
+    for n in drop:
+        g.node.remove(n)
+    onnx.save(model, str(path))
+    return len(drop) // 2
+
+
 def float_stem(path: Path, name: str) -> list[str]:
     """Names of the nodes of a stem to keep float in the int8 file: the Conv reading the input `name` when it has at
     most 3 input channels, with the Relu / MaxPool / BatchNormalization nodes that alone read its output after it;
@@ -508,6 +541,7 @@ def quantize_run(
                         reduce_range=reduce,
                         nodes_to_exclude=nodes,
                     )
+                    float_outputs(tmps[v])  # a dense head's scores come out of its int8 kernel in float
             finally:
                 turned.unlink(missing_ok=True)
                 pre.unlink(missing_ok=True)
