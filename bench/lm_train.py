@@ -2,8 +2,9 @@
 steps as fit in --budget seconds, then report the loss on the full val split.
 
 The step count is fixed before training (so the cosine schedule ends on time): 100 timed steps of the same
-model, batch and precision (~15-20 s, not counted) estimate the step time; fewer probes misjudged it by up to 25%
-on a 2-vCPU machine whose speed drifts from minute to minute. Prints the machine, the command and the result.
+model, batch and precision (~15-20 s, not counted) estimate the step time. On the 2-vCPU test machine the loop's
+steps ran up to 25% slower than these probes (bench/RESULTS.md): read the wall time it prints. Prints the
+machine, the command and the result.
 
     python bench/lm_train.py --budget 600                      # target: val loss <= 1.60 on 2 CPU cores
     python bench/lm_train.py --recipe shakespeare-char-lstm --budget 600
