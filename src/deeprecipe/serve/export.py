@@ -389,10 +389,10 @@ def flatten_channels_last(path: Path) -> int:
 
 def float_outputs(path: Path) -> int:
     """Rewrite the quantized (QDQ) ONNX graph at `path` in place so that each graph output made by a dense layer
-    (Gemm / MatMul) comes straight from it in float, without the QuantizeLinear -> DequantizeLinear pair the
+    (Gemm) comes straight from it in float, without the QuantizeLinear -> DequantizeLinear pair the
     quantizer puts after it; returns how many. Why: onnxruntime then runs that layer as one int8 kernel with a
     float result (QGemm without an output scale), one node fewer per request, and the scores are no longer
-    rounded to 256 levels. A convolution's output keeps its pair (its int8 kernel needs an output scale)."""
+    rounded to 256 levels. Other layers keep their pair (a convolution's int8 kernel needs an output scale)."""
     import onnx
 
     model = onnx.load(str(path))
@@ -408,7 +408,7 @@ def float_outputs(path: Path) -> int:
         dq = made.get(name)
         q = made.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         layer = made.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-        if layer is None or layer.op_type not in ("Gemm", "MatMul") or q.input[0] in outputs:
+        if layer is None or layer.op_type != "Gemm" or q.input[0] in outputs:
             continue
         if readers[q.input[0]] != 1 or readers[dq.input[0]] != 1:
             continue
