@@ -101,8 +101,8 @@ def test_kv_cache_equals_recomputation(name):
 def test_explicit_bf16_attention_equals_the_float_kernel(T, S):
     """Where gpt.attention forms the scores itself (bf16 on the CPU), its output and gradients are those of
     F.scaled_dot_product_attention in float32 on the same bf16 inputs, to bf16's precision: causal (T == S), a
-    cache's offset mask (T < S) and one query; float32 inputs and more keys than EXPLICIT_MAX_KEYS go to the
-    kernel itself, bit for bit."""
+    cache's offset mask (T < S) and one query; float32 inputs go to the kernel itself, bit for bit (more keys
+    than EXPLICIT_MAX_KEYS: the next test)."""
     import torch.nn.functional as F
 
     from deeprecipe.models import gpt
