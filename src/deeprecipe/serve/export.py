@@ -286,6 +286,15 @@ def latency_ms(session, name: str, x: np.ndarray, budget_s: float = 1.0) -> floa
     return 1000 * float(np.median(times))
 
 
+def readers_of(nodes) -> dict[str, list]:
+    """{tensor name: the nodes that read it, in graph order} of an ONNX graph's nodes."""
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    return readers
+
+
 def relu_before_pool(path: Path, out: Path, keep: frozenset[str] = frozenset()) -> int:
     """Write the ONNX graph at `path` to `out` with every MaxPool -> Relu pair (the MaxPool's output read by that
     Relu only) turned into Relu -> MaxPool, which computes the same (ReLU is monotone, so it commutes with a max);
@@ -298,16 +307,13 @@ def relu_before_pool(path: Path, out: Path, keep: frozenset[str] = frozenset()) 
     model = onnx.load(str(path))
     g = model.graph
     nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]  # copies: the field is rebuilt
-    reads: dict[str, int] = {}
-    for n in nodes:
-        for name in n.input:
-            reads[name] = reads.get(name, 0) + 1
+    readers = readers_of(nodes)
     outputs = {o.name for o in g.output}
     relu_of = {n.input[0]: i for i, n in enumerate(nodes) if n.op_type == "Relu"}
     turned: dict[int, int] = {}  # pool's index -> its relu's index (the relu moves before the pool)
     for i, pool in enumerate(nodes):
         j = relu_of.get(pool.output[0]) if pool.op_type == "MaxPool" and len(pool.output) == 1 else None
-        if j is None or reads[pool.output[0]] != 1 or pool.output[0] in outputs or pool.name in keep:
+        if j is None or len(readers[pool.output[0]]) != 1 or pool.output[0] in outputs or pool.name in keep:
             continue
         relu = nodes[j]
         x, mid, y = pool.input[0], pool.output[0], relu.output[0]
@@ -349,10 +355,7 @@ def flatten_channels_last(path: Path) -> int:
         for v in [*inferred.value_info, *inferred.input, *inferred.output]
     }
     weights = {t.name: t for t in g.initializer}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = readers_of(g.node)
     outputs = {o.name for o in g.output}
     done = 0
     for flat in list(g.node):
@@ -398,10 +401,7 @@ def float_outputs(path: Path) -> int:
     model = onnx.load(str(path))
     g = model.graph
     made = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = readers_of(g.node)
     outputs = {o.name for o in g.output}
     drop = []
     for name in outputs:
@@ -410,7 +410,7 @@ def float_outputs(path: Path) -> int:
         layer = made.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
         if layer is None or layer.op_type != "Gemm" or q.input[0] in outputs:
             continue
-        if readers[q.input[0]] != 1 or readers[dq.input[0]] != 1:
+        if len(readers[q.input[0]]) != 1 or len(readers[dq.input[0]]) != 1:
             continue
         layer.output[0] = name
         drop += [q, dq]
@@ -431,10 +431,7 @@ def float_stem(path: Path, name: str) -> list[str]:
 
     g = onnx.load(str(path)).graph
     weights = {t.name: t for t in g.initializer}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = readers_of(g.node)
     first = readers.get(name, [])
     if len(first) != 1 or first[0].op_type != "Conv" or first[0].input[1] not in weights:
         return []
