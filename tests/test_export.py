@@ -277,7 +277,10 @@ def test_int8_dense_scores_come_out_in_float(run_dir, tmp_path, monkeypatch):
     q = made[made[g.output[0].name].input[0]]
     assert q.op_type == "QuantizeLinear" and made[q.input[0]].op_type == "Gemm"
     scale, zp = float(init[q.input[1]]), int(init[q.input[2]])
-    assert onnx.load(after).graph.node[-1].op_type == "Gemm"
+    ga = onnx.load(after).graph
+    assert ga.node[-1].op_type == "Gemm"
+    assert {t.name for t in ga.initializer} <= {i for n in ga.node for i in n.input}  # no scale left unread
+    assert {t.name for t in ga.initializer} == set(init) - {q.input[1], q.input[2]}
     x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
     old, new = (ort.InferenceSession(str(f)).run(None, {"image": x})[0] for f in (before, after))
     want = (np.clip(np.round(new / scale) + zp, 0, 255) - zp) * scale

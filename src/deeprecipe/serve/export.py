@@ -416,6 +416,9 @@ def float_outputs(path: Path) -> int:
         drop += [q, dq]
     for n in drop:
         g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)  # the dropped pair's scale and zero point (onnxruntime warns of each otherwise)
     onnx.save(model, str(path))
     return len(drop) // 2
 
