@@ -18,6 +18,9 @@ from deeprecipe.recipe import load
 # batch only (data.core.Draws), so with crops and flips the gradients averaged by DDP are still the global batch's
 DDP = [*TINY, "model.hidden=[32]", "model.dropout=0", "train.batch_size=32", "train.steps=4", "train.accum=2"]
 DDP += ["data.crop_pad=1", "data.flip=true"]
+# a time budget the 4 steps never reach: rank 0's clock readings are broadcast at each log step (engine/clock.py),
+# so both processes take the same lr; the schedule is then placed by the share of train.steps, as in one process
+DDP += ["train.minutes=60"]
 
 
 def test_two_processes_equal_one(tmp_path, subenv):

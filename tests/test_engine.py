@@ -392,3 +392,73 @@ def test_metrics_jsonl_survives_a_cut_line(tmp_path):
     """A SIGKILL mid-append leaves half a line; reading and resuming must not trip over it."""
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + '\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+# ------------------------------------------------------------------------------------------ time budget
+BUDGET = [*TINY, "train.steps=1000", "train.ckpt_every=5", "optim.warmup=0.25"]
+
+
+class FakeClock:
+    """A clock that advances `d` seconds at each reading (the loop reads it once before the first step and once
+    after each step: step k then ends at k * d); raises after `fail_after` readings, like a run killed there."""
+
+    def __init__(self, d: float, fail_after: int = 0):
+        self.t, self.d, self.n, self.fail_after = 1000.0, d, 0, fail_after
+
+    def __call__(self) -> float:
+        self.n += 1
+        if self.fail_after and self.n > self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.t += self.d
+        return self.t
+
+
+def _lrs(run: Path) -> list[float]:
+    return [r["lr"] for r in read_metrics(run) if "lr" in r]
+
+
+@pytest.mark.parametrize("cap", [1000, 12])
+def test_time_budget_runs_the_step_schedule_that_fits(tmp_path, monkeypatch, cap):
+    """train.minutes with steps of exactly 1 s and a 20 s budget: the run stops after the 20 steps that fit (or at
+    the train.steps cap, 12), and each step's lr is the step schedule's for that many steps, or its next step's (the
+    budget places the schedule by the end of each step: its decay runs one step ahead; the first step, before any
+    reading of the clock, may run lower)."""
+    from deeprecipe.engine import clock
+
+    monkeypatch.setattr(clock, "now", FakeClock(1.0))
+    cfg = load("digits-mlp", [*BUDGET, f"train.steps={cap}", "train.minutes=0.3333333333"])
+    loop.train(cfg, get_family(cfg.task), tmp_path / "timed")
+    fits = min(cap, 20)
+    steps = load("digits-mlp", [*BUDGET, f"train.steps={fits}"])
+    loop.train(steps, get_family(steps.task), tmp_path / "steps")
+    timed, want = _lrs(tmp_path / "timed"), _lrs(tmp_path / "steps")
+    assert read_status(tmp_path / "timed")["step"] == fits and len(timed) == len(want) == fits
+    near = [(want + [0.0])[i : i + 2] for i in range(fits)]  # this step's lr or the next one's (0 after the last)
+    assert all(min(w) * (1 - 1e-5) <= t <= max(w) * (1 + 1e-5) for t, w in zip(timed[1:], near[1:])), (timed, want)
+    assert timed[0] <= want[0] * (1 + 1e-5)  # before the clock's first reading: the step count's share alone
+    assert timed[-1] == pytest.approx(0.0, abs=1e-9) and max(timed) == pytest.approx(cfg.optim.lr)
+
+
+def test_time_budget_resumes_exactly(tmp_path, monkeypatch):
+    """A timed run killed after step 11 and resumed from its step-10 checkpoint ends with the weights of the
+    uninterrupted timed run, bit for bit: the checkpoint keeps the seconds spent, so the schedule goes on."""
+    from deeprecipe.engine import clock
+
+    cfg = load("digits-mlp", [*BUDGET, "train.minutes=0.3333333333"])
+    monkeypatch.setattr(clock, "now", FakeClock(1.0))
+    loop.train(cfg, get_family(cfg.task), tmp_path / "whole")
+    monkeypatch.setattr(clock, "now", FakeClock(1.0, fail_after=12))  # the reading after step 11 never comes
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, get_family(cfg.task), tmp_path / "cut")
+    monkeypatch.setattr(clock, "now", FakeClock(1.0))
+    loop.train(cfg, get_family(cfg.task), tmp_path / "cut", resume=True)
+    a = load_file(str(checkpoint.latest(tmp_path / "whole" / "checkpoints") / "model.safetensors"))
+    b = load_file(str(checkpoint.latest(tmp_path / "cut" / "checkpoints") / "model.safetensors"))
+    assert read_status(tmp_path / "cut")["step"] == read_status(tmp_path / "whole")["step"] == 20
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_rejects_a_warmup_in_steps(tmp_path):
+    cfg = load("digits-mlp", [*TINY, "train.minutes=1", "optim.warmup=100"])
+    with pytest.raises(config.ConfigError, match="optim.warmup=100 counts steps"):
+        loop.train(cfg, get_family(cfg.task), tmp_path / "r")

@@ -51,7 +51,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = ranged(1000, ">= 1")  # optimizer steps
+    steps: int = ranged(1000, ">= 1")  # optimizer steps (with minutes: at most)
+    # a wall-clock budget: train for this many minutes (steps, evaluations, checkpoints; not the data's building or
+    # the final evaluation), the lr schedule placed by the share of the time spent (engine/clock.py); 0: off
+    minutes: float = ranged(0.0, ">= 0")
     batch_size: int = ranged(128, ">= 1")  # global batch (summed over accumulation and processes)
     accum: int = ranged(1, ">= 1")  # gradient accumulation: batch_size is split into this many micro-batches
     eval_every: int = ranged(250, ">= 0")  # evaluate on the full val split every N steps (0: only at the end)

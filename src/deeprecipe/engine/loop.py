@@ -29,11 +29,13 @@ from deeprecipe.core import ConfigError, UserError
 from deeprecipe.data.core import Data, micro_draws, train_batches
 from deeprecipe.engine import checkpoint, finetune, optim
 from deeprecipe.engine.atomic import atomic_text, atomic_write
+from deeprecipe.engine.clock import Clock
 from deeprecipe.engine.device import rng_state, set_rng_state, setup, step_generator
 from deeprecipe.engine.run import Run
 from deeprecipe.family import Family
 from deeprecipe.runtime import Runtime
 
+LONGER = {("train", "steps"), ("train", "minutes")}  # what a resumed run may change (to train longer)
 PROGRESS_EVERY = 10.0  # seconds between plain progress lines when stderr is not a terminal (logs, CI, nohup)
 
 
@@ -221,7 +223,7 @@ class DeviceHealth:
 
 
 def check_resume(run_dir: Path, cfg: Config) -> None:
-    """A resumed run must be the same run: only train.steps may change (to train longer)."""
+    """A resumed run must be the same run: only train.steps and train.minutes may change (to train longer)."""
     import yaml
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -232,7 +234,7 @@ def check_resume(run_dir: Path, cfg: Config) -> None:
         if isinstance(values, dict):
             for k, v in values.items():
                 ov = (old or {}).get(k, (defaults.get(section) or {}).get(k))
-                if (section, k) != ("train", "steps") and _norm(ov) != _norm(v):
+                if (section, k) not in LONGER and _norm(ov) != _norm(v):
                     diffs.append(f"{section}.{k}: {ov!r} -> {v!r}")
         elif _norm(old) != _norm(values):
             diffs.append(f"{section}: {old!r} -> {values!r}")
@@ -302,6 +304,11 @@ def train(
             f"train.tta={cfg.train.tta}: task '{family.name}' has no test-time augmentation "
             f"(image classification has 'flip'); remove the key"
         )
+    if cfg.train.minutes and cfg.optim.warmup >= 1:
+        raise ConfigError(
+            f"optim.warmup={cfg.optim.warmup:g} counts steps, which a time budget (train.minutes) does not fix: "
+            "give the warmup as a share of the run (e.g. optim.warmup=0.05)"
+        )
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     if rt.main and cfg.train.precision == "auto":
         warnings.warn(rt.why, stacklevel=2)  # the CLI's `note:` line: what auto chose on this machine, and why
@@ -312,7 +319,7 @@ def train(
     if rt.world > 1 and len(parts) > 1:
         raise UserError(f"task '{cfg.task}' updates {len(parts)} networks in turn: run it in one process (no torchrun)")
     ema = optim.ema(model, T.ema)
-    start, best = restore(run_dir, cfg, model, parts, ema) if resume else (0, Best())
+    start, best, spent = restore(run_dir, cfg, model, parts, ema) if resume else (0, Best(), 0.0)
     run = Run(run_dir, cfg, rt.main, start, command, rt.why)
     if rt.main:  # what predict/export/serve need to rebuild the model without the data
         atomic_text(run_dir / "spec.json", json.dumps(dataclasses.asdict(data.spec)))
@@ -329,14 +336,17 @@ def train(
     batches = train_batches(
         data.train, T.seed, _micro_steps(start, T.steps, T.accum), micro, rt.device, rt.rank, rt.world, T.workers
     )
-    bar = tqdm(total=T.steps, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
-    plain = Progress(start, T.steps, T.batch_size) if rt.main and bar.disable else None  # no terminal: lines
+    total = None if T.minutes else T.steps  # under a time budget the step count is not known beforehand
+    bar = tqdm(total=total, initial=start, disable=None if rt.main else True, dynamic_ncols=True, unit="step")
+    clock = Clock(T.minutes, T.steps, start, spent, rt.world, rt.device) if T.minutes else None
+    plain = Progress(start, T.steps, T.batch_size, clock) if rt.main and bar.disable else None  # no terminal: lines
     split = "val" if data.val else "train"  # without a val split, evaluations watch the training split (a GAN's FID)
     model.train()
     step, pruned = start, False
     for step in range(start, T.steps):
+        position = clock.position(step) if clock else None
         for part in parts:
-            optim.set_lr(part.opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps), step)
+            optim.set_lr(part.opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps, position), step)
         micro_batches = []
         for k in range(T.accum):
             draws = micro_draws(step_generator(rt.device, T.seed, step), T.batch_size, micro, k, rt.rank, rt.world)
@@ -344,11 +354,14 @@ def train(
             meter.seen += len(micro_batches[-1][0]) * rt.world
         r = step_fn(micro_batches)
         done = step + 1
+        if clock:
+            clock.tick(done, done % T.log_every == 0)
+        last = clock.over(done) if clock else done == T.steps
         if health is not None and r.bad is not None:
             health.add(r.bad, done)
         meter.add(r, single)
-        at_eval = bool(T.eval_every and done % T.eval_every == 0) or done == T.steps
-        at_log = done % T.log_every == 0 or done == T.steps
+        at_eval = bool(T.eval_every and done % T.eval_every == 0) or last
+        at_log = done % T.log_every == 0 or last
         sync = at_log or at_eval or done % T.ckpt_every == 0
         nonfinite(family, cfg, rt, run, r, done, health if sync else None, single)
         if r.skipped:
@@ -362,13 +375,16 @@ def train(
             plain.tick(done)
         stop = False
         if at_eval:
-            stop = evaluate_step(family, ema.module if ema else model, data, cfg, rt, run, split, done, best)
-            if monitor is not None and monitor(done, best.results) and done < T.steps:
+            stop = evaluate_step(family, ema.module if ema else model, data, cfg, rt, run, split, done, best, last)
+            if monitor is not None and monitor(done, best.results) and not last:
                 stop = pruned = True
             model.train()
             run.status("running", step=done, **_best(split, family.METRIC[0], best.value, best.step))
-        if rt.main and (done % T.ckpt_every == 0 or done == T.steps or stop):
-            save_state(run_dir / "checkpoints", done, model, ema, parts, best)
+        if rt.main and (done % T.ckpt_every == 0 or last or stop):
+            save_state(run_dir / "checkpoints", done, model, ema, parts, best, clock)
+        if clock and last and done < T.steps:
+            bar.write(f"time budget spent: {T.minutes:g} min after {done} steps (train.minutes; at most {T.steps})")
+            break
         if stop:
             metric = family.METRIC[0]
             if pruned:
@@ -379,8 +395,8 @@ def train(
                 bar.write(f"early stop at step {done}: val {metric} did not improve in {T.early_stop} evaluations")
             break
     bar.close()
-    if plain and plain.shown < T.steps == step + 1:  # trained to the end: the closing line
-        plain.tick(T.steps, force=True)
+    if plain and plain.shown < step + 1 and (step + 1 == T.steps or clock):  # trained to the end: the closing line
+        plain.tick(step + 1, force=True)
     last = step + 1 if T.steps > start else start
     return end_run(family, ema.module if ema else model, data, cfg, rt, run, split, best, last, pruned)
 
@@ -396,14 +412,14 @@ def micro_batch(cfg: Config, rt: Runtime) -> int:
     return micro
 
 
-def restore(run_dir: Path, cfg: Config, model: nn.Module, parts: list[Part], ema) -> tuple[int, Best]:
+def restore(run_dir: Path, cfg: Config, model: nn.Module, parts: list[Part], ema) -> tuple[int, Best, float]:
     """Resume: the same run (check_resume), its last checkpoint's weights, optimizers, EMA and RNG loaded; the step
     to continue from and the evaluation state. A run killed before its first checkpoint starts again from step 0."""
     check_resume(run_dir, cfg)
     folder = checkpoint.latest(run_dir / "checkpoints")
     if folder is None:
         print(f"{run_dir}: no checkpoint yet, training from step 0", file=sys.stderr)
-        return 0, Best()
+        return 0, Best(), 0.0
     weights, state = checkpoint.load(folder)
     model.load_state_dict(checkpoint.split_prefix(weights, "model."))
     for part in parts:
@@ -414,11 +430,13 @@ def restore(run_dir: Path, cfg: Config, model: nn.Module, parts: list[Part], ema
         ema.module.load_state_dict(checkpoint.split_prefix(weights, "ema."))
         ema.n_averaged.fill_(int(state["ema_n"]))
     set_rng_state(state["rng"])
-    return int(state["step"]), Best(state.get("best"), state.get("best_step"), int(state.get("bad_evals", 0)))
+    best = Best(state.get("best"), state.get("best_step"), int(state.get("bad_evals", 0)))
+    return int(state["step"]), best, float(state.get("seconds", 0.0))
 
 
-def save_state(ckpt_dir: Path, done: int, model: nn.Module, ema, parts: list[Part], best: Best) -> None:
-    """A checkpoint for exact resume: the weights (and the EMA's), the optimizers, the RNG and the evaluation state."""
+def save_state(ckpt_dir: Path, done: int, model: nn.Module, ema, parts: list[Part], best: Best, clock=None) -> None:
+    """A checkpoint for exact resume: the weights (and the EMA's), the optimizers, the RNG and the evaluation state
+    (and under a time budget the seconds spent)."""
     weights = {f"model.{k}": v for k, v in checkpoint.plain_state(model).items()}
     if ema is not None:
         weights.update({f"ema.{k}": v for k, v in checkpoint.plain_state(ema.module).items()})
@@ -430,6 +448,7 @@ def save_state(ckpt_dir: Path, done: int, model: nn.Module, ema, parts: list[Par
         "best_step": best.step,
         "bad_evals": best.bad_evals,
         "ema_n": int(ema.n_averaged) if ema is not None else 0,
+        "seconds": clock.seconds() if clock is not None else 0.0,
     }
     checkpoint.save(ckpt_dir, done, weights, state)
 
@@ -490,12 +509,21 @@ def log_line(run: Run, bar, plain, meter: Meter, r: StepResult, parts: list[Part
 
 
 def evaluate_step(
-    family: Family, shown: nn.Module, data: Data, cfg: Config, rt: Runtime, run: Run, split: str, done: int, best: Best
+    family: Family,
+    shown: nn.Module,
+    data: Data,
+    cfg: Config,
+    rt: Runtime,
+    run: Run,
+    split: str,
+    done: int,
+    best: Best,
+    last: bool,
 ) -> bool:
     """An evaluation during training (of the EMA weights when there are some): logged, pictured, and the best
     weights kept in checkpoints/best.safetensors (a tie keeps the later ones); whether early stopping ends the run."""
     metric, mode = family.METRIC
-    best.results = results = evaluate(family, shown, data, cfg, rt, split, final=done == cfg.train.steps)
+    best.results = results = evaluate(family, shown, data, cfg, rt, split, final=last)
     run.log(done, **{f"val_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
     if rt.main:
         snapshot(family, shown, data, cfg, rt, run, done)
@@ -556,10 +584,11 @@ def end_run(
 
 class Progress:
     """A plain line on stderr every PROGRESS_EVERY seconds and after the last step, where tqdm draws no bar:
-    step/total, the last logged losses, examples per second and the time left."""
+    step/total (under a time budget the step and the share of the budget), the last logged losses, examples per
+    second and the time left."""
 
-    def __init__(self, start: int, total: int, batch: int):
-        self.start, self.total, self.batch = start, total, batch
+    def __init__(self, start: int, total: int, batch: int, clock: Clock | None = None):
+        self.start, self.total, self.batch, self.clock = start, total, batch, clock
         self.t0 = self.last = time.perf_counter()
         self.losses: dict[str, str] = {}
         self.shown = start
@@ -570,8 +599,13 @@ class Progress:
             return
         self.last, self.shown, elapsed, n = now, done, now - self.t0, done - self.start
         left = elapsed / n * (self.total - done) if n else 0.0
+        where = f"step {done}/{self.total} ({done / self.total:.0%})"
+        if self.clock:
+            c = self.clock
+            left = max(0.0, min(c.budget - c.seconds(), (self.total - done) * c.per_step()))
+            where = f"step {done} ({self.clock.pos:.0%} of {self.clock.budget / 60:g} min)"
         m, sec = divmod(int(left + 0.5), 60)
-        parts = [f"step {done}/{self.total} ({done / self.total:.0%})", *(f"{k} {v}" for k, v in self.losses.items())]
+        parts = [where, *(f"{k} {v}" for k, v in self.losses.items())]
         parts += [f"{n * self.batch / max(elapsed, 1e-9):,.0f} ex/s", f"ETA {m // 60}:{m % 60:02d}:{sec:02d}"]
         print("  ".join(parts), file=sys.stderr, flush=True)
 

@@ -156,6 +156,9 @@ def muon(model: nn.Module, cfg: OptimConfig, lr_scale: dict | None = None, lr_mu
     return Muon(groups, cfg, hidden_matrices(model))
 
 
+POSITIONS = 1_000_000  # the schedule's resolution under a time budget: a position is this many virtual steps
+
+
 def device_lr(opt: torch.optim.Optimizer) -> None:
     """Each param group's lr as its own 0-d tensor on the group's device (again after load_state_dict, which
     brings the saved lr back as a CPU tensor)."""
@@ -163,8 +166,11 @@ def device_lr(opt: torch.optim.Optimizer) -> None:
         g["lr"] = torch.tensor(float(g["lr"]), device=g["params"][0].device)
 
 
-def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based) of `total`."""
+def lr_factor(cfg: OptimConfig, step: int, total: int, position: float | None = None) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`; under a time budget (train.minutes) at
+    `position`, the run's progress in [0, 1] (engine/clock.py), which then places the schedule instead."""
+    if position is not None:
+        step, total = round(position * POSITIONS), POSITIONS
     warm = int(cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total)
     if cfg.schedule == "constant":
         return min(1.0, (step + 1) / warm) if warm else 1.0
