@@ -458,7 +458,14 @@ def test_time_budget_resumes_exactly(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_time_budget_rejects_a_warmup_in_steps(tmp_path):
-    cfg = load("digits-mlp", [*TINY, "train.minutes=1", "optim.warmup=100"])
-    with pytest.raises(config.ConfigError, match="optim.warmup=100 counts steps"):
-        loop.train(cfg, get_family(cfg.task), tmp_path / "r")
+def test_time_budget_keeps_a_warmup_in_steps():
+    """optim.warmup >= 1 under a time budget: the warmup still rises by steps (the step schedule's values), then the
+    decay follows the position; the factor never jumps at the warmup's end (it meets the decay there)."""
+    for schedule in ("cosine", "onecycle", "constant"):
+        cfg = config.OptimConfig(schedule=schedule, warmup=10)
+        rise = [optim.lr_factor(cfg, s, 1000) for s in range(10)]
+        assert [optim.lr_factor(cfg, s, 10**6, position=s / 10**4) for s in range(10)] == pytest.approx(rise, rel=1e-5)
+        assert optim.lr_factor(cfg, 10, 0, position=0.5) == pytest.approx(optim.decay(cfg, 0.5))
+        f = [optim.lr_factor(cfg, s, 0, position=s / 40) for s in range(41)]
+        assert all(abs(a - b) <= 0.11 for a, b in zip(f, f[1:])), (schedule, f)
+    assert optim.decay(config.OptimConfig(), 1.0) == 0.0 and optim.decay(config.OptimConfig(min_lr=0.1), 1.0) == 0.1

@@ -304,11 +304,6 @@ def train(
             f"train.tta={cfg.train.tta}: task '{family.name}' has no test-time augmentation "
             f"(image classification has 'flip'); remove the key"
         )
-    if cfg.train.minutes and cfg.optim.warmup >= 1:
-        raise ConfigError(
-            f"optim.warmup={cfg.optim.warmup:g} counts steps, which a time budget (train.minutes) does not fix: "
-            "give the warmup as a share of the run (e.g. optim.warmup=0.05)"
-        )
     T, rt = cfg.train, setup(cfg.train.device, cfg.train.precision)
     if rt.main and cfg.train.precision == "auto":
         warnings.warn(rt.why, stacklevel=2)  # the CLI's `note:` line: what auto chose on this machine, and why

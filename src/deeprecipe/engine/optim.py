@@ -167,24 +167,37 @@ def device_lr(opt: torch.optim.Optimizer) -> None:
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int, position: float | None = None) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based) of `total`; under a time budget (train.minutes) at
-    `position`, the run's progress in [0, 1] (engine/clock.py), which then places the schedule instead."""
+    """Multiplier of the peak learning rate at `step` (0-based) of `total`. Under a time budget (train.minutes)
+    `position`, the run's progress in [0, 1] (engine/clock.py), places the schedule instead; a warmup given in
+    steps (optim.warmup >= 1) still counts steps, under the decay that the position gives."""
+    if cfg.schedule not in ("cosine", "onecycle", "constant"):
+        raise ConfigError(f"optim.schedule={cfg.schedule}: use cosine, onecycle or constant")
+    if position is not None and cfg.warmup >= 1:
+        warm = int(cfg.warmup)
+        return min(_rise(cfg, step, warm), decay(cfg, position)) if step < warm else decay(cfg, position)
     if position is not None:
         step, total = round(position * POSITIONS), POSITIONS
     warm = int(cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total)
-    if cfg.schedule == "constant":
-        return min(1.0, (step + 1) / warm) if warm else 1.0
-    if cfg.schedule == "cosine":
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     if cfg.schedule == "onecycle":  # linear up to the peak over `warmup` (default 30%), then linear to ~0
         warm = warm or int(0.3 * total)
-        if step < warm:
-            return 0.1 + 0.9 * step / warm
-        return max(cfg.min_lr, 1 - (step - warm) / max(1, total - warm))
-    raise ConfigError(f"optim.schedule={cfg.schedule}: use cosine, onecycle or constant")
+    if step < warm:
+        return _rise(cfg, step, warm)
+    return decay(cfg, (step - warm) / max(1, total - warm))
+
+
+def _rise(cfg: OptimConfig, step: int, warm: int) -> float:
+    """The warmup's factor at `step` < `warm`: linear to the peak (onecycle from a tenth of it)."""
+    return 0.1 + 0.9 * step / warm if cfg.schedule == "onecycle" else (step + 1) / warm
+
+
+def decay(cfg: OptimConfig, t: float) -> float:
+    """The factor after the warmup at share `t` of the decay: cosine to min_lr, linear to min_lr (onecycle), or 1."""
+    t = min(1.0, t)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "onecycle":
+        return max(cfg.min_lr, 1 - t)
+    return 1.0
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float, step: int = 0) -> None:
