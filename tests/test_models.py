@@ -293,15 +293,20 @@ def test_user_model_file(tmp_path):
     assert tuple(model(*case.inputs).shape) == case.shape
 
 
-def test_cnn_pools_before_relu_with_the_textbook_values_and_gradients():
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cnn_pools_before_relu_with_the_textbook_values_and_gradients(depth):
     """The CNN max-pools before its ReLU (a quarter of the elements to rectify); the oracle is the textbook
-    conv -> BN -> ReLU -> pool order on the same modules: equal outputs and equal weight gradients."""
+    conv -> BN -> ReLU -> pool order on the same modules: equal outputs and equal weight gradients. With depth 2
+    each width is VGG's block: conv -> BN -> ReLU -> conv -> BN -> (pool) -> ReLU."""
     from deeprecipe.models.cnn import CNNConfig
 
     torch.manual_seed(0)
     spec = DataSpec(num_classes=4, class_names=list("abcd"), in_channels=1, image_size=(12, 12))
-    model = CNNConfig(channels=(4, 6, 8), dense=(5,), dropout=0.0).build(spec).train()
+    model = CNNConfig(channels=(4, 6, 8), depth=depth, dense=(5,), dropout=0.0).build(spec).train()
     mods = list(model.features)
+    convs = [(m.in_channels, m.out_channels) for m in mods if isinstance(m, nn.Conv2d)]
+    want = {1: [(1, 4), (4, 6), (6, 8)], 2: [(1, 4), (4, 4), (4, 6), (6, 6), (6, 8), (8, 8)]}[depth]
+    assert convs == want and sum(isinstance(m, nn.ReLU) for m in mods) == len(want)
     pools = [i for i, m in enumerate(mods) if isinstance(m, nn.MaxPool2d)]
     assert pools and all(isinstance(mods[i + 1], nn.ReLU) for i in pools)  # the order under test
     textbook = list(mods)

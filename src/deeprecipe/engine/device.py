@@ -204,9 +204,52 @@ def pick_dtype(device: torch.device, precision: str = "auto", probe=None) -> tup
     return None, f"precision auto -> fp32: autocast on {device.type} is not measured, fp32 is the safe choice"
 
 
+# ------------------------------------------------------------------------------------------ the CPU's allocator
+# glibc's malloc serves a block above its mmap threshold (128 KiB at first, raised as big blocks are freed) with a
+# fresh mmap and gives it back on free, and trims the heap top above 128 KiB: a CPU step that allocates and frees
+# its activations then makes the kernel map and zero them again each step. Measured on the char GPT step (2-core
+# EPYC): 9,000-12,000 minor page faults a step (about 40 MB zeroed), and 1-6 with the two thresholds below, the
+# step 5-28% faster (the Fashion-MNIST CNN's: 2,300-4,200 faults, 14-25%). Freed memory stays in the process for
+# the next step instead: the resident size is the peak in use, as it is during a step anyway.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit: blocks above it still come from mmap
+TRIM_THRESHOLD = 1 << 30
+_allocator: str | None = None
+
+
+def keep_freed_memory() -> str:
+    """Set glibc malloc's mmap and trim thresholds once per process (see above); what was done, in words. Nothing
+    off Linux's glibc, or where the user set them (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
+    GLIBC_TUNABLES in the environment), or where DEEPRECIPE_MALLOC=0."""
+    global _allocator
+    if _allocator is None:
+        _allocator = _set_thresholds()
+    return _allocator
+
+
+def _set_thresholds() -> str:
+    import ctypes
+
+    env = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    if os.environ.get("DEEPRECIPE_MALLOC") == "0" or any(k in os.environ for k in env):
+        return "malloc thresholds left as set (environment)"
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return "malloc thresholds: not glibc, left alone"
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return "malloc thresholds: no libc.so.6, left alone"
+    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD):
+        return f"malloc keeps freed memory below {MMAP_THRESHOLD >> 20} MiB (no page faults a step)"
+    return "malloc thresholds: mallopt refused, left alone"
+
+
 def setup(device: str = "auto", precision: str = "auto") -> Runtime:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU), pick device and dtype."""
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU), pick device and dtype; on the
+    CPU, keep freed memory in the process (keep_freed_memory)."""
     dev = pick_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     rank, world = 0, 1
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not dist.is_initialized():

@@ -2,7 +2,8 @@
 
 CNN layout (the default is the well-known Fashion-MNIST net conv32-pool-conv64-pool-conv128-dense64):
     [conv3x3 -> BN -> maxpool2 -> ReLU] for all but the last width, conv3x3 -> BN -> ReLU for the last,
-    then flatten -> dense layers -> head. Max-pooling and ReLU commute (ReLU is monotone), so pooling first gives
+    then flatten -> dense layers -> head. With `depth` d > 1 each width is a VGG block: d - 1 conv3x3 -> BN -> ReLU
+    before that block's conv (-> pool) -> ReLU. Max-pooling and ReLU commute (ReLU is monotone), so pooling first gives
     the textbook conv-BN-ReLU-pool net's values and gradients while rectifying a quarter of the elements.
 """
 
@@ -48,6 +49,7 @@ class MLP(Classifier, nn.Module):
 class CNNConfig:
     name: str = "cnn"
     channels: tuple[int, ...] = ranged((32, 64, 128), "> 0")  # conv widths; a 2x2 max-pool after all but the last
+    depth: int = ranged(1, ">= 1")  # convolutions per width (2: VGG's double-conv blocks)
     dense: tuple[int, ...] = ranged((64,), "> 0")  # widths of the dense layers before the head
     batchnorm: bool = True
     dropout: float = ranged(0.2, "[0, 1)")  # before each dense layer and the head
@@ -63,6 +65,11 @@ class CNN(Classifier, nn.Module):
         layers: list[nn.Module] = []
         h, w = image_size
         for i, width in enumerate(cfg.channels):
+            for _ in range(cfg.depth - 1):
+                layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=not cfg.batchnorm)]
+                layers += [nn.BatchNorm2d(width)] if cfg.batchnorm else []
+                layers += [nn.ReLU(inplace=True)]
+                in_channels = width
             layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=not cfg.batchnorm)]
             layers += [nn.BatchNorm2d(width)] if cfg.batchnorm else []
             if i < len(cfg.channels) - 1:  # pool, then ReLU: the same values (ReLU is monotone) on 1/4 the elements
