@@ -441,7 +441,8 @@ def test_time_budget_runs_the_step_schedule_that_fits(tmp_path, monkeypatch, cap
 
 def test_time_budget_resumes_exactly(tmp_path, monkeypatch):
     """A timed run killed after step 11 and resumed from its step-10 checkpoint ends with the weights of the
-    uninterrupted timed run, bit for bit: the checkpoint keeps the seconds spent, so the schedule goes on."""
+    uninterrupted timed run, bit for bit: the checkpoint keeps the seconds spent, so the schedule goes on; resumed
+    after its end, it trains no further step."""
     from deeprecipe.engine import clock
 
     cfg = load("digits-mlp", [*BUDGET, "train.minutes=0.3333333333"])
@@ -456,6 +457,11 @@ def test_time_budget_resumes_exactly(tmp_path, monkeypatch):
     b = load_file(str(checkpoint.latest(tmp_path / "cut" / "checkpoints") / "model.safetensors"))
     assert read_status(tmp_path / "cut")["step"] == read_status(tmp_path / "whole")["step"] == 20
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(clock, "now", FakeClock(1.0))  # resumed once more: the budget is spent, no step runs
+    loop.train(cfg, get_family(cfg.task), tmp_path / "cut", resume=True)
+    assert read_status(tmp_path / "cut")["step"] == 20 and checkpoint.latest(
+        tmp_path / "cut" / "checkpoints"
+    ).name.endswith("20")
 
 
 def test_time_budget_keeps_a_warmup_in_steps():

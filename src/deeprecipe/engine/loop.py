@@ -338,7 +338,8 @@ def train(
     split = "val" if data.val else "train"  # without a val split, evaluations watch the training split (a GAN's FID)
     model.train()
     step, pruned = start, False
-    for step in range(start, T.steps):
+    end = start if clock and start and clock.over(start) else T.steps  # a resumed run whose budget was spent
+    for step in range(start, end):
         position = clock.position(step) if clock else None
         for part in parts:
             optim.set_lr(part.opt, cfg.optim.lr * optim.lr_factor(cfg.optim, step, T.steps, position), step)
@@ -392,7 +393,7 @@ def train(
     bar.close()
     if plain and plain.shown < step + 1 and (step + 1 == T.steps or clock):  # trained to the end: the closing line
         plain.tick(step + 1, force=True)
-    last = step + 1 if T.steps > start else start
+    last = step + 1 if end > start else start
     return end_run(family, ema.module if ema else model, data, cfg, rt, run, split, best, last, pruned)
 
 
