@@ -46,7 +46,8 @@ def main() -> None:
     minutes = a.budget * 0.97 / 60  # 3% for the final evaluation, checkpoint and report
     cap = 10**7  # the budget ends the run, not a step count
     sets = {"train.minutes": minutes, "train.steps": cap, "train.eval_every": 0, "train.ckpt_every": cap}
-    cfg = deeprecipe.configure(a.recipe, [*a.set, *(f"{k}={v}" for k, v in sets.items()), "train.limit_eval=0"])
+    sets["train.limit_eval"] = 0
+    cfg = deeprecipe.configure(a.recipe, [*a.set, *(f"{k}={v}" for k, v in sets.items())])
     out = Path(a.out or f"runs/bench-{a.recipe}-{int(time.time())}")
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores, "

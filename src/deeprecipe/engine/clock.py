@@ -35,12 +35,15 @@ class Clock:
         """Mean seconds per step since the run's step 0 (a resumed run's earlier part included; 0 before any)."""
         return self.read_s / self.read_step if self.read_step else 0.0
 
+    def _at(self, steps: int) -> float:
+        """Seconds spent after `steps` steps: the last reading, extrapolated at the mean step so far."""
+        return self.read_s + (steps - self.read_step) * self.per_step()
+
     def position(self, step: int) -> float:
         """The run's progress in [0, 1] at the end of optimizer step `step` (0-based), estimated before it runs from
         the last reading and the mean step so far; never below an earlier answer. With steps of d seconds each and
         no other cost this is (step + 1) * d / budget: the step schedule of the budget / d steps that fit."""
-        t = self.read_s + (step + 1 - self.read_step) * self.per_step()
-        self.pos = max(self.pos, min(1.0, max(t / self.budget, (step + 1) / self.steps)))
+        self.pos = max(self.pos, min(1.0, max(self._at(step + 1) / self.budget, (step + 1) / self.steps)))
         return self.pos
 
     def tick(self, done: int, at_log: bool) -> None:
@@ -60,5 +63,4 @@ class Clock:
     def over(self, done: int) -> bool:
         """Whether step `done` ends the run: train.steps done, or the budget spent to within half a mean step (so
         that the run ends at the step whose end lies nearest the budget)."""
-        t = self.read_s + (done - self.read_step) * self.per_step()
-        return done >= self.steps or t >= self.budget - 0.5 * self.per_step()
+        return done >= self.steps or self._at(done) >= self.budget - 0.5 * self.per_step()

@@ -65,18 +65,14 @@ class CNN(Classifier, nn.Module):
         layers: list[nn.Module] = []
         h, w = image_size
         for i, width in enumerate(cfg.channels):
-            for _ in range(cfg.depth - 1):
+            for k in range(cfg.depth):
                 layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=not cfg.batchnorm)]
                 layers += [nn.BatchNorm2d(width)] if cfg.batchnorm else []
+                if k == cfg.depth - 1 and i < len(cfg.channels) - 1:  # pool, then ReLU: the same values (ReLU is
+                    layers += [nn.MaxPool2d(2)]  # monotone) on 1/4 of the elements
+                    h, w = h // 2, w // 2
                 layers += [nn.ReLU(inplace=True)]
                 in_channels = width
-            layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=not cfg.batchnorm)]
-            layers += [nn.BatchNorm2d(width)] if cfg.batchnorm else []
-            if i < len(cfg.channels) - 1:  # pool, then ReLU: the same values (ReLU is monotone) on 1/4 the elements
-                layers += [nn.MaxPool2d(2)]
-                h, w = h // 2, w // 2
-            layers += [nn.ReLU(inplace=True)]
-            in_channels = width
         if cfg.global_pool:
             layers += [nn.AdaptiveAvgPool2d(1)]
             h = w = 1
