@@ -8,7 +8,8 @@ dense 32 (~124k). Test accuracy per seed and the mean difference.
         [--teacher RUN] [--keep DIR] [--set KEY=VALUE ...] [--taught-set KEY=VALUE ...]
 
 --teacher reuses a trained teacher run instead of training one; --keep DIR keeps every run folder there;
---set changes both student arms (e.g. data.erase=0.5); --taught-set changes the distilled arm only (e.g.
+--set changes both student arms (e.g. data.erase=0.5; a model.name there replaces the default student, e.g.
+--set model.name=mlp --set model.hidden=[145]); --taught-set changes the distilled arm only (e.g.
 optim.label_smoothing=0: the teacher's term already softens).
 """
 
@@ -52,7 +53,8 @@ def main() -> None:
         print(f"teacher: {n_t:,} parameters, test acc {teacher.final['test_acc']:.4f}")
         alone, taught = [], []
         for seed in range(a.seeds):
-            sets = common | STUDENT | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed}
+            student = {} if "model.name" in overrides(a.set) else STUDENT
+            sets = common | student | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed}
             sets |= overrides(a.set)
             s1 = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{tmp}/alone{seed}")
             distill = {"distill.teacher": str(teacher.dir), "distill.weight": a.weight}
@@ -63,7 +65,8 @@ def main() -> None:
             alone.append(s1.final["test_acc"])
             taught.append(s2.final["test_acc"])
             n_s = sum(p.numel() for p in s1.model.parameters())
-            print(f"seed {seed}: student ({n_s:,} parameters) alone {alone[-1]:.4f}, from the teacher {taught[-1]:.4f}")
+            share = f"{n_s:,} parameters, {n_s / n_t:.3f}x the teacher's"
+            print(f"seed {seed}: student ({share}) alone {alone[-1]:.4f}, from the teacher {taught[-1]:.4f}")
         gain = 100 * statistics.mean(t - s for t, s in zip(taught, alone))
         mean_a, mean_t = statistics.mean(alone), statistics.mean(taught)
         print(f"mean: alone {mean_a:.4f}, distilled {mean_t:.4f}: {gain:+.2f} points")
