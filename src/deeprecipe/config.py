@@ -95,11 +95,13 @@ class FinetuneConfig:
 class DistillConfig:
     """Knowledge distillation from a trained classifier run (families/classify; Hinton et al. 2015): the loss is
     (1 - weight) * cross-entropy with the labels + weight * T^2 * KL(teacher || student), both softmaxes at
-    temperature T."""
+    temperature T, + attention / 2 * the attention-transfer term (Zagoruyko & Komodakis 2017) when it is on."""
 
     teacher: str = ""  # the teacher's run folder, same classes, any model ("": no distillation)
     temperature: float = ranged(4.0, "> 0")  # T: softer distributions show the teacher's similarities between classes
     weight: float = ranged(0.5, "[0, 1]")  # share of the teacher's term (1: the labels are not used)
+    attention: float = ranged(0.0, ">= 0")  # beta of attention transfer: the squared distance between the student's
+    # and the teacher's attention maps (each stage's channel mean of squared activations, unit length) (0: off)
 
 
 @dataclass

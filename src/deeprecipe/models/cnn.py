@@ -63,6 +63,7 @@ class CNN(Classifier, nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int], cfg: CNNConfig):
         super().__init__()
         layers: list[nn.Module] = []
+        self.ends: list[int] = []  # the place in `features` of the ReLU that ends each width's block
         h, w = image_size
         for i, width in enumerate(cfg.channels):
             for k in range(cfg.depth):
@@ -73,6 +74,7 @@ class CNN(Classifier, nn.Module):
                     h, w = h // 2, w // 2
                 layers += [nn.ReLU(inplace=True)]
                 in_channels = width
+            self.ends.append(len(layers) - 1)
         if cfg.global_pool:
             layers += [nn.AdaptiveAvgPool2d(1)]
             h = w = 1
@@ -87,3 +89,7 @@ class CNN(Classifier, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         return self.head(self.dense(self.features(x)))
+
+    def stage_outputs(self) -> list[nn.Module]:
+        """The ReLU ending each width's block: one map per width (28, 14, 7 px for widths 32-64-128 on 28 px)."""
+        return [self.features[i] for i in self.ends]

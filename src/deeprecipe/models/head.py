@@ -28,6 +28,11 @@ HEAD = "head"
 class HasClassifier(Protocol):
     """A model with timm's classifier API."""
 
+    def stage_outputs(self) -> list[nn.Module]:
+        """The modules whose outputs are the net's stage feature maps (B, C, H, W), first to last: what attention
+        transfer (distill.attention) matches between a student and its teacher. [] where there are none."""
+        return []
+
     def get_classifier(self) -> nn.Module: ...
 
     def reset_classifier(self, num_classes: int) -> None: ...

@@ -83,3 +83,7 @@ class ResNet(Classifier, nn.Module):
         for i in range(self.stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.head(self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+    def stage_outputs(self) -> list[nn.Module]:
+        """Each stage (layer1, layer2, ...): one map per width."""
+        return [getattr(self, f"layer{i + 1}") for i in range(self.stages)]

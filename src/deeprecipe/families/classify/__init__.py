@@ -4,6 +4,7 @@ A batch is (images uint8 (B, C, H, W), labels (B,)). `prepare` turns it, on the 
 sees: floats normalized by the train split's mean/std, randomly cropped and flipped when training.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,6 +147,49 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torc
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * T * T
 
 
+def attention_map(a: torch.Tensor) -> torch.Tensor:
+    """Attention transfer's map of a stage's output (B, C, H, W) -> (B, H * W): the channel mean of the squared
+    activations, scaled to unit length per example (where the net looks, whatever its width)."""
+    return F.normalize(a.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def attention_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over the stages of the mean squared difference of the two nets' attention maps; the stages pair up in
+    order and must have the same sizes."""
+    sizes = [tuple(a.shape[-2:]) for a in student], [tuple(a.shape[-2:]) for a in teacher]
+    if sizes[0] != sizes[1]:
+        raise UserError(
+            f"distill.attention: the student's stage maps ({sizes[0]}) and the teacher's ({sizes[1]}) do not pair "
+            "up; attention transfer needs nets with as many stages of the same sizes (or set distill.attention=0)"
+        )
+    return sum((attention_map(s) - attention_map(t)).pow(2).mean() for s, t in zip(student, teacher))
+
+
+def stage_outputs(model: nn.Module, who: str) -> list[nn.Module]:
+    """The model's stage modules (Classifier.stage_outputs), through a DDP or compile wrapper; an error if none."""
+    net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)
+    mods = net.stage_outputs() if hasattr(net, "stage_outputs") else []
+    if not mods:
+        raise UserError(
+            f"distill.attention: the {who}'s model ({type(net).__name__}) has no stage feature maps to match; "
+            "attention transfer needs a CNN or ResNet on both sides (or set distill.attention=0)"
+        )
+    return mods
+
+
+@contextmanager
+def captured(modules: list[nn.Module]):
+    """The outputs of `modules` during the forward passes inside the block, in the order they ran."""
+    outs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outs.append(out)) for m in modules]
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class Teacher:
     """The teacher of cfg.distill: a classifier run's model (its inference weights, eval mode, frozen, averaged with
     its mirror when it was trained with train.tta=flip) on the student's device, loaded at the first batch;
@@ -153,9 +197,10 @@ class Teacher:
     normalization."""
 
     def __init__(self):
-        self.key, self.model, self.scale, self.shift = None, None, None, None
+        self.key, self.model, self.net, self.scale, self.shift = None, None, None, None, None
 
-    def logits(self, x: torch.Tensor, cfg: Config, spec: DataSpec, family: Family) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, cfg: Config, spec: DataSpec, family: Family, maps: bool = False):
+        """The teacher's logits (B, classes) for the student's input x; with `maps`, (logits, its stage maps)."""
         from deeprecipe.engine.run import load_run
 
         if self.key != (cfg.distill.teacher, x.device):
@@ -175,8 +220,13 @@ class Teacher:
             self.scale, self.shift = (s_std / t_std).to(x.device), ((s_mean - t_mean) / t_std).to(x.device)
             # a teacher trained with train.tta=flip teaches what its own evaluation scored: the mirror average
             self.model, self.key = inference_net(model.requires_grad_(False), tcfg), (cfg.distill.teacher, x.device)
-        with torch.no_grad():
-            return self.model(x * self.scale + self.shift).float()
+            self.net = model
+        if not maps:
+            with torch.no_grad():
+                return self.model(x * self.scale + self.shift).float()
+        with torch.no_grad(), captured(stage_outputs(self.net, "teacher")) as out:
+            logits = self.model(x * self.scale + self.shift).float()
+        return logits, [o[: len(x)] for o in out]  # under train.tta=flip each ran once on [x, mirrored x]
 
 
 class Classify(Family):
@@ -193,6 +243,13 @@ class Classify(Family):
         t = cfg.distill.teacher
         if t and not (Path(t) / "config.yaml").is_file():
             raise ConfigError(f"distill.teacher={t}: not a run folder (no config.yaml); name a classifier's run")
+        if cfg.distill.attention and not t:
+            raise ConfigError("distill.attention: attention transfer needs a teacher; set distill.teacher=RUN")
+        if cfg.distill.attention and cfg.train.compile:
+            raise ConfigError(
+                "distill.attention reads the student's stage maps through forward hooks, which a compiled model "
+                "does not run: set train.compile=false"
+            )
         if cfg.train.tta == "flip" and not getattr(cfg.data, "flip", False):
             raise ConfigError(
                 "train.tta=flip averages each image with its mirror, but the net never sees mirrored images "
@@ -201,11 +258,15 @@ class Classify(Family):
 
     def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:
         self._spec, self._cfg = spec, cfg
-        return cfg.model.build(spec)
+        model = cfg.model.build(spec)
+        if cfg.distill.attention:
+            stage_outputs(model, "student")  # a model without stage maps fails here, before any training
+        return model
 
     def expected_init_loss(self, spec: DataSpec, cfg: Config) -> tuple[float, str] | None:
         """ln C, unless a teacher's term is in the loss (its value at init depends on the teacher)."""
-        return None if cfg.distill.teacher and cfg.distill.weight else super().expected_init_loss(spec, cfg)
+        d = cfg.distill
+        return None if d.teacher and (d.weight or d.attention) else super().expected_init_loss(spec, cfg)
 
     prepare = staticmethod(prepare)
 
@@ -223,13 +284,22 @@ class Classify(Family):
 
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         x, y = batch
-        logits = model(x).float()
-        ce = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
         d = cfg.distill
+        if not d.attention:
+            logits = model(x).float()
+        else:
+            with captured(stage_outputs(model, "student")) as maps:
+                logits = model(x).float()
+        ce = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
         if not d.teacher:
             return ce, {}
-        kd = distill_loss(logits, self._teacher.logits(x, cfg, self._spec, self), d.temperature)
-        return (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
+        if not d.attention:
+            kd = distill_loss(logits, self._teacher.logits(x, cfg, self._spec, self), d.temperature)
+            return (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
+        t_logits, t_maps = self._teacher.logits(x, cfg, self._spec, self, maps=True)
+        kd, at = distill_loss(logits, t_logits, d.temperature), attention_loss(maps, t_maps)
+        loss = (1 - d.weight) * ce + d.weight * kd + d.attention / 2 * at
+        return loss, {"ce": ce.detach(), "kd": kd.detach(), "at": at.detach()}
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         logits, labels = predict_split(inference_net(model, cfg), data, split, cfg, rt)
