@@ -193,14 +193,14 @@ def captured(modules: list[nn.Module]):
 class Teacher:
     """The teacher of cfg.distill: a classifier run's model (its inference weights, eval mode, frozen, averaged with
     its mirror when it was trained with train.tta=flip) on the student's device, loaded at the first batch;
-    `logits(x)` takes the student's prepared input and feeds the teacher the same pixels under its own
+    `run(x)` takes the student's prepared input and feeds the teacher the same pixels under its own
     normalization."""
 
     def __init__(self):
         self.key, self.model, self.net, self.scale, self.shift = None, None, None, None, None
 
-    def logits(self, x: torch.Tensor, cfg: Config, spec: DataSpec, family: Family, maps: bool = False):
-        """The teacher's logits (B, classes) for the student's input x; with `maps`, (logits, its stage maps)."""
+    def run(self, x: torch.Tensor, cfg: Config, spec: DataSpec, family: Family, maps: bool = False):
+        """(the teacher's logits (B, classes) for the student's input x, its stage maps when `maps` else [])."""
         from deeprecipe.engine.run import load_run
 
         if self.key != (cfg.distill.teacher, x.device):
@@ -221,10 +221,7 @@ class Teacher:
             # a teacher trained with train.tta=flip teaches what its own evaluation scored: the mirror average
             self.model, self.key = inference_net(model.requires_grad_(False), tcfg), (cfg.distill.teacher, x.device)
             self.net = model
-        if not maps:
-            with torch.no_grad():
-                return self.model(x * self.scale + self.shift).float()
-        with torch.no_grad(), captured(stage_outputs(self.net, "teacher")) as out:
+        with torch.no_grad(), captured(stage_outputs(self.net, "teacher") if maps else []) as out:
             logits = self.model(x * self.scale + self.shift).float()
         return logits, [o[: len(x)] for o in out]  # under train.tta=flip each ran once on [x, mirrored x]
 
@@ -285,21 +282,18 @@ class Classify(Family):
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         x, y = batch
         d = cfg.distill
-        if not d.attention:
+        with captured(stage_outputs(model, "student") if d.attention else []) as maps:
             logits = model(x).float()
-        else:
-            with captured(stage_outputs(model, "student")) as maps:
-                logits = model(x).float()
         ce = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
         if not d.teacher:
             return ce, {}
-        if not d.attention:
-            kd = distill_loss(logits, self._teacher.logits(x, cfg, self._spec, self), d.temperature)
-            return (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
-        t_logits, t_maps = self._teacher.logits(x, cfg, self._spec, self, maps=True)
-        kd, at = distill_loss(logits, t_logits, d.temperature), attention_loss(maps, t_maps)
-        loss = (1 - d.weight) * ce + d.weight * kd + d.attention / 2 * at
-        return loss, {"ce": ce.detach(), "kd": kd.detach(), "at": at.detach()}
+        t_logits, t_maps = self._teacher.run(x, cfg, self._spec, self, maps=bool(d.attention))
+        kd = distill_loss(logits, t_logits, d.temperature)
+        loss, logs = (1 - d.weight) * ce + d.weight * kd, {"ce": ce.detach(), "kd": kd.detach()}
+        if d.attention:
+            at = attention_loss(maps, t_maps)
+            loss, logs["at"] = loss + d.attention / 2 * at, at.detach()
+        return loss, logs
 
     def evaluate(self, model: nn.Module, data: Data, split: str, cfg: Config, rt: Runtime, final: bool) -> dict:
         logits, labels = predict_split(inference_net(model, cfg), data, split, cfg, rt)
