@@ -28,11 +28,6 @@ HEAD = "head"
 class HasClassifier(Protocol):
     """A model with timm's classifier API."""
 
-    def stage_outputs(self) -> list[nn.Module]:
-        """The modules whose outputs are the net's stage feature maps (B, C, H, W), first to last: what attention
-        transfer (distill.attention) matches between a student and its teacher. [] where there are none."""
-        return []
-
     def get_classifier(self) -> nn.Module: ...
 
     def reset_classifier(self, num_classes: int) -> None: ...
@@ -84,6 +79,11 @@ class Classifier:
     """Mixed in first by a model whose class scores come from its `head` layer (Linear or Conv): timm's API."""
 
     OLD_NAMES: tuple[str, ...] = ()  # names the head had in earlier versions (their checkpoints still load)
+
+    def stage_outputs(self) -> list[nn.Module]:
+        """The modules whose outputs are the net's stage feature maps (B, C, H, W), first to last: what attention
+        transfer (distill.attention) matches between a student and its teacher. [] where there are none."""
+        return []
 
     def get_classifier(self) -> nn.Module:
         """The layer that makes the class scores: (B, D) -> (B, classes), or (B, D, ...) -> (B, classes, ...)."""
