@@ -227,6 +227,25 @@ def test_forward_backward_shape(name):
     assert all(torch.isfinite(p.grad).all() for _, p in trainable)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_stage_outputs_are_the_stage_maps_in_order(name):
+    """A model naming stages (attention transfer matches them) gives one (B, C, H, W) map per stage in the order
+    named, each no larger than the one before; the others name none."""
+    from deeprecipe.families.classify import captured
+
+    case = TINY[name]()
+    model = case.cfg.build(case.spec).eval()
+    stages = model.stage_outputs() if hasattr(model, "stage_outputs") else []
+    if not stages:
+        assert name not in ("cnn", "resnet"), f"model '{name}' should name its stages"
+        return
+    with torch.no_grad(), captured(stages) as maps:
+        call(case, model)
+    assert len(maps) == len(stages) and all(m.ndim == 4 and len(m) == len(case.inputs[0]) for m in maps)
+    sides = [m.shape[-2] * m.shape[-1] for m in maps]
+    assert sides == sorted(sides, reverse=True) and sides[0] <= case.inputs[0].shape[-2] * case.inputs[0].shape[-1]
+
+
 def logit_classes(case: Case) -> int:
     """The number of classes when the first output is logits over classes (axis 1: per image, pixel or clip)
     or over a vocabulary (last axis: per token); 0 for other outputs (a GAN's discriminator logit)."""

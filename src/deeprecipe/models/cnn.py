@@ -91,5 +91,6 @@ class CNN(Classifier, nn.Module):
         return self.head(self.dense(self.features(x)))
 
     def stage_outputs(self) -> list[nn.Module]:
-        """The ReLU ending each width's block: one map per width (28, 14, 7 px for widths 32-64-128 on 28 px)."""
+        """The ReLU ending each width's block (after its pool): one map per width (14, 7, 7 px for widths 32-64-128
+        on 28 px images)."""
         return [self.features[i] for i in self.ends]
