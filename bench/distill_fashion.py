@@ -55,16 +55,15 @@ def main() -> None:
         n_t = sum(p.numel() for p in teacher.model.parameters())
         print(f"teacher: {n_t:,} parameters, test acc {teacher.final['test_acc']:.4f}")
         alone, taught = [], []
+        both = overrides(a.set)
+        student = common | ({} if "model.name" in both else STUDENT)
+        distill = {"distill.teacher": str(teacher.dir), "distill.weight": a.weight}
+        distill |= {"distill.temperature": a.temperature}
+        distill |= overrides(a.taught_set)
         for seed in range(a.seeds):
-            student = {} if "model.name" in overrides(a.set) else STUDENT
-            sets = common | student | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed}
-            sets |= overrides(a.set)
+            sets = student | {"train.steps": a.steps, "train.ckpt_every": a.steps, "train.seed": seed} | both
             s1 = deeprecipe.train("fashion-mnist-cnn", sets, out=f"{tmp}/alone{seed}")
-            distill = {"distill.teacher": str(teacher.dir), "distill.weight": a.weight}
-            distill |= overrides(a.taught_set)
-            s2 = deeprecipe.train(
-                "fashion-mnist-cnn", sets | distill | {"distill.temperature": a.temperature}, out=f"{tmp}/taught{seed}"
-            )
+            s2 = deeprecipe.train("fashion-mnist-cnn", sets | distill, out=f"{tmp}/taught{seed}")
             alone.append(s1.final["test_acc"])
             taught.append(s2.final["test_acc"])
             n_s = sum(p.numel() for p in s1.model.parameters())

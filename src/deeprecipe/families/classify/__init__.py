@@ -219,8 +219,8 @@ class Teacher:
             # student-normalized x -> pixels x * s_std + s_mean -> the teacher's (p - t_mean) / t_std, as one affine
             self.scale, self.shift = (s_std / t_std).to(x.device), ((s_mean - t_mean) / t_std).to(x.device)
             # a teacher trained with train.tta=flip teaches what its own evaluation scored: the mirror average
-            self.model, self.key = inference_net(model.requires_grad_(False), tcfg), (cfg.distill.teacher, x.device)
-            self.net = model
+            self.net, self.model = model.requires_grad_(False), inference_net(model, tcfg)
+            self.key = (cfg.distill.teacher, x.device)
         with torch.no_grad(), captured(stage_outputs(self.net, "teacher") if maps else []) as out:
             logits = self.model(x * self.scale + self.shift).float()
         return logits, [o[: len(x)] for o in out]  # under train.tta=flip each ran once on [x, mirrored x]
@@ -255,10 +255,7 @@ class Classify(Family):
 
     def build_model(self, cfg: Config, spec: DataSpec) -> nn.Module:
         self._spec, self._cfg = spec, cfg
-        model = cfg.model.build(spec)
-        if cfg.distill.attention:
-            stage_outputs(model, "student")  # a model without stage maps fails here, before any training
-        return model
+        return cfg.model.build(spec)
 
     def expected_init_loss(self, spec: DataSpec, cfg: Config) -> tuple[float, str] | None:
         """ln C, unless a teacher's term is in the loss (its value at init depends on the teacher)."""
