@@ -58,18 +58,24 @@ def main() -> None:
 
 
 def medians(files: dict, threads: int, rounds: int) -> dict[str, dict[int, float]]:
-    """{file: {batch: median ms}} over `rounds` alternating rounds, each session with `threads` intra-op threads."""
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sessions = {k: ort.InferenceSession(f, opts, providers=["CPUExecutionProvider"]) for k, f in files.items()}
-    inp = sessions["float"].get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal([32] + [int(n) for n in inp.shape[1:]]).astype(np.float32)
+    """{file: {batch: median ms}} over `rounds` alternating rounds with `threads` intra-op threads. Each round
+    opens a fresh session per file and closes it before the next: sessions left open keep their pool threads, which
+    compete for the two cores and made the two-thread figures swing with which sessions had been used last."""
+    x = None
     ms: dict[str, dict[int, list[float]]] = {k: {1: [], 32: []} for k in files}
     for _ in range(rounds):
-        for k, sess in sessions.items():
+        for k, f in files.items():
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            sess = ort.InferenceSession(f, opts, providers=["CPUExecutionProvider"])
+            inp = sess.get_inputs()[0]
+            if x is None:
+                shape = [32] + [int(n) for n in inp.shape[1:]]
+                x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             for b in (1, 32):
                 ms[k][b].append(timed(sess, inp.name, x[:b]))
+            del sess
     return {k: {b: float(np.median(v)) for b, v in t.items()} for k, t in ms.items()}
 
 
