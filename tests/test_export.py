@@ -195,6 +195,37 @@ def test_default_example_exports_a_language_model_forward_with_dynamic_batch_and
     torch.testing.assert_close(got, model(ids)[0], atol=1e-4, rtol=1e-3)
 
 
+def test_int8_timings_run_with_one_onnxruntime_session_open(run_dir, tmp_path, monkeypatch):
+    """Each latency is taken with no other session alive (their pool threads would compete for the cores), both
+    for the stem variants' race and for the two files' figures."""
+    import weakref
+
+    import onnxruntime as ort
+
+    live: weakref.WeakSet = weakref.WeakSet()
+
+    class Tracked(ort.InferenceSession):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            live.add(self)
+
+    seen = []
+    timed = export.latency_ms
+
+    def counting(session, *a, **kw):
+        seen.append(len(live))
+        return timed(session, *a, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", Tracked)
+    monkeypatch.setattr(export, "latency_ms", counting)
+    cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
+    r = export.quantize_run(
+        str(run_dir), family, model, spec, cfg.data.build(), str(tmp_path / "m.onnx"), 16, timing_s=0
+    )
+    assert len(seen) == 2 * 2 + (3 * 2 * 2 if "variants_ms" in r else 0)  # (rounds x) files x batch sizes
+    assert set(seen) == {1}, seen
+
+
 def test_int8_file_is_smaller_and_scores_close_to_float_on_the_test_split(run_dir, tmp_path):
     cfg, spec, model, rt, family = open_run(str(run_dir), "cpu", "fp32")
     data = cfg.data.build()

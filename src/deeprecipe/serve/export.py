@@ -452,16 +452,24 @@ def float_stem(path: Path, name: str) -> list[str]:
 
 def faster_of(files: dict[str, Path], name: str, x32: np.ndarray, timing_s: float, rounds: int = 3) -> dict:
     """{variant: {1: ms, 32: ms}}: the median onnxruntime latency of each file at batch 1 and 32 over `rounds`
-    alternating rounds (alternating, so that a machine slowing down mid-way penalises no variant)."""
-    import onnxruntime as ort
-
-    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
+    alternating rounds (alternating, so that a machine slowing down mid-way penalises no variant); each round opens
+    one session at a time (timed_session)."""
     ms: dict[str, dict[int, list[float]]] = {k: {1: [], 32: []} for k in files}
     for _ in range(rounds):
-        for k, s in sessions.items():
-            for b in (1, 32):
-                ms[k][b].append(latency_ms(s, name, x32[:b], timing_s / rounds))
+        for k, p in files.items():
+            for b, t in timed_session(p, name, x32, timing_s / rounds).items():
+                ms[k][b].append(t)
     return {k: {b: float(np.median(v)) for b, v in t.items()} for k, t in ms.items()}
+
+
+def timed_session(path: Path, name: str, x32: np.ndarray, budget_s: float) -> dict[int, float]:
+    """{1: ms, 32: ms}: latency_ms of a fresh onnxruntime session of `path` at batch 1 and 32, the session closed
+    before returning. Why one at a time: an open session keeps its intra-op pool threads, which compete with the
+    timed one for the cores (two-thread batch-1 times on a 2-core machine swung by up to 1.7x with it)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {b: latency_ms(session, name, x32[:b], budget_s) for b in (1, 32)}  # its last reference goes here
 
 
 def quantize_run(
@@ -566,12 +574,13 @@ def quantize_run(
         for k, out in got.items():
             scores.setdefault(k, Score(out, y, spec.num_classes, family.IGNORE_INDEX)).update(out, y, got["float"])
     result["metric"], result["kernels"] = scores["float"].metric, why
+    del sessions  # timed one at a time (timed_session)
     for k, p in files.items():
         result[k] = {
             "file": str(p),
             "bytes": p.stat().st_size,
             "score": scores[k].compute(),
-            "latency_ms": {n: latency_ms(sessions[k], name, x32[:n], timing_s) for n in (1, 32)},
+            "latency_ms": timed_session(p, name, x32, timing_s),
         }
     qpath.with_suffix(".json").write_text(json.dumps(result, indent=1))  # model.int8.onnx -> model.int8.json
     return result
