@@ -465,7 +465,7 @@ def faster_of(files: dict[str, Path], name: str, x32: np.ndarray, timing_s: floa
 def timed_session(path: Path, name: str, x32: np.ndarray, budget_s: float) -> dict[int, float]:
     """{1: ms, 32: ms}: latency_ms of a fresh onnxruntime session of `path` at batch 1 and 32, the session closed
     before returning. Why one at a time: an open session keeps its intra-op pool threads, which compete with the
-    timed one for the cores (two-thread batch-1 times on a 2-core machine swung by up to 1.7x with it)."""
+    timed one for the cores (two-thread batch-1 times on a 2-core machine moved by ~20% with the other sessions)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
