@@ -285,6 +285,13 @@ class Family:
         return None
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The plain model under DDP / torch.compile wrappers (for its own methods and attributes)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def label_score(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """The logit of each example's label: (B, C) vs (B,) -> (B,); (B, C, H, W) vs (B, H, W) -> (B,) (the mean
     of the true class's logit over the pixels that are not ignore_index)."""

@@ -17,7 +17,7 @@ from deeprecipe.core import ConfigError, DataSpec, UserError
 from deeprecipe.data import image_ops
 from deeprecipe.data.core import Data
 from deeprecipe.data.image_ops import denormalize
-from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeContext, label_score
+from deeprecipe.family import ExplainOptions, Family, PredictOptions, ServeContext, label_score, unwrapped
 from deeprecipe.runtime import Runtime
 
 
@@ -167,8 +167,7 @@ def attention_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> 
 
 def stage_outputs(model: nn.Module, who: str) -> list[nn.Module]:
     """The model's stage modules (Classifier.stage_outputs), through a DDP or compile wrapper; an error if none."""
-    net = getattr(model, "module", model)
-    net = getattr(net, "_orig_mod", net)
+    net = unwrapped(model)
     mods = net.stage_outputs() if hasattr(net, "stage_outputs") else []
     if not mods:
         raise UserError(

@@ -19,7 +19,7 @@ from deeprecipe.config import Config
 from deeprecipe.core import DataSpec, UserError
 from deeprecipe.data.core import Data, Draws, eval_batches
 from deeprecipe.data.text import tokenizer_from_extra
-from deeprecipe.family import ExplainOptions, Family, ServeContext
+from deeprecipe.family import ExplainOptions, Family, ServeContext, unwrapped
 from deeprecipe.runtime import Runtime
 
 
@@ -45,7 +45,7 @@ def per_example_loss(model: nn.Module, batch, cfg: Config) -> torch.Tensor:
     """Cross-entropy per target position (B, T), 0 at padding."""
     src, tgt_in, tgt_out = batch
     logits = model(src, tgt_in).float()  # (B, T, vocab)
-    return F.cross_entropy(logits.transpose(1, 2), tgt_out, ignore_index=_model(model).pad, reduction="none")
+    return F.cross_entropy(logits.transpose(1, 2), tgt_out, ignore_index=unwrapped(model).pad, reduction="none")
 
 
 def check_dependency(ctx):
@@ -57,7 +57,7 @@ def check_dependency(ctx):
     def per(bb):
         return per_example_loss(model, bb, ctx.cfg)
 
-    lengths = (b[2] != _model(model).pad).sum(1).tolist()
+    lengths = (b[2] != unwrapped(model).pad).sum(1).tolist()
     src = dependency_verdict(per, b, lambda bb: bb[0], lambda bb, x: (x, *bb[1:]), model, what="source: ")
     tgt = dependency_verdict(
         per, b, lambda bb: bb[1], lambda bb, x: (bb[0], x, bb[2]), model, True, lengths, what="target: "
@@ -65,15 +65,8 @@ def check_dependency(ctx):
     return combined([src, tgt])
 
 
-def _model(model: nn.Module) -> nn.Module:
-    """The plain model under DDP / torch.compile wrappers (for its decoding methods and token ids)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def decode(model: nn.Module, src: torch.Tensor, beam: int = 1, alpha: float = 0.6) -> list[list[int]]:
-    m = _model(model)
+    m = unwrapped(model)
     max_len = min(len(m.pos) - 1, int(src.shape[1] * 1.5) + 10)
     return m.greedy(src, max_len) if beam <= 1 else m.beam_search(src, beam, alpha, max_len)
 
@@ -117,7 +110,7 @@ def translate_lines(
     from deeprecipe.data.pairs import EOS, pad
 
     src_tok, tgt_tok = tokenizers(spec)
-    max_src = len(_model(model).pos) - 1
+    max_src = len(unwrapped(model).pos) - 1
     ids = [(src_tok.encode(s.strip()) or [EOS])[:max_src] for s in lines]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
@@ -137,7 +130,7 @@ def cross_attention(model: nn.Module, src: torch.Tensor, hyp: list[int]) -> torc
     its weights by a hook; the model is not changed."""
     from deeprecipe.data.pairs import BOS
 
-    m = _model(model)
+    m = unwrapped(model)
     maps: list[torch.Tensor] = []
 
     def ask(mod, args, kwargs):
@@ -185,7 +178,7 @@ class Translate(Family):
     def loss(self, model: nn.Module, batch, cfg: Config, part: str):
         src, tgt_in, tgt_out = batch
         logits = model(src, tgt_in)
-        pad = _model(model).pad
+        pad = unwrapped(model).pad
         return F.cross_entropy(
             logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=pad, label_smoothing=cfg.optim.label_smoothing
         ), {}
@@ -254,7 +247,7 @@ class Translate(Family):
         if opts.sanity:
             raise UserError("explain --sanity: the randomisation check is for attributions, not attention maps")
         src_tok, tgt_tok = tokenizers(spec)
-        max_src = len(_model(model).pos) - 1
+        max_src = len(unwrapped(model).pos) - 1
         results = []
         for f in files:
             text = " ".join(read_lines(Path(f))).strip()
